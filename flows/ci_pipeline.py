@@ -1,0 +1,99 @@
+"""Flow `ci-pipeline`: validate -> train with CV -> gates -> robustness -> stress -> register @challenger."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from rollout.config import Policy, parse_policy
+from rollout.gates import GateFailed, GateResult
+from tasks import ci
+from tasks.common import load_policy_task, publish_gate
+
+
+class CIParameters(BaseModel):
+    """What a person can change from the Prefect UI's Run form without editing the policy file."""
+
+    data_source: str | None = Field(None, description="Override data.source: 'example' or a CSV/Parquet path.")
+    example_drift: float | None = Field(None, ge=0, le=3, description="Override data.example.drift (demo: a new regime).")
+    example_seed: int | None = Field(None, description="Override data.example.seed.")
+    estimator: str | None = Field(None, description="Override estimator.name (see the policy reference).")
+    estimator_params: dict | None = Field(None, description="Override estimator.params.")
+
+
+@dataclass
+class CIOutcome:
+    """What the CI phase produced: the verdict of every gate and the registered version."""
+
+    gates: list[GateResult] = field(default_factory=list)
+    version: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    run_id: str | None = None
+    reports_dir: str = ""
+
+
+def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
+    """A new policy with the run's overrides, validated like the file itself."""
+    raw = policy.model_dump(mode="json", exclude={"base_dir"})
+    if params.data_source is not None:
+        raw["data"]["source"] = params.data_source
+    if params.example_drift is not None:
+        raw["data"]["example"]["drift"] = params.example_drift
+    if params.example_seed is not None:
+        raw["data"]["example"]["seed"] = params.example_seed
+    if params.estimator is not None:
+        raw["estimator"] = {"name": params.estimator, "params": params.estimator_params or {}}
+    elif params.estimator_params is not None:
+        raw["estimator"]["params"] = params.estimator_params
+    return parse_policy(raw, policy.base_dir)
+
+
+@flow(name="ci-pipeline", log_prints=True)
+def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None) -> CIOutcome:
+    """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal)."""
+    policy = apply_overrides(load_policy_task(config), params or CIParameters())
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    reports = policy.path(policy.stores.reports_dir) / f"ci-{stamp}"
+    outcome = CIOutcome(reports_dir=str(reports))
+
+    def gate(result: GateResult) -> None:
+        outcome.gates.append(result)
+        try:
+            publish_gate(result, reports)
+        except GateFailed as exc:
+            exc.outcome = outcome  # the caller sees every verdict so far, not only the failing one
+            raise
+
+    frame = ci.load_data(policy)
+    gate(ci.validate_data(policy, frame, reports))
+    schema = ci.schema_of(policy, frame)
+    gate(ci.check_drift(policy, frame, schema))
+
+    data = ci.split_data(policy, frame, schema)
+    cv = ci.cross_validate(policy, schema, data)
+    gate(ci.overfit_result(policy, cv))
+    model = ci.fit_candidate(policy, schema, data)
+
+    champion_version, champion = ci.load_champion(policy)
+    held = ci.score_held_out(policy, schema, data, model, champion, champion_version)
+    for result in ci.quality_results(policy, held):
+        gate(result)
+
+    work = ci.workdir()
+    try:
+        candidate = ci.package_candidate(model, data.x_train.head(50), schema.task, work)
+        gate(ci.robustness_cases(policy, schema, candidate, data.x_holdout))
+        gate(ci.stress_test(policy, candidate, champion, data.x_holdout))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    registered = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, data.x_train.head(50))
+    outcome.version, outcome.aliases, outcome.run_id = registered.version, registered.aliases, registered.run_id
+    print(f"registered {policy.registry.model_name} v{registered.version} as "
+          + ", ".join("@" + a for a in registered.aliases))
+    return outcome

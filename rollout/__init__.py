@@ -1,0 +1,2 @@
+"""rollout: safe, boring ML model rollouts as Prefect workflows."""
+

@@ -1,0 +1,348 @@
+"""The policy file (`rollout.yaml`): pydantic models, defaults that serve the example, clear errors.
+
+Every field is documented here; `rollout config-reference` prints them.  A wrong field gets a
+`ConfigError` naming the field (dotted path) and, where the set is closed, the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Task = Literal["classification", "regression"]
+EstimatorName = Literal[
+    "logistic_regression",
+    "random_forest",
+    "gradient_boosting",
+    "hist_gradient_boosting",
+    "decision_tree",
+    "ridge",
+    "linear_regression",
+    "random_forest_regressor",
+    "gradient_boosting_regressor",
+    "hist_gradient_boosting_regressor",
+]
+CLASSIFIERS = {
+    "logistic_regression",
+    "random_forest",
+    "gradient_boosting",
+    "hist_gradient_boosting",
+    "decision_tree",
+}
+CIMetric = Literal["roc_auc", "accuracy", "f1", "precision", "recall", "log_loss", "r2", "rmse", "mae"]
+CI_METRICS_BY_TASK: dict[str, set[str]] = {
+    "classification": {"roc_auc", "accuracy", "f1", "precision", "recall", "log_loss"},
+    "regression": {"r2", "rmse", "mae"},
+}
+# Metrics where smaller is better; gates flip their comparisons for these.
+LOWER_IS_BETTER = {"log_loss", "rmse", "mae", "mse", "brier", "error_rate"}
+OnlineMetric = Literal["accuracy", "log_loss", "brier", "mse", "mae"]
+ONLINE_METRICS_BY_TASK: dict[str, set[str]] = {
+    "classification": {"accuracy", "log_loss", "brier"},
+    "regression": {"mse", "mae"},
+}
+Mode = Literal["shadow", "ab", "abn", "bandit"]
+
+
+class ConfigError(ValueError):
+    """A policy file that cannot be used; the message names every bad field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExampleData(_Strict):
+    """Knobs of the generated loan-approval dataset (used when `data.source` is `example`)."""
+
+    rows: int = Field(6000, gt=0, description="Number of applications to generate.")
+    seed: int = Field(7, description="Seed of the generator; same seed, same data.")
+    drift: float = Field(0.0, ge=0.0, le=3.0, description="Shift of income/debt distributions (0 = none).")
+    new_levels: bool = Field(False, description="Introduce categorical levels unseen in the base data.")
+    label_noise: float = Field(0.0, ge=0.0, le=0.5, description="Fraction of labels flipped at random.")
+
+
+class DataConfig(_Strict):
+    """Where the training data comes from and what its columns mean."""
+
+    source: str = Field("example", description="'example' (generated) or a path to a .csv or .parquet file.")
+    target: str = Field("approved", description="Target column.")
+    task: Task = Field("classification", description="classification (binary) or regression.")
+    timestamp_column: str | None = Field("applied_at", description="Time column, excluded from features.")
+    segment_column: str | None = Field("tier", description="Segment column used for guardrails (kept as a feature).")
+    unit_column: str | None = Field("customer_id", description="Unit id column (sticky routing), excluded from features.")
+    features: dict[str, Literal["numeric", "categorical"]] = Field(
+        default_factory=dict, description="Feature types; inferred from the data when empty."
+    )
+    drop_columns: list[str] = Field(default_factory=list, description="Columns never used as features.")
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="Share of rows held out and scored once.")
+    seed: int = Field(42, description="Seed for splits and CV shuffling.")
+    production_sample: str | None = Field(
+        None, description="Path to a recent production sample (csv/parquet) for the drift gate; none = skip."
+    )
+    example: ExampleData = Field(default_factory=ExampleData)
+
+
+class EstimatorConfig(_Strict):
+    """The estimator at the end of the preprocessing pipeline."""
+
+    name: EstimatorName = Field("logistic_regression", description="Estimator from the allowed list.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the estimator.")
+
+
+class DriftConfig(_Strict):
+    """Training-vs-production drift limits (sample-size aware: tests and PSI must both flag)."""
+
+    psi_max: float = Field(0.2, gt=0, description="PSI above this on a feature is drift.")
+    p_value: float = Field(0.001, gt=0, lt=1, description="KS / chi-square p-value below this is drift.")
+    js_max: float = Field(0.1, gt=0, le=1, description="Jensen-Shannon distance above this (categoricals) is drift.")
+    bins: int = Field(10, ge=2, le=100, description="Quantile bins for PSI on numerics.")
+
+
+class LatencyBudget(_Strict):
+    """Absolute latency budget for the candidate (milliseconds)."""
+
+    p99_single_ms: float = Field(50.0, gt=0, description="p99 of a single-row prediction.")
+    p99_batch_ms: float = Field(500.0, gt=0, description="p99 of a batch prediction (stress.batch_size rows).")
+    max_ratio_vs_champion: float = Field(3.0, gt=0, description="Candidate p99 over champion p99, at most.")
+
+
+class StressConfig(_Strict):
+    """How hard the stress test pushes the candidate."""
+
+    single_requests: int = Field(200, ge=10, description="Single-row calls per model.")
+    batch_size: int = Field(1000, ge=1, description="Rows per batch call.")
+    batches: int = Field(20, ge=3, description="Batch calls per model.")
+    budget: LatencyBudget = Field(default_factory=LatencyBudget)
+
+
+class CIConfig(_Strict):
+    """Offline gates of the ci-pipeline flow."""
+
+    cv_folds: int = Field(5, ge=2, le=20, description="Stratified k-fold CV folds.")
+    metric: CIMetric = Field("roc_auc", description="Metric of every CI gate.")
+    floor: float | None = Field(0.70, description="Absolute floor of the metric on held-out data; null = none.")
+    floor_source: Literal["fixed", "champion_live"] = Field(
+        "fixed", description="'fixed' uses `floor`; 'champion_live' uses the champion's live metric when known."
+    )
+    max_train_val_gap: float = Field(0.05, ge=0, description="Mean train minus validation score, at most.")
+    max_fold_std: float = Field(0.03, ge=0, description="Std of validation scores across folds, at most.")
+    min_margin_over_baseline: float = Field(0.05, ge=0, description="Beat the naive baseline by at least this.")
+    max_regression_vs_champion: float = Field(0.01, ge=0, description="Held-out metric may trail the champion by this.")
+    expectations_suite: str = Field(
+        "expectations/loan_training.json", description="Great Expectations suite (JSON), relative to the policy file."
+    )
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    stress: StressConfig = Field(default_factory=StressConfig)
+    robustness_samples: str | None = Field(
+        None, description="Path to saved problem inputs (csv/json records) replayed by the robustness gate."
+    )
+    first_model_becomes_champion: bool = Field(
+        True, description="On a registry with no champion, the first passing model becomes @champion."
+    )
+
+
+class SegmentGuardrail(_Strict):
+    """A floor on one segment's metric, checked with a confidence bound."""
+
+    segment: str = Field(description="Value of the segment column, e.g. VIP.")
+    metric: Literal["precision", "recall", "accuracy"] = Field("precision", description="Segment metric.")
+    min: float = Field(ge=0, le=1, description="The challenger's metric on the segment must be at least this.")
+
+
+class BanditConfig(_Strict):
+    """Thompson-sampling allocation when mode is bandit."""
+
+    floor: float = Field(0.01, ge=0, lt=0.5, description="Minimum share of traffic per arm.")
+    burn_in: int = Field(100, ge=0, description="Labelled outcomes per arm before weights adapt.")
+
+
+class ProxyConfig(_Strict):
+    """Label-free proxies: always reported; gate promotion only when `gate` is true."""
+
+    gate: bool = Field(False, description="Block promotion when a proxy is out of bounds.")
+    min_agreement: float = Field(0.8, ge=0, le=1, description="Share of requests where both versions agree.")
+    psi_max: float = Field(0.25, gt=0, description="PSI of production inputs vs training data, at most.")
+
+
+class RolloutPolicy(_Strict):
+    """How the online evaluation decides."""
+
+    mode: Mode = Field("shadow", description="shadow, ab, abn (several challengers) or bandit.")
+    exposure: float = Field(0.1, gt=0, lt=1, description="Share of units sent to each challenger in ab/abn.")
+    primary_metric: OnlineMetric = Field("accuracy", description="Metric of the promotion test.")
+    margin: float = Field(0.01, ge=0, description="Non-inferiority margin M (0 = superiority).")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="One-sided error rate of false promotion.")
+    power: float = Field(0.8, gt=0.5, lt=1, description="Planned power at the minimum detectable effect.")
+    min_detectable_effect: float = Field(
+        0.0, ge=0, description="Planned true difference (better-is-positive) the test is tuned for."
+    )
+    design: Literal["mixture", "group_sequential"] = Field(
+        "mixture", description="Anytime-valid mixture CS, or O'Brien-Fleming group-sequential (needs max_samples)."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Fixed maximum sample size (group_sequential).")
+    min_samples: int = Field(500, ge=0, description="Matured outcomes per version before any decision.")
+    min_duration_hours: float = Field(24.0, ge=0, description="Rollout age before promotion.")
+    max_duration_days: float = Field(14.0, gt=0, description="Horizon: undecided by then = inconclusive.")
+    label_delay_hours: float = Field(0.0, ge=0, description="Requests younger than this are not yet matured.")
+    segment_guardrails: list[SegmentGuardrail] = Field(
+        default_factory=lambda: [SegmentGuardrail(segment="VIP", metric="precision", min=0.9)]
+    )
+    max_stability_ratio: float = Field(2.0, gt=0, description="Std of the challenger's daily metric over the champion's.")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="Challenger error rate, at most (upper bound).")
+    max_latency_p99_ms: float = Field(250.0, gt=0, description="Challenger p99 latency, at most.")
+    srm_p_value: float = Field(0.001, gt=0, lt=1, description="Sample-ratio mismatch below this p blocks decisions.")
+    multiplicity: Literal["bonferroni", "holm"] = Field("bonferroni", description="Across several challengers.")
+    proxies: ProxyConfig = Field(default_factory=ProxyConfig)
+    bandit: BanditConfig = Field(default_factory=BanditConfig)
+
+    @model_validator(mode="after")
+    def _design_needs_cap(self) -> RolloutPolicy:
+        if self.design == "group_sequential" and self.max_samples is None:
+            raise ValueError("design 'group_sequential' needs max_samples")
+        return self
+
+
+class ServingConfig(_Strict):
+    """The prediction service."""
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8080, ge=0, le=65535, description="Port (0 = any free port).")
+    max_batch_size: int = Field(64, ge=1, description="Most requests scored in one call on the response path.")
+    max_wait_ms: float = Field(2.0, ge=0, description="Longest a request waits for others to batch with.")
+    shadow_max_batch_size: int = Field(512, ge=1, description="Shadow batches are larger: nobody waits on them.")
+    shadow_max_wait_ms: float = Field(50.0, ge=0, description="Longest a shadow request waits to batch.")
+    shadow_timeout_s: float = Field(5.0, gt=0, description="A shadow call taking longer is logged as an error.")
+    reload_interval_s: float = Field(10.0, gt=0, description="How often aliases are polled for moves.")
+    log_queue_size: int = Field(100_000, ge=1, description="Bound of the prediction-log queue; overflow is counted.")
+    log_batch_size: int = Field(500, ge=1, description="Rows per insert of the log writer.")
+    max_request_rows: int = Field(1000, ge=1, description="Rows per /predict request, at most (else 413).")
+    token_env: str = Field("ROLLOUT_TOKEN", description="Environment variable holding the admin/label bearer token.")
+
+
+class StoresConfig(_Strict):
+    """Where runs, models and outcomes live. Relative SQLite paths resolve against the policy file."""
+
+    mlflow_tracking_uri: str = Field("sqlite:///.rollout/mlflow.db", description="MLflow tracking/registry URI.")
+    mlflow_artifacts: str = Field(".rollout/mlartifacts", description="Artifact root for new MLflow experiments.")
+    outcome_store_url: str = Field("sqlite:///.rollout/outcomes.db", description="SQLAlchemy URL of the outcome store.")
+    reports_dir: str = Field(".rollout/reports", description="Where gate and evaluation reports are written.")
+
+
+class RegistryConfig(_Strict):
+    """Model registry conventions."""
+
+    model_name: str = Field("loan-approval", min_length=1, description="Registered model name.")
+    experiment: str = Field("rollout-ci", description="MLflow experiment of CI runs.")
+    mirror_stages: bool = Field(True, description="Mirror aliases to deprecated stages (Production/Staging/Archived).")
+
+
+class Policy(_Strict):
+    """The whole policy file."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    ci: CIConfig = Field(default_factory=CIConfig)
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    stores: StoresConfig = Field(default_factory=StoresConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    base_dir: Path = Field(Path("."), exclude=True, description="Directory of the policy file (set on load).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        task = self.data.task
+        if self.ci.metric not in CI_METRICS_BY_TASK[task]:
+            raise ValueError(
+                f"ci.metric {self.ci.metric!r} does not apply to {task}; allowed: "
+                f"{', '.join(sorted(CI_METRICS_BY_TASK[task]))}"
+            )
+        if self.rollout.primary_metric not in ONLINE_METRICS_BY_TASK[task]:
+            raise ValueError(
+                f"rollout.primary_metric {self.rollout.primary_metric!r} does not apply to {task}; allowed: "
+                f"{', '.join(sorted(ONLINE_METRICS_BY_TASK[task]))}"
+            )
+        is_classifier = self.estimator.name in CLASSIFIERS
+        if is_classifier != (task == "classification"):
+            raise ValueError(f"estimator.name {self.estimator.name!r} does not fit task {task!r}")
+        return self
+
+    def path(self, value: str) -> Path:
+        """Resolve a path from the policy file relative to the file's directory."""
+        p = Path(value)
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def url(self, value: str) -> str:
+        """Resolve a relative `sqlite:///` URL against the policy file's directory."""
+        prefix = "sqlite:///"
+        if value.startswith(prefix) and not value.startswith(prefix + "/") and value != prefix + ":memory:":
+            return prefix + str(self.path(value[len(prefix) :]).resolve())
+        return value
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.url(self.stores.mlflow_tracking_uri)
+
+    @property
+    def outcome_url(self) -> str:
+        return self.url(self.stores.outcome_store_url)
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) or "<root>"
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(model, error["loc"][:-1])
+        allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
+        return f"{loc}: unknown field; allowed fields here: {allowed}"
+    got = error.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    msg = error["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{loc}: {msg}{got_text}"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return None
+    return current
+
+
+def parse_policy(raw: dict[str, Any] | None, base_dir: Path | str = ".") -> Policy:
+    """Validate a policy mapping; raise ConfigError listing every bad field."""
+    try:
+        return Policy.model_validate({**(raw or {}), "base_dir": Path(base_dir)})
+    except ValidationError as exc:
+        lines = [_describe(e, Policy) for e in exc.errors()]
+        raise ConfigError("invalid policy:\n  " + "\n  ".join(lines)) from None
+
+
+def load_policy(path: Path | str) -> Policy:
+    """Read and validate a policy file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"policy file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return parse_policy(raw, path.parent.resolve())
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

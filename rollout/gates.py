@@ -1,0 +1,200 @@
+"""Pure gate functions: (metrics, criteria, baseline | None) -> GateResult, each with its reason in words."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rollout.config import LOWER_IS_BETTER
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The verdict of one gate: passed or not, why in one sentence, and the numbers behind it."""
+
+    gate: str
+    passed: bool
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_markdown(self) -> str:
+        lines = [f"## Gate `{self.gate}`: **{self.verdict.upper()}**", "", self.reason, ""]
+        if self.numbers:
+            lines += ["| number | value |", "|---|---|"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in self.numbers.items()]
+            lines.append("")
+        lines += [f"- {d}" for d in self.details]
+        return "\n".join(lines).rstrip() + "\n"
+
+
+class GateFailed(RuntimeError):
+    """Raised by the flow when a gate fails; carries the result so the reason reaches the caller."""
+
+    def __init__(self, result: GateResult) -> None:
+        super().__init__(f"gate {result.gate!r} failed: {result.reason}")
+        self.result = result
+        self.outcome: Any = None
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _better(metric: str, a: float, b: float) -> float:
+    """How much better a is than b, positive when a is better, whatever the metric's direction."""
+    return (b - a) if metric in LOWER_IS_BETTER else (a - b)
+
+
+def overfit_gate(
+    metric: str,
+    train_scores: Sequence[float],
+    val_scores: Sequence[float],
+    max_gap: float,
+    max_fold_std: float,
+    curve: tuple[Sequence[float], Sequence[float]] | None = None,
+    curve_tolerance: float = 0.02,
+) -> GateResult:
+    """Train-validation gap and fold spread within limits; validation loss must not climb while training loss falls."""
+    import numpy as np
+
+    gap = _better(metric, float(np.mean(train_scores)), float(np.mean(val_scores)))
+    spread = float(np.std(val_scores, ddof=1)) if len(val_scores) > 1 else 0.0
+    numbers: dict[str, Any] = {"metric": metric, "train_mean": float(np.mean(train_scores)),
+                               "validation_mean": float(np.mean(val_scores)), "gap": gap, "max_gap": max_gap,
+                               "fold_std": spread, "max_fold_std": max_fold_std}
+    problems = []
+    if gap > max_gap:
+        problems.append(f"the model scores {gap:.4f} better on training folds than on validation folds (limit {max_gap})")
+    if spread > max_fold_std:
+        problems.append(f"validation {metric} varies by {spread:.4f} across folds (limit {max_fold_std})")
+    if curve is not None:
+        train, val = curve
+        best = int(np.argmin(val))
+        rise = (val[-1] - val[best]) / max(abs(val[best]), 1e-12)
+        numbers.update({"curve_best_iteration": best + 1, "curve_iterations": len(val), "validation_loss_rise": rise})
+        if rise > curve_tolerance and train[-1] < train[best]:
+            problems.append(
+                f"validation loss rose {rise:.1%} after iteration {best + 1} of {len(val)} while training loss kept falling"
+            )
+    if problems:
+        return GateResult("overfit", False, "Overfitting: " + "; ".join(problems) + ".", numbers)
+    return GateResult(
+        "overfit", True, f"Train-validation gap {gap:.4f} and fold spread {spread:.4f} are within limits.", numbers
+    )
+
+
+def floor_gate(metric: str, value: float, floor: float | None, source: str = "fixed") -> GateResult:
+    """The held-out metric must reach an absolute floor (a fixed number or the champion's live metric)."""
+    numbers = {"metric": metric, "holdout": value, "floor": floor, "floor_source": source}
+    if floor is None:
+        return GateResult("floor", True, "No floor is set in the policy; skipped.", numbers)
+    margin = _better(metric, value, floor)
+    if margin < 0:
+        return GateResult("floor", False, f"Held-out {metric} {value:.4f} misses the {source} floor {floor:.4f}.", numbers)
+    return GateResult("floor", True, f"Held-out {metric} {value:.4f} reaches the {source} floor {floor:.4f}.", numbers)
+
+
+def baseline_gate(metric: str, value: float, baseline: float, min_margin: float) -> GateResult:
+    """The candidate must beat the naive baseline (DummyClassifier/DummyRegressor) by a margin."""
+    lift = _better(metric, value, baseline)
+    numbers = {"metric": metric, "holdout": value, "baseline": baseline, "lift": lift, "min_margin": min_margin}
+    if lift < min_margin:
+        return GateResult(
+            "baseline", False,
+            f"Held-out {metric} {value:.4f} beats the naive baseline {baseline:.4f} by only {lift:.4f} "
+            f"(at least {min_margin} needed).", numbers,
+        )
+    return GateResult("baseline", True, f"Beats the naive baseline by {lift:.4f} ({metric} {value:.4f} vs {baseline:.4f}).",
+                      numbers)
+
+
+def champion_gate(metric: str, value: float, champion: float | None, max_regression: float,
+                  champion_version: str | None = None) -> GateResult:
+    """No regression beyond the policy's limit vs the current champion on the same held-out rows."""
+    if champion is None:
+        # The first model has nothing to be compared with; the skip is recorded, not silent.
+        return GateResult("champion", True, "No champion yet: nothing to regress against; recorded as the first model.",
+                          {"metric": metric, "holdout": value, "champion": None, "no_champion": True})
+    delta = _better(metric, value, champion)
+    numbers = {"metric": metric, "holdout": value, "champion": champion, "champion_version": champion_version,
+               "delta": delta, "max_regression": max_regression, "no_champion": False}
+    if delta < -max_regression:
+        return GateResult(
+            "champion", False,
+            f"Held-out {metric} {value:.4f} trails champion v{champion_version} ({champion:.4f}) by {-delta:.4f}, "
+            f"beyond the allowed {max_regression}.", numbers,
+        )
+    return GateResult("champion", True,
+                      f"Held-out {metric} {value:.4f} vs champion v{champion_version} {champion:.4f} "
+                      f"(difference {delta:+.4f}, allowed regression {max_regression}).", numbers)
+
+
+def robustness_gate(cases: Sequence[Any]) -> GateResult:
+    """Every edge case must give a well-formed prediction or a clean validation error; a crash fails, named."""
+    crashed = [c for c in cases if c.outcome == "crash"]
+    details = [f"{c.name}: {c.outcome}{' - ' + c.detail if c.detail else ''}" for c in cases]
+    numbers = {"cases": len(cases), "crashes": len(crashed),
+               "clean_errors": sum(c.outcome == "validation_error" for c in cases)}
+    if crashed:
+        names = ", ".join(f"{c.name} ({c.detail})" for c in crashed)
+        return GateResult("robustness", False, f"{len(crashed)} of {len(cases)} edge cases crashed the model: {names}.",
+                          numbers, details)
+    return GateResult("robustness", True, f"All {len(cases)} edge cases gave a well-formed prediction or a clean error.",
+                      numbers, details)
+
+
+def stress_gate(candidate: dict[str, float], champion: dict[str, float] | None, p99_single_ms: float,
+                p99_batch_ms: float, max_ratio: float) -> GateResult:
+    """Latency within an absolute budget and within a ratio of the champion's on the same inputs."""
+    numbers: dict[str, Any] = {f"candidate_{k}": v for k, v in candidate.items()}
+    problems = []
+    if candidate["single_p99_ms"] > p99_single_ms:
+        problems.append(f"single-row p99 {candidate['single_p99_ms']:.2f} ms exceeds the budget {p99_single_ms} ms")
+    if candidate["batch_p99_ms"] > p99_batch_ms:
+        problems.append(f"batch p99 {candidate['batch_p99_ms']:.2f} ms exceeds the budget {p99_batch_ms} ms")
+    if champion is not None:
+        numbers.update({f"champion_{k}": v for k, v in champion.items()})
+        for kind in ("single", "batch"):
+            ratio = candidate[f"{kind}_p99_ms"] / max(champion[f"{kind}_p99_ms"], 1e-9)
+            numbers[f"{kind}_p99_ratio"] = ratio
+            if ratio > max_ratio:
+                problems.append(f"{kind} p99 is {ratio:.2f}x the champion's (limit {max_ratio}x)")
+    if problems:
+        return GateResult("stress", False, "Too slow: " + "; ".join(problems) + ".", numbers)
+    vs = "" if champion is None else f", {numbers['single_p99_ratio']:.2f}x the champion's"
+    return GateResult("stress", True, f"Single-row p99 {candidate['single_p99_ms']:.2f} ms{vs}; "
+                      f"batch p99 {candidate['batch_p99_ms']:.1f} ms; within budget.", numbers)
+
+
+def validation_gate(success: bool, failed: Sequence[str], statistics: dict[str, Any]) -> GateResult:
+    """The Great Expectations suite must pass on the training data."""
+    if success:
+        return GateResult("data_validation", True, "Every expectation of the suite holds on the training data.",
+                          dict(statistics))
+    return GateResult("data_validation", False,
+                      f"{len(failed)} expectation(s) failed on the training data: " + "; ".join(failed) + ".",
+                      dict(statistics), list(failed))
+
+
+def drift_gate(drifted: Sequence[str], checked: int, details: Sequence[str]) -> GateResult:
+    """Training data must still look like production: no feature drifts materially and significantly."""
+    numbers = {"features_checked": checked, "features_drifted": len(drifted)}
+    if drifted:
+        return GateResult("drift", False, f"Training data differs from production on: {', '.join(drifted)}.",
+                          numbers, list(details))
+    return GateResult("drift", True, f"No material drift between training and production on {checked} features.",
+                      numbers, list(details))
+
+
+def skipped(gate: str, why: str) -> GateResult:
+    """A gate that did not apply, with the reason recorded."""
+    return GateResult(gate, True, f"Skipped: {why}", {"skipped": True})

@@ -1,0 +1,262 @@
+"""A thin adapter over MlflowClient: aliases (the source of truth), mirrored stages, tags, loading.
+
+Aliases: `champion`, `challenger` (`challenger-2`, ... for A/B/n), `previous-champion`.
+Stages are deprecated in MLflow and only mirrored for users of the stage UI (one switch).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous-champion"
+STAGE_OF_ALIAS = {CHAMPION: "Production", CHALLENGER: "Staging"}
+
+# The types a model file may contain. skops refuses anything else on load; the list is derived
+# from the estimators the policy allows (rollout.training.ESTIMATORS), never from the file itself.
+_ALLOWED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.", "scipy.")
+
+
+class AliasConflict(RuntimeError):
+    """Compare-and-set failed: the alias moved since it was read."""
+
+
+class UntrustedModel(RuntimeError):
+    """The model file asks to trust a type outside the allow-list, or is not saved with skops."""
+
+
+class ModelRegistry(Protocol):
+    """The registry operations the flows and the service use (fake in tests, MLflow in production)."""
+
+    def version_for_alias(self, alias: str) -> str | None: ...
+    def aliases(self) -> dict[str, str]: ...
+    def set_alias(self, alias: str, version: str, expected: str | None = ...) -> None: ...
+    def remove_alias(self, alias: str) -> None: ...
+    def set_tags(self, version: str, tags: dict[str, str]) -> None: ...
+    def get_tags(self, version: str) -> dict[str, str]: ...
+
+
+_ANY = object()
+
+
+def challenger_alias(index: int) -> str:
+    """`challenger` for the first, `challenger-2`, `challenger-3`, ... for A/B/n."""
+    return CHALLENGER if index <= 1 else f"{CHALLENGER}-{index}"
+
+
+class MlflowRegistry:
+    """The MLflow model registry for one registered model name."""
+
+    def __init__(self, tracking_uri: str, model_name: str, mirror_stages: bool = True) -> None:
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self.mirror_stages = mirror_stages
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    def ensure_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            try:
+                self.client.create_registered_model(self.model_name)
+            except MlflowException:  # created concurrently
+                pass
+
+    def version_for_alias(self, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.model_name, alias).version)
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower():
+                return None
+            raise
+
+    def aliases(self) -> dict[str, str]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            return {}
+        return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+    def set_alias(self, alias: str, version: str, expected: str | None | object = _ANY) -> None:
+        """Point `alias` at `version`; with `expected`, only if it still points where it was read."""
+        if expected is not _ANY:
+            current = self.version_for_alias(alias)
+            if current != expected:
+                raise AliasConflict(f"@{alias} is at {current}, expected {expected}")
+        self.client.set_registered_model_alias(self.model_name, alias, str(version))
+        stage = STAGE_OF_ALIAS.get(alias.split("-")[0] if alias.startswith(CHALLENGER) else alias)
+        if stage:
+            self.mirror_stage(version, stage)
+
+    def remove_alias(self, alias: str) -> None:
+        if self.version_for_alias(alias) is not None:
+            self.client.delete_registered_model_alias(self.model_name, alias)
+
+    def mirror_stage(self, version: str, stage: str) -> None:
+        """Mirror the alias to the deprecated stage field, for users of the stage UI."""
+        if not self.mirror_stages:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.client.transition_model_version_stage(self.model_name, str(version), stage)
+
+    def set_tags(self, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), key, str(value))
+
+    def get_tags(self, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(self.model_name, str(version)).tags or {})
+
+    def run_id(self, version: str) -> str | None:
+        return self.client.get_model_version(self.model_name, str(version)).run_id
+
+    def model_uri(self, version: str) -> str:
+        return f"models:/{self.model_name}/{version}"
+
+    def load(self, version: str) -> Any:
+        """Load a version as an MLflow pyfunc, refusing files that ask to trust unexpected types."""
+        import mlflow.pyfunc
+        from mlflow.artifacts import download_artifacts
+
+        local = Path(download_artifacts(artifact_uri=self.model_uri(version), tracking_uri=self.tracking_uri))
+        check_trusted(local)
+        return mlflow.pyfunc.load_model(str(local))
+
+
+def check_trusted(model_dir: Path) -> None:
+    """Refuse a saved sklearn model that is not skops or trusts types outside the allow-list."""
+    import yaml
+
+    meta = yaml.safe_load((model_dir / "MLmodel").read_text())
+    flavor = (meta.get("flavors") or {}).get("sklearn")
+    if flavor is None:
+        return
+    if flavor.get("serialization_format") != "skops":
+        raise UntrustedModel(
+            f"model at {model_dir} is saved as {flavor.get('serialization_format')!r}; only skops is loaded"
+        )
+    bad = [t for t in flavor.get("skops_trusted_types") or [] if not t.startswith(_ALLOWED_TYPE_PREFIXES)]
+    if bad:
+        raise UntrustedModel(f"model at {model_dir} asks to trust types outside the allow-list: {', '.join(bad)}")
+
+
+@dataclass
+class InMemoryRegistry:
+    """A fake registry for unit tests: aliases and tags in dicts, models as Python objects."""
+
+    models: dict[str, Any] = field(default_factory=dict)
+    alias_map: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, dict[str, str]] = field(default_factory=dict)
+    stages: dict[str, str] = field(default_factory=dict)
+    unreachable: bool = False
+
+    def _check(self) -> None:
+        if self.unreachable:
+            raise ConnectionError("registry unreachable")
+
+    def add(self, model: Any) -> str:
+        version = str(len(self.models) + 1)
+        self.models[version] = model
+        return version
+
+    def version_for_alias(self, alias: str) -> str | None:
+        self._check()
+        return self.alias_map.get(alias)
+
+    def aliases(self) -> dict[str, str]:
+        self._check()
+        return dict(self.alias_map)
+
+    def set_alias(self, alias: str, version: str, expected: str | None | object = _ANY) -> None:
+        self._check()
+        if expected is not _ANY and self.alias_map.get(alias) != expected:
+            raise AliasConflict(f"@{alias} is at {self.alias_map.get(alias)}, expected {expected}")
+        self.alias_map[alias] = str(version)
+        stage = STAGE_OF_ALIAS.get(CHALLENGER if alias.startswith(CHALLENGER) else alias)
+        if stage:
+            self.stages[str(version)] = stage
+
+    def remove_alias(self, alias: str) -> None:
+        self._check()
+        self.alias_map.pop(alias, None)
+
+    def mirror_stage(self, version: str, stage: str) -> None:
+        self.stages[str(version)] = stage
+
+    def set_tags(self, version: str, tags: dict[str, str]) -> None:
+        self.tags.setdefault(str(version), {}).update({k: str(v) for k, v in tags.items()})
+
+    def get_tags(self, version: str) -> dict[str, str]:
+        return dict(self.tags.get(str(version), {}))
+
+    def load(self, version: str) -> Any:
+        self._check()
+        return self.models[str(version)]
+
+
+def trusted_types(model: Any) -> list[str]:
+    """The types skops must be told to trust for this model, all inside the allow-list (else refuse)."""
+    import skops.io as sio
+
+    needed = sorted(sio.get_untrusted_types(data=sio.dumps(model)))
+    bad = [t for t in needed if not t.startswith(_ALLOWED_TYPE_PREFIXES)]
+    if bad:
+        raise UntrustedModel(f"the model contains types outside the allow-list: {', '.join(bad)}")
+    return needed
+
+
+def _flavor_kwargs(model: Any, x_example: Any, task: str) -> dict[str, Any]:
+    from mlflow.models import infer_signature
+
+    from rollout.scoring import model_outputs
+
+    prediction, score = model_outputs(model, x_example, task)
+    output = model.predict_proba(x_example) if task == "classification" else prediction
+    return {
+        "signature": infer_signature(x_example, output),
+        "input_example": x_example.head(3),
+        "serialization_format": "skops",
+        "skops_trusted_types": trusted_types(model),
+        # Classifiers serve probabilities: labels alone cannot be scored by log loss or Brier.
+        "pyfunc_predict_fn": "predict_proba" if task == "classification" else "predict",
+    }
+
+
+def save_local(model: Any, path: Path, x_example: Any, task: str) -> Any:
+    """Save a fitted pipeline as MLflow would log it, and load it back the way serving does."""
+    import mlflow.pyfunc
+    import mlflow.sklearn
+
+    mlflow.sklearn.save_model(model, str(path), **_flavor_kwargs(model, x_example, task))
+    check_trusted(path)
+    return mlflow.pyfunc.load_model(str(path))
+
+
+def log_model(model: Any, x_example: Any, task: str, registered_model_name: str | None) -> Any:
+    """Log the fitted pipeline in the active run; with a name, register a new version too."""
+    import mlflow.sklearn
+
+    return mlflow.sklearn.log_model(
+        model, name="model", registered_model_name=registered_model_name, **_flavor_kwargs(model, x_example, task)
+    )

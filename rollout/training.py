@@ -1,0 +1,207 @@
+"""Estimator factory (an unfitted sklearn Pipeline), cross-validation, held-out scoring, loss curves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.dummy import DummyClassifier, DummyRegressor
+from sklearn.ensemble import (
+    GradientBoostingClassifier,
+    GradientBoostingRegressor,
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
+from sklearn.metrics import log_loss
+from sklearn.model_selection import KFold, StratifiedKFold, cross_validate, train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.tree import DecisionTreeClassifier
+
+from rollout.config import LOWER_IS_BETTER, EstimatorConfig
+from rollout.data import Schema
+from rollout.scoring import metric_value, model_outputs
+
+ESTIMATORS: dict[str, type] = {
+    "logistic_regression": LogisticRegression,
+    "random_forest": RandomForestClassifier,
+    "gradient_boosting": GradientBoostingClassifier,
+    "hist_gradient_boosting": HistGradientBoostingClassifier,
+    "decision_tree": DecisionTreeClassifier,
+    "ridge": Ridge,
+    "linear_regression": LinearRegression,
+    "random_forest_regressor": RandomForestRegressor,
+    "gradient_boosting_regressor": GradientBoostingRegressor,
+    "hist_gradient_boosting_regressor": HistGradientBoostingRegressor,
+}
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"logistic_regression": {"max_iter": 1000}}
+# sklearn scorer names; "neg_" scorers are flipped back so every reported number reads naturally.
+SCORERS = {
+    "roc_auc": "roc_auc",
+    "accuracy": "accuracy",
+    "f1": "f1",
+    "precision": "precision",
+    "recall": "recall",
+    "log_loss": "neg_log_loss",
+    "r2": "r2",
+    "rmse": "neg_root_mean_squared_error",
+    "mae": "neg_mean_absolute_error",
+}
+
+
+def build_pipeline(schema: Schema, estimator: EstimatorConfig, seed: int = 0) -> Pipeline:
+    """An unfitted pipeline: impute + scale numerics, impute + one-hot categoricals, then the estimator."""
+    cls = ESTIMATORS[estimator.name]
+    params = {**DEFAULT_PARAMS.get(estimator.name, {}), **estimator.params}
+    if "random_state" in cls().get_params() and "random_state" not in params:
+        params["random_state"] = seed
+    try:
+        model = cls(**params)
+    except TypeError as exc:
+        raise ValueError(f"estimator.params: {exc}") from None
+    numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
+    categorical = Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="constant", fill_value="__missing__")),
+            ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+        ]
+    )
+    prep = ColumnTransformer(
+        [("num", numeric, list(schema.numeric)), ("cat", categorical, list(schema.categorical))],
+        remainder="drop",
+    )
+    return Pipeline([("prep", prep), ("model", model)])
+
+
+def baseline_estimator(task: str) -> Any:
+    """The naive baseline every candidate must beat."""
+    return DummyClassifier(strategy="prior") if task == "classification" else DummyRegressor(strategy="mean")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training rows (for CV and the final fit) and held-out rows (scored once)."""
+
+    x_train: pd.DataFrame
+    y_train: pd.Series
+    x_holdout: pd.DataFrame
+    y_holdout: pd.Series
+
+
+def split(frame: pd.DataFrame, schema: Schema, holdout_fraction: float, seed: int) -> Split:
+    x = frame[list(schema.features)]
+    y = frame[schema.target]
+    stratify = y if schema.task == "classification" else None
+    x_tr, x_ho, y_tr, y_ho = train_test_split(x, y, test_size=holdout_fraction, random_state=seed, stratify=stratify)
+    return Split(x_tr, y_tr, x_ho, y_ho)
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    """Training and validation loss over boosting iterations (iterative estimators only)."""
+
+    train: list[float]
+    validation: list[float]
+
+
+@dataclass(frozen=True)
+class CVResult:
+    """Per-fold train and validation scores of one metric, and timing."""
+
+    metric: str
+    train_scores: list[float]
+    val_scores: list[float]
+    fit_seconds: list[float]
+    curve: LossCurve | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def train_mean(self) -> float:
+        return float(np.mean(self.train_scores))
+
+    @property
+    def val_mean(self) -> float:
+        return float(np.mean(self.val_scores))
+
+    @property
+    def val_std(self) -> float:
+        return float(np.std(self.val_scores, ddof=1)) if len(self.val_scores) > 1 else 0.0
+
+    @property
+    def gap(self) -> float:
+        """How much better the model does on its training folds than on validation folds."""
+        sign = -1.0 if self.metric in LOWER_IS_BETTER else 1.0
+        return sign * (self.train_mean - self.val_mean)
+
+
+def _natural(metric: str, value: float) -> float:
+    return -value if SCORERS[metric].startswith("neg_") else value
+
+
+def folds(task: str, n_folds: int, seed: int) -> KFold | StratifiedKFold:
+    if task == "classification":
+        return StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return KFold(n_splits=n_folds, shuffle=True, random_state=seed)
+
+
+def cross_validate_pipeline(
+    pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: int, seed: int, n_jobs: int | None = None
+) -> CVResult:
+    """Stratified k-fold CV recording train and validation scores per fold."""
+    out = cross_validate(
+        pipeline,
+        data.x_train,
+        data.y_train,
+        cv=folds(task, n_folds, seed),
+        scoring=SCORERS[metric],
+        return_train_score=True,
+        n_jobs=n_jobs,
+        error_score="raise",
+    )
+    return CVResult(
+        metric=metric,
+        train_scores=[_natural(metric, v) for v in out["train_score"]],
+        val_scores=[_natural(metric, v) for v in out["test_score"]],
+        fit_seconds=[float(v) for v in out["fit_time"]],
+        curve=loss_curve(pipeline, data, task, seed),
+    )
+
+
+def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int) -> LossCurve | None:
+    """For boosting estimators: train and validation loss after each stage, on one inner split."""
+    from sklearn.base import clone
+
+    if not hasattr(pipeline.named_steps["model"], "staged_predict"):
+        return None
+    stratify = data.y_train if task == "classification" else None
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        data.x_train, data.y_train, test_size=0.25, random_state=seed, stratify=stratify
+    )
+    fitted = clone(pipeline).fit(x_tr, y_tr)
+    prep, model = fitted.named_steps["prep"], fitted.named_steps["model"]
+    z_tr, z_va = prep.transform(x_tr), prep.transform(x_va)
+    if task == "classification":
+        train = [log_loss(y_tr, p) for p in model.staged_predict_proba(z_tr)]
+        val = [log_loss(y_va, p) for p in model.staged_predict_proba(z_va)]
+    else:
+        train = [float(np.mean((y_tr - p) ** 2)) for p in model.staged_predict(z_tr)]
+        val = [float(np.mean((y_va - p) ** 2)) for p in model.staged_predict(z_va)]
+    return LossCurve(train=[float(v) for v in train], validation=[float(v) for v in val])
+
+
+def score(model: Any, x: pd.DataFrame, y: pd.Series, metric: str, task: str) -> float:
+    """One metric of a fitted estimator or a loaded pyfunc on labelled rows."""
+    prediction, scores = model_outputs(model, x, task)
+    return metric_value(metric, y, prediction, scores)
+
+
+def fit(pipeline: Pipeline, data: Split) -> Pipeline:
+    """Fit on all training rows (the held-out rows stay unseen)."""
+    return pipeline.fit(data.x_train, data.y_train)

@@ -1,0 +1,263 @@
+"""Prefect tasks of the CI phase: each wraps one call into `rollout/` with names, retries and artifacts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from rollout import gates, registry, robustness, stress, training
+from rollout.config import Policy
+from rollout.data import Schema, data_hash, infer_schema, load_dataset, read_table
+from rollout.scoring import model_outputs, metric_value
+from rollout.validation import drift_report, validate
+from tasks.common import artifact_key
+
+
+@task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def load_data(policy: Policy) -> pd.DataFrame:
+    """Load (or generate) the training table named by the policy."""
+    return load_dataset(policy)
+
+
+@task(name="validate-data", cache_policy=NO_CACHE)
+def validate_data(policy: Policy, frame: pd.DataFrame, reports_dir: Path) -> gates.GateResult:
+    """Run the committed Great Expectations suite on the training data; save the report."""
+    report = validate(frame, policy.path(policy.ci.expectations_suite))
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    (reports_dir / "data_validation.md").write_text(report.to_markdown())
+    failed = [f.describe() for f in report.failed]
+    return gates.validation_gate(report.success, failed, report.statistics)
+
+
+@task(name="check-drift", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def check_drift(policy: Policy, frame: pd.DataFrame, schema: Schema) -> gates.GateResult:
+    """Training data vs a recent production sample, feature by feature (skipped when there is none)."""
+    if not policy.data.production_sample:
+        return gates.skipped("drift", "no production sample is configured (data.production_sample).")
+    production = read_table(policy.path(policy.data.production_sample))
+    report = drift_report(frame, production, schema, policy.ci.drift)
+    return gates.drift_gate(report.drifted, report.checked, report.details())
+
+
+@task(name="infer-schema", cache_policy=NO_CACHE)
+def schema_of(policy: Policy, frame: pd.DataFrame) -> Schema:
+    """Feature kinds, ranges and levels from the policy and the data."""
+    return infer_schema(frame, policy.data)
+
+
+@task(name="split", cache_policy=NO_CACHE)
+def split_data(policy: Policy, frame: pd.DataFrame, schema: Schema) -> training.Split:
+    """Hold out a share of rows, scored once at the end."""
+    return training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed)
+
+
+@task(name="cross-validate", cache_policy=NO_CACHE)
+def cross_validate(policy: Policy, schema: Schema, data: training.Split) -> training.CVResult:
+    """Stratified k-fold CV of the policy's pipeline, train and validation score per fold."""
+    pipeline = training.build_pipeline(schema, policy.estimator, policy.data.seed)
+    result = training.cross_validate_pipeline(
+        pipeline, data, schema.task, policy.ci.metric, policy.ci.cv_folds, policy.data.seed
+    )
+    rows = [
+        {"fold": i + 1, "train": round(t, 4), "validation": round(v, 4), "fit_s": round(s, 3)}
+        for i, (t, v, s) in enumerate(zip(result.train_scores, result.val_scores, result.fit_seconds, strict=True))
+    ]
+    create_table_artifact(rows, key="cv-folds", description=f"CV {policy.ci.metric} per fold")
+    return result
+
+
+def overfit_result(policy: Policy, cv: training.CVResult) -> gates.GateResult:
+    curve = (cv.curve.train, cv.curve.validation) if cv.curve else None
+    return gates.overfit_gate(
+        cv.metric, cv.train_scores, cv.val_scores, policy.ci.max_train_val_gap, policy.ci.max_fold_std, curve
+    )
+
+
+@task(name="fit", cache_policy=NO_CACHE)
+def fit_candidate(policy: Policy, schema: Schema, data: training.Split) -> Any:
+    """Fit the pipeline on every training row."""
+    return training.fit(training.build_pipeline(schema, policy.estimator, policy.data.seed), data)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out metric of the candidate, the naive baseline and the champion (None when there is none)."""
+
+    candidate: float
+    baseline: float
+    champion: float | None
+    champion_version: str | None
+
+
+@task(name="score-held-out", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def score_held_out(policy: Policy, schema: Schema, data: training.Split, model: Any, champion: Any,
+                   champion_version: str | None) -> HeldOut:
+    """Score candidate, baseline and champion once, on the same held-out rows."""
+    metric, task_kind = policy.ci.metric, schema.task
+    baseline = training.baseline_estimator(task_kind).fit(data.x_train, data.y_train)
+    champ = None
+    if champion is not None:
+        champ = metric_value(metric, data.y_holdout, *model_outputs(champion, data.x_holdout, task_kind))
+    return HeldOut(
+        candidate=training.score(model, data.x_holdout, data.y_holdout, metric, task_kind),
+        baseline=training.score(baseline, data.x_holdout, data.y_holdout, metric, task_kind),
+        champion=champ,
+        champion_version=champion_version,
+    )
+
+
+def quality_results(policy: Policy, held: HeldOut) -> list[gates.GateResult]:
+    metric = policy.ci.metric
+    return [
+        gates.floor_gate(metric, held.candidate, policy.ci.floor, policy.ci.floor_source),
+        gates.baseline_gate(metric, held.candidate, held.baseline, policy.ci.min_margin_over_baseline),
+        gates.champion_gate(metric, held.candidate, held.champion, policy.ci.max_regression_vs_champion,
+                            held.champion_version),
+    ]
+
+
+@task(name="load-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def load_champion(policy: Policy) -> tuple[str | None, Any]:
+    """The current @champion as a pyfunc, or (None, None) when the registry has none yet."""
+    reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+    version = reg.version_for_alias(registry.CHAMPION)
+    return (version, reg.load(version)) if version else (None, None)
+
+
+@task(name="package-candidate", cache_policy=NO_CACHE)
+def package_candidate(model: Any, x_example: pd.DataFrame, task_kind: str, workdir: Path) -> Any:
+    """Save the candidate as MLflow will log it and load it back the way serving loads it."""
+    return registry.save_local(model, workdir / "candidate", x_example, task_kind)
+
+
+@task(name="robustness", cache_policy=NO_CACHE)
+def robustness_cases(policy: Policy, schema: Schema, candidate: Any, sample: pd.DataFrame) -> gates.GateResult:
+    """Edge cases from the schema plus saved problem inputs, through the pyfunc."""
+    cases = robustness.synthesize_cases(schema, sample, seed=policy.data.seed)
+    if policy.ci.robustness_samples:
+        cases.update(robustness.load_saved_inputs(policy.path(policy.ci.robustness_samples)))
+    return gates.robustness_gate(robustness.run_cases(candidate.predict, cases, schema.task))
+
+
+@task(name="stress", cache_policy=NO_CACHE)
+def stress_test(policy: Policy, candidate: Any, champion: Any, sample: pd.DataFrame) -> gates.GateResult:
+    """Latency of candidate and champion, interleaved on the same inputs, against the budget."""
+    cfg = policy.ci.stress
+    models = {"candidate": candidate.predict}
+    if champion is not None:
+        models["champion"] = champion.predict
+    figures = stress.measure(models, sample, cfg.single_requests, cfg.batch_size, cfg.batches,
+                             np.random.default_rng(policy.data.seed))
+    create_table_artifact([{"model": k, **{m: round(v, 3) for m, v in f.items()}} for k, f in figures.items()],
+                          key="stress-latency", description="Latency (ms) and throughput, interleaved")
+    return gates.stress_gate(figures["candidate"], figures.get("champion"), cfg.budget.p99_single_ms,
+                             cfg.budget.p99_batch_ms, cfg.budget.max_ratio_vs_champion)
+
+
+def git_sha(where: Path) -> str:
+    """The commit the model was built from (CI's GITHUB_SHA when set)."""
+    if os.environ.get("GITHUB_SHA"):
+        return os.environ["GITHUB_SHA"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def cv_figure(cv: training.CVResult) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if cv.curve else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+    ax = axes[0][0]
+    folds = np.arange(1, len(cv.val_scores) + 1)
+    ax.plot(folds, cv.train_scores, "o-", label="train")
+    ax.plot(folds, cv.val_scores, "s-", label="validation")
+    ax.set(xlabel="fold", ylabel=cv.metric, title=f"Cross-validation {cv.metric}")
+    ax.legend()
+    if cv.curve:
+        ax = axes[0][1]
+        ax.plot(cv.curve.train, label="train loss")
+        ax.plot(cv.curve.validation, label="validation loss")
+        ax.set(xlabel="iteration", ylabel="loss", title="Loss over iterations")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Where the candidate landed in the registry."""
+
+    version: str
+    run_id: str
+    aliases: list[str]
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.DataFrame, cv: training.CVResult,
+                       held: HeldOut, results: list[gates.GateResult], x_example: pd.DataFrame) -> Registered:
+    """Log model, params, metrics and every gate report; register a version; set aliases and tags."""
+    import json
+
+    import mlflow
+
+    mlflow.set_tracking_uri(policy.tracking_uri)
+    mlflow.set_registry_uri(policy.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(policy.registry.experiment)
+    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
+        policy.registry.experiment, artifact_location=policy.path(policy.stores.mlflow_artifacts).resolve().as_uri()
+    )
+    reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+    sha, digest = git_sha(policy.base_dir), data_hash(frame)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"ci-{policy.estimator.name}") as run:
+        mlflow.log_params({"estimator": policy.estimator.name, **{f"param.{k}": v for k, v in policy.estimator.params.items()},
+                           "cv_folds": policy.ci.cv_folds, "rows": len(frame), "data_hash": digest})
+        mlflow.log_metrics({f"cv_train_{cv.metric}": cv.train_mean, f"cv_val_{cv.metric}": cv.val_mean,
+                            f"cv_val_{cv.metric}_std": cv.val_std, f"holdout_{cv.metric}": held.candidate,
+                            f"baseline_{cv.metric}": held.baseline,
+                            **({f"champion_{cv.metric}": held.champion} if held.champion is not None else {})})
+        for result in results:
+            mlflow.log_text(result.to_markdown(), f"gates/{result.gate}.md")
+            mlflow.log_dict(result.to_dict(), f"gates/{result.gate}.json")
+        mlflow.log_figure(cv_figure(cv), "plots/cv.png")
+        mlflow.log_dict({"numeric": schema.numeric, "categorical": schema.categorical, "nullable": schema.nullable,
+                         "categories": schema.categories, "ranges": schema.ranges, "target": schema.target,
+                         "task": schema.task}, "schema.json")
+        info = registry.log_model(model, x_example, schema.task, policy.registry.model_name)
+    version = str(info.registered_model_version)
+    reg.set_tags(version, {"data_hash": digest, "git_sha": sha, "estimator": policy.estimator.name,
+                           f"holdout_{cv.metric}": f"{held.candidate:.6f}",
+                           "gates": json.dumps({r.gate: r.verdict for r in results}),
+                           **{f"gate.{r.gate}": r.verdict for r in results}})
+    aliases = [registry.CHALLENGER]
+    if reg.version_for_alias(registry.CHAMPION) is None and policy.ci.first_model_becomes_champion:
+        # The first model has no champion to be judged against online; the policy lets it serve directly.
+        reg.set_alias(registry.CHAMPION, version, expected=None)
+        aliases = [registry.CHAMPION]
+    else:
+        reg.set_alias(registry.CHALLENGER, version)
+    create_markdown_artifact(
+        f"Registered **{policy.registry.model_name}** version **{version}** as "
+        + ", ".join(f"`@{a}`" for a in aliases) + f" (run `{run.info.run_id}`).",
+        key=artifact_key("registered-version"), description="Registration",
+    )
+    return Registered(version=version, run_id=run.info.run_id, aliases=aliases)
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="rollout-ci-"))

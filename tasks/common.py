@@ -1,0 +1,40 @@
+"""Shared task plumbing: loading the policy, publishing gate verdicts as Prefect artifacts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from rollout.config import Policy, load_policy
+from rollout.gates import GateFailed, GateResult
+
+
+@task(name="load-policy", cache_policy=NO_CACHE)
+def load_policy_task(path: str) -> Policy:
+    """Read and validate the policy file (a bad field fails here, named)."""
+    return load_policy(path)
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+@task(name="publish-gate", cache_policy=NO_CACHE)
+def publish_gate(result: GateResult, reports_dir: Path | None = None) -> GateResult:
+    """Publish a gate's verdict as a Markdown artifact and file; raise GateFailed when it failed."""
+    logger = get_run_logger()
+    markdown = result.to_markdown()
+    create_markdown_artifact(markdown, key=artifact_key(f"gate-{result.gate}"), description=f"Gate {result.gate}")
+    if reports_dir is not None:
+        reports_dir.mkdir(parents=True, exist_ok=True)
+        (reports_dir / f"gate_{result.gate}.md").write_text(markdown)
+    (logger.info if result.passed else logger.error)("gate %s: %s - %s", result.gate, result.verdict, result.reason)
+    if not result.passed:
+        raise GateFailed(result)
+    return result

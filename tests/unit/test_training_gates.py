@@ -1,0 +1,91 @@
+"""Estimator factory, CV and the pure gates: the numbers a reviewer of a CI run reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rollout import gates, training
+from rollout.config import EstimatorConfig, parse_policy
+from rollout.data import example_dataset, infer_schema
+
+
+@pytest.fixture(scope="module")
+def loan():
+    frame = example_dataset(rows=1500, seed=3)
+    schema = infer_schema(frame, parse_policy({}).data)
+    return frame, schema, training.split(frame, schema, 0.2, 0)
+
+
+def test_factory_returns_unfitted_pipeline_that_handles_nulls_and_unseen_levels(loan):
+    frame, schema, data = loan
+    pipe = training.build_pipeline(schema, EstimatorConfig())
+    assert not hasattr(pipe.named_steps["model"], "coef_")
+    pipe.fit(data.x_train, data.y_train)
+    odd = data.x_holdout.head(4).copy()
+    odd["credit_score"] = np.nan
+    odd["purpose"] = "never-seen"
+    odd["home_ownership"] = None
+    proba = pipe.predict_proba(odd)
+    assert proba.shape == (4, 2) and np.all((proba >= 0) & (proba <= 1))
+
+
+def test_bad_estimator_param_names_the_field(loan):
+    _, schema, _ = loan
+    with pytest.raises(ValueError, match="estimator.params"):
+        training.build_pipeline(schema, EstimatorConfig(name="logistic_regression", params={"depth": 3}))
+
+
+def test_cv_records_every_fold_and_learns_something(loan):
+    _, schema, data = loan
+    pipe = training.build_pipeline(schema, EstimatorConfig())
+    cv = training.cross_validate_pipeline(pipe, data, "classification", "roc_auc", 4, 0)
+    assert len(cv.train_scores) == len(cv.val_scores) == 4
+    assert 0.7 < cv.val_mean < 0.95 and abs(cv.gap) < 0.05
+    assert cv.curve is None  # logistic regression is not iterative
+
+
+def test_deep_tree_overfits_and_the_gate_says_so(loan):
+    _, schema, data = loan
+    pipe = training.build_pipeline(schema, EstimatorConfig(name="decision_tree", params={"max_depth": None}))
+    cv = training.cross_validate_pipeline(pipe, data, "classification", "roc_auc", 4, 0)
+    result = gates.overfit_gate("roc_auc", cv.train_scores, cv.val_scores, 0.05, 0.03)
+    assert not result.passed and "training folds" in result.reason
+
+
+def test_boosting_loss_curve_catches_validation_loss_rising(loan):
+    _, schema, data = loan
+    pipe = training.build_pipeline(
+        schema, EstimatorConfig(name="gradient_boosting", params={"n_estimators": 150, "max_depth": 6, "learning_rate": 0.5})
+    )
+    curve = training.loss_curve(pipe, data, "classification", 0)
+    assert curve is not None and len(curve.validation) == 150
+    result = gates.overfit_gate("roc_auc", [0.8], [0.8], 1.0, 1.0, (curve.train, curve.validation))
+    assert not result.passed and "validation loss rose" in result.reason
+
+
+def test_lower_is_better_metrics_flip_the_comparisons():
+    assert gates.floor_gate("log_loss", 0.4, 0.5).passed
+    assert not gates.floor_gate("log_loss", 0.6, 0.5).passed
+    assert gates.baseline_gate("rmse", 1.0, 2.0, 0.5).passed
+    assert not gates.champion_gate("mae", 1.2, 1.0, 0.1, "3").passed
+
+
+def test_quality_gates_explain_themselves():
+    assert "misses" in gates.floor_gate("roc_auc", 0.6, 0.7).reason
+    base = gates.baseline_gate("roc_auc", 0.52, 0.5, 0.05)
+    assert not base.passed and "only 0.0200" in base.reason
+    first = gates.champion_gate("roc_auc", 0.8, None, 0.01)
+    assert first.passed and first.numbers["no_champion"] and "No champion yet" in first.reason
+    worse = gates.champion_gate("roc_auc", 0.75, 0.8, 0.01, "4")
+    assert not worse.passed and "v4" in worse.reason
+
+
+def test_stress_gate_checks_budget_and_ratio_to_champion():
+    fast = {"single_p99_ms": 5.0, "batch_p99_ms": 50.0}
+    slow = {"single_p99_ms": 40.0, "batch_p99_ms": 300.0}
+    assert gates.stress_gate(fast, None, 10, 100, 2).passed
+    over = gates.stress_gate(slow, None, 10, 100, 2)
+    assert not over.passed and "single-row p99 40.00 ms exceeds" in over.reason
+    ratio = gates.stress_gate(slow, fast, 100, 1000, 2)
+    assert not ratio.passed and "8.00x the champion" in ratio.reason
