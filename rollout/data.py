@@ -112,7 +112,12 @@ def load_dataset(policy: Policy) -> pd.DataFrame:
     cfg = policy.data
     if cfg.source == "example":
         return example_from(cfg.example)
-    return read_table(policy.path(cfg.source))
+    frame = read_table(policy.path(cfg.source))
+    ts = cfg.timestamp_column
+    if ts and ts in frame.columns and not pd.api.types.is_datetime64_any_dtype(frame[ts]):
+        # CSV has no datetime type; the policy says which column is time.
+        frame[ts] = pd.to_datetime(frame[ts], errors="coerce")
+    return frame
 
 
 def example_from(knobs: ExampleData) -> pd.DataFrame:

@@ -139,7 +139,9 @@ class MlflowRegistry:
         import mlflow.pyfunc
         from mlflow.artifacts import download_artifacts
 
-        local = Path(download_artifacts(artifact_uri=self.model_uri(version), tracking_uri=self.tracking_uri))
+        # Resolve through this client (not the global registry URI) to where the files really are.
+        source = self.client.get_model_version_download_uri(self.model_name, str(version))
+        local = Path(download_artifacts(artifact_uri=source, tracking_uri=self.tracking_uri))
         check_trusted(local)
         return mlflow.pyfunc.load_model(str(local))
 
@@ -231,9 +233,12 @@ def _flavor_kwargs(model: Any, x_example: Any, task: str) -> dict[str, Any]:
 
     from rollout.scoring import model_outputs
 
-    prediction, score = model_outputs(model, x_example, task)
+    prediction, _ = model_outputs(model, x_example, task)
     output = model.predict_proba(x_example) if task == "classification" else prediction
     return {
+        # Explicit requirements: MLflow would otherwise infer them by re-loading the model in a
+        # subprocess, which costs seconds per save.
+        "pip_requirements": _requirements(),
         "signature": infer_signature(x_example, output),
         "input_example": x_example.head(3),
         "serialization_format": "skops",
@@ -241,6 +246,12 @@ def _flavor_kwargs(model: Any, x_example: Any, task: str) -> dict[str, Any]:
         # Classifiers serve probabilities: labels alone cannot be scored by log loss or Brier.
         "pyfunc_predict_fn": "predict_proba" if task == "classification" else "predict",
     }
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "scikit-learn", "skops", "numpy", "pandas", "scipy")]
 
 
 def save_local(model: Any, path: Path, x_example: Any, task: str) -> Any:

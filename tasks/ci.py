@@ -35,7 +35,7 @@ def validate_data(policy: Policy, frame: pd.DataFrame, reports_dir: Path) -> gat
     report = validate(frame, policy.path(policy.ci.expectations_suite))
     reports_dir.mkdir(parents=True, exist_ok=True)
     (reports_dir / "data_validation.md").write_text(report.to_markdown())
-    failed = [f.describe() for f in report.failed]
+    failed = [f.sentence for f in report.failed]
     return gates.validation_gate(report.success, failed, report.statistics)
 
 
@@ -46,7 +46,8 @@ def check_drift(policy: Policy, frame: pd.DataFrame, schema: Schema) -> gates.Ga
         return gates.skipped("drift", "no production sample is configured (data.production_sample).")
     production = read_table(policy.path(policy.data.production_sample))
     report = drift_report(frame, production, schema, policy.ci.drift)
-    return gates.drift_gate(report.drifted, report.checked, report.details())
+    create_markdown_artifact(report.to_markdown(), key="drift-report", description="Training vs production drift")
+    return gates.drift_gate(report.drifted, len(report.features), [f.sentence for f in report.features if f.drifted])
 
 
 @task(name="infer-schema", cache_policy=NO_CACHE)

@@ -1,0 +1,170 @@
+"""The ci-pipeline flow under Prefect's test harness, with MLflow on a temporary SQLite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from sklearn.compose import ColumnTransformer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder
+
+from flows.ci_pipeline import CIParameters, ci_pipeline
+from rollout import training
+from rollout.config import ConfigError, load_policy
+from rollout.data import example_dataset
+from rollout.gates import GateFailed
+from rollout.registry import MlflowRegistry
+from tests.conftest import write_policy
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+
+def _registry(policy_path: Path) -> MlflowRegistry:
+    policy = load_policy(policy_path)
+    return MlflowRegistry(policy.tracking_uri, policy.registry.model_name)
+
+
+def _registered_versions(policy_path: Path) -> list:
+    policy = load_policy(policy_path)
+    client = MlflowClient(tracking_uri=policy.tracking_uri, registry_uri=policy.tracking_uri)
+    return client.search_model_versions(f"name='{policy.registry.model_name}'")
+
+
+def _fail(policy_path: Path, **params) -> GateFailed:
+    with pytest.raises(GateFailed) as err:
+        ci_pipeline(config=str(policy_path), params=CIParameters(**params))
+    return err.value
+
+
+def test_first_model_becomes_champion_then_a_challenger_is_registered_with_tags_and_reports(policy_file):
+    first = ci_pipeline(config=str(policy_file))
+    assert first.aliases == ["champion"]
+    assert next(g for g in first.gates if g.gate == "champion").numbers["no_champion"] is True
+
+    second = ci_pipeline(config=str(policy_file), params=CIParameters(example_seed=12))
+    assert second.aliases == ["challenger"] and second.version == "2"
+    reg = _registry(policy_file)
+    assert reg.aliases() == {"champion": "1", "challenger": "2"}
+    tags = reg.get_tags("2")
+    assert len(tags["data_hash"]) == 16 and tags["git_sha"]
+    assert json.loads(tags["gates"]) == {g.gate: "pass" for g in second.gates}
+    assert tags["gate.champion"] == "pass"
+    version = reg.client.get_model_version("loan-approval", "2")
+    assert version.current_stage == "Staging"
+    assert reg.client.get_model_version("loan-approval", "1").current_stage == "Production"
+
+    champion_gate = next(g for g in second.gates if g.gate == "champion")
+    assert champion_gate.numbers["champion_version"] == "1" and champion_gate.numbers["no_champion"] is False
+
+    artifacts = {a.path for a in reg.client.list_artifacts(second.run_id, "gates")}
+    assert {"gates/overfit.md", "gates/overfit.json", "gates/stress.json", "gates/robustness.md"} <= artifacts
+    assert [a.path for a in reg.client.list_artifacts(second.run_id, "plots")] == ["plots/cv.png"]
+    run = reg.client.get_run(second.run_id)
+    assert run.data.metrics["holdout_roc_auc"] > 0.7
+    # The registered model serves probabilities, as the service and the stress gate expect.
+    model = reg.load("2")
+    proba = np.asarray(model.predict(example_dataset(rows=5, seed=99).drop(columns=["approved"])))
+    assert proba.shape == (5, 2) and np.allclose(proba.sum(axis=1), 1)
+    assert (Path(second.reports_dir) / "gate_stress.md").exists()
+
+
+def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothing(tmp_path):
+    frame = example_dataset(rows=2000, seed=5)
+    frame["income"] = np.nan
+    frame["credit_score"] = frame["credit_score"].astype(object)
+    frame.loc[:5, "credit_score"] = "excellent"
+    frame.loc[:50, "debt_to_income"] = 7.5
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    policy_path = write_policy(tmp_path, data={"source": "bad.csv"})
+
+    failure = _fail(policy_path)
+    assert failure.result.gate == "data_validation"
+    listed = "\n".join(failure.result.details)
+    assert "`income`" in listed and "`credit_score`" in listed and "`debt_to_income`" in listed
+    assert [g.gate for g in failure.outcome.gates] == ["data_validation"]
+    assert _registered_versions(policy_path) == []
+
+
+def test_overfitting_estimator_fails_the_overfit_gate(tmp_path):
+    policy_path = write_policy(tmp_path, estimator={"name": "decision_tree", "params": {"max_depth": None}})
+    failure = _fail(policy_path)
+    assert failure.result.gate == "overfit" and "training folds" in failure.result.reason
+    assert _registered_versions(policy_path) == []
+
+
+def _no_imputation(schema, estimator, seed=0):
+    """A pipeline a careless data scientist might write: no imputers, so nulls crash it."""
+    prep = ColumnTransformer(
+        [("num", "passthrough", list(schema.numeric)),
+         ("cat", OneHotEncoder(handle_unknown="ignore"), list(schema.categorical))]
+    )
+    return Pipeline([("prep", prep), ("model", LogisticRegression(max_iter=2000))])
+
+
+def test_pipeline_crashing_on_nulls_fails_robustness_naming_the_case(tmp_path, monkeypatch):
+    example_dataset(rows=2500, seed=8).dropna().to_csv(tmp_path / "clean.csv", index=False)
+    policy_path = write_policy(tmp_path, data={"source": "clean.csv"}, ci={
+        "cv_folds": 3, "max_train_val_gap": 0.2, "max_fold_std": 0.2, "floor": 0.5, "min_margin_over_baseline": 0.0,
+        "expectations_suite": str(Path(__file__).resolve().parents[2] / "expectations" / "loan_training.json"),
+        "stress": {"single_requests": 20, "batch_size": 100, "batches": 3},
+    })
+    monkeypatch.setattr(training, "build_pipeline", _no_imputation)
+    failure = _fail(policy_path)
+    assert failure.result.gate == "robustness"
+    assert "null_credit_score" in failure.result.reason and "NaN" in failure.result.reason
+    assert _registered_versions(policy_path) == []
+
+
+def test_over_budget_candidate_fails_the_stress_gate(tmp_path):
+    policy_path = write_policy(tmp_path, ci={
+        "cv_folds": 3,
+        "expectations_suite": str(Path(__file__).resolve().parents[2] / "expectations" / "loan_training.json"),
+        "stress": {"single_requests": 20, "batch_size": 100, "batches": 3, "budget": {"p99_single_ms": 0.01}},
+    })
+    failure = _fail(policy_path)
+    assert failure.result.gate == "stress" and "exceeds the budget 0.01 ms" in failure.result.reason
+    assert _registered_versions(policy_path) == []
+
+
+def test_bad_policy_file_names_the_field(tmp_path):
+    policy_path = write_policy(tmp_path, rollout={"mode": "canary"})
+    with pytest.raises(ConfigError, match=r"rollout\.mode.*'shadow'"):
+        ci_pipeline(config=str(policy_path))
+
+
+def test_another_dataset_by_changing_the_policy_file_alone(tmp_path):
+    from sklearn.datasets import load_diabetes
+
+    from rollout.config import DataConfig
+    from rollout.data import infer_schema
+    from rollout.validation import build_suite, write_suite
+
+    frame = load_diabetes(as_frame=True).frame
+    frame.to_csv(tmp_path / "diabetes.csv", index=False)
+    cfg = DataConfig(source="diabetes.csv", target="target", task="regression", timestamp_column=None,
+                     segment_column=None, unit_column=None)
+    write_suite(build_suite(frame, infer_schema(frame, cfg), "diabetes", min_rows=100), tmp_path / "diabetes.json")
+    policy_path = write_policy(
+        tmp_path,
+        registry={"model_name": "diabetes"},
+        data=cfg.model_dump(mode="json", exclude={"example", "features", "drop_columns", "production_sample"}),
+        estimator={"name": "ridge", "params": {"alpha": 1.0}},
+        ci={"cv_folds": 3, "metric": "r2", "floor": 0.3, "min_margin_over_baseline": 0.1, "max_train_val_gap": 0.1,
+            "max_fold_std": 0.1, "expectations_suite": "diabetes.json",
+            "stress": {"single_requests": 20, "batch_size": 100, "batches": 3}},
+        rollout={"primary_metric": "mse", "segment_guardrails": []},
+    )
+    outcome = ci_pipeline(config=str(policy_path))
+    assert outcome.aliases == ["champion"]
+    held = next(g for g in outcome.gates if g.gate == "floor").numbers["holdout"]
+    assert 0.3 < held < 0.7
+    model = MlflowRegistry(load_policy(policy_path).tracking_uri, "diabetes").load(outcome.version)
+    pred = np.asarray(model.predict(frame.drop(columns=["target"]).head(4)))
+    assert pred.shape == (4,) and np.all(np.isfinite(pred))
+    assert isinstance(pd.read_csv(tmp_path / "diabetes.csv"), pd.DataFrame)
