@@ -1,0 +1,349 @@
+"""Policy + evidence -> promotion decision (pure: no clock, no I/O; randomness only through `rng`).
+
+Effects are reported better-is-positive: loss(champion) - loss(challenger) (with 0/1 loss, the
+accuracy difference). Promotion is a non-inferiority test with margin M at one-sided alpha, split
+across challengers; guardrails can block promotion (pending) or reject (breached with confidence).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+
+from rollout.config import RolloutPolicy
+from rollout.stats import bandit, guardrails, multiplicity, sequential
+from rollout.stats.bandit import IPWSums
+from rollout.stats.guardrails import AgreementSums, GuardrailResult
+from rollout.stats.moments import Confusion, Moments, total
+
+Action = Literal["promote", "continue", "reject", "inconclusive"]
+Key = tuple[str, str]  # (segment, day)
+
+
+@dataclass(frozen=True)
+class ChallengerEvidence:
+    """Everything measured about one challenger since the rollout started.
+
+    paired: shadow only, Moments of d = loss(challenger) - loss(champion) per matured request.
+    loss: Moments of the challenger's own loss (A/B effect; stability in every mode).
+    looked_at: matured sample sizes at earlier evaluations (group-sequential design only).
+    ipw: bandit only, IPW sums of the challenger's loss (propensity-weighted).
+    """
+
+    version: str
+    paired: Mapping[Key, Moments] = field(default_factory=dict)
+    loss: Mapping[Key, Moments] = field(default_factory=dict)
+    confusion: Mapping[str, Confusion] = field(default_factory=dict)
+    errors: int = 0
+    requests: int = 0
+    latency_p99_ms: float | None = None
+    agreement: AgreementSums | None = None
+    psi_max: float | None = None
+    looked_at: tuple[int, ...] = ()
+    ipw: IPWSums | None = None
+    rate_per_hour: float | None = None
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Inputs of one evaluation. served/expected_shares feed the sample-ratio test (in shadow: champion
+    requests vs challenger shadow scorings, expected equal when expected_shares is empty)."""
+
+    mode: Literal["shadow", "ab", "abn", "bandit"]
+    started_at: datetime
+    now: datetime
+    champion: str
+    challengers: tuple[ChallengerEvidence, ...]
+    champion_loss: Mapping[Key, Moments] = field(default_factory=dict)
+    champion_confusion: Mapping[str, Confusion] = field(default_factory=dict)
+    champion_ipw: IPWSums | None = None
+    served: Mapping[str, int] = field(default_factory=dict)
+    expected_shares: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do, who wins, why (sentences with numbers), and the statistics behind it."""
+
+    action: Action
+    winner: str | None
+    reasons: list[str]
+    stats: dict[str, dict[str, Any]]
+    bandit_weights: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (infinities and NaN become None)."""
+        return _json_safe(
+            {
+                "action": self.action,
+                "winner": self.winner,
+                "reasons": list(self.reasons),
+                "stats": self.stats,
+                "bandit_weights": self.bandit_weights,
+            }
+        )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class _Effect:
+    estimate: float
+    se: float
+    n: int  # challenger's matured outcomes (the sample size the bound refers to)
+    n_min: int  # fewest matured outcomes of either version (for min_samples)
+    sigma: float  # per-observation sd so that se = sigma / sqrt(n)
+    method: str
+
+
+def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
+    """Better-is-positive effect of the challenger with its standard error, by mode."""
+    if mode == "shadow":
+        d = total(ch.paired.values())
+        se = d.se
+        return _Effect(-d.mean if d.n else math.nan, se, d.n, d.n, _sigma(se, d.n), "paired differences")
+    champ, chal = total(ev.champion_loss.values()), total(ch.loss.values())
+    if mode == "bandit" and ev.champion_ipw is not None and ch.ipw is not None:
+        est, se = bandit.ipw_difference(ev.champion_ipw, ch.ipw, "hajek")
+        n = ch.ipw.n
+        return _Effect(est, se, n, min(n, ev.champion_ipw.n), _sigma(se, n), "IPW (Hajek) difference")
+    if champ.n < 2 or chal.n < 2:
+        return _Effect(math.nan, math.nan, chal.n, min(champ.n, chal.n), math.nan, "Welch difference")
+    est, se, _ = sequential.welch_difference(champ, chal)
+    method = "Welch difference" if mode != "bandit" else "Welch difference (no IPW sums: biased under bandit)"
+    return _Effect(est, se, chal.n, min(champ.n, chal.n), _sigma(se, chal.n), method)
+
+
+def _sigma(se: float, n: int) -> float:
+    return se * math.sqrt(n) if n >= 2 and math.isfinite(se) else math.nan
+
+
+def _by_day(parts: Mapping[Key, Moments]) -> dict[str, Moments]:
+    days: dict[str, Moments] = defaultdict(Moments)
+    for (_segment, day), m in parts.items():
+        days[day] = days[day] + m
+    return dict(days)
+
+
+def _guardrails(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> list[GuardrailResult]:
+    """Every guardrail of the challenger, each judged at the policy's alpha."""
+    a = policy.alpha
+    out: list[GuardrailResult] = []
+    for g in policy.segment_guardrails:
+        s, t = ch.confusion.get(g.segment, Confusion()).successes(g.metric)
+        out.append(guardrails.floor_check(f"{g.segment} {g.metric}", s, t, g.min, a))
+    out.append(guardrails.ceiling_check("error_rate", ch.errors, ch.requests, policy.max_error_rate, a))
+    ch_days, champ_days = _by_day(ch.loss), _by_day(ev.champion_loss)
+    days = sorted(set(ch_days) & set(champ_days))
+    out.append(
+        guardrails.stability_check(
+            [ch_days[d] for d in days], [champ_days[d] for d in days], policy.max_stability_ratio
+        )
+    )
+    out.append(guardrails.latency_check(ch.latency_p99_ms, policy.max_latency_p99_ms))
+    proxies: list[GuardrailResult] = []
+    if ch.agreement is not None:
+        agree = guardrails.agreement_check(ch.agreement.n, ch.agreement.n_agree, policy.proxies.min_agreement, a)
+        # a proxy is no proof of harm: out of bounds it blocks promotion, it never rejects
+        proxies.append(agree if agree.status != "fail" else _as(agree, "pending"))
+    proxies.append(guardrails.psi_check(ch.psi_max, policy.proxies.psi_max))
+    for p in proxies:
+        out.append(p if policy.proxies.gate else _as(p, "skipped", " (reported; proxies do not gate)"))
+    return out
+
+
+def _as(g: GuardrailResult, status: guardrails.Status, note: str = "") -> GuardrailResult:
+    return GuardrailResult(g.name, status, g.value, g.bound, g.threshold, g.reason + note)
+
+
+def _srm(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> guardrails.SRMResult:
+    """Champion vs this challenger's counts; default shares: equal in shadow, the policy's exposure in A/B."""
+    observed = [ev.served.get(ev.champion, 0), ev.served.get(ch.version, 0)]
+    if ev.mode in ("ab", "abn"):
+        default_champ, default_ch = 1.0 - len(ev.challengers) * policy.exposure, policy.exposure
+    else:
+        default_champ, default_ch = 1.0, 1.0
+    shares = [ev.expected_shares.get(ev.champion, default_champ), ev.expected_shares.get(ch.version, default_ch)]
+    return guardrails.srm_test(observed, shares)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:+.4f}" if math.isfinite(x) else ("+inf" if x > 0 else "-inf" if x < 0 else "n/a")
+
+
+def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator | None = None) -> Decision:
+    """Apply the promotion rules of the policy to the evidence.
+
+    rng draws the Thompson weights in bandit mode; None means a fixed seed (same evidence, same weights).
+    Per-challenger stats: "power" is the chance the bound clears -margin at the current n if the true
+    effect were the planned one; "cap" is where the planned power is reached; "samples_needed" and
+    "hours_to_decision" project from the current estimate (capped at the plan) and the observed rate.
+    Guardrail bounds are fixed-horizon Wilson bounds at the policy's alpha (not split, not anytime).
+    Mixture N* follows the current sigma estimate (no state is stored), so it settles as data accrue.
+    """
+    ev = evidence
+    k = len(ev.challengers)
+    if k == 0:
+        return Decision("continue", None, ["No challenger to evaluate."], {})
+    margin = policy.margin
+    age_h = (ev.now - ev.started_at).total_seconds() / 3600.0
+    horizon = age_h >= policy.max_duration_days * 24.0
+    old_enough = age_h >= policy.min_duration_hours
+    metric = policy.primary_metric
+    effects = {ch.version: _effect(ev.mode, ch, ev) for ch in ev.challengers}
+
+    # alpha per challenger: Bonferroni split, or Holm on anytime-valid p-values (mixture design only)
+    tune = multiplicity.bonferroni_alpha(policy.alpha, k)
+    plans = {
+        v: sequential.plan_mixture(e.sigma, policy.min_detectable_effect, margin, tune, policy.power)
+        for v, e in effects.items()
+    }
+    n_star = {v: (p.n_star if math.isfinite(p.n_star) else float(max(policy.min_samples, 1000))) for v, p in plans.items()}
+    levels = {v: tune for v in effects}
+    p_values: dict[str, float] = {}
+    if policy.multiplicity == "holm" and policy.design == "mixture" and k > 1:
+        for v, e in effects.items():
+            p_values[v] = sequential.mixture_p_value(e.estimate, e.se, e.n, n_star[v], -margin, tune)
+        levels = dict(zip(p_values, multiplicity.holm_levels(list(p_values.values()), policy.alpha), strict=True))
+
+    reasons: list[str] = []
+    stats: dict[str, dict[str, Any]] = {}
+    verdicts: dict[str, str] = {}
+    for ch in ev.challengers:
+        v, e, a = ch.version, effects[ch.version], levels[ch.version]
+        if policy.design == "group_sequential":
+            assert policy.max_samples is not None
+            b = sequential.group_sequential_bounds(e.estimate, e.se, e.n, ch.looked_at, policy.max_samples, a)
+            cap = float(policy.max_samples)
+            past_cap = e.n >= policy.max_samples
+        else:
+            b = sequential.mixture_bounds(e.estimate, e.se, e.n, n_star[v], a, tune)
+            cap = plans[v].cap
+            past_cap = False
+        checks = _guardrails(policy, ch, ev)
+        srm = _srm(policy, ch, ev)
+        enough = e.n_min >= policy.min_samples and math.isfinite(e.estimate)
+        failed = [g for g in checks if g.status == "fail"]
+        waiting = [g for g in checks if g.status == "pending"]
+        shown = (
+            f"{v}: effect {_fmt(e.estimate)} ({metric}, better-is-positive, {e.method}), one-sided "
+            f"{1 - a:.1%} bounds [{_fmt(b.lower)}, {_fmt(b.upper)}] vs margin -{margin:g}, n={e.n}"
+        )
+        if srm.p_value < policy.srm_p_value:
+            verdict = "inconclusive" if horizon else "continue"
+            why = (
+                f"{v}: sample-ratio mismatch (chi-square p={srm.p_value:.2g} < {policy.srm_p_value:g}; "
+                f"observed {srm.observed[0]} champion vs {srm.observed[1]} challenger) blocks any decision."
+            )
+        elif failed:
+            verdict = "reject"
+            why = f"{v}: guardrail breached with confidence: " + " ".join(g.reason for g in failed)
+        elif enough and b.upper < -margin:
+            verdict = "reject"
+            why = f"{shown}: the upper bound is below -margin, the challenger is worse."
+        elif enough and b.lower > -margin and not waiting and old_enough:
+            verdict = "promote"
+            why = f"{shown}: the lower bound clears -margin and every guardrail holds."
+        elif horizon or past_cap:
+            verdict = "inconclusive"
+            limit = f"{policy.max_duration_days:g} days" if horizon else f"max_samples {policy.max_samples}"
+            why = f"{shown}: undecided at the horizon ({limit}); the champion stays."
+        else:
+            verdict = "continue"
+            missing = []
+            if e.n_min < policy.min_samples:
+                missing.append(f"{e.n_min} of {policy.min_samples} matured outcomes")
+            if not old_enough:
+                missing.append(f"{age_h:.1f} of {policy.min_duration_hours:g} hours")
+            if waiting:
+                missing.append("guardrails pending: " + ", ".join(g.name for g in waiting))
+            if not (b.lower > -margin or b.upper < -margin):
+                missing.append("the bounds still straddle -margin")
+            why = f"{shown}: continue ({'; '.join(missing) or 'not settled'})."
+        verdicts[v] = verdict
+        reasons.append(why)
+
+        rate = ch.rate_per_hour if ch.rate_per_hour is not None else (e.n / age_h if age_h > 0 else 0.0)
+        if verdict == "continue":
+            projected = sequential.samples_to_decide(e.estimate, e.sigma, margin, a, n_star[v])
+            target = min(projected, cap) if math.isfinite(cap) else projected
+            needed = max(target - e.n, policy.min_samples - e.n_min, 0.0)
+            hours = max(sequential.hours_to_decision(needed, rate), policy.min_duration_hours - age_h, 0.0)
+        else:
+            needed, hours = 0.0, 0.0
+        stats[v] = {
+            "verdict": verdict,
+            "estimate": e.estimate,
+            "se": e.se,
+            "lower": b.lower,
+            "upper": b.upper,
+            "alpha": a,
+            "method": e.method,
+            "design": policy.design,
+            "n": e.n,
+            "n_min": e.n_min,
+            "n_fixed": plans[v].n_fixed,
+            "n_star": n_star[v],
+            "cap": cap,
+            "power": sequential.mixture_power(e.n, n_star[v], e.sigma, policy.min_detectable_effect, margin, a)
+            if math.isfinite(e.sigma)
+            else math.nan,
+            "planned_power": policy.power,
+            "samples_needed": needed,
+            "rate_per_hour": rate,
+            "hours_to_decision": hours,
+            "p_value": p_values.get(v),
+            "srm_p": srm.p_value,
+            "guardrails": [g.to_dict() for g in checks],
+        }
+
+    weights = _bandit_weights(policy, ev, rng) if ev.mode == "bandit" else None
+    passing = [v for v, d in verdicts.items() if d == "promote"]
+    if passing:
+        winner = max(passing, key=lambda v: effects[v].estimate)
+        others = [v for v in passing if v != winner]
+        if others:
+            reasons.append(f"Promote {winner}, the best estimate among those that passed ({', '.join(passing)}).")
+        if k > 1:
+            reasons.append(f"Alpha {policy.alpha:g} split across {k} challengers by {policy.multiplicity}.")
+        return Decision("promote", winner, reasons, stats, weights)
+    if all(d == "reject" for d in verdicts.values()):
+        return Decision("reject", None, reasons, stats, weights)
+    if horizon or all(d in ("reject", "inconclusive") for d in verdicts.values()):
+        reasons.append("No challenger can be promoted by the horizon: keep the champion.")
+        return Decision("inconclusive", None, reasons, stats, weights)
+    return Decision("continue", None, reasons, stats, weights)
+
+
+def _bandit_weights(policy: RolloutPolicy, ev: Evidence, rng: np.random.Generator | None) -> dict[str, float]:
+    """Thompson weights for champion and challengers (reward = -loss; Beta-Bernoulli for 0/1 loss)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    versions = [ev.champion] + [ch.version for ch in ev.challengers]
+    losses = [total(ev.champion_loss.values())] + [total(ch.loss.values()) for ch in ev.challengers]
+    counts = np.array([m.n for m in losses], dtype=float)
+    if policy.primary_metric == "accuracy":
+        wins = np.array([m.n - m.total for m in losses])
+        w = bandit.thompson_beta(wins, counts, rng, floor=policy.bandit.floor, burn_in=policy.bandit.burn_in)
+    else:
+        means = np.array([-m.mean if m.n else 0.0 for m in losses])
+        variances = np.array([m.variance if m.n >= 2 else 1.0 for m in losses])
+        w = bandit.thompson_gaussian(
+            means, variances, counts, rng, floor=policy.bandit.floor, burn_in=policy.bandit.burn_in
+        )
+    return {v: float(x) for v, x in zip(versions, w, strict=True)}
