@@ -1,0 +1,234 @@
+"""Realistic traffic for a running service: loan applications to /predict, true labels to /labels later.
+
+Simulated time: every request carries an explicit `ts` (spread over `days` starting at `start`),
+so the outcome store records simulated time and a demo compresses days into minutes. A label
+is due `label_delay_hours` (±50 %) after its request and is posted, with that due time as its
+`ts`, once the simulated clock has passed it; a share `missing_rate` never arrives. Labels not
+yet due at the end of the window are reported as pending (not sent) unless `send_pending`.
+Explicit timestamps and labels need the bearer token (policy.serving.token_env).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rollout.config import Policy
+from rollout.data import example_dataset
+
+
+@dataclass(frozen=True)
+class SimulationSummary:
+    """What was sent and what came back."""
+
+    requests: int
+    predicted: int
+    errors: int
+    labels_sent: int
+    labels_missing: int
+    labels_pending: int
+    labels_unknown: int
+    label_errors: int
+    by_version: dict[str, int]
+    start: str
+    end: str
+    seconds: float
+    error_samples: tuple[str, ...] = field(default_factory=tuple)
+
+
+def simulate(
+    url: str,
+    policy: Policy,
+    requests: int = 1000,
+    days: float = 7.0,
+    label_delay_hours: float = 24.0,
+    missing_rate: float = 0.1,
+    concurrency: int = 8,
+    seed: int = 0,
+    start: datetime | str | None = None,
+    drift: float = 0.0,
+    drift_start: float = 0.5,
+    new_levels: bool = False,
+    token: str | None = None,
+    clock: Callable[[], datetime] | None = None,
+    send_pending: bool = False,
+    transport: Any = None,
+    timeout_s: float = 30.0,
+) -> SimulationSummary:
+    """Send `requests` single-record predictions over `days` of simulated time, then their labels.
+
+    `start` defaults to `clock()` minus `days`, so the simulated window ends now. With `drift`,
+    requests after the `drift_start` share of the window come from a shifted population.
+    `transport` (an httpx transport, e.g. ASGITransport) lets tests run without a server.
+    """
+    return asyncio.run(
+        simulate_async(
+            url,
+            policy,
+            requests=requests,
+            days=days,
+            label_delay_hours=label_delay_hours,
+            missing_rate=missing_rate,
+            concurrency=concurrency,
+            seed=seed,
+            start=start,
+            drift=drift,
+            drift_start=drift_start,
+            new_levels=new_levels,
+            token=token,
+            clock=clock,
+            send_pending=send_pending,
+            transport=transport,
+            timeout_s=timeout_s,
+        )
+    )
+
+
+def traffic_frame(
+    policy: Policy, requests: int, seed: int, drift: float, drift_start: float, new_levels: bool
+) -> pd.DataFrame:
+    """The applications to send, in order; the tail after `drift_start` drifts when `drift` > 0."""
+    base = example_dataset(rows=requests, seed=seed)
+    if drift <= 0 and not new_levels:
+        return base
+    shifted = example_dataset(rows=requests, seed=seed + 1, drift=drift, new_levels=new_levels)
+    cut = int(round(requests * min(max(drift_start, 0.0), 1.0)))
+    return pd.concat([base.iloc[:cut], shifted.iloc[cut:]], ignore_index=True)
+
+
+async def simulate_async(
+    url: str,
+    policy: Policy,
+    *,
+    requests: int = 1000,
+    days: float = 7.0,
+    label_delay_hours: float = 24.0,
+    missing_rate: float = 0.1,
+    concurrency: int = 8,
+    seed: int = 0,
+    start: datetime | str | None = None,
+    drift: float = 0.0,
+    drift_start: float = 0.5,
+    new_levels: bool = False,
+    token: str | None = None,
+    clock: Callable[[], datetime] | None = None,
+    send_pending: bool = False,
+    transport: Any = None,
+    timeout_s: float = 30.0,
+) -> SimulationSummary:
+    import httpx
+
+    if requests < 1:
+        raise ValueError("requests: must be at least 1")
+    if not 0 <= missing_rate <= 1:
+        raise ValueError("missing_rate: must be within [0, 1]")
+    token = token or os.environ.get(policy.serving.token_env)
+    if not token:
+        raise ValueError(
+            f"a bearer token is needed for simulated timestamps and labels: set {policy.serving.token_env} or pass token="
+        )
+    rng = np.random.default_rng(seed)
+    now = (clock or (lambda: datetime.now(tz=UTC)))()
+    if isinstance(start, str):
+        start = datetime.fromisoformat(start)
+    begin = start or (now - timedelta(days=days))
+    if begin.tzinfo is None:
+        begin = begin.replace(tzinfo=UTC)
+    begin_s = begin.timestamp()
+    end_s = begin_s + days * 86400.0
+
+    data = policy.data
+    frame = traffic_frame(policy, requests, seed, drift, drift_start, new_levels)
+    offsets = np.sort(rng.uniform(0, days * 86400.0, requests))
+    delays = label_delay_hours * 3600.0 * rng.uniform(0.5, 1.5, requests)
+    missing = rng.random(requests) < missing_rate
+    drop = {data.target, data.timestamp_column, data.unit_column} - {None}
+    feature_cols = [c for c in frame.columns if c not in drop]
+    records = frame[feature_cols].astype(object).where(frame[feature_cols].notna(), None).to_dict("records")
+    units = frame[data.unit_column].astype(str).tolist() if data.unit_column in frame else [None] * requests
+    truth = frame[data.target].tolist()
+
+    headers = {"Authorization": f"Bearer {token}"}
+    counts: Counter[str] = Counter()
+    errors: list[str] = []
+    due: list[tuple[float, str, Any]] = []  # (label ts, request id, label)
+    sent = unknown = label_errors = 0
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+
+    async with httpx.AsyncClient(base_url=url, transport=transport, headers=headers, timeout=timeout_s) as client:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            ts = begin_s + float(offsets[i])
+            body = {"record": records[i], "unit_id": units[i], "ts": ts}
+            async with sem:
+                try:
+                    response = await client.post("/predict", json=body)
+                except httpx.HTTPError as exc:
+                    errors.append(f"request {i}: {type(exc).__name__}: {exc}")
+                    return
+            if response.status_code != 200:
+                errors.append(f"request {i}: HTTP {response.status_code}: {response.text[:200]}")
+                return
+            answer = response.json()
+            counts[str(answer.get("version"))] += 1
+            if not missing[i]:
+                due.append((ts + float(delays[i]), answer["request_id"], _plain(truth[i])))
+
+        async def post_labels(until: float) -> None:
+            nonlocal sent, unknown, label_errors
+            due.sort()
+            ready = [d for d in due if d[0] <= until]
+            del due[: len(ready)]
+            for k in range(0, len(ready), 1000):
+                chunk = ready[k : k + 1000]
+                payload = {"labels": [{"request_id": rid, "label": label, "ts": ts} for ts, rid, label in chunk]}
+                try:
+                    response = await client.post("/labels", json=payload)
+                except httpx.HTTPError as exc:
+                    label_errors += len(chunk)
+                    errors.append(f"labels: {type(exc).__name__}: {exc}")
+                    continue
+                if response.status_code != 200:
+                    label_errors += len(chunk)
+                    errors.append(f"labels: HTTP {response.status_code}: {response.text[:200]}")
+                    continue
+                sent += len(chunk)
+                unknown += int(response.json().get("unknown", 0))
+
+        step = max(concurrency * 8, 64)
+        for first in range(0, requests, step):
+            last = min(first + step, requests)
+            await asyncio.gather(*(one(i) for i in range(first, last)))
+            await post_labels(begin_s + float(offsets[last - 1]))
+        await post_labels(math.inf if send_pending else end_s)
+
+    return SimulationSummary(
+        requests=requests,
+        predicted=sum(counts.values()),
+        errors=len([e for e in errors if e.startswith("request")]),
+        labels_sent=sent,
+        labels_missing=int(missing.sum()),
+        labels_pending=len(due),
+        labels_unknown=unknown,
+        label_errors=label_errors,
+        by_version=dict(counts),
+        start=datetime.fromtimestamp(begin_s, tz=UTC).isoformat(),
+        end=datetime.fromtimestamp(end_s, tz=UTC).isoformat(),
+        seconds=round(loop.time() - t0, 3),
+        error_samples=tuple(errors[:10]),
+    )
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value

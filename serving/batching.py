@@ -1,0 +1,251 @@
+"""Adaptive micro-batching: concurrent requests for one model are scored in one call, in a thread.
+
+A scikit-learn pipeline costs about the same for 1 row as for 100, so requests arriving within
+`max_wait` of the first are gathered (up to `max_batch` rows) and scored together. While a batch
+is being scored, new requests keep gathering, so under load batches grow by themselves. Each
+batcher owns its threads: a hanging model can only ever block its own lane, and the slot of a
+hung call is freed only when its thread really returns, so hung calls cannot pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from serving.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """The outcome of one job: per-row predictions, scores and errors, and the model call time."""
+
+    predictions: list[float | None]
+    scores: list[float | None] | None
+    errors: list[str | None]
+    latency_ms: float
+    batch_rows: int
+
+
+@dataclass(slots=True)
+class Job:
+    rows: list[dict[str, Any]]
+    future: asyncio.Future[Scored] | None = None
+    meta: Any = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+# A sink receives jobs submitted without a future (shadow traffic) with their outcome or error text.
+Sink = Callable[[Job, Scored | None, str | None], None]
+
+
+class MicroBatcher:
+    """Gathers jobs for one model version and lane, scores them in batches off the event loop."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        name: str,
+        max_batch: int,
+        max_wait_s: float,
+        timeout_s: float | None = None,
+        in_flight: int = 2,
+        max_queue_rows: int | None = None,
+        sink: Sink | None = None,
+        on_batch: Callable[[str, int, float, bool], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.timeout_s = timeout_s
+        self.max_queue_rows = max_queue_rows
+        self.sink = sink
+        self.on_batch = on_batch
+        self._in_flight = in_flight
+        self._pending: deque[Job] = deque()
+        self._pending_rows = 0
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._slots = asyncio.Semaphore(in_flight)
+        self._executor = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix=f"score-{name}")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._runner: asyncio.Task[None] | None = None
+        self.dropped = 0
+
+    @property
+    def depth(self) -> int:
+        """Rows waiting to be scored."""
+        return self._pending_rows
+
+    def start(self) -> MicroBatcher:
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+        return self
+
+    def submit(self, rows: list[dict[str, Any]], meta: Any = None, wait: bool = True) -> asyncio.Future[Scored] | None:
+        """Queue rows for scoring; with `wait` a future of the outcome, else the sink gets it."""
+        if self._closing:
+            raise RuntimeError(f"batcher {self.name} is closed")
+        future = asyncio.get_running_loop().create_future() if wait else None
+        job = Job(rows, future, meta)
+        if not wait and self.max_queue_rows is not None and self._pending_rows + len(rows) > self.max_queue_rows:
+            self.dropped += len(rows)
+            self._sink(job, None, "queue full: challenger cannot keep up")
+            return None
+        self._pending.append(job)
+        self._pending_rows += len(rows)
+        self._wake.set()
+        if self._pending_rows >= self.max_batch:
+            self._full.set()
+        return future
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop taking jobs, score what is queued, wait for in-flight calls (at most `timeout_s`)."""
+        self._closing = True
+        self._wake.set()
+        self._full.set()
+        runner = self._runner
+        if runner is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(runner), timeout_s)
+                pending = list(self._tasks)
+                if pending:
+                    await asyncio.wait(pending, timeout=timeout_s)
+            except TimeoutError:
+                log.warning("batcher %s: gave up waiting on in-flight calls at shutdown", self.name)
+                runner.cancel()
+                for task in list(self._tasks):
+                    task.cancel()
+                if self._tasks:
+                    await asyncio.wait(list(self._tasks), timeout=1.0)
+        self._fail_pending("service shutting down")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _fail_pending(self, reason: str) -> None:
+        while self._pending:
+            job = self._pending.popleft()
+            self._pending_rows -= len(job.rows)
+            self._deliver(job, None, reason)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._pending_rows < self.max_batch and self.max_wait_s > 0 and not self._closing:
+                # Gather: wait until the batch is full or the first request has waited max_wait.
+                remaining = self._pending[0].enqueued + self.max_wait_s - time.perf_counter()
+                if remaining > 0:
+                    self._full.clear()
+                    try:
+                        await asyncio.wait_for(self._full.wait(), remaining)
+                    except TimeoutError:
+                        pass
+            await self._slots.acquire()
+            jobs = self._take()
+            if not jobs:
+                self._slots.release()
+                continue
+            rows = [row for job in jobs for row in job.rows]
+            started = time.perf_counter()
+            call = loop.run_in_executor(self._executor, self.model.score, rows)
+            call.add_done_callback(lambda _f: self._slots.release())
+            task = loop.create_task(self._finish(jobs, call, started, len(rows)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _take(self) -> list[Job]:
+        jobs: list[Job] = []
+        rows = 0
+        while self._pending and (not jobs or rows + len(self._pending[0].rows) <= self.max_batch):
+            job = self._pending.popleft()
+            jobs.append(job)
+            rows += len(job.rows)
+        self._pending_rows -= rows
+        return jobs
+
+    async def _finish(self, jobs: list[Job], call: asyncio.Future[Any], started: float, n: int) -> None:
+        try:
+            await self._settle(jobs, call, started, n)
+        except asyncio.CancelledError:
+            for job in jobs:  # shutdown gave up on this call: its rows are still accounted for
+                self._deliver(job, None, "service shutting down before the model answered")
+            raise
+
+    async def _settle(self, jobs: list[Job], call: asyncio.Future[Any], started: float, n: int) -> None:
+        try:
+            if self.timeout_s is not None:
+                preds, scores, errors = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
+            else:
+                preds, scores, errors = await call
+        except TimeoutError:
+            call.add_done_callback(_swallow)
+            self._report(n, started, False)
+            message = f"timeout: no answer within {self.timeout_s:g} s"
+            for job in jobs:
+                self._deliver(job, None, message)
+            return
+        except Exception as exc:  # noqa: BLE001 - a failing model is data, not a crash
+            self._report(n, started, False)
+            message = f"{type(exc).__name__}: {exc}"[:500]
+            for job in jobs:
+                self._deliver(job, None, message)
+            return
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        self._report(n, started, True)
+        offset = 0
+        for job in jobs:
+            k = len(job.rows)
+            part = Scored(
+                preds[offset : offset + k],
+                scores[offset : offset + k] if scores is not None else None,
+                errors[offset : offset + k],
+                latency_ms,
+                n,
+            )
+            offset += k
+            self._deliver(job, part, None)
+
+    def _report(self, n: int, started: float, ok: bool) -> None:
+        if self.on_batch is not None:
+            self.on_batch(self.name, n, time.perf_counter() - started, ok)
+
+    def _deliver(self, job: Job, scored: Scored | None, error: str | None) -> None:
+        if job.future is not None:
+            if not job.future.done():
+                if scored is not None:
+                    job.future.set_result(scored)
+                else:
+                    job.future.set_exception(ModelCallFailed(error or "model call failed"))
+        else:
+            self._sink(job, scored, error)
+
+    def _sink(self, job: Job, scored: Scored | None, error: str | None) -> None:
+        if self.sink is None:
+            return
+        try:
+            self.sink(job, scored, error)
+        except Exception:  # noqa: BLE001 - logging must never break scoring
+            log.exception("batcher %s: sink failed", self.name)
+
+
+class ModelCallFailed(RuntimeError):
+    """The model raised, returned garbage or timed out for this batch."""
+
+
+def _swallow(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

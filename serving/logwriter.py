@@ -1,0 +1,106 @@
+"""Asynchronous, batched prediction logging through a bounded queue; drained on graceful shutdown.
+
+`put` never blocks and never raises: when the queue is full the row is dropped and counted
+(shown in /metrics). A writer task inserts up to `batch_size` rows per statement in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class LogWriter:
+    """Bounded queue of prediction rows and the task that writes them to the outcome store."""
+
+    def __init__(self, store: Any, queue_size: int, batch_size: int, linger_s: float = 0.05, retries: int = 5) -> None:
+        self.store = store
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self.linger_s = linger_s
+        self.retries = retries
+        self._queue: deque[dict[str, Any]] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0  # rows refused because the queue was full
+        self.lost = 0  # rows the store refused after every retry
+        self.written = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> LogWriter:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="log-writer")
+        return self
+
+    def put(self, row: dict[str, Any]) -> bool:
+        if len(self._queue) >= self.queue_size:
+            self.dropped += 1
+            return False
+        self._queue.append(row)
+        self._idle.clear()
+        self._wake.set()
+        return True
+
+    def put_many(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.put(row)
+
+    async def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every queued row is written; False on timeout."""
+        if self._task is None:
+            return not self._queue
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self, timeout_s: float = 60.0) -> None:
+        """Write everything still queued, then end the writer task."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout_s)
+            except TimeoutError:
+                log.error("log writer: %d rows not written at shutdown (timeout)", len(self._queue))
+                self.lost += len(self._queue)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self._queue) < self.batch_size and not self._stopping:
+                await asyncio.sleep(self.linger_s)
+            n = min(self.batch_size, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            await self._write(batch)
+
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        delay = 0.1
+        for attempt in range(1, self.retries + 1):
+            try:
+                await asyncio.to_thread(self.store.log_predictions, batch)
+                self.written += len(batch)
+                return
+            except Exception:  # noqa: BLE001 - the store may be briefly unavailable
+                log.exception("log writer: insert of %d rows failed (attempt %d)", len(batch), attempt)
+                if attempt < self.retries:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        self.lost += len(batch)

@@ -1,0 +1,112 @@
+"""Fixtures of the serving tests: fake models, an in-memory registry, a temporary outcome store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+from rollout.config import Policy
+from rollout.registry import InMemoryRegistry
+from rollout.store import OutcomeStore
+from serving.app import create_app
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SCHEMA = {"income": "double", "tier": "string", "purpose": "string"}
+
+
+class FakeModel:
+    """Logistic in income: P(1) = sigmoid(income - shift); declares its input columns like a signature."""
+
+    input_schema = SCHEMA
+    nullable = ("purpose",)
+    classes_ = np.array([0, 1])
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = shift
+        self.calls: list[int] = []
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        self.calls.append(len(frame))
+        p = 1.0 / (1.0 + np.exp(-(frame["income"].to_numpy(dtype=float) - self.shift)))
+        return np.c_[1 - p, p]
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        return (self.predict_proba(frame)[:, 1] >= 0.5).astype(int)
+
+
+class RaisingModel(FakeModel):
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        raise RuntimeError("challenger exploded")
+
+
+class SleepingModel(FakeModel):
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        time.sleep(self.seconds)
+        return super().predict_proba(frame)
+
+
+class GarbageModel(FakeModel):
+    """Returns one row too few: a wrong-length answer must be caught, not served."""
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        return super().predict_proba(frame)[:-1]
+
+
+def record(i: int = 0) -> dict[str, Any]:
+    return {"income": float((i % 7) - 3), "tier": ("standard", "gold", "VIP")[i % 3], "purpose": "car"}
+
+
+def make_policy(**serving: Any) -> Policy:
+    defaults = {"max_wait_ms": 2.0, "shadow_max_wait_ms": 10.0, "shadow_timeout_s": 0.5, "reload_interval_s": 60.0}
+    return Policy.model_validate({"serving": {**defaults, **serving}})
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def token(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("ROLLOUT_TOKEN", TOKEN)
+    return TOKEN
+
+
+@pytest.fixture
+def store(tmp_path: Any) -> OutcomeStore:
+    return OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
+
+
+@pytest.fixture
+def registry() -> InMemoryRegistry:
+    reg = InMemoryRegistry()
+    champion = reg.add(FakeModel(0.0))
+    challenger = reg.add(FakeModel(1.0))
+    reg.set_alias("champion", champion)
+    reg.set_alias("challenger", challenger)
+    return reg
+
+
+@asynccontextmanager
+async def serve(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan (startup, graceful shutdown) around an in-process async client."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+def app_for(policy: Policy, registry: Any, store: OutcomeStore, **kwargs: Any) -> Any:
+    return create_app(policy, registry=registry, store=store, **kwargs)

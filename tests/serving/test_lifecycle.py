@@ -1,0 +1,115 @@
+"""Hot reload on alias moves, serving through a registry outage, and a graceful shutdown that loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from rollout.registry import InMemoryRegistry
+from rollout.store import OutcomeStore
+from tests.serving.conftest import FakeModel, app_for, make_policy, record, serve
+
+
+@pytest.mark.anyio
+async def test_alias_move_reloads_without_dropped_requests(store: OutcomeStore) -> None:
+    reg = InMemoryRegistry()
+    reg.set_alias("champion", reg.add(FakeModel(0.0)))
+    new = reg.add(FakeModel(5.0))
+    app = app_for(make_policy(reload_interval_s=0.05), reg, store)
+    statuses: list[int] = []
+    versions: list[str] = []
+    async with serve(app) as client:
+
+        async def hammer(stop: float) -> None:
+            i = 0
+            while time.perf_counter() < stop:
+                response = await client.post("/predict", json={"record": record(i)})
+                statuses.append(response.status_code)
+                versions.append(response.json().get("version"))
+                i += 1
+
+        stop = time.perf_counter() + 0.6
+        workers = [asyncio.create_task(hammer(stop)) for _ in range(4)]
+        await asyncio.sleep(0.15)
+        reg.set_alias("champion", new)  # the poller notices within reload_interval_s
+        await asyncio.gather(*workers)
+        health = (await client.get("/healthz")).json()
+    assert set(statuses) == {200}
+    assert versions[0] == "1" and versions[-1] == new and health["champion"] == new
+    switched = versions.index(new)
+    assert set(versions[switched + 8 :]) == {new}  # once swapped, the old version is gone (a few in flight finish)
+
+
+@pytest.mark.anyio
+async def test_registry_outage_keeps_loaded_models_serving(store: OutcomeStore, registry: InMemoryRegistry) -> None:
+    app = app_for(make_policy(reload_interval_s=0.02), registry, store)
+    async with serve(app) as client:
+        registry.unreachable = True
+        await asyncio.sleep(0.1)
+        response = await client.post("/predict", json={"record": record(1)})
+        health = await client.get("/healthz")
+        metrics = (await client.get("/metrics")).text
+    assert response.status_code == 200 and response.json()["version"] == "1"
+    assert health.status_code == 200 and health.json()["registry_reachable"] is False
+    assert "rollout_reload_errors_total 0" not in metrics
+
+
+class SlowStore:
+    """Wraps the store; each insert takes a while, so rows pile up in the log queue."""
+
+    def __init__(self, store: OutcomeStore, delay: float) -> None:
+        self.store = store
+        self.delay = delay
+
+    def log_predictions(self, rows: list[dict[str, Any]]) -> int:
+        time.sleep(self.delay)
+        return self.store.log_predictions(rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+@pytest.mark.anyio
+async def test_graceful_shutdown_drains_the_log_queue(store: OutcomeStore, registry: InMemoryRegistry) -> None:
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    app = app_for(make_policy(log_batch_size=20), registry, SlowStore(store, 0.02))
+    async with serve(app) as client:
+        for start in range(0, 200, 50):
+            await asyncio.gather(*(client.post("/predict", json={"record": record(i)}) for i in range(start, start + 50)))
+        depth = app.state.service.writer.depth
+    assert depth > 0  # rows were still queued when shutdown began
+    assert store.count_predictions() == 400  # 200 served + 200 shadow, nothing lost
+
+
+@pytest.mark.anyio
+async def test_log_overflow_is_counted_and_never_blocks(store: OutcomeStore, registry: InMemoryRegistry) -> None:
+    app = app_for(make_policy(log_queue_size=10, log_batch_size=5), registry, SlowStore(store, 0.2))
+    async with serve(app) as client:
+        t0 = time.perf_counter()
+        responses = await asyncio.gather(*(client.post("/predict", json={"record": record(i)}) for i in range(60)))
+        elapsed = time.perf_counter() - t0
+        metrics = (await client.get("/metrics")).text
+    assert {r.status_code for r in responses} == {200} and elapsed < 1.0
+    dropped = int(next(line for line in metrics.splitlines() if line.startswith("rollout_log_dropped_total")).split()[1])
+    assert dropped > 0 and store.count_predictions() == 60 - dropped
+
+
+class ForgetfulRegistry(InMemoryRegistry):
+    """MlflowRegistry.aliases() answers {} when the registry errors; that must not unload the champion."""
+
+    def aliases(self) -> dict[str, str]:
+        return {} if self.unreachable else super().aliases()
+
+
+@pytest.mark.anyio
+async def test_empty_alias_answer_keeps_the_champion(store: OutcomeStore) -> None:
+    reg = ForgetfulRegistry()
+    reg.set_alias("champion", reg.add(FakeModel()))
+    async with serve(app_for(make_policy(reload_interval_s=0.02), reg, store)) as client:
+        reg.unreachable = True
+        await asyncio.sleep(0.1)
+        response = await client.post("/predict", json={"record": record(1)})
+    assert response.status_code == 200 and response.json()["version"] == "1"

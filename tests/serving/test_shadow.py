@@ -1,0 +1,82 @@
+"""A challenger that raises, hangs or returns garbage never changes a caller's answer or latency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from rollout.registry import InMemoryRegistry
+from rollout.store import OutcomeStore
+from tests.serving.conftest import FakeModel, GarbageModel, RaisingModel, SleepingModel, app_for, make_policy, record, serve
+
+
+def _registry(challenger: FakeModel) -> InMemoryRegistry:
+    reg = InMemoryRegistry()
+    reg.set_alias("champion", reg.add(FakeModel(0.0)))
+    reg.set_alias("challenger", reg.add(challenger))
+    return reg
+
+
+async def _traffic(client, n: int) -> tuple[list[dict], list[float]]:
+    async def one(i: int) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        response = await client.post("/predict", json={"record": record(i), "unit_id": f"u{i}", "request_id": f"r{i}"})
+        assert response.status_code == 200, response.text
+        return response.json(), time.perf_counter() - t0
+
+    out = await asyncio.gather(*(one(i) for i in range(n)))
+    return [o[0] for o in out], [o[1] for o in out]
+
+
+def _rows(store: OutcomeStore, sql: str) -> list[tuple]:
+    with store.engine.connect() as conn:
+        return conn.exec_driver_sql(sql).all()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("challenger", [RaisingModel(), SleepingModel(0.6), GarbageModel()], ids=["raises", "hangs", "garbage"])
+async def test_shadow_challenger_failures_are_invisible_to_callers(challenger: FakeModel, tmp_path) -> None:
+    baseline_store = OutcomeStore(f"sqlite:///{tmp_path / 'baseline.db'}").create()
+    async with serve(app_for(make_policy(), _registry(FakeModel(1.0)), baseline_store)) as client:
+        expected, _ = await _traffic(client, 30)
+
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    policy = make_policy(shadow_timeout_s=0.2)
+    async with serve(app_for(policy, _registry(challenger), store)) as client:
+        t0 = time.perf_counter()
+        got, latencies = await _traffic(client, 30)
+        elapsed = time.perf_counter() - t0
+    strip = [{k: v for k, v in r.items() if k != "request_id"} for r in got]
+    assert strip == [{k: v for k, v in r.items() if k != "request_id"} for r in expected]
+    assert elapsed < 0.5 and max(latencies) < 0.5  # a hung challenger (0.6 s) is nowhere on the response path
+
+    served = _rows(store, "SELECT count(*) FROM predictions WHERE served = 1 AND error IS NULL AND version = '1'")
+    shadow = _rows(store, "SELECT count(*), count(error), min(error) FROM predictions WHERE served = 0 AND version = '2'")
+    assert served == [(30,)]
+    assert shadow[0][0] == 30 and shadow[0][1] == 30  # every shadow row is logged, as a challenger error
+    assert any(word in shadow[0][2] for word in ("exploded", "timeout", "shutting down", "GarbageOutput"))
+
+
+@pytest.mark.anyio
+async def test_ab_failing_challenger_falls_back_to_champion(store: OutcomeStore) -> None:
+    rid = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.5}, "s")
+    async with serve(app_for(make_policy(), _registry(RaisingModel()), store)) as client:
+        got, _ = await _traffic(client, 40)
+    assert {r["version"] for r in got} == {"1"}
+    errors = _rows(store, f"SELECT count(*) FROM predictions WHERE rollout_id = {rid} AND version = '2' AND error LIKE '%exploded%'")
+    served = _rows(store, f"SELECT count(*) FROM predictions WHERE rollout_id = {rid} AND version = '1' AND served = 1")
+    assert 5 < errors[0][0] < 35 and served == [(40,)]
+    assert store.traffic(rid)["2"].errors == errors[0][0]
+
+
+@pytest.mark.anyio
+async def test_micro_batching_scores_concurrent_requests_in_one_call(store: OutcomeStore) -> None:
+    champion = FakeModel(0.0)
+    reg = InMemoryRegistry()
+    reg.set_alias("champion", reg.add(champion))
+    async with serve(app_for(make_policy(max_wait_ms=20.0, max_batch_size=64), reg, store)) as client:
+        await _traffic(client, 40)
+    assert sum(champion.calls) == 40 and len(champion.calls) < 10

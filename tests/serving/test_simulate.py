@@ -1,0 +1,74 @@
+"""The traffic simulator: simulated time reaches the store, labels arrive late, some never."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import httpx
+import numpy as np
+import pytest
+
+from rollout.config import Policy
+from rollout.registry import InMemoryRegistry
+from rollout.simulate import simulate_async
+from rollout.store import OutcomeStore
+from serving.app import create_app
+
+
+class LoanModel:
+    """Approves when the credit score is high; tolerates nulls, like a real pipeline would."""
+
+    classes_ = np.array([0, 1])
+
+    def predict_proba(self, frame):
+        score = frame["credit_score"].astype(float).fillna(650.0).to_numpy()
+        p = 1 / (1 + np.exp(-(score - 660.0) / 40.0))
+        return np.c_[1 - p, p]
+
+    def predict(self, frame):
+        return (self.predict_proba(frame)[:, 1] >= 0.5).astype(int)
+
+
+@pytest.mark.anyio
+async def test_simulated_days_reach_the_store(store: OutcomeStore, token: str) -> None:
+    reg = InMemoryRegistry()
+    reg.set_alias("champion", reg.add(LoanModel()))
+    reg.set_alias("challenger", reg.add(LoanModel()))
+    rid = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.3}, "s")
+    policy = Policy()
+    app = create_app(policy, registry=reg, store=store)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    async with app.router.lifespan_context(app):
+        summary = await simulate_async(
+            "http://sim",
+            policy,
+            requests=400,
+            days=4,
+            label_delay_hours=24,
+            missing_rate=0.2,
+            concurrency=16,
+            seed=3,
+            start=start,
+            transport=httpx.ASGITransport(app=app),
+        )
+    assert summary.errors == 0 and summary.predicted == 400 and summary.label_errors == 0
+    assert summary.labels_sent + summary.labels_missing + summary.labels_pending == 400
+    assert summary.labels_unknown == 0 and summary.labels_pending > 0  # the last day's labels are not due yet
+    assert 0.2 < summary.by_version["2"] / 400 < 0.4
+    first, last = store.first_seen(rid), store.last_seen(rid)
+    assert first is not None and last is not None
+    assert start <= first and (last - first).total_seconds() > 3.5 * 86400 and last < datetime(2026, 1, 5, tzinfo=UTC)
+    with store.engine.connect() as conn:
+        lag = conn.exec_driver_sql(
+            "SELECT min(l.ts - p.ts), max(l.ts - p.ts) FROM labels l JOIN predictions p ON p.request_id = l.request_id"
+        ).one()
+    assert 12 * 3600 <= lag[0] and lag[1] <= 36 * 3600  # label delay is 24 h ± 50 %
+    moments = store.loss_moments(rid, "accuracy", matured_before=datetime(2026, 1, 4, tzinfo=UTC))
+    assert {k[0] for k in moments} == {"1", "2"} and {k[2] for k in moments} == {"2026-01-01", "2026-01-02", "2026-01-03"}
+
+
+@pytest.mark.anyio
+async def test_simulate_refuses_to_run_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ROLLOUT_TOKEN")
+    with pytest.raises(ValueError, match="ROLLOUT_TOKEN"):
+        await simulate_async("http://sim", Policy(), requests=5)

@@ -1,0 +1,242 @@
+"""The outcome store on SQLite and PostgreSQL: labels, routing, audit log, lock, and SQL aggregates vs numpy."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rollout.stats.moments import Confusion, Moments
+from rollout.store import LockHeld, OutcomeStore, metadata
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A uniquely named PostgreSQL database for this session, dropped at the end."""
+    try:
+        import psycopg
+
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432 as user postgres ({type(exc).__name__}: {exc})")
+    name = f"rollout_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[OutcomeStore]:
+    if request.param == "sqlite":
+        s = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}", clock=lambda: T0)
+    else:
+        s = OutcomeStore(request.getfixturevalue("pg_url"), clock=lambda: T0)
+        metadata.drop_all(s.engine)
+    s.create()
+    yield s
+    s.dispose()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path: Any) -> None:
+    s = OutcomeStore(f"sqlite:///{tmp_path / 'wal.db'}").create()
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def _rows(n: int, seed: int = 3) -> pd.DataFrame:
+    """Paired shadow traffic: champion v1 serves, challenger v2 scores the same requests."""
+    rng = np.random.default_rng(seed)
+    ts = T0.timestamp() + np.sort(rng.uniform(0, 3 * 86400, n))
+    label = (rng.random(n) < 0.4).astype(float)
+    out = []
+    for version, served, noise in (("1", 1, 0.25), ("2", 0, 0.35)):
+        score = np.clip(label * 0.6 + 0.2 + rng.normal(0, noise, n), 0.0, 1.0)
+        score[:3] = [0.0, 1.0, 0.5]  # exercise the log-loss clip
+        out.append(
+            pd.DataFrame(
+                {
+                    "request_id": [f"r{i}" for i in range(n)],
+                    "unit_id": [f"u{i % 50}" for i in range(n)],
+                    "ts": ts,
+                    "version": version,
+                    "role": "champion" if served else "challenger",
+                    "served": served,
+                    "propensity": 1.0 if served else 1.0,
+                    "prediction": (score >= 0.5).astype(float),
+                    "score": score,
+                    "latency_ms": rng.lognormal(1.0 + 0.3 * served, 0.4, n),
+                    "segment": rng.choice(["standard", "VIP"], n, p=[0.8, 0.2]),
+                    "label": label,
+                }
+            )
+        )
+    return pd.concat(out, ignore_index=True)
+
+
+def _load(store: OutcomeStore, frame: pd.DataFrame, rollout_id: int) -> None:
+    rows = frame.drop(columns=["label"]).assign(rollout_id=rollout_id).to_dict("records")
+    for row in rows:
+        row["features"] = {"x": 1}
+    store.log_predictions(rows)
+    first = frame[frame.version == "1"]
+    store.add_labels(list(zip(first.request_id, first.label, first.ts + 3600, strict=True)))
+
+
+def _loss(metric: str, frame: pd.DataFrame) -> pd.Series:
+    y, p, s = frame.label, frame.prediction, frame.score
+    if metric == "accuracy":
+        return (p != y).astype(float)
+    if metric == "log_loss":
+        p_true = np.clip(np.where(y == 1, s, 1 - s), 1e-15, 1 - 1e-15)
+        return pd.Series(-np.log(p_true), index=frame.index)
+    if metric == "brier":
+        return (s - y) ** 2
+    if metric == "mse":
+        return (p - y) ** 2
+    return (p - y).abs()
+
+
+def _close(a: Moments, b: Moments) -> bool:
+    return a.n == b.n and math.isclose(a.total, b.total, rel_tol=1e-9, abs_tol=1e-9) and math.isclose(
+        a.total_sq, b.total_sq, rel_tol=1e-9, abs_tol=1e-9
+    )
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "log_loss", "brier", "mse", "mae"])
+def test_loss_moments_match_numpy_per_version_segment_day(store: OutcomeStore, metric: str) -> None:
+    frame = _rows(400)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    cutoff = T0 + timedelta(days=2)
+    got = store.loss_moments(rid, metric, matured_before=cutoff)
+    matured = frame[frame.ts < cutoff.timestamp()].assign(
+        day=lambda f: pd.to_datetime(f.ts, unit="s", utc=True).dt.strftime("%Y-%m-%d"), loss=lambda f: _loss(metric, f)
+    )
+    expected = {key: Moments.of(g.loss.to_numpy()) for key, g in matured.groupby(["version", "segment", "day"])}
+    assert set(got) == set(expected)
+    assert all(_close(got[k], expected[k]) for k in expected), (got, expected)
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "log_loss"])
+def test_paired_moments_are_challenger_minus_champion_on_the_same_request(store: OutcomeStore, metric: str) -> None:
+    frame = _rows(300)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    got = store.paired_moments(rid, metric, champion_version="1", matured_before=T0 + timedelta(days=10))
+    champ = frame[frame.version == "1"].set_index("request_id")
+    chall = frame[frame.version == "2"].set_index("request_id")
+    d = _loss(metric, chall) - _loss(metric, champ)
+    day = pd.to_datetime(chall.ts, unit="s", utc=True).dt.strftime("%Y-%m-%d")
+    expected = {("2", seg, dd): Moments.of(g.to_numpy()) for (seg, dd), g in d.groupby([chall.segment, day])}
+    assert set(got) == set(expected)
+    assert all(_close(got[k], expected[k]) for k in expected)
+
+
+def test_confusion_traffic_latency_agreement_ipw(store: OutcomeStore) -> None:
+    frame = _rows(300)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    store.log_predictions([{"request_id": "bad", "rollout_id": rid, "ts": T0, "version": "2", "role": "challenger", "served": 0, "error": "boom"}])
+
+    conf = store.confusion(rid, matured_before=T0 + timedelta(days=10))
+    v1 = frame[frame.version == "1"]
+    vip = v1[v1.segment == "VIP"]
+    assert conf[("1", "VIP")] == Confusion(
+        tp=int(((vip.prediction == 1) & (vip.label == 1)).sum()),
+        fp=int(((vip.prediction == 1) & (vip.label == 0)).sum()),
+        fn=int(((vip.prediction == 0) & (vip.label == 1)).sum()),
+        tn=int(((vip.prediction == 0) & (vip.label == 0)).sum()),
+    )
+
+    traffic = store.traffic(rid)
+    assert (traffic["1"].requests, traffic["1"].served, traffic["1"].errors) == (300, 300, 0)
+    assert (traffic["2"].requests, traffic["2"].served, traffic["2"].errors) == (301, 0, 1)
+
+    p99 = store.latency_p99(rid)
+    for version in ("1", "2"):
+        exact = np.quantile(frame[frame.version == version].latency_ms, 0.99)
+        assert abs(p99[version] / exact - 1) < 0.06
+
+    agree = store.agreement(rid, "1")["2"]
+    champ = frame[frame.version == "1"].reset_index()
+    chall = frame[frame.version == "2"].reset_index()
+    assert agree.n == 300 and agree.n_agree == int((champ.prediction == chall.prediction).sum())
+    assert math.isclose(agree.sxy, float((champ.score * chall.score).sum()), rel_tol=1e-9)
+
+    n, swr, sw, sw2r2 = store.ipw_sums(rid, "accuracy", matured_before=T0 + timedelta(days=10))["1"]
+    reward = -_loss("accuracy", v1)
+    assert (n, sw) == (300, 300.0) and math.isclose(swr, reward.sum()) and math.isclose(sw2r2, (reward**2).sum())
+
+
+def test_labels_later_wins_history_kept_unknown_reported(store: OutcomeStore) -> None:
+    rid = store.open_rollout("ab", {"champion": "1"}, {}, "s", T0)
+    store.log_predictions(
+        [{"request_id": "a", "rollout_id": rid, "ts": T0, "version": "1", "served": 1, "prediction": 1.0, "score": 0.9}]
+    )
+    first = store.add_labels([("a", 0, T0 + timedelta(days=3)), ("ghost", 1, T0)])
+    assert (first.stored, first.replaced, first.unknown, first.unknown_ids) == (2, 0, 1, ("ghost",))
+    second = store.add_labels([("a", 1, T0 + timedelta(days=4))])
+    assert (second.stored, second.replaced, second.unknown) == (1, 1, 0)
+    stale = store.add_labels([("a", 0, T0 + timedelta(days=1))])  # older than the current label: kept, not used
+    assert (stale.stored, stale.replaced) == (1, 0)
+    moments = store.loss_moments(rid, "accuracy", matured_before=T0 + timedelta(days=9))
+    assert sum(m.n for m in moments.values()) == 1
+    assert sum(m.total for m in moments.values()) == 0.0  # the latest label (1) matches the prediction
+    assert store.unmatched_labels() == 1
+
+
+def test_routing_lifecycle_and_audit_log(store: OutcomeStore) -> None:
+    assert store.current_rollout() is None
+    first = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"2": 0.1}, "salt-1", T0)
+    store.set_weights(first, {"1": 0.7, "2": 0.3})
+    current = store.current_rollout()
+    assert current is not None and current.rollout_id == first
+    assert current.weights == {"1": 0.7, "2": 0.3} and current.versions["challenger"] == "2" and current.salt == "salt-1"
+    second = store.open_rollout("shadow", {"champion": "1", "challenger": "3"}, {}, "salt-2", T0 + timedelta(days=1))
+    assert store.rollout(first).ended_at is not None  # opening a rollout ends the previous one
+    store.end_rollout(second, T0 + timedelta(days=2), "promoted")
+    assert store.current_rollout() is None and store.rollout(second).end_reason == "promoted"
+
+    moves = [{"alias": "champion", "from": "1", "to": "3"}]
+    did = store.record_decision(second, "promote", {"lower": 0.01, "n": 1200}, moves, "online-evaluation")
+    log = store.decisions(second)
+    assert [d.id for d in log] == [did] and log[0].stats == {"lower": 0.01, "n": 1200} and log[0].alias_moves == moves
+    assert store.decisions(first) == []
+
+
+def test_lock_is_exclusive_and_released(store: OutcomeStore) -> None:
+    with store.lock("evaluation"):
+        with pytest.raises(LockHeld, match="evaluation"):
+            with store.lock("evaluation"):
+                pass
+        with store.lock("other"):  # names are independent
+            pass
+    with store.lock("evaluation"):
+        pass
+
+
+def test_recent_features_and_first_last_seen(store: OutcomeStore) -> None:
+    rid = store.open_rollout("shadow", {"champion": "1"}, {}, "s", T0)
+    rows = [
+        {"request_id": f"r{i}", "rollout_id": rid, "ts": T0 + timedelta(hours=i), "version": "1", "served": 1,
+         "prediction": 1.0, "features": {"income": float(i), "tier": "VIP"}}
+        for i in range(5)
+    ]
+    store.log_predictions(rows)
+    recent = store.recent_features(limit=3)
+    assert list(recent.income) == [4.0, 3.0, 2.0] and list(recent.columns) == ["income", "tier"]
+    assert len(store.recent_features(limit=10, since=T0 + timedelta(hours=3))) == 2
+    assert store.first_seen(rid) == T0 and store.last_seen(rid) == T0 + timedelta(hours=4)
+    assert store.served_version_at(T0 + timedelta(hours=2)) == "1"
