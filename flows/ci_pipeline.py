@@ -34,6 +34,7 @@ class CIOutcome:
     version: str | None = None
     aliases: list[str] = field(default_factory=list)
     run_id: str | None = None
+    rollout_id: int | None = None
     reports_dir: str = ""
 
 
@@ -93,7 +94,9 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
         shutil.rmtree(work, ignore_errors=True)
 
     registered = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, data.x_train.head(50))
+    registered = ci.assign_aliases(policy, registered)
     outcome.version, outcome.aliases, outcome.run_id = registered.version, registered.aliases, registered.run_id
+    outcome.rollout_id = registered.rollout_id
     print(f"registered {policy.registry.model_name} v{registered.version} as "
           + ", ".join("@" + a for a in registered.aliases))
     return outcome

@@ -52,6 +52,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
+from rollout.stats.bandit import IPWSums
+from rollout.stats.guardrails import AgreementSums
 from rollout.stats.moments import Confusion, Moments
 
 METRICS = ("accuracy", "log_loss", "brier", "mse", "mae")
@@ -172,19 +174,6 @@ class TrafficCounts:
     requests: int
     errors: int
     served: int
-
-
-@dataclass(frozen=True)
-class AgreementSums:
-    """Sums for agreement rate and Pearson correlation of challenger (y) vs champion (x) scores."""
-
-    n: int
-    n_agree: int
-    sx: float
-    sy: float
-    sxx: float
-    syy: float
-    sxy: float
 
 
 @dataclass(frozen=True)
@@ -773,25 +762,28 @@ class OutcomeStore:
                 r[0]: AgreementSums(int(r[1]), int(r[2] or 0), *(float(v or 0.0) for v in r[3:8])) for r in conn.execute(query)
             }
 
-    def ipw_sums(self, rollout_id: int, metric: str, matured_before: Any = None) -> dict[str, tuple[int, float, float, float]]:
-        """Per version, over served, labelled, matured predictions: (n, Σ w·r, Σ w, Σ w²·r²).
+    def ipw_sums(self, rollout_id: int, metric: str, matured_before: Any = None) -> dict[str, IPWSums]:
+        """Per version, inverse-propensity sums of the loss over served, labelled, matured requests.
 
-        w = 1 / propensity of the arm that served the request, r = −loss (reward, higher is better).
-        The IPW (Horvitz-Thompson) value of an arm over N routed requests is Σ w·r / N; the
-        self-normalised (Hájek) estimate is Σ w·r / Σ w; Σ w²·r² gives its variance.
+        w = 1 / propensity of the arm that served the request, r = loss (lower is better), so
+        rollout.stats.bandit.ipw_difference(champion, challenger) is better-is-positive. n_total
+        counts matured served requests of every arm (Horvitz-Thompson divides by it).
         """
         self._ensure()
         p, lab, join, conds = self._matured_labelled(rollout_id, matured_before)
-        reward = literal(0.0) - loss_expr(metric, p.c.prediction, p.c.score, lab.c.label)
+        r = loss_expr(metric, p.c.prediction, p.c.score, lab.c.label)
         w = literal(1.0) / p.c.propensity
         query = (
-            select(p.c.version, func.count(reward), func.sum(w * reward), func.sum(w), func.sum(w * w * reward * reward))
+            select(p.c.version, func.count(r), func.sum(w), func.sum(w * r), func.sum(w * w), func.sum(w * w * r),
+                   func.sum(w * w * r * r))
             .select_from(join)
-            .where(*conds, p.c.served == 1, p.c.propensity > 0, reward.is_not(None))
+            .where(*conds, p.c.served == 1, p.c.propensity > 0, r.is_not(None))
             .group_by(p.c.version)
         )
         with self.engine.connect() as conn:
-            return {r[0]: (int(r[1]), float(r[2] or 0.0), float(r[3] or 0.0), float(r[4] or 0.0)) for r in conn.execute(query)}
+            rows = [(str(v), int(n), *(float(x or 0.0) for x in rest)) for v, n, *rest in conn.execute(query)]
+        n_total = sum(row[1] for row in rows)
+        return {v: IPWSums(n_total, n, *sums) for v, n, *sums in rows}
 
     def recent_features(self, limit: int = 10_000, since: Any = None) -> Any:
         """The latest served inputs (newest first) as a DataFrame, for production drift checks."""

@@ -207,12 +207,13 @@ class Registered:
     version: str
     run_id: str
     aliases: list[str]
+    rollout_id: int | None = None
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
 def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.DataFrame, cv: training.CVResult,
                        held: HeldOut, results: list[gates.GateResult], x_example: pd.DataFrame) -> Registered:
-    """Log model, params, metrics and every gate report; register a version; set aliases and tags."""
+    """Log model, params, metrics and every gate report; register a version with its tags."""
     import json
 
     import mlflow
@@ -245,19 +246,44 @@ def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.Dat
                            f"holdout_{cv.metric}": f"{held.candidate:.6f}",
                            "gates": json.dumps({r.gate: r.verdict for r in results}),
                            **{f"gate.{r.gate}": r.verdict for r in results}})
-    aliases = [registry.CHALLENGER]
-    if reg.version_for_alias(registry.CHAMPION) is None and policy.ci.first_model_becomes_champion:
+    return Registered(version=version, run_id=run.info.run_id, aliases=[])
+
+
+@task(name="assign-aliases", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
+def assign_aliases(policy: Policy, registered: Registered) -> Registered:
+    """First model: @champion when the policy allows. Otherwise @challenger (or the next
+    `challenger-N` in abn mode) and a rollout opened in the policy's mode."""
+    from rollout.rollouts import plan_rollout
+    from rollout.store import OutcomeStore
+
+    reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+    aliases = reg.aliases()
+    if registry.CHAMPION not in aliases:
+        if not policy.ci.first_model_becomes_champion:
+            reg.set_alias(registry.CHALLENGER, registered.version)
+            return Registered(registered.version, registered.run_id, [registry.CHALLENGER])
         # The first model has no champion to be judged against online; the policy lets it serve directly.
-        reg.set_alias(registry.CHAMPION, version, expected=None)
-        aliases = [registry.CHAMPION]
-    else:
-        reg.set_alias(registry.CHALLENGER, version)
+        reg.set_alias(registry.CHAMPION, registered.version, expected=None)
+        message = f"Version **{registered.version}** is the first model: set as `@champion`."
+        create_markdown_artifact(message, key="registered-version", description="Registration")
+        return Registered(registered.version, registered.run_id, [registry.CHAMPION])
+    store = OutcomeStore(policy.outcome_url)
+    plan = plan_rollout(policy.rollout, aliases, store.current_rollout(), registered.version)
+    for alias in plan.retired_aliases:
+        reg.remove_alias(alias)
+    for alias, version in plan.versions.items():
+        if alias != registry.CHAMPION and aliases.get(alias) != version:
+            reg.set_alias(alias, version)
+    rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights)
+    mine = [a for a, v in plan.versions.items() if v == registered.version]
     create_markdown_artifact(
-        f"Registered **{policy.registry.model_name}** version **{version}** as "
-        + ", ".join(f"`@{a}`" for a in aliases) + f" (run `{run.info.run_id}`).",
-        key=artifact_key("registered-version"), description="Registration",
+        f"Registered version **{registered.version}** as " + ", ".join(f"`@{a}`" for a in mine)
+        + f"; opened rollout **{rollout_id}** in `{plan.mode}` mode: "
+        + ", ".join(f"`{a}` = v{v}" for a, v in plan.versions.items())
+        + (f"; weights {plan.weights}" if plan.weights else ""),
+        key="registered-version", description="Registration and rollout",
     )
-    return Registered(version=version, run_id=run.info.run_id, aliases=aliases)
+    return Registered(registered.version, registered.run_id, mine, rollout_id)
 
 
 def workdir() -> Path:

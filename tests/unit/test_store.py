@@ -175,9 +175,10 @@ def test_confusion_traffic_latency_agreement_ipw(store: OutcomeStore) -> None:
     assert agree.n == 300 and agree.n_agree == int((champ.prediction == chall.prediction).sum())
     assert math.isclose(agree.sxy, float((champ.score * chall.score).sum()), rel_tol=1e-9)
 
-    n, swr, sw, sw2r2 = store.ipw_sums(rid, "accuracy", matured_before=T0 + timedelta(days=10))["1"]
-    reward = -_loss("accuracy", v1)
-    assert (n, sw) == (300, 300.0) and math.isclose(swr, reward.sum()) and math.isclose(sw2r2, (reward**2).sum())
+    sums = store.ipw_sums(rid, "accuracy", matured_before=T0 + timedelta(days=10))["1"]
+    loss = _loss("accuracy", v1)
+    assert (sums.n, sums.sum_w) == (300, 300.0)
+    assert math.isclose(sums.sum_wr, loss.sum()) and math.isclose(sums.sum_w2r2, (loss**2).sum())
 
 
 def test_labels_later_wins_history_kept_unknown_reported(store: OutcomeStore) -> None:

@@ -1,0 +1,57 @@
+"""Flow `online-evaluation`: outcomes -> metrics -> anytime-valid test + guardrails -> decision -> act -> report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from tasks.common import load_policy_task
+from tasks.evaluation import act_task, current_rollout, decide_task, gather_evidence, report_task
+
+
+class EvaluationParameters(BaseModel):
+    """What a person can set from the Prefect UI's Run form."""
+
+    now: datetime | None = Field(None, description="Evaluate as of this time (UTC); empty = now. The demo compresses days.")
+    dry_run: bool = Field(False, description="Decide and report, but move no alias and change no routing.")
+    actor: str = Field("online-evaluation", description="Who is recorded in the audit log.")
+
+
+@dataclass
+class EvaluationOutcome:
+    """The decision of this run and what was done about it."""
+
+    action: str
+    rollout_id: int | None = None
+    winner: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    acted: dict[str, Any] = field(default_factory=dict)
+    report: str | None = None
+
+
+@flow(name="online-evaluation", log_prints=True)
+def online_evaluation(config: str = "rollout.yaml", params: EvaluationParameters | None = None) -> EvaluationOutcome:
+    """Judge the open rollout from its logged outcomes and promote, keep collecting, or reject."""
+    params = params or EvaluationParameters()
+    policy = load_policy_task(config)
+    now = params.now or datetime.now(timezone.utc)
+    now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+    rollout = current_rollout(policy)
+    if rollout is None:
+        print("no open rollout: nothing to evaluate")
+        return EvaluationOutcome(action="idle", reasons=["No open rollout."])
+
+    evidence = gather_evidence(policy, rollout, now)
+    decision = decide_task(policy, evidence, rollout.rollout_id, now)
+    acted = {"acted": False, "reason": "dry run"} if params.dry_run else act_task(policy, decision, rollout, now,
+                                                                                  params.actor)
+    report = report_task(policy, decision, rollout, now)
+    print(f"rollout {rollout.rollout_id}: {decision.action}" + (f" {decision.winner}" if decision.winner else ""))
+    for reason in decision.reasons:
+        print(f"  - {reason}")
+    return EvaluationOutcome(action=decision.action, rollout_id=rollout.rollout_id, winner=decision.winner,
+                             reasons=list(decision.reasons), acted=acted, report=str(report))

@@ -1,0 +1,198 @@
+"""From the outcome store's aggregates to the decision's Evidence, and from a Decision to registry moves.
+
+No Prefect here: the flow wraps these in tasks. The store is only asked GROUP BY questions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+
+from rollout import registry as reg
+from rollout.config import Policy
+from rollout.data import Schema
+from rollout.decision import ChallengerEvidence, Decision, Evidence
+from rollout.stats.moments import Confusion, Moments
+from rollout.store import OutcomeStore, Rollout
+
+CHAMPION_ROLE = "champion"
+
+
+def challenger_versions(rollout: Rollout) -> dict[str, str]:
+    """alias -> version of every challenger in the rollout (everything but the champion)."""
+    return {alias: v for alias, v in rollout.versions.items() if alias != CHAMPION_ROLE}
+
+
+def _by_version(parts: Mapping[tuple[Any, ...], Any]) -> dict[str, dict[tuple[str, str], Any]]:
+    out: dict[str, dict[tuple[str, str], Any]] = defaultdict(dict)
+    for (version, segment, day), value in parts.items():
+        out[str(version)][(segment or "", day)] = value
+    return out
+
+
+def _confusion_by_version(parts: Mapping[tuple[Any, ...], Confusion]) -> dict[str, dict[str, Confusion]]:
+    out: dict[str, dict[str, Confusion]] = defaultdict(dict)
+    for (version, segment), value in parts.items():
+        key = segment or ""
+        out[str(version)][key] = out[str(version)].get(key, Confusion()) + value
+    return out
+
+
+def earlier_looks(store: OutcomeStore, rollout_id: int, version: str) -> tuple[int, ...]:
+    """Matured sample sizes at earlier evaluations of this rollout (for the group-sequential design)."""
+    looks = []
+    for d in store.decisions(rollout_id):
+        n = (d.stats.get("stats") or {}).get(version, {}).get("n")
+        if isinstance(n, int) and n > 0 and (not looks or n > looks[-1]):
+            looks.append(n)
+    return tuple(looks)
+
+
+def production_psi(store: OutcomeStore, training: pd.DataFrame | None, schema: Schema | None,
+                   limit: int = 5000) -> float | None:
+    """Largest PSI of a numeric feature between recent served inputs and the training data."""
+    if training is None or schema is None:
+        return None
+    from rollout.validation import psi
+
+    recent = store.recent_features(limit=limit)
+    cols = [c for c in schema.numeric if c in recent.columns]
+    if recent.empty or not cols:
+        return None
+    return max(psi(training[c], pd.to_numeric(recent[c], errors="coerce")) for c in cols)
+
+
+def gather(store: OutcomeStore, rollout: Rollout, policy: Policy, now: datetime,
+           training: pd.DataFrame | None = None, schema: Schema | None = None) -> Evidence:
+    """Everything the decision needs about one rollout, as sufficient statistics from SQL."""
+    rp = policy.rollout
+    rid, metric = rollout.rollout_id, rp.primary_metric
+    matured = now - timedelta(hours=rp.label_delay_hours)
+    champion = rollout.versions[CHAMPION_ROLE]
+    loss = _by_version(store.loss_moments(rid, metric, matured))
+    paired = _by_version(store.paired_moments(rid, metric, champion, matured)) if rollout.mode == "shadow" else {}
+    confusion = _confusion_by_version(store.confusion(rid, matured)) if policy.data.task == "classification" else {}
+    traffic = store.traffic(rid)
+    latency = store.latency_p99(rid)
+    agreement = store.agreement(rid, champion) if rollout.mode == "shadow" else {}
+    ipw = store.ipw_sums(rid, metric, matured) if rollout.mode == "bandit" else {}
+    psi_max = production_psi(store, training, schema)
+    hours = max((now - rollout.started_at).total_seconds() / 3600.0, 1e-9)
+
+    challengers = []
+    for alias, version in challenger_versions(rollout).items():
+        counts = traffic.get(version)
+        matured_n = sum(m.n for m in (paired.get(version) or loss.get(version) or {}).values())
+        challengers.append(ChallengerEvidence(
+            version=version,
+            paired=paired.get(version, {}),
+            loss=loss.get(version, {}),
+            confusion=confusion.get(version, {}),
+            errors=counts.errors if counts else 0,
+            requests=counts.requests if counts else 0,
+            latency_p99_ms=latency.get(version),
+            agreement=agreement.get(version),
+            psi_max=psi_max,
+            looked_at=earlier_looks(store, rid, version) if rp.design == "group_sequential" else (),
+            ipw=ipw.get(version),
+            rate_per_hour=matured_n / hours,
+        ))
+    served = {v: c.requests for v, c in traffic.items()}
+    shares = {} if rollout.mode == "shadow" else {rollout.versions[a]: w for a, w in rollout.weights.items()
+                                                   if a in rollout.versions}
+    return Evidence(
+        mode=rollout.mode,  # type: ignore[arg-type]
+        started_at=rollout.started_at,
+        now=now,
+        champion=champion,
+        challengers=tuple(challengers),
+        champion_loss=loss.get(champion, {}),
+        champion_confusion=confusion.get(champion, {}),
+        champion_ipw=ipw.get(champion),
+        served=served,
+        expected_shares=shares,
+    )
+
+
+@dataclass
+class Action:
+    """What the flow did to the registry and the routing table for one decision."""
+
+    decision: str
+    alias_moves: list[dict[str, Any]] = field(default_factory=list)
+    ended: bool = False
+    weights: dict[str, float] | None = None
+    note: str = ""
+
+
+def act(decision: Decision, rollout: Rollout, registry: reg.ModelRegistry, store: OutcomeStore,
+        now: datetime) -> Action:
+    """Carry out a decision: compare-and-set aliases, mirror stages, end or re-weight the rollout.
+
+    The caller holds the store's evaluation lock, so two runs never act at once; the alias
+    compare-and-set protects against anyone else moving @champion in between.
+    """
+    champion = rollout.versions[CHAMPION_ROLE]
+    challengers = challenger_versions(rollout)
+    out = Action(decision.action)
+    if decision.action == "promote" and decision.winner:
+        registry.set_alias(reg.CHAMPION, decision.winner, expected=champion)
+        out.alias_moves.append({"alias": reg.CHAMPION, "from": champion, "to": decision.winner})
+        registry.set_alias(reg.PREVIOUS, champion)
+        out.alias_moves.append({"alias": reg.PREVIOUS, "to": champion})
+        _mirror(registry, champion, "Archived")
+        for alias, version in challengers.items():
+            registry.remove_alias(alias)
+            out.alias_moves.append({"alias": alias, "from": version, "to": None})
+            if version != decision.winner:
+                _mirror(registry, version, "Archived")
+        store.end_rollout(rollout.rollout_id, now, f"promoted version {decision.winner}")
+        out.ended = True
+    elif decision.action in ("reject", "inconclusive"):
+        for alias, version in challengers.items():
+            registry.remove_alias(alias)
+            _mirror(registry, version, "Archived")
+            out.alias_moves.append({"alias": alias, "from": version, "to": None})
+        store.end_rollout(rollout.rollout_id, now, f"{decision.action}: traffic returns to the champion")
+        out.ended = True
+    elif decision.bandit_weights and rollout.mode == "bandit":
+        alias_of = {v: a for a, v in rollout.versions.items()}
+        weights = {alias_of[v]: w for v, w in decision.bandit_weights.items() if v in alias_of}
+        store.set_weights(rollout.rollout_id, weights)
+        out.weights = weights
+    for version in {champion, *challengers.values()}:
+        registry.set_tags(version, {f"rollout.{rollout.rollout_id}.decision": decision.action,
+                                    "last_evaluation": now.isoformat(timespec="seconds")})
+    return out
+
+
+def _mirror(registry: reg.ModelRegistry, version: str, stage: str) -> None:
+    mirror = getattr(registry, "mirror_stage", None)
+    if mirror is not None:
+        mirror(version, stage)
+
+
+def rollback(registry: reg.ModelRegistry, store: OutcomeStore, now: datetime, actor: str) -> dict[str, Any]:
+    """Restore @previous-champion as @champion (the current one becomes previous), recorded."""
+    current = registry.version_for_alias(reg.CHAMPION)
+    previous = registry.version_for_alias(reg.PREVIOUS)
+    if previous is None:
+        raise RuntimeError("nothing to roll back to: no @previous-champion in the registry")
+    registry.set_alias(reg.CHAMPION, previous, expected=current)
+    if current is not None:
+        registry.set_alias(reg.PREVIOUS, current)
+        _mirror(registry, current, "Archived")
+    moves = [{"alias": reg.CHAMPION, "from": current, "to": previous},
+             {"alias": reg.PREVIOUS, "from": previous, "to": current}]
+    open_rollout = store.current_rollout()
+    if open_rollout is not None:
+        store.end_rollout(open_rollout.rollout_id, now, "rollback")
+    store.record_decision(open_rollout.rollout_id if open_rollout else None, "rollback",
+                          {"reasons": [f"rollback: version {previous} restored as champion, replacing {current}"]},
+                          moves, actor, ts=now)
+    return {"champion": previous, "replaced": current, "alias_moves": moves}

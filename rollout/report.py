@@ -1,0 +1,97 @@
+"""Evaluation reports: Markdown with tables, and a PNG of the effect with its confidence band over time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Look:
+    """One evaluation of one challenger: when, the effect estimate and its anytime-valid bounds."""
+
+    ts: datetime
+    version: str
+    estimate: float | None
+    lower: float | None
+    upper: float | None
+    n: int
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def evaluation_markdown(decision: dict[str, Any], *, model_name: str, rollout_id: int, mode: str, metric: str,
+                        margin: float, champion: str, now: datetime) -> str:
+    """The decision, every reason in words, and the numbers behind it, per challenger."""
+    action = decision["action"]
+    lines = [
+        f"# Online evaluation of `{model_name}`, rollout {rollout_id} ({mode})",
+        "",
+        f"**Decision: {action.upper()}**" + (f" (winner: version {decision['winner']})" if decision.get("winner") else ""),
+        f"at {now.isoformat(timespec='minutes')}; champion is version {champion}; primary metric `{metric}`, "
+        f"non-inferiority margin {margin:g} (effects are better-is-positive).",
+        "",
+        "## Reasons",
+        "",
+        *[f"- {r}" for r in decision["reasons"]],
+        "",
+        "## Test per challenger",
+        "",
+        "| version | verdict | effect | lower | upper | n | power | samples still needed | hours to decision | SRM p |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for version, s in decision["stats"].items():
+        lines.append(
+            f"| {version} | {s.get('verdict')} | {_num(s.get('estimate'))} | {_num(s.get('lower'))} | "
+            f"{_num(s.get('upper'))} | {s.get('n')} | {_num(s.get('power'), 2)} | {_num(s.get('samples_needed'))} | "
+            f"{_num(s.get('hours_to_decision'), 3)} | {_num(s.get('srm_p'), 3)} |"
+        )
+    guard_rows = [(v, g) for v, s in decision["stats"].items() for g in s.get("guardrails", [])]
+    if guard_rows:
+        lines += ["", "## Guardrails", "", "| version | guardrail | status | reason |", "|---|---|---|---|"]
+        lines += [f"| {v} | {g.get('name')} | {g.get('status')} | {g.get('reason', '')} |" for v, g in guard_rows]
+    if decision.get("bandit_weights"):
+        lines += ["", "## Bandit weights", "", "| version | weight |", "|---|---|"]
+        lines += [f"| {v} | {w:.3f} |" for v, w in decision["bandit_weights"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def difference_plot(looks: Sequence[Look], margin: float, metric: str, path: Path) -> Path:
+    """The effect of each challenger over time with its confidence band and the -margin line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for version in sorted({look.version for look in looks}):
+        mine = [lk for lk in looks if lk.version == version and lk.estimate is not None]
+        if not mine:
+            continue
+        ts = [lk.ts for lk in mine]
+        est = [lk.estimate for lk in mine]
+        lo = [lk.lower if lk.lower is not None and math.isfinite(lk.lower) else math.nan for lk in mine]
+        hi = [lk.upper if lk.upper is not None and math.isfinite(lk.upper) else math.nan for lk in mine]
+        line = ax.plot(ts, est, marker="o", ms=3, label=f"version {version}")[0]
+        ax.fill_between(ts, lo, hi, alpha=0.2, color=line.get_color())
+    ax.axhline(-margin, color="red", ls="--", lw=1, label=f"-margin ({-margin:g})")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(title=f"Challenger minus champion ({metric}, better-is-positive), anytime-valid band",
+           xlabel="evaluation time", ylabel="effect")
+    ax.legend(loc="best", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

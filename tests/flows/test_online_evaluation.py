@@ -1,0 +1,160 @@
+"""The online-evaluation flow on a real MLflow registry and outcome store, with simulated outcomes."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from flows.online_evaluation import EvaluationParameters, online_evaluation
+from rollout import evaluation, registry, training
+from rollout.config import EstimatorConfig, load_policy
+from rollout.data import example_dataset, infer_schema
+from rollout.store import OutcomeStore
+from tests.conftest import write_policy
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+START = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+def _register_two_versions(policy) -> registry.MlflowRegistry:
+    """Two real registered versions (champion 1, challenger 2) without running the CI flow."""
+    frame = example_dataset(rows=400, seed=1)
+    schema = infer_schema(frame, policy.data)
+    model = training.build_pipeline(schema, EstimatorConfig()).fit(frame[list(schema.features)], frame["approved"])
+    mlflow.set_tracking_uri(policy.tracking_uri)
+    experiment = mlflow.create_experiment("t", artifact_location=policy.path("mlartifacts").resolve().as_uri())
+    for _ in range(2):
+        with mlflow.start_run(experiment_id=experiment):
+            registry.log_model(model, frame[list(schema.features)].head(5), "classification", policy.registry.model_name)
+    reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name)
+    reg.set_alias(registry.CHAMPION, "1")
+    reg.set_alias(registry.CHALLENGER, "2")
+    return reg
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    path = write_policy(tmp_path, rollout={
+        "mode": "shadow", "primary_metric": "accuracy", "margin": 0.01, "min_samples": 300,
+        "min_duration_hours": 24, "max_duration_days": 14,
+        "segment_guardrails": [{"segment": "VIP", "metric": "precision", "min": 0.75}],
+        "max_latency_p99_ms": 250,
+    })
+    policy = load_policy(path)
+    reg = _register_two_versions(policy)
+    store = OutcomeStore(policy.outcome_url)
+    rollout_id = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, started_at=START)
+    return path, policy, reg, store, rollout_id
+
+
+def log_shadow(store: OutcomeStore, rollout_id: int, n: int, champion_acc: float, challenger_acc: float,
+               seed: int = 0, days: float = 3.0, vip_challenger_fp: bool = False, challenger_share: float = 1.0):
+    """Paired shadow outcomes: both versions score each request; labels arrive for all of them."""
+    rng = np.random.default_rng(seed)
+    ts = START + timedelta(seconds=1)
+    rows, labels = [], []
+    for i in range(n):
+        at = ts + timedelta(seconds=float(i) * days * 86400 / n)
+        y = int(rng.random() < 0.5)
+        segment = "VIP" if rng.random() < 0.15 else "standard"
+        rid = f"r{seed}-{i}"
+        for version, role, served, acc in (("1", "champion", 1, champion_acc), ("2", "challenger", 0, challenger_acc)):
+            if role == "challenger" and rng.random() > challenger_share:
+                continue
+            pred = y if rng.random() < acc else 1 - y
+            if role == "challenger" and vip_challenger_fp and segment == "VIP" and y == 0:
+                pred = 1
+            rows.append({"request_id": rid, "unit_id": f"u{i % 500}", "rollout_id": rollout_id, "ts": at,
+                         "version": version, "role": role, "served": served, "propensity": 1.0,
+                         "prediction": float(pred), "score": 0.8 * pred + 0.1, "latency_ms": 3.0,
+                         "segment": segment})
+        labels.append((rid, y, at + timedelta(hours=1)))
+    store.log_predictions(rows)
+    store.add_labels(labels)
+
+
+def _run(path: Path, days: float = 3.5):
+    return online_evaluation(config=str(path), params=EvaluationParameters(now=START + timedelta(days=days)))
+
+
+def test_better_challenger_is_promoted_and_registry_store_and_report_agree(world):
+    path, policy, reg, store, rollout_id = world
+    log_shadow(store, rollout_id, 4000, champion_acc=0.78, challenger_acc=0.86)
+    outcome = _run(path)
+    assert outcome.action == "promote" and outcome.winner == "2"
+    assert reg.aliases() == {"champion": "2", "previous-champion": "1"}
+    assert reg.client.get_model_version("loan-approval", "2").current_stage == "Production"
+    assert reg.client.get_model_version("loan-approval", "1").current_stage == "Archived"
+    assert store.current_rollout() is None
+    audit = store.decisions(rollout_id)
+    assert [d.decision for d in audit] == ["promote"]
+    assert {"alias": "champion", "from": "1", "to": "2"} in audit[0].alias_moves
+    assert reg.get_tags("2")[f"rollout.{rollout_id}.decision"] == "promote"
+    report = Path(outcome.report)
+    assert "PROMOTE" in report.read_text() and list(report.parent.glob("effect-*.png"))
+
+    back = evaluation.rollback(reg, store, START + timedelta(days=4), actor="test")
+    assert back["champion"] == "1" and reg.aliases()["champion"] == "1"
+    assert store.decisions()[-1].decision == "rollback"
+
+
+def test_worse_challenger_is_rejected_and_traffic_returns_to_the_champion(world):
+    path, policy, reg, store, rollout_id = world
+    log_shadow(store, rollout_id, 3000, champion_acc=0.84, challenger_acc=0.74)
+    outcome = _run(path)
+    assert outcome.action == "reject"
+    assert reg.aliases() == {"champion": "1"}
+    assert reg.client.get_model_version("loan-approval", "2").current_stage == "Archived"
+    assert store.current_rollout() is None and store.decisions(rollout_id)[0].decision == "reject"
+
+
+def test_vip_segment_breach_rejects_even_when_overall_is_better(world):
+    path, policy, reg, store, rollout_id = world
+    log_shadow(store, rollout_id, 4000, champion_acc=0.80, challenger_acc=0.90, vip_challenger_fp=True)
+    outcome = _run(path)
+    assert outcome.action == "reject"
+    assert any("VIP" in r for r in outcome.reasons)
+    assert reg.version_for_alias("champion") == "1"
+
+
+def test_sample_ratio_mismatch_blocks_any_decision(world):
+    path, policy, reg, store, rollout_id = world
+    log_shadow(store, rollout_id, 4000, champion_acc=0.78, challenger_acc=0.88, challenger_share=0.8)
+    outcome = _run(path)
+    assert outcome.action == "continue"
+    assert any("sample-ratio mismatch" in r for r in outcome.reasons)
+    assert reg.aliases() == {"champion": "1", "challenger": "2"}
+    assert store.current_rollout() is not None
+
+
+def test_young_rollout_keeps_collecting_and_says_what_it_needs(world):
+    path, policy, reg, store, rollout_id = world
+    log_shadow(store, rollout_id, 400, champion_acc=0.80, challenger_acc=0.80, days=0.4)
+    outcome = _run(path, days=0.5)
+    assert outcome.action == "continue"
+    assert reg.aliases() == {"champion": "1", "challenger": "2"}
+    assert [d.decision for d in store.decisions(rollout_id)] == ["continue"]
+
+
+def test_concurrent_runs_promote_once(world):
+    path, policy, reg, store, rollout_id = world
+    log_shadow(store, rollout_id, 4000, champion_acc=0.78, challenger_acc=0.86)
+    results: list = []
+
+    def run():
+        results.append(_run(path))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.acted.get("acted") for r in results) == [False, True]
+    promotions = [d for d in store.decisions(rollout_id) if d.decision == "promote"]
+    assert len(promotions) == 1
+    assert reg.aliases() == {"champion": "2", "previous-champion": "1"}
