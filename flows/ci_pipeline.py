@@ -24,6 +24,9 @@ class CIParameters(BaseModel):
     example_seed: int | None = Field(None, description="Override data.example.seed.")
     estimator: str | None = Field(None, description="Override estimator.name (see the policy reference).")
     estimator_params: dict | None = Field(None, description="Override estimator.params.")
+    rollout_start: datetime | None = Field(
+        None, description="When the opened rollout starts (UTC); empty = now. The demo runs on simulated time."
+    )
 
 
 @dataclass
@@ -57,7 +60,8 @@ def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
 @flow(name="ci-pipeline", log_prints=True)
 def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None) -> CIOutcome:
     """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal)."""
-    policy = apply_overrides(load_policy_task(config), params or CIParameters())
+    params = params or CIParameters()
+    policy = apply_overrides(load_policy_task(config), params)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     reports = policy.path(policy.stores.reports_dir) / f"ci-{stamp}"
     outcome = CIOutcome(reports_dir=str(reports))
@@ -94,7 +98,7 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
         shutil.rmtree(work, ignore_errors=True)
 
     registered = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, data.x_train.head(50))
-    registered = ci.assign_aliases(policy, registered)
+    registered = ci.assign_aliases(policy, registered, params.rollout_start)
     outcome.version, outcome.aliases, outcome.run_id = registered.version, registered.aliases, registered.run_id
     outcome.rollout_id = registered.rollout_id
     print(f"registered {policy.registry.model_name} v{registered.version} as "

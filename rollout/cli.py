@@ -94,6 +94,122 @@ def ci(
                   + ", ".join("@" + a for a in outcome.aliases) + f"; reports in {outcome.reports_dir}")
 
 
+@app.command()
+def serve(
+    config: str = CONFIG,
+    host: str = typer.Option(None, help="Bind address (default: serving.host)."),
+    port: int = typer.Option(None, help="Port (default: serving.port)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve @champion (and challengers, by the open rollout's mode) over HTTP."""
+    from serving.app import run
+
+    run(_policy(config), host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def simulate(
+    url: str = typer.Option("http://127.0.0.1:8080", help="Base URL of a running `rollout serve`."),
+    config: str = CONFIG,
+    requests: int = typer.Option(1000, help="Single-record requests to send."),
+    days: float = typer.Option(7.0, help="Simulated days the requests are spread over."),
+    label_delay_hours: float = typer.Option(24.0, help="Typical delay before a label arrives."),
+    missing_rate: float = typer.Option(0.1, help="Share of labels that never arrive."),
+    concurrency: int = typer.Option(8, help="Requests in flight."),
+    seed: int = typer.Option(0, help="Seed of the traffic."),
+    drift: float = typer.Option(0.0, help="Shift of the population in the second part of the window."),
+    start: str = typer.Option(None, help="Start of the simulated window (ISO 8601); default: now - days."),
+) -> None:
+    """Send realistic traffic from the example generator and post delayed labels."""
+    from rollout.simulate import simulate as run_simulation
+
+    policy = _policy(config)
+    summary = run_simulation(url, policy, requests=requests, days=days, label_delay_hours=label_delay_hours,
+                             missing_rate=missing_rate, concurrency=concurrency, seed=seed, drift=drift, start=start)
+    console.print(summary)
+
+
+@app.command()
+def evaluate(
+    config: str = CONFIG,
+    now: str = typer.Option(None, help="Evaluate as of this time (ISO 8601, UTC); default: now."),
+    dry_run: bool = typer.Option(False, help="Decide and report, act on nothing."),
+) -> None:
+    """Run the online-evaluation flow once: promote, keep collecting, or reject."""
+    from datetime import datetime
+
+    from flows.online_evaluation import EvaluationParameters, online_evaluation
+
+    _policy(config)
+    params = EvaluationParameters(now=datetime.fromisoformat(now) if now else None, dry_run=dry_run,
+                                  actor="rollout evaluate")
+    outcome = online_evaluation(config=config, params=params)
+    colour = {"promote": "green", "reject": "red"}.get(outcome.action, "yellow")
+    console.print(f"[{colour}]{outcome.action.upper()}[/{colour}]"
+                  + (f" version {outcome.winner}" if outcome.winner else ""))
+    for reason in outcome.reasons:
+        console.print(f"  - {reason}")
+    if outcome.report:
+        console.print(f"report: {outcome.report}")
+
+
+@app.command()
+def rollback(config: str = CONFIG,
+             actor: str = typer.Option("rollout rollback", help="Who is recorded in the audit log.")) -> None:
+    """Restore @previous-champion as @champion, now, and record it."""
+    from datetime import datetime, timezone
+
+    from rollout.evaluation import rollback as do_rollback
+    from rollout.registry import MlflowRegistry
+    from rollout.store import OutcomeStore
+
+    policy = _policy(config)
+    store = OutcomeStore(policy.outcome_url)
+    registry = MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+    try:
+        with store.lock("evaluation"):
+            result = do_rollback(registry, store, datetime.now(timezone.utc), actor)
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"[green]version {result['champion']} is @champion again[/green] (replacing {result['replaced']})")
+
+
+@app.command()
+def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recent entries to show."),
+            show_all: bool = typer.Option(False, "--all", help="Include the hourly 'continue' evaluations.")) -> None:
+    """Which version was champion when, and why: the audit log with every alias move."""
+    from rollout.store import OutcomeStore
+
+    policy = _policy(config)
+    table = Table(title=f"History of {policy.registry.model_name}")
+    for col in ("time (UTC)", "rollout", "decision", "alias moves", "why", "by"):
+        table.add_column(col, overflow="fold")
+    entries = [d for d in OutcomeStore(policy.outcome_url).decisions() if show_all or d.decision != "continue"]
+    for d in entries[-limit:]:
+        moves = ", ".join(f"@{m.get('alias')}: {m.get('from', '-')}→{m.get('to') or '-'}" for m in d.alias_moves)
+        reasons = d.stats.get("reasons") or []
+        why = reasons[0] if reasons else ""
+        table.add_row(d.ts.strftime("%Y-%m-%d %H:%M"), str(d.rollout_id or "-"), d.decision, moves or "-",
+                      why if len(why) <= 240 else why[:237] + "...", d.actor)
+    console.print(table)
+
+
+@app.command("make-suite")
+def make_suite(
+    config: str = CONFIG,
+    output: Path = typer.Option(..., help="Where to write the Great Expectations suite (JSON)."),
+) -> None:
+    """Write a starter Great Expectations suite derived from the policy's training data."""
+    from rollout.data import infer_schema, load_dataset
+    from rollout.validation import build_suite, write_suite
+
+    policy = _policy(config)
+    frame = load_dataset(policy)
+    suite = build_suite(frame, infer_schema(frame, policy.data), output.stem)
+    console.print(f"wrote {len(suite.expectations)} expectations to {write_suite(suite, output)}; review before committing")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m rollout.cli`
     app()
 

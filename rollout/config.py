@@ -193,7 +193,10 @@ class RolloutPolicy(_Strict):
     )
     max_stability_ratio: float = Field(2.0, gt=0, description="Std of the challenger's daily metric over the champion's.")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Challenger error rate, at most (upper bound).")
-    max_latency_p99_ms: float = Field(250.0, gt=0, description="Challenger p99 latency, at most.")
+    max_latency_p99_ms: float = Field(500.0, gt=0, description="Challenger p99 model-call latency (ms), at most.")
+    max_latency_ratio: float = Field(
+        1.5, gt=0, description="Challenger p99 over the champion's p99 in the same rollout, at most."
+    )
     srm_p_value: float = Field(0.001, gt=0, lt=1, description="Sample-ratio mismatch below this p blocks decisions.")
     multiplicity: Literal["bonferroni", "holm"] = Field("bonferroni", description="Across several challengers.")
     proxies: ProxyConfig = Field(default_factory=ProxyConfig)
@@ -283,6 +286,11 @@ class Policy(_Strict):
         return value
 
     @property
+    def local_mlflow(self) -> bool:
+        """True when MLflow runs embedded (a SQLite or file store), not behind a tracking server."""
+        return not self.tracking_uri.startswith(("http://", "https://", "databricks"))
+
+    @property
     def tracking_uri(self) -> str:
         return self.url(self.stores.mlflow_tracking_uri)
 
@@ -331,8 +339,20 @@ def parse_policy(raw: dict[str, Any] | None, base_dir: Path | str = ".") -> Poli
         raise ConfigError("invalid policy:\n  " + "\n  ".join(lines)) from None
 
 
-def load_policy(path: Path | str) -> Policy:
-    """Read and validate a policy file."""
+ENV_PREFIX = "ROLLOUT_"
+
+
+def store_overrides(environ: dict[str, str]) -> dict[str, str]:
+    """`stores.*` fields set by environment (ROLLOUT_MLFLOW_TRACKING_URI, ROLLOUT_OUTCOME_STORE_URL, ...),
+    so one committed policy file runs against the servers of whoever runs it (a worker, CI)."""
+    return {name: environ[ENV_PREFIX + name.upper()] for name in StoresConfig.model_fields
+            if ENV_PREFIX + name.upper() in environ}
+
+
+def load_policy(path: Path | str, environ: dict[str, str] | None = None) -> Policy:
+    """Read and validate a policy file; `stores` fields may be overridden by ROLLOUT_* variables."""
+    import os
+
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"policy file not found: {path}")
@@ -342,6 +362,9 @@ def load_policy(path: Path | str) -> Policy:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    overrides = store_overrides(dict(os.environ) if environ is None else environ)
+    if overrides:
+        raw["stores"] = {**(raw.get("stores") or {}), **overrides}
     try:
         return parse_policy(raw, path.parent.resolve())
     except ConfigError as exc:

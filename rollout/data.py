@@ -47,7 +47,8 @@ def example_dataset(
 ) -> pd.DataFrame:
     """A loan-approval table: numeric and categorical features, nulls, a VIP tier, a timestamp.
 
-    `drift` shifts incomes down and debt up (in standard deviations), `new_levels` adds loan
+    `drift` shifts incomes down and debt up (in standard deviations) and changes how approval
+    depends on them (debt weighs more, credit history and tier less), `new_levels` adds loan
     purposes and a region the base data never had, `label_noise` flips that share of labels.
     """
     rng = np.random.default_rng(seed)
@@ -66,13 +67,14 @@ def example_dataset(
     regions = REGIONS + (NEW_REGIONS if new_levels else ())
     region = rng.choice(regions, size=n)
 
+    # Drift is also a change of lending policy: debt weighs more, tier and history less.
     logit = (
         -0.4
-        + 0.012 * (credit_score - 680)
-        - 6.0 * (dti - 0.32)
+        + 0.012 * (1 - 0.5 * min(drift, 1.5)) * (credit_score - 680)
+        - 6.0 * (1 + 1.5 * drift) * (dti - 0.32)
         - 1.8 * (loan_amount / income - 0.5)
         + 0.05 * employment_years
-        + 0.8 * tier_boost
+        + 0.8 * (1 - 0.6 * min(drift, 1.5)) * tier_boost
         + np.select([purpose == "business", purpose == "home"], [-0.5, 0.3], 0.0)
         + np.where(home == "own", 0.3, 0.0)
     )

@@ -116,6 +116,7 @@ def gather(store: OutcomeStore, rollout: Rollout, policy: Policy, now: datetime,
         champion_ipw=ipw.get(champion),
         served=served,
         expected_shares=shares,
+        champion_latency_p99_ms=latency.get(champion),
     )
 
 

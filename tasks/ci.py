@@ -20,7 +20,7 @@ from rollout.config import Policy
 from rollout.data import Schema, data_hash, infer_schema, load_dataset, read_table
 from rollout.scoring import model_outputs, metric_value
 from rollout.validation import drift_report, validate
-from tasks.common import artifact_key
+from tasks.common import artifact_key, mlflow_experiment
 
 
 @task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -218,12 +218,7 @@ def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.Dat
 
     import mlflow
 
-    mlflow.set_tracking_uri(policy.tracking_uri)
-    mlflow.set_registry_uri(policy.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(policy.registry.experiment)
-    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
-        policy.registry.experiment, artifact_location=policy.path(policy.stores.mlflow_artifacts).resolve().as_uri()
-    )
+    experiment_id = mlflow_experiment(policy, policy.registry.experiment)
     reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
     sha, digest = git_sha(policy.base_dir), data_hash(frame)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ci-{policy.estimator.name}") as run:
@@ -250,7 +245,7 @@ def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.Dat
 
 
 @task(name="assign-aliases", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
-def assign_aliases(policy: Policy, registered: Registered) -> Registered:
+def assign_aliases(policy: Policy, registered: Registered, rollout_start: Any = None) -> Registered:
     """First model: @champion when the policy allows. Otherwise @challenger (or the next
     `challenger-N` in abn mode) and a rollout opened in the policy's mode."""
     from rollout.rollouts import plan_rollout
@@ -274,7 +269,7 @@ def assign_aliases(policy: Policy, registered: Registered) -> Registered:
     for alias, version in plan.versions.items():
         if alias != registry.CHAMPION and aliases.get(alias) != version:
             reg.set_alias(alias, version)
-    rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights)
+    rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights, started_at=rollout_start)
     mine = [a for a, v in plan.versions.items() if v == registered.version]
     create_markdown_artifact(
         f"Registered version **{registered.version}** as " + ", ".join(f"`@{a}`" for a in mine)

@@ -20,6 +20,25 @@ def load_policy_task(path: str) -> Policy:
     return load_policy(path)
 
 
+def mlflow_experiment(policy: Policy, name: str) -> str:
+    """Point MLflow at the policy's tracking URI and return the id of experiment `name`, created if needed.
+
+    Embedded MLflow keeps artifacts in the policy's folder; a tracking server decides for itself.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(policy.tracking_uri)
+    mlflow.set_registry_uri(policy.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    location = policy.path(policy.stores.mlflow_artifacts).resolve().as_uri() if policy.local_mlflow else None
+    try:
+        return str(mlflow.create_experiment(name, artifact_location=location))
+    except mlflow.exceptions.MlflowException:  # created by a concurrent run
+        return str(mlflow.get_experiment_by_name(name).experiment_id)
+
+
 def artifact_key(text: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")

@@ -19,6 +19,7 @@ from rollout.data import infer_schema, load_dataset
 from rollout.decision import Decision, Evidence, decide
 from rollout.report import Look, difference_plot, evaluation_markdown
 from rollout.store import OutcomeStore, Rollout
+from tasks.common import mlflow_experiment
 
 
 def open_registry(policy: Policy) -> registry.MlflowRegistry:
@@ -92,11 +93,7 @@ def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datet
     (folder / f"evaluation-{stamp}.json").write_text(json.dumps(decision.to_dict(), indent=2))
     create_markdown_artifact(markdown, key=f"evaluation-rollout-{rollout.rollout_id}",
                              description=f"Online evaluation: {decision.action}")
-    mlflow.set_tracking_uri(policy.tracking_uri)
-    experiment = mlflow.get_experiment_by_name("rollout-evaluation")
-    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(
-        "rollout-evaluation", artifact_location=policy.path(policy.stores.mlflow_artifacts).resolve().as_uri()
-    )
+    experiment_id = mlflow_experiment(policy, "rollout-evaluation")
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"rollout-{rollout.rollout_id}-{stamp}"):
         mlflow.set_tags({"rollout_id": rollout.rollout_id, "decision": decision.action,
                          "champion": rollout.versions["champion"]})

@@ -77,14 +77,18 @@ def ceiling_check(name: str, events: int, trials: int, ceiling: float, alpha: fl
     return GuardrailResult(name, "pending", value, upper, ceiling, f"{shown}: not yet shown within the max {ceiling}.")
 
 
-def latency_check(p99_ms: float | None, max_ms: float) -> GuardrailResult:
-    """Challenger p99 latency against the policy's maximum (no bound: p99 is already a tail statistic)."""
-    if p99_ms is None or not math.isfinite(p99_ms):
-        return GuardrailResult("latency_p99_ms", "pending", None, None, max_ms, "Latency p99 not measured yet.")
-    ok = p99_ms <= max_ms
+def latency_check(p99: float | None, limit: float, name: str = "latency_p99_ms", unit: str = "ms") -> GuardrailResult:
+    """Challenger p99 latency (in ms, or as a ratio to the champion's) against the policy's limit.
+
+    No bound: p99 is already a tail statistic.
+    """
+    if p99 is None or not math.isfinite(p99):
+        return GuardrailResult(name, "pending", None, None, limit, "Latency p99 not measured yet.")
+    ok = p99 <= limit
     verb = "within" if ok else "above"
+    what = "Latency p99" if unit == "ms" else "Latency p99 relative to the champion's"
     return GuardrailResult(
-        "latency_p99_ms", "pass" if ok else "fail", p99_ms, p99_ms, max_ms, f"Latency p99 {p99_ms:.1f} ms is {verb} the max {max_ms:.1f} ms."
+        name, "pass" if ok else "fail", p99, p99, limit, f"{what} {p99:.2f} {unit} is {verb} the max {limit:.2f} {unit}."
     )
 
 

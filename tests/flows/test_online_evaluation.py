@@ -53,10 +53,11 @@ def world(tmp_path: Path):
 
 
 def log_shadow(store: OutcomeStore, rollout_id: int, n: int, champion_acc: float, challenger_acc: float,
-               seed: int = 0, days: float = 3.0, vip_challenger_fp: bool = False, challenger_share: float = 1.0):
+               seed: int = 0, days: float = 3.0, vip_challenger_fp: bool = False, challenger_share: float = 1.0,
+               start: datetime = START):
     """Paired shadow outcomes: both versions score each request; labels arrive for all of them."""
     rng = np.random.default_rng(seed)
-    ts = START + timedelta(seconds=1)
+    ts = start + timedelta(seconds=1)
     rows, labels = [], []
     for i in range(n):
         at = ts + timedelta(seconds=float(i) * days * 86400 / n)

@@ -1,0 +1,252 @@
+"""Simulation study of the promotion engine: error rates, power, sample sizes, coverage, multiplicity,
+bandit bias and regret, drift false alarms. Every figure is printed with its target; the last line of
+stdout is one JSON object with all of them.
+
+    .venv/bin/python benchmarks/statistics.py            # 10,000 runs per cell (drift: 1,000)
+    .venv/bin/python benchmarks/statistics.py --quick    # 1,000 runs per cell (drift: 100)
+
+Scenario (the example policy): shadow rollout on 0/1 loss, the two models disagree on 20% of requests,
+non-inferiority margin 0.01, one-sided alpha 0.05, power 0.8 at a true difference of 0 (the planned
+effect), 100 matured outcomes an hour, evaluated hourly for 14 days (336 looks).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+# This file is named like the stdlib module `statistics`: keep its folder off the front of the path so
+# that `import statistics` in any library finds the stdlib, and put it last so `_common` still imports.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from _common import emit_json, parser, print_table, verdict  # noqa: E402
+from rollout.config import DataConfig, DriftConfig  # noqa: E402
+from rollout.data import example_dataset, infer_schema  # noqa: E402
+from rollout.stats import sequential, simulation  # noqa: E402
+from rollout.validation import drift_report  # noqa: E402
+
+MARGIN = 0.01
+ALPHA = 0.05
+POWER = 0.8
+MDE = 0.0  # planned true difference (non-inferiority: "no worse")
+DISAGREEMENT = 0.2
+LOOKS = 336  # hourly for 14 days
+PER_LOOK = 100  # matured outcomes an hour
+MULTIPLES = (0.0, 0.5, 1.0, 1.5, 2.0)
+TRAIN_ROWS = 6000  # the example policy's training table
+WINDOWS = (2000, 5000)  # production rows compared with it
+
+
+def mc_se(p: float, runs: int) -> float:
+    return math.sqrt(p * (1 - p) / runs)
+
+
+def expected_samples(
+    rng: np.random.Generator, design: simulation.Design, multiple: float, runs: int, n_fixed: float, max_n: float,
+    n_star: float,
+) -> tuple[float, float, float]:
+    """(E[samples to decision] / n_fixed, its MC SE, promotion rate) when the true distance above the null is
+    `multiple` x the planned one; decisions as the engine makes them (promote: lower > -M, reject: upper < -M),
+    looks equally spaced up to the design's maximum, an undecided run counted at the maximum."""
+    effect = -MARGIN + multiple * (MDE + MARGIN)
+    looks = np.unique(np.ceil(max_n * np.arange(1, LOOKS + 1) / LOOKS).astype(np.int64))
+    paths = simulation.paired_paths(rng, runs, looks, effect, DISAGREEMENT)
+    with np.errstate(invalid="ignore"):  # inf width x zero SE at tiny n: no decision there anyway
+        lower = simulation.lower_bounds(paths, design, MARGIN, ALPHA, n_star, float(looks[-1]))
+        mean, _ = paths.mean_se()
+        upper = 2 * mean - lower  # the bounds are symmetric about the estimate
+        promote, reject = lower > -MARGIN, upper < -MARGIN
+    decided = promote | reject
+    ever = decided.any(axis=1)
+    first = np.where(ever, decided.argmax(axis=1), looks.size - 1)
+    stop = looks[first] / n_fixed
+    promoted = ever & promote[np.arange(runs), first]
+    return float(stop.mean()), float(stop.std(ddof=1) / math.sqrt(runs)), float(promoted.mean())
+
+
+def thompson_regret(rng: np.random.Generator, runs: int, p_arms: tuple[float, ...]) -> tuple[float, float, float]:
+    """(mean regret of Thompson allocation, regret of a uniform split, MC SE of the first) in lost successes."""
+    res = simulation.simulate_thompson(rng, n_runs=runs, p_arms=p_arms)
+    gap = max(p_arms) - np.asarray(p_arms)
+    regret = res.counts @ gap
+    uniform = res.counts.sum(axis=1).mean() / len(p_arms) * gap.sum()
+    return float(regret.mean()), float(uniform), float(regret.std(ddof=1) / math.sqrt(runs))
+
+
+def drift_alarms(seed: int, runs: int, window: int) -> dict[str, float]:
+    """Share of null runs (training and production drawn from the same generator, fresh seeds each run)
+    in which the drift rule flags any feature; and how often each half of the rule alone would have."""
+    seeds = np.random.SeedSequence(seed).generate_state(2 * runs)
+    rule = test_only = effect_only = 0
+    for r in range(runs):
+        train = example_dataset(rows=TRAIN_ROWS, seed=int(seeds[2 * r]))
+        prod = example_dataset(rows=window, seed=int(seeds[2 * r + 1]))
+        report = drift_report(train, prod, infer_schema(train, DataConfig()), DriftConfig())
+        rule += not report.passed
+        test_only += any(f.p_value < f.p_max for f in report.features)
+        effect_only += any(f.effect_size > f.effect_max for f in report.features)
+    return {"rule": rule / runs, "test_only": test_only / runs, "effect_only": effect_only / runs}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, help="runs per cell (default 10,000; --quick 1,000)")
+    p.add_argument("--drift-runs", type=int, help="runs per drift cell (default 1,000; --quick 100)")
+    args = p.parse_args()
+    runs = args.runs or (1000 if args.quick else 10_000)
+    drift_runs = args.drift_runs or (100 if args.quick else 1000)
+    cells = iter(np.random.SeedSequence(args.seed).spawn(32))  # one independent stream per cell
+
+    def rng() -> np.random.Generator:
+        return np.random.default_rng(next(cells))
+
+    started = time.perf_counter()
+    sigma = math.sqrt(DISAGREEMENT - MDE**2)
+    mix = sequential.plan_mixture(sigma, MDE, MARGIN, ALPHA, POWER)
+    gsd = sequential.plan_group_sequential(sigma, MDE, MARGIN, ALPHA, POWER, looks=LOOKS)
+    se_alpha = mc_se(ALPHA, runs)
+    alpha_limit = ALPHA + 2 * se_alpha
+    rows: list[list] = []
+    out: dict = {"runs": runs, "drift_runs": drift_runs, "seed": args.seed, "n_fixed": mix.n_fixed}
+    print(f"runs per cell {runs:,}; n_fixed {mix.n_fixed:,.0f}; mixture cap {mix.cap:,.0f}; "
+          f"OBF max_samples {gsd.max_samples:,.0f}; hourly looks of {PER_LOOK} for {LOOKS} h", flush=True)
+
+    # ---- false promotion at a true difference of exactly -margin, hourly looks for 14 days
+    common = dict(n_looks=LOOKS, per_look=PER_LOOK, margin=MARGIN, alpha=ALPHA, power=POWER, mde=MDE,
+                  disagreement=DISAGREEMENT)
+    with np.errstate(invalid="ignore"):
+        fp = {
+            "mixture": simulation.simulate_false_promotion(rng(), "mixture", n_runs=runs, **common),
+            "obf": simulation.simulate_false_promotion(rng(), "obf", n_runs=runs, max_samples=gsd.max_samples, **common),
+            "naive": simulation.simulate_false_promotion(rng(), "naive", n_runs=runs, **common),
+        }
+    for name in ("mixture", "obf"):
+        r = fp[name]
+        out[f"false_promotion_{name}"] = r.rate
+        rows.append([f"false promotion, hourly looks, {name}", r.rate, r.mc_se, f"<= {alpha_limit:.4f} (alpha+2SE)",
+                     verdict(r.rate <= alpha_limit)])
+    r = fp["naive"]
+    out["false_promotion_naive"] = r.rate
+    rows.append(["false promotion, hourly looks, naive z", r.rate, r.mc_se, "0.38-0.46 (reference)",
+                 verdict(0.38 <= r.rate <= 0.46)])
+
+    # ---- power at the planned maximum, and what the maximum costs
+    with np.errstate(invalid="ignore"):
+        pw = {d: simulation.simulate_power(rng(), d, n_runs=runs, **{k: v for k, v in common.items() if k != "per_look"})
+              for d in ("mixture", "obf")}
+    for name, r in pw.items():
+        limit = POWER - 2 * mc_se(POWER, runs)
+        out[f"power_at_cap{'' if name == 'mixture' else '_obf'}"] = r.rate
+        rows.append([f"power at the planned max, {name}", r.rate, r.mc_se, f">= {limit:.4f} (0.80-2SE)",
+                     verdict(r.rate >= limit)])
+    out["cap_over_n_fixed"] = mix.cap / mix.n_fixed
+    out["obf_max_over_n_fixed"] = gsd.inflation
+    rows.append(["cap / n_fixed, mixture", mix.cap / mix.n_fixed, "", "~1.64 +-5% (DESIGN)",
+                 verdict(abs(mix.cap / mix.n_fixed / 1.64 - 1) <= 0.05)])
+    rows.append(["max_samples / n_fixed, OBF", gsd.inflation, "", "~1.07 +-5% (DESIGN)",
+                 verdict(abs(gsd.inflation / 1.07 - 1) <= 0.05)])
+
+    # ---- expected samples to decision / n_fixed at multiples of the planned distance from the null
+    expected: dict[str, dict[str, float]] = {"mixture": {}, "obf": {}}
+    promoted: dict[str, dict[str, float]] = {"mixture": {}, "obf": {}}
+    ses: dict[str, dict[str, float]] = {"mixture": {}, "obf": {}}
+    exp_rows: list[list] = []
+    for design, max_n in (("mixture", mix.cap), ("obf", gsd.max_samples)):
+        for k in MULTIPLES:
+            ratio, se, prom = expected_samples(rng(), design, k, runs, mix.n_fixed, max_n, mix.n_star)
+            expected[design][f"{k:g}x"] = ratio
+            promoted[design][f"{k:g}x"] = prom
+            ses[design][f"{k:g}x"] = se
+            exp_rows.append([design, f"{k:g}x", -MARGIN + k * (MDE + MARGIN), ratio, se, prom])
+    out["expected_n_ratio"] = expected
+    out["promotion_rate_at_multiple"] = promoted
+    plan_mix, plan_obf = mix.expected_n / mix.n_fixed, gsd.expected_n / gsd.n_fixed
+    rows.append(["E[n to decision]/n_fixed at 1x, mixture", expected["mixture"]["1x"], ses["mixture"]["1x"],
+                 f"<= {plan_mix:.3f} (plan) +2SE", verdict(expected["mixture"]["1x"] <= plan_mix + 2 * ses["mixture"]["1x"])])
+    rows.append(["E[n to decision]/n_fixed at 1x, OBF", expected["obf"]["1x"], ses["obf"]["1x"], "~0.78 +-0.05 (DESIGN)",
+                 verdict(abs(expected["obf"]["1x"] - 0.78) <= 0.05)])
+
+    # ---- time-uniform coverage of the mixture confidence sequence over the 336 looks
+    cov = simulation.simulate_coverage(rng(), n_runs=runs, n_looks=LOOKS, per_look=PER_LOOK, effect=MDE,
+                                       alpha=ALPHA / 2, n_star=mix.n_star, disagreement=DISAGREEMENT)
+    cov_one = simulation.simulate_coverage(rng(), n_runs=runs, n_looks=LOOKS, per_look=PER_LOOK, effect=MDE,
+                                           alpha=ALPHA, n_star=mix.n_star, disagreement=DISAGREEMENT)
+    out["coverage"] = cov.both
+    out["coverage_lower_one_sided"] = cov_one.lower
+    limit = 0.95 - 2 * mc_se(0.95, runs)
+    rows.append(["coverage at every look, two-sided 95% CS", cov.both, mc_se(cov.both, runs),
+                 f">= {limit:.4f} (0.95-2SE)", verdict(cov.both >= limit)])
+    rows.append(["coverage at every look, lower bound (alpha .05)", cov_one.lower, mc_se(cov_one.lower, runs),
+                 f">= {limit:.4f} (0.95-2SE)", verdict(cov_one.lower >= limit)])
+
+    # ---- A/B/C: two challengers equal to the champion, shared control, fixed-horizon one-sided z tests
+    rho = 0.5  # correlation of the two z statistics through the shared control
+    exact = 1 - stats.multivariate_normal(cov=[[1, rho], [rho, 1]]).cdf([stats.norm.ppf(1 - ALPHA)] * 2)
+    for corr in ("none", "bonferroni", "holm"):
+        rate = simulation.simulate_family_wise_error(rng(), n_runs=runs, challengers=2, alpha=ALPHA, correction=corr)
+        key = "fwer_uncorrected" if corr == "none" else f"fwer_{corr}"
+        out[key] = rate
+        if corr == "none":
+            rows.append(["FWER A/B/C, uncorrected", rate, mc_se(rate, runs), f"{exact:.4f} +-2SE (exact; DESIGN ~0.088)",
+                         verdict(abs(rate - exact) <= 2 * mc_se(exact, runs))])
+        else:
+            rows.append([f"FWER A/B/C, {corr}", rate, mc_se(rate, runs), f"<= {alpha_limit:.4f} (alpha+2SE)",
+                         verdict(rate <= alpha_limit)])
+
+    # ---- bandit: bias of naive vs IPW means after Thompson allocation (equal arms), and regret
+    bandit = simulation.simulate_thompson(rng(), n_runs=runs)
+    nb, nb_se = bandit.bias(bandit.naive)
+    hb, hb_se = bandit.bias(bandit.horvitz_thompson)
+    jb, _ = bandit.bias(bandit.hajek)
+    worst = int(np.argmax(np.abs(hb) / hb_se))
+    out.update(naive_bias=float(nb.mean()), ipw_bias=float(hb[worst]), hajek_bias=float(jb.mean()),
+               naive_false_positive=bandit.naive_false_positive, ipw_false_positive=bandit.ipw_false_positive)
+    rows.append(["bandit naive bias (mean over arms)", float(nb.mean()), float(nb_se.max()), "< -3SE (detectable)",
+                 verdict(bool(np.all(nb < -3 * nb_se)))])
+    rows.append(["bandit IPW (Horvitz-Thompson) bias, worst arm", float(hb[worst]), float(hb_se[worst]), "|bias| <= 3SE",
+                 verdict(bool(np.all(np.abs(hb) <= 3 * hb_se)))])
+    rows.append(["bandit Hajek bias (mean over arms)", float(jb.mean()), "", "|.| < |naive|/4",
+                 verdict(bool(np.all(np.abs(jb) < np.abs(nb) / 4)))])
+    rows.append(["bandit naive z false positives", bandit.naive_false_positive,
+                 mc_se(bandit.naive_false_positive, runs), "> alpha+2SE (DESIGN ~0.13)",
+                 verdict(bandit.naive_false_positive > alpha_limit)])
+    rows.append(["bandit IPW z false positives", bandit.ipw_false_positive, mc_se(bandit.ipw_false_positive, runs),
+                 f"<= {alpha_limit:.4f} (alpha+2SE)", verdict(bandit.ipw_false_positive <= alpha_limit)])
+    arms = (0.50, 0.55)
+    regret, uniform, regret_se = thompson_regret(rng(), runs, arms)
+    out.update(bandit_regret=regret, uniform_regret=uniform, bandit_regret_ratio=regret / uniform)
+    rows.append([f"bandit regret / uniform split, arms {arms}", regret / uniform, regret_se / uniform, "< 1",
+                 verdict(regret / uniform < 1)])
+
+    # ---- drift rule on null data
+    out["drift_false_alarm"] = {}
+    for i, window in enumerate(WINDOWS):
+        alarms = drift_alarms(args.seed + 1000 + i, drift_runs, window)
+        out["drift_false_alarm"][str(window)] = alarms
+        rate = alarms["rule"]
+        rows.append([f"drift false alarms, {TRAIN_ROWS:,} train vs {window:,} prod", rate, mc_se(max(rate, 0.01), drift_runs),
+                     "<= 0.01", verdict(rate <= 0.01)])
+    out["drift_false_alarm_rate"] = max(v["rule"] for v in out["drift_false_alarm"].values())
+
+    print_table("Promotion engine by simulation (SE = Monte Carlo standard error)",
+                ["figure", "value", "SE", "target", "status"], rows)
+    print_table("Expected samples to decision / n_fixed (stop at promote or reject; undecided = the design's max)",
+                ["design", "multiple", "true diff", "E[n]/n_fixed", "SE", "P(promote)"], exp_rows)
+    print_table("Drift rule on null data: share of runs with any feature flagged",
+                ["production rows", "rule (p AND effect)", "test p only", "effect only"],
+                [[w, a["rule"], a["test_only"], a["effect_only"]] for w, a in
+                 ((int(k), v) for k, v in out["drift_false_alarm"].items())])
+    out["misses"] = [r[0] for r in rows if r[-1] == "MISS"]
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"\n{len(rows) - len(out['misses'])}/{len(rows)} figures on target; {out['seconds']} s")
+    emit_json(out)
+
+
+if __name__ == "__main__":
+    main()

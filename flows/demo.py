@@ -1,0 +1,220 @@
+"""`make demo`: the whole lifecycle on the embedded default (SQLite stores, local MLflow, ephemeral Prefect).
+
+Bootstrap a champion; the world drifts and ci-pipeline produces a challenger; both are served over
+real HTTP in shadow mode; simulated traffic and delayed labels arrive day by day; online-evaluation
+runs after every simulated half-day until it decides; serving follows the promotion. Then a model
+trained on stale data goes out in A/B mode and is rejected, and traffic returns to the champion.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+console = Console()
+DRIFT = 1.2  # the new regime: lower incomes, more debt
+
+
+@dataclass
+class Step:
+    what: str
+    result: str
+    numbers: str = ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_policy(workdir: Path, mode: str) -> Path:
+    """The example policy with its stores inside the demo folder and the demo's time compression."""
+    policy = yaml.safe_load((ROOT / "rollout.yaml").read_text())
+    policy["ci"]["expectations_suite"] = str(ROOT / "expectations" / "loan_training.json")
+    policy["rollout"].update({"mode": mode, "exposure": 0.4, "min_samples": 1000, "min_duration_hours": 24,
+                              "label_delay_hours": 12, "max_duration_days": 14})
+    policy["serving"] = {"reload_interval_s": 1.0}
+    policy["stores"] = {"mlflow_tracking_uri": "sqlite:///mlflow.db", "outcome_store_url": "sqlite:///outcomes.db",
+                        "mlflow_artifacts": "mlartifacts", "reports_dir": "reports"}
+    path = workdir / "rollout.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
+class Server:
+    """`rollout serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, config: Path, token: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "ROLLOUT_TOKEN": token}
+        self.log = open(config.parent / "serve.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rollout.cli", "serve", "--config", str(config), "--port", str(self.port),
+             "--log-level", "warning"], env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=config.parent)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rollout serve exited; see {config.parent / 'serve.log'}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("rollout serve did not become healthy in 120 s")
+
+    def routing(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/routing", timeout=10).json()
+
+    def wait_for(self, check, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.time() + timeout
+        view = self.routing()
+        while not check(view) and time.time() < deadline:
+            time.sleep(0.5)
+            view = self.routing()
+        return view
+
+    def stop(self) -> None:
+        self.proc.terminate()  # SIGTERM: uvicorn drains the log queue before exiting
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def arms(view: dict[str, Any]) -> str:
+    parts = [f"{a['role']}=v{a['version']}" + (f" ({a['weight']:.0%})" if view["mode"] in ("ab", "abn", "bandit")
+                                                else "") for a in view["arms"]]
+    parts += [f"{s['role']}=v{s['version']} (shadow)" for s in view.get("shadows", [])]
+    return f"{view['mode']}: " + ", ".join(parts)
+
+
+def run_rollout(config: Path, server: Server, token: str, drift: float, days: int, per_day: int,
+                seed: int, steps: list[Step]) -> Any:
+    """Traffic and labels half a day at a time from the rollout's start, online-evaluation after each,
+    until it decides: the hourly schedule, compressed."""
+    from flows.online_evaluation import EvaluationParameters, online_evaluation
+    from rollout.config import load_policy
+    from rollout.simulate import simulate
+    from rollout.store import OutcomeStore
+
+    policy = load_policy(config)
+    day0 = OutcomeStore(policy.outcome_url).current_rollout().started_at
+    outcome = None
+    for half in range(days * 2):
+        start = day0 + timedelta(hours=12 * half)
+        with console.status(f"day {half / 2:.1f}: {per_day // 2} requests and their labels..."):
+            summary = simulate(server.url, policy, requests=per_day // 2, days=0.5, label_delay_hours=6,
+                               missing_rate=0.05, concurrency=16, seed=seed + half, start=start, drift=drift,
+                               drift_start=0.0, token=token, send_pending=True)
+        with console.status("online-evaluation..."):
+            outcome = online_evaluation(config=str(config), params=EvaluationParameters(
+                now=start + timedelta(hours=12), actor="demo schedule"))
+        lead = outcome.reasons[0] if outcome.reasons else ""
+        console.print(f"  day {(half + 1) / 2:>4.1f}  {summary.predicted:>5} served  "
+                      f"[bold]{outcome.action:>8}[/bold]  {lead[:110]}")
+        if outcome.action != "continue":
+            steps.append(Step(f"online-evaluation after {(half + 1) / 2:.1f} simulated days",
+                              outcome.action + (f" v{outcome.winner}" if outcome.winner else ""),
+                              "; ".join(outcome.reasons)[:400]))
+            return outcome
+    steps.append(Step("online-evaluation", "still collecting at the end of the demo window"))
+    return outcome
+
+
+def main() -> None:
+    # The demo tells its story with rich; Prefect's per-task INFO lines would drown it (they are in the UI).
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this machine may have no network
+    from flows.ci_pipeline import CIParameters, ci_pipeline
+    from rollout.cli import gate_table
+    from rollout.config import load_policy
+    from rollout.store import OutcomeStore
+
+    began = time.time()
+    workdir = ROOT / ".rollout" / "demo"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    token = secrets.token_hex(16)
+    steps: list[Step] = []
+    config = write_policy(workdir, mode="shadow")
+    console.print(Panel.fit(f"rollout demo in {workdir}\nPolicy: {config}", title="rollout"))
+
+    console.rule("1. Bootstrap: the first model becomes @champion")
+    first = ci_pipeline(config=str(config), params=CIParameters(example_seed=7))
+    console.print(gate_table(first.gates))
+    steps.append(Step("ci-pipeline on the original data", f"v{first.version} @" + ",@".join(first.aliases)))
+
+    console.rule(f"2. The population drifts (drift={DRIFT}); ci-pipeline trains a challenger on recent data")
+    second = ci_pipeline(config=str(config), params=CIParameters(example_drift=DRIFT, example_seed=8))
+    console.print(gate_table(second.gates))
+    steps.append(Step("ci-pipeline on drifted data", f"v{second.version} @" + ",@".join(second.aliases),
+                      f"rollout {second.rollout_id} opened in shadow mode"))
+
+    console.rule("3. Serve both over HTTP in shadow mode; traffic and labels arrive day by day")
+    server = Server(config, token)
+    try:
+        console.print(f"serving at {server.url}  ->  {arms(server.routing())}")
+        decided = run_rollout(config, server, token, DRIFT, days=7, per_day=2400, seed=100, steps=steps)
+        if decided is not None and decided.action == "promote":
+            view = server.wait_for(lambda v: v["arms"][0]["version"] == decided.winner and not v.get("shadows"))
+            console.print(f"serving follows: {arms(view)}")
+            steps.append(Step("serving after promotion", arms(view)))
+
+        console.rule("4. A model trained on stale (pre-drift) data goes out in A/B mode")
+        write_policy(workdir, mode="ab")
+        # The next rollout starts where the simulated clock of the last one stopped.
+        last = OutcomeStore(load_policy(config).outcome_url).decisions()[-1].ts
+        third = ci_pipeline(config=str(config), params=CIParameters(example_drift=0.0, example_seed=9,
+                                                                    rollout_start=last + timedelta(hours=1)))
+        console.print(gate_table(third.gates))
+        steps.append(Step("ci-pipeline on stale data", f"v{third.version} @" + ",@".join(third.aliases),
+                          f"rollout {third.rollout_id} opened in A/B mode"))
+        view = server.wait_for(lambda v: v["mode"] == "ab")
+        console.print(f"serving: {arms(view)}")
+        run_rollout(config, server, token, DRIFT, days=7, per_day=2400, seed=500, steps=steps)
+        view = server.wait_for(lambda v: len(v["arms"]) == 1 and not v.get("shadows"))
+        console.print(f"traffic returns to the champion: {arms(view)}")
+        steps.append(Step("serving after rejection", arms(view)))
+    finally:
+        server.stop()
+
+    policy = load_policy(config)
+    store = OutcomeStore(policy.outcome_url)
+    summary = Table(title="What happened")
+    for col in ("step", "result", "numbers"):
+        summary.add_column(col, overflow="fold")
+    for step in steps:
+        summary.add_row(step.what, step.result, step.numbers)
+    console.print(summary)
+    console.print(f"Logged predictions: {store.count_predictions():,}; audit log entries: {len(store.decisions())}")
+    console.print(Panel.fit(
+        f"Reports:      {policy.path(policy.stores.reports_dir)}\n"
+        f"History:      .venv/bin/rollout history --config {config}\n"
+        f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {policy.tracking_uri} "
+        f"--default-artifact-root {policy.path('mlartifacts').resolve()}\n"
+        f"Prefect UI:   .venv/bin/prefect server start   (then open http://127.0.0.1:4200; the demo's runs are there)\n"
+        f"Took {time.time() - began:.0f} s.", title="Where to look"))
+
+
+if __name__ == "__main__":
+    main()
