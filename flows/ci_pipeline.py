@@ -80,11 +80,17 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     gate(ci.check_drift(policy, frame, schema))
 
     data = ci.split_data(policy, frame, schema)
-    cv = ci.cross_validate(policy, schema, data)
+    # Folds, the loss curve, the final fit and the champion's download are independent: they run
+    # concurrently on the flow's task runner (threads by default, a Dask cluster when given).
+    folds = [ci.cv_fold.submit(policy, schema, data, i) for i in range(policy.ci.cv_folds)]
+    curve = ci.loss_curve.submit(policy, schema, data)
+    fitted = ci.fit_candidate.submit(policy, schema, data)
+    champion_loaded = ci.load_champion.submit(policy)
+    cv = ci.combine_cv(policy, [f.result() for f in folds], curve.result())
     gate(ci.overfit_result(policy, cv))
-    model = ci.fit_candidate(policy, schema, data)
+    model = fitted.result()
 
-    champion_version, champion = ci.load_champion(policy)
+    champion_version, champion = champion_loaded.result()
     held = ci.score_held_out(policy, schema, data, model, champion, champion_version)
     for result in ci.quality_results(policy, held):
         gate(result)

@@ -56,11 +56,12 @@ def config_reference() -> None:
                 continue
             ann = field.annotation
             if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                console.print(f"[bold]{prefix}{name}[/bold]: {ann.__doc__ or ''}".rstrip())
+                console.print(f"[bold]{prefix}{name}[/bold]: {ann.__doc__ or ''}".rstrip(), soft_wrap=True)
                 walk(ann, f"{prefix}{name}.")
             else:
                 default = field.get_default(call_default_factory=True)
-                console.print(f"  {prefix}{name} = {default!r}  # {field.description or ''}")
+                console.print(f"  {prefix}{name} = {default!r}  # {field.description or ''}", soft_wrap=True,
+                              markup=False)
 
     walk(Root, "")
 
@@ -72,15 +73,19 @@ def ci(
     drift: float = typer.Option(None, help="Override data.example.drift."),
     seed: int = typer.Option(None, help="Override data.example.seed."),
     estimator: str = typer.Option(None, help="Override estimator.name."),
+    dask: bool = typer.Option(False, help="Run CV folds and stress on a local Dask cluster."),
+    dask_address: str = typer.Option(None, help="Run them on the Dask scheduler at this address instead."),
 ) -> None:
     """Run the ci-pipeline flow: validate, train with CV, gate, stress, register @challenger."""
     from flows.ci_pipeline import CIParameters, ci_pipeline
+    from flows.runners import dask_runner
     from rollout.gates import GateFailed
 
     _policy(config)
     params = CIParameters(data_source=data_source, example_drift=drift, example_seed=seed, estimator=estimator)
+    flow = ci_pipeline.with_options(task_runner=dask_runner(dask_address)) if (dask or dask_address) else ci_pipeline
     try:
-        outcome = ci_pipeline(config=config, params=params)
+        outcome = flow(config=config, params=params)
     except GateFailed as exc:
         results = exc.outcome.gates if exc.outcome else [exc.result]
         console.print(gate_table(results))

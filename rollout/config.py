@@ -113,7 +113,7 @@ class LatencyBudget(_Strict):
 class StressConfig(_Strict):
     """How hard the stress test pushes the candidate."""
 
-    single_requests: int = Field(200, ge=10, description="Single-row calls per model.")
+    single_requests: int = Field(100, ge=10, description="Single-row calls per model.")
     batch_size: int = Field(1000, ge=1, description="Rows per batch call.")
     batches: int = Field(20, ge=3, description="Batch calls per model.")
     budget: LatencyBudget = Field(default_factory=LatencyBudget)
@@ -189,7 +189,8 @@ class RolloutPolicy(_Strict):
     max_duration_days: float = Field(14.0, gt=0, description="Horizon: undecided by then = inconclusive.")
     label_delay_hours: float = Field(0.0, ge=0, description="Requests younger than this are not yet matured.")
     segment_guardrails: list[SegmentGuardrail] = Field(
-        default_factory=lambda: [SegmentGuardrail(segment="VIP", metric="precision", min=0.9)]
+        default_factory=lambda: [SegmentGuardrail(segment="VIP", metric="precision", min=0.6)],
+        description="Floors on segments of data.segment_column; a breach with confidence rejects.",
     )
     max_stability_ratio: float = Field(2.0, gt=0, description="Std of the challenger's daily metric over the champion's.")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Challenger error rate, at most (upper bound).")

@@ -23,9 +23,10 @@ import json
 import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,6 +88,15 @@ predictions = Table(
 Index("ix_predictions_rollout", predictions.c.rollout_id, predictions.c.version, predictions.c.ts)
 Index("ix_predictions_request", predictions.c.request_id)
 Index("ix_predictions_ts", predictions.c.ts)
+# SQLite joins by nested loops, and a probe at a random place of a big index misses its small page
+# cache. This covering index lets the evaluation walk the rollout's predictions in request-id order
+# (no table reads), so the probes into labels' index (ix_labels_current, covering too) and into this
+# same index for the champion's row of the request move forward through pages just read.
+# PostgreSQL hash-joins instead, so it does not get them (they would only slow its inserts down).
+Index("ix_predictions_eval", predictions.c.rollout_id, predictions.c.request_id, predictions.c.version,
+      predictions.c.error, predictions.c.prediction, predictions.c.score, predictions.c.ts, predictions.c.segment,
+      predictions.c.day).ddl_if(dialect="sqlite")
+
 
 labels = Table(
     "labels",
@@ -102,6 +112,7 @@ labels = Table(
     Column("matched", Integer, nullable=False, default=1),
 )
 Index("ix_labels_request", labels.c.request_id, labels.c.current)
+Index("ix_labels_current", labels.c.request_id, labels.c.current, labels.c.label).ddl_if(dialect="sqlite")
 
 routing = Table(
     "routing",
@@ -174,6 +185,24 @@ class TrafficCounts:
     requests: int
     errors: int
     served: int
+
+
+@dataclass
+class _Snapshot:
+    """Aggregates of one rollout computed together, kept for the next calls of the same evaluation."""
+
+    rollout_id: int
+    cutoff: float | None
+    metric: str | None
+    champion: str | None
+    watermark: tuple[Any, Any]
+    taken: float
+    loss: dict[tuple[str, str | None, str], Moments] = field(default_factory=dict)
+    paired: dict[tuple[str, str | None, str], Moments] = field(default_factory=dict)
+    confusion: dict[tuple[str, str | None], Confusion] = field(default_factory=dict)
+    agreement: dict[str, AgreementSums] = field(default_factory=dict)
+    traffic: dict[str, TrafficCounts] = field(default_factory=dict)
+    latency_hist: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -278,11 +307,17 @@ def make_engine(url: str) -> Engine:
 class OutcomeStore:
     """Predictions, labels, routing state and the decision log of every rollout."""
 
+    # Seconds an evaluation's aggregates are reused by the following calls (when nothing was written
+    # in between); 0 turns reuse off.
+    aggregate_cache_s: float = 30.0
+
     def __init__(self, url: str, clock: Any = None) -> None:
         self.url = url
         self.engine = make_engine(url)
         self.clock = clock or (lambda: datetime.now(tz=UTC))
         self._created = False
+        self._snap: _Snapshot | None = None
+        self._usage_snap: _Snapshot | None = None
 
     def __repr__(self) -> str:
         return f"OutcomeStore({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -297,6 +332,9 @@ class OutcomeStore:
     def create(self) -> OutcomeStore:
         """Create tables and indexes if missing (idempotent)."""
         metadata.create_all(self.engine, checkfirst=True)
+        for table in (predictions, labels):  # indexes added since a store was first created
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
         self._created = True
         return self
 
@@ -405,6 +443,68 @@ class OutcomeStore:
             stored = len(rows)
         unknown = tuple(rid for rid in ids if rid not in known)
         return LabelReport(stored=stored, replaced=replaced, unknown=len(unknown), unknown_ids=unknown[:100])
+
+    def bulk_insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], batch: int = 200_000) -> int:
+        """Append many already-normalised rows to `table` (benchmarks, backfills): no per-row checks.
+
+        PostgreSQL: COPY ... FROM STDIN through psycopg's copy (one round trip per batch of rows).
+        SQLite: executemany in one transaction per batch. Values must already be in the stored form
+        (epoch seconds, `day` strings, features as JSON text); returns the number of rows written.
+        """
+        self._ensure()
+        target = metadata.tables[table]
+        names = [target.c[c].name for c in columns]  # KeyError on an unknown column
+        written = 0
+        raw = self.engine.raw_connection()
+        try:
+            dbapi = raw.driver_connection
+            if self.is_sqlite:
+                sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+                buf: list[Sequence[Any]] = []
+
+                def flush() -> None:
+                    dbapi.execute("BEGIN")
+                    dbapi.executemany(sql, buf)
+                    dbapi.execute("COMMIT")
+
+                # Index pages of random keys (request ids) need a large page cache to insert fast;
+                # the connection goes back to the pool, so the defaults are restored below.
+                cache = dbapi.execute("PRAGMA cache_size").fetchone()[0]
+                dbapi.execute("PRAGMA cache_size=-1048576")  # 1 GiB, as needed
+
+                for row in rows:
+                    buf.append(row)
+                    if len(buf) >= batch:
+                        flush()
+                        written += len(buf)
+                        buf = []
+                if buf:
+                    flush()
+                    written += len(buf)
+                dbapi.execute(f"PRAGMA cache_size={int(cache)}")
+            else:
+                with dbapi.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+                        written += 1
+                dbapi.commit()
+        finally:
+            raw.close()
+        return written
+
+    def analyze(self) -> None:
+        """Refresh the planner's statistics (after a bulk load): ANALYZE on both databases."""
+        self._ensure()
+        raw = self.engine.raw_connection()
+        try:
+            if self.is_sqlite:
+                raw.driver_connection.execute("ANALYZE")
+            else:
+                raw.driver_connection.autocommit = True
+                raw.driver_connection.execute("ANALYZE")
+                raw.driver_connection.autocommit = False
+        finally:
+            raw.close()
 
     def unmatched_labels(self) -> int:
         """Current labels whose request id still has no stored prediction."""
@@ -601,115 +701,178 @@ class OutcomeStore:
             conds.append(p.c.ts < to_epoch(matured_before))
         return p, lab, join, conds
 
+    # One evaluation asks loss_moments, paired_moments, confusion, traffic, latency_p99 and agreement
+    # in a row. Each used to be its own GROUP BY (four of them joining predictions to labels, two of
+    # them joining predictions to itself): about seven passes over the table. Now two passes answer
+    # all six, and the answers are kept for the next calls of the same evaluation (see _labelled and
+    # _usage): the first call of an evaluation pays the passes, the others read the kept result.
+
+    def _watermark(self, conn: Any) -> tuple[Any, Any]:
+        """(max prediction id, max label id): every write of the store inserts a row, so a new write moves it."""
+        return tuple(conn.execute(select(select(func.max(predictions.c.id)).scalar_subquery(),
+                                         select(func.max(labels.c.id)).scalar_subquery())).one())  # type: ignore[return-value]
+
+    def _fresh(self, snap: _Snapshot | None, conn: Any, match: Any) -> _Snapshot | None:
+        if snap is None or not match(snap) or time.monotonic() - snap.taken > self.aggregate_cache_s:
+            return None
+        return snap if snap.watermark == self._watermark(conn) else None
+
+    def _champion_of(self, conn: Any, rollout_id: int) -> str | None:
+        row = conn.execute(select(routing.c.versions).where(routing.c.rollout_id == rollout_id)).scalar()
+        return None if row is None else json.loads(row).get("champion")
+
+    def _labelled(self, rollout_id: int, matured_before: Any, metric: str | None = None,
+                  champion: str | None = None, need: str = "loss") -> _Snapshot:
+        """Loss moments, confusion, paired moments and agreement of one rollout in one pass.
+
+        predictions p LEFT JOIN its current label LEFT JOIN the champion's row of the same request,
+        grouped once by (version, segment, day) with conditional sums; the champion defaults to the
+        rollout's. Identical to the separate queries as long as a request has at most one current
+        label and one row per version (what add_labels and the serving log writer keep).
+        """
+        self._ensure()
+        cutoff = to_epoch(matured_before) if matured_before is not None else None
+
+        def match(s: _Snapshot) -> bool:
+            if s.rollout_id != rollout_id:
+                return False
+            if need == "agreement":
+                return s.champion == champion
+            ok = s.cutoff == cutoff and (metric is None or s.metric == metric)
+            return ok and (need != "paired" or s.champion == champion)
+
+        with self.engine.connect() as conn:
+            hit = self._fresh(self._snap, conn, match)
+            if hit is not None:
+                return hit
+            watermark = self._watermark(conn)
+            if champion is None:
+                champion = self._champion_of(conn, rollout_id)
+            metric = metric or "accuracy"
+            p = predictions.alias("p")
+            lab = labels.alias("l")
+            join = p.outerjoin(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))
+            pair: Any = literal(False)
+            if champion is not None:
+                h = predictions.alias("h")
+                join = join.outerjoin(h, and_(
+                    h.c.request_id == p.c.request_id,
+                    h.c.version == str(champion),
+                    h.c.rollout_id == rollout_id,
+                    h.c.error.is_(None),
+                    p.c.version != str(champion),
+                ))
+                pair = h.c.id.is_not(None)
+            matured = lab.c.label.is_not(None)
+            if cutoff is not None:
+                matured = and_(matured, p.c.ts < cutoff)
+            loss = case((matured, loss_expr(metric, p.c.prediction, p.c.score, lab.c.label)))
+            pos_p, pos_l = p.c.prediction == 1, lab.c.label == 1
+            judged = and_(matured, p.c.prediction.is_not(None))
+
+            def count(cond: Any) -> Any:
+                return func.sum(case((cond, 1), else_=0))
+
+            cols: list[Any] = [
+                p.c.version, p.c.segment, p.c.day, func.count(loss), func.sum(loss), func.sum(loss * loss),
+                count(and_(judged, pos_p, pos_l)), count(and_(judged, pos_p, ~pos_l)),
+                count(and_(judged, ~pos_p, pos_l)), count(and_(judged, ~pos_p, ~pos_l)),
+            ]
+            if champion is not None:
+                d = case((and_(matured, pair), loss_expr(metric, p.c.prediction, p.c.score, lab.c.label)
+                          - loss_expr(metric, h.c.prediction, h.c.score, lab.c.label)))
+                x = func.coalesce(h.c.score, h.c.prediction)
+                y = case((pair, func.coalesce(p.c.score, p.c.prediction)))
+                cols += [func.count(d), func.sum(d), func.sum(d * d), count(pair),
+                         count(and_(pair, p.c.prediction == h.c.prediction)),
+                         func.sum(x), func.sum(y), func.sum(x * x), func.sum(y * y), func.sum(x * y)]
+            query = (select(*cols).select_from(join)
+                     .where(p.c.rollout_id == rollout_id, p.c.error.is_(None))
+                     .group_by(p.c.version, p.c.segment, p.c.day))
+            if self.is_sqlite:  # walk the rollout in request-id order (see ix_predictions_eval)
+                rows = _execute_indexed_by(conn, query, "predictions AS p", "ix_predictions_eval")
+            else:
+                rows = conn.execute(query)
+            snap = _Snapshot(rollout_id, cutoff, metric, champion, watermark, time.monotonic())
+            agree: dict[str, list[float]] = {}
+            conf: dict[tuple[str, str | None], list[int]] = {}
+            for r in rows:
+                key = (r[0], r[1], r[2])
+                if r[3]:
+                    snap.loss[key] = Moments(int(r[3]), float(r[4] or 0.0), float(r[5] or 0.0))
+                c = conf.setdefault((r[0], r[1]), [0, 0, 0, 0])
+                for i in range(4):
+                    c[i] += int(r[6 + i] or 0)
+                if champion is None:
+                    continue
+                if r[10]:
+                    snap.paired[key] = Moments(int(r[10]), float(r[11] or 0.0), float(r[12] or 0.0))
+                if r[13]:
+                    a = agree.setdefault(r[0], [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0])
+                    a[0] += int(r[13])
+                    a[1] += int(r[14] or 0)
+                    for i in range(5):
+                        a[2 + i] += float(r[15 + i] or 0.0)
+        snap.confusion = {k: Confusion(*v) for k, v in conf.items() if sum(v)}
+        snap.agreement = {v: AgreementSums(int(a[0]), int(a[1]), *a[2:]) for v, a in agree.items()}
+        self._snap = snap
+        return snap
+
+    def _usage(self, rollout_id: int) -> _Snapshot:
+        """Traffic counts and the latency histogram of one rollout in one pass (no join)."""
+        self._ensure()
+        p = predictions
+        lat = case((p.c.latency_ms > 1e-4, p.c.latency_ms), else_=1e-4)
+        bucket = case((p.c.latency_ms.is_(None), None), else_=cast((func.ln(lat) + _LAT_OFFSET) * _LAT_BUCKETS_PER_E, Integer))
+        with self.engine.connect() as conn:
+            hit = self._fresh(self._usage_snap, conn, lambda s: s.rollout_id == rollout_id)
+            if hit is not None:
+                return hit
+            snap = _Snapshot(rollout_id, None, None, None, self._watermark(conn), time.monotonic())
+            query = (
+                select(p.c.version, bucket.label("b"), func.count(), func.sum(case((p.c.error.is_not(None), 1), else_=0)),
+                       func.sum(p.c.served))
+                .where(p.c.rollout_id == rollout_id)
+                .group_by(p.c.version, bucket)
+            )
+            traffic: dict[str, list[int]] = {}
+            for version, b, n, errors, served in conn.execute(query):
+                t = traffic.setdefault(version, [0, 0, 0])
+                t[0] += int(n)
+                t[1] += int(errors or 0)
+                t[2] += int(served or 0)
+                if b is not None:
+                    snap.latency_hist.setdefault(version, []).append((int(b), int(n)))
+        snap.traffic = {v: TrafficCounts(*t) for v, t in traffic.items()}
+        self._usage_snap = snap
+        return snap
+
     def loss_moments(self, rollout_id: int, metric: str, matured_before: Any = None) -> dict[tuple[str, str | None, str], Moments]:
         """Per (version, segment, day): Moments of the per-request loss over labelled, matured predictions."""
-        self._ensure()
-        p, lab, join, conds = self._matured_labelled(rollout_id, matured_before)
-        loss = loss_expr(metric, p.c.prediction, p.c.score, lab.c.label)
-        query = (
-            select(p.c.version, p.c.segment, p.c.day, func.count(loss), func.sum(loss), func.sum(loss * loss))
-            .select_from(join)
-            .where(*conds)
-            .group_by(p.c.version, p.c.segment, p.c.day)
-        )
-        with self.engine.connect() as conn:
-            return {
-                (r[0], r[1], r[2]): Moments(int(r[3]), float(r[4] or 0.0), float(r[5] or 0.0))
-                for r in conn.execute(query)
-                if r[3]
-            }
+        _check_metric(metric)
+        return dict(self._labelled(rollout_id, matured_before, metric).loss)
 
     def paired_moments(
         self, rollout_id: int, metric: str, champion_version: str, matured_before: Any = None
     ) -> dict[tuple[str, str | None, str], Moments]:
         """Per (challenger version, segment, day): Moments of loss(challenger) - loss(champion) on the same request."""
-        self._ensure()
-        c, lab, join, conds = self._matured_labelled(rollout_id, matured_before)
-        h = predictions.alias("h")
-        join = join.join(
-            h,
-            and_(
-                h.c.request_id == c.c.request_id,
-                h.c.version == str(champion_version),
-                h.c.rollout_id == rollout_id,
-                h.c.error.is_(None),
-            ),
-        )
-        d = loss_expr(metric, c.c.prediction, c.c.score, lab.c.label) - loss_expr(metric, h.c.prediction, h.c.score, lab.c.label)
-        query = (
-            select(c.c.version, c.c.segment, c.c.day, func.count(d), func.sum(d), func.sum(d * d))
-            .select_from(join)
-            .where(*conds, c.c.version != str(champion_version))
-            .group_by(c.c.version, c.c.segment, c.c.day)
-        )
-        with self.engine.connect() as conn:
-            return {
-                (r[0], r[1], r[2]): Moments(int(r[3]), float(r[4] or 0.0), float(r[5] or 0.0))
-                for r in conn.execute(query)
-                if r[3]
-            }
+        _check_metric(metric)
+        return dict(self._labelled(rollout_id, matured_before, metric, str(champion_version), need="paired").paired)
 
     def confusion(self, rollout_id: int, matured_before: Any = None) -> dict[tuple[str, str | None], Confusion]:
         """Per (version, segment): binary confusion counts (positive = 1) of prediction vs label."""
-        self._ensure()
-        p, lab, join, conds = self._matured_labelled(rollout_id, matured_before)
-        pos_p = p.c.prediction == 1
-        pos_l = lab.c.label == 1
-
-        def count(cond: Any) -> Any:
-            return func.sum(case((cond, 1), else_=0))
-
-        query = (
-            select(
-                p.c.version,
-                p.c.segment,
-                count(and_(pos_p, pos_l)),
-                count(and_(pos_p, ~pos_l)),
-                count(and_(~pos_p, pos_l)),
-                count(and_(~pos_p, ~pos_l)),
-            )
-            .select_from(join)
-            .where(*conds, p.c.prediction.is_not(None))
-            .group_by(p.c.version, p.c.segment)
-        )
-        with self.engine.connect() as conn:
-            return {(r[0], r[1]): Confusion(int(r[2] or 0), int(r[3] or 0), int(r[4] or 0), int(r[5] or 0)) for r in conn.execute(query)}
+        return dict(self._labelled(rollout_id, matured_before, need="confusion").confusion)
 
     def traffic(self, rollout_id: int) -> dict[str, TrafficCounts]:
         """Per version: rows logged, rows with an error, rows served to a caller."""
-        self._ensure()
-        p = predictions
-        query = (
-            select(
-                p.c.version,
-                func.count(),
-                func.sum(case((p.c.error.is_not(None), 1), else_=0)),
-                func.sum(p.c.served),
-            )
-            .where(p.c.rollout_id == rollout_id)
-            .group_by(p.c.version)
-        )
-        with self.engine.connect() as conn:
-            return {r[0]: TrafficCounts(int(r[1]), int(r[2] or 0), int(r[3] or 0)) for r in conn.execute(query)}
+        return dict(self._usage(rollout_id).traffic)
 
     def latency_p99(self, rollout_id: int, quantile: float = 0.99) -> dict[str, float]:
         """Per version: approximate latency quantile (ms) from a log-bucket histogram built in SQL (±2.5 %)."""
-        self._ensure()
-        p = predictions
-        lat = case((p.c.latency_ms > 1e-4, p.c.latency_ms), else_=1e-4)
-        bucket = cast((func.ln(lat) + _LAT_OFFSET) * _LAT_BUCKETS_PER_E, Integer)
-        query = (
-            select(p.c.version, bucket.label("b"), func.count())
-            .where(p.c.rollout_id == rollout_id, p.c.latency_ms.is_not(None))
-            .group_by(p.c.version, bucket)
-        )
-        hist: dict[str, list[tuple[int, int]]] = {}
-        with self.engine.connect() as conn:
-            for version, b, n in conn.execute(query):
-                hist.setdefault(version, []).append((int(b), int(n)))
+        hist = self._usage(rollout_id).latency_hist
         out: dict[str, float] = {}
         for version, buckets in hist.items():
-            buckets.sort()
+            buckets = sorted(buckets)
             total_n = sum(n for _, n in buckets)
             target = quantile * total_n
             seen = 0
@@ -727,40 +890,8 @@ class OutcomeStore:
         n_agree counts equal predictions; x = champion score, y = challenger score (the prediction
         when a model gives no score), for correlation.
         """
-        self._ensure()
-        c = predictions.alias("c")
-        h = predictions.alias("h")
-        x = func.coalesce(h.c.score, h.c.prediction)
-        y = func.coalesce(c.c.score, c.c.prediction)
-        query = (
-            select(
-                c.c.version,
-                func.count(),
-                func.sum(case((c.c.prediction == h.c.prediction, 1), else_=0)),
-                func.sum(x),
-                func.sum(y),
-                func.sum(x * x),
-                func.sum(y * y),
-                func.sum(x * y),
-            )
-            .select_from(
-                c.join(
-                    h,
-                    and_(
-                        h.c.request_id == c.c.request_id,
-                        h.c.version == str(champion_version),
-                        h.c.rollout_id == rollout_id,
-                        h.c.error.is_(None),
-                    ),
-                )
-            )
-            .where(c.c.rollout_id == rollout_id, c.c.error.is_(None), c.c.version != str(champion_version))
-            .group_by(c.c.version)
-        )
-        with self.engine.connect() as conn:
-            return {
-                r[0]: AgreementSums(int(r[1]), int(r[2] or 0), *(float(v or 0.0) for v in r[3:8])) for r in conn.execute(query)
-            }
+        snap = self._labelled(rollout_id, None, None, str(champion_version), need="agreement")
+        return dict(snap.agreement)
 
     def ipw_sums(self, rollout_id: int, metric: str, matured_before: Any = None) -> dict[str, IPWSums]:
         """Per version, inverse-propensity sums of the loss over served, labelled, matured requests.
@@ -847,6 +978,22 @@ def loss_expr(metric: str, prediction: Any, score: Any, label: Any) -> Any:
     if metric == "mae":
         return func.abs(prediction - label)
     raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+
+
+def _execute_indexed_by(conn: Any, query: Any, table_sql: str, index: str) -> Any:
+    """Run the query on SQLite with `INDEXED BY index` after `table_sql` (SQLAlchemy renders no SQLite hints)."""
+    compiled = query.compile(dialect=conn.dialect)
+    sql = str(compiled)
+    if sql.count(f"FROM {table_sql} ") != 1:
+        return conn.execute(query)
+    params = compiled.construct_params()
+    positional = tuple(params[k] for k in compiled.positiontup)
+    return conn.exec_driver_sql(sql.replace(f"FROM {table_sql} ", f"FROM {table_sql} INDEXED BY {index} "), positional)
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
 
 
 def _rollout(row: Any) -> Rollout:

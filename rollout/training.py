@@ -20,7 +20,7 @@ from sklearn.ensemble import (
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.metrics import log_loss
-from sklearn.model_selection import KFold, StratifiedKFold, cross_validate, train_test_split
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.tree import DecisionTreeClassifier
@@ -151,27 +151,50 @@ def folds(task: str, n_folds: int, seed: int) -> KFold | StratifiedKFold:
     return KFold(n_splits=n_folds, shuffle=True, random_state=seed)
 
 
-def cross_validate_pipeline(
-    pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: int, seed: int, n_jobs: int | None = None
-) -> CVResult:
-    """Stratified k-fold CV recording train and validation scores per fold."""
-    out = cross_validate(
-        pipeline,
-        data.x_train,
-        data.y_train,
-        cv=folds(task, n_folds, seed),
-        scoring=SCORERS[metric],
-        return_train_score=True,
-        n_jobs=n_jobs,
-        error_score="raise",
+@dataclass(frozen=True)
+class FoldScore:
+    """Train and validation score of one CV fold, and how long its fit took."""
+
+    train: float
+    validation: float
+    fit_seconds: float
+
+
+def cv_fold(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: int, seed: int, fold: int) -> FoldScore:
+    """Fit a clone on the training part of fold `fold` and score it on both parts (one unit of
+    work, so folds can run in parallel threads or on Dask workers)."""
+    import time
+
+    from sklearn.base import clone
+    from sklearn.metrics import get_scorer
+
+    train_idx, val_idx = list(folds(task, n_folds, seed).split(data.x_train, data.y_train))[fold]
+    x, y = data.x_train, data.y_train
+    t0 = time.perf_counter()
+    model = clone(pipeline).fit(x.iloc[train_idx], y.iloc[train_idx])
+    fit_seconds = time.perf_counter() - t0
+    scorer = get_scorer(SCORERS[metric])
+    return FoldScore(
+        train=_natural(metric, float(scorer(model, x.iloc[train_idx], y.iloc[train_idx]))),
+        validation=_natural(metric, float(scorer(model, x.iloc[val_idx], y.iloc[val_idx]))),
+        fit_seconds=fit_seconds,
     )
+
+
+def combine_folds(metric: str, scores: list[FoldScore], curve: LossCurve | None) -> CVResult:
     return CVResult(
         metric=metric,
-        train_scores=[_natural(metric, v) for v in out["train_score"]],
-        val_scores=[_natural(metric, v) for v in out["test_score"]],
-        fit_seconds=[float(v) for v in out["fit_time"]],
-        curve=loss_curve(pipeline, data, task, seed),
+        train_scores=[f.train for f in scores],
+        val_scores=[f.validation for f in scores],
+        fit_seconds=[f.fit_seconds for f in scores],
+        curve=curve,
     )
+
+
+def cross_validate_pipeline(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: int, seed: int) -> CVResult:
+    """Stratified k-fold CV recording train and validation scores per fold (sequentially)."""
+    scores = [cv_fold(pipeline, data, task, metric, n_folds, seed, i) for i in range(n_folds)]
+    return combine_folds(metric, scores, loss_curve(pipeline, data, task, seed))
 
 
 def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int) -> LossCurve | None:

@@ -62,13 +62,24 @@ def split_data(policy: Policy, frame: pd.DataFrame, schema: Schema) -> training.
     return training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed)
 
 
-@task(name="cross-validate", cache_policy=NO_CACHE)
-def cross_validate(policy: Policy, schema: Schema, data: training.Split) -> training.CVResult:
-    """Stratified k-fold CV of the policy's pipeline, train and validation score per fold."""
+@task(name="cv-fold", cache_policy=NO_CACHE)
+def cv_fold(policy: Policy, schema: Schema, data: training.Split, fold: int) -> training.FoldScore:
+    """Fit and score one fold (folds run concurrently: threads by default, Dask workers when asked)."""
     pipeline = training.build_pipeline(schema, policy.estimator, policy.data.seed)
-    result = training.cross_validate_pipeline(
-        pipeline, data, schema.task, policy.ci.metric, policy.ci.cv_folds, policy.data.seed
-    )
+    return training.cv_fold(pipeline, data, schema.task, policy.ci.metric, policy.ci.cv_folds, policy.data.seed, fold)
+
+
+@task(name="loss-curve", cache_policy=NO_CACHE)
+def loss_curve(policy: Policy, schema: Schema, data: training.Split) -> training.LossCurve | None:
+    """Training and validation loss over iterations, for boosting estimators."""
+    pipeline = training.build_pipeline(schema, policy.estimator, policy.data.seed)
+    return training.loss_curve(pipeline, data, schema.task, policy.data.seed)
+
+
+@task(name="cross-validate", cache_policy=NO_CACHE)
+def combine_cv(policy: Policy, scores: list[training.FoldScore], curve: training.LossCurve | None) -> training.CVResult:
+    """Stratified k-fold CV: the per-fold train and validation scores, as a table artifact."""
+    result = training.combine_folds(policy.ci.metric, scores, curve)
     rows = [
         {"fold": i + 1, "train": round(t, 4), "validation": round(v, 4), "fit_s": round(s, 3)}
         for i, (t, v, s) in enumerate(zip(result.train_scores, result.val_scores, result.fit_seconds, strict=True))

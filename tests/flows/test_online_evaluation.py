@@ -15,6 +15,7 @@ from rollout import evaluation, registry, training
 from rollout.config import EstimatorConfig, load_policy
 from rollout.data import example_dataset, infer_schema
 from rollout.store import OutcomeStore
+from tasks.common import mlflow_experiment
 from tests.conftest import write_policy
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
@@ -26,8 +27,7 @@ def _register_two_versions(policy) -> registry.MlflowRegistry:
     frame = example_dataset(rows=400, seed=1)
     schema = infer_schema(frame, policy.data)
     model = training.build_pipeline(schema, EstimatorConfig()).fit(frame[list(schema.features)], frame["approved"])
-    mlflow.set_tracking_uri(policy.tracking_uri)
-    experiment = mlflow.create_experiment("t", artifact_location=policy.path("mlartifacts").resolve().as_uri())
+    experiment = mlflow_experiment(policy, "t")  # sets tracking and registry URI to this test's store
     for _ in range(2):
         with mlflow.start_run(experiment_id=experiment):
             registry.log_model(model, frame[list(schema.features)].head(5), "classification", policy.registry.model_name)
@@ -155,7 +155,9 @@ def test_concurrent_runs_promote_once(world):
         t.start()
     for t in threads:
         t.join()
-    assert sorted(r.acted.get("acted") for r in results) == [False, True]
+    # Whichever comes second either waits out the lock and finds the rollout ended, or starts after
+    # the first finished and finds no open rollout: in both cases it acts on nothing.
+    assert [bool(r.acted.get("acted")) for r in results].count(True) == 1
     promotions = [d for d in store.decisions(rollout_id) if d.decision == "promote"]
     assert len(promotions) == 1
     assert reg.aliases() == {"champion": "2", "previous-champion": "1"}

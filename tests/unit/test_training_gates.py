@@ -89,3 +89,14 @@ def test_stress_gate_checks_budget_and_ratio_to_champion():
     assert not over.passed and "single-row p99 40.00 ms exceeds" in over.reason
     ratio = gates.stress_gate(slow, fast, 100, 1000, 2)
     assert not ratio.passed and "8.00x the champion" in ratio.reason
+
+
+def test_fold_by_fold_cv_matches_sklearn_cross_validate(loan):
+    from sklearn.model_selection import cross_validate
+
+    _, schema, data = loan
+    pipe = training.build_pipeline(schema, EstimatorConfig())
+    ours = training.cross_validate_pipeline(pipe, data, "classification", "log_loss", 3, 5)
+    theirs = cross_validate(pipe, data.x_train, data.y_train, cv=training.folds("classification", 3, 5),
+                            scoring="neg_log_loss", return_train_score=True)
+    assert np.allclose(ours.val_scores, -theirs["test_score"]) and np.allclose(ours.train_scores, -theirs["train_score"])

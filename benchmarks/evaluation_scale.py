@@ -1,0 +1,317 @@
+"""The online evaluation step (gather + decide) on a large outcome store vs a bare SQL aggregate of the same table.
+
+    .venv/bin/python benchmarks/evaluation_scale.py            # 1M, 3M, 10M prediction rows, SQLite + PostgreSQL
+    .venv/bin/python benchmarks/evaluation_scale.py --quick    # 100k, 300k rows, both backends
+    .venv/bin/python benchmarks/evaluation_scale.py --sizes 1000000 --backends sqlite
+
+A size is the number of logged prediction rows: a shadow rollout over 30 days where the champion
+(version 1, served) and the challenger (version 2, shadow) score every request, so N rows = N/2
+requests; three segments; 0.1 % challenger errors; 95 % of requests labelled (a few relabelled, so
+the labels table keeps history rows with current = 0); champion rows carry a small features JSON.
+Rows are generated with numpy in chunks and written with OutcomeStore.bulk_insert (COPY on
+PostgreSQL, big executemany transactions on SQLite); the fill is timed but not part of the figures.
+
+Each measurement runs in a fresh subprocess, so its peak RSS (ru_maxrss) is the evaluation's own:
+`eval` = rollout.evaluation.gather(store, rollout, policy, now, training=None) then
+rollout.decision.decide(policy.rollout, evidence) (the PSI proxy is skipped: no training frame);
+`bare` = SELECT version, count(*), sum(prediction) FROM predictions GROUP BY version.
+One untimed bare scan warms the caches; then `--rounds` rounds alternate eval and bare (order flipped
+every round); figures are medians. PostgreSQL gets a uniquely named database, dropped at the end;
+SQLite a file in a temporary folder (removed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from itertools import repeat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+ROOT = _HERE.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+import numpy as np  # noqa: E402
+
+from _common import emit_json, parser, print_table, verdict  # noqa: E402
+
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+DAYS = 30
+TARGET_RATIO = 3.0
+TARGET_RSS_MB = 500.0
+CHUNK = 500_000  # requests per generated chunk (1M prediction rows)
+SEGMENTS = np.array(["standard", "VIP", "new"])
+BARE_SQL = "SELECT version, count(*), sum(prediction) FROM predictions GROUP BY version"
+
+PRED_COLS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
+             "prediction", "score", "latency_ms", "error", "segment", "features")
+LABEL_COLS = ("request_id", "label", "ts", "received_at", "current", "matched")
+
+
+def _policy():  # noqa: ANN202
+    from rollout.config import Policy, RolloutPolicy, SegmentGuardrail
+
+    return Policy(rollout=RolloutPolicy(
+        mode="shadow", primary_metric="accuracy", margin=0.01, min_samples=500,
+        segment_guardrails=[SegmentGuardrail(segment="VIP", metric="precision", min=0.6)],
+    ))
+
+
+# ------------------------------------------------------------------ fill
+
+def _chunk(rng: np.random.Generator, start: int, stop: int, requests: int, rid: int):  # noqa: ANN202
+    """Prediction rows (champion then challenger) and label rows of requests [start, stop)."""
+    k = stop - start
+    idx = np.arange(start, stop)
+    span = DAYS * 86400.0
+    ts = T0.timestamp() + (idx + rng.random(k)) * (span / requests)
+    day_names = np.array([(T0 + timedelta(days=d)).strftime("%Y-%m-%d") for d in range(DAYS + 1)])
+    day = day_names[((ts - T0.timestamp()) // 86400).astype(int)]
+    segment = SEGMENTS[rng.choice(3, k, p=[0.7, 0.2, 0.1])]
+    label = (rng.random(k) < 0.4).astype(float)
+    # request ids in no particular order (as uuid-like ids are): a bijective hash of the index, 16 hex digits
+    request_id = [f"{(i * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF:016x}" for i in idx.tolist()]
+    unit_id = [f"u{i % 200_000}" for i in idx.tolist()]
+    ts_l, day_l, seg_l = ts.tolist(), day.tolist(), segment.tolist()
+    income = rng.lognormal(10.5, 0.5, k)
+    features = [f'{{"income":{x:.1f},"tier":"{s}"}}' for x, s in zip(income.tolist(), seg_l, strict=True)]
+    pred_rows: list[tuple] = []
+    for version, served, noise in (("1", 1, 0.25), ("2", 0, 0.27)):
+        score = np.clip(label * 0.6 + 0.2 + rng.normal(0, noise, k), 0.0, 1.0)
+        prediction = (score >= 0.5).astype(float)
+        latency = rng.lognormal(1.0 + 0.2 * served, 0.4, k).tolist()
+        err = np.zeros(k, dtype=bool) if served else rng.random(k) < 0.001
+        score_l = np.where(err, None, score.astype(object)).tolist()
+        pred_l = np.where(err, None, prediction.astype(object)).tolist()
+        error_l = np.where(err, "timeout", None).tolist()
+        pred_rows.extend(zip(
+            request_id, unit_id, repeat(rid), ts_l, day_l, repeat(version), repeat("champion" if served else "challenger"),
+            repeat(served), repeat(1.0), pred_l, score_l, latency, error_l, seg_l,
+            features if served else repeat(None), strict=False,
+        ))
+    labelled = rng.random(k) < 0.95
+    relabel = labelled & (rng.random(k) < 0.02)
+    delay = rng.exponential(6 * 3600.0, k)
+    label_rows = []
+    lab_l, delay_l = label.tolist(), delay.tolist()
+    for i in np.flatnonzero(relabel).tolist():  # an earlier, wrong label kept as history
+        label_rows.append((request_id[i], 1.0 - lab_l[i], ts_l[i] + delay_l[i] / 2, ts_l[i] + delay_l[i] / 2, 0, 1))
+    for i in np.flatnonzero(labelled).tolist():
+        label_rows.append((request_id[i], lab_l[i], ts_l[i] + delay_l[i], ts_l[i] + delay_l[i], 1, 1))
+    return pred_rows, label_rows
+
+
+def fill(url: str, rows: int, seed: int) -> tuple[int, float]:
+    """Create the store, open the rollout and write `rows` prediction rows with their labels; (rollout id, s)."""
+    from rollout.store import OutcomeStore
+
+    start = time.perf_counter()
+    store = OutcomeStore(url).create()
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "bench-salt", T0)
+    requests = rows // 2
+    rng = np.random.default_rng(seed)
+    for a in range(0, requests, CHUNK):
+        pred_rows, label_rows = _chunk(rng, a, min(a + CHUNK, requests), requests, rid)
+        store.bulk_insert("predictions", PRED_COLS, pred_rows)
+        store.bulk_insert("labels", LABEL_COLS, label_rows)
+    store.analyze()
+    store.dispose()
+    return rid, time.perf_counter() - start
+
+
+# ----------------------------------------------------------- measurement
+
+def _peak_rss_mb() -> float:
+    """Peak resident set of this process (VmHWM). ru_maxrss is not used: on Linux it keeps the high-water
+    mark of the parent at fork across exec, so a child of the (large) filling process would report the parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def child(what: str, url: str, rid: int) -> None:
+    """Runs in a fresh subprocess: one timed evaluation or bare scan; prints one JSON line."""
+    from rollout.decision import decide
+    from rollout.evaluation import gather
+    from rollout.store import OutcomeStore
+
+    policy = _policy()
+    store = OutcomeStore(url)
+    store.create()
+    current = store.rollout(rid)
+    now = T0 + timedelta(days=DAYS)
+    with store.engine.connect() as conn:  # connect (and pool) outside the timer
+        conn.exec_driver_sql("SELECT 1").all()
+    base_rss = _peak_rss_mb()
+    out: dict = {}
+    if what == "eval":
+        start = time.perf_counter()
+        evidence = gather(store, current, policy, now, training=None)
+        decision = decide(policy.rollout, evidence)
+        out["seconds"] = time.perf_counter() - start
+        ch = evidence.challengers[0]
+        out["decision"] = decision.action
+        out["paired_n"] = sum(m.n for m in ch.paired.values())
+        out["paired_sum"] = sum(m.total for m in ch.paired.values())
+        out["champion_loss_n"] = sum(m.n for m in evidence.champion_loss.values())
+        out["requests"] = ch.requests
+        out["errors"] = ch.errors
+        out["agreement_n"] = ch.agreement.n if ch.agreement else 0
+    else:
+        start = time.perf_counter()
+        with store.engine.connect() as conn:
+            result = conn.exec_driver_sql(BARE_SQL).all()
+        out["seconds"] = time.perf_counter() - start
+        out["groups"] = len(result)
+    out["peak_rss_mb"] = _peak_rss_mb()
+    out["rss_before_mb"] = base_rss
+    store.dispose()
+    print(json.dumps(out))
+
+
+def measure(what: str, url: str, rid: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", what, "--url", url, "--rollout", str(rid)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} child failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def run_cell(backend: str, rows: int, seed: int, rounds: int, tmp: Path) -> dict:
+    admin = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp / f'outcomes_{rows}.db'}"
+    else:
+        import psycopg
+
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+        name = f"rollout_bench_{uuid.uuid4().hex[:10]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    try:
+        rid, fill_s = fill(url, rows, seed)
+        print(f"{backend} {rows:,}: filled in {fill_s:.1f} s", file=sys.stderr, flush=True)
+        measure("bare", url, rid)  # warm the caches, untimed
+        evals, bares = [], []
+        for i in range(rounds):
+            for what in (("eval", "bare") if i % 2 == 0 else ("bare", "eval")):
+                m = measure(what, url, rid)
+                (evals if what == "eval" else bares).append(m)
+                print(f"  round {i + 1} {what}: {m['seconds']:.3f} s, peak RSS {m['peak_rss_mb']:.0f} MB",
+                      file=sys.stderr, flush=True)
+        size_mb = None
+        if backend == "sqlite":
+            size_mb = sum(os.path.getsize(p) for p in tmp.glob(f"outcomes_{rows}.db*")) / 2**20
+        seconds = _median([m["seconds"] for m in evals])
+        bare = _median([m["seconds"] for m in bares])
+        return {
+            "backend": backend, "rows": rows, "fill_seconds": fill_s, "seconds": seconds, "bare_seconds": bare,
+            "ratio_vs_bare_scan": seconds / bare, "peak_rss_mb": max(m["peak_rss_mb"] for m in evals),
+            "rss_before_eval_mb": max(m["rss_before_mb"] for m in evals),
+            "bare_peak_rss_mb": max(m["peak_rss_mb"] for m in bares),
+            "seconds_rounds": [m["seconds"] for m in evals], "bare_seconds_rounds": [m["seconds"] for m in bares],
+            "decision": evals[0]["decision"], "paired_n": evals[0]["paired_n"], "requests": evals[0]["requests"],
+            "paired_sum": evals[0]["paired_sum"], "errors": evals[0]["errors"], "db_mb": size_mb,
+        }
+    finally:
+        if backend == "sqlite":
+            for p in tmp.glob(f"outcomes_{rows}.db*"):
+                p.unlink()
+        elif admin is not None:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.close()
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--sizes", help="comma-separated prediction-row counts (default 1M,3M,10M; --quick 100k,300k)")
+    p.add_argument("--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
+    p.add_argument("--rounds", type=int, help="timed rounds per cell (default 3; --quick 1)")
+    p.add_argument("--child", choices=["eval", "bare"], help=argparse_hidden())
+    p.add_argument("--url", help=argparse_hidden())
+    p.add_argument("--rollout", type=int, help=argparse_hidden())
+    args = p.parse_args()
+    if args.child:
+        child(args.child, args.url, args.rollout)
+        return
+    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else (
+        [100_000, 300_000] if args.quick else [1_000_000, 3_000_000, 10_000_000])
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    rounds = args.rounds or (1 if args.quick else 3)
+    started = time.perf_counter()
+    cells = []
+    tmp = Path(tempfile.mkdtemp(prefix="rollout-evalscale-", dir=os.environ.get("TMPDIR", "/tmp")))
+    try:
+        for backend in backends:
+            for rows in sizes:
+                cells.append(run_cell(backend, rows, args.seed % 2**31 + rows, rounds, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    table = []
+    for c in cells:
+        table.append([c["backend"], f"{c['rows']:,}", c["fill_seconds"], c["bare_seconds"], c["seconds"],
+                      c["ratio_vs_bare_scan"], c["peak_rss_mb"], c["decision"]])
+    print_table("Evaluation step (gather + decide) vs bare GROUP BY scan (medians, seconds; peak RSS MB)",
+                ["backend", "rows", "fill s", "bare s", "eval s", "ratio", "peak RSS MB", "decision"], table)
+
+    checks = []
+    linear = {}
+    for backend in backends:
+        mine = sorted((c for c in cells if c["backend"] == backend), key=lambda c: c["rows"])
+        if len(mine) >= 2:
+            # seconds per million rows, largest over smallest: 1.0 = linear
+            per_row = [c["seconds"] / c["rows"] for c in mine]
+            linear[backend] = per_row[-1] / per_row[0]
+            checks.append([f"{backend}: time per row, largest / smallest size", linear[backend], "<= 1.5",
+                           verdict(linear[backend] <= 1.5)])
+            growth = mine[-1]["peak_rss_mb"] - mine[0]["peak_rss_mb"]
+            checks.append([f"{backend}: peak RSS growth {mine[0]['rows']:,} -> {mine[-1]['rows']:,} (MB)", growth,
+                           "<= 50", verdict(growth <= 50)])
+        for c in mine:
+            checks.append([f"{backend} {c['rows']:,}: ratio vs bare scan", c["ratio_vs_bare_scan"],
+                           f"<= {TARGET_RATIO:g}", verdict(c["ratio_vs_bare_scan"] <= TARGET_RATIO)])
+            checks.append([f"{backend} {c['rows']:,}: peak RSS MB", c["peak_rss_mb"], f"< {TARGET_RSS_MB:g}",
+                           verdict(c["peak_rss_mb"] < TARGET_RSS_MB)])
+    print_table("Targets", ["figure", "value", "target", "status"], checks)
+    misses = [r[0] for r in checks if r[3] != "PASS"]
+    emit_json({
+        "sizes": sizes, "backends": backends, "rounds": rounds, "seed": args.seed,
+        "seconds": {b: {str(c["rows"]): c["seconds"] for c in cells if c["backend"] == b} for b in backends},
+        "peak_rss_mb": {b: {str(c["rows"]): c["peak_rss_mb"] for c in cells if c["backend"] == b} for b in backends},
+        "ratio_vs_bare_scan": {b: {str(c["rows"]): c["ratio_vs_bare_scan"] for c in cells if c["backend"] == b}
+                               for b in backends},
+        "bare_seconds": {b: {str(c["rows"]): c["bare_seconds"] for c in cells if c["backend"] == b} for b in backends},
+        "time_per_row_growth": linear, "ratio_target": TARGET_RATIO, "rss_target_mb": TARGET_RSS_MB,
+        "cells": cells, "misses": misses, "pass": not misses, "wall_seconds": round(time.perf_counter() - started, 1),
+    })
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

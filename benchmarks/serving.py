@@ -1,0 +1,588 @@
+"""`rollout serve` (champion-only, shadow, ab) vs MLflow's scoring server, same champion, same machine.
+
+    .venv/bin/python benchmarks/serving.py            # 3 alternating rounds, 5 s per cell
+    .venv/bin/python benchmarks/serving.py --quick    # 1 round, 2 s per cell (under a minute)
+
+A temporary policy (stores in a temporary folder) gets a champion and a challenger trained on the
+example data (rollout.training) and registered in MLflow (rollout.registry.log_model). Servers run
+as subprocesses on free 127.0.0.1 ports, one worker process each:
+
+- `mlflow models serve -m models:/loan-approval@champion --env-manager local --workers 1`
+- `rollout serve` (default serving config), its routing switched between rounds through
+  `PUT /routing`: champion-only (no rollout open), shadow (champion answers, challenger scores
+  every request in the background, every prediction logged), ab (50/50 by customer)
+- `rollout serve` with `serving.max_wait_ms: 0` (no batching wait, own stores), measured at
+  concurrency 1 only: the reference for the latency that batching adds
+
+The load generator is a separate process on loopback: `wrk` (Debian package; one thread, one
+keep-alive connection per unit of concurrency, a Lua script cycling through 1,000 single-record
+bodies) or, when wrk is absent, a lean asyncio raw-socket client in a subprocess of this script
+(`--loadgen python` forces it). Each cell runs at fixed concurrency for a fixed duration, after an
+untimed warm-up; rounds alternate the servers (mlflow, single, shadow, ab, ...) so machine noise
+falls on all alike; figures are medians over rounds, ratios medians of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+# benchmarks/statistics.py would shadow the stdlib `statistics` (MLflow imports it): keep this folder
+# off the front of the path, last so `_common` still imports; the repo root goes first.
+_HERE = Path(__file__).resolve().parent
+ROOT = _HERE.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+from _common import emit_json, parser, print_table, verdict  # noqa: E402
+
+MODEL_NAME = "loan-approval"
+TOKEN = "bench-token"
+CONCURRENCY = (1, 8, 32)
+TARGETS = ("mlflow", "single", "shadow", "ab")
+HEADLINE_C = 32
+BODIES = 1000
+
+TARGET_VS_MLFLOW = 10.0  # shadow throughput over MLflow's, at concurrency 32
+TARGET_SHADOW_COST = 0.95  # shadow throughput over single-model throughput, at least
+TARGET_P99_RATIO = 1.1  # shadow p99 over single-model p99, at most
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def median(values: list[float]) -> float:
+    values = sorted(v for v in values if v == v)
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+# ------------------------------------------------------------------------------- load generator
+
+WRK_LUA = r"""
+local bodies = {}
+local n = 0
+local i = 0
+function init(args)
+  for line in io.lines(args[1]) do
+    n = n + 1
+    bodies[n] = line
+  end
+  i = math.random(n) - 1
+end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+function request()
+  i = i % n + 1
+  return wrk.format(nil, nil, nil, bodies[i])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_s":%.6f,"bad_status":%d,"socket_errors":%d,' ..
+    '"p50_ms":%.4f,"p99_ms":%.4f,"mean_ms":%.4f,"max_ms":%.4f}\n',
+    summary.requests, summary.duration / 1e6, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50) / 1e3, latency:percentile(99) / 1e3, latency.mean / 1e3, latency.max / 1e3))
+end
+"""
+
+
+def run_wrk(url: str, bodies: Path, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+    cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+           "-s", str(script), url, "--", str(bodies)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
+    return json.loads(line[len("WRKJSON "):])
+
+
+def run_python_loadgen(url: str, bodies: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen-worker", url, str(bodies),
+           str(concurrency), str(seconds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed ({out.returncode}): {out.stderr[-1000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def loadgen_worker(url: str, bodies_path: str, concurrency: int, seconds: float) -> None:
+    """The fallback load generator: keep-alive HTTP/1.1 over raw asyncio streams, one per connection."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host, port, path = parts.hostname, parts.port, parts.path or "/"
+    requests = []
+    for line in Path(bodies_path).read_text().splitlines():
+        body = line.encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        requests.append(head + body)
+    latencies: list[float] = []
+    bad = [0, 0]  # bad status, socket errors
+
+    async def conn(offset: int, deadline: float) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        i = offset
+        clock = time.perf_counter
+        try:
+            while clock() < deadline:
+                payload = requests[i % len(requests)]
+                i += 1
+                t0 = clock()
+                writer.write(payload)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for hline in head.split(b"\r\n"):
+                    if hline[:15].lower() == b"content-length:":
+                        length = int(hline[15:])
+                if length:
+                    await reader.readexactly(length)
+                latencies.append(clock() - t0)
+                if head[9:12] != b"200":
+                    bad[0] += 1
+        except (OSError, asyncio.IncompleteReadError):
+            bad[1] += 1
+        finally:
+            writer.close()
+
+    async def main() -> float:
+        start = time.perf_counter()
+        deadline = start + seconds
+        await asyncio.gather(*(conn(random.randrange(len(requests)), deadline) for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+    duration = asyncio.run(main())
+    lat = sorted(latencies)
+    n = len(lat)
+
+    def pct(q: float) -> float:
+        return lat[min(n - 1, int(q * n))] * 1000.0 if n else float("nan")
+
+    print(json.dumps({"requests": n, "duration_s": duration, "bad_status": bad[0], "socket_errors": bad[1],
+                      "p50_ms": pct(0.5), "p99_ms": pct(0.99), "mean_ms": sum(lat) / n * 1000.0 if n else None,
+                      "max_ms": lat[-1] * 1000.0 if n else None}))
+
+
+# ------------------------------------------------------------------------------- setup
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_policy(directory: Path, name: str, rows: int, seed: int, estimator: dict[str, Any],
+                 serving: dict[str, Any], outcomes: str = "outcomes.db") -> Path:
+    import yaml
+
+    policy = yaml.safe_load((ROOT / "rollout.yaml").read_text())
+    policy["data"]["example"] = {"rows": rows, "seed": seed, "drift": 0.0}
+    policy["ci"]["expectations_suite"] = str(ROOT / "expectations" / "loan_training.json")
+    policy["estimator"] = estimator
+    policy["serving"] = {**policy.get("serving", {}), **serving}
+    policy["stores"] = {
+        "mlflow_tracking_uri": f"sqlite:///{directory / 'mlflow.db'}",
+        "outcome_store_url": f"sqlite:///{directory / outcomes}",
+        "mlflow_artifacts": str(directory / "mlartifacts"),
+        "reports_dir": str(directory / "reports"),
+    }
+    path = directory / name
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+def train_and_register(policy_path: Path) -> tuple[str, list[str]]:
+    """Fit the policy's pipeline on its example data and register it; (version, feature columns)."""
+    import mlflow
+
+    from rollout import registry, training
+    from rollout.config import load_policy
+    from rollout.data import infer_schema, load_dataset
+
+    policy = load_policy(policy_path)
+    frame = load_dataset(policy)
+    schema = infer_schema(frame, policy.data)
+    data = training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed)
+    model = training.fit(training.build_pipeline(schema, policy.estimator, policy.data.seed), data)
+    mlflow.set_tracking_uri(policy.tracking_uri)
+    mlflow.set_registry_uri(policy.tracking_uri)
+    experiment = mlflow.get_experiment_by_name("bench")
+    if experiment is None:
+        location = policy.path(policy.stores.mlflow_artifacts).resolve().as_uri()
+        experiment_id = mlflow.create_experiment("bench", artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = registry.log_model(model, data.x_train.head(100), schema.task, policy.registry.model_name)
+    return str(info.registered_model_version), [*schema.numeric, *schema.categorical]
+
+
+def bodies_file(directory: Path, features: list[str], seed: int, kind: str) -> Path:
+    """One JSON body per line: a single loan application (built as rollout.simulate builds them)."""
+    from rollout.data import example_dataset
+
+    frame = example_dataset(rows=BODIES, seed=seed)
+    records = frame[features].astype(object).where(frame[features].notna(), None).to_dict("records")
+    units = frame["customer_id"].astype(str).tolist()
+    path = directory / f"bodies-{kind}.jsonl"
+    with path.open("w") as fh:
+        for record, unit in zip(records, units, strict=True):
+            body = {"dataframe_records": [record]} if kind == "mlflow" else {"record": record, "unit_id": unit}
+            fh.write(json.dumps(body, separators=(",", ":")) + "\n")
+    return path
+
+
+class Server:
+    """A server subprocess in its own process group; stopped (SIGTERM, then SIGKILL) by its own id."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.name, self.port = name, port
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = log
+        self._fh = log.open("wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, path: str, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); log:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.base + path, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=40)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        self._fh.close()
+
+
+def http(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw = r.read()
+            status = r.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def metrics(base: str) -> dict[str, float]:
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def set_mode(server: Server, mode: str, versions: dict[str, str]) -> None:
+    if mode == "single":
+        status, body = http("GET", server.base + "/routing")
+        if body.get("rollout_id") is not None:
+            status, body = http("PUT", server.base + "/routing", {"end": True, "reason": "benchmark"}, TOKEN)
+    elif mode == "shadow":
+        status, body = http("PUT", server.base + "/routing", {"mode": "shadow", "versions": versions}, TOKEN)
+    else:
+        status, body = http("PUT", server.base + "/routing",
+                            {"mode": "ab", "versions": versions, "weights": {"challenger": 0.5}}, TOKEN)
+    if status != 200:
+        raise RuntimeError(f"PUT /routing for {mode}: {status} {body}")
+    status, view = http("GET", server.base + "/routing")
+    expected = {"single": "champion-only", "shadow": "shadow", "ab": "ab"}[mode]
+    if view.get("mode") != expected or (mode != "single" and not (view.get("shadows") or len(view.get("arms", [])) > 1)):
+        raise RuntimeError(f"routing is not {mode}: {view}")
+
+
+def drain(server: Server, timeout_s: float = 120.0) -> float:
+    """Wait until the server's scoring and log queues are empty; seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        m = metrics(server.base)
+        if m.get("rollout_log_queue_depth", 0) == 0 and m.get("rollout_scoring_queue_depth", 0) == 0:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise RuntimeError(f"{server.name}: queues not drained after {timeout_s:.0f} s")
+
+
+# ------------------------------------------------------------------------------- main
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, help="alternating rounds (default 3; --quick 1)")
+    p.add_argument("--seconds", type=float, help="seconds per measured cell (default 5; --quick 2)")
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                   help="load generator: wrk when installed (auto), or the built-in asyncio client")
+    args = p.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    warmup = 1.0
+    rows = 3000 if args.quick else 6000
+
+    loadgen = args.loadgen
+    if loadgen in ("auto", "wrk") and shutil.which("wrk") is None:
+        if loadgen == "wrk":
+            sys.exit("wrk is not installed: `apt-get install -y wrk`, or run with --loadgen python")
+        print("wrk not found (apt-get install -y wrk); using the built-in asyncio load generator", file=sys.stderr)
+        loadgen = "python"
+    elif loadgen == "auto":
+        loadgen = "wrk"
+
+    started = time.perf_counter()
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory(prefix="rollout-bench-serving-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            results, info = _run(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen)
+        finally:
+            for server in servers:
+                server.stop()
+    report(results, info, rounds, seconds, loadgen, args.seed, time.perf_counter() - started)
+
+
+def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: float, rows: int, seed: int,
+         loadgen: str) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
+    seed32 = seed % 2**31
+    lr = {"name": "logistic_regression", "params": {"C": 1.0}}
+    policy = write_policy(tmp, "rollout.yaml", rows, seed32, lr, {"port": 0})
+    challenger_policy = write_policy(tmp, "challenger.yaml", rows, seed32 + 1,
+                                     {"name": "logistic_regression", "params": {"C": 0.3}}, {"port": 0})
+    nowait_policy = write_policy(tmp, "nowait.yaml", rows, seed32, lr, {"port": 0, "max_wait_ms": 0},
+                                 outcomes="outcomes-nowait.db")
+    t0 = time.perf_counter()
+    champion, features = train_and_register(policy)
+    challenger, _ = train_and_register(challenger_policy)
+    from rollout.config import load_policy
+    from rollout.registry import MlflowRegistry
+    from rollout.store import OutcomeStore
+
+    pol = load_policy(policy)
+    registry = MlflowRegistry(pol.tracking_uri, MODEL_NAME, pol.registry.mirror_stages)
+    registry.set_alias("champion", champion)
+    registry.set_alias("challenger", challenger)
+    OutcomeStore(pol.outcome_url).create()
+    versions = {"champion": champion, "challenger": challenger}
+    print(f"trained and registered champion v{champion}, challenger v{challenger}: "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    env = {**os.environ, "ROLLOUT_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": pol.tracking_uri,
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    ports = {k: free_port() for k in ("mlflow", "rollout", "nowait")}
+    mlflow_srv = Server("mlflow", [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+                                   "--env-manager", "local", "--workers", "1", "--host", "127.0.0.1",
+                                   "--port", str(ports["mlflow"])], env, ports["mlflow"], tmp / "mlflow.log")
+    servers.append(mlflow_srv)
+    rollout_srv = Server("rollout", [str(VENV_BIN / "rollout"), "serve", "--config", str(policy), "--port",
+                                     str(ports["rollout"]), "--log-level", "warning"], env, ports["rollout"],
+                         tmp / "rollout.log")
+    servers.append(rollout_srv)
+    nowait_srv = Server("rollout-nowait", [str(VENV_BIN / "rollout"), "serve", "--config", str(nowait_policy),
+                                           "--port", str(ports["nowait"]), "--log-level", "warning"], env,
+                        ports["nowait"], tmp / "rollout-nowait.log")
+    servers.append(nowait_srv)
+    mlflow_srv.wait_ready("/ping")
+    rollout_srv.wait_ready("/healthz")
+    nowait_srv.wait_ready("/healthz")
+    print(f"servers ready: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    bodies = {"mlflow": bodies_file(tmp, features, seed32 + 7, "mlflow"),
+              "rollout": bodies_file(tmp, features, seed32 + 7, "rollout")}
+    script = tmp / "post.lua"
+    script.write_text(WRK_LUA)
+    # Both servers must answer the very bodies the load generator sends (the load generator counts non-200s).
+    first = {k: json.loads(v.read_text().splitlines()[0]) for k, v in bodies.items()}
+    for base, body in ((mlflow_srv.base + "/invocations", first["mlflow"]), (rollout_srv.base + "/predict", first["rollout"])):
+        status, answer = http("POST", base, body)
+        if status != 200:
+            raise RuntimeError(f"{base}: {status} {answer}")
+
+    def load(url: str, body_path: Path, concurrency: int, secs: float) -> dict[str, Any]:
+        if loadgen == "wrk":
+            return run_wrk(url, body_path, script, concurrency, secs)
+        return run_python_loadgen(url, body_path, concurrency, secs)
+
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    order = (*TARGETS[:2], "nowait", *TARGETS[2:])
+    written_before = metrics(rollout_srv.base).get("rollout_log_written_total", 0.0)
+    for r in range(rounds):
+        for target in order:
+            if target == "mlflow":
+                server, url, body_path = mlflow_srv, mlflow_srv.base + "/invocations", bodies["mlflow"]
+            elif target == "nowait":
+                server, url, body_path = nowait_srv, nowait_srv.base + "/predict", bodies["rollout"]
+            else:
+                server, url, body_path = rollout_srv, rollout_srv.base + "/predict", bodies["rollout"]
+                set_mode(server, target, versions)
+            levels = (1,) if target == "nowait" else CONCURRENCY
+            load(url, body_path, max(levels), warmup)  # untimed: connections, lanes, caches
+            for c in levels:
+                if server is not mlflow_srv:
+                    drain(server)
+                before = metrics(server.base) if server is not mlflow_srv else {}
+                out = load(url, body_path, c, seconds)
+                out["throughput"] = out["requests"] / out["duration_s"]
+                if server is not mlflow_srv:
+                    after = metrics(server.base)
+                    out["log_queue_at_end"] = after.get("rollout_log_queue_depth", 0.0)
+                    out["log_dropped"] = after.get("rollout_log_dropped_total", 0.0) - before.get("rollout_log_dropped_total", 0.0)
+                    out["shadow_dropped"] = after.get("rollout_shadow_dropped_total", 0.0) - before.get("rollout_shadow_dropped_total", 0.0)
+                    out["drain_s"] = drain(server)
+                    shadow_lanes = {k: v for k, v in after.items() if k.startswith("rollout_batch") and "/shadow" in k}
+                    calls = sum(v - before.get(k, 0.0) for k, v in shadow_lanes.items() if k.startswith("rollout_batches_total"))
+                    rows_ = sum(v - before.get(k, 0.0) for k, v in shadow_lanes.items() if k.startswith("rollout_batch_rows_total"))
+                    out["shadow_batch_mean"] = rows_ / calls if calls else None
+                    serve_lanes = {k: v for k, v in after.items() if k.startswith("rollout_batch") and "/serve" in k}
+                    calls = sum(v - before.get(k, 0.0) for k, v in serve_lanes.items() if k.startswith("rollout_batches_total"))
+                    rows_ = sum(v - before.get(k, 0.0) for k, v in serve_lanes.items() if k.startswith("rollout_batch_rows_total"))
+                    out["serve_batch_mean"] = rows_ / calls if calls else None
+                if out["bad_status"] or out["socket_errors"]:
+                    print(f"WARNING {target} c={c}: {out['bad_status']} non-200, {out['socket_errors']} socket errors",
+                          file=sys.stderr)
+                results.setdefault((target, c), []).append(out)
+                print(f"round {r + 1} {target:7s} c={c:2d}: {out['throughput']:8.1f} req/s  p50 {out['p50_ms']:7.2f} ms"
+                      f"  p99 {out['p99_ms']:7.2f} ms", file=sys.stderr)
+    # Every prediction logged: the served rows (single, ab, shadow, and warm-ups) plus shadow rows.
+    m = metrics(rollout_srv.base)
+    info = {
+        "champion_version": champion, "challenger_version": challenger,
+        "log_rows_written": m.get("rollout_log_written_total", 0.0) - written_before,
+        "log_rows_dropped": m.get("rollout_log_dropped_total", 0.0),
+        "log_rows_lost": m.get("rollout_log_lost_total", 0.0),
+        "shadow_rows_dropped": m.get("rollout_shadow_dropped_total", 0.0),
+        "features": len(features), "train_rows": rows,
+        "max_wait_ms": pol.serving.max_wait_ms, "shadow_max_wait_ms": pol.serving.shadow_max_wait_ms,
+    }
+    return results, info
+
+
+def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str, Any], rounds: int, seconds: float,
+           loadgen: str, seed: int, wall: float) -> None:
+    def med(target: str, c: int, key: str) -> float:
+        return median([o[key] for o in results.get((target, c), []) if o.get(key) is not None])
+
+    def ratio(a: str, b: str, c: int, key: str) -> float:
+        pairs = zip(results.get((a, c), []), results.get((b, c), []), strict=False)
+        return median([x[key] / y[key] for x, y in pairs if y[key]])
+
+    rows = []
+    per: dict[str, Any] = {}
+    for target in (*TARGETS, "nowait"):
+        for c in CONCURRENCY:
+            if (target, c) not in results:
+                continue
+            runs = results[(target, c)]
+            fig = {"throughput": med(target, c, "throughput"), "p50_ms": med(target, c, "p50_ms"),
+                   "p99_ms": med(target, c, "p99_ms"),
+                   "non_200": sum(o["bad_status"] + o["socket_errors"] for o in runs)}
+            if target != "mlflow":
+                fig["serve_batch_mean"] = med(target, c, "serve_batch_mean")
+                fig["shadow_batch_mean"] = med(target, c, "shadow_batch_mean")
+                fig["log_dropped"] = sum(o["log_dropped"] for o in runs)
+                fig["drain_s"] = med(target, c, "drain_s")
+            per.setdefault(target, {})[str(c)] = fig
+            rows.append([target, c, fig["throughput"], fig["p50_ms"], fig["p99_ms"],
+                         fig.get("serve_batch_mean", ""), fig.get("shadow_batch_mean", ""), fig["non_200"]])
+    print_table(f"Single-record requests, {seconds:g} s per cell, median of {rounds} round(s), load generator {loadgen}",
+                ["server", "conc", "req/s", "p50 ms", "p99 ms", "serve batch", "shadow batch", "errors"],
+                [[x if x is not None else "" for x in r] for r in rows])
+
+    ratios: dict[str, dict[str, float]] = {}
+    for c in CONCURRENCY:
+        ratios[str(c)] = {
+            "shadow_vs_mlflow_throughput": ratio("shadow", "mlflow", c, "throughput"),
+            "single_vs_mlflow_throughput": ratio("single", "mlflow", c, "throughput"),
+            "shadow_vs_single_throughput": ratio("shadow", "single", c, "throughput"),
+            "ab_vs_single_throughput": ratio("ab", "single", c, "throughput"),
+            "shadow_p99_vs_single_p99": ratio("shadow", "single", c, "p99_ms"),
+            "shadow_p99_vs_mlflow_p99": ratio("shadow", "mlflow", c, "p99_ms"),
+        }
+    print_table("Ratios by concurrency (median of per-round ratios)",
+                ["conc", *ratios[str(CONCURRENCY[0])].keys()],
+                [[c, *ratios[str(c)].values()] for c in CONCURRENCY])
+
+    h = ratios[str(HEADLINE_C)]
+    wait_ms = info["max_wait_ms"]
+    added_p50 = med("single", 1, "p50_ms") - med("nowait", 1, "p50_ms")
+    p99_below_mlflow = all(ratios[str(c)]["shadow_p99_vs_mlflow_p99"] < 1.0 for c in CONCURRENCY)
+    every_logged = info["log_rows_dropped"] == 0 and info["log_rows_lost"] == 0 and info["shadow_rows_dropped"] == 0
+    no_errors = all(f["non_200"] == 0 for t in per.values() for f in t.values())
+    checks = [
+        ["shadow / MLflow throughput (c=32)", h["shadow_vs_mlflow_throughput"], f">= {TARGET_VS_MLFLOW:g}",
+         h["shadow_vs_mlflow_throughput"] >= TARGET_VS_MLFLOW],
+        ["shadow / single throughput (c=32)", h["shadow_vs_single_throughput"], f">= {TARGET_SHADOW_COST:g}",
+         h["shadow_vs_single_throughput"] >= TARGET_SHADOW_COST],
+        ["shadow p99 / single p99 (c=32)", h["shadow_p99_vs_single_p99"], f"<= {TARGET_P99_RATIO:g}",
+         h["shadow_p99_vs_single_p99"] <= TARGET_P99_RATIO],
+        ["shadow p99 / MLflow p99 (worst conc)", max(ratios[str(c)]["shadow_p99_vs_mlflow_p99"] for c in CONCURRENCY),
+         "< 1", p99_below_mlflow],
+        ["batching's added p50 at c=1, ms (vs max_wait_ms=0)", added_p50, f"<= {wait_ms:g} (max_wait_ms)",
+         added_p50 <= wait_ms],
+        ["every prediction logged (no drops, no losses)", str(every_logged), "True", every_logged],
+        ["every request answered 200", str(no_errors), "True", no_errors],
+    ]
+    print_table("Targets", ["figure", "value", "target", "status"], [[*c[:3], verdict(c[3])] for c in checks])
+    misses = [c[0] for c in checks if not c[3]]
+    emit_json({
+        "rounds": rounds, "seconds_per_cell": seconds, "loadgen": loadgen, "seed": seed,
+        "concurrency": list(CONCURRENCY),
+        "throughput": {t: {c: f["throughput"] for c, f in v.items()} for t, v in per.items()},
+        "p50_ms": {t: {c: f["p50_ms"] for c, f in v.items()} for t, v in per.items()},
+        "p99_ms": {t: {c: f["p99_ms"] for c, f in v.items()} for t, v in per.items()},
+        "shadow_vs_mlflow_throughput": h["shadow_vs_mlflow_throughput"],
+        "shadow_vs_single_throughput": h["shadow_vs_single_throughput"],
+        "shadow_p99_vs_single_p99": h["shadow_p99_vs_single_p99"],
+        "shadow_p99_vs_mlflow_p99": h["shadow_p99_vs_mlflow_p99"],
+        "batching_added_p50_ms_c1": added_p50,
+        "ratios_by_concurrency": ratios, "cells": per, **info,
+        "pass": not misses, "misses": misses, "wall_seconds": round(wall, 1),
+    })
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--loadgen-worker":
+        loadgen_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+    else:
+        main()
