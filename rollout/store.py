@@ -13,6 +13,23 @@ Losses per request (metric -> loss, lower is better), computed in SQL with CASE:
   mse       (prediction - label)^2
   mae       |prediction - label|
 Only predictions without an error and with a label count; the latest label of a request wins.
+
+Evaluation at scale (benchmarks/evaluation_scale.py). One evaluation (rollout.evaluation.gather)
+asks loss_moments, paired_moments, confusion, traffic, latency_p99 and agreement in a row. They used
+to be six GROUP BYs, four joining predictions to labels and two joining predictions to itself.
+Now two passes answer all of them:
+  * _labelled: predictions LEFT JOIN current label LEFT JOIN the champion's row of the same request,
+    grouped once by (version, segment, day) with conditional sums (loss, confusion cells, paired
+    differences, agreement sums). The champion is the rollout's (routing table) unless given.
+  * _usage: predictions grouped by (version, latency bucket): traffic counts and the histogram.
+Each result is kept on the store object and reused by the next calls while nothing was written
+(max(id) of predictions and labels unchanged: every write inserts) and for at most
+`aggregate_cache_s` seconds; set it to 0 to recompute on every call. Results equal the separate
+queries' as long as a request has at most one current label and one row per version.
+SQLite joins by nested loops: covering indexes ix_predictions_eval (walked in request-id order,
+so the probes move forward through pages just read) and ix_labels_current serve its join; they are
+SQLite-only (PostgreSQL hash-joins). Still open: SQLite spends most of the pass sorting for its
+GROUP BY, PostgreSQL hashing request ids; the next step is a per-day summary of completed days.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Real servers: `prefect server`, `mlflow server`, a process worker, deployments from prefect.yaml,
-triggered with the same commands as .github/workflows/rollout.yml; the outcome store in PostgreSQL."""
+"""Real servers: `prefect server`, `mlflow server` (PostgreSQL backend), a process worker, deployments
+from prefect.yaml, triggered with the same commands as .github/workflows/rollout.yml; the outcome
+store in PostgreSQL too."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def _workflow_commands() -> list[str]:
 
 
 @pytest.fixture
-def pg_url() -> Iterator[str]:
+def pg_urls() -> Iterator[dict[str, str]]:
+    """Two fresh PostgreSQL databases: the outcome store's and MLflow's backend store."""
     sqlalchemy = pytest.importorskip("sqlalchemy")
     try:
         admin = sqlalchemy.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
@@ -64,19 +66,21 @@ def pg_url() -> Iterator[str]:
             conn.execute(sqlalchemy.text("select 1"))
     except Exception as exc:  # noqa: BLE001 - any failure means: no server here
         pytest.skip(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({type(exc).__name__}); the e2e test needs it")
-    name = f"rollout_e2e_{uuid.uuid4().hex[:10]}"
+    names = {role: f"rollout_e2e_{role}_{uuid.uuid4().hex[:10]}" for role in ("outcomes", "mlflow")}
     with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        for name in names.values():
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        yield {role: f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}" for role, name in names.items()}
     finally:
         with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            for name in names.values():
+                conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
 @pytest.fixture
-def servers(tmp_path: Path, pg_url: str) -> Iterator[dict[str, str]]:
+def servers(tmp_path: Path, pg_urls: dict[str, str]) -> Iterator[dict[str, str]]:
     procs: list[subprocess.Popen] = []
     prefect_port, mlflow_port = _free_port(), _free_port()
     env = {
@@ -87,7 +91,7 @@ def servers(tmp_path: Path, pg_url: str) -> Iterator[dict[str, str]]:
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
         "ROLLOUT_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-        "ROLLOUT_OUTCOME_STORE_URL": pg_url,
+        "ROLLOUT_OUTCOME_STORE_URL": pg_urls["outcomes"],
         "ROLLOUT_REPORTS_DIR": str(tmp_path / "reports"),
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
     }
@@ -102,7 +106,7 @@ def servers(tmp_path: Path, pg_url: str) -> Iterator[dict[str, str]]:
     prefect = start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                 "--port", str(prefect_port)])
     mlflow = start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                              "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              "--backend-store-uri", pg_urls["mlflow"],
                               "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"])
     try:
         _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", prefect, tmp_path / "prefect.log")

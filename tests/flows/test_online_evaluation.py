@@ -161,3 +161,29 @@ def test_concurrent_runs_promote_once(world):
     promotions = [d for d in store.decisions(rollout_id) if d.decision == "promote"]
     assert len(promotions) == 1
     assert reg.aliases() == {"champion": "2", "previous-champion": "1"}
+
+
+def test_serving_follows_a_promotion(world):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+
+    path, policy, reg, store, rollout_id = world
+    fast = policy.model_copy(update={"serving": policy.serving.model_copy(update={"reload_interval_s": 0.2})})
+    with TestClient(create_app(fast)) as client:
+        before = client.get("/routing").json()
+        assert before["mode"] == "shadow" and before["arms"][0]["version"] == "1"
+        assert [s["version"] for s in before["shadows"]] == ["2"]
+        log_shadow(store, rollout_id, 4000, champion_acc=0.78, challenger_acc=0.86)
+        assert _run(path).action == "promote"
+        deadline = time.time() + 20
+        view = client.get("/routing").json()
+        while (view["arms"][0]["version"] != "2" or view["shadows"]) and time.time() < deadline:
+            time.sleep(0.2)
+            view = client.get("/routing").json()
+        assert view["arms"][0]["version"] == "2" and view["shadows"] == []
+        answer = client.post("/predict", json={"record": example_dataset(rows=1, seed=3).drop(
+            columns=["approved", "applied_at"]).iloc[0].to_dict()}).json()
+        assert answer["version"] == "2"

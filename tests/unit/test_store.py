@@ -241,3 +241,34 @@ def test_recent_features_and_first_last_seen(store: OutcomeStore) -> None:
     assert len(store.recent_features(limit=10, since=T0 + timedelta(hours=3))) == 2
     assert store.first_seen(rid) == T0 and store.last_seen(rid) == T0 + timedelta(hours=4)
     assert store.served_version_at(T0 + timedelta(hours=2)) == "1"
+
+
+def test_one_pass_aggregates_equal_fresh_queries_and_follow_writes(store: OutcomeStore) -> None:
+    """gather() asks six aggregates in a row; they come from two kept passes, and a write invalidates them."""
+    frame = _rows(200)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    cutoff = T0 + timedelta(days=2)
+
+    def everything() -> tuple:
+        return (store.loss_moments(rid, "log_loss", cutoff), store.paired_moments(rid, "log_loss", "1", cutoff),
+                store.confusion(rid, cutoff), store.traffic(rid), store.latency_p99(rid), store.agreement(rid, "1"))
+
+    kept = everything()
+    store.aggregate_cache_s = 0.0  # every call computes afresh
+    fresh = everything()
+    assert kept[2:] == fresh[2:]
+    for a, b in zip(kept[:2], fresh[:2], strict=True):
+        assert set(a) == set(b) and all(_close(a[k], b[k]) for k in a)
+    # another metric or cutoff is not served from the kept pass
+    store.aggregate_cache_s = 30.0
+    store.loss_moments(rid, "accuracy", cutoff)
+    acc = store.loss_moments(rid, "accuracy", T0 + timedelta(days=10))
+    assert sum(m.n for m in acc.values()) == 400
+    # a write (new prediction, new label) is seen by the next call
+    store.log_predictions([{"request_id": "late", "rollout_id": rid, "ts": T0, "version": "1", "served": 1,
+                            "prediction": 1.0, "score": 0.9, "segment": "VIP"}])
+    assert store.traffic(rid)["1"].requests == 201
+    store.add_labels([("late", 1, T0 + timedelta(hours=1))])
+    acc2 = store.loss_moments(rid, "accuracy", T0 + timedelta(days=10))
+    assert sum(m.n for m in acc2.values()) == 401
