@@ -105,7 +105,7 @@ class DriftConfig(_Strict):
 class LatencyBudget(_Strict):
     """Absolute latency budget for the candidate (milliseconds)."""
 
-    p99_single_ms: float = Field(50.0, gt=0, description="p99 of a single-row prediction.")
+    p99_single_ms: float = Field(100.0, gt=0, description="p99 of a single-row prediction.")
     p99_batch_ms: float = Field(500.0, gt=0, description="p99 of a batch prediction (stress.batch_size rows).")
     max_ratio_vs_champion: float = Field(3.0, gt=0, description="Candidate p99 over champion p99, at most.")
 

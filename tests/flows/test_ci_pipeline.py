@@ -157,7 +157,7 @@ def test_another_dataset_by_changing_the_policy_file_alone(tmp_path):
         estimator={"name": "ridge", "params": {"alpha": 1.0}},
         ci={"cv_folds": 3, "metric": "r2", "floor": 0.3, "min_margin_over_baseline": 0.1, "max_train_val_gap": 0.1,
             "max_fold_std": 0.1, "expectations_suite": "diabetes.json",
-            "stress": {"single_requests": 20, "batch_size": 100, "batches": 3}},
+            "stress": {"single_requests": 20, "batch_size": 100, "batches": 3, "budget": {"p99_single_ms": 2000}}},
         rollout={"primary_metric": "mse", "segment_guardrails": []},
     )
     outcome = ci_pipeline(config=str(policy_path))

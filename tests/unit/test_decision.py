@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 
-from rollout.config import RolloutPolicy
+from rollout.config import RolloutPolicy, SegmentGuardrail
 from rollout.decision import ChallengerEvidence, Evidence, decide
 from rollout.stats.bandit import IPWSums
 from rollout.stats.moments import Confusion, Moments
@@ -66,7 +66,8 @@ def _evidence(*challengers: ChallengerEvidence, hours: float = 72.0, mode: str =
 
 @pytest.fixture
 def policy() -> RolloutPolicy:
-    return RolloutPolicy(margin=0.01, alpha=0.05, min_samples=500, min_duration_hours=24, max_duration_days=14)
+    return RolloutPolicy(margin=0.01, alpha=0.05, min_samples=500, min_duration_hours=24, max_duration_days=14,
+                         segment_guardrails=[SegmentGuardrail(segment="VIP", metric="precision", min=0.9)])
 
 
 def test_clearly_better_challenger_is_promoted_with_reasons(policy: RolloutPolicy) -> None:
