@@ -187,3 +187,28 @@ def test_serving_follows_a_promotion(world):
         answer = client.post("/predict", json={"record": example_dataset(rows=1, seed=3).drop(
             columns=["approved", "applied_at"]).iloc[0].to_dict()}).json()
         assert answer["version"] == "2"
+
+
+def test_bandit_mode_writes_thompson_weights_to_the_routing_table(world):
+    path, policy, reg, store, _ = world
+    rollout_id = store.open_rollout("bandit", {"champion": "1", "challenger": "2"},
+                                    {"champion": 0.5, "challenger": 0.5}, started_at=START)
+    rng = np.random.default_rng(4)
+    rows, labels = [], []
+    for i in range(1500):
+        at = START + timedelta(minutes=i)
+        arm = "2" if rng.random() < 0.5 else "1"
+        y = int(rng.random() < 0.5)
+        acc = 0.9 if arm == "2" else 0.7
+        pred = y if rng.random() < acc else 1 - y
+        rows.append({"request_id": f"b{i}", "rollout_id": rollout_id, "ts": at, "version": arm,
+                     "role": "challenger" if arm == "2" else "champion", "served": 1, "propensity": 0.5,
+                     "prediction": float(pred), "score": 0.8 * pred + 0.1, "latency_ms": 3.0, "segment": "standard"})
+        labels.append((f"b{i}", y, at))
+    store.log_predictions(rows)
+    store.add_labels(labels)
+    outcome = online_evaluation(config=str(path), params=EvaluationParameters(now=START + timedelta(hours=20)))
+    assert outcome.action == "continue"  # younger than min_duration_hours: it keeps learning
+    weights = store.current_rollout().weights
+    assert weights["challenger"] > 0.9 and weights["champion"] >= 0.01  # the floor keeps the champion alive
+    assert outcome.acted["weights"] == weights
