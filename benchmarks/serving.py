@@ -1,7 +1,7 @@
 """`rollout serve` (champion-only, shadow, ab) vs MLflow's scoring server, same champion, same machine.
 
-    .venv/bin/python benchmarks/serving.py            # 3 alternating rounds, 5 s per cell
-    .venv/bin/python benchmarks/serving.py --quick    # 1 round, 2 s per cell (under a minute)
+    .venv/bin/python benchmarks/serving.py            # 5 alternating rounds, 4 s per cell
+    .venv/bin/python benchmarks/serving.py --quick    # 1 round, 1 s per cell (under a minute)
 
 A temporary policy (stores in a temporary folder) gets a champion and a challenger trained on the
 example data (rollout.training) and registered in MLflow (rollout.registry.log_model). Servers run
@@ -290,6 +290,23 @@ class Server:
         self._fh.close()
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) of every live process in a process group, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after "comm)": state, ppid, pgrp, ..., utime (11), stime (12)
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def http(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
@@ -352,14 +369,16 @@ def drain(server: Server, timeout_s: float = 120.0) -> float:
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, help="alternating rounds (default 3; --quick 1)")
-    p.add_argument("--seconds", type=float, help="seconds per measured cell (default 5; --quick 2)")
+    p.add_argument("--rounds", type=int, help="alternating rounds (default 5; --quick 1)")
+    p.add_argument("--seconds", type=int, help="seconds per measured cell (default 4; --quick 1)")
+    p.add_argument("--shadow-wait-ms", type=float,
+                   help="serving.shadow_max_wait_ms of the rollout server (default: the policy default)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                    help="load generator: wrk when installed (auto), or the built-in asyncio client")
     args = p.parse_args()
-    rounds = args.rounds or (1 if args.quick else 3)
-    seconds = args.seconds or (2.0 if args.quick else 5.0)
-    warmup = 1.0
+    rounds = args.rounds or (1 if args.quick else 5)
+    seconds = args.seconds or (1 if args.quick else 4)
+    warmup = 1
     rows = 3000 if args.quick else 6000
 
     loadgen = args.loadgen
@@ -376,7 +395,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rollout-bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            results, info = _run(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen)
+            results, info = _run(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen, args.shadow_wait_ms)
         finally:
             for server in servers:
                 server.stop()
@@ -384,45 +403,46 @@ def main() -> None:
 
 
 def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: float, rows: int, seed: int,
-         loadgen: str) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
+         loadgen: str, shadow_wait_ms: float | None = None) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
     seed32 = seed % 2**31
     lr = {"name": "logistic_regression", "params": {"C": 1.0}}
-    policy = write_policy(tmp, "rollout.yaml", rows, seed32, lr, {"port": 0})
+    serving = {"port": 0} if shadow_wait_ms is None else {"port": 0, "shadow_max_wait_ms": shadow_wait_ms}
+    policy = write_policy(tmp, "rollout.yaml", rows, seed32, lr, serving)
     challenger_policy = write_policy(tmp, "challenger.yaml", rows, seed32 + 1,
                                      {"name": "logistic_regression", "params": {"C": 0.3}}, {"port": 0})
     nowait_policy = write_policy(tmp, "nowait.yaml", rows, seed32, lr, {"port": 0, "max_wait_ms": 0},
                                  outcomes="outcomes-nowait.db")
     t0 = time.perf_counter()
-    champion, features = train_and_register(policy)
-    challenger, _ = train_and_register(challenger_policy)
     from rollout.config import load_policy
     from rollout.registry import MlflowRegistry
     from rollout.store import OutcomeStore
 
     pol = load_policy(policy)
+    champion, features = train_and_register(policy)
     registry = MlflowRegistry(pol.tracking_uri, MODEL_NAME, pol.registry.mirror_stages)
     registry.set_alias("champion", champion)
+    env = {**os.environ, "ROLLOUT_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": pol.tracking_uri,
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    ports = {k: free_port() for k in ("mlflow", "rollout", "nowait")}
+    # The champion-only servers start while the challenger trains.
+    mlflow_srv = Server("mlflow", [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+                                   "--env-manager", "local", "--workers", "1", "--host", "127.0.0.1",
+                                   "--port", str(ports["mlflow"])], env, ports["mlflow"], tmp / "mlflow.log")
+    servers.append(mlflow_srv)
+    nowait_srv = Server("rollout-nowait", [str(VENV_BIN / "rollout"), "serve", "--config", str(nowait_policy),
+                                           "--port", str(ports["nowait"]), "--log-level", "warning"], env,
+                        ports["nowait"], tmp / "rollout-nowait.log")
+    servers.append(nowait_srv)
+    challenger, _ = train_and_register(challenger_policy)
     registry.set_alias("challenger", challenger)
     OutcomeStore(pol.outcome_url).create()
     versions = {"champion": champion, "challenger": challenger}
     print(f"trained and registered champion v{champion}, challenger v{challenger}: "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-    env = {**os.environ, "ROLLOUT_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": pol.tracking_uri,
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
-    ports = {k: free_port() for k in ("mlflow", "rollout", "nowait")}
-    mlflow_srv = Server("mlflow", [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
-                                   "--env-manager", "local", "--workers", "1", "--host", "127.0.0.1",
-                                   "--port", str(ports["mlflow"])], env, ports["mlflow"], tmp / "mlflow.log")
-    servers.append(mlflow_srv)
     rollout_srv = Server("rollout", [str(VENV_BIN / "rollout"), "serve", "--config", str(policy), "--port",
                                      str(ports["rollout"]), "--log-level", "warning"], env, ports["rollout"],
                          tmp / "rollout.log")
     servers.append(rollout_srv)
-    nowait_srv = Server("rollout-nowait", [str(VENV_BIN / "rollout"), "serve", "--config", str(nowait_policy),
-                                           "--port", str(ports["nowait"]), "--log-level", "warning"], env,
-                        ports["nowait"], tmp / "rollout-nowait.log")
-    servers.append(nowait_srv)
     mlflow_srv.wait_ready("/ping")
     rollout_srv.wait_ready("/healthz")
     nowait_srv.wait_ready("/healthz")
@@ -462,22 +482,21 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
                 if server is not mlflow_srv:
                     drain(server)
                 before = metrics(server.base) if server is not mlflow_srv else {}
+                cpu0 = group_cpu_s(server.proc.pid)
                 out = load(url, body_path, c, seconds)
                 out["throughput"] = out["requests"] / out["duration_s"]
                 if server is not mlflow_srv:
+                    out["log_queue_at_end"] = metrics(server.base).get("rollout_log_queue_depth", 0.0)
+                    out["drain_s"] = drain(server)  # the cell's log rows and shadow rows are part of its cost
                     after = metrics(server.base)
-                    out["log_queue_at_end"] = after.get("rollout_log_queue_depth", 0.0)
                     out["log_dropped"] = after.get("rollout_log_dropped_total", 0.0) - before.get("rollout_log_dropped_total", 0.0)
                     out["shadow_dropped"] = after.get("rollout_shadow_dropped_total", 0.0) - before.get("rollout_shadow_dropped_total", 0.0)
-                    out["drain_s"] = drain(server)
-                    shadow_lanes = {k: v for k, v in after.items() if k.startswith("rollout_batch") and "/shadow" in k}
-                    calls = sum(v - before.get(k, 0.0) for k, v in shadow_lanes.items() if k.startswith("rollout_batches_total"))
-                    rows_ = sum(v - before.get(k, 0.0) for k, v in shadow_lanes.items() if k.startswith("rollout_batch_rows_total"))
-                    out["shadow_batch_mean"] = rows_ / calls if calls else None
-                    serve_lanes = {k: v for k, v in after.items() if k.startswith("rollout_batch") and "/serve" in k}
-                    calls = sum(v - before.get(k, 0.0) for k, v in serve_lanes.items() if k.startswith("rollout_batches_total"))
-                    rows_ = sum(v - before.get(k, 0.0) for k, v in serve_lanes.items() if k.startswith("rollout_batch_rows_total"))
-                    out["serve_batch_mean"] = rows_ / calls if calls else None
+                    for lane in ("serve", "shadow"):
+                        keys = [k for k in after if k.startswith("rollout_batch") and f"/{lane}" in k]
+                        calls = sum(after[k] - before.get(k, 0.0) for k in keys if k.startswith("rollout_batches_total"))
+                        rows_ = sum(after[k] - before.get(k, 0.0) for k in keys if k.startswith("rollout_batch_rows_total"))
+                        out[f"{lane}_batch_mean"] = rows_ / calls if calls else None
+                out["cpu_us_per_request"] = (group_cpu_s(server.proc.pid) - cpu0) / max(out["requests"], 1) * 1e6
                 if out["bad_status"] or out["socket_errors"]:
                     print(f"WARNING {target} c={c}: {out['bad_status']} non-200, {out['socket_errors']} socket errors",
                           file=sys.stderr)
@@ -515,7 +534,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
                 continue
             runs = results[(target, c)]
             fig = {"throughput": med(target, c, "throughput"), "p50_ms": med(target, c, "p50_ms"),
-                   "p99_ms": med(target, c, "p99_ms"),
+                   "p99_ms": med(target, c, "p99_ms"), "cpu_us_per_request": med(target, c, "cpu_us_per_request"),
                    "non_200": sum(o["bad_status"] + o["socket_errors"] for o in runs)}
             if target != "mlflow":
                 fig["serve_batch_mean"] = med(target, c, "serve_batch_mean")
@@ -523,10 +542,10 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
                 fig["log_dropped"] = sum(o["log_dropped"] for o in runs)
                 fig["drain_s"] = med(target, c, "drain_s")
             per.setdefault(target, {})[str(c)] = fig
-            rows.append([target, c, fig["throughput"], fig["p50_ms"], fig["p99_ms"],
+            rows.append([target, c, fig["throughput"], fig["p50_ms"], fig["p99_ms"], fig["cpu_us_per_request"],
                          fig.get("serve_batch_mean", ""), fig.get("shadow_batch_mean", ""), fig["non_200"]])
     print_table(f"Single-record requests, {seconds:g} s per cell, median of {rounds} round(s), load generator {loadgen}",
-                ["server", "conc", "req/s", "p50 ms", "p99 ms", "serve batch", "shadow batch", "errors"],
+                ["server", "conc", "req/s", "p50 ms", "p99 ms", "server CPU us/req", "serve batch", "shadow batch", "errors"],
                 [[x if x is not None else "" for x in r] for r in rows])
 
     ratios: dict[str, dict[str, float]] = {}
@@ -538,6 +557,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
             "ab_vs_single_throughput": ratio("ab", "single", c, "throughput"),
             "shadow_p99_vs_single_p99": ratio("shadow", "single", c, "p99_ms"),
             "shadow_p99_vs_mlflow_p99": ratio("shadow", "mlflow", c, "p99_ms"),
+            "shadow_cpu_vs_single_cpu": ratio("shadow", "single", c, "cpu_us_per_request"),
         }
     print_table("Ratios by concurrency (median of per-round ratios)",
                 ["conc", *ratios[str(CONCURRENCY[0])].keys()],
@@ -575,6 +595,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
         "shadow_vs_single_throughput": h["shadow_vs_single_throughput"],
         "shadow_p99_vs_single_p99": h["shadow_p99_vs_single_p99"],
         "shadow_p99_vs_mlflow_p99": h["shadow_p99_vs_mlflow_p99"],
+        "shadow_cpu_vs_single_cpu": h["shadow_cpu_vs_single_cpu"],
         "batching_added_p50_ms_c1": added_p50,
         "ratios_by_concurrency": ratios, "cells": per, **info,
         "pass": not misses, "misses": misses, "wall_seconds": round(wall, 1),

@@ -218,7 +218,9 @@ class ServingConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, description="Most requests scored in one call on the response path.")
     max_wait_ms: float = Field(2.0, ge=0, description="Longest a request waits for others to batch with.")
     shadow_max_batch_size: int = Field(512, ge=1, description="Shadow batches are larger: nobody waits on them.")
-    shadow_max_wait_ms: float = Field(50.0, ge=0, description="Longest a shadow request waits to batch.")
+    shadow_max_wait_ms: float = Field(
+        500.0, ge=0, description="Longest a shadow request waits to batch (larger batches: shadow costs less CPU)."
+    )
     shadow_timeout_s: float = Field(5.0, gt=0, description="A shadow call taking longer is logged as an error.")
     reload_interval_s: float = Field(10.0, gt=0, description="How often aliases are polled for moves.")
     log_queue_size: int = Field(100_000, ge=1, description="Bound of the prediction-log queue; overflow is counted.")

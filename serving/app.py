@@ -232,6 +232,7 @@ class Service:
                 max_wait_s=cfg.shadow_max_wait_ms / 1000.0,
                 timeout_s=cfg.shadow_timeout_s,
                 in_flight=1,
+                eager=False,  # nobody waits on shadow rows: always gather, fewer and larger calls
                 max_queue_rows=cfg.shadow_max_batch_size * 8,
                 sink=self._shadow_done,
                 on_batch=self.metrics.batch,
@@ -383,34 +384,49 @@ class Service:
             )
             self.metrics.observe(arm.version, arm.role, 0.0, False)
 
-    def _shadow_done(self, job: Job, scored: Scored | None, error: str | None) -> None:
-        meta: ShadowMeta = job.meta
-        n = len(job.rows)
+    def _shadow_done(self, jobs: list[Job], scored: Scored | None, error: str | None) -> None:
+        """Log a shadow batch: one row per record of every job, in job order (`scored` covers them all)."""
+        total = 0
+        rows: list[dict[str, Any]] = []
+        append = rows.append
+        preds = scores = errors = None
+        latency = None
+        if scored is not None:
+            preds, scores, errors, latency = scored.predictions, scored.scores, scored.errors, scored.latency_ms
+        failed = None if error is None else error[:500]
+        for job in jobs:
+            meta: ShadowMeta = job.meta
+            rollout_id, ts, version, role = meta.rollout_id, meta.ts, meta.version, meta.role
+            request_ids, unit_ids, segments = meta.request_ids, meta.unit_ids, meta.segments
+            for j in range(len(job.rows)):
+                k = total + j
+                row_error = failed if errors is None else errors[k]
+                append(
+                    {
+                        "request_id": request_ids[j],
+                        "unit_id": unit_ids[j],
+                        "rollout_id": rollout_id,
+                        "ts": ts,
+                        "version": version,
+                        "role": role,
+                        "served": 0,
+                        "propensity": 1.0,
+                        "prediction": None if preds is None else preds[k],
+                        "score": None if scores is None else scores[k],
+                        "latency_ms": latency,
+                        "error": None if row_error is None else row_error[:500],
+                        "segment": segments[j],
+                        "features": None,
+                    }
+                )
+            total += len(job.rows)
         if scored is None and error and error.startswith("queue full"):
-            self.shadow_dropped += n
-        put = self.writer.put
-        for j in range(n):
-            row_error = error if scored is None else scored.errors[j]
-            put(
-                {
-                    "request_id": meta.request_ids[j],
-                    "unit_id": meta.unit_ids[j],
-                    "rollout_id": meta.rollout_id,
-                    "ts": meta.ts,
-                    "version": meta.version,
-                    "role": meta.role,
-                    "served": 0,
-                    "propensity": 1.0,
-                    "prediction": None if scored is None else scored.predictions[j],
-                    "score": None if scored is None or scored.scores is None else scored.scores[j],
-                    "latency_ms": None if scored is None else scored.latency_ms,
-                    "error": None if row_error is None else row_error[:500],
-                    "segment": meta.segments[j],
-                    "features": None,
-                }
-            )
-        seconds = 0.0 if scored is None else scored.latency_ms / 1000.0
-        self.metrics.observe(meta.version, meta.role, seconds, scored is not None and error is None, rows=n)
+            self.shadow_dropped += total
+        self.writer.put_many(rows)
+        if jobs:
+            meta = jobs[0].meta
+            seconds = 0.0 if scored is None else scored.latency_ms / 1000.0
+            self.metrics.observe(meta.version, meta.role, seconds, scored is not None and error is None, rows=total, count=len(jobs))
 
     def _parse(self, payload: Any) -> tuple[list[dict[str, Any]], list[str | None], list[str | None]]:
         """Records, unit ids and client request ids from the accepted body shapes."""

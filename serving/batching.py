@@ -2,7 +2,9 @@
 
 A scikit-learn pipeline costs about the same for 1 row as for 100, so requests arriving within
 `max_wait` of the first are gathered (up to `max_batch` rows) and scored together. While a batch
-is being scored, new requests keep gathering, so under load batches grow by themselves. Each
+is being scored, new requests keep gathering, so under load batches grow by themselves. An eager
+lane (the response path) does not wait when its model is idle: a lone request is scored at once,
+so batching adds no latency at low load. Shadow lanes always gather (fewer, larger calls). Each
 batcher owns its threads: a hanging model can only ever block its own lane, and the slot of a
 hung call is freed only when its thread really returns, so hung calls cannot pile up.
 """
@@ -42,8 +44,9 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-# A sink receives jobs submitted without a future (shadow traffic) with their outcome or error text.
-Sink = Callable[[Job, Scored | None, str | None], None]
+# A sink receives jobs submitted without a future (shadow traffic), a whole batch at a time: the jobs,
+# the outcome of their rows in job order (or None) and the error text of a failed call (or None).
+Sink = Callable[[list[Job], Scored | None, str | None], None]
 
 
 class MicroBatcher:
@@ -58,6 +61,7 @@ class MicroBatcher:
         max_wait_s: float,
         timeout_s: float | None = None,
         in_flight: int = 2,
+        eager: bool = True,
         max_queue_rows: int | None = None,
         sink: Sink | None = None,
         on_batch: Callable[[str, int, float, bool], None] | None = None,
@@ -66,6 +70,7 @@ class MicroBatcher:
         self.name = name
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.eager = eager  # score at once when no call is in flight (else always gather up to max_wait)
         self.timeout_s = timeout_s
         self.max_queue_rows = max_queue_rows
         self.sink = sink
@@ -80,6 +85,7 @@ class MicroBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
+        self._busy = 0  # model calls in flight
         self.dropped = 0
 
     @property
@@ -99,7 +105,7 @@ class MicroBatcher:
         job = Job(rows, future, meta)
         if not wait and self.max_queue_rows is not None and self._pending_rows + len(rows) > self.max_queue_rows:
             self.dropped += len(rows)
-            self._sink(job, None, "queue full: challenger cannot keep up")
+            self._sink([job], None, "queue full: challenger cannot keep up")
             return None
         self._pending.append(job)
         self._pending_rows += len(rows)
@@ -131,10 +137,10 @@ class MicroBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _fail_pending(self, reason: str) -> None:
-        while self._pending:
-            job = self._pending.popleft()
-            self._pending_rows -= len(job.rows)
-            self._deliver(job, None, reason)
+        jobs = list(self._pending)
+        self._pending.clear()
+        self._pending_rows = 0
+        self._deliver_all(jobs, None, reason)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -145,8 +151,15 @@ class MicroBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._pending_rows < self.max_batch and self.max_wait_s > 0 and not self._closing:
-                # Gather: wait until the batch is full or the first request has waited max_wait.
+            if (
+                (self._busy or not self.eager)
+                and self._pending_rows < self.max_batch
+                and self.max_wait_s > 0
+                and not self._closing
+            ):
+                # Gather until the batch is full or the first request has waited max_wait. An eager
+                # lane (the response path) scores at once when its model is idle: waiting would only
+                # add latency there; under load its calls are in flight and batches grow anyway.
                 remaining = self._pending[0].enqueued + self.max_wait_s - time.perf_counter()
                 if remaining > 0:
                     self._full.clear()
@@ -161,11 +174,16 @@ class MicroBatcher:
                 continue
             rows = [row for job in jobs for row in job.rows]
             started = time.perf_counter()
+            self._busy += 1
             call = loop.run_in_executor(self._executor, self.model.score, rows)
-            call.add_done_callback(lambda _f: self._slots.release())
+            call.add_done_callback(self._call_done)
             task = loop.create_task(self._finish(jobs, call, started, len(rows)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _call_done(self, _call: asyncio.Future[Any]) -> None:
+        self._busy -= 1
+        self._slots.release()
 
     def _take(self) -> list[Job]:
         jobs: list[Job] = []
@@ -181,8 +199,8 @@ class MicroBatcher:
         try:
             await self._settle(jobs, call, started, n)
         except asyncio.CancelledError:
-            for job in jobs:  # shutdown gave up on this call: its rows are still accounted for
-                self._deliver(job, None, "service shutting down before the model answered")
+            # shutdown gave up on this call: its rows are still accounted for
+            self._deliver_all(jobs, None, "service shutting down before the model answered")
             raise
 
     async def _settle(self, jobs: list[Job], call: asyncio.Future[Any], started: float, n: int) -> None:
@@ -194,18 +212,17 @@ class MicroBatcher:
         except TimeoutError:
             call.add_done_callback(_swallow)
             self._report(n, started, False)
-            message = f"timeout: no answer within {self.timeout_s:g} s"
-            for job in jobs:
-                self._deliver(job, None, message)
+            self._deliver_all(jobs, None, f"timeout: no answer within {self.timeout_s:g} s")
             return
         except Exception as exc:  # noqa: BLE001 - a failing model is data, not a crash
             self._report(n, started, False)
-            message = f"{type(exc).__name__}: {exc}"[:500]
-            for job in jobs:
-                self._deliver(job, None, message)
+            self._deliver_all(jobs, None, f"{type(exc).__name__}: {exc}"[:500])
             return
         latency_ms = (time.perf_counter() - started) * 1000.0
         self._report(n, started, True)
+        if all(job.future is None for job in jobs):  # shadow lane: the sink takes the batch as it is
+            self._sink(jobs, Scored(preds, scores, errors, latency_ms, n), None)
+            return
         offset = 0
         for job in jobs:
             k = len(job.rows)
@@ -231,13 +248,24 @@ class MicroBatcher:
                 else:
                     job.future.set_exception(ModelCallFailed(error or "model call failed"))
         else:
-            self._sink(job, scored, error)
+            self._sink([job], scored, error)
 
-    def _sink(self, job: Job, scored: Scored | None, error: str | None) -> None:
+    def _deliver_all(self, jobs: list[Job], scored: None, error: str) -> None:
+        """A failed batch: futures get the error, sink jobs go to the sink in one call."""
+        sink_jobs = []
+        for job in jobs:
+            if job.future is None:
+                sink_jobs.append(job)
+            else:
+                self._deliver(job, scored, error)
+        if sink_jobs:
+            self._sink(sink_jobs, scored, error)
+
+    def _sink(self, jobs: list[Job], scored: Scored | None, error: str | None) -> None:
         if self.sink is None:
             return
         try:
-            self.sink(job, scored, error)
+            self.sink(jobs, scored, error)
         except Exception:  # noqa: BLE001 - logging must never break scoring
             log.exception("batcher %s: sink failed", self.name)
 

@@ -51,8 +51,15 @@ class LogWriter:
         return True
 
     def put_many(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            self.put(row)
+        """Queue rows in order; those beyond the queue's room are dropped and counted, as with `put`."""
+        room = self.queue_size - len(self._queue)
+        if room < len(rows):
+            self.dropped += len(rows) - max(room, 0)
+            rows = rows[: max(room, 0)]
+        if rows:
+            self._queue.extend(rows)
+            self._idle.clear()
+            self._wake.set()
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued row is written; False on timeout."""

@@ -17,10 +17,10 @@ class Histogram:
         self.total = 0.0
         self.n = 0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(BUCKETS_S, seconds)] += 1
-        self.total += seconds
-        self.n += 1
+    def observe(self, seconds: float, count: int = 1) -> None:
+        self.counts[bisect_left(BUCKETS_S, seconds)] += count
+        self.total += seconds * count
+        self.n += count
 
 
 class Metrics:
@@ -35,12 +35,13 @@ class Metrics:
         self.http: defaultdict[tuple[str, int], int] = defaultdict(int)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
-    def observe(self, version: str, role: str, seconds: float, ok: bool, rows: int = 1) -> None:
+    def observe(self, version: str, role: str, seconds: float, ok: bool, rows: int = 1, count: int = 1) -> None:
+        """`rows` scored by `count` requests that each took `seconds`."""
         key = (version, role)
         self.requests[key] += rows
         if not ok:
             self.errors[key] += rows
-        self.latency[key].observe(seconds)
+        self.latency[key].observe(seconds, count)
 
     def batch(self, lane: str, rows: int, seconds: float, ok: bool) -> None:
         self.batches[lane] += 1

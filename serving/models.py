@@ -88,8 +88,6 @@ def _estimator(model: Any) -> Any:
     return model
 
 
-_STATS={}
-
 class LoadedModel:
     """One registry version ready to score batches of records (thread-safe if the model is)."""
 
@@ -112,17 +110,7 @@ class LoadedModel:
             return pd.DataFrame.from_records(rows, columns=list(self.names))
         return pd.DataFrame.from_records(rows)
 
-    def score(self, rows):
-        import time as _t, os as _o
-        a=_t.thread_time(); b=_t.perf_counter()
-        try:
-            return self._score(rows)
-        finally:
-            st=_STATS.setdefault(self.version,[0,0,0.0,0.0]); st[0]+=1; st[1]+=len(rows); st[2]+=_t.thread_time()-a; st[3]+=_t.perf_counter()-b
-            if st[0] % 50 == 0:
-                open("/tmp/sb/stats.txt","a").write(f"{_o.getpid()} v{self.version} calls={st[0]} rows={st[1]} cpu_ms/call={st[2]/st[0]*1000:.2f} wall_ms/call={st[3]/st[0]*1000:.2f}\n")
-
-    def _score(self, rows: list[dict[str, Any]]) -> tuple[list[float | None], list[float | None] | None, list[str | None]]:
+    def score(self, rows: list[dict[str, Any]]) -> tuple[list[float | None], list[float | None] | None, list[str | None]]:
         """Predictions, scores (P(class 1) or None) and per-row errors for a batch of records."""
         n = len(rows)
         frame = self.frame(rows)
