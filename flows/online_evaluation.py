@@ -49,7 +49,7 @@ def online_evaluation(config: str = "rollout.yaml", params: EvaluationParameters
     decision = decide_task(policy, evidence, rollout.rollout_id, now)
     acted = {"acted": False, "reason": "dry run"} if params.dry_run else act_task(policy, decision, rollout, now,
                                                                                   params.actor)
-    report = report_task(policy, decision, rollout, now)
+    report = report_task(policy, decision, rollout, now, evidence)
     print(f"rollout {rollout.rollout_id}: {decision.action}" + (f" {decision.winner}" if decision.winner else ""))
     for reason in decision.reasons:
         print(f"  - {reason}")

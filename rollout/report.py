@@ -66,6 +66,53 @@ def evaluation_markdown(decision: dict[str, Any], *, model_name: str, rollout_id
     return "\n".join(lines) + "\n"
 
 
+def metrics_markdown(evidence: Any, metric: str) -> str:
+    """Per-version metrics overall, per segment and per day, from the evidence's sufficient statistics."""
+    from collections import defaultdict
+
+    from rollout.stats.moments import Confusion, Moments
+
+    # Loss is lower-is-better; for accuracy the 0/1 loss is the error rate, so show accuracy itself.
+    def value(m: Moments) -> str:
+        if not m.n:
+            return "n/a"
+        return f"{1 - m.mean:.4f}" if metric == "accuracy" else f"{m.mean:.4f}"
+
+    versions = {evidence.champion: evidence.champion_loss}
+    confusions = {evidence.champion: evidence.champion_confusion}
+    for ch in evidence.challengers:
+        versions[ch.version] = ch.loss
+        confusions[ch.version] = ch.confusion
+    segments: dict[str, dict[str, Moments]] = defaultdict(dict)
+    days: dict[str, dict[str, Moments]] = defaultdict(dict)
+    for version, parts in versions.items():
+        for (segment, day), m in parts.items():
+            segments[version][segment] = segments[version].get(segment, Moments()) + m
+            days[version][day] = days[version].get(day, Moments()) + m
+    name = metric if metric != "accuracy" else "accuracy"
+    lines = ["## Metrics per version and segment", "",
+             f"| version | segment | n | {name} | precision | recall |", "|---|---|---|---|---|---|"]
+    for version, by_segment in segments.items():
+        total = sum(by_segment.values(), Moments())
+        conf_all = sum(confusions[version].values(), Confusion())
+        rows = [("all", total, conf_all)] + [
+            (seg or "(none)", m, confusions[version].get(seg, Confusion())) for seg, m in sorted(by_segment.items())
+        ]
+        for seg, m, conf in rows:
+            precision = conf.successes("precision")
+            recall = conf.successes("recall")
+            p = f"{precision[0] / precision[1]:.4f}" if precision[1] else "n/a"
+            r = f"{recall[0] / recall[1]:.4f}" if recall[1] else "n/a"
+            lines.append(f"| {version} | {seg} | {m.n} | {value(m)} | {p} | {r} |")
+    all_days = sorted({d for by_day in days.values() for d in by_day})
+    if all_days:
+        lines += ["", "## Daily metric", "", "| day | " + " | ".join(f"v{v}" for v in days) + " |",
+                  "|---|" + "---|" * len(days)]
+        for day in all_days:
+            lines.append(f"| {day} | " + " | ".join(value(days[v].get(day, Moments())) for v in days) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def difference_plot(looks: Sequence[Look], margin: float, metric: str, path: Path) -> Path:
     """The effect of each challenger over time with its confidence band and the -margin line."""
     import matplotlib

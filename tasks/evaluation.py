@@ -17,7 +17,7 @@ from rollout import evaluation, registry
 from rollout.config import Policy
 from rollout.data import infer_schema, load_dataset
 from rollout.decision import Decision, Evidence, decide
-from rollout.report import Look, difference_plot, evaluation_markdown
+from rollout.report import Look, difference_plot, evaluation_markdown, metrics_markdown
 from rollout.store import OutcomeStore, Rollout
 from tasks.common import mlflow_experiment
 
@@ -70,7 +70,7 @@ def act_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime
 
 
 @task(name="report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime) -> Path:
+def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime, evidence: Evidence) -> Path:
     """Markdown + PNG of the effect over time, as a Prefect artifact and in an MLflow run."""
     import mlflow
 
@@ -84,7 +84,7 @@ def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datet
         decision.to_dict(), model_name=policy.registry.model_name, rollout_id=rollout.rollout_id, mode=rollout.mode,
         metric=policy.rollout.primary_metric, margin=policy.rollout.margin, champion=rollout.versions["champion"],
         now=now,
-    )
+    ) + "\n" + metrics_markdown(evidence, policy.rollout.primary_metric)
     folder = policy.path(policy.stores.reports_dir) / f"rollout-{rollout.rollout_id}"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = now.strftime("%Y%m%dT%H%M")

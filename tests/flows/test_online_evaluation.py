@@ -97,7 +97,9 @@ def test_better_challenger_is_promoted_and_registry_store_and_report_agree(world
     assert {"alias": "champion", "from": "1", "to": "2"} in audit[0].alias_moves
     assert reg.get_tags("2")[f"rollout.{rollout_id}.decision"] == "promote"
     report = Path(outcome.report)
-    assert "PROMOTE" in report.read_text() and list(report.parent.glob("effect-*.png"))
+    text = report.read_text()
+    assert "PROMOTE" in text and list(report.parent.glob("effect-*.png"))
+    assert "| 2 | VIP |" in text and "## Daily metric" in text  # per segment and per day, per version
 
     back = evaluation.rollback(reg, store, START + timedelta(days=4), actor="test")
     assert back["champion"] == "1" and reg.aliases()["champion"] == "1"
