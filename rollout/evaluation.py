@@ -146,18 +146,18 @@ def act(decision: Decision, rollout: Rollout, registry: reg.ModelRegistry, store
         out.alias_moves.append({"alias": reg.CHAMPION, "from": champion, "to": decision.winner})
         registry.set_alias(reg.PREVIOUS, champion)
         out.alias_moves.append({"alias": reg.PREVIOUS, "to": champion})
-        _mirror(registry, champion, "Archived")
+        registry.mirror_stage(champion, "Archived")
         for alias, version in challengers.items():
             registry.remove_alias(alias)
             out.alias_moves.append({"alias": alias, "from": version, "to": None})
             if version != decision.winner:
-                _mirror(registry, version, "Archived")
+                registry.mirror_stage(version, "Archived")
         store.end_rollout(rollout.rollout_id, now, f"promoted version {decision.winner}")
         out.ended = True
     elif decision.action in ("reject", "inconclusive"):
         for alias, version in challengers.items():
             registry.remove_alias(alias)
-            _mirror(registry, version, "Archived")
+            registry.mirror_stage(version, "Archived")
             out.alias_moves.append({"alias": alias, "from": version, "to": None})
         store.end_rollout(rollout.rollout_id, now, f"{decision.action}: traffic returns to the champion")
         out.ended = True
@@ -172,12 +172,6 @@ def act(decision: Decision, rollout: Rollout, registry: reg.ModelRegistry, store
     return out
 
 
-def _mirror(registry: reg.ModelRegistry, version: str, stage: str) -> None:
-    mirror = getattr(registry, "mirror_stage", None)
-    if mirror is not None:
-        mirror(version, stage)
-
-
 def rollback(registry: reg.ModelRegistry, store: OutcomeStore, now: datetime, actor: str) -> dict[str, Any]:
     """Restore @previous-champion as @champion (the current one becomes previous), recorded."""
     current = registry.version_for_alias(reg.CHAMPION)
@@ -187,7 +181,7 @@ def rollback(registry: reg.ModelRegistry, store: OutcomeStore, now: datetime, ac
     registry.set_alias(reg.CHAMPION, previous, expected=current)
     if current is not None:
         registry.set_alias(reg.PREVIOUS, current)
-        _mirror(registry, current, "Archived")
+        registry.mirror_stage(current, "Archived")
     moves = [{"alias": reg.CHAMPION, "from": current, "to": previous},
              {"alias": reg.PREVIOUS, "from": previous, "to": current}]
     open_rollout = store.current_rollout()
