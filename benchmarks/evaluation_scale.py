@@ -1,7 +1,7 @@
 """The online evaluation step (gather + decide) on a large outcome store vs a bare SQL aggregate of the same table.
 
     .venv/bin/python benchmarks/evaluation_scale.py            # 1M, 3M, 10M prediction rows, SQLite + PostgreSQL
-    .venv/bin/python benchmarks/evaluation_scale.py --quick    # 100k, 300k rows, both backends
+    .venv/bin/python benchmarks/evaluation_scale.py --quick    # 100k, 250k rows, both backends, one round (under a minute)
     .venv/bin/python benchmarks/evaluation_scale.py --sizes 1000000 --backends sqlite
 
 A size is the number of logged prediction rows: a shadow rollout over 30 days where the champion
@@ -11,13 +11,20 @@ the labels table keeps history rows with current = 0); champion rows carry a sma
 Rows are generated with numpy in chunks and written with OutcomeStore.bulk_insert (COPY on
 PostgreSQL, big executemany transactions on SQLite); the fill is timed but not part of the figures.
 
-Each measurement runs in a fresh subprocess, so its peak RSS (ru_maxrss) is the evaluation's own:
+The evaluation is timed as it runs in production, hourly: after the fill, a first (cold) evaluation
+builds the store's per-day summaries (timed separately: `cold_seconds`); then each round appends one
+more simulated hour of traffic and labels (1/720 of the rows, through log_predictions/add_labels:
+the new hour's requests, labels for about half of them, and labels (mostly relabels) of requests of
+the previous hours and days at a 6 h exponential delay) and times the next evaluation (`seconds`,
+the hourly figure, at now = the end of that hour).
+
+Each measurement runs in a fresh subprocess, so its peak RSS (VmHWM) is the evaluation's own:
 `eval` = rollout.evaluation.gather(store, rollout, policy, now, training=None) then
 rollout.decision.decide(policy.rollout, evidence) (the PSI proxy is skipped: no training frame);
 `bare` = SELECT version, count(*), sum(prediction) FROM predictions GROUP BY version.
-One untimed bare scan warms the caches; then `--rounds` rounds alternate eval and bare (order flipped
-every round); figures are medians. PostgreSQL gets a uniquely named database, dropped at the end;
-SQLite a file in a temporary folder (removed).
+The cold evaluation reads the whole table, so it warms the caches; then `--rounds` rounds alternate hourly eval and bare (order
+flipped every round); figures are medians, ratio_vs_bare_scan = hourly seconds / bare seconds.
+PostgreSQL gets a uniquely named database, dropped at the end; SQLite a file in a temporary folder.
 """
 
 from __future__ import annotations
@@ -128,6 +135,57 @@ def fill(url: str, rows: int, seed: int) -> tuple[int, float]:
     return rid, time.perf_counter() - start
 
 
+def _request_ids(idx: np.ndarray) -> list[str]:
+    return [f"{(i * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF:016x}" for i in idx.tolist()]
+
+
+def add_hour(url: str, rows: int, rid: int, hour: int, seed: int) -> float:
+    """Append simulated hour `hour` (1, 2, ...) after the 30 filled days: rows/720 prediction rows and about as
+    many labels as requests, through the store's ordinary write paths; returns the seconds it took."""
+    from rollout.store import OutcomeStore
+
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed + 7919 * hour)
+    requests = rows // 2
+    k = max(rows // 1440, 1)  # requests this hour (2 prediction rows each)
+    span = DAYS * 86400.0
+    t_start = T0.timestamp() + span + (hour - 1) * 3600.0
+    first = requests + (hour - 1) * k
+    idx = np.arange(first, first + k)
+    ts = np.sort(t_start + rng.random(k) * 3600.0)
+    ids = _request_ids(idx)
+    segment = SEGMENTS[rng.choice(3, k, p=[0.7, 0.2, 0.1])]
+    label = (rng.random(k) < 0.4).astype(float)
+    pred_rows = []
+    for version, served, noise in (("1", 1, 0.25), ("2", 0, 0.27)):
+        score = np.clip(label * 0.6 + 0.2 + rng.normal(0, noise, k), 0.0, 1.0)
+        err = np.zeros(k, dtype=bool) if served else rng.random(k) < 0.001
+        latency = rng.lognormal(1.0 + 0.2 * served, 0.4, k)
+        for i in range(k):
+            pred_rows.append({
+                "request_id": ids[i], "unit_id": f"u{int(idx[i]) % 200_000}", "rollout_id": rid, "ts": float(ts[i]),
+                "version": version, "role": "champion" if served else "challenger", "served": served,
+                "propensity": 1.0, "prediction": None if err[i] else float(score[i] >= 0.5),
+                "score": None if err[i] else float(score[i]), "latency_ms": float(latency[i]),
+                "error": "timeout" if err[i] else None, "segment": str(segment[i]),
+                "features": {"income": 36000.0, "tier": str(segment[i])} if served else None,
+            })
+    # labels: half of this hour's requests, and as many of earlier requests at a 6 h exponential delay
+    this_hour = rng.random(k) < 0.5
+    back = rng.exponential(6 * 3600.0, k)
+    earlier = np.clip(first - 1 - (back * requests / span).astype(int), 0, first - 1)
+    end = t_start + 3600.0
+    label_items = [(ids[i], float(label[i]), end) for i in np.flatnonzero(this_hour).tolist()]
+    label_items += list(zip(_request_ids(np.unique(earlier[~this_hour])), repeat(1.0), repeat(end)))
+    store = OutcomeStore(url, clock=lambda: datetime.fromtimestamp(end, tz=UTC)).create()
+    for a in range(0, len(pred_rows), 1000):  # the serving log writer's batches
+        store.log_predictions(pred_rows[a:a + 1000])
+    for a in range(0, len(label_items), 500):
+        store.add_labels(label_items[a:a + 500])
+    store.dispose()
+    return time.perf_counter() - start
+
+
 # ----------------------------------------------------------- measurement
 
 def _peak_rss_mb() -> float:
@@ -143,17 +201,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def child(what: str, url: str, rid: int) -> None:
-    """Runs in a fresh subprocess: one timed evaluation or bare scan; prints one JSON line."""
-    from rollout.decision import decide
-    from rollout.evaluation import gather
+def child(what: str, url: str, rid: int, hour: int = 0) -> None:
+    """Runs in a fresh subprocess: one timed evaluation (at the end of simulated `hour`) or bare scan; prints one JSON line."""
     from rollout.store import OutcomeStore
 
-    policy = _policy()
+    if what == "eval":  # scipy and pandas take seconds to import: only the evaluation needs them
+        from rollout.decision import decide
+        from rollout.evaluation import gather
+
+        policy = _policy()
     store = OutcomeStore(url)
     store.create()
     current = store.rollout(rid)
-    now = T0 + timedelta(days=DAYS)
+    now = T0 + timedelta(days=DAYS, hours=hour)
     with store.engine.connect() as conn:  # connect (and pool) outside the timer
         conn.exec_driver_sql("SELECT 1").all()
     base_rss = _peak_rss_mb()
@@ -183,8 +243,9 @@ def child(what: str, url: str, rid: int) -> None:
     print(json.dumps(out))
 
 
-def measure(what: str, url: str, rid: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", what, "--url", url, "--rollout", str(rid)],
+def measure(what: str, url: str, rid: int, hour: int = 0) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", what, "--url", url, "--rollout", str(rid),
+                           "--hour", str(hour)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} child failed:\n{proc.stderr[-4000:]}")
@@ -211,14 +272,17 @@ def run_cell(backend: str, rows: int, seed: int, rounds: int, tmp: Path) -> dict
     try:
         rid, fill_s = fill(url, rows, seed)
         print(f"{backend} {rows:,}: filled in {fill_s:.1f} s", file=sys.stderr, flush=True)
-        measure("bare", url, rid)  # warm the caches, untimed
-        evals, bares = [], []
+        cold = measure("eval", url, rid, 0)  # builds the per-day summaries; reads the whole table (warms caches)
+        print(f"  first (cold) evaluation: {cold['seconds']:.3f} s, peak RSS {cold['peak_rss_mb']:.0f} MB",
+              file=sys.stderr, flush=True)
+        evals, bares, hour_s = [], [], []
         for i in range(rounds):
+            hour_s.append(add_hour(url, rows, rid, i + 1, seed))
             for what in (("eval", "bare") if i % 2 == 0 else ("bare", "eval")):
-                m = measure(what, url, rid)
+                m = measure(what, url, rid, i + 1)
                 (evals if what == "eval" else bares).append(m)
-                print(f"  round {i + 1} {what}: {m['seconds']:.3f} s, peak RSS {m['peak_rss_mb']:.0f} MB",
-                      file=sys.stderr, flush=True)
+                print(f"  round {i + 1} (hour appended in {hour_s[-1]:.2f} s) {what}: {m['seconds']:.3f} s, "
+                      f"peak RSS {m['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
         size_mb = None
         if backend == "sqlite":
             size_mb = sum(os.path.getsize(p) for p in tmp.glob(f"outcomes_{rows}.db*")) / 2**20
@@ -226,7 +290,10 @@ def run_cell(backend: str, rows: int, seed: int, rounds: int, tmp: Path) -> dict
         bare = _median([m["seconds"] for m in bares])
         return {
             "backend": backend, "rows": rows, "fill_seconds": fill_s, "seconds": seconds, "bare_seconds": bare,
-            "ratio_vs_bare_scan": seconds / bare, "peak_rss_mb": max(m["peak_rss_mb"] for m in evals),
+            "ratio_vs_bare_scan": seconds / bare, "peak_rss_mb": max(m["peak_rss_mb"] for m in [cold, *evals]),
+            "cold_seconds": cold["seconds"], "cold_ratio_vs_bare_scan": cold["seconds"] / bare,
+            "cold_peak_rss_mb": cold["peak_rss_mb"], "hour_write_seconds": hour_s,
+            "hour_rows": 2 * max(rows // 1440, 1),
             "rss_before_eval_mb": max(m["rss_before_mb"] for m in evals),
             "bare_peak_rss_mb": max(m["peak_rss_mb"] for m in bares),
             "seconds_rounds": [m["seconds"] for m in evals], "bare_seconds_rounds": [m["seconds"] for m in bares],
@@ -244,18 +311,19 @@ def run_cell(backend: str, rows: int, seed: int, rounds: int, tmp: Path) -> dict
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--sizes", help="comma-separated prediction-row counts (default 1M,3M,10M; --quick 100k,300k)")
+    p.add_argument("--sizes", help="comma-separated prediction-row counts (default 1M,3M,10M; --quick 100k,250k)")
     p.add_argument("--backends", default="sqlite,postgres", help="comma-separated: sqlite, postgres")
     p.add_argument("--rounds", type=int, help="timed rounds per cell (default 3; --quick 1)")
     p.add_argument("--child", choices=["eval", "bare"], help=argparse_hidden())
     p.add_argument("--url", help=argparse_hidden())
     p.add_argument("--rollout", type=int, help=argparse_hidden())
+    p.add_argument("--hour", type=int, default=0, help=argparse_hidden())
     args = p.parse_args()
     if args.child:
-        child(args.child, args.url, args.rollout)
+        child(args.child, args.url, args.rollout, args.hour)
         return
     sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else (
-        [100_000, 300_000] if args.quick else [1_000_000, 3_000_000, 10_000_000])
+        [100_000, 250_000] if args.quick else [1_000_000, 3_000_000, 10_000_000])
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     rounds = args.rounds or (1 if args.quick else 3)
     started = time.perf_counter()
@@ -270,10 +338,12 @@ def main() -> None:
 
     table = []
     for c in cells:
-        table.append([c["backend"], f"{c['rows']:,}", c["fill_seconds"], c["bare_seconds"], c["seconds"],
-                      c["ratio_vs_bare_scan"], c["peak_rss_mb"], c["decision"]])
-    print_table("Evaluation step (gather + decide) vs bare GROUP BY scan (medians, seconds; peak RSS MB)",
-                ["backend", "rows", "fill s", "bare s", "eval s", "ratio", "peak RSS MB", "decision"], table)
+        table.append([c["backend"], f"{c['rows']:,}", c["fill_seconds"], c["bare_seconds"], c["cold_seconds"],
+                      c["seconds"], c["ratio_vs_bare_scan"], c["peak_rss_mb"], c["decision"]])
+    print_table("Evaluation step (gather + decide) vs bare GROUP BY scan (medians, seconds; peak RSS MB); "
+                "cold = first evaluation (builds the summaries), hourly = after one more hour of traffic",
+                ["backend", "rows", "fill s", "bare s", "cold eval s", "hourly eval s", "ratio", "peak RSS MB",
+                 "decision"], table)
 
     checks = []
     linear = {}
@@ -298,6 +368,7 @@ def main() -> None:
     emit_json({
         "sizes": sizes, "backends": backends, "rounds": rounds, "seed": args.seed,
         "seconds": {b: {str(c["rows"]): c["seconds"] for c in cells if c["backend"] == b} for b in backends},
+        "cold_seconds": {b: {str(c["rows"]): c["cold_seconds"] for c in cells if c["backend"] == b} for b in backends},
         "peak_rss_mb": {b: {str(c["rows"]): c["peak_rss_mb"] for c in cells if c["backend"] == b} for b in backends},
         "ratio_vs_bare_scan": {b: {str(c["rows"]): c["ratio_vs_bare_scan"] for c in cells if c["backend"] == b}
                                for b in backends},

@@ -272,3 +272,186 @@ def test_one_pass_aggregates_equal_fresh_queries_and_follow_writes(store: Outcom
     store.add_labels([("late", 1, T0 + timedelta(hours=1))])
     acc2 = store.loss_moments(rid, "accuracy", T0 + timedelta(days=10))
     assert sum(m.n for m in acc2.values()) == 401
+
+
+# ------------------------------------------------- per-day summaries, maintained incrementally
+
+
+def _everything(store: OutcomeStore, rid: int, cutoff: Any) -> tuple:
+    """Every aggregate of an evaluation (all metrics), for comparing two ways of computing them."""
+    out: list[Any] = [store.confusion(rid, cutoff), store.traffic(rid), store.latency_p99(rid), store.agreement(rid, "1")]
+    for metric in ("accuracy", "log_loss", "brier", "mse", "mae"):
+        out += [store.loss_moments(rid, metric, cutoff), store.paired_moments(rid, metric, "1", cutoff),
+                store.ipw_sums(rid, metric, cutoff)]
+    return tuple(out)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Equal keys and counts; float sums equal up to rounding (they add per day, in another order)."""
+    def close(x: Any, y: Any) -> bool:
+        if isinstance(x, dict):
+            return set(x) == set(y) and all(close(x[k], y[k]) for k in x)
+        if isinstance(x, float):
+            return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+        if hasattr(x, "__dataclass_fields__"):
+            return all(close(getattr(x, f), getattr(y, f)) for f in x.__dataclass_fields__)
+        return x == y
+    return all(close(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _rebuilt(store: OutcomeStore, rid: int, cutoff: Any) -> tuple:
+    """The same aggregates from summaries rebuilt from scratch (what bulk_insert forces), on a new store object."""
+    from rollout.store import aggregate_state
+
+    with store.engine.begin() as conn:
+        conn.execute(aggregate_state.delete())
+    other = OutcomeStore(store.url, clock=store.clock)
+    try:
+        return _everything(other, rid, cutoff)
+    finally:
+        other.dispose()
+
+
+def _dirty_days(store: OutcomeStore, rid: int) -> set[str]:
+    from rollout.store import aggregate_dirty
+
+    with store.engine.connect() as conn:
+        return {r[0] for r in conn.execute(aggregate_dirty.select().with_only_columns(aggregate_dirty.c.day)
+                                           .where(aggregate_dirty.c.rollout_id == rid))}
+
+
+def test_late_label_for_an_old_day_changes_the_answer(store: OutcomeStore) -> None:
+    frame = _rows(300)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    rows = frame.drop(columns=["label"]).assign(rollout_id=rid).to_dict("records")
+    store.log_predictions(rows)
+    first = frame[frame.version == "1"]
+    late = first.iloc[5]  # a request of the first day, left unlabelled for now
+    assert late.ts < (T0 + timedelta(days=1)).timestamp()
+    store.add_labels([(r, y, t + 3600) for r, y, t in zip(first.request_id, first.label, first.ts, strict=True)
+                      if r != late.request_id])
+    cutoff = T0 + timedelta(days=10)
+    before = store.loss_moments(rid, "accuracy", cutoff)  # builds the summaries
+    assert _dirty_days(store, rid) == set()
+    store.add_labels([(late.request_id, late.label, T0 + timedelta(days=4))])
+    assert _dirty_days(store, rid) == {day_of_ts(late.ts)}  # one lookup marked the prediction's day
+    after = store.loss_moments(rid, "accuracy", cutoff)
+    key = ("1", late.segment, day_of_ts(late.ts))
+    assert after[key].n == before[key].n + 1
+    assert sum(m.n for m in after.values()) == 600
+    assert _same(_everything(store, rid, cutoff), _rebuilt(store, rid, cutoff))
+
+
+def test_relabel_of_an_old_request_changes_the_answer(store: OutcomeStore) -> None:
+    frame = _rows(300)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    cutoff = T0 + timedelta(days=10)
+    before = store.loss_moments(rid, "mse", cutoff)
+    target = frame[frame.version == "1"].iloc[10]
+    flipped = 1.0 - target.label
+    report = store.add_labels([(target.request_id, flipped, T0 + timedelta(days=5))])
+    assert report.replaced == 1
+    after = store.loss_moments(rid, "mse", cutoff)
+    key = ("1", target.segment, day_of_ts(target.ts))
+    delta = (target.prediction - flipped) ** 2 - (target.prediction - target.label) ** 2
+    assert after[key].n == before[key].n and math.isclose(after[key].total, before[key].total + delta, abs_tol=1e-9)
+    assert _same(_everything(store, rid, cutoff), _rebuilt(store, rid, cutoff))
+
+
+def test_predictions_logged_after_a_refresh_are_counted(store: OutcomeStore) -> None:
+    frame = _rows(200)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    cutoff = T0 + timedelta(days=10)
+    first = _everything(store, rid, cutoff)
+    new = [{"request_id": f"n{i}", "rollout_id": rid, "ts": T0 + timedelta(days=d, hours=3), "version": v,
+            "served": int(v == "1"), "propensity": 1.0, "prediction": 1.0, "score": 0.8, "latency_ms": 5.0,
+            "segment": "VIP"} for i, d in enumerate((0, 5)) for v in ("1", "2")]
+    store.log_predictions(new)
+    store.add_labels([("n0", 1.0, T0 + timedelta(days=6)), ("n1", 0.0, T0 + timedelta(days=6))])
+    assert _dirty_days(store, rid) == {"2026-03-01", "2026-03-06"}
+    second = _everything(store, rid, cutoff)
+    assert second[1]["1"].requests == first[1]["1"].requests + 2  # traffic
+    assert store.agreement(rid, "1")["2"].n == 202
+    acc = store.loss_moments(rid, "accuracy", cutoff)
+    assert acc[("1", "VIP", "2026-03-06")] == Moments(1, 1.0, 1.0)  # predicted 1, label 0
+    assert _same(second, _rebuilt(store, rid, cutoff))
+
+
+@pytest.mark.parametrize("hours", [36.0, 49.5, 0.0, 100.0])
+def test_partial_day_cut_by_matured_before_matches_numpy(store: OutcomeStore, hours: float) -> None:
+    """Days before the cut's day come from the summaries, the cut's day is computed live up to the cut."""
+    frame = _rows(400)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    store.loss_moments(rid, "log_loss", None)  # summaries of every (uncut) day first
+    cutoff = T0 + timedelta(hours=hours)
+    for metric in ("log_loss", "accuracy"):
+        got = store.loss_moments(rid, metric, cutoff)
+        matured = frame[frame.ts < cutoff.timestamp()].assign(
+            day=lambda f: pd.to_datetime(f.ts, unit="s", utc=True).dt.strftime("%Y-%m-%d"), loss=lambda f: _loss(metric, f))
+        expected = {k: Moments.of(g.loss.to_numpy()) for k, g in matured.groupby(["version", "segment", "day"])}
+        assert set(got) == set(expected)
+        assert all(_close(got[k], expected[k]) for k in expected)
+    conf = store.confusion(rid, cutoff)
+    v1 = frame[(frame.version == "1") & (frame.ts < cutoff.timestamp())]
+    assert sum(c.tp + c.fp + c.fn + c.tn for (v, _), c in conf.items() if v == "1") == len(v1)
+    assert _same(_everything(store, rid, cutoff), _rebuilt(store, rid, cutoff))
+
+
+def test_paired_with_another_champion_is_computed_live(store: OutcomeStore) -> None:
+    frame = _rows(200)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    cutoff = T0 + timedelta(hours=40)
+    got = store.paired_moments(rid, "brier", champion_version="2", matured_before=cutoff)
+    base = frame[frame.ts < cutoff.timestamp()]
+    champ = base[base.version == "2"].set_index("request_id")
+    chall = base[base.version == "1"].set_index("request_id")
+    d = _loss("brier", chall) - _loss("brier", champ)
+    day = pd.to_datetime(chall.ts, unit="s", utc=True).dt.strftime("%Y-%m-%d")
+    expected = {("1", seg, dd): Moments.of(g.to_numpy()) for (seg, dd), g in d.groupby([chall.segment, day])}
+    assert set(got) == set(expected) and all(_close(got[k], expected[k]) for k in expected)
+    assert store.agreement(rid, "2")["1"].n == 200
+
+
+def test_a_write_during_a_refresh_leaves_its_day_dirty(store: OutcomeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer marking a day between the refresh's read and its save: the day stays dirty, nothing is lost."""
+    frame = _rows(200)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    store.traffic(rid)  # summaries built
+    store.log_predictions([{"request_id": "x1", "rollout_id": rid, "ts": T0, "version": "1", "served": 1, "prediction": 1.0}])
+    save = OutcomeStore._save
+    calls = []
+
+    def racing_save(self: OutcomeStore, *args: Any, **kwargs: Any) -> None:
+        if not calls:  # another writer commits after the refresh read its rows
+            self.log_predictions([{"request_id": "x2", "rollout_id": rid, "ts": T0 + timedelta(hours=1), "version": "1",
+                                   "served": 1, "prediction": 1.0}])
+        calls.append(1)
+        save(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutcomeStore, "_save", racing_save)
+    assert store.traffic(rid)["1"].requests == 201  # as of the refresh's snapshot
+    assert _dirty_days(store, rid) == {"2026-03-01"}  # re-marked by the writer: not cleared
+    store.aggregate_cache_s = 0.0
+    assert store.traffic(rid)["1"].requests == 202
+    assert _dirty_days(store, rid) == set()
+    assert _same(_everything(store, rid, None), _rebuilt(store, rid, None))
+
+
+def test_bulk_insert_drops_the_summaries_and_the_next_evaluation_rebuilds_them(store: OutcomeStore) -> None:
+    frame = _rows(100)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    assert store.traffic(rid)["1"].requests == 100
+    ts = (T0 + timedelta(days=1)).timestamp()
+    store.bulk_insert("predictions", ["request_id", "rollout_id", "ts", "day", "version", "role", "served"],
+                      [(f"b{i}", rid, ts, "2026-03-02", "1", "champion", 1) for i in range(5)])
+    assert store.traffic(rid)["1"].requests == 105
+
+
+def day_of_ts(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
