@@ -24,7 +24,6 @@ falls on all alike; figures are medians over rounds, ratios medians of per-round
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os

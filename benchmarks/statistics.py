@@ -166,7 +166,7 @@ def main() -> None:
             exp_rows.append([design, f"{k:g}x", -MARGIN + k * (MDE + MARGIN), ratio, se, prom])
     out["expected_n_ratio"] = expected
     out["promotion_rate_at_multiple"] = promoted
-    plan_mix, plan_obf = mix.expected_n / mix.n_fixed, gsd.expected_n / gsd.n_fixed
+    plan_mix = mix.expected_n / mix.n_fixed
     rows.append(["E[n to decision]/n_fixed at 1x, mixture", expected["mixture"]["1x"], ses["mixture"]["1x"],
                  f"<= {plan_mix:.3f} (plan) +2SE", verdict(expected["mixture"]["1x"] <= plan_mix + 2 * ses["mixture"]["1x"])])
     rows.append(["E[n to decision]/n_fixed at 1x, OBF", expected["obf"]["1x"], ses["obf"]["1x"], "~0.78 +-0.05 (DESIGN)",

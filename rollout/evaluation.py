@@ -17,7 +17,7 @@ from rollout import registry as reg
 from rollout.config import Policy
 from rollout.data import Schema
 from rollout.decision import ChallengerEvidence, Decision, Evidence
-from rollout.stats.moments import Confusion, Moments
+from rollout.stats.moments import Confusion
 from rollout.store import OutcomeStore, Rollout
 
 CHAMPION_ROLE = "champion"

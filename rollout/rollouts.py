@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from rollout.config import RolloutPolicy
 from rollout.registry import CHALLENGER, CHAMPION, challenger_alias
-from rollout.store import Rollout
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,10 @@ def initial_weights(policy: RolloutPolicy, roles: list[str]) -> dict[str, float]
     return {CHAMPION: 1.0 - exposure * len(challengers), **{r: exposure for r in challengers}}
 
 
-def plan_rollout(policy: RolloutPolicy, aliases: dict[str, str], current: Rollout | None,
-                 new_version: str) -> RolloutPlan:
+def plan_rollout(policy: RolloutPolicy, aliases: dict[str, str], new_version: str) -> RolloutPlan:
     """In `abn` mode a new challenger joins those already running (next `challenger-N` alias);
-    in every other mode it replaces the running challenger, whose alias is retired."""
+    in every other mode it replaces the running challenger, whose alias is retired. The new routing
+    row supersedes any open one (the store ends it)."""
     champion = aliases[CHAMPION]
     running = {a: v for a, v in aliases.items() if a.startswith(CHALLENGER) and v != new_version}
     if policy.mode == "abn" and running:
@@ -43,5 +42,4 @@ def plan_rollout(policy: RolloutPolicy, aliases: dict[str, str], current: Rollou
     else:
         versions = {CHAMPION: champion, CHALLENGER: new_version}
         retired = [a for a in running if a != CHALLENGER]
-    del current  # the new row supersedes any open one; the store ends it
     return RolloutPlan(policy.mode, versions, initial_weights(policy, list(versions)), retired)

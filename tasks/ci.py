@@ -20,7 +20,7 @@ from rollout.config import Policy
 from rollout.data import Schema, data_hash, infer_schema, load_dataset, read_table
 from rollout.scoring import model_outputs, metric_value
 from rollout.validation import drift_report, validate
-from tasks.common import artifact_key, mlflow_experiment
+from tasks.common import mlflow_experiment
 
 
 @task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -274,7 +274,7 @@ def assign_aliases(policy: Policy, registered: Registered, rollout_start: Any = 
         create_markdown_artifact(message, key="registered-version", description="Registration")
         return Registered(registered.version, registered.run_id, [registry.CHAMPION])
     store = OutcomeStore(policy.outcome_url)
-    plan = plan_rollout(policy.rollout, aliases, store.current_rollout(), registered.version)
+    plan = plan_rollout(policy.rollout, aliases, registered.version)
     for alias in plan.retired_aliases:
         reg.remove_alias(alias)
     for alias, version in plan.versions.items():
