@@ -20,6 +20,15 @@ console = Console()
 CONFIG = typer.Option("rollout.yaml", "--config", "-c", help="Policy file.")
 
 
+@app.callback()
+def _setup() -> None:
+    """Quiet defaults for the embedded (ephemeral) Prefect server the commands may start."""
+    import os
+
+    # Its telemetry call fails with an ERROR line on machines without internet access.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def _policy(config: str) -> Policy:
     try:
         return load_policy(config)
