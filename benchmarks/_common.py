@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: the command line, a plain-text table, and the final JSON line."""
+"""Shared helpers of the benchmarks: the command line, a plain-text table, the final JSON line, the policy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,26 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def example_policy(directory: Path, rows: int, seed: int, outcomes: str = "outcomes.db") -> dict[str, Any]:
+    """The example policy (rollout.yaml) with its data size and seed set and its stores in `directory`."""
+    import yaml
+
+    policy = yaml.safe_load((ROOT / "rollout.yaml").read_text())
+    policy["data"]["example"] = {"rows": rows, "seed": seed, "drift": 0.0}
+    policy["ci"]["expectations_suite"] = str(ROOT / "expectations" / "loan_training.json")
+    policy["stores"] = {
+        "mlflow_tracking_uri": f"sqlite:///{directory / 'mlflow.db'}",
+        "outcome_store_url": f"sqlite:///{directory / outcomes}",
+        "mlflow_artifacts": str(directory / "mlartifacts"),
+        "reports_dir": str(directory / "reports"),
+    }
+    return policy
 
 
 def parser(description: str) -> argparse.ArgumentParser:

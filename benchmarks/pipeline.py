@@ -27,22 +27,14 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import yaml  # noqa: E402
 
-from _common import emit_json, parser, print_table, verdict  # noqa: E402
+from _common import emit_json, example_policy, parser, print_table, verdict  # noqa: E402
 TARGET_RATIO = 2.0
 WARMUP_ROWS = 5000
 
 
 def write_policy(directory: Path, rows: int, seed: int, name: str = "rollout.yaml") -> Path:
     """The example policy (rollout.yaml) with its data size, seed and stores moved to `directory`."""
-    policy = yaml.safe_load((ROOT / "rollout.yaml").read_text())
-    policy["data"]["example"] = {"rows": rows, "seed": seed, "drift": 0.0}
-    policy["ci"]["expectations_suite"] = str(ROOT / "expectations" / "loan_training.json")
-    policy["stores"] = {
-        "mlflow_tracking_uri": f"sqlite:///{directory / 'mlflow.db'}",
-        "outcome_store_url": f"sqlite:///{directory / 'outcomes.db'}",
-        "mlflow_artifacts": str(directory / "mlartifacts"),
-        "reports_dir": str(directory / "reports"),
-    }
+    policy = example_policy(directory, rows, seed)
     path = directory / name
     path.write_text(yaml.safe_dump(policy))
     return path

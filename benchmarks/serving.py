@@ -45,7 +45,7 @@ _HERE = Path(__file__).resolve().parent
 ROOT = _HERE.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
-from _common import emit_json, parser, print_table, verdict  # noqa: E402
+from _common import emit_json, example_policy, parser, print_table, verdict  # noqa: E402
 
 MODEL_NAME = "loan-approval"
 TOKEN = "bench-token"
@@ -194,17 +194,9 @@ def write_policy(directory: Path, name: str, rows: int, seed: int, estimator: di
                  serving: dict[str, Any], outcomes: str = "outcomes.db") -> Path:
     import yaml
 
-    policy = yaml.safe_load((ROOT / "rollout.yaml").read_text())
-    policy["data"]["example"] = {"rows": rows, "seed": seed, "drift": 0.0}
-    policy["ci"]["expectations_suite"] = str(ROOT / "expectations" / "loan_training.json")
+    policy = example_policy(directory, rows, seed, outcomes)
     policy["estimator"] = estimator
     policy["serving"] = {**policy.get("serving", {}), **serving}
-    policy["stores"] = {
-        "mlflow_tracking_uri": f"sqlite:///{directory / 'mlflow.db'}",
-        "outcome_store_url": f"sqlite:///{directory / outcomes}",
-        "mlflow_artifacts": str(directory / "mlartifacts"),
-        "reports_dir": str(directory / "reports"),
-    }
     path = directory / name
     path.write_text(yaml.safe_dump(policy))
     return path

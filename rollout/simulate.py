@@ -45,52 +45,9 @@ class SimulationSummary:
     error_samples: tuple[str, ...] = field(default_factory=tuple)
 
 
-def simulate(
-    url: str,
-    policy: Policy,
-    requests: int = 1000,
-    days: float = 7.0,
-    label_delay_hours: float = 24.0,
-    missing_rate: float = 0.1,
-    concurrency: int = 8,
-    seed: int = 0,
-    start: datetime | str | None = None,
-    drift: float = 0.0,
-    drift_start: float = 0.5,
-    new_levels: bool = False,
-    token: str | None = None,
-    clock: Callable[[], datetime] | None = None,
-    send_pending: bool = False,
-    transport: Any = None,
-    timeout_s: float = 30.0,
-) -> SimulationSummary:
-    """Send `requests` single-record predictions over `days` of simulated time, then their labels.
-
-    `start` defaults to `clock()` minus `days`, so the simulated window ends now. With `drift`,
-    requests after the `drift_start` share of the window come from a shifted population.
-    `transport` (an httpx transport, e.g. ASGITransport) lets tests run without a server.
-    """
-    return asyncio.run(
-        simulate_async(
-            url,
-            policy,
-            requests=requests,
-            days=days,
-            label_delay_hours=label_delay_hours,
-            missing_rate=missing_rate,
-            concurrency=concurrency,
-            seed=seed,
-            start=start,
-            drift=drift,
-            drift_start=drift_start,
-            new_levels=new_levels,
-            token=token,
-            clock=clock,
-            send_pending=send_pending,
-            transport=transport,
-            timeout_s=timeout_s,
-        )
-    )
+def simulate(url: str, policy: Policy, **options: Any) -> SimulationSummary:
+    """Blocking form of `simulate_async` (same keyword options), for the CLI and the demo."""
+    return asyncio.run(simulate_async(url, policy, **options))
 
 
 def traffic_frame(
@@ -125,6 +82,12 @@ async def simulate_async(
     transport: Any = None,
     timeout_s: float = 30.0,
 ) -> SimulationSummary:
+    """Send `requests` single-record predictions over `days` of simulated time, then their labels.
+
+    `start` defaults to `clock()` minus `days`, so the simulated window ends now. With `drift`,
+    requests after the `drift_start` share of the window come from a shifted population.
+    `transport` (an httpx transport, e.g. ASGITransport) lets tests run without a server.
+    """
     import httpx
 
     if requests < 1:
