@@ -113,13 +113,16 @@ def main() -> None:
 
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.runners import embedded_run
+
     flow_s: list[float] = []
     bare_s: list[float] = []
     par_s: list[float] = []
     tasks: list[dict[str, float]] = []
     same_scores = True
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp, \
-            contextlib.redirect_stdout(sys.stderr), prefect_test_harness(server_startup_timeout=120):
+            contextlib.redirect_stdout(sys.stderr), prefect_test_harness(server_startup_timeout=120), \
+            embedded_run(force=True):  # as `rollout ci` runs it: the harness stands in for the embedded server
         policy_path = write_policy(Path(tmp), rows, args.seed % 2**31)
         # the champion only has to exist: a small table keeps the untimed warm-up short
         warmup_path = write_policy(Path(tmp), WARMUP_ROWS, args.seed % 2**31 + 1, "warmup.yaml")

@@ -145,6 +145,13 @@ def main() -> None:
     # The demo tells its story with rich; Prefect's per-task INFO lines would drown it (they are in the UI).
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this machine may have no network
+    from flows.runners import embedded_run
+
+    with embedded_run():
+        run_demo()
+
+
+def run_demo() -> None:
     from flows.ci_pipeline import CIParameters, ci_pipeline
     from rollout.cli import gate_table
     from rollout.config import load_policy

@@ -87,14 +87,15 @@ def ci(
 ) -> None:
     """Run the ci-pipeline flow: validate, train with CV, gate, stress, register @challenger."""
     from flows.ci_pipeline import CIParameters, ci_pipeline
-    from flows.runners import dask_runner
+    from flows.runners import dask_runner, embedded_run
     from rollout.gates import GateFailed
 
     _policy(config)
     params = CIParameters(data_source=data_source, example_drift=drift, example_seed=seed, estimator=estimator)
     flow = ci_pipeline.with_options(task_runner=dask_runner(dask_address)) if (dask or dask_address) else ci_pipeline
     try:
-        outcome = flow(config=config, params=params)
+        with embedded_run():
+            outcome = flow(config=config, params=params)
     except GateFailed as exc:
         results = exc.outcome.gates if exc.outcome else [exc.result]
         console.print(gate_table(results))
@@ -153,11 +154,13 @@ def evaluate(
     from datetime import datetime
 
     from flows.online_evaluation import EvaluationParameters, online_evaluation
+    from flows.runners import embedded_run
 
     _policy(config)
     params = EvaluationParameters(now=datetime.fromisoformat(now) if now else None, dry_run=dry_run,
                                   actor="rollout evaluate")
-    outcome = online_evaluation(config=config, params=params)
+    with embedded_run():
+        outcome = online_evaluation(config=config, params=params)
     colour = {"promote": "green", "reject": "red"}.get(outcome.action, "yellow")
     console.print(f"[{colour}]{outcome.action.upper()}[/{colour}]"
                   + (f" version {outcome.winner}" if outcome.winner else ""))

@@ -113,9 +113,11 @@ class LatencyBudget(_Strict):
 class StressConfig(_Strict):
     """How hard the stress test pushes the candidate."""
 
-    single_requests: int = Field(100, ge=10, description="Single-row calls per model.")
+    single_requests: int = Field(
+        100, ge=10, description="Single-row calls per model, at most: a clear pass (within half of every limit) stops "
+        "after 30.")
     batch_size: int = Field(1000, ge=1, description="Rows per batch call.")
-    batches: int = Field(20, ge=3, description="Batch calls per model.")
+    batches: int = Field(20, ge=3, description="Batch calls per model, at most (one per round of single-row calls).")
     budget: LatencyBudget = Field(default_factory=LatencyBudget)
 
 

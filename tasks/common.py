@@ -44,9 +44,12 @@ def artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
-@task(name="publish-gate", cache_policy=NO_CACHE)
 def publish_gate(result: GateResult, reports_dir: Path | None = None) -> GateResult:
-    """Publish a gate's verdict as a Markdown artifact and file; raise GateFailed when it failed."""
+    """Publish a gate's verdict as a Markdown artifact and file; raise GateFailed when it failed.
+
+    A plain function called in the flow (not a task): the verdict belongs to the task that computed it,
+    and a task run per verdict cost ~35 ms of orchestration each (benchmarks/pipeline.py).
+    """
     logger = get_run_logger()
     markdown = result.to_markdown()
     create_markdown_artifact(markdown, key=artifact_key(f"gate-{result.gate}"), description=f"Gate {result.gate}")

@@ -15,7 +15,10 @@ def prefect_harness():
     """A throwaway Prefect API (SQLite) for every flow test in the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    from flows.runners import embedded_run
+
+    # The harness stands in for the embedded server: no heartbeats (each would add up to 1 s per flow run).
+    with prefect_test_harness(server_startup_timeout=120), embedded_run(force=True):
         yield
 
 

@@ -91,6 +91,53 @@ def test_stress_gate_checks_budget_and_ratio_to_champion():
     assert not ratio.passed and "8.00x the champion" in ratio.reason
 
 
+class _Clock:
+    """Simulated time: each fake model call advances it by its own latency, so the test is exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def model(self, single_ms: float, batch_ms: float):
+        def predict(frame):
+            self.now += (single_ms if len(frame) == 1 else batch_ms) / 1e3
+        return predict
+
+
+def _stress(clock, candidate_ms, champion_ms=(2.0, 20.0), budget=(100.0, 500.0, 3.0)):
+    from rollout import stress
+
+    models = {"candidate": clock.model(*candidate_ms), "champion": clock.model(*champion_ms)}
+
+    def clear(f):
+        return gates.stress_clear(f["candidate"], f["champion"], *budget)
+
+    sample = example_dataset(rows=50, seed=1)
+    return stress.measure(models, sample, 100, 10, 20, np.random.default_rng(0), clock=clock, settled=clear)
+
+
+def test_stress_stops_early_only_when_the_verdict_is_clear():
+    fast = _stress(_Clock(), (2.0, 20.0))["candidate"]
+    assert fast["single_calls"] == 30 and fast["batch_calls"] == 6  # clear pass: the minimum, then stop
+    assert fast["single_p99_ms"] == pytest.approx(2.0)
+    # 60 ms single-row p99 passes the 100 ms budget but not half of it: every call is made
+    close = _stress(_Clock(), (60.0, 20.0))["candidate"]
+    assert close["single_calls"] == 100 and close["batch_calls"] == 20
+    # 2.5x the champion passes a 3x limit but is not clear (half the limit is 1.5x)
+    slower = _stress(_Clock(), (5.0, 50.0))["candidate"]
+    assert slower["single_calls"] == 100
+
+
+def test_stress_clear_is_the_gate_with_half_of_every_limit():
+    fig = {"single_p99_ms": 40.0, "batch_p99_ms": 100.0}
+    assert gates.stress_gate(fig, None, 100, 500, 3).passed
+    assert gates.stress_clear(fig, None, 100, 500, 3)
+    assert not gates.stress_clear(fig, None, 70, 500, 3)  # within 70 ms, but not within 35 ms
+    assert not gates.stress_clear({"single_p99_ms": 40.0, "batch_p99_ms": 300.0}, None, 100, 500, 3)
+
+
 def test_fold_by_fold_cv_matches_sklearn_cross_validate(loan):
     from sklearn.model_selection import cross_validate
 
