@@ -224,6 +224,10 @@ class ServingConfig(_Strict):
         500.0, ge=0, description="Longest a shadow request waits to batch (larger batches: shadow costs less CPU)."
     )
     shadow_timeout_s: float = Field(5.0, gt=0, description="A shadow call taking longer is logged as an error.")
+    shadow_isolation: Literal["process", "thread"] = Field(
+        "process", description="Where shadow models score: a child process per version (off the service's GIL; "
+        "a crash or hang kills only the child) or a thread of the service."
+    )
     reload_interval_s: float = Field(10.0, gt=0, description="How often aliases are polled for moves.")
     log_queue_size: int = Field(100_000, ge=1, description="Bound of the prediction-log queue; overflow is counted.")
     log_batch_size: int = Field(500, ge=1, description="Rows per insert of the log writer.")

@@ -11,6 +11,7 @@ honoured only with the bearer token (403 otherwise); /labels needs the token any
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import os
@@ -19,7 +20,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from rollout.config import Policy
 from rollout.store import OutcomeStore, Rollout, to_epoch
 from serving.batching import Job, MicroBatcher, ModelCallFailed, Scored
-from serving.logwriter import LogWriter
+from serving.isolation import ChildScorer
+from serving.logwriter import LogWriter, ShadowMeta, shadow_rows
 from serving.metrics import Metrics
 from serving.models import LoadedModel, validate_records
 from serving.routing import CHAMPION, MODES, Arm, RoutingView, build_view, check_weights
@@ -67,17 +68,6 @@ class RequestError(Exception):
         self.status = status
         self.message = message
         self.errors = errors
-
-
-@dataclass(slots=True)
-class ShadowMeta:
-    request_ids: list[str]
-    unit_ids: list[str | None]
-    segments: list[Any]
-    ts: float
-    rollout_id: int | None
-    role: str
-    version: str
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -180,10 +170,12 @@ class Service:
         if rollout is not None:
             wanted |= {aliases.get(role, pinned) for role, pinned in rollout.versions.items()}
         models = {v: m for v, m in self.models.items() if v in wanted}
+        loaded = False
         for version in sorted(wanted - set(models)):
             try:
                 raw = await asyncio.to_thread(self.registry.load, version)
                 models[version] = await asyncio.to_thread(LoadedModel, version, raw)
+                loaded = True
                 log.info("loaded model version %s", version)
             except Exception as exc:  # noqa: BLE001 - a bad version must not take the service down
                 self.reload_errors += 1
@@ -221,6 +213,18 @@ class Service:
             task.add_done_callback(self._retiring.discard)
         if old is None or view is None or old.arms != view.arms or old.shadows != view.shadows:
             log.info("routing: %s", view.as_dict() if view else "no champion loaded")
+        if loaded:
+            freeze_heap()
+
+    def _child_scorer(self, model: LoadedModel) -> ChildScorer | None:
+        """A child process for a shadow model (serving.shadow_isolation), or None: scored in a thread."""
+        if self.cfg.shadow_isolation != "process":
+            return None
+        try:
+            return ChildScorer(model, self.store.url)
+        except Exception as exc:  # noqa: BLE001 - e.g. a model that cannot be pickled: threads still work
+            log.warning("shadow model %s scores in a thread, not a child process: %s", model.version, exc)
+            return None
 
     def _lane(self, model: LoadedModel, shadow: bool) -> MicroBatcher:
         cfg = self.cfg
@@ -236,6 +240,7 @@ class Service:
                 max_queue_rows=cfg.shadow_max_batch_size * 8,
                 sink=self._shadow_done,
                 on_batch=self.metrics.batch,
+                scorer=self._child_scorer(model),  # scores and logs in a child process
             )
         else:
             lane = MicroBatcher(
@@ -385,44 +390,22 @@ class Service:
             self.metrics.observe(arm.version, arm.role, 0.0, False)
 
     def _shadow_done(self, jobs: list[Job], scored: Scored | None, error: str | None) -> None:
-        """Log a shadow batch: one row per record of every job, in job order (`scored` covers them all)."""
-        total = 0
-        rows: list[dict[str, Any]] = []
-        append = rows.append
-        preds = scores = errors = None
-        latency = None
-        if scored is not None:
-            preds, scores, errors, latency = scored.predictions, scored.scores, scored.errors, scored.latency_ms
-        failed = None if error is None else error[:500]
-        for job in jobs:
-            meta: ShadowMeta = job.meta
-            rollout_id, ts, version, role = meta.rollout_id, meta.ts, meta.version, meta.role
-            request_ids, unit_ids, segments = meta.request_ids, meta.unit_ids, meta.segments
-            for j in range(len(job.rows)):
-                k = total + j
-                row_error = failed if errors is None else errors[k]
-                append(
-                    {
-                        "request_id": request_ids[j],
-                        "unit_id": unit_ids[j],
-                        "rollout_id": rollout_id,
-                        "ts": ts,
-                        "version": version,
-                        "role": role,
-                        "served": 0,
-                        "propensity": 1.0,
-                        "prediction": None if preds is None else preds[k],
-                        "score": None if scores is None else scores[k],
-                        "latency_ms": latency,
-                        "error": None if row_error is None else row_error[:500],
-                        "segment": segments[j],
-                        "features": None,
-                    }
-                )
-            total += len(job.rows)
-        if scored is None and error and error.startswith("queue full"):
-            self.shadow_dropped += total
-        self.writer.put_many(rows)
+        """Log a shadow batch: one row per record of every job, in job order (`scored` covers them all).
+
+        A shadow child process (serving/isolation.py) usually wrote the rows itself (`scored.logged`);
+        a failed call's rows are logged here, as the challenger's errors."""
+        total = sum(len(job.rows) for job in jobs)
+        if scored is not None and scored.logged:
+            self.writer.note_written(total)
+        else:
+            if scored is None and error and error.startswith("queue full"):
+                self.shadow_dropped += total
+            if scored is None:
+                rows = shadow_rows([job.meta for job in jobs], None, None, None, None, error)
+            else:
+                rows = shadow_rows([job.meta for job in jobs], scored.predictions, scored.scores, scored.errors,
+                                   scored.latency_ms, None)
+            self.writer.put_many(rows)
         if jobs:
             meta = jobs[0].meta
             seconds = 0.0 if scored is None else scored.latency_ms / 1000.0
@@ -833,6 +816,20 @@ def create_app(
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
     return app
+
+
+def freeze_heap() -> None:
+    """Take what is alive now (libraries, loaded models) out of the cyclic garbage collector's walks.
+
+    A full collection walks every tracked object: about 235k once MLflow, scikit-learn and pandas are
+    imported, 50-100 ms with every request stalled. Rows waiting in a shadow batch or the log queue
+    outlive the young generations, so under load full collections come often, each a latency spike.
+    After a model load: collect once (the previous model may be garbage now), then freeze the survivors
+    (gc.freeze); reference counting still frees frozen objects that are not in cycles.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def run(policy: Policy, host: str | None = None, port: int | None = None, *, log_level: str = "info") -> None:

@@ -25,6 +25,9 @@ from serving.models import LoadedModel
 log = logging.getLogger(__name__)
 
 
+CHILD_START_S = 60.0  # longest a closing lane waits for its shadow child process to start
+
+
 @dataclass(frozen=True, slots=True)
 class Scored:
     """The outcome of one job: per-row predictions, scores and errors, and the model call time."""
@@ -34,6 +37,7 @@ class Scored:
     errors: list[str | None]
     latency_ms: float
     batch_rows: int
+    logged: bool = False  # a shadow child process already wrote the batch's log rows
 
 
 @dataclass(slots=True)
@@ -65,6 +69,7 @@ class MicroBatcher:
         max_queue_rows: int | None = None,
         sink: Sink | None = None,
         on_batch: Callable[[str, int, float, bool], None] | None = None,
+        scorer: Any = None,
     ) -> None:
         self.model = model
         self.name = name
@@ -75,6 +80,7 @@ class MicroBatcher:
         self.max_queue_rows = max_queue_rows
         self.sink = sink
         self.on_batch = on_batch
+        self.scorer = scorer  # a serving.isolation.ChildScorer: score in its child process, not in a thread
         self._in_flight = in_flight
         self._pending: deque[Job] = deque()
         self._pending_rows = 0
@@ -84,6 +90,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix=f"score-{name}")
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._closed = False
         self._runner: asyncio.Task[None] | None = None
         self._busy = 0  # model calls in flight
         self.dropped = 0
@@ -115,26 +122,36 @@ class MicroBatcher:
         return future
 
     async def close(self, timeout_s: float = 10.0) -> None:
-        """Stop taking jobs, score what is queued, wait for in-flight calls (at most `timeout_s`)."""
-        self._closing = True
+        """Stop taking jobs, score what is queued, wait for in-flight calls (at most `timeout_s`).
+
+        A shadow child process still starting gets up to CHILD_START_S first: starting is not hanging,
+        and the rows it will score are already queued. Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = self._closing = True
         self._wake.set()
         self._full.set()
+        if self.scorer is not None and not self.scorer.ready.done():
+            await asyncio.wait([asyncio.wrap_future(self.scorer.ready)], timeout=CHILD_START_S)
         runner = self._runner
         if runner is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(runner), timeout_s)
-                pending = list(self._tasks)
-                if pending:
-                    await asyncio.wait(pending, timeout=timeout_s)
+                if self._tasks:
+                    _, late = await asyncio.wait(list(self._tasks), timeout=timeout_s)
+                    if late:
+                        raise TimeoutError
             except TimeoutError:
                 log.warning("batcher %s: gave up waiting on in-flight calls at shutdown", self.name)
                 runner.cancel()
                 for task in list(self._tasks):
-                    task.cancel()
+                    task.cancel()  # each logs its rows as "shutting down" errors
                 if self._tasks:
                     await asyncio.wait(list(self._tasks), timeout=1.0)
         self._fail_pending("service shutting down")
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.scorer is not None:
+            self.scorer.close()
 
     def _fail_pending(self, reason: str) -> None:
         jobs = list(self._pending)
@@ -167,6 +184,9 @@ class MicroBatcher:
                         await asyncio.wait_for(self._full.wait(), remaining)
                     except TimeoutError:
                         pass
+            if self.scorer is not None and not self.scorer.ready.done():
+                # The child process is still starting: rows keep gathering (bounded by max_queue_rows).
+                await asyncio.wait([asyncio.wrap_future(self.scorer.ready)])
             await self._slots.acquire()
             jobs = self._take()
             if not jobs:
@@ -175,7 +195,11 @@ class MicroBatcher:
             rows = [row for job in jobs for row in job.rows]
             started = time.perf_counter()
             self._busy += 1
-            call = loop.run_in_executor(self._executor, self.model.score, rows)
+            if self.scorer is not None:
+                metas = [job.meta for job in jobs] if all(job.future is None for job in jobs) else None
+                call = asyncio.wrap_future(self.scorer.submit(rows, metas), loop=loop)
+            else:
+                call = loop.run_in_executor(self._executor, self.model.score, rows)
             call.add_done_callback(self._call_done)
             task = loop.create_task(self._finish(jobs, call, started, len(rows)))
             self._tasks.add(task)
@@ -206,11 +230,15 @@ class MicroBatcher:
     async def _settle(self, jobs: list[Job], call: asyncio.Future[Any], started: float, n: int) -> None:
         try:
             if self.timeout_s is not None:
-                preds, scores, errors = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
+                answer = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
             else:
-                preds, scores, errors = await call
+                answer = await call
+            preds, scores, errors = answer[0], answer[1], answer[2]
+            logged = len(answer) > 3 and bool(answer[3])  # a child process's (preds, scores, errors, logged)
         except TimeoutError:
             call.add_done_callback(_swallow)
+            if self.scorer is not None:  # a hung child is killed: its slot frees and a new child takes over
+                self.scorer.restart()
             self._report(n, started, False)
             self._deliver_all(jobs, None, f"timeout: no answer within {self.timeout_s:g} s")
             return
@@ -221,7 +249,7 @@ class MicroBatcher:
         latency_ms = (time.perf_counter() - started) * 1000.0
         self._report(n, started, True)
         if all(job.future is None for job in jobs):  # shadow lane: the sink takes the batch as it is
-            self._sink(jobs, Scored(preds, scores, errors, latency_ms, n), None)
+            self._sink(jobs, Scored(preds, scores, errors, latency_ms, n, logged), None)
             return
         offset = 0
         for job in jobs:

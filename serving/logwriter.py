@@ -9,9 +9,64 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ShadowMeta:
+    """What a shadow job's log rows need besides the model's answer: one entry per record."""
+
+    request_ids: list[str]
+    unit_ids: list[str | None]
+    segments: list[Any]
+    ts: float
+    rollout_id: int | None
+    role: str
+    version: str
+
+
+def shadow_rows(
+    metas: Sequence[ShadowMeta],
+    preds: Sequence[float | None] | None,
+    scores: Sequence[float | None] | None,
+    errors: Sequence[str | None] | None,
+    latency_ms: float | None,
+    failed: str | None,
+) -> list[dict[str, Any]]:
+    """Prediction-log rows of a shadow batch, in job order: the answers cover every record of every job
+    (None with `failed`, the error of the whole call). Built in the service or in a shadow child process."""
+    rows: list[dict[str, Any]] = []
+    append = rows.append
+    failed = None if failed is None else failed[:500]
+    k = 0
+    for meta in metas:
+        rollout_id, ts, version, role = meta.rollout_id, meta.ts, meta.version, meta.role
+        for j, request_id in enumerate(meta.request_ids):
+            error = failed if errors is None else errors[k]
+            append(
+                {
+                    "request_id": request_id,
+                    "unit_id": meta.unit_ids[j],
+                    "rollout_id": rollout_id,
+                    "ts": ts,
+                    "version": version,
+                    "role": role,
+                    "served": 0,
+                    "propensity": 1.0,
+                    "prediction": None if preds is None else preds[k],
+                    "score": None if scores is None else scores[k],
+                    "latency_ms": latency_ms,
+                    "error": None if error is None else error[:500],
+                    "segment": meta.segments[j],
+                    "features": None,
+                }
+            )
+            k += 1
+    return rows
 
 
 class LogWriter:
@@ -49,6 +104,10 @@ class LogWriter:
         self._idle.clear()
         self._wake.set()
         return True
+
+    def note_written(self, n: int) -> None:
+        """Count rows written to the store by someone else for this service (a shadow child process)."""
+        self.written += n
 
     def put_many(self, rows: list[dict[str, Any]]) -> None:
         """Queue rows in order; those beyond the queue's room are dropped and counted, as with `put`."""

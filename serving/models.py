@@ -104,6 +104,14 @@ class LoadedModel:
     def __repr__(self) -> str:
         return f"LoadedModel(version={self.version!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to a shadow child process (serving/isolation.py): scoring needs the estimator, not the
+        # MLflow wrapper, whose unpickling would import MLflow there for nothing.
+        state = dict(self.__dict__)
+        if state.get("_call") is not state.get("model"):
+            state["model"] = None
+        return state
+
     def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
         """One DataFrame for the whole batch, columns in the model's order (absent optional = null)."""
         if self.names is not None:

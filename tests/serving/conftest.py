@@ -64,6 +64,17 @@ class GarbageModel(FakeModel):
         return super().predict_proba(frame)[:-1]
 
 
+class DyingModel(FakeModel):
+    """Kills its own process on a poison input (income > 100), as a segfault or an OOM kill would."""
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        if (frame["income"].to_numpy(dtype=float) > 100).any():
+            import os
+
+            os._exit(3)
+        return super().predict_proba(frame)
+
+
 def record(i: int = 0) -> dict[str, Any]:
     return {"income": float((i % 7) - 3), "tier": ("standard", "gold", "VIP")[i % 3], "purpose": "car"}
 

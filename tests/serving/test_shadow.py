@@ -9,7 +9,7 @@ import pytest
 
 from rollout.registry import InMemoryRegistry
 from rollout.store import OutcomeStore
-from tests.serving.conftest import FakeModel, GarbageModel, RaisingModel, SleepingModel, app_for, make_policy, record, serve
+from tests.serving.conftest import DyingModel, FakeModel, GarbageModel, RaisingModel, SleepingModel, app_for, make_policy, record, serve
 
 
 def _registry(challenger: FakeModel) -> InMemoryRegistry:
@@ -28,6 +28,14 @@ async def _traffic(client, n: int) -> tuple[list[dict], list[float]]:
 
     out = await asyncio.gather(*(one(i) for i in range(n)))
     return [o[0] for o in out], [o[1] for o in out]
+
+
+async def _until(condition, timeout_s: float = 20.0) -> None:
+    """Wait for the shadow lane to catch up (its child process takes a second or two to start)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for shadow rows"
+        await asyncio.sleep(0.05)
 
 
 def _rows(store: OutcomeStore, sql: str) -> list[tuple]:
@@ -58,6 +66,26 @@ async def test_shadow_challenger_failures_are_invisible_to_callers(challenger: F
     assert served == [(30,)]
     assert shadow[0][0] == 30 and shadow[0][1] == 30  # every shadow row is logged, as a challenger error
     assert any(word in shadow[0][2] for word in ("exploded", "timeout", "shutting down", "GarbageOutput"))
+
+
+@pytest.mark.anyio
+async def test_a_challenger_that_kills_its_process_harms_nobody_and_is_restarted(tmp_path) -> None:
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    policy = make_policy(shadow_max_wait_ms=1.0, shadow_timeout_s=30.0)  # isolation: "process", the default
+    poison = {**record(0), "income": 500.0}
+    async with serve(app_for(policy, _registry(DyingModel()), store)) as client:
+        before, _ = await _traffic(client, 10)
+        await _until(lambda: _rows(store, "SELECT count(*) FROM predictions WHERE served = 0") == [(10,)])
+        crash = await client.post("/predict", json={"record": poison, "request_id": "poison"})
+        await _until(lambda: _rows(store, "SELECT count(*) FROM predictions WHERE served = 0") == [(11,)])
+        after = [await client.post("/predict", json={"record": record(i), "request_id": f"late{i}"}) for i in range(5)]
+    assert crash.status_code == 200 and crash.json()["version"] == "1"  # the champion answered the poison too
+    assert all(r["version"] == "1" for r in before) and all(r.status_code == 200 for r in after)
+    rows = dict(_rows(store, "SELECT request_id, coalesce(error, 'ok') FROM predictions WHERE served = 0"))
+    assert "abruptly" in rows["poison"] or "BrokenProcessPool" in rows["poison"]  # logged, as the challenger's error
+    assert all(rows[f"r{i}"] == "ok" for i in range(10))
+    assert all(rows[f"late{i}"] == "ok" for i in range(5))  # a new child scored what came after the crash
 
 
 @pytest.mark.anyio

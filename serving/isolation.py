@@ -1,0 +1,130 @@
+"""Shadow models score (and log) in a child process: off the service's GIL; a crash kills only the child.
+
+In one process, a shadow batch (hundreds of rows through a scikit-learn pipeline, mostly Python and
+pandas) holds the interpreter lock for milliseconds, and every caller in flight waits; a challenger that
+segfaults, leaks or exhausts memory would take the champion's traffic down with it. A `ChildScorer` holds
+one model version in a child process (multiprocessing "spawn": safe beside the server's threads), sends
+it the rows of each batch (pickled: ~1 ms for 500 records); the child scores them and writes their log
+rows to the outcome store over its own connection, so the service's process does almost nothing per
+shadow row.
+A child that dies is replaced on the next batch; one that hangs past the lane's timeout is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import signal
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from serving.logwriter import ShadowMeta, shadow_rows
+from serving.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+_MODEL: LoadedModel | None = None  # in the child: the one version it scores
+_STORE: Any = None  # in the child: its own connection to the outcome store, to log what it scored
+
+
+def _load(payload: bytes, store_url: str | None) -> None:
+    global _MODEL, _STORE
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then shuts the child down
+    _MODEL = pickle.loads(payload)
+    if store_url:
+        from rollout.store import OutcomeStore
+
+        _STORE = OutcomeStore(store_url)
+
+
+def _ready() -> bool:
+    return _MODEL is not None
+
+
+def _score(rows: list[dict[str, Any]], metas: list[ShadowMeta] | None) -> tuple[Any, Any, Any, bool]:
+    """Score a batch; with its jobs' metadata, write its log rows too. Returns (preds, scores, errors, logged):
+    when the write fails, `logged` is False and the service's log writer (with its retries) takes the rows."""
+    assert _MODEL is not None, "child started without a model"
+    started = time.perf_counter()
+    preds, scores, errors = _MODEL.score(rows)
+    if metas is None or _STORE is None:
+        return preds, scores, errors, False
+    latency_ms = (time.perf_counter() - started) * 1000.0
+    try:
+        _STORE.log_predictions(shadow_rows(metas, preds, scores, errors, latency_ms, None))
+    except Exception:  # noqa: BLE001 - the service logs them instead
+        log.exception("shadow model %s: could not log %d rows from the child process", _MODEL.version, len(rows))
+        return preds, scores, errors, False
+    return preds, scores, errors, True
+
+
+class ChildScorer:
+    """One model version scored in a child process; `submit` returns a concurrent Future of `score(rows)`.
+
+    `ready` resolves once the child holds the model (its imports take a second or two); the batcher
+    waits on it before a call, so a starting child never counts against a call's timeout.
+    """
+
+    def __init__(self, model: LoadedModel, store_url: str | None = None) -> None:
+        self.version = model.version
+        self._payload = pickle.dumps(model)  # raises for a model that cannot be pickled: the caller falls back
+        self._store_url = store_url
+        self._context = multiprocessing.get_context("spawn")
+        self.restarts = 0
+        self._pool, self.ready = self._start()
+
+    def _start(self) -> tuple[ProcessPoolExecutor, Future[Any]]:
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_load,
+                                   initargs=(self._payload, self._store_url))
+        return pool, pool.submit(_ready)  # starts the child now, not on the first batch
+
+    def submit(self, rows: list[dict[str, Any]], metas: list[ShadowMeta] | None = None) -> Future[Any]:
+        """Score `rows` in the child (and log them, given their jobs' metadata); never raises: a failure is
+        the future's exception."""
+        try:
+            return self._pool.submit(_score, rows, metas)
+        except BrokenProcessPool:
+            if not self._started():  # it never held the model: a new child would fail the same way
+                return _failed(RuntimeError(f"the model could not start in a child process: {self.ready.exception()}"))
+            log.error("shadow model %s: child process died; starting a new one", self.version)
+            self._replace()  # a crash or OOM kill mid-life: a new child takes this batch
+            return self._pool.submit(_score, rows, metas)
+        except RuntimeError as exc:  # shut down
+            return _failed(exc)
+
+    def _started(self) -> bool:
+        return self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
+
+    def restart(self) -> None:
+        """Kill the child (hung past the timeout) and start a new one; its pending calls fail."""
+        log.error("shadow model %s: child process hung; killing it", self.version)
+        self._replace()
+
+    def _replace(self) -> None:
+        old = self._pool
+        self._pool, self.ready = self._start()
+        self.restarts += 1
+        _stop(old, kill=True)
+
+    def close(self) -> None:
+        _stop(self._pool, kill=False)
+
+
+def _failed(exc: BaseException) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_exception(exc)
+    return future
+
+
+def _stop(pool: ProcessPoolExecutor, kill: bool) -> None:
+    # ProcessPoolExecutor has no public way to kill a hung worker; its process table is the only handle.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if kill:
+            process.kill()
+        elif process.is_alive():
+            process.terminate()  # the lane already waited for its calls: nothing useful is lost
