@@ -265,10 +265,16 @@ def save_local(model: Any, path: Path, x_example: Any, task: str) -> Any:
     return mlflow.pyfunc.load_model(str(path))
 
 
-def log_model(model: Any, x_example: Any, task: str, registered_model_name: str | None) -> Any:
-    """Log the fitted pipeline in the active run; with a name, register a new version too."""
+def log_model(model: Any, x_example: Any, task: str, registered_model_name: str | None,
+              tags: dict[str, str] | None = None) -> Any:
+    """Log the fitted pipeline in the active run; with a name, register a new version with `tags` too
+    (one registry call, not one per tag). Returns MLflow's ModelInfo."""
+    import mlflow
     import mlflow.sklearn
 
-    return mlflow.sklearn.log_model(
-        model, name="model", registered_model_name=registered_model_name, **_flavor_kwargs(model, x_example, task)
-    )
+    info = mlflow.sklearn.log_model(model, name="model", **_flavor_kwargs(model, x_example, task))
+    if registered_model_name:
+        version = mlflow.register_model(info.model_uri, registered_model_name,
+                                        tags={k: str(v) for k, v in (tags or {}).items()})
+        info.registered_model_version = int(version.version)
+    return info

@@ -236,8 +236,11 @@ def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.Dat
     import mlflow
 
     experiment_id = mlflow_experiment(policy, policy.registry.experiment)
-    reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
     sha, digest = git_sha(policy.base_dir), data_hash(frame)
+    tags = {"data_hash": digest, "git_sha": sha, "estimator": policy.estimator.name,
+            f"holdout_{cv.metric}": f"{held.candidate:.6f}",
+            "gates": json.dumps({r.gate: r.verdict for r in results}),
+            **{f"gate.{r.gate}": r.verdict for r in results}}
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"ci-{policy.estimator.name}") as run:
         mlflow.log_params({"estimator": policy.estimator.name, **{f"param.{k}": v for k, v in policy.estimator.params.items()},
                            "cv_folds": policy.ci.cv_folds, "rows": len(frame), "data_hash": digest})
@@ -252,12 +255,8 @@ def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.Dat
         mlflow.log_dict({"numeric": schema.numeric, "categorical": schema.categorical, "nullable": schema.nullable,
                          "categories": schema.categories, "ranges": schema.ranges, "target": schema.target,
                          "task": schema.task}, "schema.json")
-        info = registry.log_model(model, x_example, schema.task, policy.registry.model_name)
+        info = registry.log_model(model, x_example, schema.task, policy.registry.model_name, tags)
     version = str(info.registered_model_version)
-    reg.set_tags(version, {"data_hash": digest, "git_sha": sha, "estimator": policy.estimator.name,
-                           f"holdout_{cv.metric}": f"{held.candidate:.6f}",
-                           "gates": json.dumps({r.gate: r.verdict for r in results}),
-                           **{f"gate.{r.gate}": r.verdict for r in results}})
     return Registered(version=version, run_id=run.info.run_id, aliases=[])
 
 
