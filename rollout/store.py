@@ -14,46 +14,61 @@ Losses per request (metric -> loss, lower is better), computed in SQL with CASE:
   mae       |prediction - label|
 Only predictions without an error and with a label count; the latest label of a request wins.
 
-Evaluation at scale (benchmarks/evaluation_scale.py): per-day summaries, maintained incrementally.
+Evaluation at scale (benchmarks/evaluation_scale.py): hourly summaries, maintained incrementally.
 The evaluation runs hourly over a rollout of up to ~30 days, so it must not rescan every row each hour.
-  * daily_aggregates: per (rollout, day, version, segment), over the day's error-free predictions LEFT
-    JOIN their current label LEFT JOIN the champion's row of the same request, with NO maturity cut:
-    loss moments (n, sum, sum of squares) of all five metrics, confusion cells, paired differences of
-    all five metrics against the rollout's champion (aggregate_state.champion, from routing),
-    agreement sums, and inverse-propensity sums of all five metrics. daily_usage: per (rollout, day,
-    version, latency bucket) the row, error and served counts (traffic and the latency histogram).
-  * aggregate_dirty: a mark per (rollout, day) whose summary is stale, written in the writer's own
-    transaction: log_predictions marks the days it wrote; add_labels (new labels and relabels) marks
-    the days of the predictions its labels match (one indexed lookup per 500 ids, which it already
-    made to report unknown ids). A mark is a new random token each time (upsert).
-  * Every aggregate call (_aggregates): the first time for a rollout, every day of it is marked dirty
-    (aggregate_state then records it). Then, in ONE read transaction (one snapshot on SQLite; on
-    PostgreSQL data newer than the marks read is harmless): read the marks; recompute the dirty days
-    from predictions through ix_predictions_day; read the summary rows of all other days; compute the
-    day of the maturity cut live, up to the cut. Then a short write transaction stores each recomputed
-    day only if its mark still holds the token read (delete ... where token = read); a writer that
-    marked the day meanwhile leaves it dirty for the next call, and two concurrent refreshes cannot
-    store an older result over a newer one. The answer is built from the read snapshot alone.
-  * The maturity cut (matured_before) needs no per-cut summaries: days before the cut's day lie
-    wholly before the cut, days after it hold no matured row, so only the cut's own day (usually
-    today, small) is computed live. Traffic, latency and agreement have no cut: summaries of all days.
+  * hourly_aggregates: per (rollout, hour, version, segment) (hour = floor(ts / 3600), the same double
+    division in Python's hour_of and in SQL), over the hour's error-free predictions LEFT JOIN their
+    current label LEFT JOIN the champion's row of the same request, with NO maturity cut: loss moments
+    (n, sum, sum of squares) of all five metrics, confusion cells, paired differences of all five
+    metrics against the rollout's champion (summary_state.champion, from routing), agreement sums, and
+    inverse-propensity sums of all five metrics. hourly_usage: per (rollout, hour, version, latency
+    bucket) the row, error and served counts (traffic and the latency histogram). daily_aggregates /
+    daily_usage: the same per day, the sum of the day's hourly rows (in hour order; counts in SQL).
+  * Predictions mark their (rollout, hour) dirty in aggregate_dirty_hours, in the writer's transaction
+    (a new random token each time, upsert); a dirty hour is recomputed whole.
+  * Labels mark nothing: a label that becomes current (new label or relabel to another value) writes a
+    row to label_changes (rollout, request id, old label or NULL, new label) in add_labels' transaction
+    (add_labels already looked the request's predictions up to report unknown ids). A refresh computes,
+    over the rows of the changed requests only, the sums with the new labels minus the sums with the
+    old ones, and adds that delta to the hours those rows are in. So an hour of traffic costs the
+    refresh its own new rows plus the rows of the requests labelled in it, not the ~day of older hours
+    those labels are spread over (labels arrive hours after their predictions).
+  * Every aggregate call (_aggregates): the first time for a rollout (no summary_state row, or another
+    champion), its summaries and label changes are dropped and every hour of it is marked dirty. Then,
+    in ONE read snapshot (SQLite's read transaction; REPEATABLE READ on PostgreSQL, since a delta must
+    meet the rows it was computed against): the state's version, the marks, the label changes;
+    recompute the dirty hours (an index range of ix_predictions_day per run of nearby hours, or one pass
+    when there are many); apply the changes' deltas to the stored rows of their hours (changes of a
+    dirty hour are already in its recomputation); read the hourly rows of the days these hours fall on
+    and of the cut's day, and the daily rows of every other day; compute the cut's hour live. Then a
+    short write transaction (_save) stores all that only if summary_state.version did not move since
+    the snapshot (checked under the rollout's lock: BEGIN IMMEDIATE / the state row FOR UPDATE), and
+    then moves it: a dirty hour is stored only if its mark still holds the token read (a writer that
+    marked it meanwhile leaves it dirty), the changes read are deleted, the touched days rolled up.
+    Two concurrent refreshes cannot apply a delta twice or store an older result over a newer one.
+    The answer is built from the read snapshot alone.
+  * The maturity cut (matured_before) needs no per-cut summaries: days before the cut's day lie wholly
+    before the cut, the cut's day counts its hours before the cut's hour (hour order is ts order), only
+    the cut's hour is computed live. Traffic, latency and agreement have no cut: summaries of all days.
   * A champion other than the rollout's own (paired_moments / agreement) is computed live over every
-    day (a full pass, as before the summaries). bulk_insert (backfills, benchmarks) marks nothing; it
-    drops aggregate_state, so the next evaluation of each rollout rebuilds its summaries.
-Results equal the former one-pass GROUP BY: same keys and counts; float sums are per-day sums added
-in (version, segment, day) order, so they agree to rounding (and exactly between two calls).
+    day (a full pass). bulk_insert (backfills, benchmarks) marks nothing; it drops summary_state, so
+    the next evaluation of each rollout rebuilds its summaries.
+Results equal the one-pass GROUP BY: same keys and counts; float sums are per-hour sums added in
+(version, segment, day, hour) order, plus label deltas, so they agree to rounding (and exactly between
+two calls on the same stored summaries).
 Exact identities save aggregates: a 0/1 loss is its own square, |e|*|e| == e*e (mae_sq = mse_sum),
 counts shared by metrics that need the same inputs, fp/fn/tn from tp and the marginals. An inner
 query computes each row's losses once (OFFSET 0: neither database merges it into the aggregates).
-An hour of traffic dirties today, yesterday (labels) and sometimes the day before (late labels), so
-the hourly evaluation reads ~3 days of rows instead of 30. Each result is also kept on the store
-object and reused by the next calls of the same evaluation while nothing was written (max(id) of
-predictions and labels unchanged) and for at most `aggregate_cache_s` seconds (0: recompute always):
-gather() asks six aggregates in a row, and this keeps them one snapshot and one refresh.
+Each result is also kept on the store object and reused by the next calls of the same evaluation
+while nothing was written (max(id) of predictions and labels unchanged) and for at most
+`aggregate_cache_s` seconds (0: recompute always): gather() asks six aggregates in a row, and this
+keeps them one snapshot and one refresh.
 SQLite walks a first build in request-id order through the covering ix_predictions_eval (probes into
 ix_labels_current and into the same index for the champion's row move forward through pages just
-read); PostgreSQL gets nested loops for the few dirty days (SET LOCAL enable_hashjoin/mergejoin off:
-the planner would hash both whole tables) and no JIT (it costs more than it saves here).
+read); PostgreSQL gets nested loops for a few hours or label changes (SET LOCAL enable_hashjoin/
+mergejoin off: the planner would hash both whole tables) and no JIT (it costs more than it saves here).
+Label changes of a rollout nobody evaluates any more (an ended one) stay in label_changes until its
+summaries are rebuilt.
 """
 
 from __future__ import annotations
@@ -92,6 +107,8 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    true,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -108,6 +125,8 @@ EPS = 1e-15
 # Latency histogram resolution: 40 buckets per e-fold (about 2.5 % wide), offset keeps the index positive.
 _LAT_BUCKETS_PER_E = 40.0
 _LAT_OFFSET = 10.0
+# More dirty hours than this (a first build): one pass over the rollout instead of index ranges.
+_MANY_HOURS = 168
 
 metadata = MetaData()
 
@@ -134,8 +153,8 @@ predictions = Table(
 Index("ix_predictions_rollout", predictions.c.rollout_id, predictions.c.version, predictions.c.ts)
 Index("ix_predictions_request", predictions.c.request_id)
 Index("ix_predictions_ts", predictions.c.ts)
-# The refresh of the evaluation summaries reads one rollout's rows of a few days; the live part of an
-# evaluation reads the day of its maturity cut up to the cut.
+# The refresh of the evaluation summaries reads one rollout's rows of a few hours (a range of day and ts);
+# the live part of an evaluation reads the hour of its maturity cut up to the cut.
 Index("ix_predictions_day", predictions.c.rollout_id, predictions.c.day, predictions.c.ts)
 # SQLite joins by nested loops, and a probe at a random place of a big index misses its small page
 # cache. This covering index lets the evaluation walk the rollout's predictions in request-id order
@@ -207,18 +226,48 @@ _IPW_COLS = tuple(f"w_{m}_{s}" for m in METRICS for s in ("n", "w", "wr", "w2", 
 _SUM_COLS = _LOSS_COLS + _CONF_COLS + _PAIR_COLS + _AGREE_COLS + _IPW_COLS
 _INT_COLS = {c for c in _SUM_COLS if c.endswith("_n")} | set(_CONF_COLS) | {"pairs", "agree"}
 
+# Per (rollout, hour, version, segment): the same sums over the error-free predictions of one UTC hour
+# (hour = floor(ts / 3600), the same double division in SQL and in Python). Writes mark hours dirty,
+# an evaluation recomputes the dirty hours only and rolls their days up into daily_aggregates, which
+# always equals the sum of its day's hourly rows (added in hour order) for a day with no dirty hour.
+
+
+def _summary_columns(hourly: bool) -> list[Column]:
+    return [Column("rollout_id", Integer, nullable=False), *([Column("hour", BigInteger, nullable=False)] if hourly else []),
+            Column("day", String(10), nullable=False), Column("version", String(32), nullable=False),
+            Column("segment", String(64)), *(Column(c, BigInteger if c in _INT_COLS else Float) for c in _SUM_COLS)]
+
+
+hourly_aggregates = Table(
+    "hourly_aggregates",
+    metadata,
+    *_summary_columns(hourly=True),
+)
+Index("ix_hourly_aggregates", hourly_aggregates.c.rollout_id, hourly_aggregates.c.day, hourly_aggregates.c.hour)
+
 daily_aggregates = Table(
     "daily_aggregates",
     metadata,
-    Column("rollout_id", Integer, nullable=False),
-    Column("day", String(10), nullable=False),
-    Column("version", String(32), nullable=False),
-    Column("segment", String(64)),
-    *(Column(c, BigInteger if c in _INT_COLS else Float) for c in _SUM_COLS),
+    *_summary_columns(hourly=False),
 )
 Index("ix_daily_aggregates", daily_aggregates.c.rollout_id, daily_aggregates.c.day)
 
-# Per (rollout, day, version, latency bucket): rows, error rows, served rows (traffic and latency_p99).
+# Per (rollout, hour / day, version, latency bucket): rows, error rows, served rows (traffic and
+# latency_p99). Counts only, so the daily rows are rolled up in SQL (integer sums are exact).
+hourly_usage = Table(
+    "hourly_usage",
+    metadata,
+    Column("rollout_id", Integer, nullable=False),
+    Column("hour", BigInteger, nullable=False),
+    Column("day", String(10), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("bucket", Integer),
+    Column("n", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("served", BigInteger, nullable=False),
+)
+Index("ix_hourly_usage", hourly_usage.c.rollout_id, hourly_usage.c.day, hourly_usage.c.hour)
+
 daily_usage = Table(
     "daily_usage",
     metadata,
@@ -232,23 +281,44 @@ daily_usage = Table(
 )
 Index("ix_daily_usage", daily_usage.c.rollout_id, daily_usage.c.day)
 
-# A (rollout, day) whose summary rows are stale. Every mark writes a new random token, so a refresh
-# clears a mark only if nobody marked the day again since the refresh read it (no ABA).
-aggregate_dirty = Table(
-    "aggregate_dirty",
+# A (rollout, hour) that got prediction rows since its summary rows were computed: recomputed whole.
+# Every mark writes a new random token, so a refresh clears a mark only if nobody marked the hour
+# again since the refresh read it (no ABA).
+aggregate_dirty_hours = Table(
+    "aggregate_dirty_hours",
     metadata,
     Column("rollout_id", Integer, primary_key=True, autoincrement=False),
-    Column("day", String(10), primary_key=True),
+    Column("hour", BigInteger, primary_key=True, autoincrement=False),
     Column("token", BigInteger, nullable=False),
 )
 
-# One row per rollout whose summaries exist; `champion` is the version they pair with.
-aggregate_state = Table(
-    "aggregate_state",
+# A label that became current for a request with predictions in `rollout_id` (new label or relabel,
+# old_label NULL when there was none), written in add_labels' transaction. The next refresh applies
+# it to the summaries of the hours of the request's rows as a delta (sums with the new label minus
+# sums with the old one) and deletes it, so a label costs its request's rows, not its hour's.
+label_changes = Table(
+    "label_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", Integer, nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("old_label", Float),
+    Column("new_label", Float, nullable=False),
+)
+Index("ix_label_changes", label_changes.c.rollout_id, label_changes.c.id)
+
+# One row per rollout whose summaries exist; `champion` is the version they pair with; `version`
+# counts the refreshes stored, so a refresh stores only if none was stored since its snapshot (a
+# delta applies to the summary rows it was computed against). Stores made before the hourly
+# summaries have aggregate_state / aggregate_dirty tables instead: left unused, so their first
+# evaluation builds the hourly summaries from scratch.
+summary_state = Table(
+    "summary_state",
     metadata,
     Column("rollout_id", Integer, primary_key=True, autoincrement=False),
     Column("champion", String(32)),
     Column("built_at", Float, nullable=False),
+    Column("version", BigInteger, nullable=False, default=0),
 )
 
 locks = Table(
@@ -348,6 +418,31 @@ def from_epoch(value: float | None) -> datetime | None:
 
 def day_of(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d")
+
+
+def hour_of(epoch: float) -> int:
+    """The UTC hour (hours since the epoch) of a time: floor(ts / 3600.0), computed in SQL the same way."""
+    return math.floor(float(epoch) / 3600.0)
+
+
+def _hour_runs(hours: Iterable[int], gap: int = 2) -> list[tuple[int, int]]:
+    """Sorted hours as inclusive runs [first, last]; runs fewer than `gap` clean hours apart are merged."""
+    runs: list[list[int]] = []
+    for h in sorted(set(hours)):
+        if runs and h - runs[-1][1] <= gap + 1:
+            runs[-1][1] = h
+        else:
+            runs.append([h, h])
+    return [(a, b) for a, b in runs]
+
+
+def _days_between(first: float, last: float) -> list[str]:
+    """Every `day` value from day_of(first) to day_of(last)."""
+    out, t = [], math.floor(first / 86400.0) * 86400.0
+    while t <= last:
+        out.append(day_of(max(t, first)))
+        t += 86400.0
+    return sorted(set(out) | {day_of(last)})
 
 
 def _json(value: Any) -> str:
@@ -462,12 +557,14 @@ class OutcomeStore:
         self._ensure()
         now = None
         payload = []
+        touched: set[tuple[Any, int]] = set()  # (rollout, hour) of the rows: their summaries are stale
         for row in rows:
             ts = row.get("ts")
             if ts is None:
                 now = now if now is not None else self._now()
                 ts = now
             ts = float(to_epoch(ts))  # type: ignore[arg-type]
+            touched.add((row.get("rollout_id"), hour_of(ts)))
             features = row.get("features")
             payload.append(
                 {
@@ -490,7 +587,7 @@ class OutcomeStore:
             )
         with self.engine.begin() as conn:
             conn.execute(insert(predictions), payload)
-            self._mark_dirty(conn, {(r["rollout_id"], r["day"]) for r in payload})
+            self._mark_dirty(conn, touched)
         return len(payload)
 
     def add_labels(self, items: Iterable[tuple[str, Any, Any] | Sequence[Any]]) -> LabelReport:
@@ -518,29 +615,35 @@ class OutcomeStore:
         replaced = 0
         stored = 0
         with self.engine.begin() as conn:
-            known: set[str] = set()
-            touched: set[tuple[Any, str]] = set()  # (rollout, day) of the predictions these labels join
-            existing: dict[str, float] = {}
+            known: dict[str, set[int]] = {}  # request id -> rollouts its predictions belong to
+            existing: dict[str, tuple[float, float]] = {}  # request id -> (ts, label) of its current label
             for chunk in _chunks(ids, 500):
-                for rid, rollout_id, day in conn.execute(
-                    select(predictions.c.request_id, predictions.c.rollout_id, predictions.c.day)
+                for rid, rollout_id in conn.execute(
+                    select(predictions.c.request_id, predictions.c.rollout_id)
                     .where(predictions.c.request_id.in_(chunk)).distinct()
                 ):
-                    known.add(rid)
-                    touched.add((rollout_id, day))
+                    rollouts = known.setdefault(rid, set())
+                    if rollout_id is not None:
+                        rollouts.add(int(rollout_id))
                 existing.update(
-                    (r[0], r[1])
+                    (r[0], (r[1], r[2]))
                     for r in conn.execute(
-                        select(labels.c.request_id, labels.c.ts).where(labels.c.request_id.in_(chunk), labels.c.current == 1)
+                        select(labels.c.request_id, labels.c.ts, labels.c.label)
+                        .where(labels.c.request_id.in_(chunk), labels.c.current == 1)
                     )
                 )
-            superseded = [rid for rid in ids if rid in existing and latest[rid][1] >= existing[rid]]
+            superseded = [rid for rid in ids if rid in existing and latest[rid][1] >= existing[rid][0]]
             for chunk in _chunks(superseded, 500):
                 conn.execute(update(labels).where(labels.c.request_id.in_(chunk), labels.c.current == 1).values(current=0))
             rows = []
+            changes = []
             for rid in ids:
                 value, epoch = latest[rid]
-                is_current = rid not in existing or epoch >= existing[rid]
+                is_current = rid not in existing or epoch >= existing[rid][0]
+                old = existing[rid][1] if rid in existing else None
+                if is_current and old != value:  # the evaluation summaries apply these as deltas
+                    changes += [{"rollout_id": r, "request_id": rid, "old_label": old, "new_label": value}
+                                for r in sorted(known.get(rid, ()))]
                 rows.append(
                     {
                         "request_id": rid,
@@ -552,7 +655,8 @@ class OutcomeStore:
                     }
                 )
             conn.execute(insert(labels), rows)
-            self._mark_dirty(conn, touched)
+            if changes:
+                conn.execute(insert(label_changes), changes)
             replaced = len(superseded)
             stored = len(rows)
         unknown = tuple(rid for rid in ids if rid not in known)
@@ -564,7 +668,7 @@ class OutcomeStore:
         PostgreSQL: COPY ... FROM STDIN through psycopg's copy (one round trip per batch of rows).
         SQLite: executemany in one transaction per batch. Values must already be in the stored form
         (epoch seconds, `day` strings, features as JSON text); returns the number of rows written.
-        Marks no day dirty: it drops every rollout's evaluation summaries instead (the next
+        Marks no hour dirty: it drops every rollout's evaluation summaries instead (the next
         evaluation of a rollout rebuilds them), which is cheaper for a backfill and always correct.
         """
         self._ensure()
@@ -608,11 +712,13 @@ class OutcomeStore:
             raw.close()
             self._snap = None
             with self.engine.begin() as conn:  # after the rows: an evaluation meanwhile rebuilds again
-                conn.execute(delete(aggregate_state))
+                conn.execute(delete(summary_state))
         return written
 
     def analyze(self) -> None:
-        """Refresh the planner's statistics (after a bulk load): ANALYZE on both databases."""
+        """After a bulk load: refresh the planner's statistics (ANALYZE); on PostgreSQL VACUUM (ANALYZE), which
+        also sets the loaded rows' hint bits and visibility map at once (rather than the first scans and a
+        later autovacuum doing it)."""
         self._ensure()
         raw = self.engine.raw_connection()
         try:
@@ -620,7 +726,7 @@ class OutcomeStore:
                 raw.driver_connection.execute("ANALYZE")
             else:
                 raw.driver_connection.autocommit = True
-                raw.driver_connection.execute("ANALYZE")
+                raw.driver_connection.execute("VACUUM (ANALYZE)")
                 raw.driver_connection.autocommit = False
         finally:
             raw.close()
@@ -810,22 +916,22 @@ class OutcomeStore:
 
     # ------------------------------------------------------------ aggregates
     #
-    # Every aggregate of an evaluation comes from one _Snapshot (see _aggregates): the per-day
-    # summaries (daily_aggregates, daily_usage) of the rollout's days, brought up to date first (only
-    # the dirty days are recomputed), plus a live pass over the day of the maturity cut, up to the cut.
+    # Every aggregate of an evaluation comes from one _Snapshot (see _aggregates): the hourly and daily
+    # summaries of the rollout, brought up to date first (dirty hours recomputed, label changes applied
+    # as deltas), plus a live pass over the hour of the maturity cut, up to the cut.
 
-    def _mark_dirty(self, conn: Any, pairs: Iterable[tuple[Any, str]]) -> None:
-        """Mark the summaries of (rollout, day) stale, inside the writer's own transaction.
+    def _mark_dirty(self, conn: Any, pairs: Iterable[tuple[Any, int]]) -> None:
+        """Mark the summaries of (rollout, hour) stale, inside the writer's own transaction.
 
         Sorted, so two writers lock the marks in the same order (no deadlock on PostgreSQL); a new
         random token each time, so a refresh that read an older token leaves the mark in place.
         """
-        marks = sorted({(int(r), str(d)) for r, d in pairs if r is not None})
+        marks = sorted({(int(r), int(h)) for r, h in pairs if r is not None})
         if not marks:
             return
-        stmt = (sqlite_insert if self.is_sqlite else pg_insert)(aggregate_dirty)
-        stmt = stmt.on_conflict_do_update(index_elements=["rollout_id", "day"], set_={"token": stmt.excluded.token})
-        conn.execute(stmt, [{"rollout_id": r, "day": d, "token": secrets.randbits(62)} for r, d in marks])
+        stmt = (sqlite_insert if self.is_sqlite else pg_insert)(aggregate_dirty_hours)
+        stmt = stmt.on_conflict_do_update(index_elements=["rollout_id", "hour"], set_={"token": stmt.excluded.token})
+        conn.execute(stmt, [{"rollout_id": r, "hour": h, "token": secrets.randbits(62)} for r, h in marks])
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Any]:
@@ -865,70 +971,137 @@ class OutcomeStore:
             days.append(day)
 
     def _build_state(self, rollout_id: int, champion: str | None) -> None:
-        """First evaluation of a rollout (or after bulk_insert): mark every day of it dirty."""
+        """First evaluation of a rollout (or after bulk_insert, or with a new champion): drop its summaries
+        and label changes, mark every hour of every day it has predictions on dirty, and move the state's
+        version on (a refresh from before cannot store over the new build)."""
         with self._write() as conn:
-            built = conn.execute(select(aggregate_state.c.champion)
-                                 .where(aggregate_state.c.rollout_id == rollout_id)).first()
+            built = conn.execute(select(summary_state.c.champion)
+                                 .where(summary_state.c.rollout_id == rollout_id)).first()
             if built is not None and built[0] == champion:
                 return  # another evaluation did it meanwhile
-            stmt = (sqlite_insert if self.is_sqlite else pg_insert)(aggregate_state)
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=["rollout_id"], set_={"champion": stmt.excluded.champion, "built_at": stmt.excluded.built_at},
-            ), {"rollout_id": rollout_id, "champion": champion, "built_at": self._now_wall()})
-            self._mark_dirty(conn, [(rollout_id, d) for d in self._days_of(conn, rollout_id)])
+            s = summary_state
+            stmt = (sqlite_insert if self.is_sqlite else pg_insert)(s)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["rollout_id"], set_={
+                "champion": stmt.excluded.champion, "built_at": stmt.excluded.built_at, "version": s.c.version + 1,
+            }), {"rollout_id": rollout_id, "champion": champion, "built_at": self._now_wall(), "version": 0})
+            for table in (hourly_aggregates, daily_aggregates, hourly_usage, daily_usage, label_changes):
+                conn.execute(delete(table).where(table.c.rollout_id == rollout_id))
+            hours: set[int] = set()
+            for day in self._days_of(conn, rollout_id):
+                start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+                hours.update(range(hour_of(start - 1.0), hour_of(start + 86401.0) + 1))
+            self._mark_dirty(conn, [(rollout_id, h) for h in hours])
 
-    def _labelled_rows(self, conn: Any, rollout_id: int, champion: str | None, days: list[str] | None,
-                       cutoff: float | None = None) -> list[tuple[str, str | None, str, tuple[Any, ...]]]:
-        """Summary rows (version, segment, day, values in _SUM_COLS order) computed from predictions.
+    def _hour_expr(self, ts: Any) -> Any:
+        """hour_of(ts) in SQL: the same IEEE double division, then floor (SQLite: cast truncates, ts > 0)."""
+        q = ts / literal(3600.0, Float)
+        return cast(q, Integer) if self.is_sqlite else cast(func.floor(q), BigInteger)
+
+    @staticmethod
+    def _range(p: Any, hours: tuple[int, int]) -> list[Any]:
+        """WHERE terms for the rows of hours [first, last], and a second more: a range of ix_predictions_day.
+
+        The margin catches a row whose hour_of (a rounded division) or day_of (rounded to microseconds)
+        disagrees with its time near a boundary; results are grouped by hour, so callers keep the hours
+        they asked for (no hour filter in SQL, which would spoil the planner's row estimate).
+        """
+        first, last = hours
+        lo, hi = first * 3600.0 - 1.0, (last + 1) * 3600.0 + 1.0
+        days = _days_between(lo, hi)
+        return [p.c.day.in_(days), p.c.ts >= lo, p.c.ts < hi]
+
+    def _hour_rows(self, conn: Any, rollout_id: int, champion: str | None,
+                   hours: Sequence[int]) -> list[tuple[str, str | None, str, int, tuple[Any, ...]]]:
+        """Hourly summary rows of the given hours: one query per run of nearby hours (index ranges), or one
+        pass over the whole rollout when they are many (a first build)."""
+        wanted = set(hours)
+        if not wanted:
+            return []
+        if len(wanted) > _MANY_HOURS:
+            rows = self._labelled_rows(conn, rollout_id, champion)
+        else:
+            rows = [r for run in _hour_runs(wanted) for r in self._labelled_rows(conn, rollout_id, champion, run)]
+        return [r for r in rows if r[3] in wanted]
+
+    def _labelled_rows(self, conn: Any, rollout_id: int, champion: str | None, hours: tuple[int, int] | None = None,
+                       *, day: str | None = None, cutoff: float | None = None, by_hour: bool = True,
+                       changes: bool = False) -> list[tuple[Any, ...]]:
+        """Summary rows (version, segment, day, hour or None, values in _SUM_COLS order) from predictions.
 
         predictions p LEFT JOIN its current label LEFT JOIN the champion's row of the same request,
-        restricted to `days` (None: every day) and to ts < cutoff when given. An inner query computes
-        each row's losses, paired differences and weights once (OFFSET 0 keeps both databases from
-        merging it into the outer query, which would evaluate every expression again in each
-        aggregate); the outer one sums them per (version, segment, day). Identical to per-aggregate
-        queries as long as a request has at most one current label and one row per version (what
-        add_labels and the serving log writer keep).
+        restricted to the hours [first, last] or to one `day` (neither: the whole rollout) and to
+        ts < cutoff when given, grouped by hour too unless `by_hour` is false. With `changes`: the rows
+        of the requests in label_changes instead, once with the change's new label (sign 1) and once
+        with its old one (sign -1), grouped by sign too (a 6th item of each row): the difference of the
+        two sums is the change's delta.
+        An inner query computes each row's losses, paired differences and weights once (OFFSET 0 keeps
+        both databases from merging it into the outer query, which would evaluate every expression again
+        in each aggregate); the outer one sums them per (version, segment, day, hour). Identical to
+        per-aggregate queries as long as a request has at most one current label and one row per
+        version (what add_labels and the serving log writer keep).
         """
+        few = hours is not None or day is not None or changes
         p = predictions.alias("p")
-        lab = labels.alias("l")
-        join = p.outerjoin(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))
-        matured = lab.c.label.is_not(None)
+        where = [p.c.rollout_id == rollout_id, p.c.error.is_(None)]
+        if hours is not None:  # always with a cut (the range's end by default): one statement to compile
+            where += self._range(p, hours)
+            cutoff = (hours[1] + 1) * 3600.0 + 1.0 if cutoff is None else cutoff
+        if day is not None:
+            where.append(p.c.day == day)
+        if cutoff is not None:
+            where.append(p.c.ts < cutoff)
+        sign: Any = None
+        label: Any
+        if changes:
+            lab = label_changes.alias("e")
+            signs = select(literal(1, Integer).label("sign")).union_all(select(literal(-1, Integer))).subquery("s")
+            sign = signs.c.sign
+            join = lab.join(p, p.c.request_id == lab.c.request_id).join(signs, true())
+            where.append(lab.c.rollout_id == rollout_id)
+            label = case((sign == 1, lab.c.new_label), else_=lab.c.old_label)
+        else:
+            lab = labels.alias("l")
+            join = p.outerjoin(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))
+            label = lab.c.label
+        matured = label.is_not(None)
 
-        def loss(m: str, row: Any) -> Any:
-            return loss_expr(m, row.c.prediction, row.c.score, lab.c.label)
+        def loss(m: str, prediction: Any, score: Any) -> Any:
+            return loss_expr(m, prediction, score, label)
+
+        def own(m: str) -> Any:
+            return loss(m, p.c.prediction, p.c.score)
 
         # NULL unless matured: accuracy and log loss need the guard, the others are NULL without a label
         cols: list[Any] = [
-            p.c.version, p.c.segment, p.c.day,
-            case((matured, loss("accuracy", p))).label("acc"), case((matured, loss("log_loss", p))).label("ll"),
-            loss("brier", p).label("br"), loss("mse", p).label("se"), loss("mae", p).label("ae"),
+            p.c.version, p.c.segment, p.c.day, *([self._hour_expr(p.c.ts).label("hour")] if by_hour else []),
+            *([sign.label("sign")] if changes else []),
+            case((matured, own("accuracy"))).label("acc"), case((matured, own("log_loss"))).label("ll"),
+            own("brier").label("br"), own("mse").label("se"), own("mae").label("ae"),
             case((and_(matured, p.c.prediction == 1), 1)).label("pp"),
-            case((and_(matured, p.c.prediction.is_not(None), lab.c.label == 1), 1)).label("pl"),
-            case((and_(matured, p.c.prediction == 1, lab.c.label == 1), 1)).label("tp"),
+            case((and_(matured, p.c.prediction.is_not(None), label == 1), 1)).label("pl"),
+            case((and_(matured, p.c.prediction == 1, label == 1), 1)).label("tp"),
         ]
         ok = and_(matured, p.c.served == 1, p.c.propensity > 0)
         cols += [case((and_(ok, p.c.prediction.is_not(None)), literal(1.0) / p.c.propensity)).label("wp"),
                  case((and_(ok, p.c.score.is_not(None)), literal(1.0) / p.c.propensity)).label("ws")]
         if champion is not None:
+            champ = str(champion)
             h = predictions.alias("h")
             # The champion's own rows probe with a NULL key (no index lookup at all) rather than
             # find themselves and be filtered out: half the probes of a shadow rollout.
             join = join.outerjoin(h, and_(
-                h.c.request_id == case((p.c.version != str(champion), p.c.request_id)),
-                h.c.version == str(champion),
+                h.c.request_id == case((p.c.version != champ, p.c.request_id)),
+                h.c.version == champ,
                 h.c.rollout_id == rollout_id,
                 h.c.error.is_(None),
             ))
             pair = h.c.id.is_not(None)
-            cols += [case((and_(matured, pair), loss(m, p) - loss(m, h))).label(f"d_{m}") for m in METRICS]
-            cols += [case((pair, 1)).label("pair"), case((and_(pair, p.c.prediction == h.c.prediction), 1)).label("agree"),
-                     func.coalesce(h.c.score, h.c.prediction).label("x"),
+            h_pred, h_score = h.c.prediction, h.c.score
+            cols += [case((and_(matured, pair), own(m) - loss(m, h_pred, h_score))).label(f"d_{m}") for m in METRICS]
+            cols += [case((pair, 1)).label("pair"), case((and_(pair, p.c.prediction == h_pred), 1)).label("agree"),
+                     func.coalesce(h_score, h_pred).label("x"),
                      case((pair, func.coalesce(p.c.score, p.c.prediction))).label("y")]
-        inner = select(*cols).select_from(join).where(p.c.rollout_id == rollout_id, p.c.error.is_(None))
-        if days is not None:
-            inner = inner.where(p.c.day.in_(days) if len(days) != 1 else p.c.day == days[0])
-        if cutoff is not None:
-            inner = inner.where(p.c.ts < cutoff)
+        inner = select(*cols).select_from(join).where(*where)
         q = inner.offset(0).subquery("q")
         c = q.c
         out: dict[str, Any] = {
@@ -954,25 +1127,26 @@ class OutcomeStore:
             out.update(pairs=func.count(c.pair), agree=func.count(c.agree), sx=func.sum(c.x), sy=func.sum(c.y),
                        sxx=func.sum(c.x * c.x), syy=func.sum(c.y * c.y), sxy=func.sum(c.x * c.y))
         names = list(out)
-        query = select(c.version, c.segment, c.day, *out.values()).group_by(c.version, c.segment, c.day)
-        few = days is not None and len(days) <= 7
+        keys = (c.version, c.segment, c.day, *([c.hour] if by_hour else []), *([c.sign] if changes else []))
+        query = select(*keys, *out.values()).group_by(*keys)
         if self.is_sqlite:
-            # A few days: their rows through ix_predictions_day. Most of the rollout (a first build):
+            # A few hours or a day: their rows through ix_predictions_day. The rollout (a first build):
             # walk it in request-id order (ix_predictions_eval), so the probes into labels' and this
             # index for the champion's row move forward through pages just read.
             result = _execute_indexed_by(conn, query, "predictions AS p",
                                          "ix_predictions_day" if few else "ix_predictions_eval")
         else:
-            # A few days are a small fraction of the table: probe labels and the champion's rows by
-            # index (nested loops) rather than hash the whole of both tables, as the planner would.
-            # SET LOCAL: for this read transaction only.
+            # A few hours or label changes are a small fraction of the table: probe labels and the
+            # champion's rows by index (nested loops) rather than hash the whole of both tables, as the
+            # planner would. SET LOCAL: for this read transaction only.
             flag = "off" if few else "on"
             conn.exec_driver_sql(f"SET LOCAL enable_hashjoin = {flag}")
             conn.exec_driver_sql(f"SET LOCAL enable_mergejoin = {flag}")
             result = conn.execute(query)
         rows = []
         for r in result:
-            v = dict(zip(names, r[3:], strict=True))
+            head = (*r[:3], int(r[3]) if by_hour else None, *([int(r[len(keys) - 1])] if changes else []))
+            v = dict(zip(names, r[len(keys):], strict=True))
             v["accuracy_sq"] = v["accuracy_sum"]  # 0/1 loss
             v["mae_sq"] = v["mse_sum"]  # |e| * |e| == e * e exactly
             v["mse_n"] = v["mae_n"] = v["accuracy_n"]  # NULL exactly when the prediction (or label) is
@@ -986,61 +1160,126 @@ class OutcomeStore:
                 if champion is not None:
                     v[f"d_{m}_n"] = v["ds_n" if w == "ws" else "dp_n"]
             v["w_accuracy_w2r2"] = v["w_accuracy_w2r"]
-            rows.append((r[0], r[1], r[2], tuple(v.get(col) or 0 for col in _SUM_COLS)))
+            rows.append((*head[:4], tuple(v.get(col) or 0 for col in _SUM_COLS), *head[4:]))
         return rows
 
-    def _usage_rows(self, conn: Any, rollout_id: int, days: list[str]) -> list[tuple[Any, ...]]:
-        """(day, version, latency bucket, rows, error rows, served rows) of the given days (no join)."""
+    def _usage_select(self, rollout_id: int, hours: Sequence[int], by_hour: bool) -> Any:
+        """(version, latency bucket, rows, error rows, served rows) over the rows of exactly these hours,
+        per (day, hour) first when `by_hour` (no join: counts only)."""
         p = predictions
         lat = case((p.c.latency_ms > 1e-4, p.c.latency_ms), else_=1e-4)
         bucket = case((p.c.latency_ms.is_(None), None),
                       else_=cast((func.ln(lat) + _LAT_OFFSET) * _LAT_BUCKETS_PER_E, Integer))
-        query = (
-            select(p.c.day, p.c.version, bucket.label("b"), func.count(),
-                   func.sum(case((p.c.error.is_not(None), 1), else_=0)), func.sum(p.c.served))
-            .where(p.c.rollout_id == rollout_id, p.c.day.in_(days))
-            .group_by(p.c.day, p.c.version, bucket)
-        )
-        return [tuple(r) for r in conn.execute(query)]
+        hour = self._hour_expr(p.c.ts)
+        keys = [p.c.day, hour, p.c.version, bucket] if by_hour else [p.c.version, bucket]
+        query = (select(*keys, func.count(), func.sum(case((p.c.error.is_not(None), 1), else_=0)), func.sum(p.c.served))
+                 .where(p.c.rollout_id == rollout_id, hour.in_(sorted(hours))).group_by(*keys))
+        if len(hours) <= _MANY_HOURS:  # through ix_predictions_day
+            first, last = min(hours), max(hours)
+            query = query.where(*self._range(p, (first, last)))
+        return query
 
-    def _save(self, rollout_id: int, dirty: dict[str, int], rows: list[tuple[Any, ...]],
-              usage: list[tuple[Any, ...]]) -> None:
-        """Store the recomputed days whose dirty mark is still the one read (else leave them dirty)."""
+    def _usage_rows(self, conn: Any, rollout_id: int, hours: Sequence[int]) -> list[tuple[Any, ...]]:
+        """(version, latency bucket, rows, error rows, served rows) over the rows of the given hours."""
+        out: list[tuple[Any, ...]] = []
+        for run in ([sorted(hours)] if len(hours) > _MANY_HOURS else [
+                [h for h in hours if a <= h <= b] for a, b in _hour_runs(hours)]):
+            if run:
+                out += [tuple(r) for r in conn.execute(self._usage_select(rollout_id, run, by_hour=False))]
+        return out
+
+    def _usage_days(self, hours: Sequence[int]) -> list[str]:
+        """Every `day` value rows of these hours can carry (a generous superset: see _range)."""
+        days: set[str] = set()
+        for a, b in _hour_runs(hours):
+            days.update(_days_between(a * 3600.0 - 1.0, (b + 1) * 3600.0 + 1.0))
+        return sorted(days)
+
+    def _save(self, rollout_id: int, version: int, marks: dict[int, int], changes: list[int],
+              rows: list[tuple[Any, ...]]) -> None:
+        """Store a refresh: the recomputed hours whose dirty mark is still the one read (else they stay
+        dirty), the hours a label change moved; delete the changes applied; roll the days of the stored
+        hours up into daily_aggregates / daily_usage.
+
+        Only if no refresh was stored since this one's snapshot (summary_state.version unchanged,
+        checked under the rollout's lock: BEGIN IMMEDIATE on SQLite, the state row locked on
+        PostgreSQL); else nothing is stored, marks and changes stay, and the next call redoes them.
+        `rows`: hourly rows of the recomputed hours and of the hours changed by labels (stored + delta).
+        The usage rows of the recomputed hours are computed here, in SQL (INSERT ... SELECT): a row logged
+        into such an hour since the snapshot marked it again, so it is recomputed at the next refresh.
+        """
+        ha, hu, da, du, t, s = (hourly_aggregates, hourly_usage, daily_aggregates, daily_usage,
+                                aggregate_dirty_hours, summary_state)
         with self._write() as conn:
-            done = []
-            for day in sorted(dirty):
-                gone = conn.execute(delete(aggregate_dirty).where(
-                    aggregate_dirty.c.rollout_id == rollout_id, aggregate_dirty.c.day == day,
-                    aggregate_dirty.c.token == dirty[day])).rowcount
-                if gone:
-                    done.append(day)
-            if not done:
+            query = select(s.c.version).where(s.c.rollout_id == rollout_id)
+            now = conn.execute(query if self.is_sqlite else query.with_for_update()).scalar()
+            if now is None or int(now) != version:
                 return
-            for chunk in _chunks(done, 500):
-                conn.execute(delete(daily_aggregates).where(daily_aggregates.c.rollout_id == rollout_id,
-                                                            daily_aggregates.c.day.in_(chunk)))
-                conn.execute(delete(daily_usage).where(daily_usage.c.rollout_id == rollout_id,
-                                                       daily_usage.c.day.in_(chunk)))
-            keep = set(done)
-            summary = [{"rollout_id": rollout_id, "version": v, "segment": s, "day": d, **dict(zip(_SUM_COLS, vals, strict=True))}
-                       for v, s, d, vals in rows if d in keep]
-            if summary:
-                conn.execute(insert(daily_aggregates), summary)
-            hist = [{"rollout_id": rollout_id, "day": d, "version": v, "bucket": b, "n": n, "errors": e, "served": s}
-                    for d, v, b, n, e, s in usage if d in keep]
-            if hist:
-                conn.execute(insert(daily_usage), hist)
+            conn.execute(update(s).where(s.c.rollout_id == rollout_id).values(version=version + 1))
+            done: set[int] = set()
+            for chunk in _chunks(sorted(marks), 500):
+                done.update(int(h) for (h,) in conn.execute(
+                    delete(t).where(t.c.rollout_id == rollout_id,
+                                    tuple_(t.c.hour, t.c.token).in_([(h, marks[h]) for h in chunk]))
+                    .returning(t.c.hour)))
+            for chunk in _chunks(changes, 1000):
+                conn.execute(delete(label_changes).where(label_changes.c.id.in_(chunk)))
+            stored = done | {r[3] for r in rows if r[3] not in marks}  # recomputed and kept, or moved by labels
+            if not stored:
+                return
+            days: set[str] = {r[2] for r in rows if r[3] in stored}
+            for chunk in _chunks(sorted(stored), 500):
+                days.update(d for (d,) in conn.execute(select(ha.c.day).distinct()
+                                                       .where(ha.c.rollout_id == rollout_id, ha.c.hour.in_(chunk))))
+                conn.execute(delete(ha).where(ha.c.rollout_id == rollout_id, ha.c.hour.in_(chunk)))
+            cols = ["day", "hour", "version", "bucket", "n", "errors", "served"]
+            for chunk in _chunks(sorted(done), 20_000):  # a first build: one pass over the rollout
+                conn.execute(delete(hu).where(hu.c.rollout_id == rollout_id, hu.c.hour.in_(chunk)))
+                conn.execute(insert(hu).from_select(["rollout_id", *cols], select(
+                    literal(rollout_id, Integer), *self._usage_select(rollout_id, chunk, by_hour=True).subquery().c)))
+            fresh = [{"rollout_id": rollout_id, "version": v, "segment": sg, "day": d, "hour": h,
+                      **dict(zip(_SUM_COLS, vals, strict=True))} for v, sg, d, h, vals in rows if h in stored]
+            if fresh:
+                conn.execute(insert(ha), fresh)
+            for chunk in _chunks(sorted(days), 100):
+                summary = [{"rollout_id": rollout_id, "version": v, "segment": sg, "day": d,
+                            **dict(zip(_SUM_COLS, vals, strict=True))}
+                           for v, sg, d, vals in _sum_hours(self._stored_hours(conn, rollout_id, chunk))]
+                conn.execute(delete(da).where(da.c.rollout_id == rollout_id, da.c.day.in_(chunk)))
+                if summary:
+                    conn.execute(insert(da), summary)
+            for chunk in _chunks(self._usage_days(sorted(done)), 100):  # counts: summed in SQL, exactly
+                conn.execute(delete(du).where(du.c.rollout_id == rollout_id, du.c.day.in_(chunk)))
+                conn.execute(insert(du).from_select(
+                    ["rollout_id", "day", "version", "bucket", "n", "errors", "served"],
+                    select(hu.c.rollout_id, hu.c.day, hu.c.version, hu.c.bucket, func.sum(hu.c.n), func.sum(hu.c.errors),
+                           func.sum(hu.c.served))
+                    .where(hu.c.rollout_id == rollout_id, hu.c.day.in_(chunk))
+                    .group_by(hu.c.rollout_id, hu.c.day, hu.c.version, hu.c.bucket)))
+
+    def _stored_hours(self, conn: Any, rollout_id: int, days: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Stored hourly summary rows (version, segment, day, hour, values) of the given days."""
+        if not days:
+            return []
+        ha = hourly_aggregates
+        query = (select(ha.c.version, ha.c.segment, ha.c.day, ha.c.hour, *(ha.c[c] for c in _SUM_COLS))
+                 .where(ha.c.rollout_id == rollout_id, ha.c.day.in_(list(days))))
+        return [(r[0], r[1], r[2], int(r[3]), tuple(r[4:])) for r in conn.execute(query)]
 
     def _aggregates(self, rollout_id: int, cutoff: float | None, champion: str | None, match: Any) -> _Snapshot:
         """All evaluation aggregates of a rollout at maturity cut `cutoff`, paired with `champion`.
 
-        1. First time for the rollout (no aggregate_state row): every day of it is marked dirty.
-        2. One read transaction (one snapshot on SQLite): the dirty days and their tokens; those days
-           recomputed from predictions; the summary rows of every other day; the cut's day live.
-        3. A short write transaction stores the recomputed days whose mark did not change meanwhile.
-        Days before the cut's day count whole (all their rows are older than the cut), days after it
-        have no matured row, so only the cut's own day is computed with the cut. A champion other
-        than the rollout's (the summaries pair with the rollout's) is computed live over every day.
+        1. First time for the rollout (no summary_state row): every hour of it is marked dirty.
+        2. One read transaction, one snapshot (SQLite's read transaction; REPEATABLE READ on
+           PostgreSQL): the state's version, the dirty hours and their tokens, the label changes; the
+           dirty hours recomputed from predictions; the hours the label changes touch moved by their
+           deltas; the stored hourly rows of the days those hours fall on (and of the cut's day); the
+           daily rows of every other day; the cut's hour live, up to the cut.
+        3. A short write transaction stores all that if the version did not move (see _save).
+        Days before the cut's day count whole (all their rows are older than the cut), the cut's day
+        counts its hours before the cut's hour plus the cut's hour live, later rows are not matured.
+        A champion other than the rollout's (the summaries pair with the rollout's) is computed live
+        over every day.
         """
         self._ensure()
         with self.engine.connect() as conn:
@@ -1048,47 +1287,91 @@ class OutcomeStore:
             if hit is not None:
                 return hit
             own = self._champion_of(conn, rollout_id)
-            built = conn.execute(select(aggregate_state.c.champion)
-                                 .where(aggregate_state.c.rollout_id == rollout_id)).first()
+            built = conn.execute(select(summary_state.c.champion)
+                                 .where(summary_state.c.rollout_id == rollout_id)).first()
         if built is None or built[0] != own:
             self._build_state(rollout_id, own)
         champion = own if champion is None else champion
+        cut_day = None if cutoff is None else day_of(cutoff)
+        cut_hour = None if cutoff is None else hour_of(cutoff)
+        a, u, hu, t = daily_aggregates, daily_usage, hourly_usage, aggregate_dirty_hours
         with self.engine.connect() as conn:
-            if not self.is_sqlite:  # compiling ~100 expressions costs more than it saves on a few days of rows
-                conn.exec_driver_sql("SET LOCAL jit = off")
+            if not self.is_sqlite:  # one snapshot: a delta must meet the rows it was computed against
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                conn.exec_driver_sql("SET LOCAL jit = off")  # compiling ~100 expressions costs more than it saves
+            version = conn.execute(select(summary_state.c.version)
+                                   .where(summary_state.c.rollout_id == rollout_id)).scalar()
             watermark = self._watermark(conn)
-            dirty = {d: int(t) for d, t in conn.execute(
-                select(aggregate_dirty.c.day, aggregate_dirty.c.token).where(aggregate_dirty.c.rollout_id == rollout_id))}
-            days = sorted(dirty)
-            fresh = self._labelled_rows(conn, rollout_id, own, days) if days else []
-            fresh_usage = self._usage_rows(conn, rollout_id, days) if days else []
-            a, u = daily_aggregates, daily_usage
+            marks = {int(h): int(tok) for h, tok in conn.execute(
+                select(t.c.hour, t.c.token).where(t.c.rollout_id == rollout_id))}
+            changes = [int(i) for (i,) in conn.execute(
+                select(label_changes.c.id).where(label_changes.c.rollout_id == rollout_id))]
+            fresh = self._hour_rows(conn, rollout_id, own, sorted(marks))
+            fresh_usage = self._usage_rows(conn, rollout_id, sorted(marks))
+            # usage of the days the dirty hours can fall on from their hourly rows, other days' from daily rows
+            usage_days = [] if len(marks) > _MANY_HOURS else self._usage_days(sorted(marks))
+            moved: list[tuple[Any, ...]] = []
+            if changes:  # sums over the changed requests' rows with the new labels, and with the old ones
+                delta = self._labelled_rows(conn, rollout_id, own, changes=True)
+                hours = {r[3] for r in delta if r[3] not in marks}  # a dirty hour is recomputed anyway
+                near = sorted({r[2] for r in delta if r[3] in hours})
+                base = [r for r in self._stored_hours(conn, rollout_id, near) if r[3] in hours]
+                moved = _moved(base, [r[:5] for r in delta if r[3] in hours and r[5] > 0],
+                               [r[:5] for r in delta if r[3] in hours and r[5] < 0])
+            rows = fresh + moved  # hourly rows that replace stored ones
+            replaced = {r[3] for r in rows} | set(marks)
+            days = sorted({r[2] for r in rows})  # days whose daily rows are stale: rolled up from their hours
+            own_cut = cut_day is not None and champion == own
+            cut_days = {cut_day} if own_cut and cut_day is not None else set()
+            stored = [r for r in self._stored_hours(conn, rollout_id, sorted(set(days) | cut_days))
+                      if r[3] not in replaced]
             kept = [(r[0], r[1], r[2], tuple(r[3:])) for r in conn.execute(
                 select(a.c.version, a.c.segment, a.c.day, *(a.c[c] for c in _SUM_COLS))
                 .where(a.c.rollout_id == rollout_id, a.c.day.not_in(days)))]
-            kept_usage = [(None, *r) for r in conn.execute(
+            kept_usage = [] if len(marks) > _MANY_HOURS else [tuple(r) for r in conn.execute(
                 select(u.c.version, u.c.bucket, func.sum(u.c.n), func.sum(u.c.errors), func.sum(u.c.served))
-                .where(u.c.rollout_id == rollout_id, u.c.day.not_in(days)).group_by(u.c.version, u.c.bucket))]
-            live = self._labelled_rows(conn, rollout_id, champion, [day_of(cutoff)], cutoff) if cutoff is not None else []
-            other = self._labelled_rows(conn, rollout_id, champion, None) if champion != own else None
-        if days:
-            self._save(rollout_id, dirty, fresh, fresh_usage)
+                .where(u.c.rollout_id == rollout_id, u.c.day.not_in(usage_days)).group_by(u.c.version, u.c.bucket))]
+            if usage_days or len(marks) > _MANY_HOURS:
+                kept_usage += [tuple(r) for r in conn.execute(
+                    select(hu.c.version, hu.c.bucket, func.sum(hu.c.n), func.sum(hu.c.errors), func.sum(hu.c.served))
+                    .where(hu.c.rollout_id == rollout_id, hu.c.hour.not_in(sorted(marks)),
+                           *([hu.c.day.in_(usage_days)] if usage_days else []))
+                    .group_by(hu.c.version, hu.c.bucket))]
+            live: list[tuple[Any, ...]] = []
+            if own_cut and cut_hour is not None:
+                live = [r for r in self._labelled_rows(conn, rollout_id, own, (cut_hour, cut_hour), cutoff=cutoff)
+                        if r[3] == cut_hour]
+            elif cut_day is not None:
+                live = self._labelled_rows(conn, rollout_id, champion, day=cut_day, cutoff=cutoff, by_hour=False)
+            other = self._labelled_rows(conn, rollout_id, champion, by_hour=False) if champion != own else None
+        if (marks or changes) and version is not None:
+            self._save(rollout_id, int(version), marks, changes, rows)
         snap = _Snapshot(rollout_id, cutoff, champion, watermark, time.monotonic())
-        _fill(snap, kept + fresh if other is None else other, live, cutoff)
+        if other is None:
+            hourly = stored + rows
+            day_set = set(days)
+            summary = kept + _sum_hours([r for r in hourly if r[2] in day_set])
+            if own_cut:  # the cut's day: its hours before the cut's hour, then the cut's hour up to the cut
+                live = _sum_hours([r for r in hourly if r[2] == cut_day and r[3] < cut_hour] + live)
+        else:
+            summary = [(v, s, d, vals) for v, s, d, _h, vals in other]
+            live = [(v, s, d, vals) for v, s, d, _h, vals in live]
+        _fill(snap, summary, live, cutoff)
         traffic: dict[str, list[int]] = {}
         hist: dict[tuple[str, int], int] = {}
-        for _day, version, b, n, errors, served in kept_usage + fresh_usage:
-            t = traffic.setdefault(version, [0, 0, 0])
-            t[0] += int(n)
-            t[1] += int(errors or 0)
-            t[2] += int(served or 0)
+        for version_, b, n, errors, served in kept_usage + fresh_usage:
+            tr = traffic.setdefault(version_, [0, 0, 0])
+            tr[0] += int(n)
+            tr[1] += int(errors or 0)
+            tr[2] += int(served or 0)
             if b is not None:
-                hist[(version, int(b))] = hist.get((version, int(b)), 0) + int(n)
-        snap.traffic = {v: TrafficCounts(*t) for v, t in traffic.items()}
-        for (version, b), n in sorted(hist.items()):
-            snap.latency_hist.setdefault(version, []).append((b, n))
+                hist[(version_, int(b))] = hist.get((version_, int(b)), 0) + int(n)
+        snap.traffic = {v: TrafficCounts(*x) for v, x in traffic.items()}
+        for (version_, b), n in sorted(hist.items()):
+            snap.latency_hist.setdefault(version_, []).append((b, n))
         self._snap = snap
         return snap
+
 
     def loss_moments(self, rollout_id: int, metric: str, matured_before: Any = None) -> dict[tuple[str, str | None, str], Moments]:
         """Per (version, segment, day): Moments of the per-request loss over labelled, matured predictions."""
@@ -1284,6 +1567,29 @@ def _fill(snap: _Snapshot, rows: list[tuple[str, str | None, str, tuple[Any, ...
         snap.ipw[m] = {v: IPWSums(n_total, int(acc[0]), *acc[1:]) for v, acc in ipw[m].items()}
 
 
+def _moved(base: list[tuple[Any, ...]], new: list[tuple[Any, ...]],
+           old: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Hourly rows (version, segment, day, hour, values) moved by label changes: for each key the
+    changed rows touch, the stored values (`base`) plus the sums with the new labels minus the sums
+    with the old ones. Every other stored row of those hours is returned unchanged."""
+    acc = {(v, s, d, h): list(vals) for v, s, d, h, vals in base}
+    for sign, part in ((1, new), (-1, old)):
+        for v, s, d, h, vals in part:
+            cur = acc.setdefault((v, s, d, h), [0] * len(_SUM_COLS))
+            for i, x in enumerate(vals):
+                cur[i] = cur[i] + x if sign > 0 else cur[i] - x
+    return [(*k, tuple(vals)) for k, vals in acc.items()]
+
+
+def _sum_hours(rows: list[tuple[Any, ...]]) -> list[tuple[str, str | None, str, tuple[Any, ...]]]:
+    """Hourly rows (version, segment, day, hour, values) summed per (version, segment, day), in hour order."""
+    acc: dict[tuple[str, str | None, str], tuple[Any, ...]] = {}
+    for v, s, d, _h, vals in sorted(rows, key=lambda r: (*_row_key(r), r[3])):
+        prev = acc.get((v, s, d))
+        acc[(v, s, d)] = vals if prev is None else tuple(x + y for x, y in zip(prev, vals, strict=True))
+    return [(*k, vals) for k, vals in acc.items()]
+
+
 def _row_key(row: tuple[Any, ...]) -> tuple[str, str, str, str]:
     return (row[0], "" if row[1] is None else "\x01" + row[1], row[2], "")
 
@@ -1307,9 +1613,9 @@ def _rollout(row: Any) -> Rollout:
     )
 
 
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+def _chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
-        yield items[start : start + size]
+        yield list(items[start : start + size])
 
 
 def _default_actor() -> str:

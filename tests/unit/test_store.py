@@ -301,10 +301,10 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def _rebuilt(store: OutcomeStore, rid: int, cutoff: Any) -> tuple:
     """The same aggregates from summaries rebuilt from scratch (what bulk_insert forces), on a new store object."""
-    from rollout.store import aggregate_state
+    from rollout.store import summary_state
 
     with store.engine.begin() as conn:
-        conn.execute(aggregate_state.delete())
+        conn.execute(summary_state.delete())
     other = OutcomeStore(store.url, clock=store.clock)
     try:
         return _everything(other, rid, cutoff)
@@ -312,12 +312,24 @@ def _rebuilt(store: OutcomeStore, rid: int, cutoff: Any) -> tuple:
         other.dispose()
 
 
-def _dirty_days(store: OutcomeStore, rid: int) -> set[str]:
-    from rollout.store import aggregate_dirty
+def _dirty_hours(store: OutcomeStore, rid: int) -> set[int]:
+    from rollout.store import aggregate_dirty_hours as t
 
     with store.engine.connect() as conn:
-        return {r[0] for r in conn.execute(aggregate_dirty.select().with_only_columns(aggregate_dirty.c.day)
-                                           .where(aggregate_dirty.c.rollout_id == rid))}
+        return {int(h) for (h,) in conn.execute(t.select().with_only_columns(t.c.hour).where(t.c.rollout_id == rid))}
+
+
+def _dirty_days(store: OutcomeStore, rid: int) -> set[str]:
+    return {day_of_ts(h * 3600.0) for h in _dirty_hours(store, rid)}
+
+
+def _changes(store: OutcomeStore, rid: int) -> list[tuple[str, float | None, float]]:
+    """(request id, old label, new label) of the rollout's pending label changes, oldest first."""
+    from rollout.store import label_changes as e
+
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(e.select().with_only_columns(e.c.request_id, e.c.old_label, e.c.new_label)
+                                                .where(e.c.rollout_id == rid).order_by(e.c.id))]
 
 
 def test_late_label_for_an_old_day_changes_the_answer(store: OutcomeStore) -> None:
@@ -334,7 +346,8 @@ def test_late_label_for_an_old_day_changes_the_answer(store: OutcomeStore) -> No
     before = store.loss_moments(rid, "accuracy", cutoff)  # builds the summaries
     assert _dirty_days(store, rid) == set()
     store.add_labels([(late.request_id, late.label, T0 + timedelta(days=4))])
-    assert _dirty_days(store, rid) == {day_of_ts(late.ts)}  # one lookup marked the prediction's day
+    assert _dirty_days(store, rid) == set()  # a label marks no hour: it logs a change (a delta for the next refresh)
+    assert _changes(store, rid) == [(late.request_id, None, late.label)]
     after = store.loss_moments(rid, "accuracy", cutoff)
     key = ("1", late.segment, day_of_ts(late.ts))
     assert after[key].n == before[key].n + 1
@@ -451,6 +464,140 @@ def test_bulk_insert_drops_the_summaries_and_the_next_evaluation_rebuilds_them(s
     store.bulk_insert("predictions", ["request_id", "rollout_id", "ts", "day", "version", "role", "served"],
                       [(f"b{i}", rid, ts, "2026-03-02", "1", "champion", 1) for i in range(5)])
     assert store.traffic(rid)["1"].requests == 105
+
+
+# ------------------------------------------- hourly marks for predictions, deltas for label changes
+
+
+def _pred(rid: int, request_id: str, version: str, ts: Any, prediction: float, score: float, segment: str = "VIP") -> dict:
+    return {"request_id": request_id, "rollout_id": rid, "ts": ts, "version": version, "served": int(version == "1"),
+            "propensity": 1.0, "prediction": prediction, "score": score, "latency_ms": 4.0, "segment": segment}
+
+
+def test_hourly_refreshes_and_label_deltas_equal_a_full_recomputation(store: OutcomeStore) -> None:
+    """Late labels, relabels (and back), stale labels, a label before its prediction, a late prediction
+    into an old hour, and rows on hour boundaries: after every refresh the summaries equal a rebuild."""
+    frame = _rows(300)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    rows = frame.drop(columns=["label"]).assign(rollout_id=rid).to_dict("records")
+    store.log_predictions(rows)
+    first = frame[frame.version == "1"].reset_index(drop=True)
+    store.add_labels([(r, y, t + 3600) for r, y, t in zip(first.request_id[:200], first.label[:200], first.ts[:200],
+                                                           strict=True)])
+    cutoffs = [T0 + timedelta(days=10), T0 + timedelta(hours=30), T0 + timedelta(hours=30, minutes=20), None]
+
+    def check() -> None:
+        """Every cut from the incrementally kept summaries, then from summaries rebuilt from scratch."""
+        mine = [_everything(store, rid, c) for c in cutoffs]
+        assert _dirty_hours(store, rid) == set() and _changes(store, rid) == []  # all applied
+        rebuilt = _rebuilt(store, rid, cutoffs[0])
+        other = OutcomeStore(store.url, clock=store.clock)
+        try:
+            assert _same(mine[0], rebuilt)
+            assert all(_same(m, _everything(other, rid, c)) for m, c in zip(mine[1:], cutoffs[1:], strict=True))
+        finally:
+            other.dispose()
+
+    check()
+    later = T0 + timedelta(days=4)
+    steps = [
+        lambda: store.add_labels([(r, y, later) for r, y in zip(first.request_id[200:260], first.label[200:260],
+                                                                strict=True)]),  # late labels, old hours
+        lambda: store.add_labels([(r, 1.0 - y, later) for r, y in zip(first.request_id[:40], first.label[:40],
+                                                                      strict=True)]),  # relabels
+        lambda: store.add_labels([(r, y, later + timedelta(hours=1)) for r, y in zip(
+            first.request_id[:20], first.label[:20], strict=True)]),  # ... and back
+        lambda: store.add_labels([(first.request_id[50], 1.0 - first.label[50], T0)]),  # stale: not current
+        lambda: store.add_labels([("early", 1.0, later)]),  # before its prediction
+        lambda: store.log_predictions([  # the early label's prediction, and a late one into an old hour
+            _pred(rid, "early", v, T0 + timedelta(hours=5), 1.0, 0.7) for v in ("1", "2")]
+            + [_pred(rid, "edge", v, T0 + timedelta(hours=29), 0.0, 0.2) for v in ("1", "2")]),  # on a boundary
+        lambda: store.add_labels([("edge", 1.0, later)]),
+        lambda: (store.log_predictions([_pred(rid, "both", v, T0 + timedelta(hours=7), 1.0, 0.9) for v in ("1", "2")]),
+                 store.add_labels([("both", 0.0, later), (first.request_id[60], 1.0 - first.label[60], later)])),
+    ]
+    for step in steps:
+        step()
+        check()
+
+
+def test_a_label_change_refreshes_its_rows_only(store: OutcomeStore) -> None:
+    """A relabel marks no hour: the next refresh applies (new label) - (old label) to its hour's sums."""
+    frame = _rows(300)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    cutoff = T0 + timedelta(days=10)
+    before = store.loss_moments(rid, "log_loss", cutoff)
+    target = frame[frame.version == "2"].iloc[7]
+    store.add_labels([(target.request_id, 1.0 - target.label, T0 + timedelta(days=5))])
+    assert _dirty_hours(store, rid) == set()
+    assert _changes(store, rid) == [(target.request_id, target.label, 1.0 - target.label)]
+    store.add_labels([(target.request_id, 1.0 - target.label, T0 + timedelta(days=6))])  # same value: no change
+    assert len(_changes(store, rid)) == 1
+    after = store.loss_moments(rid, "log_loss", cutoff)
+    assert _changes(store, rid) == []
+    both = frame[frame.request_id == target.request_id]  # the label scores the request's row of each version
+    keys = {(v, s, day_of_ts(t)) for v, s, t in zip(both.version, both.segment, both.ts, strict=True)}
+    assert {k for k in after if not _close(after[k], before[k])} == keys
+    assert all(after[k].n == before[k].n for k in keys)
+    assert _same(_everything(store, rid, cutoff), _rebuilt(store, rid, cutoff))
+
+
+def test_a_refresh_stores_nothing_when_another_stored_since_its_snapshot(store: OutcomeStore,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two evaluations refresh at once: the later save would apply the same deltas twice; it stores nothing."""
+    frame = _rows(200)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    cutoff = T0 + timedelta(days=10)
+    store.traffic(rid)  # built
+    target = frame[frame.version == "1"].iloc[3]
+    store.add_labels([(target.request_id, 1.0 - target.label, T0 + timedelta(days=5))])
+    store.log_predictions([_pred(rid, "new", v, T0 + timedelta(hours=2), 1.0, 0.8) for v in ("1", "2")])
+    other = OutcomeStore(store.url, clock=store.clock)
+    save = OutcomeStore._save
+    calls = []
+
+    def racing_save(self: OutcomeStore, *args: Any, **kwargs: Any) -> None:
+        if self is store and not calls:
+            calls.append(1)
+            other.loss_moments(rid, "accuracy", cutoff)  # refreshes and stores first
+            assert _changes(store, rid) == [] and _dirty_hours(store, rid) == set()
+        save(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutcomeStore, "_save", racing_save)
+    try:
+        mine = store.loss_moments(rid, "accuracy", cutoff)  # its save finds the version moved: stores nothing
+        store.aggregate_cache_s = 0.0
+        assert _same((mine,), (store.loss_moments(rid, "accuracy", cutoff),))
+        assert _same(_everything(store, rid, cutoff), _rebuilt(store, rid, cutoff))
+    finally:
+        other.dispose()
+
+
+def test_hour_of_agrees_with_sql_on_boundaries(store: OutcomeStore) -> None:
+    """Rows a hair before, on and after hour boundaries land in the hour Python's hour_of gives them."""
+    from rollout.store import hour_of
+    from rollout.store import hourly_aggregates as ha
+
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    base = (T0 + timedelta(days=1)).timestamp()  # midnight
+    times = [base - 1e-6, base - 2.5e-7, base, base + 1e-6, base + 3600.0 - 1e-6, base + 3600.0]
+    store.log_predictions([_pred(rid, f"b{i}", "1", t, 1.0, 0.9) for i, t in enumerate(times)])
+    store.add_labels([(f"b{i}", 1.0, base + 7200) for i in range(len(times))])
+    store.traffic(rid)
+    query = ha.select().with_only_columns(ha.c.hour, ha.c.day, ha.c.accuracy_n).where(ha.c.rollout_id == rid)
+    with store.engine.connect() as conn:
+        got = sorted((int(h), d, int(n)) for h, d, n in conn.execute(query))
+    expected: dict[tuple[int, str], int] = {}
+    for t in times:
+        key = (hour_of(t), day_of_ts(t))
+        expected[key] = expected.get(key, 0) + 1
+    assert got == sorted((h, d, n) for (h, d), n in expected.items())
+    for cutoff in (base, base + 1e-6, base + 3600.0):
+        assert _same(_everything(store, rid, cutoff), _rebuilt(store, rid, cutoff))
+        n = sum(m.n for m in store.loss_moments(rid, "accuracy", cutoff).values())
+        assert n == sum(t < cutoff for t in times)
 
 
 def day_of_ts(ts: float) -> str:
