@@ -134,6 +134,10 @@ class CIConfig(_Strict):
     max_fold_std: float = Field(0.03, ge=0, description="Std of validation scores across folds, at most.")
     min_margin_over_baseline: float = Field(0.05, ge=0, description="Beat the naive baseline by at least this.")
     max_regression_vs_champion: float = Field(0.01, ge=0, description="Held-out metric may trail the champion by this.")
+    fit_threads: int | None = Field(
+        None, ge=1, description="BLAS/OpenMP threads per fit (CV folds, loss curve, final fit); null = the libraries' "
+        "default (every core). One is faster for small fits on few cores (benchmarks/pipeline.py)."
+    )
     expectations_suite: str = Field(
         "expectations/loan_training.json", description="Great Expectations suite (JSON), relative to the policy file."
     )

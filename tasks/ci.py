@@ -66,14 +66,17 @@ def split_data(policy: Policy, frame: pd.DataFrame, schema: Schema) -> training.
 def cv_fold(policy: Policy, schema: Schema, data: training.Split, fold: int) -> training.FoldScore:
     """Fit and score one fold (folds run concurrently: threads by default, Dask workers when asked)."""
     pipeline = training.build_pipeline(schema, policy.estimator, policy.data.seed)
-    return training.cv_fold(pipeline, data, schema.task, policy.ci.metric, policy.ci.cv_folds, policy.data.seed, fold)
+    with training.fit_threads(policy.ci.fit_threads):
+        return training.cv_fold(pipeline, data, schema.task, policy.ci.metric, policy.ci.cv_folds, policy.data.seed,
+                                fold)
 
 
 @task(name="loss-curve", cache_policy=NO_CACHE)
 def loss_curve(policy: Policy, schema: Schema, data: training.Split) -> training.LossCurve | None:
     """Training and validation loss over iterations, for boosting estimators."""
     pipeline = training.build_pipeline(schema, policy.estimator, policy.data.seed)
-    return training.loss_curve(pipeline, data, schema.task, policy.data.seed)
+    with training.fit_threads(policy.ci.fit_threads):
+        return training.loss_curve(pipeline, data, schema.task, policy.data.seed)
 
 
 @task(name="cross-validate", cache_policy=NO_CACHE)
@@ -98,7 +101,8 @@ def overfit_result(policy: Policy, cv: training.CVResult) -> gates.GateResult:
 @task(name="fit", cache_policy=NO_CACHE)
 def fit_candidate(policy: Policy, schema: Schema, data: training.Split) -> Any:
     """Fit the pipeline on every training row."""
-    return training.fit(training.build_pipeline(schema, policy.estimator, policy.data.seed), data)
+    with training.fit_threads(policy.ci.fit_threads):
+        return training.fit(training.build_pipeline(schema, policy.estimator, policy.data.seed), data)
 
 
 @dataclass(frozen=True)
