@@ -40,10 +40,11 @@ def write_policy(directory: Path, rows: int, seed: int, name: str = "rollout.yam
     return path
 
 
-def bare_cv(policy_path: Path, n_jobs: int | None = None) -> tuple[float, list[float]]:
+def bare_cv(policy_path: Path, n_jobs: int | None = None, capped: bool = False) -> tuple[float, list[float]]:
     """(seconds, validation scores) of sklearn's cross_validate on the flow's training rows and folds.
 
-    Data generation and the split are outside the timer: they are the flow's work, not CV's.
+    Data generation and the split are outside the timer: they are the flow's work, not CV's. With
+    `capped`, under the policy's ci.fit_threads cap, as the flow's folds run.
     """
     from sklearn.model_selection import cross_validate
 
@@ -56,14 +57,16 @@ def bare_cv(policy_path: Path, n_jobs: int | None = None) -> tuple[float, list[f
     schema = infer_schema(frame, policy.data)
     data = training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed)
     pipeline = training.build_pipeline(schema, policy.estimator, policy.data.seed)
+    limit = training.fit_threads(policy.ci.fit_threads if capped else None)
     start = time.perf_counter()
-    out = cross_validate(
-        pipeline, data.x_train, data.y_train,
-        cv=training.folds(schema.task, policy.ci.cv_folds, policy.data.seed),
-        scoring=training.SCORERS[policy.ci.metric],
-        return_train_score=True,  # the overfit gate needs train scores; any CI doing CV computes them
-        n_jobs=n_jobs,
-    )
+    with limit:
+        out = cross_validate(
+            pipeline, data.x_train, data.y_train,
+            cv=training.folds(schema.task, policy.ci.cv_folds, policy.data.seed),
+            scoring=training.SCORERS[policy.ci.metric],
+            return_train_score=True,  # the overfit gate needs train scores; any CI doing CV computes them
+            n_jobs=n_jobs,
+        )
     return time.perf_counter() - start, [float(v) for v in out["test_score"]]
 
 
@@ -118,6 +121,7 @@ def main() -> None:
     flow_s: list[float] = []
     bare_s: list[float] = []
     par_s: list[float] = []
+    cap_s: list[float] = []
     tasks: list[dict[str, float]] = []
     same_scores = True
     with tempfile.TemporaryDirectory(prefix="rollout-bench-") as tmp, \
@@ -130,7 +134,7 @@ def main() -> None:
         warm, _, _ = run_flow(warmup_path)
         print(f"warm-up flow run (creates stores, registers @champion): {warm:.1f} s", file=sys.stderr)
         for i in range(rounds):
-            order = ("flow", "bare", "parallel") if i % 2 == 0 else ("parallel", "bare", "flow")
+            order = ("flow", "bare", "capped", "parallel") if i % 2 == 0 else ("parallel", "capped", "bare", "flow")
             for what in order:
                 if what == "flow":
                     seconds, run_id, flow_score = run_flow(policy_path)
@@ -139,6 +143,9 @@ def main() -> None:
                 elif what == "bare":
                     seconds, bare_scores = bare_cv(policy_path)
                     bare_s.append(seconds)
+                elif what == "capped":  # the same threads cap as the flow's folds (ci.fit_threads)
+                    seconds, _ = bare_cv(policy_path, capped=True)
+                    cap_s.append(seconds)
                 else:  # the flow runs folds concurrently; the fair peer is CV with every core too
                     seconds, _ = bare_cv(policy_path, n_jobs=-1)
                     par_s.append(seconds)
@@ -149,6 +156,8 @@ def main() -> None:
     ratios = [f / b for f, b in zip(flow_s, bare_s, strict=True)]
     median = sorted(ratios)[len(ratios) // 2]
     flow_med, bare_med = sorted(flow_s)[len(flow_s) // 2], sorted(bare_s)[len(bare_s) // 2]
+    cap_ratios = [f / b for f, b in zip(flow_s, cap_s, strict=True)]
+    cap_median = sorted(cap_ratios)[len(cap_ratios) // 2]
     par_ratios = [f / b for f, b in zip(flow_s, par_s, strict=True)]
     par_median = sorted(par_ratios)[len(par_ratios) // 2]
     names = sorted({k for t in tasks for k in t}, key=lambda k: -sum(t.get(k, 0.0) for t in tasks))
@@ -162,7 +171,8 @@ def main() -> None:
         ["flow seconds", flow_med, "", ""],
         ["bare CV seconds", bare_med, "", ""],
         ["ratio flow / bare CV", median, f"<= {TARGET_RATIO:g}", verdict(median <= TARGET_RATIO)],
-        ["ratio flow / bare CV with n_jobs=-1", par_median, "(fair peer: both use every core)", ""],
+        ["ratio flow / bare CV under the flow's ci.fit_threads cap", cap_median, "(peer with the same thread cap)", ""],
+        ["ratio flow / bare CV with n_jobs=-1", par_median, "(peer using every core in processes)", ""],
         ["same mean CV score as the bare CV", str(same_scores), "True", verdict(same_scores)],
     ])
     print_table("Where the flow's time goes (Prefect task runs, median over rounds)",
@@ -174,6 +184,7 @@ def main() -> None:
         "rows": rows, "rounds": rounds, "seed": args.seed,
         "flow_seconds": flow_med, "bare_cv_seconds": bare_med, "ratio_vs_bare_cv": median,
         "ratio_target": TARGET_RATIO, "pass": median <= TARGET_RATIO,
+        "ratio_vs_capped_bare_cv": cap_median, "capped_bare_cv_seconds_rounds": cap_s,
         "ratio_vs_parallel_bare_cv": par_median, "parallel_bare_cv_seconds_rounds": par_s,
         "flow_seconds_rounds": flow_s, "bare_cv_seconds_rounds": bare_s, "ratios": ratios,
         "warmup_flow_seconds": warm, "cv_scores_identical": same_scores,
