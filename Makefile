@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast ci serve clean
+.PHONY: demo test test-fast lint ci serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m flows.demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra
+
+# Undefined names and unused imports anywhere; types in the domain package (STYLE.md).
+lint: $(STAMP)
+	$(BIN)/ruff check --select F .
+	$(BIN)/mypy rollout
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e"

@@ -60,7 +60,7 @@ def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
 # One task at a time by default: scikit-learn and BLAS already use the cores, and Python threads on
 # top oversubscribe them (measured: folds in 5 threads ran 8x slower each on 2 cores). The Dask
 # runner (flows/runners.py) is the way to spread folds over more machines or processes.
-@flow(name="ci-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="ci-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))  # type: ignore[arg-type]
 def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None) -> CIOutcome:
     """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal)."""
     params = params or CIParameters()

@@ -312,7 +312,7 @@ class Policy(_Strict):
         return self.url(self.stores.outcome_store_url)
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(error: Any, model: type[BaseModel]) -> str:
     loc = ".".join(str(p) for p in error["loc"]) or "<root>"
     if error["type"] == "extra_forbidden":
         parent = _model_at(model, error["loc"][:-1])
@@ -331,7 +331,7 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     for part in loc:
         if isinstance(part, int):
             continue
-        field = current.model_fields.get(part) if isinstance(current, type) else None
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
         if field is None:
             return None
         ann = field.annotation

@@ -45,7 +45,7 @@ def _confusion_by_version(parts: Mapping[tuple[Any, ...], Confusion]) -> dict[st
 
 def earlier_looks(store: OutcomeStore, rollout_id: int, version: str) -> tuple[int, ...]:
     """Matured sample sizes at earlier evaluations of this rollout (for the group-sequential design)."""
-    looks = []
+    looks: list[int] = []
     for d in store.decisions(rollout_id):
         n = (d.stats.get("stats") or {}).get(version, {}).get("n")
         if isinstance(n, int) and n > 0 and (not looks or n > looks[-1]):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,9 @@ def difference_plot(looks: Sequence[Look], margin: float, metric: str, path: Pat
         est = [lk.estimate for lk in mine]
         lo = [lk.lower if lk.lower is not None and math.isfinite(lk.lower) else math.nan for lk in mine]
         hi = [lk.upper if lk.upper is not None and math.isfinite(lk.upper) else math.nan for lk in mine]
-        line = ax.plot(ts, est, marker="o", ms=3, label=f"version {version}")[0]
-        ax.fill_between(ts, lo, hi, alpha=0.2, color=line.get_color())
+        times = np.array([t.astimezone(UTC).replace(tzinfo=None) for t in ts], dtype="datetime64[us]")  # UTC
+        line = ax.plot(times, np.array(est, dtype=float), marker="o", ms=3, label=f"version {version}")[0]
+        ax.fill_between(times, np.array(lo, dtype=float), np.array(hi, dtype=float), alpha=0.2, color=line.get_color())
     ax.axhline(-margin, color="red", ls="--", lw=1, label=f"-margin ({-margin:g})")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set(title=f"Challenger minus champion ({metric}, better-is-positive), anytime-valid band",

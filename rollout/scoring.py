@@ -60,6 +60,7 @@ def metric_value(metric: str, y_true: Any, prediction: np.ndarray, score: np.nda
     if metric == "roc_auc":
         return float(skm.roc_auc_score(y, score))
     if metric == "log_loss":
+        assert score is not None, "log_loss needs scores (probabilities)"
         return float(skm.log_loss(y, np.clip(score, 1e-15, 1 - 1e-15), labels=[0, 1]))
     if metric == "accuracy":
         return float(skm.accuracy_score(y, prediction))

@@ -677,7 +677,8 @@ class OutcomeStore:
         written = 0
         raw = self.engine.raw_connection()
         try:
-            dbapi = raw.driver_connection
+            dbapi: Any = raw.driver_connection
+            assert dbapi is not None, "the pool handed out a closed connection"
             if self.is_sqlite:
                 sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
                 buf: list[Sequence[Any]] = []
@@ -722,12 +723,14 @@ class OutcomeStore:
         self._ensure()
         raw = self.engine.raw_connection()
         try:
+            dbapi: Any = raw.driver_connection
+            assert dbapi is not None, "the pool handed out a closed connection"
             if self.is_sqlite:
-                raw.driver_connection.execute("ANALYZE")
+                dbapi.execute("ANALYZE")
             else:
-                raw.driver_connection.autocommit = True
-                raw.driver_connection.execute("VACUUM (ANALYZE)")
-                raw.driver_connection.autocommit = False
+                dbapi.autocommit = True
+                dbapi.execute("VACUUM (ANALYZE)")
+                dbapi.autocommit = False
         finally:
             raw.close()
 
@@ -769,7 +772,7 @@ class OutcomeStore:
                     updated_at=start,
                 )
             )
-            return int(result.inserted_primary_key[0])
+            return int(result.inserted_primary_key[0])  # type: ignore[index]  # an insert always has one
 
     def current_rollout(self) -> Rollout | None:
         """The open rollout (latest if several), or None."""
@@ -837,7 +840,7 @@ class OutcomeStore:
                     actor=actor or _default_actor(),
                 )
             )
-            return int(result.inserted_primary_key[0])
+            return int(result.inserted_primary_key[0])  # type: ignore[index]  # an insert always has one
 
     def decisions(self, rollout_id: int | None = None) -> list[Decision]:
         """The audit log, oldest first (optionally for one rollout)."""
@@ -1155,10 +1158,10 @@ class OutcomeStore:
             v["fn"] = (v["pl"] or 0) - (v["tp"] or 0)
             v["tn"] = (v["accuracy_n"] or 0) - (v["tp"] or 0) - v["fp"] - v["fn"]
             for m in METRICS:
-                w = "ws" if m in ("log_loss", "brier") else "wp"
-                v[f"w_{m}_n"], v[f"w_{m}_w"], v[f"w_{m}_w2"] = v[f"{w}_n"], v[f"{w}_w"], v[f"{w}_w2"]
+                wk = "ws" if m in ("log_loss", "brier") else "wp"
+                v[f"w_{m}_n"], v[f"w_{m}_w"], v[f"w_{m}_w2"] = v[f"{wk}_n"], v[f"{wk}_w"], v[f"{wk}_w2"]
                 if champion is not None:
-                    v[f"d_{m}_n"] = v["ds_n" if w == "ws" else "dp_n"]
+                    v[f"d_{m}_n"] = v["ds_n" if wk == "ws" else "dp_n"]
             v["w_accuracy_w2r2"] = v["w_accuracy_w2r"]
             rows.append((*head[:4], tuple(v.get(col) or 0 for col in _SUM_COLS), *head[4:]))
         return rows

@@ -264,7 +264,7 @@ def validate(frame: pd.DataFrame, suite_path: str | Path) -> ValidationReport:
     # GX returns results grouped by metric, not in suite order; report them as the suite lists them.
     order = {_config_key(e.configuration.to_json_dict()): i for i, e in enumerate(suite.expectations)}
     failures = [r for r in result.results if not r.success]
-    failures.sort(key=lambda r: order.get(_config_key(r.expectation_config.to_json_dict()), len(order)))
+    failures.sort(key=lambda r: order.get(_config_key(_config(r).to_json_dict()), len(order)))
     stats = {str(k): (float(v) if isinstance(v, float) else int(v)) for k, v in dict(result.statistics).items()}
     return ValidationReport(
         suite=suite.name,
@@ -313,8 +313,15 @@ def _config_key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
-def _describe_failure(result: ExpectationValidationResult, columns: set[str]) -> FailedExpectation:
+def _config(result: ExpectationValidationResult) -> Any:
+    """The expectation a result is about (GX types it optional; a suite run always sets it)."""
     config = result.expectation_config
+    assert config is not None, "a validation result without its expectation"
+    return config
+
+
+def _describe_failure(result: ExpectationValidationResult, columns: set[str]) -> FailedExpectation:
+    config = _config(result)
     kind = config.type
     kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "result_format")}
     column = kwargs.get("column")
@@ -379,7 +386,7 @@ def _observed_words(result: ExpectationValidationResult) -> str:
         pct = 100.0 * count / total if total else 0.0
         examples = [v for v in (res.get("partial_unexpected_list") or []) if not _is_nan(v)]
         shown = ", ".join(dict.fromkeys(_short(v) for v in examples[:20]))
-        kind = result.expectation_config.type
+        kind = _config(result).type
         what = "null" if kind == "expect_column_values_to_not_be_null" else "unexpected"
         text = f"{count:,} of {total:,} rows ({pct:.1f}%) {what}"
         return text + (f", e.g. {shown}" if shown and what != "null" else "")

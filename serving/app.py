@@ -415,6 +415,7 @@ class Service:
         """Records, unit ids and client request ids from the accepted body shapes."""
         unit_ids: list[Any]
         request_ids: list[Any]
+        records: Any
         if isinstance(payload, list):
             records, unit_ids, request_ids = payload, [None] * len(payload), [None] * len(payload)
         elif isinstance(payload, dict):

@@ -36,7 +36,10 @@ def mlflow_experiment(policy: Policy, name: str) -> str:
     try:
         return str(mlflow.create_experiment(name, artifact_location=location))
     except mlflow.exceptions.MlflowException:  # created by a concurrent run
-        return str(mlflow.get_experiment_by_name(name).experiment_id)
+        created = mlflow.get_experiment_by_name(name)
+        if created is None:
+            raise
+        return str(created.experiment_id)
 
 
 def artifact_key(text: str) -> str:
