@@ -420,6 +420,23 @@ def day_of(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d")
 
 
+_LOG_COLUMNS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
+                "prediction", "score", "latency_ms", "error", "segment", "features")
+_DAYS: dict[int, str] = {}
+
+
+def _day_of_cached(epoch: float) -> str:
+    """day_of(epoch), remembered per UTC day (strftime per logged row was a tenth of its cost). Within a
+    microsecond of midnight day_of's rounding may name the next day: computed, not cached, there."""
+    k = math.floor(epoch / 86400.0)
+    if (k + 1) * 86400.0 - epoch <= 1e-6:
+        return day_of(epoch)
+    day = _DAYS.get(k)
+    if day is None:
+        day = _DAYS[k] = day_of(epoch)
+    return day
+
+
 def hour_of(epoch: float) -> int:
     """The UTC hour (hours since the epoch) of a time: floor(ts / 3600.0), computed in SQL the same way."""
     return math.floor(float(epoch) / 3600.0)
@@ -551,42 +568,51 @@ class OutcomeStore:
     # ---------------------------------------------------------------- writes
 
     def log_predictions(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Insert prediction rows in one statement; `features` may be a dict (stored as JSON)."""
+        """Insert prediction rows in one statement; `features` may be a dict (stored as JSON).
+
+        The serving log writers call this for every prediction (the service for served rows, a shadow
+        child for its own), so rows go to the driver as tuples (executemany) rather than through
+        SQLAlchemy's per-row parameter processing: about 3x less CPU per row.
+        """
         if not rows:
             return 0
         self._ensure()
         now = None
-        payload = []
+        payload: list[tuple[Any, ...]] = []
+        append = payload.append
         touched: set[tuple[Any, int]] = set()  # (rollout, hour) of the rows: their summaries are stale
+        clean = _clean_float
         for row in rows:
-            ts = row.get("ts")
+            get = row.get
+            ts = get("ts")
             if ts is None:
                 now = now if now is not None else self._now()
                 ts = now
-            ts = float(to_epoch(ts))  # type: ignore[arg-type]
-            touched.add((row.get("rollout_id"), hour_of(ts)))
-            features = row.get("features")
-            payload.append(
-                {
-                    "request_id": str(row["request_id"]),
-                    "unit_id": None if row.get("unit_id") is None else str(row["unit_id"]),
-                    "rollout_id": row.get("rollout_id"),
-                    "ts": ts,
-                    "day": day_of(ts),
-                    "version": str(row["version"]),
-                    "role": str(row.get("role") or "champion"),
-                    "served": int(bool(row.get("served", True))),
-                    "propensity": _clean_float(row.get("propensity")),
-                    "prediction": _clean_float(row.get("prediction")),
-                    "score": _clean_float(row.get("score")),
-                    "latency_ms": _clean_float(row.get("latency_ms")),
-                    "error": row.get("error"),
-                    "segment": None if row.get("segment") is None else str(row["segment"]),
-                    "features": features if features is None or isinstance(features, str) else _json(features),
-                }
-            )
+            ts = float(ts) if type(ts) is float else float(to_epoch(ts))  # type: ignore[arg-type]
+            rollout_id = get("rollout_id")
+            touched.add((rollout_id, hour_of(ts)))
+            features, unit_id, segment = get("features"), get("unit_id"), get("segment")
+            append((
+                str(row["request_id"]),
+                None if unit_id is None else str(unit_id),
+                rollout_id,
+                ts,
+                _day_of_cached(ts),
+                str(row["version"]),
+                str(get("role") or "champion"),
+                int(bool(get("served", True))),
+                clean(get("propensity")),
+                clean(get("prediction")),
+                clean(get("score")),
+                clean(get("latency_ms")),
+                get("error"),
+                None if segment is None else str(segment),
+                features if features is None or isinstance(features, str) else _json(features),
+            ))
+        mark = "?" if self.is_sqlite else "%s"
+        sql = f"INSERT INTO predictions ({', '.join(_LOG_COLUMNS)}) VALUES ({', '.join([mark] * len(_LOG_COLUMNS))})"
         with self.engine.begin() as conn:
-            conn.execute(insert(predictions), payload)
+            conn.exec_driver_sql(sql, payload)
             self._mark_dirty(conn, touched)
         return len(payload)
 

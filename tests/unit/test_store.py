@@ -602,3 +602,12 @@ def test_hour_of_agrees_with_sql_on_boundaries(store: OutcomeStore) -> None:
 
 def day_of_ts(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
+
+
+def test_logged_day_is_day_of_even_a_hair_before_midnight():
+    from rollout.store import _day_of_cached, day_of
+
+    midnight = 1_770_076_800.0  # 2026-02-03T00:00:00Z
+    times = [midnight + d for d in (-86400.0, -1.0, -1e-3, -1e-6, -4e-7, 0.0, 1e-7, 3599.5, 86399.999999)]
+    assert [_day_of_cached(t) for t in times] == [day_of(t) for t in times]
+    assert [_day_of_cached(t) for t in times] == [day_of(t) for t in times]  # the second time from the cache
