@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -166,3 +167,8 @@ def data_hash(frame: pd.DataFrame) -> str:
     digest = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
     digest.update(",".join(map(str, frame.columns)).encode())
     return digest.hexdigest()[:16]
+
+
+def records_of(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows as a client sends them to the service: one dict per row, nulls as None."""
+    return frame.astype(object).where(frame.notna(), None).to_dict("records")

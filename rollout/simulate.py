@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from rollout.config import Policy
-from rollout.data import example_dataset
+from rollout.data import example_dataset, records_of
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ async def simulate_async(
     missing = rng.random(requests) < missing_rate
     drop = {data.target, data.timestamp_column, data.unit_column} - {None}
     feature_cols = [c for c in frame.columns if c not in drop]
-    records = frame[feature_cols].astype(object).where(frame[feature_cols].notna(), None).to_dict("records")
+    records = records_of(frame[feature_cols])
     units = frame[data.unit_column].astype(str).tolist() if data.unit_column in frame else [None] * requests
     truth = frame[data.target].tolist()
 

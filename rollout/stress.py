@@ -1,5 +1,8 @@
 """Latency of the candidate vs the champion, measured interleaved on the same inputs.
 
+The CI task times each model as the service calls it (`serving.models.LoadedModel.score` on records:
+one DataFrame per call, then the raw estimator), so the budget speaks of what callers will see.
+
 Calls run in rounds: each round makes a share of the single-row calls and one batch call per model,
 the models in shuffled order, so machine noise falls on all of them alike. A clearly fast candidate
 stops early: after `min_single` single-row calls per model, `settled(figures)` is asked after every
@@ -11,13 +14,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-Predict = Callable[[pd.DataFrame], Any]
+Predict = Callable[[list[Any]], Any]  # scores a list of rows (records, as serving receives them)
 Figures = dict[str, dict[str, float]]
 
 MIN_SINGLE = 30  # single-row calls per model before an early stop is considered
@@ -41,7 +43,7 @@ def _summary(single: list[float], batch: list[float], batch_rows: int) -> dict[s
 
 def measure(
     models: dict[str, Predict],
-    sample: pd.DataFrame,
+    sample: Sequence[Any],
     single_requests: int,
     batch_size: int,
     batches: int,
@@ -56,17 +58,17 @@ def measure(
     single: dict[str, list[float]] = {n: [] for n in names}
     batch: dict[str, list[float]] = {n: [] for n in names}
     for name in names:  # warm-up: first calls pay for lazy imports and caches
-        models[name](sample.head(1))
+        models[name](list(sample[:1]))
     per_round = math.ceil(single_requests / batches)
     rows = rng.integers(0, len(sample), size=single_requests)
     for r in range(batches):
         for i in rows[r * per_round:(r + 1) * per_round]:
-            row = sample.iloc[[int(i)]]
+            row = [sample[int(i)]]
             for name in rng.permutation(names):
                 t0 = clock()
                 models[name](row)
                 single[name].append(clock() - t0)
-        chunk = sample.iloc[rng.integers(0, len(sample), size=batch_size)]
+        chunk = [sample[int(j)] for j in rng.integers(0, len(sample), size=batch_size)]
         for name in rng.permutation(names):
             t0 = clock()
             models[name](chunk)

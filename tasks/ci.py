@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from rollout import gates, registry, robustness, stress, training
 from rollout.config import Policy
-from rollout.data import Schema, data_hash, infer_schema, load_dataset, read_table
+from rollout.data import Schema, data_hash, infer_schema, load_dataset, read_table, records_of
 from rollout.scoring import model_outputs, metric_value
 from rollout.validation import drift_report, validate
 from tasks.common import mlflow_experiment
@@ -167,18 +167,21 @@ def robustness_cases(policy: Policy, schema: Schema, candidate: Any, sample: pd.
 
 @task(name="stress", cache_policy=NO_CACHE)
 def stress_test(policy: Policy, candidate: Any, champion: Any, sample: pd.DataFrame) -> gates.GateResult:
-    """Latency of candidate and champion, interleaved on the same inputs, against the budget."""
+    """Latency of candidate and champion, called as the service calls them, interleaved on the same
+    records, against the budget."""
+    from serving.models import LoadedModel
+
     cfg = policy.ci.stress
-    models = {"candidate": candidate.predict}
+    models: dict[str, stress.Predict] = {"candidate": LoadedModel("candidate", candidate).score}
     if champion is not None:
-        models["champion"] = champion.predict
+        models["champion"] = LoadedModel("champion", champion).score
     budget = cfg.budget
 
     def clear(so_far: stress.Figures) -> bool:
         return gates.stress_clear(so_far["candidate"], so_far.get("champion"), budget.p99_single_ms,
                                   budget.p99_batch_ms, budget.max_ratio_vs_champion)
 
-    figures = stress.measure(models, sample, cfg.single_requests, cfg.batch_size, cfg.batches,
+    figures = stress.measure(models, records_of(sample), cfg.single_requests, cfg.batch_size, cfg.batches,
                              np.random.default_rng(policy.data.seed), settled=clear)
     create_table_artifact([{"model": k, **{m: round(v, 3) for m, v in f.items()}} for k, f in figures.items()],
                           key="stress-latency", description="Latency (ms) and throughput, interleaved")
