@@ -232,53 +232,34 @@ _INT_COLS = {c for c in _SUM_COLS if c.endswith("_n")} | set(_CONF_COLS) | {"pai
 # always equals the sum of its day's hourly rows (added in hour order) for a day with no dirty hour.
 
 
-def _summary_columns(hourly: bool) -> list[Column]:
+def _summary_keys(hourly: bool) -> list[Column]:
+    """(rollout, [hour,] day, version): the columns every summary table starts with."""
     return [Column("rollout_id", Integer, nullable=False), *([Column("hour", BigInteger, nullable=False)] if hourly else []),
-            Column("day", String(10), nullable=False), Column("version", String(32), nullable=False),
-            Column("segment", String(64)), *(Column(c, BigInteger if c in _INT_COLS else Float) for c in _SUM_COLS)]
+            Column("day", String(10), nullable=False), Column("version", String(32), nullable=False)]
 
 
-hourly_aggregates = Table(
-    "hourly_aggregates",
-    metadata,
-    *_summary_columns(hourly=True),
-)
+def _summary_columns(hourly: bool) -> list[Column]:
+    return [*_summary_keys(hourly), Column("segment", String(64)),
+            *(Column(c, BigInteger if c in _INT_COLS else Float) for c in _SUM_COLS)]
+
+
+def _usage_columns(hourly: bool) -> list[Column]:
+    return [*_summary_keys(hourly), Column("bucket", Integer), Column("n", BigInteger, nullable=False),
+            Column("errors", BigInteger, nullable=False), Column("served", BigInteger, nullable=False)]
+
+
+hourly_aggregates = Table("hourly_aggregates", metadata, *_summary_columns(hourly=True))
 Index("ix_hourly_aggregates", hourly_aggregates.c.rollout_id, hourly_aggregates.c.day, hourly_aggregates.c.hour)
 
-daily_aggregates = Table(
-    "daily_aggregates",
-    metadata,
-    *_summary_columns(hourly=False),
-)
+daily_aggregates = Table("daily_aggregates", metadata, *_summary_columns(hourly=False))
 Index("ix_daily_aggregates", daily_aggregates.c.rollout_id, daily_aggregates.c.day)
 
 # Per (rollout, hour / day, version, latency bucket): rows, error rows, served rows (traffic and
 # latency_p99). Counts only, so the daily rows are rolled up in SQL (integer sums are exact).
-hourly_usage = Table(
-    "hourly_usage",
-    metadata,
-    Column("rollout_id", Integer, nullable=False),
-    Column("hour", BigInteger, nullable=False),
-    Column("day", String(10), nullable=False),
-    Column("version", String(32), nullable=False),
-    Column("bucket", Integer),
-    Column("n", BigInteger, nullable=False),
-    Column("errors", BigInteger, nullable=False),
-    Column("served", BigInteger, nullable=False),
-)
+hourly_usage = Table("hourly_usage", metadata, *_usage_columns(hourly=True))
 Index("ix_hourly_usage", hourly_usage.c.rollout_id, hourly_usage.c.day, hourly_usage.c.hour)
 
-daily_usage = Table(
-    "daily_usage",
-    metadata,
-    Column("rollout_id", Integer, nullable=False),
-    Column("day", String(10), nullable=False),
-    Column("version", String(32), nullable=False),
-    Column("bucket", Integer),
-    Column("n", BigInteger, nullable=False),
-    Column("errors", BigInteger, nullable=False),
-    Column("served", BigInteger, nullable=False),
-)
+daily_usage = Table("daily_usage", metadata, *_usage_columns(hourly=False))
 Index("ix_daily_usage", daily_usage.c.rollout_id, daily_usage.c.day)
 
 # A (rollout, hour) that got prediction rows since its summary rows were computed: recomputed whole.
@@ -588,7 +569,7 @@ class OutcomeStore:
             if ts is None:
                 now = now if now is not None else self._now()
                 ts = now
-            ts = float(ts) if type(ts) is float else float(to_epoch(ts))  # type: ignore[arg-type]
+            ts = float(to_epoch(ts))  # type: ignore[arg-type]
             rollout_id = get("rollout_id")
             touched.add((rollout_id, hour_of(ts)))
             features, unit_id, segment = get("features"), get("unit_id"), get("segment")

@@ -85,6 +85,14 @@ def _rows(n: int, seed: int = 3) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def _shadow_rollout(store: OutcomeStore, n: int) -> tuple[pd.DataFrame, int]:
+    """`_rows(n)` logged and labelled in a new shadow rollout of champion v1 and challenger v2."""
+    frame = _rows(n)
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    _load(store, frame, rid)
+    return frame, rid
+
+
 def _load(store: OutcomeStore, frame: pd.DataFrame, rollout_id: int) -> None:
     rows = frame.drop(columns=["label"]).assign(rollout_id=rollout_id).to_dict("records")
     for row in rows:
@@ -116,9 +124,7 @@ def _close(a: Moments, b: Moments) -> bool:
 
 @pytest.mark.parametrize("metric", ["accuracy", "log_loss", "brier", "mse", "mae"])
 def test_loss_moments_match_numpy_per_version_segment_day(store: OutcomeStore, metric: str) -> None:
-    frame = _rows(400)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 400)
     cutoff = T0 + timedelta(days=2)
     got = store.loss_moments(rid, metric, matured_before=cutoff)
     matured = frame[frame.ts < cutoff.timestamp()].assign(
@@ -131,9 +137,7 @@ def test_loss_moments_match_numpy_per_version_segment_day(store: OutcomeStore, m
 
 @pytest.mark.parametrize("metric", ["accuracy", "log_loss"])
 def test_paired_moments_are_challenger_minus_champion_on_the_same_request(store: OutcomeStore, metric: str) -> None:
-    frame = _rows(300)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 300)
     got = store.paired_moments(rid, metric, champion_version="1", matured_before=T0 + timedelta(days=10))
     champ = frame[frame.version == "1"].set_index("request_id")
     chall = frame[frame.version == "2"].set_index("request_id")
@@ -145,9 +149,7 @@ def test_paired_moments_are_challenger_minus_champion_on_the_same_request(store:
 
 
 def test_confusion_traffic_latency_agreement_ipw(store: OutcomeStore) -> None:
-    frame = _rows(300)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 300)
     store.log_predictions([{"request_id": "bad", "rollout_id": rid, "ts": T0, "version": "2", "role": "challenger", "served": 0, "error": "boom"}])
 
     conf = store.confusion(rid, matured_before=T0 + timedelta(days=10))
@@ -245,9 +247,7 @@ def test_recent_features_and_first_last_seen(store: OutcomeStore) -> None:
 
 def test_one_pass_aggregates_equal_fresh_queries_and_follow_writes(store: OutcomeStore) -> None:
     """gather() asks six aggregates in a row; they come from two kept passes, and a write invalidates them."""
-    frame = _rows(200)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 200)
     cutoff = T0 + timedelta(days=2)
 
     def everything() -> tuple:
@@ -356,9 +356,7 @@ def test_late_label_for_an_old_day_changes_the_answer(store: OutcomeStore) -> No
 
 
 def test_relabel_of_an_old_request_changes_the_answer(store: OutcomeStore) -> None:
-    frame = _rows(300)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 300)
     cutoff = T0 + timedelta(days=10)
     before = store.loss_moments(rid, "mse", cutoff)
     target = frame[frame.version == "1"].iloc[10]
@@ -373,9 +371,7 @@ def test_relabel_of_an_old_request_changes_the_answer(store: OutcomeStore) -> No
 
 
 def test_predictions_logged_after_a_refresh_are_counted(store: OutcomeStore) -> None:
-    frame = _rows(200)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 200)
     cutoff = T0 + timedelta(days=10)
     first = _everything(store, rid, cutoff)
     new = [{"request_id": f"n{i}", "rollout_id": rid, "ts": T0 + timedelta(days=d, hours=3), "version": v,
@@ -395,9 +391,7 @@ def test_predictions_logged_after_a_refresh_are_counted(store: OutcomeStore) -> 
 @pytest.mark.parametrize("hours", [36.0, 49.5, 0.0, 100.0])
 def test_partial_day_cut_by_matured_before_matches_numpy(store: OutcomeStore, hours: float) -> None:
     """Days before the cut's day come from the summaries, the cut's day is computed live up to the cut."""
-    frame = _rows(400)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 400)
     store.loss_moments(rid, "log_loss", None)  # summaries of every (uncut) day first
     cutoff = T0 + timedelta(hours=hours)
     for metric in ("log_loss", "accuracy"):
@@ -414,9 +408,7 @@ def test_partial_day_cut_by_matured_before_matches_numpy(store: OutcomeStore, ho
 
 
 def test_paired_with_another_champion_is_computed_live(store: OutcomeStore) -> None:
-    frame = _rows(200)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 200)
     cutoff = T0 + timedelta(hours=40)
     got = store.paired_moments(rid, "brier", champion_version="2", matured_before=cutoff)
     base = frame[frame.ts < cutoff.timestamp()]
@@ -431,9 +423,7 @@ def test_paired_with_another_champion_is_computed_live(store: OutcomeStore) -> N
 
 def test_a_write_during_a_refresh_leaves_its_day_dirty(store: OutcomeStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer marking a day between the refresh's read and its save: the day stays dirty, nothing is lost."""
-    frame = _rows(200)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 200)
     store.traffic(rid)  # summaries built
     store.log_predictions([{"request_id": "x1", "rollout_id": rid, "ts": T0, "version": "1", "served": 1, "prediction": 1.0}])
     save = OutcomeStore._save
@@ -456,9 +446,7 @@ def test_a_write_during_a_refresh_leaves_its_day_dirty(store: OutcomeStore, monk
 
 
 def test_bulk_insert_drops_the_summaries_and_the_next_evaluation_rebuilds_them(store: OutcomeStore) -> None:
-    frame = _rows(100)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 100)
     assert store.traffic(rid)["1"].requests == 100
     ts = (T0 + timedelta(days=1)).timestamp()
     store.bulk_insert("predictions", ["request_id", "rollout_id", "ts", "day", "version", "role", "served"],
@@ -523,9 +511,7 @@ def test_hourly_refreshes_and_label_deltas_equal_a_full_recomputation(store: Out
 
 def test_a_label_change_refreshes_its_rows_only(store: OutcomeStore) -> None:
     """A relabel marks no hour: the next refresh applies (new label) - (old label) to its hour's sums."""
-    frame = _rows(300)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 300)
     cutoff = T0 + timedelta(days=10)
     before = store.loss_moments(rid, "log_loss", cutoff)
     target = frame[frame.version == "2"].iloc[7]
@@ -546,9 +532,7 @@ def test_a_label_change_refreshes_its_rows_only(store: OutcomeStore) -> None:
 def test_a_refresh_stores_nothing_when_another_stored_since_its_snapshot(store: OutcomeStore,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Two evaluations refresh at once: the later save would apply the same deltas twice; it stores nothing."""
-    frame = _rows(200)
-    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
-    _load(store, frame, rid)
+    frame, rid = _shadow_rollout(store, 200)
     cutoff = T0 + timedelta(days=10)
     store.traffic(rid)  # built
     target = frame[frame.version == "1"].iloc[3]
