@@ -131,8 +131,7 @@ class MicroBatcher:
         self._closed = self._closing = True
         self._wake.set()
         self._full.set()
-        if self.scorer is not None and not self.scorer.ready.done():
-            await asyncio.wait([asyncio.wrap_future(self.scorer.ready)], timeout=CHILD_START_S)
+        await self._child_started(CHILD_START_S)
         runner = self._runner
         if runner is not None:
             try:
@@ -152,6 +151,11 @@ class MicroBatcher:
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self.scorer is not None:
             self.scorer.close()
+
+    async def _child_started(self, timeout_s: float | None = None) -> None:
+        """Wait while the shadow child process is still starting (its start is not a call's time)."""
+        if self.scorer is not None and not self.scorer.ready.done():
+            await asyncio.wait([asyncio.wrap_future(self.scorer.ready)], timeout=timeout_s)
 
     def _fail_pending(self, reason: str) -> None:
         jobs = list(self._pending)
@@ -184,9 +188,7 @@ class MicroBatcher:
                         await asyncio.wait_for(self._full.wait(), remaining)
                     except TimeoutError:
                         pass
-            if self.scorer is not None and not self.scorer.ready.done():
-                # The child process is still starting: rows keep gathering (bounded by max_queue_rows).
-                await asyncio.wait([asyncio.wrap_future(self.scorer.ready)])
+            await self._child_started()  # meanwhile rows keep gathering (bounded by max_queue_rows)
             await self._slots.acquire()
             jobs = self._take()
             if not jobs:
