@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from rollout.config import Policy, parse_policy
 from rollout.gates import GateFailed, GateResult
+from rollout.training import usable_cores
 from tasks import ci
 from tasks.common import load_policy_task, publish_gate
 
@@ -57,10 +58,12 @@ def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
     return parse_policy(raw, policy.base_dir)
 
 
-# One task at a time by default: scikit-learn and BLAS already use the cores, and Python threads on
-# top oversubscribe them (measured: folds in 5 threads ran 8x slower each on 2 cores). The Dask
-# runner (flows/runners.py) is the way to spread folds over more machines or processes.
-@flow(name="ci-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))  # type: ignore[arg-type]
+# As many task threads as cores. Fits take a share of the cores each (`training.fit_threads`): with
+# `ci.fit_threads` set, folds and the final fit run side by side, one per `fit_threads` cores; without
+# it, every fit may use every core, so they run one at a time (several such fits in threads
+# oversubscribe the cores: measured 8x slower each on 2 cores). The Dask runner (flows/runners.py)
+# spreads folds over more machines or processes.
+@flow(name="ci-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=usable_cores()))  # type: ignore[arg-type]
 def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None) -> CIOutcome:
     """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal)."""
     params = params or CIParameters()
@@ -83,12 +86,13 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     gate(ci.check_drift(policy, frame, schema))
 
     data = ci.split_data(policy, frame, schema)
-    # Folds, the loss curve, the final fit and the champion's download are independent tasks: in
-    # turn by default, spread over a Dask cluster when the flow is given the Dask runner.
-    folds = [ci.cv_fold.submit(policy, schema, data, i) for i in range(policy.ci.cv_folds)]
-    curve = ci.loss_curve.submit(policy, schema, data)
+    # The final fit, the champion's download, the folds and the loss curve are independent tasks: side
+    # by side in threads as the cores allow (the longest, the final fit, first), spread over a Dask
+    # cluster when the flow is given the Dask runner.
     fitted = ci.fit_candidate.submit(policy, schema, data)
     champion_loaded = ci.load_champion.submit(policy)
+    folds = [ci.cv_fold.submit(policy, schema, data, i) for i in range(policy.ci.cv_folds)]
+    curve = ci.loss_curve.submit(policy, schema, data)
     cv = ci.combine_cv(policy, [f.result() for f in folds], curve.result())
     gate(ci.overfit_result(policy, cv))
     model = fitted.result()

@@ -181,7 +181,8 @@ def stress_test(policy: Policy, candidate: Any, champion: Any, sample: pd.DataFr
         return gates.stress_clear(so_far["candidate"], so_far.get("champion"), budget.p99_single_ms,
                                   budget.p99_batch_ms, budget.max_ratio_vs_champion)
 
-    figures = stress.measure(models, records_of(sample), cfg.single_requests, cfg.batch_size, cfg.batches,
+    pool = records_of(stress.pool(sample, cfg.batch_size, policy.data.seed))
+    figures = stress.measure(models, pool, cfg.single_requests, cfg.batch_size, cfg.batches,
                              np.random.default_rng(policy.data.seed), settled=clear)
     create_table_artifact([{"model": k, **{m: round(v, 3) for m, v in f.items()}} for k, f in figures.items()],
                           key="stress-latency", description="Latency (ms) and throughput, interleaved")

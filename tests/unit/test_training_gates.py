@@ -147,3 +147,72 @@ def test_fold_by_fold_cv_matches_sklearn_cross_validate(loan):
     theirs = cross_validate(pipe, data.x_train, data.y_train, cv=training.folds("classification", 3, 5),
                             scoring="neg_log_loss", return_train_score=True)
     assert np.allclose(ours.val_scores, -theirs["test_score"]) and np.allclose(ours.train_scores, -theirs["train_score"])
+
+
+def test_stress_draws_from_a_seeded_pool_of_rows():
+    from rollout import stress
+
+    frame = example_dataset(rows=8000, seed=3)
+    pool = stress.pool(frame, batch_size=100, seed=3)
+    assert len(pool) == stress.POOL_ROWS and pool.index.is_unique and pool.index.isin(frame.index).all()
+    assert pool.index.equals(stress.pool(frame, batch_size=100, seed=3).index)  # same rows on a re-run
+    assert len(stress.pool(frame, batch_size=1500, seed=3)) == 3000  # two batches' worth when batches are large
+    small = frame.head(50)
+    assert stress.pool(small, batch_size=100, seed=3) is small
+
+
+def _threads_now() -> dict[str, int]:
+    """Threads each kind of pool would use now, in the calling thread (lowest over loaded libraries)."""
+    seen: dict[str, int] = {}
+    for lib in training._threadpools().info():
+        seen[lib["user_api"]] = min(seen.get(lib["user_api"], 1 << 30), lib["num_threads"])
+    return seen
+
+
+def _run_fits(threads, workers, jobs=6):
+    """Run `jobs` fake fits in `workers` threads under fit_threads(threads): what each saw, and the most
+    that ran at once."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def fit(_):
+        with training.fit_threads(threads):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            seen = _threads_now()
+            time.sleep(0.05)
+            seen_later = _threads_now()
+            with lock:
+                state["now"] -= 1
+            return seen, seen_later
+
+    with ThreadPoolExecutor(workers) as pool:
+        seen = list(pool.map(fit, range(jobs)))
+    return seen, state["most"]
+
+
+def test_capped_fits_run_side_by_side_each_under_the_cap(monkeypatch):
+    monkeypatch.setattr(training, "usable_cores", lambda: 4)
+    before = _threads_now()
+    with training.fit_threads(1):  # a fit in this thread first: the cap must still reach the workers' fits
+        pass
+    assert _threads_now() == before
+    seen, most = _run_fits(threads=1, workers=6)
+    assert most == 4  # 4 cores / 1 thread per fit: four fits at once, the others wait
+    for start, later in seen:
+        assert all(n == 1 for n in start.values()) and all(n == 1 for n in later.values()), (start, later)
+    assert _threads_now() == before  # the process-wide BLAS limit is restored after the last fit
+    _, most = _run_fits(threads=2, workers=6)
+    assert most == 2
+
+
+def test_uncapped_fits_run_one_at_a_time(monkeypatch):
+    monkeypatch.setattr(training, "usable_cores", lambda: 4)
+    before = _threads_now()
+    seen, most = _run_fits(threads=None, workers=3, jobs=4)
+    assert most == 1  # each may use every core: side by side they would oversubscribe them
+    assert all(start == before for start, _ in seen)
