@@ -136,7 +136,8 @@ class CIConfig(_Strict):
     max_regression_vs_champion: float = Field(0.01, ge=0, description="Held-out metric may trail the champion by this.")
     fit_threads: int | None = Field(
         None, ge=1, description="BLAS/OpenMP threads per fit (CV folds, loss curve, final fit); null = the libraries' "
-        "default (every core). One is faster for small fits on few cores (benchmarks/pipeline.py)."
+        "default (every core; fits then run one at a time). With a cap, cores // fit_threads fits run side by side. "
+        "One is faster for small fits on few cores (benchmarks/pipeline.py)."
     )
     expectations_suite: str = Field(
         "expectations/loan_training.json", description="Great Expectations suite (JSON), relative to the policy file."
@@ -223,7 +224,9 @@ class ServingConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535, description="Port (0 = any free port).")
     max_batch_size: int = Field(64, ge=1, description="Most requests scored in one call on the response path.")
     max_wait_ms: float = Field(2.0, ge=0, description="Longest a request waits for others to batch with.")
-    shadow_max_batch_size: int = Field(512, ge=1, description="Shadow batches are larger: nobody waits on them.")
+    shadow_max_batch_size: int = Field(
+        2048, ge=1, description="Shadow batches are larger: nobody waits on them, and a row costs less in a larger one."
+    )
     shadow_max_wait_ms: float = Field(
         500.0, ge=0, description="Longest a shadow request waits to batch (larger batches: shadow costs less CPU)."
     )

@@ -11,13 +11,11 @@ honoured only with the bearer token (403 otherwise); /labels needs the token any
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import logging
 import os
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -32,7 +30,7 @@ from serving.batching import Job, MicroBatcher, ModelCallFailed, Scored
 from serving.isolation import ChildScorer
 from serving.logwriter import LogWriter, ShadowMeta, shadow_rows
 from serving.metrics import Metrics
-from serving.models import LoadedModel, validate_records
+from serving.models import LoadedModel, freeze_heap, validate_records
 from serving.routing import CHAMPION, MODES, Arm, RoutingView, build_view, check_weights
 
 try:  # orjson is several times faster on the hot path; the stdlib is the fallback
@@ -273,7 +271,7 @@ class Service:
         when = ts if ts is not None else self.now()
         seg_col = self.segment_column
         segments = [r.get(seg_col) for r in records] if seg_col else [None] * len(records)
-        rid = [request_ids[i] or uuid.uuid4().hex for i in range(len(records))]
+        rid = [request_ids[i] or new_request_id() for i in range(len(records))]
 
         # Assign arms and submit one job per arm; shadows get the whole request, off the response path.
         if len(view.arms) == 1:
@@ -819,17 +817,19 @@ def create_app(
     return app
 
 
-def freeze_heap() -> None:
-    """Take what is alive now (libraries, loaded models) out of the cyclic garbage collector's walks.
+def new_request_id() -> str:
+    """A time-ordered request id: a UUIDv7 (RFC 9562: 48 bits of Unix milliseconds, then 74 random bits),
+    as 32 hex digits like uuid4().hex.
 
-    A full collection walks every tracked object: about 235k once MLflow, scikit-learn and pandas are
-    imported, 50-100 ms with every request stalled. Rows waiting in a shadow batch or the log queue
-    outlive the young generations, so under load full collections come often, each a latency spike.
-    Called after each model load: gc.freeze() is O(1) and stalls nothing (a gc.collect() first would
-    stall for a full walk). Reference counting still frees frozen objects; only reference cycles of a
-    retired model stay (a model load is rare; a walk on every request path is not).
+    The outcome store indexes predictions by request id (label joins, the evaluation's covering index).
+    Random ids insert all over those B-trees, so every logged batch dirties pages everywhere; ids that
+    grow with time append near the end. Measured with SQLite, two writers, 500-row batches (the
+    service's log writer and a shadow child): 66 us a row at 300k rows, against 109 us with uuid4.
     """
-    gc.freeze()
+    value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return f"{value:032x}"
 
 
 def run(policy: Policy, host: str | None = None, port: int | None = None, *, log_level: str = "info") -> None:

@@ -28,6 +28,12 @@ class ShadowMeta:
     role: str
     version: str
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Sent to a shadow child with every batch, pickled on the service's side: a dataclass with slots
+        # pickles through copyreg, 2.6 ms for 2,048 of them against 1.1 ms this way.
+        return (ShadowMeta, (self.request_ids, self.unit_ids, self.segments, self.ts, self.rollout_id, self.role,
+                             self.version))
+
 
 def shadow_rows(
     metas: Sequence[ShadowMeta],

@@ -29,6 +29,21 @@ def test_single_and_batch_predictions_name_request_and_version(client: TestClien
     assert [p["version"] for p in batch.json()["predictions"]] == ["1", "1"]
 
 
+def test_generated_request_ids_are_uuid7_in_time_order(client: TestClient) -> None:
+    import time
+    import uuid
+
+    ids = []
+    for i in range(3):
+        ids.append(client.post("/predict", json={"record": record(i)}).json()["request_id"])
+        time.sleep(0.003)  # ids of different milliseconds
+    parsed = [uuid.UUID(hex=i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert ids == sorted(ids) and len(set(ids)) == 3  # later requests sort later: the store's indexes append
+    now_ms = time.time_ns() // 1_000_000
+    assert 0 <= now_ms - (parsed[-1].int >> 80) < 60_000  # the leading 48 bits are the Unix time in ms
+
+
 @pytest.mark.parametrize(
     ("body", "field", "status"),
     [
