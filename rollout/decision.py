@@ -53,7 +53,8 @@ class ChallengerEvidence:
 @dataclass(frozen=True)
 class Evidence:
     """Inputs of one evaluation. served/expected_shares feed the sample-ratio test (in shadow: champion
-    requests vs challenger shadow scorings, expected equal when expected_shares is empty)."""
+    requests vs challenger shadow scorings, expected equal when expected_shares is empty; in ab/abn:
+    units, the thing randomised)."""
 
     mode: Literal["shadow", "ab", "abn", "bandit"]
     started_at: datetime
@@ -64,6 +65,7 @@ class Evidence:
     champion_confusion: Mapping[str, Confusion] = field(default_factory=dict)
     champion_ipw: IPWSums | None = None
     served: Mapping[str, int] = field(default_factory=dict)
+    served_unit: str = "requests"  # what `served` counts: "units" when traffic is split by unit (ab/abn)
     expected_shares: Mapping[str, float] = field(default_factory=dict)
     champion_latency_p99_ms: float | None = None
 
@@ -263,7 +265,8 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
             verdict = "inconclusive" if horizon else "continue"
             why = (
                 f"{v}: sample-ratio mismatch (chi-square p={srm.p_value:.2g} < {policy.srm_p_value:g}; "
-                f"observed {srm.observed[0]} champion vs {srm.observed[1]} challenger) blocks any decision."
+                f"observed {srm.observed[0]} champion vs {srm.observed[1]} challenger {ev.served_unit}) blocks any "
+                "decision."
             )
         elif failed:
             verdict = "reject"

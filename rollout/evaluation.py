@@ -102,7 +102,9 @@ def gather(store: OutcomeStore, rollout: Rollout, policy: Policy, now: datetime,
             ipw=ipw.get(version),
             rate_per_hour=matured_n / hours,
         ))
-    served = {v: c.requests for v, c in traffic.items()}
+    # The sample-ratio test counts what was randomised: units in ab/abn (sticky by unit id), requests else.
+    by_unit = rollout.mode in ("ab", "abn")
+    served = store.units_served(rid) if by_unit else {v: c.requests for v, c in traffic.items()}
     shares = {} if rollout.mode == "shadow" else {rollout.versions[a]: w for a, w in rollout.weights.items()
                                                    if a in rollout.versions}
     return Evidence(
@@ -115,6 +117,7 @@ def gather(store: OutcomeStore, rollout: Rollout, policy: Policy, now: datetime,
         champion_confusion=confusion.get(champion, {}),
         champion_ipw=ipw.get(champion),
         served=served,
+        served_unit="units" if by_unit else "requests",
         expected_shares=shares,
         champion_latency_p99_ms=latency.get(champion),
     )

@@ -1412,6 +1412,23 @@ class OutcomeStore:
         """Per version: rows logged, rows with an error, rows served to a caller."""
         return dict(self._aggregates(rollout_id, None, None, lambda s: True).traffic)
 
+    def units_served(self, rollout_id: int) -> dict[str, int]:
+        """Per version: randomization units served, for the sample-ratio test of a split by unit (ab/abn):
+        distinct unit ids, plus each served request without one (the service splits those by request id).
+
+        Requests are the wrong count there: a unit's repeat requests all go to its arm, so a split that
+        is one standard deviation off in units looks like a broken one in requests once units come back
+        often enough. One pass over the rollout's served rows (it is not kept in the hourly summaries,
+        where distinct counts do not add up); only A/B rollouts ask.
+        """
+        self._ensure()
+        p = predictions
+        anonymous = func.sum(case((p.c.unit_id.is_(None), 1), else_=0))
+        query = (select(p.c.version, func.count(p.c.unit_id.distinct()), anonymous)
+                 .where(p.c.rollout_id == rollout_id, p.c.served == 1).group_by(p.c.version))
+        with self.engine.connect() as conn:
+            return {str(v): int(units or 0) + int(anon or 0) for v, units, anon in conn.execute(query)}
+
     def latency_p99(self, rollout_id: int, quantile: float = 0.99) -> dict[str, float]:
         """Per version: approximate latency quantile (ms) from a log-bucket histogram built in SQL (±2.5 %)."""
         hist = self._aggregates(rollout_id, None, None, lambda s: True).latency_hist

@@ -11,6 +11,29 @@ from rollout.stats import guardrails
 from rollout.stats.moments import Moments
 
 
+def test_srm_on_units_keeps_its_error_rate_where_requests_of_returning_units_do_not() -> None:
+    """A/B sticky by unit (60/40), 600 units that come back ~28 times each (the demo's week): the test
+    on units flags a fair split at about its level; on requests it flags a fair split most of the time,
+    which is why ab/abn rollouts count units (OutcomeStore.units_served)."""
+    rng = np.random.default_rng(7)
+    sims, units, share = 2000, 600, 0.4
+    challenger = rng.random((sims, units)) < share  # the salted hash: uniform per unit
+    visits = rng.geometric(1 / 28, size=(sims, units))  # requests per unit: many rare, a few heavy
+    unit_p = np.array([guardrails.srm_test([units - c, c], [1 - share, share]).p_value for c in challenger.sum(1)])
+    ch_requests = (visits * challenger).sum(1)
+    request_p = np.array([guardrails.srm_test([t - c, c], [1 - share, share]).p_value
+                          for t, c in zip(visits.sum(1), ch_requests, strict=True)])
+    alpha = 0.001
+    assert (unit_p < alpha).mean() <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / sims)
+    assert (request_p < alpha).mean() > 0.5
+    # A real mismatch: half of the challenger's units never logged (a broken arm), found almost always; the
+    # price of counting units is power: with 600 units, a fifth of them lost gives p of about 0.01, not 0.001.
+    lost = challenger & (rng.random((sims, units)) < 0.5)
+    broken_p = np.array([guardrails.srm_test([units - c, c - lo], [1 - share, share]).p_value
+                         for c, lo in zip(challenger.sum(1), lost.sum(1), strict=True)])
+    assert (broken_p < alpha).mean() > 0.9
+
+
 @pytest.mark.parametrize(("successes", "trials"), [(0, 20), (37, 40), (950, 1000), (3, 7)])
 def test_wilson_bounds_match_statsmodels(successes: int, trials: int) -> None:
     lower, upper = guardrails.wilson_bounds(successes, trials, alpha=0.05)

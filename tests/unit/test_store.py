@@ -595,3 +595,19 @@ def test_logged_day_is_day_of_even_a_hair_before_midnight():
     times = [midnight + d for d in (-86400.0, -1.0, -1e-3, -1e-6, -4e-7, 0.0, 1e-7, 3599.5, 86399.999999)]
     assert [_day_of_cached(t) for t in times] == [day_of(t) for t in times]
     assert [_day_of_cached(t) for t in times] == [day_of(t) for t in times]  # the second time from the cache
+
+
+def test_units_served_counts_each_unit_once_and_each_anonymous_request(store: OutcomeStore) -> None:
+    rid = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.5}, "salt", T0)
+    rows = []
+    for i in range(30):  # 10 units come back 3 times each; the last 5 requests carry no unit id
+        version = "1" if i % 10 < 6 else "2"
+        unit = None if i >= 25 else f"u{i % 10}"
+        rows.append({"request_id": f"q{i}", "unit_id": unit, "rollout_id": rid, "ts": T0.timestamp() + i,
+                     "version": version, "role": "champion" if version == "1" else "challenger", "served": 1,
+                     "prediction": 1.0})
+    rows.append({"request_id": "q0", "unit_id": "u0", "rollout_id": rid, "ts": T0.timestamp(), "version": "2",
+                 "role": "challenger", "served": 0, "prediction": 0.0})  # a shadow scoring: not served
+    store.log_predictions(rows)
+    # v1: units u0-u5 and the anonymous q25; v2: units u6-u9 and the anonymous q26-q29
+    assert store.units_served(rid) == {"1": 6 + 1, "2": 4 + 4}
