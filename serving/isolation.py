@@ -39,7 +39,8 @@ _STORE: Any = None  # in the child: its own connection to the outcome store, to 
 def _load(payload: bytes, store_url: str | None) -> None:
     global _MODEL, _STORE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then shuts the child down
-    os.nice(CHILD_NICE)
+    if hasattr(os, "nice"):  # POSIX
+        os.nice(CHILD_NICE)
     _MODEL = pickle.loads(payload)
     if store_url:
         from rollout.store import OutcomeStore
