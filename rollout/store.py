@@ -50,6 +50,8 @@ The evaluation runs hourly over a rollout of up to ~30 days, so it must not resc
   * The maturity cut (matured_before) needs no per-cut summaries: days before the cut's day lie wholly
     before the cut, the cut's day counts its hours before the cut's hour (hour order is ts order), only
     the cut's hour is computed live. Traffic, latency and agreement have no cut: summaries of all days.
+  * ab/abn rollouts: the refresh also inserts the units served in each recomputed hour into
+    rollout_units (unit id, or request id without one; known ones ignored), for units_served.
   * A champion other than the rollout's own (paired_moments / agreement) is computed live over every
     day (a full pass). bulk_insert (backfills, benchmarks) marks nothing; it drops summary_state, so
     the next evaluation of each rollout rebuilds its summaries.
@@ -287,6 +289,19 @@ label_changes = Table(
     Column("new_label", Float, nullable=False),
 )
 Index("ix_label_changes", label_changes.c.rollout_id, label_changes.c.id)
+
+# The randomisation units an A/B (ab/abn) rollout served, per version: a unit id, or the request id of a
+# request without one (kind 'r'). Filled by the summary refresh from the hours it recomputes (inserts
+# that ignore known units, so a redone hour adds nothing) and counted for the sample-ratio test, which
+# must count units there; distinct counts do not add up across the hourly summaries.
+rollout_units = Table(
+    "rollout_units",
+    metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=False),
+    Column("version", String(32), primary_key=True),
+    Column("kind", String(1), primary_key=True),
+    Column("unit", String(128), primary_key=True),
+)
 
 # One row per rollout whose summaries exist; `champion` is the version they pair with; `version`
 # counts the refreshes stored, so a refresh stores only if none was stored since its snapshot (a
@@ -999,7 +1014,7 @@ class OutcomeStore:
             conn.execute(stmt.on_conflict_do_update(index_elements=["rollout_id"], set_={
                 "champion": stmt.excluded.champion, "built_at": stmt.excluded.built_at, "version": s.c.version + 1,
             }), {"rollout_id": rollout_id, "champion": champion, "built_at": self._now_wall(), "version": 0})
-            for table in (hourly_aggregates, daily_aggregates, hourly_usage, daily_usage, label_changes):
+            for table in (hourly_aggregates, daily_aggregates, hourly_usage, daily_usage, label_changes, rollout_units):
                 conn.execute(delete(table).where(table.c.rollout_id == rollout_id))
             hours: set[int] = set()
             for day in self._days_of(conn, rollout_id):
@@ -1248,10 +1263,13 @@ class OutcomeStore:
                                                        .where(ha.c.rollout_id == rollout_id, ha.c.hour.in_(chunk))))
                 conn.execute(delete(ha).where(ha.c.rollout_id == rollout_id, ha.c.hour.in_(chunk)))
             cols = ["day", "hour", "version", "bucket", "n", "errors", "served"]
+            by_unit = conn.execute(select(routing.c.mode).where(routing.c.rollout_id == rollout_id)).scalar() in ("ab", "abn")
             for chunk in _chunks(sorted(done), 20_000):  # a first build: one pass over the rollout
                 conn.execute(delete(hu).where(hu.c.rollout_id == rollout_id, hu.c.hour.in_(chunk)))
                 conn.execute(insert(hu).from_select(["rollout_id", *cols], select(
                     literal(rollout_id, Integer), *self._usage_select(rollout_id, chunk, by_hour=True).subquery().c)))
+                if by_unit:
+                    conn.execute(self._units_insert(rollout_id, chunk))
             fresh = [{"rollout_id": rollout_id, "version": v, "segment": sg, "day": d, "hour": h,
                       **dict(zip(_SUM_COLS, vals, strict=True))} for v, sg, d, h, vals in rows if h in stored]
             if fresh:
@@ -1418,16 +1436,26 @@ class OutcomeStore:
 
         Requests are the wrong count there: a unit's repeat requests all go to its arm, so a split that
         is one standard deviation off in units looks like a broken one in requests once units come back
-        often enough. One pass over the rollout's served rows (it is not kept in the hourly summaries,
-        where distinct counts do not add up); only A/B rollouts ask.
+        often enough. Kept in rollout_units by the summary refresh (brought up to date here), so an
+        hourly evaluation pays for the hour's new rows, not the rollout's; only ab/abn rollouts keep it.
         """
-        self._ensure()
-        p = predictions
-        anonymous = func.sum(case((p.c.unit_id.is_(None), 1), else_=0))
-        query = (select(p.c.version, func.count(p.c.unit_id.distinct()), anonymous)
-                 .where(p.c.rollout_id == rollout_id, p.c.served == 1).group_by(p.c.version))
+        self._aggregates(rollout_id, None, None, lambda s: True)
+        u = rollout_units
+        query = select(u.c.version, func.count()).where(u.c.rollout_id == rollout_id).group_by(u.c.version)
         with self.engine.connect() as conn:
-            return {str(v): int(units or 0) + int(anon or 0) for v, units, anon in conn.execute(query)}
+            return {str(v): int(n) for v, n in conn.execute(query)}
+
+    def _units_insert(self, rollout_id: int, hours: Sequence[int]) -> Any:
+        """INSERT of the units served in these hours that rollout_units does not hold yet."""
+        p = predictions
+        hour = self._hour_expr(p.c.ts)
+        kind = case((p.c.unit_id.is_(None), "r"), else_="u")
+        query = (select(literal(rollout_id, Integer), p.c.version, kind, func.coalesce(p.c.unit_id, p.c.request_id))
+                 .where(p.c.rollout_id == rollout_id, p.c.served == 1, hour.in_(sorted(hours))).distinct())
+        if len(hours) <= _MANY_HOURS:  # through ix_predictions_day
+            query = query.where(*self._range(p, (min(hours), max(hours))))
+        stmt = (sqlite_insert if self.is_sqlite else pg_insert)(rollout_units)
+        return stmt.from_select(["rollout_id", "version", "kind", "unit"], query).on_conflict_do_nothing()
 
     def latency_p99(self, rollout_id: int, quantile: float = 0.99) -> dict[str, float]:
         """Per version: approximate latency quantile (ms) from a log-bucket histogram built in SQL (±2.5 %)."""

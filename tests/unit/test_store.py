@@ -611,3 +611,28 @@ def test_units_served_counts_each_unit_once_and_each_anonymous_request(store: Ou
     store.log_predictions(rows)
     # v1: units u0-u5 and the anonymous q25; v2: units u6-u9 and the anonymous q26-q29
     assert store.units_served(rid) == {"1": 6 + 1, "2": 4 + 4}
+
+
+def test_units_served_follows_writes_as_a_direct_count_does(store: OutcomeStore) -> None:
+    from sqlalchemy import text
+
+    rid = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.4}, "salt", T0)
+    rng = np.random.default_rng(5)
+    direct = text("SELECT version, COUNT(DISTINCT unit_id) + SUM(CASE WHEN unit_id IS NULL THEN 1 ELSE 0 END) "
+                  "FROM predictions WHERE rollout_id = :r AND served = 1 GROUP BY version")
+    k = 0
+    for step in range(4):  # each step: new and returning units, anonymous requests, late rows into old hours
+        rows = []
+        for _ in range(300):
+            k += 1
+            unit = None if rng.random() < 0.1 else f"u{rng.integers(0, 200)}"
+            version = "2" if (unit is None and rng.random() < 0.4) or (unit and int(unit[1:]) % 5 < 2) else "1"
+            rows.append({"request_id": f"q{k}", "unit_id": unit, "rollout_id": rid, "version": version,
+                         "role": "champion" if version == "1" else "challenger", "served": 1, "prediction": 1.0,
+                         "ts": T0.timestamp() + rng.uniform(0, (step + 1) * 5 * 3600)})
+        rows.append({**rows[0], "served": 0, "version": "3", "role": "challenger-2"})  # not served: not a unit
+        store.log_predictions(rows)
+        with store.engine.connect() as conn:
+            expected = {str(v): int(n) for v, n in conn.execute(direct, {"r": rid})}
+        assert store.units_served(rid) == expected
+    assert sum(expected.values()) > 200  # anonymous requests count one each
