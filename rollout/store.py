@@ -552,7 +552,14 @@ class OutcomeStore:
 
     def create(self) -> OutcomeStore:
         """Create tables and indexes if missing (idempotent)."""
+        from sqlalchemy import inspect
+
+        had_summaries = inspect(self.engine).has_table(summary_state.name)
+        new_units = not inspect(self.engine).has_table(rollout_units.name)
         metadata.create_all(self.engine, checkfirst=True)
+        if had_summaries and new_units:  # a store from before rollout_units: rebuild its summaries, units too
+            with self.engine.begin() as conn:
+                conn.execute(delete(summary_state))
         for table in (predictions, labels):  # indexes added since a store was first created
             for index in table.indexes:
                 index.create(self.engine, checkfirst=True)

@@ -92,6 +92,7 @@ class _FitShare:
         self.cond = threading.Condition()
         self.running = 0
         self.blas: Any = None  # the process-wide BLAS limit, held while any capped fit runs
+        self.cap: int | None = None  # the threads per fit of the fits running now
 
 
 _FITS = _FitShare()
@@ -133,25 +134,32 @@ def fit_threads(threads: int | None) -> Iterator[None]:
     slots = 1 if threads is None else max(1, usable_cores() // threads)
     share = _FITS
     with share.cond:
-        share.cond.wait_for(lambda: share.running < slots)
+        # Fits with another cap (or none) wait for the running ones to end: a BLAS limit must not change
+        # under a running fit.
+        share.cond.wait_for(lambda: share.running == 0 or (share.cap == threads and share.running < slots))
         share.running += 1
-        if threads is not None and share.blas is None:
-            with _blas_unowned():
-                share.blas = _threadpools().select(user_api="blas").limit(limits=threads)
+        share.cap = threads
     try:
-        if threads is None:
-            yield
-        else:
+        if threads is not None:
+            with share.cond:
+                if share.blas is None:
+                    with _blas_unowned():
+                        share.blas = _threadpools().select(user_api="blas").limit(limits=threads)
             with _threadpools().select(user_api="openmp").limit(limits=threads):
                 yield
+        else:
+            yield
     finally:
         with share.cond:
             share.running -= 1
-            if share.running == 0 and share.blas is not None:
-                with _blas_unowned():
-                    share.blas.restore_original_limits()
-                share.blas = None
-            share.cond.notify_all()
+            try:
+                if share.running == 0 and share.blas is not None:
+                    with _blas_unowned():
+                        share.blas.restore_original_limits()
+            finally:
+                if share.running == 0:
+                    share.blas = None
+                share.cond.notify_all()
 
 
 @contextmanager

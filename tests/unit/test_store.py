@@ -636,3 +636,17 @@ def test_units_served_follows_writes_as_a_direct_count_does(store: OutcomeStore)
             expected = {str(v): int(n) for v, n in conn.execute(direct, {"r": rid})}
         assert store.units_served(rid) == expected
     assert sum(expected.values()) > 200  # anonymous requests count one each
+
+
+def test_a_store_from_before_unit_counts_rebuilds_its_summaries(store: OutcomeStore) -> None:
+    rid = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.5}, "salt", T0)
+    rows = [{"request_id": f"q{i}", "unit_id": f"u{i % 40}", "rollout_id": rid, "version": "12"[i % 40 % 2],
+             "role": "champion", "served": 1, "prediction": 1.0, "ts": T0.timestamp() + i * 60} for i in range(200)]
+    store.log_predictions(rows)
+    assert store.units_served(rid) == {"1": 20, "2": 20}
+    with store.engine.begin() as conn:  # as an older store: summaries built, no rollout_units table
+        conn.exec_driver_sql("DROP TABLE rollout_units")
+    upgraded = OutcomeStore(str(store.engine.url.render_as_string(hide_password=False)))
+    upgraded.log_predictions([{**rows[0], "request_id": "late", "unit_id": "u-new", "ts": T0.timestamp() + 3 * 86400}])
+    assert upgraded.units_served(rid) == {"1": 21, "2": 20}  # every unit, not only those of later hours
+    upgraded.dispose()

@@ -216,3 +216,44 @@ def test_uncapped_fits_run_one_at_a_time(monkeypatch):
     seen, most = _run_fits(threads=None, workers=3, jobs=4)
     assert most == 1  # each may use every core: side by side they would oversubscribe them
     assert all(start == before for start, _ in seen)
+
+
+def test_fits_with_another_cap_wait_and_a_failed_limit_frees_its_slot(monkeypatch):
+    import threading
+    import time
+
+    monkeypatch.setattr(training, "usable_cores", lambda: 4)
+    started, release = threading.Event(), threading.Event()
+    entered: list[int] = []
+
+    def capped():
+        with training.fit_threads(1):
+            started.set()
+            release.wait(5)
+
+    def uncapped():
+        with training.fit_threads(None):
+            entered.append(1)
+
+    first = threading.Thread(target=capped)
+    first.start()
+    assert started.wait(5)
+    other = threading.Thread(target=uncapped)
+    other.start()
+    time.sleep(0.1)
+    assert not entered  # an uncapped fit does not start while a capped one holds the BLAS limit
+    release.set()
+    first.join(5)
+    other.join(5)
+    assert entered and training._FITS.running == 0
+
+    class Broken:
+        def select(self, **_):
+            raise RuntimeError("no BLAS here")
+
+    monkeypatch.setattr(training, "_threadpools", lambda: Broken())
+    for _ in range(5):  # more than the 4 slots: each failure gave its slot back
+        with pytest.raises(RuntimeError):
+            with training.fit_threads(1):
+                pass
+    assert training._FITS.running == 0 and training._FITS.blas is None
