@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rollout.config import RolloutPolicy
+from rollout.config import UNIT_SPLIT_MODES, RolloutPolicy
 from rollout.stats import bandit, guardrails, multiplicity, sequential
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums, GuardrailResult
@@ -191,7 +191,7 @@ def _as(g: GuardrailResult, status: guardrails.Status, note: str = "") -> Guardr
 def _srm(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> guardrails.SRMResult:
     """Champion vs this challenger's counts; default shares: equal in shadow, the policy's exposure in A/B."""
     observed = [ev.served.get(ev.champion, 0), ev.served.get(ch.version, 0)]
-    if ev.mode in ("ab", "abn"):
+    if ev.mode in UNIT_SPLIT_MODES:
         default_champ, default_ch = 1.0 - len(ev.challengers) * policy.exposure, policy.exposure
     else:
         default_champ, default_ch = 1.0, 1.0

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from rollout import registry as reg
-from rollout.config import Policy
+from rollout.config import UNIT_SPLIT_MODES, Policy
 from rollout.data import Schema
 from rollout.decision import ChallengerEvidence, Decision, Evidence
 from rollout.stats.moments import Confusion
@@ -103,7 +103,7 @@ def gather(store: OutcomeStore, rollout: Rollout, policy: Policy, now: datetime,
             rate_per_hour=matured_n / hours,
         ))
     # The sample-ratio test counts what was randomised: units in ab/abn (sticky by unit id), requests else.
-    by_unit = rollout.mode in ("ab", "abn")
+    by_unit = rollout.mode in UNIT_SPLIT_MODES
     served = store.units_served(rid) if by_unit else {v: c.requests for v, c in traffic.items()}
     shares = {} if rollout.mode == "shadow" else {rollout.versions[a]: w for a, w in rollout.weights.items()
                                                    if a in rollout.versions}

@@ -106,6 +106,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     insert,
     literal,
     select,
@@ -118,6 +119,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
+from rollout.config import UNIT_SPLIT_MODES
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums
 from rollout.stats.moments import Confusion, Moments
@@ -552,10 +554,9 @@ class OutcomeStore:
 
     def create(self) -> OutcomeStore:
         """Create tables and indexes if missing (idempotent)."""
-        from sqlalchemy import inspect
-
-        had_summaries = inspect(self.engine).has_table(summary_state.name)
-        new_units = not inspect(self.engine).has_table(rollout_units.name)
+        existing = inspect(self.engine)
+        had_summaries = existing.has_table(summary_state.name)
+        new_units = not existing.has_table(rollout_units.name)
         metadata.create_all(self.engine, checkfirst=True)
         if had_summaries and new_units:  # a store from before rollout_units: rebuild its summaries, units too
             with self.engine.begin() as conn:
@@ -1209,12 +1210,17 @@ class OutcomeStore:
                       else_=cast((func.ln(lat) + _LAT_OFFSET) * _LAT_BUCKETS_PER_E, Integer))
         hour = self._hour_expr(p.c.ts)
         keys = [p.c.day, hour, p.c.version, bucket] if by_hour else [p.c.version, bucket]
-        query = (select(*keys, func.count(), func.sum(case((p.c.error.is_not(None), 1), else_=0)), func.sum(p.c.served))
-                 .where(p.c.rollout_id == rollout_id, hour.in_(sorted(hours))).group_by(*keys))
-        if len(hours) <= _MANY_HOURS:  # through ix_predictions_day
-            first, last = min(hours), max(hours)
-            query = query.where(*self._range(p, (first, last)))
-        return query
+        return (select(*keys, func.count(), func.sum(case((p.c.error.is_not(None), 1), else_=0)), func.sum(p.c.served))
+                .where(*self._in_hours(rollout_id, hours)).group_by(*keys))
+
+    def _in_hours(self, rollout_id: int, hours: Sequence[int]) -> list[Any]:
+        """WHERE terms for a rollout's prediction rows of exactly these hours (through ix_predictions_day
+        when they are few)."""
+        p = predictions
+        terms = [p.c.rollout_id == rollout_id, self._hour_expr(p.c.ts).in_(sorted(hours))]
+        if len(hours) <= _MANY_HOURS:
+            terms += self._range(p, (min(hours), max(hours)))
+        return terms
 
     def _usage_rows(self, conn: Any, rollout_id: int, hours: Sequence[int]) -> list[tuple[Any, ...]]:
         """(version, latency bucket, rows, error rows, served rows) over the rows of the given hours."""
@@ -1270,7 +1276,7 @@ class OutcomeStore:
                                                        .where(ha.c.rollout_id == rollout_id, ha.c.hour.in_(chunk))))
                 conn.execute(delete(ha).where(ha.c.rollout_id == rollout_id, ha.c.hour.in_(chunk)))
             cols = ["day", "hour", "version", "bucket", "n", "errors", "served"]
-            by_unit = conn.execute(select(routing.c.mode).where(routing.c.rollout_id == rollout_id)).scalar() in ("ab", "abn")
+            by_unit = conn.execute(select(routing.c.mode).where(routing.c.rollout_id == rollout_id)).scalar() in UNIT_SPLIT_MODES
             for chunk in _chunks(sorted(done), 20_000):  # a first build: one pass over the rollout
                 conn.execute(delete(hu).where(hu.c.rollout_id == rollout_id, hu.c.hour.in_(chunk)))
                 conn.execute(insert(hu).from_select(["rollout_id", *cols], select(
@@ -1455,12 +1461,9 @@ class OutcomeStore:
     def _units_insert(self, rollout_id: int, hours: Sequence[int]) -> Any:
         """INSERT of the units served in these hours that rollout_units does not hold yet."""
         p = predictions
-        hour = self._hour_expr(p.c.ts)
         kind = case((p.c.unit_id.is_(None), "r"), else_="u")
         query = (select(literal(rollout_id, Integer), p.c.version, kind, func.coalesce(p.c.unit_id, p.c.request_id))
-                 .where(p.c.rollout_id == rollout_id, p.c.served == 1, hour.in_(sorted(hours))).distinct())
-        if len(hours) <= _MANY_HOURS:  # through ix_predictions_day
-            query = query.where(*self._range(p, (min(hours), max(hours))))
+                 .where(*self._in_hours(rollout_id, hours), p.c.served == 1).distinct())
         stmt = (sqlite_insert if self.is_sqlite else pg_insert)(rollout_units)
         return stmt.from_select(["rollout_id", "version", "kind", "unit"], query).on_conflict_do_nothing()
 

@@ -4,7 +4,7 @@ In one process, a shadow batch (hundreds of rows through a scikit-learn pipeline
 pandas) holds the interpreter lock for milliseconds, and every caller in flight waits; a challenger that
 segfaults, leaks or exhausts memory would take the champion's traffic down with it. A `ChildScorer` holds
 one model version in a child process (multiprocessing "spawn": safe beside the server's threads), sends
-it the rows of each batch (pickled: ~1 ms for 500 records); the child scores them and writes their log
+it the rows of each batch (pickled: ~2 ms for 2,048 records with their metadata); the child scores them and writes their log
 rows to the outcome store over its own connection, so the service's process does almost nothing per
 shadow row.
 A child that dies is replaced on the next batch; one that hangs past the lane's timeout is killed.
