@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m flows.demo
+	$(BIN)/python -m cli.demo
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra

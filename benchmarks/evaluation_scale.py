@@ -21,8 +21,8 @@ the previous hours and days at a 6 h exponential delay) and times the next evalu
 the hourly figure, at now = the end of that hour).
 
 Each measurement runs in a fresh subprocess, so its peak RSS (VmHWM) is the evaluation's own:
-`eval` = rollout.evaluation.gather(store, rollout, policy, now, training=None) then
-rollout.decision.decide(policy.rollout, evidence) (the PSI proxy is skipped: no training frame);
+`eval` = rollout.cd.evaluation.gather(store, rollout, policy, now, training=None) then
+rollout.cd.decision.decide(policy.rollout, evidence) (the PSI proxy is skipped: no training frame);
 `bare` = SELECT version, count(*), sum(prediction) FROM predictions GROUP BY version.
 The cold evaluation reads the whole table, so it warms the caches; then `--rounds` rounds alternate hourly eval and bare (order
 flipped every round); figures are medians, ratio_vs_bare_scan = hourly seconds / bare seconds.
@@ -121,7 +121,8 @@ def _chunk(rng: np.random.Generator, start: int, stop: int, requests: int, rid: 
 
 def fill(url: str, rows: int, seed: int) -> tuple[int, float]:
     """Create the store, open the rollout and write `rows` prediction rows with their labels; (rollout id, s)."""
-    from rollout.store import OutcomeStore, labels, predictions
+    from rollout.outcomes import OutcomeStore
+    from rollout.outcomes.schema import labels, predictions
 
     start = time.perf_counter()
     store = OutcomeStore(url).create()
@@ -149,7 +150,7 @@ def _request_ids(idx: np.ndarray) -> list[str]:
 def add_hour(url: str, rows: int, rid: int, hour: int, seed: int) -> float:
     """Append simulated hour `hour` (1, 2, ...) after the 30 filled days: rows/720 prediction rows and about as
     many labels as requests, through the store's ordinary write paths; returns the seconds it took."""
-    from rollout.store import OutcomeStore
+    from rollout.outcomes import OutcomeStore, PredictionRow
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed + 7919 * hour)
@@ -169,14 +170,14 @@ def add_hour(url: str, rows: int, rid: int, hour: int, seed: int) -> float:
         err = np.zeros(k, dtype=bool) if served else rng.random(k) < 0.001
         latency = rng.lognormal(1.0 + 0.2 * served, 0.4, k)
         for i in range(k):
-            pred_rows.append({
-                "request_id": ids[i], "unit_id": f"u{int(idx[i]) % 200_000}", "rollout_id": rid, "ts": float(ts[i]),
-                "version": version, "role": "champion" if served else "challenger", "served": served,
-                "propensity": 1.0, "prediction": None if err[i] else float(score[i] >= 0.5),
-                "score": None if err[i] else float(score[i]), "latency_ms": float(latency[i]),
-                "error": "timeout" if err[i] else None, "segment": str(segment[i]),
-                "features": {"income": 36000.0, "tier": str(segment[i])} if served else None,
-            })
+            pred_rows.append(PredictionRow(
+                request_id=ids[i], unit_id=f"u{int(idx[i]) % 200_000}", rollout_id=rid, ts=float(ts[i]),
+                version=version, role="champion" if served else "challenger", served=bool(served),
+                propensity=1.0, prediction=None if err[i] else float(score[i] >= 0.5),
+                score=None if err[i] else float(score[i]), latency_ms=float(latency[i]),
+                error="timeout" if err[i] else None, segment=str(segment[i]),
+                features={"income": 36000.0, "tier": str(segment[i])} if served else None,
+            ))
     # labels: half of this hour's requests, and as many of earlier requests at a 6 h exponential delay
     this_hour = rng.random(k) < 0.5
     back = rng.exponential(6 * 3600.0, k)
@@ -210,11 +211,11 @@ def _peak_rss_mb() -> float:
 
 def child(what: str, url: str, rid: int, hour: int = 0) -> None:
     """Runs in a fresh subprocess: one timed evaluation (at the end of simulated `hour`) or bare scan; prints one JSON line."""
-    from rollout.store import OutcomeStore
+    from rollout.outcomes import OutcomeStore
 
     if what == "eval":  # scipy and pandas take seconds to import: only the evaluation needs them
-        from rollout.decision import decide
-        from rollout.evaluation import gather
+        from rollout.cd.decision import decide
+        from rollout.cd.evaluation import gather
 
         policy = _policy()
     store = OutcomeStore(url)

@@ -48,7 +48,7 @@ def bare_cv(policy_path: Path, n_jobs: int | None = None, capped: bool = False) 
     """
     from sklearn.model_selection import cross_validate
 
-    from rollout import training
+    from rollout.ci import training
     from rollout.config import load_policy
     from rollout.data import infer_schema, load_dataset
 

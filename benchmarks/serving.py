@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/serving.py --quick    # 1 round, 1 s per cell (under a minute)
 
 A temporary policy (stores in a temporary folder) gets a champion and a challenger trained on the
-example data (rollout.training) and registered in MLflow (rollout.registry.log_model). Servers run
+example data (rollout.ci.training) and registered in MLflow (rollout.registry.log_model). Servers run
 as subprocesses on free 127.0.0.1 ports, one worker process each:
 
 - `mlflow models serve -m models:/loan-approval@champion --env-manager local --workers 1`
@@ -206,7 +206,8 @@ def train_and_register(policy_path: Path) -> tuple[str, list[str]]:
     """Fit the policy's pipeline on its example data and register it; (version, feature columns)."""
     import mlflow
 
-    from rollout import registry, training
+    from rollout import registry
+    from rollout.ci import training
     from rollout.config import load_policy
     from rollout.data import infer_schema, load_dataset
 
@@ -229,7 +230,7 @@ def train_and_register(policy_path: Path) -> tuple[str, list[str]]:
 
 
 def bodies_file(directory: Path, features: list[str], seed: int, kind: str) -> Path:
-    """One JSON body per line: a single loan application (built as rollout.simulate builds them)."""
+    """One JSON body per line: a single loan application (built as cli.simulate builds them)."""
     from rollout.data import example_dataset
 
     frame = example_dataset(rows=BODIES, seed=seed)
@@ -406,7 +407,7 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     t0 = time.perf_counter()
     from rollout.config import load_policy
     from rollout.registry import MlflowRegistry
-    from rollout.store import OutcomeStore
+    from rollout.outcomes import OutcomeStore
 
     pol = load_policy(policy)
     champion, features = train_and_register(policy)

@@ -29,7 +29,7 @@ from _common import emit_json, parser, print_table, verdict  # noqa: E402
 from rollout.config import DataConfig, DriftConfig  # noqa: E402
 from rollout.data import example_dataset, infer_schema  # noqa: E402
 from rollout.stats import sequential, simulation  # noqa: E402
-from rollout.validation import drift_report  # noqa: E402
+from rollout.ci.validation import drift_report  # noqa: E402
 
 MARGIN = 0.01
 ALPHA = 0.05

@@ -11,8 +11,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from rollout.config import Policy, parse_policy
-from rollout.gates import GateFailed, GateResult
-from rollout.training import usable_cores
+from rollout.ci.gates import GateFailed, GateResult
+from rollout.ci.training import usable_cores
 from tasks import ci
 from tasks.common import load_policy_task, publish_gate
 

@@ -45,9 +45,6 @@ ONLINE_METRICS_BY_TASK: dict[str, set[str]] = {
     "regression": {"mse", "mae"},
 }
 Mode = Literal["shadow", "ab", "abn", "bandit"]
-# Modes that split traffic by weights, sticky per unit (unit id, else request id): their randomised
-# unit is the unit, so the sample-ratio test counts units there.
-UNIT_SPLIT_MODES = ("ab", "abn")
 
 
 class ConfigError(ValueError):

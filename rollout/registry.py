@@ -12,15 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from rollout.roles import stage_of
+
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-PREVIOUS = "previous-champion"
-STAGE_OF_ALIAS = {CHAMPION: "Production", CHALLENGER: "Staging"}
-
 # The types a model file may contain. skops refuses anything else on load; the list is derived
-# from the estimators the policy allows (rollout.training.ESTIMATORS), never from the file itself.
+# from the estimators the policy allows (rollout.ci.training.ESTIMATORS), never from the file itself.
 _ALLOWED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.", "scipy.")
 
 
@@ -45,11 +42,6 @@ class ModelRegistry(Protocol):
 
 
 _ANY = object()
-
-
-def challenger_alias(index: int) -> str:
-    """`challenger` for the first, `challenger-2`, `challenger-3`, ... for A/B/n."""
-    return CHALLENGER if index <= 1 else f"{CHALLENGER}-{index}"
 
 
 class MlflowRegistry:
@@ -106,7 +98,7 @@ class MlflowRegistry:
             if current != expected:
                 raise AliasConflict(f"@{alias} is at {current}, expected {expected}")
         self.client.set_registered_model_alias(self.model_name, alias, str(version))
-        stage = STAGE_OF_ALIAS.get(CHALLENGER if alias.startswith(CHALLENGER) else alias)
+        stage = stage_of(alias)
         if stage:
             self.mirror_stage(version, stage)
 
@@ -196,7 +188,7 @@ class InMemoryRegistry:
         if expected is not _ANY and self.alias_map.get(alias) != expected:
             raise AliasConflict(f"@{alias} is at {self.alias_map.get(alias)}, expected {expected}")
         self.alias_map[alias] = str(version)
-        stage = STAGE_OF_ALIAS.get(CHALLENGER if alias.startswith(CHALLENGER) else alias)
+        stage = stage_of(alias)
         if stage:
             self.stages[str(version)] = stage
 
@@ -232,9 +224,9 @@ def trusted_types(model: Any) -> list[str]:
 def _flavor_kwargs(model: Any, x_example: Any, task: str) -> dict[str, Any]:
     from mlflow.models import infer_signature
 
-    from rollout.scoring import model_outputs
+    from rollout.models import LoadedModel
 
-    prediction, _ = model_outputs(model, x_example, task)
+    prediction, _ = LoadedModel(model).predict(x_example).checked()
     output = model.predict_proba(x_example) if task == "classification" else prediction
     return {
         # Explicit requirements: MLflow would otherwise infer them by re-loading the model in a

@@ -25,12 +25,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from rollout.config import Policy
-from rollout.store import OutcomeStore, Rollout, to_epoch
+from rollout.models import LoadedModel, allowed_columns, check_records
+from rollout.outcomes import OutcomeStore, PredictionRow, Rollout
+from rollout.times import to_epoch
 from serving.batching import Job, MicroBatcher, ModelCallFailed, Scored
 from serving.isolation import ChildScorer
 from serving.logwriter import LogWriter, ShadowMeta, shadow_rows
 from serving.metrics import Metrics
-from serving.models import LoadedModel, freeze_heap, validate_records
+from serving.loading import freeze_heap
 from serving.routing import CHAMPION, MODES, Arm, RoutingView, build_view, check_weights
 
 try:  # orjson is several times faster on the hot path; the stdlib is the fallback
@@ -172,7 +174,7 @@ class Service:
         for version in sorted(wanted - set(models)):
             try:
                 raw = await asyncio.to_thread(self.registry.load, version)
-                models[version] = await asyncio.to_thread(LoadedModel, version, raw)
+                models[version] = await asyncio.to_thread(LoadedModel, raw, version)
                 loaded = True
                 log.info("loaded model version %s", version)
             except Exception as exc:  # noqa: BLE001 - a bad version must not take the service down
@@ -203,7 +205,7 @@ class Service:
         # The swap: plain assignments with no await in between, so a request sees old or new, never a mix.
         self.models, self.serve_lanes, self.shadow_lanes = models, serve, shadow
         self.view, self.aliases, self.rollout = view, aliases, rollout
-        self.allowed = _allowed_columns(models.values())
+        self.allowed = allowed_columns(models.values())
 
         for lane in retired:  # jobs already queued on a retired lane still finish there
             task = asyncio.get_running_loop().create_task(lane.close(timeout_s=self.cfg.shadow_timeout_s + 1))
@@ -263,7 +265,7 @@ class Service:
             raise RequestError(503, "no champion model loaded yet")
         records, unit_ids, request_ids = self._parse(payload)
         champion = self.models[view.champion.version]
-        problems = validate_records(records, champion.columns, self.allowed)
+        problems = check_records(records, champion.columns, self.allowed)
         if problems:
             first = problems[0]
             where = f"records[{first['row']}].{first['field']}" if len(records) > 1 else first["field"]
@@ -323,24 +325,8 @@ class Service:
             arm, scored, j = item  # type: ignore[misc]
             prediction = scored.predictions[j]  # type: ignore[union-attr]
             score = scored.scores[j] if scored.scores is not None else None  # type: ignore[union-attr]
-            put(
-                {
-                    "request_id": rid[i],
-                    "unit_id": unit_ids[i],
-                    "rollout_id": view.rollout_id,
-                    "ts": when,
-                    "version": arm.version,
-                    "role": arm.role,
-                    "served": 1,
-                    "propensity": arm.weight,
-                    "prediction": prediction,
-                    "score": score,
-                    "latency_ms": scored.latency_ms,  # type: ignore[union-attr]
-                    "error": None,
-                    "segment": segments[i],
-                    "features": records[i],
-                }
-            )
+            put(PredictionRow(rid[i], arm.version, arm.role, when, unit_ids[i], view.rollout_id, True, arm.weight,
+                              prediction, score, scored.latency_ms, None, segments[i], records[i]))  # type: ignore[union-attr]
             observe(arm.version, arm.role, elapsed, True)
             if self.classification and prediction is not None and float(prediction).is_integer():
                 prediction = int(prediction)
@@ -367,24 +353,9 @@ class Service:
 
     def _log_failure(self, arm: Arm, idx: list[int], rid: list[str], unit_ids: list[Any], segments: list[Any], when: float, view: RoutingView, records: list[dict[str, Any]], error: str, served: bool) -> None:
         for i in idx:
-            self.writer.put(
-                {
-                    "request_id": rid[i],
-                    "unit_id": unit_ids[i],
-                    "rollout_id": view.rollout_id,
-                    "ts": when,
-                    "version": arm.version,
-                    "role": arm.role,
-                    "served": int(served),
-                    "propensity": arm.weight,
-                    "prediction": None,
-                    "score": None,
-                    "latency_ms": None,
-                    "error": error[:500],
-                    "segment": segments[i],
-                    "features": records[i] if served else None,
-                }
-            )
+            self.writer.put(PredictionRow(rid[i], arm.version, arm.role, when, unit_ids[i], view.rollout_id, served,
+                                          arm.weight, error=error[:500], segment=segments[i],
+                                          features=records[i] if served else None))
             self.metrics.observe(arm.version, arm.role, 0.0, False)
 
     def _shadow_done(self, jobs: list[Job], scored: Scored | None, error: str | None) -> None:
@@ -579,15 +550,6 @@ def _per_record(payload: dict[str, Any], one: str, many: str, n: int) -> list[An
             raise RequestError(422, f"{many}: expected a list with one entry per record ({n})")
         return list(values)
     return [payload.get(one)] * n
-
-
-def _allowed_columns(models: Any) -> set[str] | None:
-    names: set[str] = set()
-    for model in models:
-        if model.names is None:
-            return None
-        names.update(model.names)
-    return names
 
 
 def _token_problem(request: Request, env_name: str) -> Response | None:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.models import LoadedModel
+from rollout.models import LoadedModel, ModelError, Outputs
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +235,10 @@ class MicroBatcher:
                 answer = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
             else:
                 answer = await call
-            preds, scores, errors = answer[0], answer[1], answer[2]
-            logged = len(answer) > 3 and bool(answer[3])  # a child process's (preds, scores, errors, logged)
+            if isinstance(answer, Outputs):  # scored in a thread
+                preds, scores, errors, logged = answer.predictions, answer.scores, answer.errors, False
+            else:  # a child process's (predictions, scores, errors, logged)
+                preds, scores, errors, logged = answer
         except TimeoutError:
             call.add_done_callback(_swallow)
             if self.scorer is not None:  # a hung child is killed: its slot frees and a new child takes over
@@ -246,7 +248,7 @@ class MicroBatcher:
             return
         except Exception as exc:  # noqa: BLE001 - a failing model is data, not a crash
             self._report(n, started, False)
-            self._deliver_all(jobs, None, f"{type(exc).__name__}: {exc}"[:500])
+            self._deliver_all(jobs, None, (str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}")[:500])
             return
         latency_ms = (time.perf_counter() - started) * 1000.0
         self._report(n, started, True)

@@ -23,7 +23,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from serving.logwriter import ShadowMeta, shadow_rows
-from serving.models import LoadedModel, freeze_heap
+from rollout.models import LoadedModel
+from serving.loading import freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _load(payload: bytes, store_url: str | None) -> None:
         os.nice(CHILD_NICE)
     _MODEL = pickle.loads(payload)
     if store_url:
-        from rollout.store import OutcomeStore
+        from rollout.outcomes import OutcomeStore
 
         _STORE = OutcomeStore(store_url)
     freeze_heap()
@@ -58,7 +59,8 @@ def _score(rows: list[dict[str, Any]], metas: list[ShadowMeta] | None) -> tuple[
     when the write fails, `logged` is False and the service's log writer (with its retries) takes the rows."""
     assert _MODEL is not None, "child started without a model"
     started = time.perf_counter()
-    preds, scores, errors = _MODEL.score(rows)
+    out = _MODEL.score(rows)
+    preds, scores, errors = out.predictions, out.scores, out.errors
     if metas is None or _STORE is None:
         return preds, scores, errors, False
     latency_ms = (time.perf_counter() - started) * 1000.0

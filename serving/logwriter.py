@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rollout.outcomes import PredictionRow
+
 log = logging.getLogger(__name__)
 
 
@@ -42,10 +44,10 @@ def shadow_rows(
     errors: Sequence[str | None] | None,
     latency_ms: float | None,
     failed: str | None,
-) -> list[dict[str, Any]]:
+) -> list[PredictionRow]:
     """Prediction-log rows of a shadow batch, in job order: the answers cover every record of every job
     (None with `failed`, the error of the whole call). Built in the service or in a shadow child process."""
-    rows: list[dict[str, Any]] = []
+    rows: list[PredictionRow] = []
     append = rows.append
     failed = None if failed is None else failed[:500]
     k = 0
@@ -53,24 +55,9 @@ def shadow_rows(
         rollout_id, ts, version, role = meta.rollout_id, meta.ts, meta.version, meta.role
         for j, request_id in enumerate(meta.request_ids):
             error = failed if errors is None else errors[k]
-            append(
-                {
-                    "request_id": request_id,
-                    "unit_id": meta.unit_ids[j],
-                    "rollout_id": rollout_id,
-                    "ts": ts,
-                    "version": version,
-                    "role": role,
-                    "served": 0,
-                    "propensity": 1.0,
-                    "prediction": None if preds is None else preds[k],
-                    "score": None if scores is None else scores[k],
-                    "latency_ms": latency_ms,
-                    "error": None if error is None else error[:500],
-                    "segment": meta.segments[j],
-                    "features": None,
-                }
-            )
+            append(PredictionRow(request_id, version, role, ts, meta.unit_ids[j], rollout_id, False, 1.0,
+                                 None if preds is None else preds[k], None if scores is None else scores[k],
+                                 latency_ms, None if error is None else error[:500], meta.segments[j]))
             k += 1
     return rows
 
@@ -84,7 +71,7 @@ class LogWriter:
         self.batch_size = batch_size
         self.linger_s = linger_s
         self.retries = retries
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[PredictionRow] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -102,7 +89,7 @@ class LogWriter:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="log-writer")
         return self
 
-    def put(self, row: dict[str, Any]) -> bool:
+    def put(self, row: PredictionRow) -> bool:
         if len(self._queue) >= self.queue_size:
             self.dropped += 1
             return False
@@ -115,7 +102,7 @@ class LogWriter:
         """Count rows written to the store by someone else for this service (a shadow child process)."""
         self.written += n
 
-    def put_many(self, rows: list[dict[str, Any]]) -> None:
+    def put_many(self, rows: list[PredictionRow]) -> None:
         """Queue rows in order; those beyond the queue's room are dropped and counted, as with `put`."""
         room = self.queue_size - len(self._queue)
         if room < len(rows):
@@ -163,7 +150,7 @@ class LogWriter:
             batch = [self._queue.popleft() for _ in range(n)]
             await self._write(batch)
 
-    async def _write(self, batch: list[dict[str, Any]]) -> None:
+    async def _write(self, batch: list[PredictionRow]) -> None:
         delay = 0.1
         for attempt in range(1, self.retries + 1):
             try:

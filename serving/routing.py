@@ -13,7 +13,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollout.store import Rollout
+from rollout.outcomes import Rollout
 
 CHAMPION = "champion"
 MODES = ("shadow", "ab", "abn", "bandit")

@@ -15,11 +15,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from rollout import gates, registry, robustness, stress, training
+from rollout import registry
+from rollout.roles import Role
+from rollout.ci import gates, robustness, stress, training
 from rollout.config import Policy
 from rollout.data import Schema, data_hash, infer_schema, load_dataset, read_table, records_of
-from rollout.scoring import model_outputs, metric_value
-from rollout.validation import drift_report, validate
+from rollout.models import LoadedModel, evaluate
+from rollout.ci.validation import drift_report, validate
 from tasks.common import mlflow_experiment
 
 
@@ -121,12 +123,10 @@ def score_held_out(policy: Policy, schema: Schema, data: training.Split, model: 
     """Score candidate, baseline and champion once, on the same held-out rows."""
     metric, task_kind = policy.ci.metric, schema.task
     baseline = training.baseline_estimator(task_kind).fit(data.x_train, data.y_train)
-    champ = None
-    if champion is not None:
-        champ = metric_value(metric, data.y_holdout, *model_outputs(champion, data.x_holdout, task_kind))
+    champ = None if champion is None else evaluate(champion, data.x_holdout, data.y_holdout, metric)
     return HeldOut(
-        candidate=training.score(model, data.x_holdout, data.y_holdout, metric, task_kind),
-        baseline=training.score(baseline, data.x_holdout, data.y_holdout, metric, task_kind),
+        candidate=evaluate(model, data.x_holdout, data.y_holdout, metric),
+        baseline=evaluate(baseline, data.x_holdout, data.y_holdout, metric),
         champion=champ,
         champion_version=champion_version,
     )
@@ -146,7 +146,7 @@ def quality_results(policy: Policy, held: HeldOut) -> list[gates.GateResult]:
 def load_champion(policy: Policy) -> tuple[str | None, Any]:
     """The current @champion as a pyfunc, or (None, None) when the registry has none yet."""
     reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
-    version = reg.version_for_alias(registry.CHAMPION)
+    version = reg.version_for_alias(Role.CHAMPION)
     return (version, reg.load(version)) if version else (None, None)
 
 
@@ -162,19 +162,17 @@ def robustness_cases(policy: Policy, schema: Schema, candidate: Any, sample: pd.
     cases = robustness.synthesize_cases(schema, sample, seed=policy.data.seed)
     if policy.ci.robustness_samples:
         cases.update(robustness.load_saved_inputs(policy.path(policy.ci.robustness_samples)))
-    return gates.robustness_gate(robustness.run_cases(candidate.predict, cases, schema.task))
+    return gates.robustness_gate(robustness.run_cases(LoadedModel(candidate), cases))
 
 
 @task(name="stress", cache_policy=NO_CACHE)
 def stress_test(policy: Policy, candidate: Any, champion: Any, sample: pd.DataFrame) -> gates.GateResult:
     """Latency of candidate and champion, called as the service calls them, interleaved on the same
     records, against the budget."""
-    from serving.models import LoadedModel
-
     cfg = policy.ci.stress
-    models: dict[str, stress.Predict] = {"candidate": LoadedModel("candidate", candidate).score}
+    models: dict[str, stress.Predict] = {"candidate": LoadedModel(candidate, "candidate").score}
     if champion is not None:
-        models["champion"] = LoadedModel("champion", champion).score
+        models["champion"] = LoadedModel(champion, "champion").score
     budget = cfg.budget
 
     def clear(so_far: stress.Figures) -> bool:
@@ -272,26 +270,26 @@ def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.Dat
 def assign_aliases(policy: Policy, registered: Registered, rollout_start: Any = None) -> Registered:
     """First model: @champion when the policy allows. Otherwise @challenger (or the next
     `challenger-N` in abn mode) and a rollout opened in the policy's mode."""
-    from rollout.rollouts import plan_rollout
-    from rollout.store import OutcomeStore
+    from rollout.cd.rollouts import plan_rollout
+    from rollout.outcomes import OutcomeStore
 
     reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
     aliases = reg.aliases()
-    if registry.CHAMPION not in aliases:
+    if Role.CHAMPION not in aliases:
         if not policy.ci.first_model_becomes_champion:
-            reg.set_alias(registry.CHALLENGER, registered.version)
-            return Registered(registered.version, registered.run_id, [registry.CHALLENGER])
+            reg.set_alias(Role.CHALLENGER, registered.version)
+            return Registered(registered.version, registered.run_id, [Role.CHALLENGER])
         # The first model has no champion to be judged against online; the policy lets it serve directly.
-        reg.set_alias(registry.CHAMPION, registered.version, expected=None)
+        reg.set_alias(Role.CHAMPION, registered.version, expected=None)
         message = f"Version **{registered.version}** is the first model: set as `@champion`."
         create_markdown_artifact(message, key="registered-version", description="Registration")
-        return Registered(registered.version, registered.run_id, [registry.CHAMPION])
+        return Registered(registered.version, registered.run_id, [Role.CHAMPION])
     store = OutcomeStore(policy.outcome_url)
     plan = plan_rollout(policy.rollout, aliases, registered.version)
     for alias in plan.retired_aliases:
         reg.remove_alias(alias)
     for alias, version in plan.versions.items():
-        if alias != registry.CHAMPION and aliases.get(alias) != version:
+        if alias != Role.CHAMPION and aliases.get(alias) != version:
             reg.set_alias(alias, version)
     rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights, started_at=rollout_start)
     mine = [a for a, v in plan.versions.items() if v == registered.version]

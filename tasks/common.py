@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from rollout.config import Policy, load_policy
-from rollout.gates import GateFailed, GateResult
+from rollout.ci.gates import GateFailed, GateResult
 
 
 @task(name="load-policy", cache_policy=NO_CACHE)

@@ -13,12 +13,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from rollout import evaluation, registry
+from rollout import registry
+from rollout.cd import evaluation
 from rollout.config import Policy
 from rollout.data import infer_schema, load_dataset
-from rollout.decision import Decision, Evidence, decide
+from rollout.cd.decision import Decision, Evidence, decide
 from rollout.report import Look, difference_plot, evaluation_markdown, metrics_markdown
-from rollout.store import OutcomeStore, Rollout
+from rollout.outcomes import OutcomeStore, Rollout
 from tasks.common import mlflow_experiment
 
 
@@ -77,7 +78,7 @@ def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datet
     store = OutcomeStore(policy.outcome_url)
     looks = [
         Look(d.ts, version, s.get("estimate"), s.get("lower"), s.get("upper"), int(s.get("n") or 0))
-        for d in store.decisions(rollout.rollout_id)
+        for d in store.audit_log(rollout.rollout_id)
         for version, s in (d.stats.get("stats") or {}).items()
     ]
     markdown = evaluation_markdown(

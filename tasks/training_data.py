@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from rollout.config import Policy
 from rollout.data import infer_schema, load_dataset
-from rollout.store import OutcomeStore
-from rollout.validation import drift_report
+from rollout.outcomes import OutcomeStore
+from rollout.ci.validation import drift_report
 
 
 @dataclass(frozen=True)

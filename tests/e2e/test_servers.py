@@ -150,7 +150,7 @@ def test_ci_workflow_commands_deploy_and_run_on_real_servers(servers):
         from mlflow import MlflowClient
 
         from rollout.registry import MlflowRegistry
-        from rollout.store import OutcomeStore
+        from rollout.outcomes import OutcomeStore
 
         uri = env["ROLLOUT_MLFLOW_TRACKING_URI"]
         reg = MlflowRegistry(uri, "loan-approval")
@@ -168,7 +168,7 @@ def test_ci_workflow_commands_deploy_and_run_on_real_servers(servers):
                    f"--params '{json.dumps({'params': {'now': now, 'actor': 'e2e'}})}'", env)
         assert done.returncode == 0, f"{done.stdout[-4000:]}\n" + (tmp / "worker.log").read_text()[-4000:]
         assert reg.aliases() == {"champion": "2", "previous-champion": "1"}
-        assert [d.decision for d in store.decisions(rollout.rollout_id)] == ["promote"]
+        assert [d.decision for d in store.audit_log(rollout.rollout_id)] == ["promote"]
         assert store.current_rollout() is None
         store.dispose()
     finally:

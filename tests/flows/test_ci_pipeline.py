@@ -15,10 +15,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder
 
 from flows.ci_pipeline import CIParameters, ci_pipeline
-from rollout import training
+from rollout.ci import training
 from rollout.config import ConfigError, load_policy
 from rollout.data import example_dataset
-from rollout.gates import GateFailed
+from rollout.ci.gates import GateFailed
 from rollout.registry import MlflowRegistry
 from tests.conftest import write_policy
 
@@ -143,7 +143,7 @@ def test_another_dataset_by_changing_the_policy_file_alone(tmp_path):
 
     from rollout.config import DataConfig
     from rollout.data import infer_schema
-    from rollout.validation import build_suite, write_suite
+    from rollout.ci.validation import build_suite, write_suite
 
     frame = load_diabetes(as_frame=True).frame
     frame.to_csv(tmp_path / "diabetes.csv", index=False)

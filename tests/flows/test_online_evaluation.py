@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 from flows.online_evaluation import EvaluationParameters, online_evaluation
-from rollout import evaluation, registry, training
+from rollout import registry
+from rollout.roles import Role
+from rollout.cd import evaluation
+from rollout.ci import training
 from rollout.config import EstimatorConfig, load_policy
 from rollout.data import example_dataset, infer_schema
-from rollout.store import OutcomeStore
+from rollout.outcomes import OutcomeStore, PredictionRow
 from tasks.common import mlflow_experiment
 from tests.conftest import write_policy
 
@@ -32,8 +35,8 @@ def _register_two_versions(policy) -> registry.MlflowRegistry:
         with mlflow.start_run(experiment_id=experiment):
             registry.log_model(model, frame[list(schema.features)].head(5), "classification", policy.registry.model_name)
     reg = registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name)
-    reg.set_alias(registry.CHAMPION, "1")
-    reg.set_alias(registry.CHALLENGER, "2")
+    reg.set_alias(Role.CHAMPION, "1")
+    reg.set_alias(Role.CHALLENGER, "2")
     return reg
 
 
@@ -70,10 +73,8 @@ def log_shadow(store: OutcomeStore, rollout_id: int, n: int, champion_acc: float
             pred = y if rng.random() < acc else 1 - y
             if role == "challenger" and vip_challenger_fp and segment == "VIP" and y == 0:
                 pred = 1
-            rows.append({"request_id": rid, "unit_id": f"u{i % 500}", "rollout_id": rollout_id, "ts": at,
-                         "version": version, "role": role, "served": served, "propensity": 1.0,
-                         "prediction": float(pred), "score": 0.8 * pred + 0.1, "latency_ms": 3.0,
-                         "segment": segment})
+            rows.append(PredictionRow(rid, version, role, at, f"u{i % 500}", rollout_id, bool(served), 1.0,
+                                      float(pred), 0.8 * pred + 0.1, 3.0, segment=segment))
         labels.append((rid, y, at + timedelta(hours=1)))
     store.log_predictions(rows)
     store.add_labels(labels)
@@ -92,7 +93,7 @@ def test_better_challenger_is_promoted_and_registry_store_and_report_agree(world
     assert reg.client.get_model_version("loan-approval", "2").current_stage == "Production"
     assert reg.client.get_model_version("loan-approval", "1").current_stage == "Archived"
     assert store.current_rollout() is None
-    audit = store.decisions(rollout_id)
+    audit = store.audit_log(rollout_id)
     assert [d.decision for d in audit] == ["promote"]
     assert {"alias": "champion", "from": "1", "to": "2"} in audit[0].alias_moves
     assert reg.get_tags("2")[f"rollout.{rollout_id}.decision"] == "promote"
@@ -103,7 +104,7 @@ def test_better_challenger_is_promoted_and_registry_store_and_report_agree(world
 
     back = evaluation.rollback(reg, store, START + timedelta(days=4), actor="test")
     assert back["champion"] == "1" and reg.aliases()["champion"] == "1"
-    assert store.decisions()[-1].decision == "rollback"
+    assert store.audit_log()[-1].decision == "rollback"
 
 
 def test_worse_challenger_is_rejected_and_traffic_returns_to_the_champion(world):
@@ -113,7 +114,7 @@ def test_worse_challenger_is_rejected_and_traffic_returns_to_the_champion(world)
     assert outcome.action == "reject"
     assert reg.aliases() == {"champion": "1"}
     assert reg.client.get_model_version("loan-approval", "2").current_stage == "Archived"
-    assert store.current_rollout() is None and store.decisions(rollout_id)[0].decision == "reject"
+    assert store.current_rollout() is None and store.audit_log(rollout_id)[0].decision == "reject"
 
 
 def test_vip_segment_breach_rejects_even_when_overall_is_better(world):
@@ -141,7 +142,7 @@ def test_young_rollout_keeps_collecting_and_says_what_it_needs(world):
     outcome = _run(path, days=0.5)
     assert outcome.action == "continue"
     assert reg.aliases() == {"champion": "1", "challenger": "2"}
-    assert [d.decision for d in store.decisions(rollout_id)] == ["continue"]
+    assert [d.decision for d in store.audit_log(rollout_id)] == ["continue"]
 
 
 def test_concurrent_runs_promote_once(world):
@@ -160,7 +161,7 @@ def test_concurrent_runs_promote_once(world):
     # Whichever comes second either waits out the lock and finds the rollout ended, or starts after
     # the first finished and finds no open rollout: in both cases it acts on nothing.
     assert [bool(r.acted.get("acted")) for r in results].count(True) == 1
-    promotions = [d for d in store.decisions(rollout_id) if d.decision == "promote"]
+    promotions = [d for d in store.audit_log(rollout_id) if d.decision == "promote"]
     assert len(promotions) == 1
     assert reg.aliases() == {"champion": "2", "previous-champion": "1"}
 
@@ -203,9 +204,9 @@ def test_bandit_mode_writes_thompson_weights_to_the_routing_table(world):
         y = int(rng.random() < 0.5)
         acc = 0.9 if arm == "2" else 0.7
         pred = y if rng.random() < acc else 1 - y
-        rows.append({"request_id": f"b{i}", "rollout_id": rollout_id, "ts": at, "version": arm,
-                     "role": "challenger" if arm == "2" else "champion", "served": 1, "propensity": 0.5,
-                     "prediction": float(pred), "score": 0.8 * pred + 0.1, "latency_ms": 3.0, "segment": "standard"})
+        rows.append(PredictionRow(f"b{i}", arm, "challenger" if arm == "2" else "champion", at,
+                                  rollout_id=rollout_id, propensity=0.5, prediction=float(pred),
+                                  score=0.8 * pred + 0.1, latency_ms=3.0, segment="standard"))
         labels.append((f"b{i}", y, at))
     store.log_predictions(rows)
     store.add_labels(labels)

@@ -14,7 +14,7 @@ import pytest
 
 from rollout.config import Policy
 from rollout.registry import InMemoryRegistry
-from rollout.store import OutcomeStore
+from rollout.outcomes import OutcomeStore
 from serving.app import create_app
 
 TOKEN = "test-token"

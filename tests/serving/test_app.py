@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from rollout.registry import InMemoryRegistry
-from rollout.store import OutcomeStore
+from rollout.outcomes import OutcomeStore
 from tests.serving.conftest import AUTH, FakeModel, app_for, make_policy, record
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rollout.registry import InMemoryRegistry
-from rollout.store import OutcomeStore
+from rollout.outcomes import OutcomeStore, PredictionRow
 from tests.serving.conftest import FakeModel, app_for, make_policy, record, serve
 
 
@@ -64,7 +64,7 @@ class SlowStore:
         self.store = store
         self.delay = delay
 
-    def log_predictions(self, rows: list[dict[str, Any]]) -> int:
+    def log_predictions(self, rows: list[PredictionRow]) -> int:
         time.sleep(self.delay)
         return self.store.log_predictions(rows)
 

@@ -21,7 +21,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from rollout.data import example_dataset
 from rollout.registry import MlflowRegistry
-from rollout.store import OutcomeStore
+from rollout.outcomes import OutcomeStore
 from tests.serving.conftest import AUTH, app_for, make_policy
 
 NUMERIC = ["income", "loan_amount", "credit_score", "debt_to_income", "employment_years", "open_accounts"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rollout.store import OutcomeStore
+from rollout.outcomes import OutcomeStore
 from tests.serving.conftest import AUTH, app_for, make_policy, record, serve
 
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from scipy.stats import chisquare
 
-from rollout.store import OutcomeStore, Rollout
+from rollout.outcomes import OutcomeStore, Rollout
 from serving.routing import build_view, unit_hash
 from tests.serving.conftest import app_for, make_policy, record, serve
 

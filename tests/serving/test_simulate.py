@@ -10,8 +10,8 @@ import pytest
 
 from rollout.config import Policy
 from rollout.registry import InMemoryRegistry
-from rollout.simulate import simulate_async
-from rollout.store import OutcomeStore
+from cli.simulate import simulate_async
+from rollout.outcomes import OutcomeStore
 from serving.app import create_app
 
 
@@ -63,7 +63,7 @@ async def test_simulated_days_reach_the_store(store: OutcomeStore, token: str) -
             "SELECT min(l.ts - p.ts), max(l.ts - p.ts) FROM labels l JOIN predictions p ON p.request_id = l.request_id"
         ).one()
     assert 12 * 3600 <= lag[0] and lag[1] <= 36 * 3600  # label delay is 24 h ± 50 %
-    moments = store.loss_moments(rid, "accuracy", matured_before=datetime(2026, 1, 4, tzinfo=UTC))
+    moments = store.evidence(rid, datetime(2026, 1, 4, tzinfo=UTC)).loss["accuracy"]
     assert {k[0] for k in moments} == {"1", "2"} and {k[2] for k in moments} == {"2026-01-01", "2026-01-02", "2026-01-03"}
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rollout.config import RolloutPolicy, SegmentGuardrail
-from rollout.decision import ChallengerEvidence, Evidence, decide
+from rollout.cd.decision import ChallengerEvidence, Evidence, decide
 from rollout.stats.bandit import IPWSums
 from rollout.stats.moments import Confusion, Moments
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from rollout import gates, robustness, training
+from rollout.ci import gates, robustness, training
 from rollout.config import EstimatorConfig, parse_policy
 from rollout.data import example_dataset, infer_schema
+from rollout.models import LoadedModel
 
 
 def _schema_and_sample():
@@ -33,7 +34,7 @@ def test_the_real_pipeline_survives_every_case():
     schema, frame = _schema_and_sample()
     model = training.build_pipeline(schema, EstimatorConfig()).fit(frame[list(schema.features)], frame["approved"])
     cases = robustness.synthesize_cases(schema, frame, large_rows=200)
-    result = gates.robustness_gate(robustness.run_cases(model.predict_proba, cases, "classification"))
+    result = gates.robustness_gate(robustness.run_cases(LoadedModel(model), cases))
     assert result.passed, result.reason
 
 
@@ -48,21 +49,31 @@ def test_a_model_crashing_on_nulls_fails_naming_the_case():
     schema, frame = _schema_and_sample()
     clean = frame.dropna()
     cases = robustness.synthesize_cases(schema, clean, large_rows=50)
-    result = gates.robustness_gate(robustness.run_cases(_CrashesOnNulls().predict, cases, "classification"))
+    result = gates.robustness_gate(robustness.run_cases(LoadedModel(_CrashesOnNulls()), cases))
     assert not result.passed
     assert "null_credit_score (ValueError: Input contains NaN)" in result.reason
     assert "single_row" not in result.reason
 
 
+class _Fake:
+    """Declares an input contract (a, not nullable); returns what it is told to."""
+
+    input_schema = {"a": "double"}
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+    def predict(self, frame: pd.DataFrame):
+        return self.answer(frame)
+
+
 def test_garbage_output_is_a_crash_and_a_clean_refusal_is_not():
-    def nan_model(frame):
-        return np.full((len(frame), 2), np.nan)
-
-    out = robustness.run_case("x", nan_model, pd.DataFrame({"a": [1.0]}), "classification", lambda e: False)
+    nan_model = LoadedModel(_Fake(lambda frame: np.full((len(frame), 2), np.nan)))
+    out = robustness.run_case("x", nan_model, pd.DataFrame({"a": [1.0]}))
     assert out.outcome == "crash" and "NaN" in out.detail
-
-    def refusing(frame):
-        raise KeyError("column 'a' is missing")
-
-    out = robustness.run_case("y", refusing, pd.DataFrame({"a": [1.0]}), "classification", lambda e: isinstance(e, KeyError))
-    assert out.outcome == "validation_error"
+    short = LoadedModel(_Fake(lambda frame: np.zeros(len(frame) + 1)))
+    out = robustness.run_case("y", short, pd.DataFrame({"a": [1.0]}))
+    assert out.outcome == "crash" and "shape" in out.detail
+    # a null where the contract allows none is refused before the model is called, as the service's 422
+    out = robustness.run_case("z", nan_model, pd.DataFrame({"a": [None]}))
+    assert out.outcome == "validation_error" and out.detail.startswith("a: null not allowed")

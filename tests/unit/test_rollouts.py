@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rollout.config import RolloutPolicy
-from rollout.rollouts import plan_rollout
+from rollout.cd.rollouts import plan_rollout
 
 
 def test_shadow_replaces_the_running_challenger_and_needs_no_weights():

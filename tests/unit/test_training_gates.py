@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rollout import gates, training
+from rollout.ci import gates, training
 from rollout.config import EstimatorConfig, parse_policy
 from rollout.data import example_dataset, infer_schema
 
@@ -107,7 +107,7 @@ class _Clock:
 
 
 def _stress(clock, candidate_ms, champion_ms=(2.0, 20.0), budget=(100.0, 500.0, 3.0)):
-    from rollout import stress
+    from rollout.ci import stress
 
     models = {"candidate": clock.model(*candidate_ms), "champion": clock.model(*champion_ms)}
 
@@ -150,7 +150,7 @@ def test_fold_by_fold_cv_matches_sklearn_cross_validate(loan):
 
 
 def test_stress_draws_from_a_seeded_pool_of_rows():
-    from rollout import stress
+    from rollout.ci import stress
 
     frame = example_dataset(rows=8000, seed=3)
     pool = stress.pool(frame, batch_size=100, seed=3)

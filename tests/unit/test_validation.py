@@ -13,7 +13,7 @@ import pytest
 
 from rollout.config import DataConfig, DriftConfig
 from rollout.data import example_dataset, infer_schema
-from rollout.validation import (
+from rollout.ci.validation import (
     KSResult,
     build_suite,
     drift_report,

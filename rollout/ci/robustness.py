@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rollout.data import Schema
-from rollout.scoring import BadOutput, call_model, outputs
+from rollout.data import Schema, records_of
+from rollout.models import LoadedModel, ModelError
 
 
 @dataclass(frozen=True)
@@ -66,45 +64,28 @@ def load_saved_inputs(path: Path) -> dict[str, pd.DataFrame]:
     return {f"saved_{i}": frame.iloc[[i]].reset_index(drop=True) for i in range(len(frame))}
 
 
-def run_case(
-    name: str,
-    predict: Callable[[pd.DataFrame], Any],
-    frame: pd.DataFrame,
-    task: str,
-    is_validation_error: Callable[[BaseException], bool],
-) -> CaseResult:
-    """Call the model on one case and classify what happened."""
+def run_case(name: str, model: LoadedModel, frame: pd.DataFrame) -> CaseResult:
+    """Send one case to the model as the service would (records, checked against the input contract)."""
+    records = records_of(frame)
+    problems = model.problems(records)
+    if problems:
+        first = problems[0]
+        return CaseResult(name, "validation_error", _short(f"{first['field']}: {first['error']}"))
     try:
-        raw = call_model(predict, frame)
-    except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-        if is_validation_error(exc):
-            return CaseResult(name, "validation_error", _short(exc))
-        return CaseResult(name, "crash", f"{type(exc).__name__}: {_short(exc)}")
-    try:
-        outputs(raw, task, len(frame))
-    except BadOutput as exc:
-        return CaseResult(name, "crash", f"malformed output: {exc}")
+        outputs = model.score(records)
+    except ModelError as exc:
+        return CaseResult(name, "crash", _short(str(exc)))
+    bad = [(i, e) for i, e in enumerate(outputs.errors) if e is not None]
+    if bad:
+        return CaseResult(name, "crash", f"malformed output: {len(bad)} of {len(records)} rows, first row {bad[0][0]}: "
+                                         f"{bad[0][1]}")
     return CaseResult(name, "prediction")
 
 
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split())
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def mlflow_validation_error(exc: BaseException) -> bool:
-    """An MLflow schema-enforcement error is a clean refusal, not a crash."""
-    from mlflow.exceptions import MlflowException
-
-    return isinstance(exc, MlflowException) and "schema" in str(exc).lower() or (
-        isinstance(exc, MlflowException) and "input" in str(exc).lower()
-    )
-
-
-def run_cases(
-    predict: Callable[[pd.DataFrame], Any],
-    cases: dict[str, pd.DataFrame],
-    task: str,
-    is_validation_error: Callable[[BaseException], bool] = mlflow_validation_error,
-) -> list[CaseResult]:
-    return [run_case(name, predict, frame, task, is_validation_error) for name, frame in cases.items()]
+def run_cases(model: LoadedModel, cases: dict[str, pd.DataFrame]) -> list[CaseResult]:
+    return [run_case(name, model, frame) for name, frame in cases.items()]

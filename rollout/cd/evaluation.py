@@ -1,7 +1,4 @@
-"""From the outcome store's aggregates to the decision's Evidence, and from a Decision to registry moves.
-
-No Prefect here: the flow wraps these in tasks. The store is only asked GROUP BY questions.
-"""
+"""From the outcome store's sums to the decision's Evidence, and from a Decision to registry moves."""
 
 from __future__ import annotations
 
@@ -13,20 +10,13 @@ from typing import Any
 
 import pandas as pd
 
-from rollout import registry as reg
-from rollout.config import UNIT_SPLIT_MODES, Policy
+from rollout.cd.decision import ChallengerEvidence, Decision, Evidence
+from rollout.config import Policy
 from rollout.data import Schema
-from rollout.decision import ChallengerEvidence, Decision, Evidence
+from rollout.outcomes import Rollout, Store
+from rollout.registry import ModelRegistry
+from rollout.roles import ARCHIVED, UNIT_SPLIT_MODES, Role
 from rollout.stats.moments import Confusion
-from rollout.store import OutcomeStore, Rollout
-
-CHAMPION_ROLE = "champion"
-
-
-def challenger_versions(rollout: Rollout) -> dict[str, str]:
-    """alias -> version of every challenger in the rollout (everything but the champion)."""
-    return {alias: v for alias, v in rollout.versions.items() if alias != CHAMPION_ROLE}
-
 
 def _by_version(parts: Mapping[tuple[Any, ...], Any]) -> dict[str, dict[tuple[str, str], Any]]:
     out: dict[str, dict[tuple[str, str], Any]] = defaultdict(dict)
@@ -43,22 +33,22 @@ def _confusion_by_version(parts: Mapping[tuple[Any, ...], Confusion]) -> dict[st
     return out
 
 
-def earlier_looks(store: OutcomeStore, rollout_id: int, version: str) -> tuple[int, ...]:
+def earlier_looks(store: Store, rollout_id: int, version: str) -> tuple[int, ...]:
     """Matured sample sizes at earlier evaluations of this rollout (for the group-sequential design)."""
     looks: list[int] = []
-    for d in store.decisions(rollout_id):
+    for d in store.audit_log(rollout_id):
         n = (d.stats.get("stats") or {}).get(version, {}).get("n")
         if isinstance(n, int) and n > 0 and (not looks or n > looks[-1]):
             looks.append(n)
     return tuple(looks)
 
 
-def production_psi(store: OutcomeStore, training: pd.DataFrame | None, schema: Schema | None,
+def production_psi(store: Store, training: pd.DataFrame | None, schema: Schema | None,
                    limit: int = 5000) -> float | None:
     """Largest PSI of a numeric feature between recent served inputs and the training data."""
     if training is None or schema is None:
         return None
-    from rollout.validation import psi
+    from rollout.ci.validation import psi  # Great Expectations loads only when the policy asks for PSI
 
     recent = store.recent_features(limit=limit)
     cols = [c for c in schema.numeric if c in recent.columns]
@@ -67,25 +57,26 @@ def production_psi(store: OutcomeStore, training: pd.DataFrame | None, schema: S
     return max(psi(training[c], pd.to_numeric(recent[c], errors="coerce")) for c in cols)
 
 
-def gather(store: OutcomeStore, rollout: Rollout, policy: Policy, now: datetime,
+def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
            training: pd.DataFrame | None = None, schema: Schema | None = None) -> Evidence:
-    """Everything the decision needs about one rollout, as sufficient statistics from SQL."""
+    """Everything the decision needs about one rollout, from one snapshot of the store's sums."""
     rp = policy.rollout
     rid, metric = rollout.rollout_id, rp.primary_metric
-    matured = now - timedelta(hours=rp.label_delay_hours)
-    champion = rollout.versions[CHAMPION_ROLE]
-    loss = _by_version(store.loss_moments(rid, metric, matured))
-    paired = _by_version(store.paired_moments(rid, metric, champion, matured)) if rollout.mode == "shadow" else {}
-    confusion = _confusion_by_version(store.confusion(rid, matured)) if policy.data.task == "classification" else {}
-    traffic = store.traffic(rid)
-    latency = store.latency_p99(rid)
-    agreement = store.agreement(rid, champion) if rollout.mode == "shadow" else {}
-    ipw = store.ipw_sums(rid, metric, matured) if rollout.mode == "bandit" else {}
+    champion = rollout.champion
+    sums = store.evidence(rid, now - timedelta(hours=rp.label_delay_hours))
+    shadow = rollout.mode == "shadow"
+    loss = _by_version(sums.loss.get(metric, {}))
+    paired = _by_version(sums.paired.get(metric, {})) if shadow else {}
+    confusion = _confusion_by_version(sums.confusion) if policy.data.task == "classification" else {}
+    traffic = sums.traffic
+    latency = sums.latency_quantile(0.99)
+    agreement = sums.agreement if shadow else {}
+    ipw = sums.ipw.get(metric, {}) if rollout.mode == "bandit" else {}
     psi_max = production_psi(store, training, schema)
     hours = max((now - rollout.started_at).total_seconds() / 3600.0, 1e-9)
 
     challengers = []
-    for alias, version in challenger_versions(rollout).items():
+    for version in rollout.challengers.values():
         counts = traffic.get(version)
         matured_n = sum(m.n for m in (paired.get(version) or loss.get(version) or {}).values())
         challengers.append(ChallengerEvidence(
@@ -104,7 +95,7 @@ def gather(store: OutcomeStore, rollout: Rollout, policy: Policy, now: datetime,
         ))
     # The sample-ratio test counts what was randomised: units in ab/abn (sticky by unit id), requests else.
     by_unit = rollout.mode in UNIT_SPLIT_MODES
-    served = store.units_served(rid) if by_unit else {v: c.requests for v, c in traffic.items()}
+    served = (sums.units or {}) if by_unit else {v: c.requests for v, c in traffic.items()}
     shares = {} if rollout.mode == "shadow" else {rollout.versions[a]: w for a, w in rollout.weights.items()
                                                    if a in rollout.versions}
     return Evidence(
@@ -131,36 +122,34 @@ class Action:
     alias_moves: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False
     weights: dict[str, float] | None = None
-    note: str = ""
 
 
-def act(decision: Decision, rollout: Rollout, registry: reg.ModelRegistry, store: OutcomeStore,
-        now: datetime) -> Action:
+def act(decision: Decision, rollout: Rollout, registry: ModelRegistry, store: Store, now: datetime) -> Action:
     """Carry out a decision: compare-and-set aliases, mirror stages, end or re-weight the rollout.
 
     The caller holds the store's evaluation lock, so two runs never act at once; the alias
     compare-and-set protects against anyone else moving @champion in between.
     """
-    champion = rollout.versions[CHAMPION_ROLE]
-    challengers = challenger_versions(rollout)
+    champion = rollout.champion
+    challengers = rollout.challengers
     out = Action(decision.action)
     if decision.action == "promote" and decision.winner:
-        registry.set_alias(reg.CHAMPION, decision.winner, expected=champion)
-        out.alias_moves.append({"alias": reg.CHAMPION, "from": champion, "to": decision.winner})
-        registry.set_alias(reg.PREVIOUS, champion)
-        out.alias_moves.append({"alias": reg.PREVIOUS, "to": champion})
-        registry.mirror_stage(champion, "Archived")
+        registry.set_alias(Role.CHAMPION, decision.winner, expected=champion)
+        out.alias_moves.append({"alias": Role.CHAMPION, "from": champion, "to": decision.winner})
+        registry.set_alias(Role.PREVIOUS, champion)
+        out.alias_moves.append({"alias": Role.PREVIOUS, "to": champion})
+        registry.mirror_stage(champion, ARCHIVED)
         for alias, version in challengers.items():
             registry.remove_alias(alias)
             out.alias_moves.append({"alias": alias, "from": version, "to": None})
             if version != decision.winner:
-                registry.mirror_stage(version, "Archived")
+                registry.mirror_stage(version, ARCHIVED)
         store.end_rollout(rollout.rollout_id, now, f"promoted version {decision.winner}")
         out.ended = True
     elif decision.action in ("reject", "inconclusive"):
         for alias, version in challengers.items():
             registry.remove_alias(alias)
-            registry.mirror_stage(version, "Archived")
+            registry.mirror_stage(version, ARCHIVED)
             out.alias_moves.append({"alias": alias, "from": version, "to": None})
         store.end_rollout(rollout.rollout_id, now, f"{decision.action}: traffic returns to the champion")
         out.ended = True
@@ -175,18 +164,18 @@ def act(decision: Decision, rollout: Rollout, registry: reg.ModelRegistry, store
     return out
 
 
-def rollback(registry: reg.ModelRegistry, store: OutcomeStore, now: datetime, actor: str) -> dict[str, Any]:
+def rollback(registry: ModelRegistry, store: Store, now: datetime, actor: str) -> dict[str, Any]:
     """Restore @previous-champion as @champion (the current one becomes previous), recorded."""
-    current = registry.version_for_alias(reg.CHAMPION)
-    previous = registry.version_for_alias(reg.PREVIOUS)
+    current = registry.version_for_alias(Role.CHAMPION)
+    previous = registry.version_for_alias(Role.PREVIOUS)
     if previous is None:
         raise RuntimeError("nothing to roll back to: no @previous-champion in the registry")
-    registry.set_alias(reg.CHAMPION, previous, expected=current)
+    registry.set_alias(Role.CHAMPION, previous, expected=current)
     if current is not None:
-        registry.set_alias(reg.PREVIOUS, current)
-        registry.mirror_stage(current, "Archived")
-    moves = [{"alias": reg.CHAMPION, "from": current, "to": previous},
-             {"alias": reg.PREVIOUS, "from": previous, "to": current}]
+        registry.set_alias(Role.PREVIOUS, current)
+        registry.mirror_stage(current, ARCHIVED)
+    moves = [{"alias": Role.CHAMPION, "from": current, "to": previous},
+             {"alias": Role.PREVIOUS, "from": previous, "to": current}]
     open_rollout = store.current_rollout()
     if open_rollout is not None:
         store.end_rollout(open_rollout.rollout_id, now, "rollback")

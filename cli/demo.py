@@ -67,7 +67,7 @@ class Server:
         env = {**os.environ, "ROLLOUT_TOKEN": token}
         self.log = open(config.parent / "serve.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rollout.cli", "serve", "--config", str(config), "--port", str(self.port),
+            [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--port", str(self.port),
              "--log-level", "warning"], env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=config.parent)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -114,8 +114,8 @@ def run_rollout(config: Path, server: Server, token: str, drift: float, days: in
     until it decides: the hourly schedule, compressed."""
     from flows.online_evaluation import EvaluationParameters, online_evaluation
     from rollout.config import load_policy
-    from rollout.simulate import simulate
-    from rollout.store import OutcomeStore
+    from cli.simulate import simulate
+    from rollout.outcomes import OutcomeStore
 
     policy = load_policy(config)
     day0 = OutcomeStore(policy.outcome_url).current_rollout().started_at
@@ -153,9 +153,9 @@ def main() -> None:
 
 def run_demo() -> None:
     from flows.ci_pipeline import CIParameters, ci_pipeline
-    from rollout.cli import gate_table
+    from cli.main import gate_table
     from rollout.config import load_policy
-    from rollout.store import OutcomeStore
+    from rollout.outcomes import OutcomeStore
 
     began = time.time()
     workdir = ROOT / ".rollout" / "demo"
@@ -190,7 +190,7 @@ def run_demo() -> None:
         console.rule("4. A model trained on stale (pre-drift) data goes out in A/B mode")
         write_policy(workdir, mode="ab")
         # The next rollout starts where the simulated clock of the last one stopped.
-        last = OutcomeStore(load_policy(config).outcome_url).decisions()[-1].ts
+        last = OutcomeStore(load_policy(config).outcome_url).audit_log()[-1].ts
         third = ci_pipeline(config=str(config), params=CIParameters(example_drift=0.0, example_seed=9,
                                                                     rollout_start=last + timedelta(hours=1)))
         console.print(gate_table(third.gates))
@@ -213,7 +213,7 @@ def run_demo() -> None:
     for step in steps:
         summary.add_row(step.what, step.result, step.numbers)
     console.print(summary)
-    console.print(f"Logged predictions: {store.count_predictions():,}; audit log entries: {len(store.decisions())}")
+    console.print(f"Logged predictions: {store.count_predictions():,}; audit log entries: {len(store.audit_log())}")
     console.print(Panel.fit(
         f"Reports:      {policy.path(policy.stores.reports_dir)}\n"
         f"History:      .venv/bin/rollout history --config {config}\n"

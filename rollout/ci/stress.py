@@ -1,6 +1,6 @@
 """Latency of the candidate vs the champion, measured interleaved on the same inputs.
 
-The CI task times each model as the service calls it (`serving.models.LoadedModel.score` on records:
+The CI task times each model as the service calls it (`rollout.models.LoadedModel.score` on records:
 one DataFrame per call, then the raw estimator), so the budget speaks of what callers will see.
 
 Calls run in rounds: each round makes a share of the single-row calls and one batch call per model,

@@ -32,7 +32,6 @@ from sklearn.tree import DecisionTreeClassifier
 
 from rollout.config import LOWER_IS_BETTER, EstimatorConfig
 from rollout.data import Schema
-from rollout.scoring import metric_value, model_outputs
 
 ESTIMATORS: dict[str, type] = {
     "logistic_regression": LogisticRegression,
@@ -319,12 +318,6 @@ def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int) -> LossCur
         train = [float(np.mean((y_tr - p) ** 2)) for p in model.staged_predict(z_tr)]
         val = [float(np.mean((y_va - p) ** 2)) for p in model.staged_predict(z_va)]
     return LossCurve(train=[float(v) for v in train], validation=[float(v) for v in val])
-
-
-def score(model: Any, x: pd.DataFrame, y: pd.Series, metric: str, task: str) -> float:
-    """One metric of a fitted estimator or a loaded pyfunc on labelled rows."""
-    prediction, scores = model_outputs(model, x, task)
-    return metric_value(metric, y, prediction, scores)
 
 
 def fit(pipeline: Pipeline, data: Split) -> Pipeline:

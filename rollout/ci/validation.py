@@ -120,7 +120,7 @@ def build_suite(
             expectations.append(
                 gxe.ExpectColumnMeanToBeBetween(column=schema.target, min_value=low_b, max_value=high_b)
             )
-    meta = {"rollout": {"generated_by": "rollout.validation.build_suite", "reference_rows": int(len(frame))}}
+    meta = {"rollout": {"generated_by": "rollout.ci.validation.build_suite", "reference_rows": int(len(frame))}}
     return gx.ExpectationSuite(name=name, expectations=expectations, meta=meta)
 
 

@@ -88,7 +88,7 @@ def ci(
     """Run the ci-pipeline flow: validate, train with CV, gate, stress, register @challenger."""
     from flows.ci_pipeline import CIParameters, ci_pipeline
     from flows.runners import dask_runner, embedded_run
-    from rollout.gates import GateFailed
+    from rollout.ci.gates import GateFailed
 
     _policy(config)
     params = CIParameters(data_source=data_source, example_drift=drift, example_seed=seed, estimator=estimator)
@@ -136,7 +136,7 @@ def simulate(
     start: str = typer.Option(None, help="Start of the simulated window (ISO 8601); default: now - days."),
 ) -> None:
     """Send realistic traffic from the example generator and post delayed labels."""
-    from rollout.simulate import simulate as run_simulation
+    from cli.simulate import simulate as run_simulation
 
     policy = _policy(config)
     summary = run_simulation(url, policy, requests=requests, days=days, label_delay_hours=label_delay_hours,
@@ -176,9 +176,9 @@ def rollback(config: str = CONFIG,
     """Restore @previous-champion as @champion, now, and record it."""
     from datetime import datetime, timezone
 
-    from rollout.evaluation import rollback as do_rollback
+    from rollout.cd.evaluation import rollback as do_rollback
     from rollout.registry import MlflowRegistry
-    from rollout.store import OutcomeStore
+    from rollout.outcomes import OutcomeStore
 
     policy = _policy(config)
     store = OutcomeStore(policy.outcome_url)
@@ -196,13 +196,13 @@ def rollback(config: str = CONFIG,
 def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recent entries to show."),
             show_all: bool = typer.Option(False, "--all", help="Include the hourly 'continue' evaluations.")) -> None:
     """Which version was champion when, and why: the audit log with every alias move."""
-    from rollout.store import OutcomeStore
+    from rollout.outcomes import OutcomeStore
 
     policy = _policy(config)
     table = Table(title=f"History of {policy.registry.model_name}")
     for col in ("time (UTC)", "rollout", "decision", "alias moves", "why", "by"):
         table.add_column(col, overflow="fold")
-    entries = [d for d in OutcomeStore(policy.outcome_url).decisions() if show_all or d.decision != "continue"]
+    entries = [d for d in OutcomeStore(policy.outcome_url).audit_log() if show_all or d.decision != "continue"]
     for d in entries[-limit:]:
         moves = ", ".join(f"@{m.get('alias')}: {m.get('from', '-')}→{m.get('to') or '-'}" for m in d.alias_moves)
         reasons = d.stats.get("reasons") or []
@@ -219,7 +219,7 @@ def make_suite(
 ) -> None:
     """Write a starter Great Expectations suite derived from the policy's training data."""
     from rollout.data import infer_schema, load_dataset
-    from rollout.validation import build_suite, write_suite
+    from rollout.ci.validation import build_suite, write_suite
 
     policy = _policy(config)
     frame = load_dataset(policy)
@@ -227,7 +227,7 @@ def make_suite(
     console.print(f"wrote {len(suite.expectations)} expectations to {write_suite(suite, output)}; review before committing")
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m rollout.cli`
+def main() -> None:  # pragma: no cover - console entry for `python -m cli.main`
     app()
 
 

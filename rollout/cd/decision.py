@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rollout.config import UNIT_SPLIT_MODES, RolloutPolicy
+from rollout.config import RolloutPolicy
+from rollout.roles import UNIT_SPLIT_MODES
 from rollout.stats import bandit, guardrails, multiplicity, sequential
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums, GuardrailResult

@@ -1,0 +1,266 @@
+"""The one way any model is called, in serving and in every CI gate: records or a frame in, per-row outputs out.
+
+A model is anything with `.predict(DataFrame)`: an MLflow pyfunc (its signature is the input contract,
+and the estimator behind it is called directly), a scikit-learn estimator (`feature_names_in_`) or a test
+fake (`input_schema` {name: type} with `nullable`, or `columns`). A binary classifier with
+`predict_proba` gives both outputs in one call: the score is P(classes_[1]) and the label is the class of
+the larger probability (a tie is classes_[0]), as scikit-learn's own `predict` decides; a `predict` that
+returns two columns is read the same way, as class probabilities of 0 and 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+# Kinds of a column value as JSON carries it.
+NUMBER, INTEGER, STRING, BOOLEAN, ANY = "number", "integer", "string", "boolean", "any"
+_MLFLOW_KINDS = {"double": NUMBER, "float": NUMBER, "long": INTEGER, "integer": INTEGER, "string": STRING,
+                 "boolean": BOOLEAN}
+
+
+class ModelError(RuntimeError):
+    """A model call failed as a whole: it raised, or returned something that is not one output per row."""
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    kind: str = ANY
+    required: bool = True  # must be present in a record
+    nullable: bool = False  # may be null
+
+
+@dataclass(frozen=True, slots=True)
+class Outputs:
+    """Per-row predictions and scores (P(class 1), classifiers only) and why a row has none (its error)."""
+
+    predictions: list[float | None]
+    scores: list[float | None] | None
+    errors: list[str | None]
+
+    def checked(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predictions and scores as arrays when every row has one; ModelError naming the first bad row else."""
+        for i, error in enumerate(self.errors):
+            if error is not None:
+                raise ModelError(f"row {i}: {error}")
+        scores = None if self.scores is None else np.asarray(self.scores, dtype=float)
+        return np.asarray(self.predictions, dtype=float), scores
+
+
+class LoadedModel:
+    """One model (a registry version, a fitted candidate) ready to score; thread-safe if the model is."""
+
+    def __init__(self, model: Any, version: str = "") -> None:
+        self.version = str(version)
+        self.model = model
+        self.columns = input_columns(model)
+        self.names = tuple(c.name for c in self.columns) if self.columns else None
+        self._call = _estimator(model)
+        classes = getattr(self._call, "classes_", None)
+        self._proba = hasattr(self._call, "predict_proba") and classes is not None and len(classes) == 2
+        self._classes = np.asarray(classes) if self._proba else None
+
+    def __repr__(self) -> str:
+        return f"LoadedModel(version={self.version!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to a shadow child process: scoring needs the estimator, not the MLflow wrapper, whose
+        # unpickling would import MLflow there for nothing.
+        state = dict(self.__dict__)
+        if state.get("_call") is not state.get("model"):
+            state["model"] = None
+        return state
+
+    def frame(self, records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+        """One DataFrame for a batch of records, columns in the model's order (an absent optional is null)."""
+        if self.names is not None:
+            return pd.DataFrame.from_records(records, columns=list(self.names))
+        return pd.DataFrame.from_records(records)
+
+    def problems(self, records: Sequence[dict[str, Any]], allowed: set[str] | None = None) -> list[dict[str, Any]]:
+        """What is wrong with records against this model's input contract, each naming the row and the field."""
+        return check_records(records, self.columns, allowed)
+
+    def score(self, records: Sequence[dict[str, Any]]) -> Outputs:
+        """Outputs of a batch of records (the service's call)."""
+        return self.predict(self.frame(records)) if records else Outputs([], [] if self._proba else None, [])
+
+    def predict(self, frame: pd.DataFrame) -> Outputs:
+        """Outputs of a frame; raises ModelError when the call fails as a whole, else errors are per row."""
+        n = len(frame)
+        if n == 0:  # scikit-learn refuses zero rows; an empty batch has an empty answer
+            return Outputs([], [] if self._proba else None, [])
+        scores: np.ndarray | None = None
+        try:
+            if self._proba:
+                proba = np.asarray(self._call.predict_proba(frame), dtype=float)
+                if proba.ndim != 2 or proba.shape != (n, 2):
+                    raise ModelError(f"predict_proba returned shape {proba.shape} for {n} rows")
+                scores = proba[:, 1]
+                preds = self._classes[np.argmax(proba, axis=1)]  # type: ignore[index]  # set with _proba
+            else:
+                preds = np.asarray(self._call.predict(frame))
+                if preds.ndim == 2 and preds.shape[1] == 1:
+                    preds = preds[:, 0]
+                elif preds.ndim == 2 and preds.shape == (n, 2):  # class probabilities (a pyfunc's predict_proba)
+                    scores = preds.astype(float)[:, 1]
+                    preds = np.argmax(preds, axis=1)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the model raises is the model's failure
+            raise ModelError(f"{type(exc).__name__}: {exc}"[:500]) from exc
+        if preds.ndim != 1 or preds.shape[0] != n:
+            raise ModelError(f"predict returned shape {preds.shape} for {n} rows")
+        try:
+            values = preds.astype(float)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"non-numeric predictions: {exc}") from exc
+        errors: list[str | None] = [None] * n
+        for i in np.flatnonzero(~np.isfinite(values)).tolist():
+            errors[i] = "prediction is NaN or infinite"
+        if scores is not None:
+            for i in np.flatnonzero(~np.isfinite(scores)).tolist():
+                errors[i] = "score is NaN or infinite"
+            for i in np.flatnonzero(np.isfinite(scores) & ((scores < 0.0) | (scores > 1.0))).tolist():
+                errors[i] = errors[i] or "score outside [0, 1]"
+        out_preds: list[float | None] = values.tolist()
+        out_scores: list[float | None] | None = None if scores is None else scores.tolist()
+        return Outputs(out_preds, out_scores, errors)
+
+
+def input_columns(model: Any) -> tuple[ColumnSpec, ...] | None:
+    """The model's input contract, or None when it declares none (then nothing is checked)."""
+    schema = _mlflow_schema(model)
+    if schema is not None:
+        return schema
+    declared = getattr(model, "input_schema", None)
+    nullable = set(getattr(model, "nullable", ()) or ())
+    if isinstance(declared, dict):
+        return tuple(ColumnSpec(name, _MLFLOW_KINDS.get(str(kind), str(kind)), name not in nullable, name in nullable)
+                     for name, kind in declared.items())
+    names = declared if isinstance(declared, list | tuple) else getattr(model, "columns", None)
+    if names is None:
+        names = getattr(model, "feature_names_in_", None)
+    if names is None:
+        return None
+    return tuple(ColumnSpec(str(name), ANY, True, True) for name in names)
+
+
+def _mlflow_schema(model: Any) -> tuple[ColumnSpec, ...] | None:
+    metadata = getattr(model, "metadata", None)
+    if metadata is None or not hasattr(metadata, "get_input_schema"):
+        return None
+    schema = metadata.get_input_schema()
+    if schema is None or not getattr(schema, "has_input_names", lambda: False)():
+        return None
+    specs = []
+    for col in schema.inputs:
+        type_name = getattr(getattr(col, "type", None), "name", str(getattr(col, "type", "")))
+        # MLflow marks columns that had missing values in the training sample as optional.
+        required = bool(getattr(col, "required", True))
+        specs.append(ColumnSpec(col.name, _MLFLOW_KINDS.get(type_name, ANY), required, not required))
+    return tuple(specs)
+
+
+def _estimator(model: Any) -> Any:
+    """The object to call: the raw estimator behind an MLflow pyfunc when there is one."""
+    getter = getattr(model, "get_raw_model", None)
+    if getter is not None:
+        try:
+            raw = getter()
+        except Exception:  # noqa: BLE001 - not every flavour has a raw model
+            return model
+        if hasattr(raw, "predict"):
+            return raw
+    return model
+
+
+def check_records(records: Sequence[dict[str, Any]], columns: tuple[ColumnSpec, ...] | None,
+                  allowed: set[str] | None) -> list[dict[str, Any]]:
+    """Problems of records against an input contract (at most ~50), each naming the row and the field."""
+    if columns is None:
+        return []
+    problems: list[dict[str, Any]] = []
+    for i, record in enumerate(records):
+        for spec in columns:
+            if spec.name not in record:
+                if spec.required:
+                    problems.append({"row": i, "field": spec.name, "error": "missing column"})
+                continue
+            value = record[spec.name]
+            if value is None:
+                if not spec.nullable:
+                    problems.append({"row": i, "field": spec.name, "error": "null not allowed (column is not nullable)"})
+                continue
+            if not _fits(value, spec.kind):
+                problems.append({"row": i, "field": spec.name,
+                                 "error": f"expected {spec.kind}, got {type(value).__name__} {_short(value)}"})
+        if allowed is not None:
+            problems += [{"row": i, "field": name, "error": "unknown column"} for name in record if name not in allowed]
+        if len(problems) >= 50:
+            break
+    return problems
+
+
+def allowed_columns(models: Iterable[LoadedModel]) -> set[str] | None:
+    """Every column some model reads, or None when one of them declares no contract (then anything goes)."""
+    names: set[str] = set()
+    for model in models:
+        if model.names is None:
+            return None
+        names.update(model.names)
+    return names
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == NUMBER:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == INTEGER:
+        if isinstance(value, bool):
+            return False
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if kind == STRING:
+        return isinstance(value, str)
+    if kind == BOOLEAN:
+        return isinstance(value, bool)
+    return True
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value) if not isinstance(value, list | dict) else f"{type(value).__name__} of {len(value)}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def metric_value(metric: str, y_true: Any, prediction: np.ndarray, score: np.ndarray | None) -> float:
+    """A CI metric from labels and model outputs, in its natural direction (see config.LOWER_IS_BETTER)."""
+    y = np.asarray(y_true, dtype=float)
+    if metric == "roc_auc":
+        return float(skm.roc_auc_score(y, score))
+    if metric == "log_loss":
+        if score is None:
+            raise ValueError("log_loss needs scores (class probabilities)")
+        return float(skm.log_loss(y, np.clip(score, 1e-15, 1 - 1e-15), labels=[0, 1]))
+    if metric == "accuracy":
+        return float(skm.accuracy_score(y, prediction))
+    if metric in ("f1", "precision", "recall"):
+        fn = {"f1": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}[metric]
+        return float(fn(y, prediction, zero_division=0))
+    if metric == "r2":
+        return float(skm.r2_score(y, prediction))
+    if metric == "rmse":
+        return float(np.sqrt(np.mean((y - prediction) ** 2)))
+    if metric == "mae":
+        return float(np.mean(np.abs(y - prediction)))
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def evaluate(model: Any, x: pd.DataFrame, y: Any, metric: str) -> float:
+    """One metric of a model (fitted estimator or loaded pyfunc) on labelled rows, called as the service calls it."""
+    predictions, scores = LoadedModel(model).predict(x).checked()
+    return metric_value(metric, y, predictions, scores)

@@ -1,0 +1,226 @@
+"""The outcome store's tables (SQLAlchemy Core): the prediction log, labels, routing and audit, the
+evaluation summaries and their bookkeeping, and the lock rows. Every module of `rollout.outcomes`
+reads and writes through these definitions."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text
+
+METRICS = ("accuracy", "log_loss", "brier", "mse", "mae")  # the per-request losses the summaries keep
+
+metadata = MetaData()
+
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False),
+    Column("unit_id", String(128)),
+    Column("rollout_id", Integer),
+    Column("ts", Float, nullable=False),
+    Column("day", String(10), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("served", Integer, nullable=False, default=1),
+    Column("propensity", Float),
+    Column("prediction", Float),
+    Column("score", Float),
+    Column("latency_ms", Float),
+    Column("error", Text),
+    Column("segment", String(64)),
+    Column("features", Text),
+)
+Index("ix_predictions_rollout", predictions.c.rollout_id, predictions.c.version, predictions.c.ts)
+Index("ix_predictions_request", predictions.c.request_id)
+Index("ix_predictions_ts", predictions.c.ts)
+# The refresh of the evaluation summaries reads one rollout's rows of a few hours (a range of day and ts);
+# the live part of an evaluation reads the hour of its maturity cut up to the cut.
+Index("ix_predictions_day", predictions.c.rollout_id, predictions.c.day, predictions.c.ts)
+# SQLite joins by nested loops, and a probe at a random place of a big index misses its small page
+# cache. This covering index lets the evaluation walk the rollout's predictions in request-id order
+# (no table reads), so the probes into labels' index (ix_labels_current, covering too) and into this
+# same index for the champion's row of the request move forward through pages just read.
+# PostgreSQL hash-joins instead, so it does not get them (they would only slow its inserts down).
+Index("ix_predictions_eval", predictions.c.rollout_id, predictions.c.request_id, predictions.c.version,
+      predictions.c.error, predictions.c.prediction, predictions.c.score, predictions.c.ts, predictions.c.segment,
+      predictions.c.day).ddl_if(dialect="sqlite")
+
+
+labels = Table(
+    "labels",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(64), nullable=False),
+    Column("label", Float, nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+    # 1 for the label that counts; earlier labels of the same request stay as history with 0.
+    Column("current", Integer, nullable=False, default=1),
+    # 0 when no prediction with this request id was stored at arrival (kept and reported).
+    Column("matched", Integer, nullable=False, default=1),
+)
+Index("ix_labels_request", labels.c.request_id, labels.c.current)
+Index("ix_labels_current", labels.c.request_id, labels.c.current, labels.c.label).ddl_if(dialect="sqlite")
+
+routing = Table(
+    "routing",
+    metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=True),
+    Column("mode", String(16), nullable=False),
+    Column("versions", Text, nullable=False),
+    Column("weights", Text, nullable=False),
+    Column("salt", String(128), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("ended_at", Float),
+    Column("end_reason", Text),
+)
+Index("ix_routing_open", routing.c.ended_at)
+
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("rollout_id", Integer),
+    Column("decision", String(32), nullable=False),
+    Column("stats", Text, nullable=False),
+    Column("alias_moves", Text, nullable=False),
+    Column("actor", String(128), nullable=False),
+)
+Index("ix_decisions_rollout", decisions.c.rollout_id, decisions.c.ts)
+
+# The columns of a prediction row, in the order the log writes them.
+LOG_COLUMNS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
+               "prediction", "score", "latency_ms", "error", "segment", "features")
+
+# ------------------------------------------------------------------ evaluation summaries
+# Per (rollout, day, version, segment), over the day's error-free predictions and without a maturity
+# cut, every sum an evaluation needs, for all five metrics at once (rollout.outcomes.summaries):
+#   <metric>_n/_sum/_sq         loss moments                     (EvidenceSums.loss)
+#   tp, fp, fn, tn              confusion cells                  (EvidenceSums.confusion)
+#   d_<metric>_n/_sum/_sq       loss(row) - loss(champion's row) (EvidenceSums.paired)
+#   pairs, agree, sx..sxy       agreement with the champion      (EvidenceSums.agreement)
+#   w_<metric>_n/_w/_wr/_w2/_w2r/_w2r2  inverse-propensity sums  (EvidenceSums.ipw)
+LOSS_COLS = tuple(f"{m}_{s}" for m in METRICS for s in ("n", "sum", "sq"))
+CONF_COLS = ("tp", "fp", "fn", "tn")
+PAIR_COLS = tuple(f"d_{m}_{s}" for m in METRICS for s in ("n", "sum", "sq"))
+AGREE_COLS = ("pairs", "agree", "sx", "sy", "sxx", "syy", "sxy")
+IPW_COLS = tuple(f"w_{m}_{s}" for m in METRICS for s in ("n", "w", "wr", "w2", "w2r", "w2r2"))
+SUM_COLS = LOSS_COLS + CONF_COLS + PAIR_COLS + AGREE_COLS + IPW_COLS
+INT_COLS = {c for c in SUM_COLS if c.endswith("_n")} | set(CONF_COLS) | {"pairs", "agree"}
+
+# Per (rollout, hour, version, segment): the same sums over the error-free predictions of one UTC hour
+# (hour = floor(ts / 3600), the same double division in SQL and in Python). Writes mark hours dirty,
+# an evaluation recomputes the dirty hours only and rolls their days up into daily_aggregates, which
+# always equals the sum of its day's hourly rows (added in hour order) for a day with no dirty hour.
+
+
+def _summary_keys(hourly: bool) -> list[Column]:
+    """(rollout, [hour,] day, version): the columns every summary table starts with."""
+    return [Column("rollout_id", Integer, nullable=False), *([Column("hour", BigInteger, nullable=False)] if hourly else []),
+            Column("day", String(10), nullable=False), Column("version", String(32), nullable=False)]
+
+
+def _summary_columns(hourly: bool) -> list[Column]:
+    return [*_summary_keys(hourly), Column("segment", String(64)),
+            *(Column(c, BigInteger if c in INT_COLS else Float) for c in SUM_COLS)]
+
+
+def _usage_columns(hourly: bool) -> list[Column]:
+    return [*_summary_keys(hourly), Column("bucket", Integer), Column("n", BigInteger, nullable=False),
+            Column("errors", BigInteger, nullable=False), Column("served", BigInteger, nullable=False)]
+
+
+hourly_aggregates = Table("hourly_aggregates", metadata, *_summary_columns(hourly=True))
+Index("ix_hourly_aggregates", hourly_aggregates.c.rollout_id, hourly_aggregates.c.day, hourly_aggregates.c.hour)
+
+daily_aggregates = Table("daily_aggregates", metadata, *_summary_columns(hourly=False))
+Index("ix_daily_aggregates", daily_aggregates.c.rollout_id, daily_aggregates.c.day)
+
+# Per (rollout, hour / day, version, latency bucket): rows, error rows, served rows (traffic and
+# latency_p99). Counts only, so the daily rows are rolled up in SQL (integer sums are exact).
+hourly_usage = Table("hourly_usage", metadata, *_usage_columns(hourly=True))
+Index("ix_hourly_usage", hourly_usage.c.rollout_id, hourly_usage.c.day, hourly_usage.c.hour)
+
+daily_usage = Table("daily_usage", metadata, *_usage_columns(hourly=False))
+Index("ix_daily_usage", daily_usage.c.rollout_id, daily_usage.c.day)
+
+# A (rollout, hour) that got prediction rows since its summary rows were computed: recomputed whole.
+# Every mark writes a new random token, so a refresh clears a mark only if nobody marked the hour
+# again since the refresh read it (no ABA).
+aggregate_dirty_hours = Table(
+    "aggregate_dirty_hours",
+    metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=False),
+    Column("hour", BigInteger, primary_key=True, autoincrement=False),
+    Column("token", BigInteger, nullable=False),
+)
+
+# A label that became current for a request with predictions in `rollout_id` (new label or relabel,
+# old_label NULL when there was none), written in add_labels' transaction. The next refresh applies
+# it to the summaries of the hours of the request's rows as a delta (sums with the new label minus
+# sums with the old one) and deletes it, so a label costs its request's rows, not its hour's.
+label_changes = Table(
+    "label_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", Integer, nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("old_label", Float),
+    Column("new_label", Float, nullable=False),
+)
+Index("ix_label_changes", label_changes.c.rollout_id, label_changes.c.id)
+
+# The randomisation units an A/B (ab/abn) rollout served, per version: a unit id, or the request id of a
+# request without one (kind 'r'). Filled by the summary refresh from the hours it recomputes (inserts
+# that ignore known units, so a redone hour adds nothing) and counted for the sample-ratio test, which
+# must count units there; distinct counts do not add up across the hourly summaries.
+rollout_units = Table(
+    "rollout_units",
+    metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=False),
+    Column("version", String(32), primary_key=True),
+    Column("kind", String(1), primary_key=True),
+    Column("unit", String(128), primary_key=True),
+)
+
+# One row per rollout whose summaries exist; `champion` is the version they pair with; `version`
+# counts the refreshes stored, so a refresh stores only if none was stored since its snapshot (a
+# delta applies to the summary rows it was computed against). Stores made before the hourly
+# summaries have aggregate_state / aggregate_dirty tables instead: left unused, so their first
+# evaluation builds the hourly summaries from scratch.
+summary_state = Table(
+    "summary_state",
+    metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=False),
+    Column("champion", String(32)),
+    Column("built_at", Float, nullable=False),
+    Column("version", BigInteger, nullable=False, default=0),
+)
+
+locks = Table(
+    "locks",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("acquired_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
+def to_json(value: Any) -> str:
+    """The stored form of a JSON column (features, versions, weights, statistics)."""
+    return json.dumps(value, default=_json_default, separators=(",", ":"))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)

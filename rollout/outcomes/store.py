@@ -1,0 +1,208 @@
+"""The outcome store: one object over the prediction log, routing and audit, summaries and the lock.
+
+`Store` is what the CD phase asks of it; `OutcomeStore` answers on SQLite or PostgreSQL and
+`rollout.outcomes.memory.InMemoryStore` in unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import pandas as pd
+from sqlalchemy import delete, func, inspect, select
+
+from rollout.outcomes import audit, engine, log
+from rollout.outcomes.audit import AuditEntry, Rollout
+from rollout.outcomes.log import LabelReport, PredictionRow, Time
+from rollout.outcomes.schema import labels, metadata, predictions, rollout_units, summary_state
+from rollout.outcomes.summaries import EvidenceSums, Summaries
+from rollout.times import from_epoch, to_epoch
+
+
+class Store(Protocol):
+    """What the CD phase (gather, act, rollback) asks of the outcome store."""
+
+    def evidence(self, rollout_id: int, cutoff: Time | None = None, champion: str | None = None) -> EvidenceSums: ...
+    def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame: ...
+    def current_rollout(self) -> Rollout | None: ...
+    def rollout(self, rollout_id: int) -> Rollout | None: ...
+    def open_rollout(self, mode: str, versions: Mapping[str, str], weights: Mapping[str, float] | None = None,
+                     salt: str | None = None, started_at: Time | None = None) -> int: ...
+    def set_weights(self, rollout_id: int, weights: Mapping[str, float]) -> None: ...
+    def end_rollout(self, rollout_id: int, ended_at: Time | None = None, reason: str = "") -> None: ...
+    def record_decision(self, rollout_id: int | None, decision: str, stats: Mapping[str, Any],
+                        alias_moves: Sequence[Any] = (), actor: str = "", ts: Time | None = None) -> int: ...
+    def audit_log(self, rollout_id: int | None = None) -> list[AuditEntry]: ...
+    def lock(self, name: str, ttl_s: float = 3600.0) -> AbstractContextManager[None]: ...
+
+
+class OutcomeStore:
+    """Predictions, labels, routing state, evaluation summaries and the audit log, in one SQL database."""
+
+    def __init__(self, url: str, clock: Callable[[], datetime] | None = None) -> None:
+        self.url = url
+        self.engine = engine.make_engine(url)
+        self.clock = clock or (lambda: datetime.now(tz=UTC))
+        self.summaries = Summaries(self.engine)
+        self._created = False
+
+    def __repr__(self) -> str:
+        return f"OutcomeStore({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return engine.is_sqlite(self.engine)
+
+    def now(self) -> float:
+        return to_epoch(self.clock())
+
+    def create(self) -> OutcomeStore:
+        """Create tables and indexes if missing (idempotent)."""
+        existing = inspect(self.engine)
+        had_summaries = existing.has_table(summary_state.name)
+        new_units = not existing.has_table(rollout_units.name)
+        metadata.create_all(self.engine, checkfirst=True)
+        if had_summaries and new_units:  # a store from before rollout_units: rebuild its summaries, units too
+            with self.engine.begin() as conn:
+                conn.execute(delete(summary_state))
+        for table in (predictions, labels):  # indexes added since a store was first created
+            for index in table.indexes:
+                index.create(self.engine, checkfirst=True)
+        self._created = True
+        return self
+
+    def _ensure(self) -> None:
+        if not self._created:
+            self.create()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------------------------ the log
+
+    def log_predictions(self, rows: Iterable[PredictionRow]) -> int:
+        """Write prediction rows (a row without `ts` is logged at the store's clock); returns how many."""
+        self._ensure()
+        return log.log_predictions(self.engine, rows, self.now())
+
+    def add_labels(self, items: Iterable[Sequence[Any]]) -> LabelReport:
+        """Store (request id, label[, ts]) items; the later label of a request wins."""
+        self._ensure()
+        return log.add_labels(self.engine, items, self.now())
+
+    def bulk_insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+                    batch: int = 200_000) -> int:
+        self._ensure()
+        return log.bulk_insert(self.engine, table, columns, rows, batch)
+
+    def analyze(self) -> None:
+        self._ensure()
+        log.analyze(self.engine)
+
+    # -------------------------------------------------------------------------- routing and audit
+
+    def open_rollout(self, mode: str, versions: Mapping[str, str], weights: Mapping[str, float] | None = None,
+                     salt: str | None = None, started_at: Time | None = None) -> int:
+        """Record a new rollout (ending any open one) and return its id."""
+        self._ensure()
+        start = self.now() if started_at is None else to_epoch(started_at)
+        return audit.open_rollout(self.engine, mode, versions, weights or {}, salt or uuid.uuid4().hex, start)
+
+    def current_rollout(self) -> Rollout | None:
+        self._ensure()
+        return audit.current_rollout(self.engine)
+
+    def rollout(self, rollout_id: int) -> Rollout | None:
+        self._ensure()
+        found = audit.rollouts(self.engine, rollout_id)
+        return found[0] if found else None
+
+    def rollouts(self) -> list[Rollout]:
+        self._ensure()
+        return audit.rollouts(self.engine)
+
+    def set_weights(self, rollout_id: int, weights: Mapping[str, float]) -> None:
+        self._ensure()
+        audit.set_weights(self.engine, rollout_id, weights, self.now())
+
+    def end_rollout(self, rollout_id: int, ended_at: Time | None = None, reason: str = "") -> None:
+        self._ensure()
+        audit.end_rollout(self.engine, rollout_id, self.now() if ended_at is None else to_epoch(ended_at), reason)
+
+    def record_decision(self, rollout_id: int | None, decision: str, stats: Mapping[str, Any],
+                        alias_moves: Sequence[Any] = (), actor: str = "", ts: Time | None = None) -> int:
+        self._ensure()
+        return audit.record_decision(self.engine, rollout_id, decision, stats, list(alias_moves), actor,
+                                     self.now() if ts is None else to_epoch(ts))
+
+    def audit_log(self, rollout_id: int | None = None) -> list[AuditEntry]:
+        self._ensure()
+        return audit.audit_log(self.engine, rollout_id)
+
+    @contextmanager
+    def lock(self, name: str, ttl_s: float = 3600.0) -> Iterator[None]:
+        """Hold a named lock (promotion, rollback); raises LockHeld while another process holds it."""
+        self._ensure()
+        with engine.lock(self.engine, name, ttl_s):
+            yield
+
+    # --------------------------------------------------------------------------- what is answered
+
+    def evidence(self, rollout_id: int, cutoff: Time | None = None, champion: str | None = None) -> EvidenceSums:
+        """Every sum an evaluation of the rollout needs, at maturity cut `cutoff`, from one snapshot."""
+        self._ensure()
+        return self.summaries.evidence(rollout_id, None if cutoff is None else to_epoch(cutoff), champion)
+
+    def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
+        """The latest served inputs (newest first), for production drift checks."""
+        self._ensure()
+        p = predictions
+        query = select(p.c.features).where(p.c.served == 1, p.c.features.is_not(None))
+        if since is not None:
+            query = query.where(p.c.ts >= to_epoch(since))
+        query = query.order_by(p.c.ts.desc()).limit(int(limit))
+        with self.engine.connect() as conn:
+            return pd.DataFrame.from_records([json.loads(r[0]) for r in conn.execute(query)])
+
+    def unmatched_labels(self) -> int:
+        """Current labels whose request id still has no stored prediction."""
+        self._ensure()
+        known = select(predictions.c.id).where(predictions.c.request_id == labels.c.request_id).exists()
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(labels)
+                                    .where(labels.c.current == 1, ~known)).scalar_one())
+
+    def first_seen(self, rollout_id: int) -> datetime | None:
+        return self._seen(rollout_id, func.min)
+
+    def last_seen(self, rollout_id: int) -> datetime | None:
+        return self._seen(rollout_id, func.max)
+
+    def _seen(self, rollout_id: int, agg: Any) -> datetime | None:
+        self._ensure()
+        with self.engine.connect() as conn:
+            value = conn.execute(select(agg(predictions.c.ts)).where(predictions.c.rollout_id == rollout_id)).scalar()
+        return None if value is None else from_epoch(value)
+
+    def count_predictions(self, rollout_id: int | None = None) -> int:
+        self._ensure()
+        query = select(func.count()).select_from(predictions)
+        if rollout_id is not None:
+            query = query.where(predictions.c.rollout_id == rollout_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def served_version_at(self, when: Time) -> str | None:
+        """Which version answered callers at time `when` (the latest served prediction at or before it)."""
+        self._ensure()
+        query = (select(predictions.c.version)
+                 .where(predictions.c.served == 1, predictions.c.error.is_(None), predictions.c.ts <= to_epoch(when))
+                 .order_by(predictions.c.ts.desc()).limit(1))
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        return None if value is None else str(value)
