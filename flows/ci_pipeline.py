@@ -110,10 +110,9 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    registered = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, data.x_train.head(50))
-    registered = ci.assign_aliases(policy, registered, params.rollout_start)
-    outcome.version, outcome.aliases, outcome.run_id = registered.version, registered.aliases, registered.run_id
-    outcome.rollout_id = registered.rollout_id
-    print(f"registered {policy.registry.model_name} v{registered.version} as "
-          + ", ".join("@" + a for a in registered.aliases))
+    logged = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, data.x_train.head(50))
+    assigned = ci.assign_aliases(policy, str(logged.version), params.rollout_start)
+    outcome.version, outcome.aliases, outcome.run_id = assigned.version, assigned.aliases, logged.run_id
+    outcome.rollout_id = assigned.rollout_id
+    print(f"registered {policy.registry.model_name} v{assigned.version} as " + ", ".join("@" + a for a in assigned.aliases))
     return outcome

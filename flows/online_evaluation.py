@@ -10,7 +10,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from tasks.common import load_policy_task
-from tasks.evaluation import act_task, current_rollout, decide_task, gather_evidence, report_task
+from tasks.evaluation import act_task, current_rollout, decide_task, gather_evidence, log_evaluation, report_task
 
 
 class EvaluationParameters(BaseModel):
@@ -50,8 +50,9 @@ def online_evaluation(config: str = "rollout.yaml", params: EvaluationParameters
     acted = {"acted": False, "reason": "dry run"} if params.dry_run else act_task(policy, decision, rollout, now,
                                                                                   params.actor)
     report = report_task(policy, decision, rollout, now, evidence)
+    log_evaluation(policy, decision, rollout, now, report)
     print(f"rollout {rollout.rollout_id}: {decision.action}" + (f" {decision.winner}" if decision.winner else ""))
     for reason in decision.reasons:
         print(f"  - {reason}")
     return EvaluationOutcome(action=decision.action, rollout_id=rollout.rollout_id, winner=decision.winner,
-                             reasons=list(decision.reasons), acted=acted, report=str(report))
+                             reasons=list(decision.reasons), acted=acted, report=str(report.markdown_path))

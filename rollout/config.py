@@ -311,6 +311,11 @@ class Policy(_Strict):
         return self.url(self.stores.mlflow_tracking_uri)
 
     @property
+    def artifact_location(self) -> str | None:
+        """Where new MLflow experiments keep artifacts: the policy's folder when embedded, else the server's choice."""
+        return self.path(self.stores.mlflow_artifacts).resolve().as_uri() if self.local_mlflow else None
+
+    @property
     def outcome_url(self) -> str:
         return self.url(self.stores.outcome_store_url)
 

@@ -270,3 +270,71 @@ def log_model(model: Any, x_example: Any, task: str, registered_model_name: str 
                                         tags={k: str(v) for k, v in (tags or {}).items()})
         info.registered_model_version = int(version.version)
     return info
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What an MLflow run records: params, metrics, tags, and artifacts (text, JSON, figures, files) by path."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+    dicts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # artifact folder -> local file
+
+
+def experiment_id(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    """Point MLflow at `tracking_uri` and return the id of experiment `name`, created if needed."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(mlflow.create_experiment(name, artifact_location=artifact_location))
+    except mlflow.exceptions.MlflowException:  # created by a concurrent run
+        created = mlflow.get_experiment_by_name(name)
+        if created is None:
+            raise
+        return str(created.experiment_id)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """Where a run landed: its id and, when a model was registered, the new version."""
+
+    run_id: str
+    version: str | None = None
+
+
+def log_run(experiment: str, record: RunRecord, model: Any = None, x_example: Any = None, task: str = "",
+            register_as: str | None = None, version_tags: dict[str, str] | None = None) -> Logged:
+    """Write one run (after `experiment_id` pointed MLflow at the store); with `model`, log it as the run's
+    model and, with `register_as`, register it as a new version carrying `version_tags`."""
+    import mlflow
+
+    with mlflow.start_run(experiment_id=experiment, run_name=record.name) as run:
+        if record.tags:
+            mlflow.set_tags(record.tags)
+        if record.params:
+            mlflow.log_params(record.params)
+        if record.metrics:
+            mlflow.log_metrics(record.metrics)
+        for path, text in record.texts.items():
+            mlflow.log_text(text, path)
+        for path, value in record.dicts.items():
+            mlflow.log_dict(value, path)
+        for path, figure in record.figures.items():
+            mlflow.log_figure(figure, path)
+        for folder, local in record.files.items():
+            mlflow.log_artifact(str(local), folder)
+        version = None
+        if model is not None:
+            info = log_model(model, x_example, task, register_as, version_tags)
+            version = None if register_as is None else str(info.registered_model_version)
+    return Logged(run.info.run_id, version)

@@ -1,15 +1,24 @@
-"""Evaluation reports: Markdown with tables, and a PNG of the effect with its confidence band over time."""
+"""Reports and plots: the CV figure of a candidate, and an evaluation's Markdown and effect-over-time PNG."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from rollout.cd.decision import Decision, Evidence
+from rollout.ci.training import CVResult
+from rollout.outcomes import AuditEntry
+from rollout.stats.moments import Confusion, Moments
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -68,11 +77,9 @@ def evaluation_markdown(decision: dict[str, Any], *, model_name: str, rollout_id
     return "\n".join(lines) + "\n"
 
 
-def metrics_markdown(evidence: Any, metric: str) -> str:
+def metrics_markdown(evidence: Evidence, metric: str) -> str:
     """Per-version metrics overall, per segment and per day, from the evidence's sufficient statistics."""
     from collections import defaultdict
-
-    from rollout.stats.moments import Confusion, Moments
 
     # Loss is lower-is-better; for accuracy the 0/1 loss is the error rate, so show accuracy itself.
     def value(m: Moments) -> str:
@@ -145,3 +152,60 @@ def difference_plot(looks: Sequence[Look], margin: float, metric: str, path: Pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def cv_figure(cv: CVResult) -> Figure:
+    """Train and validation score per fold, and the boosting loss curve when there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if cv.curve else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+    ax = axes[0][0]
+    folds = np.arange(1, len(cv.val_scores) + 1)
+    ax.plot(folds, cv.train_scores, "o-", label="train")
+    ax.plot(folds, cv.val_scores, "s-", label="validation")
+    ax.set(xlabel="fold", ylabel=cv.metric, title=f"Cross-validation {cv.metric}")
+    ax.legend()
+    if cv.curve:
+        ax = axes[0][1]
+        ax.plot(cv.curve.train, label="train loss")
+        ax.plot(cv.curve.validation, label="validation loss")
+        ax.set(xlabel="iteration", ylabel="loss", title="Loss over iterations")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def looks(entries: Sequence[AuditEntry]) -> list[Look]:
+    """Every challenger's effect at every evaluation of a rollout, from its audit log entries."""
+    return [Look(e.ts, version, s.get("estimate"), s.get("lower"), s.get("upper"), int(s.get("n") or 0))
+            for e in entries for version, s in (e.stats.get("stats") or {}).items()]
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """An evaluation's report: its Markdown and the files written (Markdown, PNG, JSON)."""
+
+    markdown: str
+    markdown_path: Path
+    plot_path: Path
+    json_path: Path
+
+
+def write_evaluation(folder: Path, decision: Decision, evidence: Evidence, entries: Sequence[AuditEntry], *, model_name: str,
+                     rollout_id: int, mode: str, metric: str, margin: float, champion: str,
+                     now: datetime) -> EvaluationReport:
+    """Write an evaluation's Markdown (decision, reasons, metrics), its effect plot and its JSON to `folder`."""
+    markdown = evaluation_markdown(decision.to_dict(), model_name=model_name, rollout_id=rollout_id, mode=mode,
+                                   metric=metric, margin=margin, champion=champion, now=now)
+    markdown += "\n" + metrics_markdown(evidence, metric)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = now.strftime("%Y%m%dT%H%M")
+    plot = difference_plot(looks(entries), margin, metric, folder / f"effect-{stamp}.png")
+    md_path, json_path = folder / f"evaluation-{stamp}.md", folder / f"evaluation-{stamp}.json"
+    md_path.write_text(markdown + f"\n![effect over time]({plot.name})\n")
+    json_path.write_text(json.dumps(decision.to_dict(), indent=2))
+    return EvaluationReport(markdown, md_path, plot, json_path)

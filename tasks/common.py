@@ -12,6 +12,7 @@ from prefect.logging import get_run_logger
 
 from rollout.config import Policy, load_policy
 from rollout.ci.gates import GateFailed, GateResult
+from rollout.registry import MlflowRegistry, experiment_id
 
 
 @task(name="load-policy", cache_policy=NO_CACHE)
@@ -20,26 +21,14 @@ def load_policy_task(path: str) -> Policy:
     return load_policy(path)
 
 
+def open_registry(policy: Policy) -> MlflowRegistry:
+    """The policy's registered model in its MLflow registry."""
+    return MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+
+
 def mlflow_experiment(policy: Policy, name: str) -> str:
-    """Point MLflow at the policy's tracking URI and return the id of experiment `name`, created if needed.
-
-    Embedded MLflow keeps artifacts in the policy's folder; a tracking server decides for itself.
-    """
-    import mlflow
-
-    mlflow.set_tracking_uri(policy.tracking_uri)
-    mlflow.set_registry_uri(policy.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    location = policy.path(policy.stores.mlflow_artifacts).resolve().as_uri() if policy.local_mlflow else None
-    try:
-        return str(mlflow.create_experiment(name, artifact_location=location))
-    except mlflow.exceptions.MlflowException:  # created by a concurrent run
-        created = mlflow.get_experiment_by_name(name)
-        if created is None:
-            raise
-        return str(created.experiment_id)
+    """Point MLflow at the policy's tracking URI; the id of experiment `name`, created if needed."""
+    return experiment_id(policy.tracking_uri, name, policy.artifact_location)
 
 
 def artifact_key(text: str) -> str:

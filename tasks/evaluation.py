@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,16 +13,12 @@ from prefect.logging import get_run_logger
 
 from rollout import registry
 from rollout.cd import evaluation
+from rollout.cd.decision import Decision, Evidence, decide
 from rollout.config import Policy
 from rollout.data import infer_schema, load_dataset
-from rollout.cd.decision import Decision, Evidence, decide
-from rollout.report import Look, difference_plot, evaluation_markdown, metrics_markdown
 from rollout.outcomes import OutcomeStore, Rollout
-from tasks.common import mlflow_experiment
-
-
-def open_registry(policy: Policy) -> registry.MlflowRegistry:
-    return registry.MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+from rollout.report import EvaluationReport, write_evaluation
+from tasks.common import mlflow_experiment, open_registry
 
 
 @task(name="current-rollout", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
@@ -52,57 +46,38 @@ def decide_task(policy: Policy, evidence: Evidence, rollout_id: int, now: dateti
 
 @task(name="act", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def act_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime, actor: str) -> dict[str, Any]:
-    """Move aliases and routing under the store's lock; record the decision in the audit log.
-
-    A second run that finds the lock held, or the rollout already ended by another run, acts on
-    nothing and says so.
-    """
-    logger = get_run_logger()
-    store = OutcomeStore(policy.outcome_url)
-    with store.lock("evaluation"):
-        fresh = store.rollout(rollout.rollout_id)
-        if fresh is None or fresh.ended_at is not None:
-            logger.warning("rollout %s was already ended by another run; nothing to do", rollout.rollout_id)
-            return {"acted": False, "reason": "rollout already ended"}
-        action = evaluation.act(decision, fresh, open_registry(policy), store, now)
-        store.record_decision(rollout.rollout_id, decision.action, decision.to_dict(), action.alias_moves, actor,
-                              ts=now)
-    return {"acted": True, "alias_moves": action.alias_moves, "ended": action.ended, "weights": action.weights}
+    """Move aliases and routing under the store's lock and record the decision; or say why nothing was done."""
+    done = evaluation.act_once(decision, rollout.rollout_id, open_registry(policy), OutcomeStore(policy.outcome_url),
+                               now, actor)
+    if not done.acted or done.action is None:
+        get_run_logger().warning("rollout %s: nothing done: %s", rollout.rollout_id, done.reason)
+        return {"acted": False, "reason": done.reason}
+    return {"acted": True, "alias_moves": done.action.alias_moves, "ended": done.action.ended,
+            "weights": done.action.weights}
 
 
 @task(name="report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime, evidence: Evidence) -> Path:
-    """Markdown + PNG of the effect over time, as a Prefect artifact and in an MLflow run."""
-    import mlflow
-
-    store = OutcomeStore(policy.outcome_url)
-    looks = [
-        Look(d.ts, version, s.get("estimate"), s.get("lower"), s.get("upper"), int(s.get("n") or 0))
-        for d in store.audit_log(rollout.rollout_id)
-        for version, s in (d.stats.get("stats") or {}).items()
-    ]
-    markdown = evaluation_markdown(
-        decision.to_dict(), model_name=policy.registry.model_name, rollout_id=rollout.rollout_id, mode=rollout.mode,
-        metric=policy.rollout.primary_metric, margin=policy.rollout.margin, champion=rollout.versions["champion"],
-        now=now,
-    ) + "\n" + metrics_markdown(evidence, policy.rollout.primary_metric)
-    folder = policy.path(policy.stores.reports_dir) / f"rollout-{rollout.rollout_id}"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = now.strftime("%Y%m%dT%H%M")
-    plot = difference_plot(looks, policy.rollout.margin, policy.rollout.primary_metric, folder / f"effect-{stamp}.png")
-    (folder / f"evaluation-{stamp}.md").write_text(markdown + f"\n![effect over time]({plot.name})\n")
-    (folder / f"evaluation-{stamp}.json").write_text(json.dumps(decision.to_dict(), indent=2))
-    create_markdown_artifact(markdown, key=f"evaluation-rollout-{rollout.rollout_id}",
+def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime,
+                evidence: Evidence) -> EvaluationReport:
+    """Markdown, the effect-over-time PNG and JSON to the reports folder, and the Markdown as a Prefect artifact."""
+    report = write_evaluation(
+        policy.path(policy.stores.reports_dir) / f"rollout-{rollout.rollout_id}", decision, evidence,
+        OutcomeStore(policy.outcome_url).audit_log(rollout.rollout_id), model_name=policy.registry.model_name,
+        rollout_id=rollout.rollout_id, mode=rollout.mode, metric=policy.rollout.primary_metric,
+        margin=policy.rollout.margin, champion=rollout.champion, now=now)
+    create_markdown_artifact(report.markdown, key=f"evaluation-rollout-{rollout.rollout_id}",
                              description=f"Online evaluation: {decision.action}")
-    experiment_id = mlflow_experiment(policy, "rollout-evaluation")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"rollout-{rollout.rollout_id}-{stamp}"):
-        mlflow.set_tags({"rollout_id": rollout.rollout_id, "decision": decision.action,
-                         "champion": rollout.versions["champion"]})
-        for version, s in decision.stats.items():
-            for key in ("estimate", "lower", "upper", "n", "power"):
-                value = s.get(key)
-                if isinstance(value, (int, float)) and np.isfinite(value):
-                    mlflow.log_metric(f"v{version}_{key}", float(value))
-        mlflow.log_text(markdown, "evaluation.md")
-        mlflow.log_artifact(str(plot), "plots")
-    return folder / f"evaluation-{stamp}.md"
+    return report
+
+
+@task(name="log-evaluation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def log_evaluation(policy: Policy, decision: Decision, rollout: Rollout, now: datetime, report: EvaluationReport) -> str:
+    """The evaluation as an MLflow run: the decision as tags, each challenger's effect as metrics, the report."""
+    metrics = {f"v{version}_{key}": float(value) for version, s in decision.stats.items()
+               for key in ("estimate", "lower", "upper", "n", "power")
+               if isinstance(value := s.get(key), int | float) and np.isfinite(value)}
+    record = registry.RunRecord(
+        name=f"rollout-{rollout.rollout_id}-{now:%Y%m%dT%H%M}",
+        tags={"rollout_id": rollout.rollout_id, "decision": decision.action, "champion": rollout.champion},
+        metrics=metrics, texts={"evaluation.md": report.markdown}, files={"plots": report.plot_path})
+    return registry.log_run(mlflow_experiment(policy, "rollout-evaluation"), record).run_id

@@ -13,7 +13,7 @@ import pandas as pd
 from rollout.cd.decision import ChallengerEvidence, Decision, Evidence
 from rollout.config import Policy
 from rollout.data import Schema
-from rollout.outcomes import Rollout, Store
+from rollout.outcomes import LockHeld, Rollout, Store
 from rollout.registry import ModelRegistry
 from rollout.roles import ARCHIVED, UNIT_SPLIT_MODES, Role
 from rollout.stats.moments import Confusion
@@ -162,6 +162,31 @@ def act(decision: Decision, rollout: Rollout, registry: ModelRegistry, store: St
         registry.set_tags(version, {f"rollout.{rollout.rollout_id}.decision": decision.action,
                                     "last_evaluation": now.isoformat(timespec="seconds")})
     return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one evaluation run did: acted (with what) or not, and why not."""
+
+    acted: bool
+    action: Action | None = None
+    reason: str = ""
+
+
+def act_once(decision: Decision, rollout_id: int, registry: ModelRegistry, store: Store, now: datetime,
+             actor: str) -> Outcome:
+    """Act on a decision and record it, under the store's evaluation lock. A run that finds the lock held, or
+    the rollout already ended by another run, acts on nothing and says so (two runs never promote twice)."""
+    try:
+        with store.lock("evaluation"):
+            fresh = store.rollout(rollout_id)
+            if fresh is None or fresh.ended_at is not None:
+                return Outcome(False, reason="rollout already ended by another run")
+            action = act(decision, fresh, registry, store, now)
+            store.record_decision(rollout_id, decision.action, decision.to_dict(), action.alias_moves, actor, ts=now)
+            return Outcome(True, action)
+    except LockHeld as exc:
+        return Outcome(False, reason=f"another evaluation is acting: {exc}")
 
 
 def rollback(registry: ModelRegistry, store: Store, now: datetime, actor: str) -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""Planning a rollout when CI registers a challenger: which versions, under which aliases, with what weights."""
+"""Opening a rollout when CI registers a version: which versions, under which aliases, with what weights."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from rollout.config import RolloutPolicy
+from rollout.config import Policy, RolloutPolicy
+from rollout.outcomes import Store
+from rollout.registry import ModelRegistry
 from rollout.roles import Role, challenger_alias, is_challenger
 
 
@@ -43,3 +46,44 @@ def plan_rollout(policy: RolloutPolicy, aliases: dict[str, str], new_version: st
         versions = {Role.CHAMPION: champion, Role.CHALLENGER: new_version}
         retired = [a for a in running if a != Role.CHALLENGER]
     return RolloutPlan(policy.mode, versions, initial_weights(policy, list(versions)), retired)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """The aliases a newly registered version got, and the rollout opened for it (none for a first model)."""
+
+    version: str
+    aliases: list[str]
+    rollout_id: int | None = None
+    plan: RolloutPlan | None = None
+
+    def summary(self) -> str:
+        """One Markdown sentence for the run's artifact."""
+        if self.plan is None:
+            return f"Version **{self.version}** is the first model: set as " + ", ".join(f"`@{a}`" for a in self.aliases)
+        return (f"Registered version **{self.version}** as " + ", ".join(f"`@{a}`" for a in self.aliases)
+                + f"; opened rollout **{self.rollout_id}** in `{self.plan.mode}` mode: "
+                + ", ".join(f"`{a}` = v{v}" for a, v in self.plan.versions.items())
+                + (f"; weights {self.plan.weights}" if self.plan.weights else ""))
+
+
+def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
+           start: datetime | None = None) -> Assignment:
+    """First model: @champion when the policy allows (it has no champion to be judged against online), else
+    @challenger with no rollout. Otherwise @challenger (or the next `challenger-N` in abn mode) and a rollout
+    opened in the policy's mode, starting at `start` (default: now)."""
+    aliases = registry.aliases()
+    if Role.CHAMPION not in aliases:
+        if policy.ci.first_model_becomes_champion:
+            registry.set_alias(Role.CHAMPION, version, expected=None)  # unless another run just set one
+            return Assignment(version, [Role.CHAMPION])
+        registry.set_alias(Role.CHALLENGER, version)
+        return Assignment(version, [Role.CHALLENGER])
+    plan = plan_rollout(policy.rollout, aliases, version)
+    for alias in plan.retired_aliases:
+        registry.remove_alias(alias)
+    for alias, v in plan.versions.items():
+        if alias != Role.CHAMPION and aliases.get(alias) != v:
+            registry.set_alias(alias, v)
+    rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights, started_at=start)
+    return Assignment(version, [a for a, v in plan.versions.items() if v == version], rollout_id, plan)

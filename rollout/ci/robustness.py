@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -89,3 +90,11 @@ def _short(text: str, limit: int = 200) -> str:
 
 def run_cases(model: LoadedModel, cases: dict[str, pd.DataFrame]) -> list[CaseResult]:
     return [run_case(name, model, frame) for name, frame in cases.items()]
+
+
+def check(model: Any, schema: Schema, sample: pd.DataFrame, saved: Path | None, seed: int) -> list[CaseResult]:
+    """Every synthesised edge case and every saved problem input, sent to the model as the service would."""
+    cases = synthesize_cases(schema, sample, seed=seed)
+    if saved is not None:
+        cases.update(load_saved_inputs(saved))
+    return run_cases(LoadedModel(model), cases)

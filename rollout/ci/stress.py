@@ -1,12 +1,12 @@
 """Latency of the candidate vs the champion, measured interleaved on the same inputs.
 
-The CI task times each model as the service calls it (`rollout.models.LoadedModel.score` on records:
-one DataFrame per call, then the raw estimator), so the budget speaks of what callers will see.
+Each model is timed as the service calls it (`rollout.models.LoadedModel.score` on records: one
+DataFrame per call, then the raw estimator), so the budget speaks of what callers will see.
 
 Calls run in rounds: each round makes a share of the single-row calls and one batch call per model,
 the models in shuffled order, so machine noise falls on all of them alike. A clearly fast candidate
 stops early: after `min_single` single-row calls per model, `settled(figures)` is asked after every
-round (the CI task asks whether the gate would pass with half the budget), so CI spends the full
+round (`run` asks whether the gate would pass with half the budget), so CI spends the full
 `single_requests` only on candidates close to a limit.
 """
 
@@ -19,6 +19,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from rollout.ci.gates import stress_clear
+from rollout.config import StressConfig
+from rollout.data import records_of
+from rollout.models import LoadedModel
 
 Predict = Callable[[list[Any]], Any]  # scores a list of rows (records, as serving receives them)
 Figures = dict[str, dict[str, float]]
@@ -88,3 +93,20 @@ def measure(
             if settled({n: _summary(single[n], batch[n], batch_size) for n in names}):
                 break
     return {n: _summary(single[n], batch[n], batch_size) for n in names}
+
+
+def run(candidate: Any, champion: Any, sample: pd.DataFrame, cfg: StressConfig, seed: int) -> Figures:
+    """Figures of the candidate (and the champion, when there is one) under the policy's stress settings,
+    stopping early once the gate would pass with half of every limit."""
+    models: dict[str, Predict] = {"candidate": LoadedModel(candidate, "candidate").score}
+    if champion is not None:
+        models["champion"] = LoadedModel(champion, "champion").score
+    budget = cfg.budget
+
+    def clear(so_far: Figures) -> bool:
+        return stress_clear(so_far["candidate"], so_far.get("champion"), budget.p99_single_ms, budget.p99_batch_ms,
+                            budget.max_ratio_vs_champion)
+
+    records = records_of(pool(sample, cfg.batch_size, seed))
+    return measure(models, records, cfg.single_requests, cfg.batch_size, cfg.batches, np.random.default_rng(seed),
+                   settled=clear)

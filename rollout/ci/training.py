@@ -32,6 +32,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from rollout.config import LOWER_IS_BETTER, EstimatorConfig
 from rollout.data import Schema
+from rollout.models import evaluate
 
 ESTIMATORS: dict[str, type] = {
     "logistic_regression": LogisticRegression,
@@ -323,3 +324,24 @@ def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int) -> LossCur
 def fit(pipeline: Pipeline, data: Split) -> Pipeline:
     """Fit on all training rows (the held-out rows stay unseen)."""
     return pipeline.fit(data.x_train, data.y_train)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Held-out metric of the candidate, the naive baseline and the champion (None when there is none yet)."""
+
+    candidate: float
+    baseline: float
+    champion: float | None
+    champion_version: str | None
+
+
+def held_out(data: Split, task: str, metric: str, model: Any, champion: Any, champion_version: str | None) -> HeldOut:
+    """Score the candidate, the naive baseline and the champion once, on the same held-out rows."""
+    baseline = baseline_estimator(task).fit(data.x_train, data.y_train)
+    return HeldOut(
+        candidate=evaluate(model, data.x_holdout, data.y_holdout, metric),
+        baseline=evaluate(baseline, data.x_holdout, data.y_holdout, metric),
+        champion=None if champion is None else evaluate(champion, data.x_holdout, data.y_holdout, metric),
+        champion_version=champion_version,
+    )

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.postgres]
 
 
 def _free_port() -> int:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from sklearn.compose import ColumnTransformer
@@ -98,26 +97,35 @@ def test_overfitting_estimator_fails_the_overfit_gate(tmp_path):
     assert _registered_versions(policy_path) == []
 
 
-def _no_imputation(schema, estimator, seed=0):
-    """A pipeline a careless data scientist might write: no imputers, so nulls crash it."""
+def _unknown_levels_crash(schema, estimator, seed=0):
+    """A pipeline a careless data scientist might write: its encoder refuses category levels it never saw."""
+    from sklearn.impute import SimpleImputer
+
     prep = ColumnTransformer(
-        [("num", "passthrough", list(schema.numeric)),
-         ("cat", OneHotEncoder(handle_unknown="ignore"), list(schema.categorical))]
+        [("num", SimpleImputer(), list(schema.numeric)),
+         ("cat", Pipeline([("fill", SimpleImputer(strategy="most_frequent")),
+                           ("onehot", OneHotEncoder(handle_unknown="error"))]), list(schema.categorical))]
     )
     return Pipeline([("prep", prep), ("model", LogisticRegression(max_iter=2000))])
 
 
-def test_pipeline_crashing_on_nulls_fails_robustness_naming_the_case(tmp_path, monkeypatch):
+def test_pipeline_crashing_on_unseen_levels_fails_robustness_naming_the_case(tmp_path, monkeypatch):
+    """An unseen category is a valid request (a string where a string is due), so the service would send it
+    to the model: a model that crashes on it fails the gate. A null where training had none is refused by the
+    input contract first (a clean 422), which the gate accepts."""
     example_dataset(rows=2500, seed=8).dropna().to_csv(tmp_path / "clean.csv", index=False)
     policy_path = write_policy(tmp_path, data={"source": "clean.csv"}, ci={
         "cv_folds": 3, "max_train_val_gap": 0.2, "max_fold_std": 0.2, "floor": 0.5, "min_margin_over_baseline": 0.0,
         "expectations_suite": str(Path(__file__).resolve().parents[2] / "expectations" / "loan_training.json"),
         "stress": {"single_requests": 20, "batch_size": 100, "batches": 3},
     })
-    monkeypatch.setattr(training, "build_pipeline", _no_imputation)
+    monkeypatch.setattr(training, "build_pipeline", _unknown_levels_crash)
     failure = _fail(policy_path)
     assert failure.result.gate == "robustness"
-    assert "null_credit_score" in failure.result.reason and "NaN" in failure.result.reason
+    assert "unseen_tier (ValueError: Found unknown categories" in failure.result.reason
+    assert "null_credit_score" not in failure.result.reason  # refused by the contract, not a crash
+    assert any(d.startswith("null_credit_score: validation_error - credit_score: null not allowed")
+               for d in failure.result.details)
     assert _registered_versions(policy_path) == []
 
 
@@ -164,7 +172,13 @@ def test_another_dataset_by_changing_the_policy_file_alone(tmp_path):
     assert outcome.aliases == ["champion"]
     held = next(g for g in outcome.gates if g.gate == "floor").numbers["holdout"]
     assert 0.3 < held < 0.7
-    model = MlflowRegistry(load_policy(policy_path).tracking_uri, "diabetes").load(outcome.version)
+    registry = MlflowRegistry(load_policy(policy_path).tracking_uri, "diabetes")
+    assert registry.aliases() == {"champion": outcome.version}
+    tags = registry.get_tags(outcome.version)
+    assert tags["estimator"] == "ridge" and float(tags["holdout_r2"]) == pytest.approx(held, abs=1e-6)
+    assert json.loads(tags["gates"]) == {g.gate: "pass" for g in outcome.gates}
+    metrics = registry.client.get_run(outcome.run_id).data.metrics
+    assert metrics["holdout_r2"] == pytest.approx(held) and metrics["baseline_r2"] < 0.05  # the mean predicts nothing
+    model = registry.load(outcome.version)
     pred = np.asarray(model.predict(frame.drop(columns=["target"]).head(4)))
     assert pred.shape == (4,) and np.all(np.isfinite(pred))
-    assert isinstance(pd.read_csv(tmp_path / "diabetes.csv"), pd.DataFrame)

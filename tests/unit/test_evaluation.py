@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from rollout.cd.decision import Decision
-from rollout.cd.evaluation import act, gather, rollback
+from rollout.cd.evaluation import act, act_once, gather, rollback
 from rollout.config import parse_policy
 from rollout.outcomes import PredictionRow
 from rollout.outcomes.memory import InMemoryStore
@@ -125,3 +128,61 @@ def test_rollback_without_a_previous_champion_says_so_and_changes_nothing(store:
     with pytest.raises(RuntimeError, match="previous-champion"):
         rollback(registry, store, T0, "on-call")
     assert registry.aliases() == {"champion": "1", "challenger": "2"} and store.audit_log() == []
+
+
+class _Meeting(InMemoryRegistry):
+    """A registry whose first alias move waits (up to 2 s) for a second one: two runs inside act at once meet."""
+
+    def __init__(self, inside: threading.Event, barrier: threading.Barrier) -> None:
+        super().__init__()
+        self.inside, self.barrier = inside, barrier
+
+    def set_alias(self, alias: str, version: str, expected: object = object()) -> None:  # noqa: B008
+        self.inside.set()
+        try:
+            self.barrier.wait(timeout=2.0)
+        except threading.BrokenBarrierError:
+            pass
+        if isinstance(expected, str | type(None)):
+            super().set_alias(alias, version, expected=expected)
+        else:
+            super().set_alias(alias, version)
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_two_evaluations_acting_at_once_promote_once(tmp_path, monkeypatch: pytest.MonkeyPatch, locked: bool) -> None:
+    """The second run starts while the first is inside the lock, moving aliases; it must act on nothing and say
+    so. Without the lock (locked=False) the two overlap inside act, and the second fails mid-way: the test's
+    own check that the overlap it builds is real."""
+    from rollout.outcomes import OutcomeStore
+
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}", clock=lambda: T0)
+    if not locked:
+        monkeypatch.setattr(OutcomeStore, "lock", lambda self, name, ttl_s=3600.0: contextlib.nullcontext())
+    inside, barrier = threading.Event(), threading.Barrier(2)
+    registry = _Meeting(inside, barrier)
+    for _ in range(2):
+        registry.add(object())
+    InMemoryRegistry.set_alias(registry, "champion", "1")
+    InMemoryRegistry.set_alias(registry, "challenger", "2")
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, started_at=T0)
+    results: dict[str, Any] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = act_once(_decision("promote", "2"), rid, registry, store, T0, name)
+        except Exception as exc:  # noqa: BLE001 - recorded, asserted below
+            results[name] = exc
+
+    first = threading.Thread(target=run, args=("first",))
+    first.start()
+    assert inside.wait(5.0)  # the first run is moving aliases, under the lock
+    run("second")
+    first.join()
+    if locked:
+        assert results["first"].acted and not results["second"].acted
+        assert "another evaluation is acting" in results["second"].reason
+        assert [e.decision for e in store.audit_log(rid)] == ["promote"]
+        assert registry.aliases() == {"champion": "2", "previous-champion": "1"}
+    else:
+        assert any(isinstance(r, Exception) for r in results.values())
