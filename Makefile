@@ -21,7 +21,7 @@ test: $(STAMP) lint
 # Undefined names and unused imports anywhere; types in the domain package (STYLE.md).
 lint: $(STAMP)
 	$(BIN)/ruff check --select F .
-	$(BIN)/mypy rollout
+	$(BIN)/mypy --strict rollout
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e"

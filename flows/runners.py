@@ -22,14 +22,11 @@ def dask_runner(address: str | None = None, workers: int = 2) -> Any:
 
 @contextmanager
 def embedded_run(force: bool = False) -> Iterator[None]:
-    """Flow runs called here against the embedded (ephemeral) Prefect server run without heartbeats.
-
-    Prefect 3.9's sync flow engine ends every run by joining its heartbeat thread, which sleeps in
-    1-second slices: up to 1 s added to each run (measured: an empty flow takes 1.1 s with them, 0.1 s
-    without). Heartbeats feed zombie-run detection on a Prefect server; the embedded server lives and dies
-    with this process, so nobody would watch them. With PREFECT_API_URL set (a real server) they stay on,
-    unless `force` (a test harness or benchmark standing in for the embedded server).
-    """
+    """Flow runs called here against the embedded Prefect server run without heartbeats (with a real server,
+    PREFECT_API_URL set, they stay on unless `force`: a test harness standing in for the embedded one)."""
+    # Prefect 3.9's sync engine ends every run by joining its heartbeat thread, which sleeps in 1 s slices
+    # (an empty flow: 1.1 s with, 0.1 s without). Heartbeats feed zombie-run detection on a server; the
+    # embedded server lives and dies with this process, so nobody would watch them.
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
     if get_current_settings().api.url and not force:

@@ -335,19 +335,20 @@ def _describe(error: Any, model: type[BaseModel]) -> str:
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    current: Any = model
+    current: type[BaseModel] = model
     for part in loc:
         if isinstance(part, int):
             continue
-        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        field = current.model_fields.get(part)
         if field is None:
             return None
         ann = field.annotation
         args = getattr(ann, "__args__", ())
         candidates = [ann, *args]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if current is None:
+        found = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if found is None:
             return None
+        current = found
     return current
 
 

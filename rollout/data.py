@@ -171,4 +171,5 @@ def data_hash(frame: pd.DataFrame) -> str:
 
 def records_of(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """The rows as a client sends them to the service: one dict per row, nulls as None."""
-    return frame.astype(object).where(frame.notna(), None).to_dict("records")
+    records: list[dict[str, Any]] = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    return records

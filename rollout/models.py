@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,12 @@ from sklearn import metrics as skm
 NUMBER, INTEGER, STRING, BOOLEAN, ANY = "number", "integer", "string", "boolean", "any"
 _MLFLOW_KINDS = {"double": NUMBER, "float": NUMBER, "long": INTEGER, "integer": INTEGER, "string": STRING,
                  "boolean": BOOLEAN}
+
+
+class Predictor(Protocol):
+    """What any model offers: outputs for a frame of inputs (a pyfunc, an estimator, a fake)."""
+
+    def predict(self, frame: pd.DataFrame) -> Any: ...
 
 
 class ModelError(RuntimeError):
@@ -56,7 +62,7 @@ class Outputs:
 class LoadedModel:
     """One model (a registry version, a fitted candidate) ready to score; thread-safe if the model is."""
 
-    def __init__(self, model: Any, version: str = "") -> None:
+    def __init__(self, model: Predictor, version: str = "") -> None:
         self.version = str(version)
         self.model = model
         self.columns = input_columns(model)
@@ -64,7 +70,7 @@ class LoadedModel:
         self._call = _estimator(model)
         classes = getattr(self._call, "classes_", None)
         self._proba = hasattr(self._call, "predict_proba") and classes is not None and len(classes) == 2
-        self._classes = np.asarray(classes) if self._proba else None
+        self._classes = np.asarray(classes) if self._proba else np.empty(0)
 
     def __repr__(self) -> str:
         return f"LoadedModel(version={self.version!r})"
@@ -103,7 +109,7 @@ class LoadedModel:
                 if proba.ndim != 2 or proba.shape != (n, 2):
                     raise ModelError(f"predict_proba returned shape {proba.shape} for {n} rows")
                 scores = proba[:, 1]
-                preds = self._classes[np.argmax(proba, axis=1)]  # type: ignore[index]  # set with _proba
+                preds = self._classes[np.argmax(proba, axis=1)]
             else:
                 preds = np.asarray(self._call.predict(frame))
                 if preds.ndim == 2 and preds.shape[1] == 1:
@@ -134,7 +140,7 @@ class LoadedModel:
         return Outputs(out_preds, out_scores, errors)
 
 
-def input_columns(model: Any) -> tuple[ColumnSpec, ...] | None:
+def input_columns(model: Predictor) -> tuple[ColumnSpec, ...] | None:
     """The model's input contract, or None when it declares none (then nothing is checked)."""
     schema = _mlflow_schema(model)
     if schema is not None:
@@ -152,7 +158,7 @@ def input_columns(model: Any) -> tuple[ColumnSpec, ...] | None:
     return tuple(ColumnSpec(str(name), ANY, True, True) for name in names)
 
 
-def _mlflow_schema(model: Any) -> tuple[ColumnSpec, ...] | None:
+def _mlflow_schema(model: Predictor) -> tuple[ColumnSpec, ...] | None:
     metadata = getattr(model, "metadata", None)
     if metadata is None or not hasattr(metadata, "get_input_schema"):
         return None
@@ -168,7 +174,7 @@ def _mlflow_schema(model: Any) -> tuple[ColumnSpec, ...] | None:
     return tuple(specs)
 
 
-def _estimator(model: Any) -> Any:
+def _estimator(model: Predictor) -> Any:
     """The object to call: the raw estimator behind an MLflow pyfunc when there is one."""
     getter = getattr(model, "get_raw_model", None)
     if getter is not None:
@@ -260,7 +266,7 @@ def metric_value(metric: str, y_true: Any, prediction: np.ndarray, score: np.nda
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def evaluate(model: Any, x: pd.DataFrame, y: Any, metric: str) -> float:
+def evaluate(model: Predictor, x: pd.DataFrame, y: Any, metric: str) -> float:
     """One metric of a model (fitted estimator or loaded pyfunc) on labelled rows, called as the service calls it."""
     predictions, scores = LoadedModel(model).predict(x).checked()
     return metric_value(metric, y, predictions, scores)

@@ -122,7 +122,8 @@ class MlflowRegistry:
         return dict(self.client.get_model_version(self.model_name, str(version)).tags or {})
 
     def run_id(self, version: str) -> str | None:
-        return self.client.get_model_version(self.model_name, str(version)).run_id
+        run_id = self.client.get_model_version(self.model_name, str(version)).run_id
+        return None if run_id is None else str(run_id)
 
     def model_uri(self, version: str) -> str:
         return f"models:/{self.model_name}/{version}"

@@ -29,25 +29,19 @@ Key = tuple[str, str]  # (segment, day)
 
 @dataclass(frozen=True)
 class ChallengerEvidence:
-    """Everything measured about one challenger since the rollout started.
-
-    paired: shadow only, Moments of d = loss(challenger) - loss(champion) per matured request.
-    loss: Moments of the challenger's own loss (A/B effect; stability in every mode).
-    looked_at: matured sample sizes at earlier evaluations (group-sequential design only).
-    ipw: bandit only, IPW sums of the challenger's loss (propensity-weighted).
-    """
+    """Everything measured about one challenger since the rollout started, per (segment, day) where keyed."""
 
     version: str
-    paired: Mapping[Key, Moments] = field(default_factory=dict)
-    loss: Mapping[Key, Moments] = field(default_factory=dict)
+    paired: Mapping[Key, Moments] = field(default_factory=dict)  # shadow: loss(challenger) - loss(champion)
+    loss: Mapping[Key, Moments] = field(default_factory=dict)  # its own loss: the A/B effect, stability
     confusion: Mapping[str, Confusion] = field(default_factory=dict)
     errors: int = 0
     requests: int = 0
     latency_p99_ms: float | None = None
     agreement: AgreementSums | None = None
     psi_max: float | None = None
-    looked_at: tuple[int, ...] = ()
-    ipw: IPWSums | None = None
+    looked_at: tuple[int, ...] = ()  # matured n at earlier evaluations (group-sequential design)
+    ipw: IPWSums | None = None  # bandit: propensity-weighted sums of its loss
     rate_per_hour: float | None = None
 
 
@@ -57,7 +51,7 @@ class Evidence:
     requests vs challenger shadow scorings, expected equal when expected_shares is empty; in ab/abn:
     units, the thing randomised)."""
 
-    mode: Literal["shadow", "ab", "abn", "bandit"]
+    mode: str  # a config.Mode
     started_at: datetime
     now: datetime
     champion: str
@@ -83,7 +77,7 @@ class Decision:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (infinities and NaN become None)."""
-        return _json_safe(
+        safe: dict[str, Any] = _json_safe(
             {
                 "action": self.action,
                 "winner": self.winner,
@@ -92,6 +86,7 @@ class Decision:
                 "bandit_weights": self.bandit_weights,
             }
         )
+        return safe
 
 
 def _json_safe(value: Any) -> Any:
@@ -205,15 +200,9 @@ def _fmt(x: float) -> str:
 
 
 def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator | None = None) -> Decision:
-    """Apply the promotion rules of the policy to the evidence.
+    """Apply the policy's promotion rules to the evidence (stats per challenger: docs/architecture.md).
 
-    rng draws the Thompson weights in bandit mode; None means a fixed seed (same evidence, same weights).
-    Per-challenger stats: "power" is the chance the bound clears -margin at the current n if the true
-    effect were the planned one; "cap" is where the planned power is reached; "samples_needed" and
-    "hours_to_decision" project from the current estimate (capped at the plan) and the observed rate.
-    Guardrail bounds are fixed-horizon Wilson bounds at the policy's alpha (not split, not anytime).
-    Mixture N* follows the current sigma estimate (no state is stored), so it settles as data accrue.
-    """
+    `rng` draws the Thompson weights in bandit mode; None is a fixed seed (same evidence, same weights)."""
     ev = evidence
     k = len(ev.challengers)
     if k == 0:

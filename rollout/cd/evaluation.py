@@ -99,7 +99,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     shares = {} if rollout.mode == "shadow" else {rollout.versions[a]: w for a, w in rollout.weights.items()
                                                    if a in rollout.versions}
     return Evidence(
-        mode=rollout.mode,  # type: ignore[arg-type]
+        mode=rollout.mode,
         started_at=rollout.started_at,
         now=now,
         champion=champion,

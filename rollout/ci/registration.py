@@ -16,6 +16,7 @@ from rollout.ci.gates import GateResult
 from rollout.ci.training import CVResult, HeldOut
 from rollout.config import Policy
 from rollout.data import Schema, data_hash
+from rollout.models import Predictor
 from rollout.report import cv_figure
 
 
@@ -59,7 +60,7 @@ def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CV
     )
 
 
-def register(policy: Policy, model: Any, schema: Schema, frame: pd.DataFrame, cv: CVResult, held: HeldOut,
+def register(policy: Policy, model: Predictor, schema: Schema, frame: pd.DataFrame, cv: CVResult, held: HeldOut,
              results: list[GateResult], x_example: pd.DataFrame) -> registry.Logged:
     """Log the candidate's run with its model and register it as a new version of the policy's model."""
     experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)

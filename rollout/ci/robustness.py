@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from rollout.data import Schema, records_of
-from rollout.models import LoadedModel, ModelError
+from rollout.models import LoadedModel, ModelError, Predictor
 
 
 @dataclass(frozen=True)
@@ -92,7 +91,7 @@ def run_cases(model: LoadedModel, cases: dict[str, pd.DataFrame]) -> list[CaseRe
     return [run_case(name, model, frame) for name, frame in cases.items()]
 
 
-def check(model: Any, schema: Schema, sample: pd.DataFrame, saved: Path | None, seed: int) -> list[CaseResult]:
+def check(model: Predictor, schema: Schema, sample: pd.DataFrame, saved: Path | None, seed: int) -> list[CaseResult]:
     """Every synthesised edge case and every saved problem input, sent to the model as the service would."""
     cases = synthesize_cases(schema, sample, seed=seed)
     if saved is not None:

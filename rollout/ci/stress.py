@@ -23,7 +23,7 @@ import pandas as pd
 from rollout.ci.gates import stress_clear
 from rollout.config import StressConfig
 from rollout.data import records_of
-from rollout.models import LoadedModel
+from rollout.models import LoadedModel, Predictor
 
 Predict = Callable[[list[Any]], Any]  # scores a list of rows (records, as serving receives them)
 Figures = dict[str, dict[str, float]]
@@ -95,7 +95,7 @@ def measure(
     return {n: _summary(single[n], batch[n], batch_size) for n in names}
 
 
-def run(candidate: Any, champion: Any, sample: pd.DataFrame, cfg: StressConfig, seed: int) -> Figures:
+def run(candidate: Predictor, champion: Predictor | None, sample: pd.DataFrame, cfg: StressConfig, seed: int) -> Figures:
     """Figures of the candidate (and the champion, when there is one) under the policy's stress settings,
     stopping early once the gate would pass with half of every limit."""
     models: dict[str, Predict] = {"candidate": LoadedModel(candidate, "candidate").score}

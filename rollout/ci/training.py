@@ -32,7 +32,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from rollout.config import LOWER_IS_BETTER, EstimatorConfig
 from rollout.data import Schema
-from rollout.models import evaluate
+from rollout.models import Predictor, evaluate
 
 ESTIMATORS: dict[str, type] = {
     "logistic_regression": LogisticRegression,
@@ -119,18 +119,10 @@ def _threadpools() -> Any:
 @contextmanager
 def fit_threads(threads: int | None) -> Iterator[None]:
     """A share of the cores for one fit: at most `threads` BLAS/OpenMP threads inside, and at most
-    usable_cores() // threads fits at once in this process (the others wait their turn).
-
-    None leaves the libraries' default (every core per fit), so such fits run one at a time: two of them
-    on the same cores oversubscribe them (measured: five folds in five threads ran 8x slower each on
-    2 cores). With a cap, the flow's folds and final fit run side by side in threads. Measured on 2 cores:
-    five folds of the example's logistic regression on 80k rows take 2.1 s with one thread against
-    2.7-3.0 s with two (their overhead outweighs the work), and 2.5x longer than that when another
-    process holds the other core.
-
-    The BLAS limit is process-wide: set by the first capped fit, restored when the last one ends. The
-    OpenMP limit belongs to the calling thread, so each fit sets its own.
-    """
+    usable_cores() // threads fits at once in this process; None (every core per fit) runs fits one at a time."""
+    # Uncapped fits side by side oversubscribe the cores (docs/architecture.md has the figures). The BLAS
+    # limit is process-wide: set by the first capped fit, restored by the last one out; the OpenMP limit
+    # belongs to the calling thread, so each fit sets its own.
     slots = 1 if threads is None else max(1, usable_cores() // threads)
     share = _FITS
     with share.cond:
@@ -336,7 +328,7 @@ class HeldOut:
     champion_version: str | None
 
 
-def held_out(data: Split, task: str, metric: str, model: Any, champion: Any, champion_version: str | None) -> HeldOut:
+def held_out(data: Split, task: str, metric: str, model: Predictor, champion: Predictor | None, champion_version: str | None) -> HeldOut:
     """Score the candidate, the naive baseline and the champion once, on the same held-out rows."""
     baseline = baseline_estimator(task).fit(data.x_train, data.y_train)
     return HeldOut(

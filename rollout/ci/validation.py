@@ -58,20 +58,15 @@ def build_suite(
     schema: Schema,
     name: str,
     *,
-    bounds: Mapping[str, tuple[float | None, float | None]] | None = None,
-    positive: Sequence[str] = (),
+    bounds: Mapping[str, tuple[float | None, float | None]] | None = None,  # inclusive ranges; None = open
+    positive: Sequence[str] = (),  # columns that must be > 0
     min_rows: int = 100,
-    tolerance: float = 0.5,
-    balance: tuple[float, float] = (0.2, 0.8),
+    tolerance: float = 0.5,  # other ranges: the observed span widened by this share (>= 0 stays >= 0)
+    balance: tuple[float, float] = (0.2, 0.8),  # a 0/1 target's mean stays here (widened to the reference's)
 ) -> ExpectationSuite:
-    """A starter suite derived from a reference table: columns, types, nulls, ranges, levels, target.
+    """A starter suite from a reference table: columns, types, nulls, ranges, levels, target balance.
 
-    Numeric ranges come from `bounds` (inclusive, None = open) where given, else from the data
-    widened by `tolerance` times the observed span (and floored at 0 for non-negative columns);
-    `positive` columns must be > 0. A nullable column may hold twice its reference null rate plus
-    two points; other columns must have no nulls. A binary 0/1 target keeps its mean within
-    `balance` (widened to include the reference mean).
-    """
+    A nullable column may hold twice its reference null rate plus two points; other columns no nulls."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 

@@ -62,15 +62,14 @@ def open_rollout(engine: Engine, mode: str, versions: Mapping[str, str], weights
     with engine.begin() as conn:
         conn.execute(update(routing).where(routing.c.ended_at.is_(None))
                      .values(ended_at=start, end_reason="superseded by a new rollout"))
-        result = conn.execute(insert(routing).values(
+        return int(conn.execute(insert(routing).values(
             mode=mode,
             versions=to_json({str(k): str(v) for k, v in versions.items()}),
             weights=to_json({str(k): float(v) for k, v in weights.items()}),
             salt=salt,
             started_at=start,
             updated_at=start,
-        ))
-        return int(result.inserted_primary_key[0])  # type: ignore[index]  # an insert always returns its key
+        ).returning(routing.c.rollout_id)).scalar_one())
 
 
 def current_rollout(engine: Engine) -> Rollout | None:
@@ -109,10 +108,9 @@ def record_decision(engine: Engine, rollout_id: int | None, decision: str, stats
                     alias_moves: list[Any], actor: str, ts: float) -> int:
     """Append to the audit log; returns the entry's id."""
     with engine.begin() as conn:
-        result = conn.execute(insert(decisions).values(
+        return int(conn.execute(insert(decisions).values(
             ts=ts, rollout_id=rollout_id, decision=decision, stats=to_json(stats), alias_moves=to_json(alias_moves),
-            actor=actor or default_actor()))
-        return int(result.inserted_primary_key[0])  # type: ignore[index]  # an insert always returns its key
+            actor=actor or default_actor()).returning(decisions.c.id)).scalar_one())
 
 
 def audit_log(engine: Engine, rollout_id: int | None = None) -> list[AuditEntry]:

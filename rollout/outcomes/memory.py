@@ -11,7 +11,7 @@ import json
 import math
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -53,7 +53,7 @@ def loss(metric: str, prediction: float | None, score: float | None, label: floa
 class InMemoryStore:
     """The `Store` protocol over Python lists; `clock` gives the time of writes without one."""
 
-    clock: Any = field(default=lambda: datetime.now(tz=UTC))
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(tz=UTC))
     predictions: list[PredictionRow] = field(default_factory=list)
     labels: dict[str, tuple[float, float]] = field(default_factory=dict)  # request id -> (ts, label), current
     routing: dict[int, Rollout] = field(default_factory=dict)

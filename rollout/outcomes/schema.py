@@ -120,18 +120,18 @@ INT_COLS = {c for c in SUM_COLS if c.endswith("_n")} | set(CONF_COLS) | {"pairs"
 # always equals the sum of its day's hourly rows (added in hour order) for a day with no dirty hour.
 
 
-def _summary_keys(hourly: bool) -> list[Column]:
+def _summary_keys(hourly: bool) -> list[Column[Any]]:
     """(rollout, [hour,] day, version): the columns every summary table starts with."""
     return [Column("rollout_id", Integer, nullable=False), *([Column("hour", BigInteger, nullable=False)] if hourly else []),
             Column("day", String(10), nullable=False), Column("version", String(32), nullable=False)]
 
 
-def _summary_columns(hourly: bool) -> list[Column]:
+def _summary_columns(hourly: bool) -> list[Column[Any]]:
     return [*_summary_keys(hourly), Column("segment", String(64)),
             *(Column(c, BigInteger if c in INT_COLS else Float) for c in SUM_COLS)]
 
 
-def _usage_columns(hourly: bool) -> list[Column]:
+def _usage_columns(hourly: bool) -> list[Column[Any]]:
     return [*_summary_keys(hourly), Column("bucket", Integer), Column("n", BigInteger, nullable=False),
             Column("errors", BigInteger, nullable=False), Column("served", BigInteger, nullable=False)]
 

@@ -299,7 +299,7 @@ class Summaries:
         row = conn.execute(select(routing.c.versions, routing.c.mode).where(routing.c.rollout_id == rollout_id)).first()
         return (None, None) if row is None else (json.loads(row[0]).get(Role.CHAMPION), row[1])
 
-    def _days_of(self, conn: Any, rollout_id: int) -> list[str]:
+    def _days_of(self, conn: Connection, rollout_id: int) -> list[str]:
         """The days a rollout has predictions on: one index seek per day (ix_predictions_day), not a scan."""
         days: list[str] = []
         p = predictions
@@ -352,7 +352,7 @@ class Summaries:
         days = days_between(lo, hi)
         return [p.c.day.in_(days), p.c.ts >= lo, p.c.ts < hi]
 
-    def _hour_rows(self, conn: Any, rollout_id: int, champion: str | None,
+    def _hour_rows(self, conn: Connection, rollout_id: int, champion: str | None,
                    hours: Sequence[int]) -> list[tuple[str, str | None, str, int, tuple[Any, ...]]]:
         """Hourly summary rows of the given hours: one query per run of nearby hours (index ranges), or one
         pass over the whole rollout when they are many (a first build)."""
@@ -365,23 +365,17 @@ class Summaries:
             rows = [r for run in _hour_runs(wanted) for r in self._labelled_rows(conn, rollout_id, champion, run)]
         return [r for r in rows if r[3] in wanted]
 
-    def _labelled_rows(self, conn: Any, rollout_id: int, champion: str | None, hours: tuple[int, int] | None = None,
+    def _labelled_rows(self, conn: Connection, rollout_id: int, champion: str | None, hours: tuple[int, int] | None = None,
                        *, day: str | None = None, cutoff: float | None = None, by_hour: bool = True,
                        changes: bool = False) -> list[tuple[Any, ...]]:
-        """Summary rows (version, segment, day, hour or None, values in SUM_COLS order) from predictions.
-
-        predictions p LEFT JOIN its current label LEFT JOIN the champion's row of the same request,
-        restricted to the hours [first, last] or to one `day` (neither: the whole rollout) and to
-        ts < cutoff when given, grouped by hour too unless `by_hour` is false. With `changes`: the rows
-        of the requests in label_changes instead, once with the change's new label (sign 1) and once
-        with its old one (sign -1), grouped by sign too (a 6th item of each row): the difference of the
-        two sums is the change's delta.
-        An inner query computes each row's losses, paired differences and weights once (OFFSET 0 keeps
-        both databases from merging it into the outer query, which would evaluate every expression again
-        in each aggregate); the outer one sums them per (version, segment, day, hour). Identical to
-        per-aggregate queries as long as a request has at most one current label and one row per
-        version (what add_labels and the serving log writer keep).
-        """
+        """Summary rows (version, segment, day, hour or None, values in SUM_COLS order) of the hours [first, last],
+        or one `day`, or the whole rollout, up to `cutoff`; with `changes`, the label changes' deltas instead."""
+        # predictions LEFT JOIN its current label LEFT JOIN the champion's row of the same request. With
+        # `changes`: the rows of the requests in label_changes, once with the new label (sign 1) and once with
+        # the old one (sign -1), grouped by sign too (a 6th item): their difference is the change's delta.
+        # An inner query computes each row's losses, differences and weights once (OFFSET 0 keeps both
+        # databases from merging it into the outer sums, which would evaluate every expression again). Exact
+        # while a request has at most one current label and one row per version, as the write path keeps.
         few = hours is not None or day is not None or changes
         p = predictions.alias("p")
         where = [p.c.rollout_id == rollout_id, p.c.error.is_(None)]
@@ -526,7 +520,7 @@ class Summaries:
             terms += self._range(p, (min(hours), max(hours)))
         return terms
 
-    def _usage_rows(self, conn: Any, rollout_id: int, hours: Sequence[int]) -> list[tuple[Any, ...]]:
+    def _usage_rows(self, conn: Connection, rollout_id: int, hours: Sequence[int]) -> list[tuple[Any, ...]]:
         """(version, latency bucket, rows, error rows, served rows) over the rows of the given hours."""
         out: list[tuple[Any, ...]] = []
         for run in ([sorted(hours)] if len(hours) > _MANY_HOURS else [
@@ -543,16 +537,11 @@ class Summaries:
         return sorted(days)
 
     def save(self, refresh: Refresh) -> bool:
-        """Store a refresh: the recomputed hours whose dirty mark is still the one read (else they stay
-        dirty), the hours a label change moved; delete the changes applied; roll the days of the stored
-        hours up into daily_aggregates / daily_usage. Returns whether anything was stored.
-
-        Only if no refresh was stored since this one's snapshot (summary_state.version unchanged,
-        checked under the rollout's lock: BEGIN IMMEDIATE on SQLite, the state row locked on
-        PostgreSQL); else nothing is stored, marks and changes stay, and the next refresh redoes them.
-        The usage rows of the recomputed hours are computed here, in SQL (INSERT ... SELECT): a row logged
-        into such an hour since the snapshot marked it again, so it is recomputed at the next refresh.
-        """
+        """Store a refresh, unless another was stored since its snapshot (then the next refresh redoes its work);
+        returns whether it stored. Hours marked again since the snapshot stay dirty."""
+        # Checked under the rollout's lock (BEGIN IMMEDIATE on SQLite, the state row FOR UPDATE on PostgreSQL).
+        # The recomputed hours' usage rows are computed here, in SQL: a row logged into such an hour since the
+        # snapshot marked it again, so the next refresh recomputes it.
         rollout_id, version, marks, changes, rows = (refresh.rollout_id, refresh.version, refresh.marks,
                                                      refresh.changes, refresh.rows)
         if version is None or not (marks or changes):
@@ -609,7 +598,7 @@ class Summaries:
                     .group_by(hu.c.rollout_id, hu.c.day, hu.c.version, hu.c.bucket)))
         return True
 
-    def _stored_hours(self, conn: Any, rollout_id: int, days: Sequence[str]) -> list[tuple[Any, ...]]:
+    def _stored_hours(self, conn: Connection, rollout_id: int, days: Sequence[str]) -> list[tuple[Any, ...]]:
         """Stored hourly summary rows (version, segment, day, hour, values) of the given days."""
         if not days:
             return []
@@ -645,7 +634,7 @@ def loss_expr(metric: str, prediction: Any, score: Any, label: Any) -> Any:
     raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
 
 
-def _execute_indexed_by(conn: Any, query: Any, table_sql: str, index: str) -> Any:
+def _execute_indexed_by(conn: Connection, query: Any, table_sql: str, index: str) -> Any:
     """Run the query on SQLite with `INDEXED BY index` after `table_sql` (SQLAlchemy renders no SQLite hints)."""
     compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})  # IN lists expanded
     sql = str(compiled)

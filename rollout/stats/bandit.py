@@ -18,7 +18,7 @@ def apply_floor(weights: np.ndarray, floor: float) -> np.ndarray:
     w = np.asarray(weights, dtype=float)
     k = w.shape[-1]
     floor = min(floor, 1.0 / k)
-    return floor + (1.0 - k * floor) * w
+    return np.asarray(floor + (1.0 - k * floor) * w, dtype=float)
 
 
 def _argmax_shares(samples: np.ndarray) -> np.ndarray:
@@ -98,10 +98,9 @@ class IPWSums:
                    float((w * w * r).sum()), float((w * w * r * r).sum()))
 
     def __add__(self, other: IPWSums) -> IPWSums:
-        return IPWSums(*(a + b for a, b in zip(self._astuple(), other._astuple(), strict=True)))  # type: ignore[arg-type]
-
-    def _astuple(self) -> tuple[float, ...]:
-        return (self.n_total, self.n, self.sum_w, self.sum_wr, self.sum_w2, self.sum_w2r, self.sum_w2r2)
+        return IPWSums(self.n_total + other.n_total, self.n + other.n, self.sum_w + other.sum_w,
+                       self.sum_wr + other.sum_wr, self.sum_w2 + other.sum_w2, self.sum_w2r + other.sum_w2r,
+                       self.sum_w2r2 + other.sum_w2r2)
 
 
 @dataclass(frozen=True)

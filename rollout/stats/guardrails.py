@@ -146,27 +146,6 @@ def agreement_check(n: int, n_agree: int, min_agreement: float, alpha: float) ->
     return floor_check("agreement", n_agree, n, min_agreement, alpha)
 
 
-@dataclass(frozen=True)
-class Correlation:
-    """Pearson correlation from sums, with one-sided Fisher-z bounds."""
-
-    r: float
-    lower: float
-    upper: float
-    n: int
-
-
-def correlation_from_sums(
-    n: int, sx: float, sy: float, sxx: float, syy: float, sxy: float, alpha: float
-) -> Correlation:
-    """Pearson r between two versions' scores from (n, sums, sums of squares, cross-products)."""
-    vx, vy = n * sxx - sx * sx, n * syy - sy * sy
-    if n < 4 or vx <= 0 or vy <= 0:
-        return Correlation(math.nan, -1.0, 1.0, n)
-    r = float(np.clip((n * sxy - sx * sy) / math.sqrt(vx * vy), -1.0, 1.0))
-    z = math.atanh(min(max(r, -0.999999), 0.999999))
-    q = float(stats.norm.ppf(1 - alpha)) / math.sqrt(n - 3)
-    return Correlation(r, math.tanh(z - q), math.tanh(z + q), n)
 
 
 def psi_check(psi_max_observed: float | None, psi_max: float) -> GuardrailResult:

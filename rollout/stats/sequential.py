@@ -75,7 +75,7 @@ def mixture_width(n: ArrayLike, n_star: float, alpha: float, tune_alpha: float |
     n_arr = np.maximum(np.asarray(n, dtype=float), 1e-12)
     u = n_arr * mixture_rho2(n_star, alpha if tune_alpha is None else tune_alpha)
     log_level = math.log(1.0 / (2.0 * alpha)) + 0.5 * np.log1p(u)
-    return _one_sided_x(log_level) * np.sqrt((1.0 + u) / u)
+    return np.asarray(_one_sided_x(log_level) * np.sqrt((1.0 + u) / u), dtype=float)
 
 
 def mixture_bounds(
@@ -90,11 +90,6 @@ def mixture_bounds(
         return Bounds(estimate, se, -math.inf, math.inf, n)
     half = float(mixture_width(n, n_star, alpha, tune_alpha)) * se
     return Bounds(estimate, se, estimate - half, estimate + half, n)
-
-
-def confidence_sequence(m: Moments, n_star: float, alpha: float) -> Bounds:
-    """Anytime-valid one-sided bounds for the mean of the sample summarised by m."""
-    return mixture_bounds(m.mean, m.se, m.n, n_star, alpha)
 
 
 def mixture_p_value(estimate: float, se: float, n: float, n_star: float, null: float, alpha: float) -> float:
@@ -116,7 +111,7 @@ def fixed_horizon_n(sigma: float, effect: float, margin: float, alpha: float, po
     gap = effect + margin
     if gap <= 0:
         return math.inf
-    return ((stats.norm.ppf(1 - alpha) + stats.norm.ppf(power)) * sigma / gap) ** 2
+    return float(((stats.norm.ppf(1 - alpha) + stats.norm.ppf(power)) * sigma / gap) ** 2)
 
 
 @dataclass(frozen=True)
@@ -206,40 +201,8 @@ def hours_to_decision(samples_needed: float, rate_per_hour: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Fixed-horizon tests
+# Unpaired (A/B) difference of means
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FixedResult:
-    """A one-sided fixed-horizon test of H0 effect <= null, with one-sided bounds at alpha each."""
-
-    estimate: float
-    se: float
-    statistic: float
-    p_value: float
-    lower: float
-    upper: float
-    df: float = math.inf
-
-
-def _fixed(estimate: float, se: float, null: float, alpha: float, df: float = math.inf) -> FixedResult:
-    dist = stats.t(df) if math.isfinite(df) else stats.norm
-    if not (se > 0 and math.isfinite(se)):
-        return FixedResult(estimate, se, math.nan, math.nan, -math.inf, math.inf, df)
-    stat = (estimate - null) / se
-    q = float(dist.ppf(1 - alpha))
-    return FixedResult(estimate, se, stat, float(dist.sf(stat)), estimate - q * se, estimate + q * se, df)
-
-
-def negate(m: Moments) -> Moments:
-    """Moments of -x: turns loss differences (lower is better) into effects (higher is better)."""
-    return Moments(m.n, -m.total, m.total_sq)
-
-
-def z_test(m: Moments, null: float, alpha: float) -> FixedResult:
-    """One-sample (paired-difference) z test of mean > null."""
-    return _fixed(m.mean, m.se, null, alpha)
 
 
 def welch_difference(a: Moments, b: Moments) -> tuple[float, float, float]:
@@ -248,54 +211,6 @@ def welch_difference(a: Moments, b: Moments) -> tuple[float, float, float]:
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1)) if va + vb > 0 else math.inf
     return a.mean - b.mean, se, df
-
-
-def welch_test(a: Moments, b: Moments, null: float, alpha: float, use_t: bool = True) -> FixedResult:
-    """Welch test of mean(a) - mean(b) > null (t with Welch df, or z when use_t is False)."""
-    est, se, df = welch_difference(a, b)
-    return _fixed(est, se, null, alpha, df if use_t else math.inf)
-
-
-def two_proportions(
-    x_a: int, n_a: int, x_b: int, n_b: int, null: float, alpha: float, pooled: bool | None = None
-) -> FixedResult:
-    """z test of p_a - p_b > null; pooled variance by default only when null is 0 (as statsmodels)."""
-    pa, pb = x_a / n_a, x_b / n_b
-    pooled = (null == 0) if pooled is None else pooled
-    if pooled:
-        p = (x_a + x_b) / (n_a + n_b)
-        se_test = math.sqrt(p * (1 - p) * (1 / n_a + 1 / n_b))
-    else:
-        se_test = math.sqrt(pa * (1 - pa) / n_a + pb * (1 - pb) / n_b)
-    se_ci = math.sqrt(pa * (1 - pa) / n_a + pb * (1 - pb) / n_b)
-    res = _fixed(pa - pb, se_test, null, alpha)
-    q = float(stats.norm.ppf(1 - alpha))
-    return FixedResult(res.estimate, se_ci, res.statistic, res.p_value, res.estimate - q * se_ci, res.estimate + q * se_ci)
-
-
-@dataclass(frozen=True)
-class RatioEstimate:
-    """A ratio of sums (e.g. precision = sum tp / sum predicted positives) with its delta-method SE."""
-
-    ratio: float
-    se: float
-    n: int
-
-
-def ratio_delta(n: int, sum_x: float, sum_y: float, sum_xx: float, sum_yy: float, sum_xy: float) -> RatioEstimate:
-    """Delta-method SE of R = sum(y) / sum(x) from per-unit sums (units are the independent draws).
-
-    Var(R) ~ (s_yy - 2 R s_xy + R^2 s_xx) / (n xbar^2), with s the unit-level (co)variances.
-    """
-    if n < 2 or sum_x == 0:
-        return RatioEstimate(math.nan, math.nan, n)
-    r = sum_y / sum_x
-    xbar = sum_x / n
-    s_xx = (sum_xx - sum_x * sum_x / n) / (n - 1)
-    s_yy = (sum_yy - sum_y * sum_y / n) / (n - 1)
-    s_xy = (sum_xy - sum_x * sum_y / n) / (n - 1)
-    var = max(s_yy - 2 * r * s_xy + r * r * s_xx, 0.0) / (n * xbar * xbar)
-    return RatioEstimate(r, math.sqrt(var), n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +224,7 @@ _GRID_SPAN = 8.0  # grid covers +-8 sd of B at the last look (plus the drift)
 def obf_spending(t: ArrayLike, alpha: float) -> np.ndarray:
     """One-sided Lan-DeMets O'Brien-Fleming-type spending: alpha(t) = 2 - 2 Phi(z_{1-alpha/2} / sqrt(t))."""
     t_arr = np.clip(np.asarray(t, dtype=float), 1e-12, 1.0)
-    return 2.0 * (1.0 - ndtr(stats.norm.ppf(1 - alpha / 2) / np.sqrt(t_arr)))
+    return np.asarray(2.0 * (1.0 - ndtr(stats.norm.ppf(1 - alpha / 2) / np.sqrt(t_arr))), dtype=float)
 
 
 class _Walker:
@@ -370,7 +285,7 @@ class _Walker:
         if j >= self.mass.size:
             return self.over
         above = float(self._tails()[j + 1]) if j + 1 < self.mass.size else self.over
-        return above + float(self.mass[j]) * (j + 1 - pos)
+        return float(above + float(self.mass[j]) * (j + 1 - pos))
 
     def solve(self, target: float) -> float:
         """The bound b above which the surviving mass equals target."""
@@ -379,7 +294,7 @@ class _Walker:
         if target >= tails[0]:
             return -math.inf
         if target <= self.over:
-            return self.x[-1] + h / 2
+            return float(self.x[-1] + h / 2)
         j = int(np.searchsorted(-tails, -target, side="right")) - 1  # tails[j] > target >= tails[j+1]
         above = float(tails[j + 1]) if j + 1 < tails.size else self.over
         frac = (target - above) / float(self.mass[j])
@@ -427,15 +342,12 @@ class GroupSequentialBoundary:
 
 
 def obf_boundary(fractions: Sequence[float], alpha: float, min_gap: float = 0.0) -> GroupSequentialBoundary:
-    """Boundaries for looks at the given information fractions n_k / max_samples (history, then current).
+    """Boundaries for looks at information fractions n_k / max_samples: every earlier look, then the current one.
 
-    The caller passes every fraction at which it has looked (the store keeps them; nothing is kept
-    here), so re-running hourly at unpredictable n recomputes the same earlier boundaries. Every look
-    costs about 0.1 ms (336 hourly looks: ~30 ms). For very many looks, `min_gap` > 0 leaves a look
-    closer than that to the previous *used* look out of the joint computation; its spent alpha is
-    still deducted from the next look's budget, so the error stays <= alpha, at some loss of power
-    (that alpha is not reused). Its z is reported as nan; the current look is always used.
-    """
+    The caller passes every fraction it looked at, so hourly re-runs recompute the same earlier boundaries."""
+    # min_gap > 0 leaves a look closer than that to the previous used one out of the joint computation (its
+    # z is nan); its spent alpha still comes off the next look's budget, so the error stays <= alpha at
+    # some loss of power. The current look is always used.
     ts = [float(f) for f in fractions]
     if not ts:
         raise ValueError("obf_boundary needs at least the current look")

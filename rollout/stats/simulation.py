@@ -83,7 +83,7 @@ def lower_bounds(paths: Paths, design: Design, margin: float, alpha: float, n_st
         width[inside] = np.asarray(boundary.z)
     else:
         raise ValueError(f"unknown design {design!r}")
-    return mean - width[None, :] * se
+    return np.asarray(mean - width[None, :] * se, dtype=float)
 
 
 def _run(
