@@ -182,7 +182,7 @@ def rollback(config: str = CONFIG,
 
     policy = _policy(config)
     store = OutcomeStore(policy.outcome_url)
-    registry = MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+    registry = MlflowRegistry.for_policy(policy)
     try:
         with store.lock("evaluation"):
             result = do_rollback(registry, store, datetime.now(timezone.utc), actor)

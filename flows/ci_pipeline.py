@@ -104,7 +104,7 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
 
     work = ci.workdir()
     try:
-        candidate = ci.package_candidate(model, data.x_train.head(50), schema.task, work)
+        candidate = ci.package_candidate(policy, model, data.x_train.head(50), schema.task, work)
         gate(ci.robustness_cases(policy, schema, candidate, data.x_holdout))
         gate(ci.stress_test(policy, candidate, champion, data.x_holdout))
     finally:

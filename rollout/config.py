@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Task = Literal["classification", "regression"]
 EstimatorName = Literal[
@@ -257,6 +257,24 @@ class RegistryConfig(_Strict):
     model_name: str = Field("loan-approval", min_length=1, description="Registered model name.")
     experiment: str = Field("rollout-ci", description="MLflow experiment of CI runs.")
     mirror_stages: bool = Field(True, description="Mirror aliases to deprecated stages (Production/Staging/Archived).")
+    trusted_modules: list[str] = Field(
+        default_factory=list,
+        description="Your own packages (installed where models load) whose classes a model file may name, "
+                    "e.g. [my_package]; nothing else outside scikit-learn's needs is trusted.")
+
+    @field_validator("trusted_modules")
+    @classmethod
+    def _own_modules_only(cls, value: list[str]) -> list[str]:
+        import sys
+
+        for name in value:
+            top = name.split(".")[0]
+            if not name or not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"{name!r} is not a module name")
+            if top in sys.stdlib_module_names or top in {"numpy", "scipy", "pandas", "sklearn", "mlflow"}:
+                raise ValueError(f"{name!r}: only your own package's modules can be trusted, not a library "
+                                 "whose functions can run code")
+        return value
 
 
 class Policy(_Strict):

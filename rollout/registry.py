@@ -10,15 +10,24 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from rollout.config import Policy
 from rollout.roles import stage_of
 
 log = logging.getLogger(__name__)
 
-# The types a model file may contain. skops refuses anything else on load; the list is derived
-# from the estimators the policy allows (rollout.ci.training.ESTIMATORS), never from the file itself.
-_ALLOWED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.", "scipy.")
+# The types outside skops' own defaults that a model of a supported estimator needs, by exact name (a unit
+# test saves every estimator in rollout.ci.training.ESTIMATORS and checks it needs no other). Nothing from
+# builtins, no numpy function: a name in a file's trusted list is what skops will construct or call.
+TRUSTED_TYPES = frozenset({
+    "numpy.dtype",
+    "sklearn.tree._tree.Tree",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+})
+# The only way a model is loaded: scikit-learn's flavour, serialised with skops (no pickle, no code).
+_LOADER = "mlflow.sklearn"
 
 
 class AliasConflict(RuntimeError):
@@ -26,7 +35,8 @@ class AliasConflict(RuntimeError):
 
 
 class UntrustedModel(RuntimeError):
-    """The model file asks to trust a type outside the allow-list, or is not saved with skops."""
+    """The model would run code rollout does not trust: a flavour other than skops-saved scikit-learn, or a
+    type outside the allow-list and the policy's `registry.trusted_modules`."""
 
 
 class ModelRegistry(Protocol):
@@ -47,11 +57,19 @@ _ANY = object()
 class MlflowRegistry:
     """The MLflow model registry for one registered model name."""
 
-    def __init__(self, tracking_uri: str, model_name: str, mirror_stages: bool = True) -> None:
+    def __init__(self, tracking_uri: str, model_name: str, mirror_stages: bool = True,
+                 trusted_modules: tuple[str, ...] = ()) -> None:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.mirror_stages = mirror_stages
+        self.trusted_modules = tuple(trusted_modules)
         self._client: Any = None
+
+    @classmethod
+    def for_policy(cls, policy: Policy) -> MlflowRegistry:
+        """The policy's registered model, with its trust settings."""
+        return cls(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages,
+                   tuple(policy.registry.trusted_modules))
 
     @property
     def client(self) -> Any:
@@ -136,25 +154,38 @@ class MlflowRegistry:
         # Resolve through this client (not the global registry URI) to where the files really are.
         source = self.client.get_model_version_download_uri(self.model_name, str(version))
         local = Path(download_artifacts(artifact_uri=source, tracking_uri=self.tracking_uri))
-        check_trusted(local)
+        check_trusted(local, self.trusted_modules)
         return mlflow.pyfunc.load_model(str(local))
 
 
-def check_trusted(model_dir: Path) -> None:
-    """Refuse a saved sklearn model that is not skops or trusts types outside the allow-list."""
+def untrusted(types: Iterable[str], trusted_modules: Sequence[str] = ()) -> list[str]:
+    """The type names outside the allow-list and outside every module the policy trusts by name."""
+    return sorted(t for t in types if t not in TRUSTED_TYPES
+                  and not any(t.startswith(f"{m}.") for m in trusted_modules))
+
+
+def check_trusted(model_dir: Path, trusted_modules: Sequence[str] = ()) -> None:
+    """Refuse, before anything is loaded, a model that is not skops-saved scikit-learn or whose file asks
+    skops to trust a type outside the allow-list (MLflow itself would trust whatever list the file carries)."""
     import yaml
 
-    meta = yaml.safe_load((model_dir / "MLmodel").read_text())
-    flavor = (meta.get("flavors") or {}).get("sklearn")
-    if flavor is None:
-        return
-    if flavor.get("serialization_format") != "skops":
+    meta = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
+    flavors = meta.get("flavors") or {}
+    pyfunc = flavors.get("python_function") or {}
+    loader = pyfunc.get("loader_module")
+    if loader != _LOADER or "sklearn" not in flavors:
+        what = f"python_function with loader {loader!r}" if pyfunc else f"flavours {sorted(flavors)}"
         raise UntrustedModel(
-            f"model at {model_dir} is saved as {flavor.get('serialization_format')!r}; only skops is loaded"
-        )
-    bad = [t for t in flavor.get("skops_trusted_types") or [] if not t.startswith(_ALLOWED_TYPE_PREFIXES)]
+            f"model at {model_dir} has {what}; rollout loads only scikit-learn models saved with skops "
+            "(a model carrying Python code, such as a pyfunc python_model or a cloudpickle file, is refused)")
+    sklearn = flavors["sklearn"]
+    if sklearn.get("serialization_format") != "skops":
+        raise UntrustedModel(f"model at {model_dir} is saved as {sklearn.get('serialization_format')!r}; "
+                             "only skops is loaded (pickle and cloudpickle can run any code)")
+    bad = untrusted(sklearn.get("skops_trusted_types") or [], trusted_modules)
     if bad:
-        raise UntrustedModel(f"model at {model_dir} asks to trust types outside the allow-list: {', '.join(bad)}")
+        raise UntrustedModel(f"model at {model_dir} asks to trust {', '.join(bad)}: not on the allow-list "
+                             "(add your own package to registry.trusted_modules to trust its classes by name)")
 
 
 @dataclass
@@ -211,18 +242,19 @@ class InMemoryRegistry:
         return self.models[str(version)]
 
 
-def trusted_types(model: Any) -> list[str]:
-    """The types skops must be told to trust for this model, all inside the allow-list (else refuse)."""
+def trusted_types(model: Any, trusted_modules: Sequence[str] = ()) -> list[str]:
+    """The types skops must be told to trust for this model, all on the allow-list (else refuse, naming them)."""
     import skops.io as sio
 
     needed = sorted(sio.get_untrusted_types(data=sio.dumps(model)))
-    bad = [t for t in needed if not t.startswith(_ALLOWED_TYPE_PREFIXES)]
+    bad = untrusted(needed, trusted_modules)
     if bad:
-        raise UntrustedModel(f"the model contains types outside the allow-list: {', '.join(bad)}")
+        raise UntrustedModel(f"the model contains {', '.join(bad)}: not on the allow-list (add your own package "
+                             "to registry.trusted_modules to trust its classes by name)")
     return needed
 
 
-def _flavor_kwargs(model: Any, x_example: Any, task: str) -> dict[str, Any]:
+def _flavor_kwargs(model: Any, x_example: Any, task: str, trusted_modules: Sequence[str]) -> dict[str, Any]:
     from mlflow.models import infer_signature
 
     from rollout.models import LoadedModel
@@ -236,7 +268,7 @@ def _flavor_kwargs(model: Any, x_example: Any, task: str) -> dict[str, Any]:
         "signature": infer_signature(x_example, output),
         "input_example": x_example.head(3),
         "serialization_format": "skops",
-        "skops_trusted_types": trusted_types(model),
+        "skops_trusted_types": trusted_types(model, trusted_modules),
         # Classifiers serve probabilities: labels alone cannot be scored by log loss or Brier.
         "pyfunc_predict_fn": "predict_proba" if task == "classification" else "predict",
     }
@@ -248,24 +280,24 @@ def _requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("mlflow", "scikit-learn", "skops", "numpy", "pandas", "scipy")]
 
 
-def save_local(model: Any, path: Path, x_example: Any, task: str) -> Any:
+def save_local(model: Any, path: Path, x_example: Any, task: str, trusted_modules: Sequence[str] = ()) -> Any:
     """Save a fitted pipeline as MLflow would log it, and load it back the way serving does."""
     import mlflow.pyfunc
     import mlflow.sklearn
 
-    mlflow.sklearn.save_model(model, str(path), **_flavor_kwargs(model, x_example, task))
-    check_trusted(path)
+    mlflow.sklearn.save_model(model, str(path), **_flavor_kwargs(model, x_example, task, trusted_modules))
+    check_trusted(path, trusted_modules)
     return mlflow.pyfunc.load_model(str(path))
 
 
 def log_model(model: Any, x_example: Any, task: str, registered_model_name: str | None,
-              tags: dict[str, str] | None = None) -> Any:
+              tags: dict[str, str] | None = None, trusted_modules: Sequence[str] = ()) -> Any:
     """Log the fitted pipeline in the active run; with a name, register a new version with `tags` too
     (one registry call, not one per tag). Returns MLflow's ModelInfo."""
     import mlflow
     import mlflow.sklearn
 
-    info = mlflow.sklearn.log_model(model, name="model", **_flavor_kwargs(model, x_example, task))
+    info = mlflow.sklearn.log_model(model, name="model", **_flavor_kwargs(model, x_example, task, trusted_modules))
     if registered_model_name:
         version = mlflow.register_model(info.model_uri, registered_model_name,
                                         tags={k: str(v) for k, v in (tags or {}).items()})
@@ -314,7 +346,8 @@ class Logged:
 
 
 def log_run(experiment: str, record: RunRecord, model: Any = None, x_example: Any = None, task: str = "",
-            register_as: str | None = None, version_tags: dict[str, str] | None = None) -> Logged:
+            register_as: str | None = None, version_tags: dict[str, str] | None = None,
+            trusted_modules: Sequence[str] = ()) -> Logged:
     """Write one run (after `experiment_id` pointed MLflow at the store); with `model`, log it as the run's
     model and, with `register_as`, register it as a new version carrying `version_tags`."""
     import mlflow
@@ -336,6 +369,6 @@ def log_run(experiment: str, record: RunRecord, model: Any = None, x_example: An
             mlflow.log_artifact(str(local), folder)
         version = None
         if model is not None:
-            info = log_model(model, x_example, task, register_as, version_tags)
+            info = log_model(model, x_example, task, register_as, version_tags, trusted_modules)
             version = None if register_as is None else str(info.registered_model_version)
     return Logged(run.info.run_id, version)

@@ -131,9 +131,9 @@ def load_champion(policy: Policy) -> tuple[str | None, Any]:
 
 
 @task(name="package-candidate", cache_policy=NO_CACHE)
-def package_candidate(model: Any, x_example: pd.DataFrame, task_kind: str, workdir: Path) -> Any:
+def package_candidate(policy: Policy, model: Any, x_example: pd.DataFrame, task_kind: str, workdir: Path) -> Any:
     """Save the candidate as MLflow will log it and load it back the way serving loads it."""
-    return registry.save_local(model, workdir / "candidate", x_example, task_kind)
+    return registry.save_local(model, workdir / "candidate", x_example, task_kind, policy.registry.trusted_modules)
 
 
 @task(name="robustness", cache_policy=NO_CACHE)

@@ -23,7 +23,7 @@ def load_policy_task(path: str) -> Policy:
 
 def open_registry(policy: Policy) -> MlflowRegistry:
     """The policy's registered model in its MLflow registry."""
-    return MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+    return MlflowRegistry.for_policy(policy)
 
 
 def mlflow_experiment(policy: Policy, name: str) -> str:

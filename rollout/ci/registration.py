@@ -65,4 +65,5 @@ def register(policy: Policy, model: Predictor, schema: Schema, frame: pd.DataFra
     """Log the candidate's run with its model and register it as a new version of the policy's model."""
     experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
     return registry.log_run(experiment, candidate_record(policy, schema, frame, cv, held, results), model, x_example,
-                            schema.task, policy.registry.model_name, version_tags(policy, frame, cv, held, results))
+                            schema.task, policy.registry.model_name, version_tags(policy, frame, cv, held, results),
+                            policy.registry.trusted_modules)
