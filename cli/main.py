@@ -189,7 +189,26 @@ def rollback(config: str = CONFIG,
     except RuntimeError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
+    for note in result["settled"]:
+        console.print(f"[yellow]{note}[/yellow]")
     console.print(f"[green]version {result['champion']} is @champion again[/green] (replacing {result['replaced']})")
+
+
+@app.command()
+def repair(config: str = CONFIG) -> None:
+    """Finish (or, when an alias was moved by hand meanwhile, reverse) a promotion or rollback an outage cut short."""
+    from rollout.cd.plans import settle
+    from rollout.outcomes import OutcomeStore
+    from rollout.registry import MlflowRegistry
+
+    policy = _policy(config)
+    store = OutcomeStore(policy.outcome_url)
+    with store.lock("evaluation"):
+        settled = settle(MlflowRegistry.for_policy(policy), store)
+    for s in settled:
+        console.print(f"[{'green' if s.finished else 'yellow'}]{s.note}[/]")
+    if not settled:
+        console.print("nothing to repair: every recorded plan is finished")
 
 
 @app.command()

@@ -49,6 +49,10 @@ def online_evaluation(config: str = "rollout.yaml", params: EvaluationParameters
     decision = decide_task(policy, evidence, rollout.rollout_id, now)
     acted = {"acted": False, "reason": "dry run"} if params.dry_run else act_task(policy, decision, rollout, now,
                                                                                   params.actor)
+    if not params.dry_run and not acted["acted"]:  # another run acted: nothing here may read like a decision
+        print(f"rollout {rollout.rollout_id}: nothing done ({acted['reason']})")
+        return EvaluationOutcome(action="idle", rollout_id=rollout.rollout_id, acted=acted,
+                                 reasons=[f"Nothing done: {acted['reason']}."])
     report = report_task(policy, decision, rollout, now, evidence)
     log_evaluation(policy, decision, rollout, now, report)
     print(f"rollout {rollout.rollout_id}: {decision.action}" + (f" {decision.winner}" if decision.winner else ""))

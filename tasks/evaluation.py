@@ -49,11 +49,13 @@ def act_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime
     """Move aliases and routing under the store's lock and record the decision; or say why nothing was done."""
     done = evaluation.act_once(decision, rollout.rollout_id, open_registry(policy), OutcomeStore(policy.outcome_url),
                                now, actor)
+    for note in done.settled:
+        get_run_logger().warning("%s", note)
     if not done.acted or done.action is None:
         get_run_logger().warning("rollout %s: nothing done: %s", rollout.rollout_id, done.reason)
-        return {"acted": False, "reason": done.reason}
+        return {"acted": False, "reason": done.reason, "settled": done.settled}
     return {"acted": True, "alias_moves": done.action.alias_moves, "ended": done.action.ended,
-            "weights": done.action.weights}
+            "weights": done.action.weights, "settled": done.settled}
 
 
 @task(name="report", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

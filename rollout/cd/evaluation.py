@@ -10,12 +10,13 @@ from typing import Any
 
 import pandas as pd
 
+from rollout.cd import plans
 from rollout.cd.decision import ChallengerEvidence, Decision, Evidence
 from rollout.config import Policy
 from rollout.data import Schema
 from rollout.outcomes import LockHeld, Rollout, Store
 from rollout.registry import ModelRegistry
-from rollout.roles import ARCHIVED, UNIT_SPLIT_MODES, Role
+from rollout.roles import UNIT_SPLIT_MODES
 from rollout.stats.moments import Confusion
 
 def _by_version(parts: Mapping[tuple[Any, ...], Any]) -> dict[str, dict[tuple[str, str], Any]]:
@@ -114,97 +115,66 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Action:
-    """What the flow did to the registry and the routing table for one decision."""
+    """What carrying out a decision did to the registry and the routing table."""
 
     decision: str
     alias_moves: list[dict[str, Any]] = field(default_factory=list)
     ended: bool = False
     weights: dict[str, float] | None = None
 
+    @classmethod
+    def of(cls, planned: plans.Planned) -> Action:
+        weights = next((s["to"] for s in planned.steps if s["op"] == "weights"), None)
+        return cls(planned.decision, plans.alias_moves(planned.steps), any(s["op"] == "end" for s in planned.steps),
+                   weights)
 
-def act(decision: Decision, rollout: Rollout, registry: ModelRegistry, store: Store, now: datetime) -> Action:
-    """Carry out a decision: compare-and-set aliases, mirror stages, end or re-weight the rollout.
 
-    The caller holds the store's evaluation lock, so two runs never act at once; the alias
-    compare-and-set protects against anyone else moving @champion in between.
-    """
-    champion = rollout.champion
-    challengers = rollout.challengers
-    out = Action(decision.action)
-    if decision.action == "promote" and decision.winner:
-        registry.set_alias(Role.CHAMPION, decision.winner, expected=champion)
-        out.alias_moves.append({"alias": Role.CHAMPION, "from": champion, "to": decision.winner})
-        registry.set_alias(Role.PREVIOUS, champion)
-        out.alias_moves.append({"alias": Role.PREVIOUS, "to": champion})
-        registry.mirror_stage(champion, ARCHIVED)
-        for alias, version in challengers.items():
-            registry.remove_alias(alias)
-            out.alias_moves.append({"alias": alias, "from": version, "to": None})
-            if version != decision.winner:
-                registry.mirror_stage(version, ARCHIVED)
-        store.end_rollout(rollout.rollout_id, now, f"promoted version {decision.winner}")
-        out.ended = True
-    elif decision.action in ("reject", "inconclusive"):
-        for alias, version in challengers.items():
-            registry.remove_alias(alias)
-            registry.mirror_stage(version, ARCHIVED)
-            out.alias_moves.append({"alias": alias, "from": version, "to": None})
-        store.end_rollout(rollout.rollout_id, now, f"{decision.action}: traffic returns to the champion")
-        out.ended = True
-    elif decision.bandit_weights and rollout.mode == "bandit":
-        alias_of = {v: a for a, v in rollout.versions.items()}
-        weights = {alias_of[v]: w for v, w in decision.bandit_weights.items() if v in alias_of}
-        store.set_weights(rollout.rollout_id, weights)
-        out.weights = weights
-    for version in {champion, *challengers.values()}:
-        registry.set_tags(version, {f"rollout.{rollout.rollout_id}.decision": decision.action,
-                                    "last_evaluation": now.isoformat(timespec="seconds")})
-    return out
+def act(decision: Decision, rollout: Rollout, registry: ModelRegistry, store: Store, now: datetime,
+        actor: str = "") -> Action:
+    """Carry out a decision as a recorded plan: aliases by compare-and-set, mirrored stages, tags, the rollout
+    ended or re-weighted, and the audit row. The caller holds the store's evaluation lock."""
+    planned = plans.for_decision(decision, rollout, registry.aliases(), now)
+    plans.execute(planned, registry, store, actor, now)
+    return Action.of(planned)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one evaluation run did: acted (with what) or not, and why not."""
+    """What one evaluation run did: acted (with what) or not and why not, and any half-applied plan it settled."""
 
     acted: bool
     action: Action | None = None
     reason: str = ""
+    settled: list[str] = field(default_factory=list)
 
 
 def act_once(decision: Decision, rollout_id: int, registry: ModelRegistry, store: Store, now: datetime,
              actor: str) -> Outcome:
-    """Act on a decision and record it, under the store's evaluation lock. A run that finds the lock held, or
-    the rollout already ended by another run, acts on nothing and says so (two runs never promote twice)."""
+    """Under the store's evaluation lock: settle any half-applied plan, then act on the decision. A run that
+    finds the lock held, or the rollout already ended by another run, acts on nothing and says so."""
     try:
         with store.lock("evaluation"):
+            settled = [s.note for s in plans.settle(registry, store)]
             fresh = store.rollout(rollout_id)
             if fresh is None or fresh.ended_at is not None:
-                return Outcome(False, reason="rollout already ended by another run")
-            action = act(decision, fresh, registry, store, now)
-            store.record_decision(rollout_id, decision.action, decision.to_dict(), action.alias_moves, actor, ts=now)
-            return Outcome(True, action)
+                return Outcome(False, reason="the rollout was already ended by another run", settled=settled)
+            return Outcome(True, act(decision, fresh, registry, store, now, actor), settled=settled)
     except LockHeld as exc:
         return Outcome(False, reason=f"another evaluation is acting: {exc}")
 
 
 def rollback(registry: ModelRegistry, store: Store, now: datetime, actor: str) -> dict[str, Any]:
-    """Restore @previous-champion as @champion (the current one becomes previous), recorded."""
-    current = registry.version_for_alias(Role.CHAMPION)
-    previous = registry.version_for_alias(Role.PREVIOUS)
-    if previous is None:
-        raise RuntimeError("nothing to roll back to: no @previous-champion in the registry")
-    registry.set_alias(Role.CHAMPION, previous, expected=current)
-    if current is not None:
-        registry.set_alias(Role.PREVIOUS, current)
-        registry.mirror_stage(current, ARCHIVED)
-    moves = [{"alias": Role.CHAMPION, "from": current, "to": previous},
-             {"alias": Role.PREVIOUS, "from": previous, "to": current}]
-    open_rollout = store.current_rollout()
-    if open_rollout is not None:
-        store.end_rollout(open_rollout.rollout_id, now, "rollback")
-    store.record_decision(open_rollout.rollout_id if open_rollout else None, "rollback",
-                          {"reasons": [f"rollback: version {previous} restored as champion, replacing {current}"]},
-                          moves, actor, ts=now)
-    return {"champion": previous, "replaced": current, "alias_moves": moves}
+    """Restore @previous-champion as @champion (the current one becomes previous), as a recorded plan; a
+    rollback an outage left half-applied is finished instead of a second one. The caller holds the lock."""
+    settled = plans.settle(registry, store)
+    unfinished = [s.plan for s in settled if s.finished and s.plan.decision == "rollback"]
+    steps = unfinished[-1].steps if unfinished else None
+    if steps is None:
+        planned = plans.for_rollback(registry.aliases(), store.current_rollout(), now)
+        plans.execute(planned, registry, store, actor, now)
+        steps = planned.steps
+    moves = plans.alias_moves(steps)
+    return {"champion": moves[0]["to"], "replaced": moves[0]["from"], "alias_moves": moves,
+            "settled": [s.note for s in settled]}

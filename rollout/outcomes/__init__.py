@@ -7,11 +7,11 @@ evaluation reads in one call (`OutcomeStore.evidence`); `store` puts them behind
 `Store` protocol; `memory` is an in-memory fake for unit tests.
 """
 
-from rollout.outcomes.audit import AuditEntry, Rollout
+from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.engine import LockHeld
 from rollout.outcomes.log import LabelReport, PredictionRow
 from rollout.outcomes.store import OutcomeStore, Store
 from rollout.outcomes.summaries import EvidenceSums, TrafficCounts
 
 __all__ = ["AuditEntry", "EvidenceSums", "LabelReport", "LockHeld", "OutcomeStore", "PredictionRow", "Rollout",
-           "Store", "TrafficCounts"]
+           "Store", "StoredPlan", "TrafficCounts"]

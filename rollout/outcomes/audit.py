@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Engine
 
-from rollout.outcomes.engine import default_actor
-from rollout.outcomes.schema import decisions, routing, to_json
+from rollout.outcomes.engine import default_actor, wall_clock, write
+from rollout.outcomes.schema import decisions, plans, routing, to_json
 from rollout.roles import Role
 from rollout.times import from_epoch
 
@@ -123,6 +123,67 @@ def audit_log(engine: Engine, rollout_id: int | None = None) -> list[AuditEntry]
     return [AuditEntry(id=r["id"], ts=from_epoch(r["ts"]), rollout_id=r["rollout_id"], decision=r["decision"],
                        stats=json.loads(r["stats"]), alias_moves=json.loads(r["alias_moves"]), actor=r["actor"])
             for r in rows]
+
+
+@dataclass(frozen=True)
+class StoredPlan:
+    """A recorded plan as the store keeps it: steps as JSON-able dicts, progress and status."""
+
+    id: int
+    rollout_id: int | None
+    decision: str
+    steps: list[dict[str, Any]]
+    done: int
+    status: str
+    stats: dict[str, Any]
+    actor: str
+    ts: float
+
+
+def save_plan(engine: Engine, rollout_id: int | None, decision: str, steps: list[dict[str, Any]],
+              stats: Mapping[str, Any], actor: str, ts: float) -> int:
+    """Record a plan before its first step runs; returns its id."""
+    with engine.begin() as conn:
+        return int(conn.execute(insert(plans).values(
+            rollout_id=rollout_id, decision=decision, steps=to_json(steps), done=0, status="pending",
+            stats=to_json(stats), actor=actor or default_actor(), ts=ts, created_at=wall_clock(),
+        ).returning(plans.c.id)).scalar_one())
+
+
+def plan_progress(engine: Engine, plan_id: int, done: int) -> None:
+    """Record that the plan's first `done` steps have been applied."""
+    with engine.begin() as conn:
+        conn.execute(update(plans).where(plans.c.id == plan_id, plans.c.done < done).values(done=done))
+
+
+def finish_plan(engine: Engine, plan_id: int, status: str, alias_moves: list[Any]) -> int | None:
+    """Mark a pending plan done (or reversed) and write its audit row, in one transaction; None if it was not
+    pending any more (another run finished it)."""
+    with write(engine) as conn:
+        row = conn.execute(select(plans).where(plans.c.id == plan_id, plans.c.status == "pending")).mappings().first()
+        if row is None:
+            return None
+        conn.execute(update(plans).where(plans.c.id == plan_id).values(status=status, finished_at=wall_clock()))
+        decision = row["decision"] if status == "done" else f"{row['decision']} reversed"
+        return int(conn.execute(insert(decisions).values(
+            ts=row["ts"], rollout_id=row["rollout_id"], decision=decision, stats=row["stats"],
+            alias_moves=to_json(alias_moves), actor=row["actor"]).returning(decisions.c.id)).scalar_one())
+
+
+def pending_plans(engine: Engine) -> list[StoredPlan]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(plans).where(plans.c.status == "pending").order_by(plans.c.id)).mappings().all()
+    return [StoredPlan(r["id"], r["rollout_id"], r["decision"], json.loads(r["steps"]), int(r["done"]), r["status"],
+                       json.loads(r["stats"]), r["actor"], float(r["ts"])) for r in rows]
+
+
+def reopen_rollout(engine: Engine, rollout_id: int, now: float) -> None:
+    """Undo an end (a reversed plan): the rollout is open again, unless another was opened since."""
+    with write(engine) as conn:
+        newer = conn.execute(select(routing.c.rollout_id).where(routing.c.rollout_id > rollout_id)).first()
+        if newer is None:
+            conn.execute(update(routing).where(routing.c.rollout_id == rollout_id)
+                         .values(ended_at=None, end_reason=None, updated_at=now))
 
 
 def _rollout(row: Any) -> Rollout:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from rollout.outcomes.audit import AuditEntry, Rollout
+from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.engine import LockHeld
 from rollout.outcomes.log import LabelReport, PredictionRow, Time
 from rollout.outcomes.schema import METRICS
@@ -58,6 +58,7 @@ class InMemoryStore:
     labels: dict[str, tuple[float, float]] = field(default_factory=dict)  # request id -> (ts, label), current
     routing: dict[int, Rollout] = field(default_factory=dict)
     audit: list[AuditEntry] = field(default_factory=list)
+    plans: list[StoredPlan] = field(default_factory=list)
     _held: set[str] = field(default_factory=set)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
 
@@ -129,6 +130,32 @@ class InMemoryStore:
     def audit_log(self, rollout_id: int | None = None) -> list[AuditEntry]:
         entries = [e for e in self.audit if rollout_id is None or e.rollout_id == rollout_id]
         return sorted(entries, key=lambda e: (e.ts, e.id))
+
+    def save_plan(self, rollout_id: int | None, decision: str, steps: list[dict[str, Any]],
+                  stats: Mapping[str, Any], actor: str, ts: Time) -> int:
+        plan = StoredPlan(len(self.plans) + 1, rollout_id, decision, list(steps), 0, "pending", dict(stats),
+                          actor or "test", to_epoch(ts))
+        self.plans.append(plan)
+        return plan.id
+
+    def plan_progress(self, plan_id: int, done: int) -> None:
+        plan = self.plans[plan_id - 1]
+        self.plans[plan_id - 1] = replace(plan, done=max(plan.done, done))
+
+    def finish_plan(self, plan_id: int, status: str, alias_moves: list[Any]) -> int | None:
+        plan = self.plans[plan_id - 1]
+        if plan.status != "pending":
+            return None
+        self.plans[plan_id - 1] = replace(plan, status=status)
+        decision = plan.decision if status == "done" else f"{plan.decision} reversed"
+        return self.record_decision(plan.rollout_id, decision, plan.stats, alias_moves, plan.actor, plan.ts)
+
+    def pending_plans(self) -> list[StoredPlan]:
+        return [p for p in self.plans if p.status == "pending"]
+
+    def reopen_rollout(self, rollout_id: int) -> None:
+        if max(self.routing) == rollout_id:
+            self.routing[rollout_id] = replace(self.routing[rollout_id], ended_at=None, end_reason=None)
 
     @contextmanager
     def lock(self, name: str, ttl_s: float = 3600.0) -> Iterator[None]:

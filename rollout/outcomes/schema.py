@@ -94,6 +94,25 @@ decisions = Table(
 )
 Index("ix_decisions_rollout", decisions.c.rollout_id, decisions.c.ts)
 
+# A multi-step change (promotion, rejection, rollback) written before its first step: its steps (JSON),
+# how many are done, and the audit row it writes when it finishes (decision, stats, actor, ts).
+plans = Table(
+    "plans",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", Integer),
+    Column("decision", String(32), nullable=False),
+    Column("steps", Text, nullable=False),
+    Column("done", Integer, nullable=False, default=0),
+    Column("status", String(16), nullable=False, default="pending"),  # pending, done, reversed
+    Column("stats", Text, nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+)
+Index("ix_plans_status", plans.c.status)
+
 # The columns of a prediction row, in the order the log writes them.
 LOG_COLUMNS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
                "prediction", "score", "latency_ms", "error", "segment", "features")

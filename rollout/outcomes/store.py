@@ -17,7 +17,7 @@ import pandas as pd
 from sqlalchemy import delete, func, inspect, select
 
 from rollout.outcomes import audit, engine, log
-from rollout.outcomes.audit import AuditEntry, Rollout
+from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import LabelReport, PredictionRow, Time
 from rollout.outcomes.schema import labels, metadata, predictions, rollout_units, summary_state
 from rollout.outcomes.summaries import EvidenceSums, Summaries
@@ -39,6 +39,12 @@ class Store(Protocol):
                         alias_moves: Sequence[Any] = (), actor: str = "", ts: Time | None = None) -> int: ...
     def audit_log(self, rollout_id: int | None = None) -> list[AuditEntry]: ...
     def lock(self, name: str, ttl_s: float = 3600.0) -> AbstractContextManager[None]: ...
+    def save_plan(self, rollout_id: int | None, decision: str, steps: list[dict[str, Any]],
+                  stats: Mapping[str, Any], actor: str, ts: Time) -> int: ...
+    def plan_progress(self, plan_id: int, done: int) -> None: ...
+    def finish_plan(self, plan_id: int, status: str, alias_moves: list[Any]) -> int | None: ...
+    def pending_plans(self) -> list[StoredPlan]: ...
+    def reopen_rollout(self, rollout_id: int) -> None: ...
 
 
 class OutcomeStore:
@@ -143,6 +149,29 @@ class OutcomeStore:
     def audit_log(self, rollout_id: int | None = None) -> list[AuditEntry]:
         self._ensure()
         return audit.audit_log(self.engine, rollout_id)
+
+    def save_plan(self, rollout_id: int | None, decision: str, steps: list[dict[str, Any]],
+                  stats: Mapping[str, Any], actor: str, ts: Time) -> int:
+        """Record a multi-step change before its first step; returns its id."""
+        self._ensure()
+        return audit.save_plan(self.engine, rollout_id, decision, steps, stats, actor, to_epoch(ts))
+
+    def plan_progress(self, plan_id: int, done: int) -> None:
+        self._ensure()
+        audit.plan_progress(self.engine, plan_id, done)
+
+    def finish_plan(self, plan_id: int, status: str, alias_moves: list[Any]) -> int | None:
+        """Mark a pending plan done or reversed and write its audit row at once; None if it was not pending."""
+        self._ensure()
+        return audit.finish_plan(self.engine, plan_id, status, alias_moves)
+
+    def pending_plans(self) -> list[StoredPlan]:
+        self._ensure()
+        return audit.pending_plans(self.engine)
+
+    def reopen_rollout(self, rollout_id: int) -> None:
+        self._ensure()
+        audit.reopen_rollout(self.engine, rollout_id, self.now())
 
     @contextmanager
     def lock(self, name: str, ttl_s: float = 3600.0) -> Iterator[None]:
