@@ -542,11 +542,13 @@ def serve_worker(policy_path: str, port: int, path: str) -> None:
 
     from rollout.config import load_policy
     from serving.app import create_app
+    from serving.fastpath import App
 
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(load_policy(policy_path))
+    assert isinstance(app, App)
     if path == "routed":
-        app.fast_predict = None  # type: ignore[attr-defined]
+        app.fast_predict = None
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
 
 

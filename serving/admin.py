@@ -25,14 +25,14 @@ from serving.routing import RoutingView
 LABEL_ROWS_FACTOR = 10  # a label upload may hold this many times serving.max_request_rows
 
 
-def _epoch(value: Any) -> Any:
+def _epoch(value: Any) -> float:
     try:
         return to_epoch(value)
     except (TypeError, ValueError) as exc:
         raise PydanticCustomError("time", "{reason}", {"reason": str(exc)}) from exc
 
 
-def _number(value: Any) -> Any:
+def _number(value: Any) -> float:
     if isinstance(value, bool):  # JSON true/false as 1/0
         return int(value)
     if not isinstance(value, int | float):

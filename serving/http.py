@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rollout.config import ServingConfig
 from rollout.times import to_epoch
@@ -134,7 +134,7 @@ class BodyLimit:
             return
         first = True
 
-        async def replay() -> Any:
+        async def replay() -> Message:
             nonlocal first
             if first:
                 first = False
