@@ -55,15 +55,15 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("rollout.serving")
 
 ROW_BYTES = 4096  # byte budget per record for the request-size bound (max_request_rows * ROW_BYTES)
-ROUTING_BYTES = 65536
+ENVELOPE_BYTES = 65536  # room beyond the records (ids, ts, framing); also all a PUT /routing body may take
 JSON = "application/json"
 _JSON_HEADERS = [(b"content-type", JSON.encode())]
 
 
 def body_limits(cfg: ServingConfig) -> dict[str, int]:
     """The largest body each path takes, in bytes; a larger one is a 413 before anything parses it."""
-    predict = cfg.max_request_rows * ROW_BYTES + 65536
-    return {"/predict": predict, "/labels": predict * LABEL_ROWS_FACTOR, "/routing": ROUTING_BYTES}
+    predict = cfg.max_request_rows * ROW_BYTES + ENVELOPE_BYTES
+    return {"/predict": predict, "/labels": predict * LABEL_ROWS_FACTOR, "/routing": ENVELOPE_BYTES}
 
 
 async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes | None:
