@@ -20,6 +20,12 @@ bodies) or, when wrk is absent, a lean asyncio raw-socket client in a subprocess
 (`--loadgen python` forces it). Each cell runs at fixed concurrency for a fixed duration, after an
 untimed warm-up; rounds alternate the servers (mlflow, single, shadow, ab, ...) so machine noise
 falls on all alike; figures are medians over rounds, ratios medians of per-round ratios.
+
+    .venv/bin/python benchmarks/serving.py --fastpath # POST /predict: direct ASGI path vs routed endpoint
+
+`--fastpath` compares two `rollout serve` processes built from the same code, one answering
+`POST /predict` on the direct ASGI path, one through FastAPI's router, in champion-only and shadow
+modes, alternating server and order every round (ratios: routed over direct).
 """
 
 from __future__ import annotations
@@ -328,6 +334,13 @@ def metrics(base: str) -> dict[str, float]:
     return out
 
 
+def server_env(tracking_uri: str) -> dict[str, str]:
+    """The servers' environment; PYTHONPATH: they import this checkout (a worktree), not the editable install."""
+    return {**os.environ, "ROLLOUT_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": tracking_uri,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def set_mode(server: Server, mode: str, versions: dict[str, str]) -> None:
     if mode == "single":
         status, body = http("GET", server.base + "/routing")
@@ -367,6 +380,8 @@ def main() -> None:
                    help="serving.shadow_max_wait_ms of the rollout server (default: the policy default)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                    help="load generator: wrk when installed (auto), or the built-in asyncio client")
+    p.add_argument("--fastpath", action="store_true",
+                   help="only POST /predict on the direct ASGI path vs the routed endpoint (champion-only, shadow)")
     args = p.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1 if args.quick else 4)
@@ -387,11 +402,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rollout-bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            results, info = _run(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen, args.shadow_wait_ms)
+            if args.fastpath:
+                fast = _run_fastpath(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen)
+            else:
+                results, info = _run(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen,
+                                     args.shadow_wait_ms)
         finally:
             for server in servers:
                 server.stop()
-    report(results, info, rounds, seconds, loadgen, args.seed, time.perf_counter() - started)
+    if args.fastpath:
+        report_fastpath(fast, rounds, seconds, loadgen, args.seed, time.perf_counter() - started)
+    else:
+        report(results, info, rounds, seconds, loadgen, args.seed, time.perf_counter() - started)
 
 
 def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: float, rows: int, seed: int,
@@ -413,8 +435,7 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     champion, features = train_and_register(policy)
     registry = MlflowRegistry(pol.tracking_uri, MODEL_NAME, pol.registry.mirror_stages)
     registry.set_alias("champion", champion)
-    env = {**os.environ, "ROLLOUT_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": pol.tracking_uri,
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    env = server_env(pol.tracking_uri)
     ports = {k: free_port() for k in ("mlflow", "rollout", "nowait")}
     # The champion-only servers start while the challenger trains.
     mlflow_srv = Server("mlflow", [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
@@ -509,6 +530,122 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     return results, info
 
 
+PATHS = ("direct", "routed")
+FASTPATH_MODES = ("single", "shadow")
+
+
+def serve_worker(policy_path: str, port: int, path: str) -> None:
+    """`rollout serve` (serving.app.run's settings) with POST /predict on the given path: direct or routed."""
+    import logging
+
+    import uvicorn
+
+    from rollout.config import load_policy
+    from serving.app import create_app
+    from serving.fastpath import App
+
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(load_policy(policy_path))
+    assert isinstance(app, App)
+    if path == "routed":
+        app.fast_predict = None
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
+
+
+def _run_fastpath(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: float, rows: int,
+                  seed: int, loadgen: str) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
+    """Two servers of this checkout, one per path, each with its own outcome store; same registry and bodies."""
+    seed32 = seed % 2**31
+    lr = {"name": "logistic_regression", "params": {"C": 1.0}}
+    policies = {path: write_policy(tmp, f"{path}.yaml", rows, seed32, lr, {"port": 0}, outcomes=f"outcomes-{path}.db")
+                for path in PATHS}
+    challenger_policy = write_policy(tmp, "challenger.yaml", rows, seed32 + 1,
+                                     {"name": "logistic_regression", "params": {"C": 0.3}}, {"port": 0})
+    from rollout.config import load_policy
+    from rollout.outcomes import OutcomeStore
+    from rollout.registry import MlflowRegistry
+
+    pol = load_policy(policies["direct"])
+    champion, features = train_and_register(policies["direct"])
+    challenger, _ = train_and_register(challenger_policy)
+    registry = MlflowRegistry(pol.tracking_uri, MODEL_NAME, pol.registry.mirror_stages)
+    registry.set_alias("champion", champion)
+    registry.set_alias("challenger", challenger)
+    versions = {"champion": champion, "challenger": challenger}
+    env = server_env(pol.tracking_uri)
+    by_path: dict[str, Server] = {}
+    for path, policy in policies.items():
+        OutcomeStore(load_policy(policy).outcome_url).create()
+        port = free_port()
+        by_path[path] = Server(path, [sys.executable, str(Path(__file__).resolve()), "--serve-worker", str(policy),
+                                      str(port), path], env, port, tmp / f"{path}.log")
+        servers.append(by_path[path])
+    for server in by_path.values():
+        server.wait_ready("/healthz")
+    body_path = bodies_file(tmp, features, seed32 + 7, "rollout")
+    script = tmp / "post.lua"
+    script.write_text(WRK_LUA)
+
+    results: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in range(rounds):
+        for mode in FASTPATH_MODES:
+            order = PATHS if r % 2 == 0 else PATHS[::-1]
+            for path in order:
+                server = by_path[path]
+                set_mode(server, mode, versions)
+                url = server.base + "/predict"
+
+                def load(concurrency: int, secs: float) -> dict[str, Any]:
+                    if loadgen == "wrk":
+                        return run_wrk(url, body_path, script, concurrency, secs)
+                    return run_python_loadgen(url, body_path, concurrency, secs)
+
+                load(max(CONCURRENCY), warmup)  # untimed: connections, lanes, the shadow child
+                for c in CONCURRENCY:
+                    drain(server)
+                    cpu0 = group_cpu_s(server.proc.pid)
+                    out = load(c, seconds)
+                    out["cpu_us_per_request"] = (group_cpu_s(server.proc.pid) - cpu0) / max(out["requests"], 1) * 1e6
+                    out["throughput"] = out["requests"] / out["duration_s"]
+                    out["drain_s"] = drain(server)
+                    if out["bad_status"] or out["socket_errors"]:
+                        print(f"WARNING {path} {mode} c={c}: {out['bad_status']} non-200, "
+                              f"{out['socket_errors']} socket errors", file=sys.stderr)
+                    results.setdefault((path, mode, c), []).append(out)
+                    print(f"round {r + 1} {path:6s} {mode:6s} c={c:2d}: {out['throughput']:8.1f} req/s  "
+                          f"p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms  "
+                          f"cpu {out['cpu_us_per_request']:6.1f} us/req", file=sys.stderr)
+    return results
+
+
+def report_fastpath(results: dict[tuple[str, str, int], list[dict[str, Any]]], rounds: int, seconds: float,
+                    loadgen: str, seed: int, wall: float) -> None:
+    keys = ("throughput", "p50_ms", "p99_ms", "cpu_us_per_request")
+    table = []
+    figures: dict[str, Any] = {}
+    for mode in FASTPATH_MODES:
+        for c in CONCURRENCY:
+            row: list[Any] = [mode, c]
+            cell: dict[str, Any] = {}
+            for path in PATHS:
+                runs = results[(path, mode, c)]
+                cell[path] = {k: median([o[k] for o in runs]) for k in keys}
+                cell[path]["non_200"] = sum(o["bad_status"] + o["socket_errors"] for o in runs)
+                row += [cell[path]["throughput"], cell[path]["p50_ms"], cell[path]["p99_ms"]]
+            # One ratio per round (the two paths ran back to back), then the median: noise falls on both alike.
+            pairs = list(zip(results[("routed", mode, c)], results[("direct", mode, c)], strict=True))
+            cell["routed_over_direct"] = {k: median([a[k] / b[k] for a, b in pairs if b[k]]) for k in keys}
+            row += [cell["routed_over_direct"][k] for k in keys]
+            figures.setdefault(mode, {})[str(c)] = cell
+            table.append(row)
+    print_table(f"POST /predict, direct ASGI path vs routed endpoint, {seconds:g} s per cell, median of {rounds} "
+                f"round(s), load generator {loadgen}",
+                ["mode", "conc", "direct req/s", "direct p50", "direct p99", "routed req/s", "routed p50",
+                 "routed p99", "req/s ratio", "p50 ratio", "p99 ratio", "cpu/req ratio"], table)
+    emit_json({"rounds": rounds, "seconds_per_cell": seconds, "loadgen": loadgen, "seed": seed,
+               "fastpath": figures, "wall_seconds": round(wall, 1)})
+
+
 def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str, Any], rounds: int, seconds: float,
            loadgen: str, seed: int, wall: float) -> None:
     def med(target: str, c: int, key: str) -> float:
@@ -597,5 +734,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--loadgen-worker":
         loadgen_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve-worker":
+        serve_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:
         main()

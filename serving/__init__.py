@@ -1,6 +1,8 @@
 """The prediction service (FastAPI on uvicorn): `serving.app.create_app(policy, ...)` and `serving.app.run(policy, host, port)`.
 
-Modules: app (endpoints, routing by rollout mode, shadow scoring), batching (adaptive micro-batching
-in threads), models (loaded versions and their input contract), routing (sticky hashed / bandit
-assignment), logwriter (bounded async prediction log), metrics (Prometheus text). See README.md.
+Modules: app (the service's lifecycle and the app), loading (models, lanes and routing as one snapshot),
+predict (the predict path), admin (labels and routing), http (endpoints, token, errors, body bound),
+fastpath (POST /predict straight from ASGI), batching (adaptive micro-batching in threads), isolation
+(shadow models in child processes), routing (sticky hashed / bandit assignment), logwriter (bounded async
+prediction log), metrics (Prometheus text), errors (the client error). See README.md.
 """

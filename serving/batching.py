@@ -104,22 +104,30 @@ class MicroBatcher:
         self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
         return self
 
-    def submit(self, rows: list[dict[str, Any]], meta: Any = None, wait: bool = True) -> asyncio.Future[Scored] | None:
-        """Queue rows for scoring; with `wait` a future of the outcome, else the sink gets it."""
-        if self._closing:
-            raise RuntimeError(f"batcher {self.name} is closed")
-        future = asyncio.get_running_loop().create_future() if wait else None
-        job = Job(rows, future, meta)
-        if not wait and self.max_queue_rows is not None and self._pending_rows + len(rows) > self.max_queue_rows:
+    def submit(self, rows: list[dict[str, Any]]) -> asyncio.Future[Scored]:
+        """Queue rows for scoring; the future gets their outcome (or ModelCallFailed)."""
+        future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
+        self._enqueue(Job(rows, future))
+        return future
+
+    def offer(self, rows: list[dict[str, Any]], meta: Any) -> None:
+        """Queue rows nobody waits on: the sink gets their outcome, or at once their refusal when the queue is full."""
+        job = Job(rows, None, meta)
+        if self.max_queue_rows is not None and self._pending_rows + len(rows) > self.max_queue_rows:
             self.dropped += len(rows)
             self._sink([job], None, "queue full: challenger cannot keep up")
-            return None
+            return
+        self._enqueue(job)
+
+    def _enqueue(self, job: Job) -> None:
+        if self._closing:
+            raise RuntimeError(f"batcher {self.name} is closed")
+        rows = job.rows
         self._pending.append(job)
         self._pending_rows += len(rows)
         self._wake.set()
         if self._pending_rows >= self.max_batch:
             self._full.set()
-        return future
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop taking jobs, score what is queued, wait for in-flight calls (at most `timeout_s`).

@@ -1,16 +1,181 @@
-"""What the service has loaded: model versions and the lanes that score them."""
+"""What the service has loaded: model versions, the lanes that score them and the routing view, as one snapshot.
+
+`Loader.load` polls the registry's aliases and the open routing row, loads the versions that moved and
+builds the next `Lanes`; the service swaps it in with one assignment, so a request sees the old snapshot
+or the new one, never a mix.
+"""
 
 from __future__ import annotations
 
-import gc
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from rollout.config import Policy
+from rollout.models import LoadedModel, allowed_columns
+from rollout.outcomes import OutcomeStore, Rollout
+from rollout.roles import Role
+from serving.batching import MicroBatcher, Sink
+from serving.isolation import ChildScorer, freeze_heap
+from serving.routing import RoutingView, build_view
+
+log = logging.getLogger("rollout.serving")
 
 
-def freeze_heap() -> None:
-    """Take what is alive now (libraries, loaded models) out of the cyclic garbage collector's walks.
+class ModelSource(Protocol):
+    """What the loader asks of a registry (rollout.registry.MlflowRegistry, or a fake in tests)."""
 
-    A full collection walks every tracked object (about 235k once MLflow, scikit-learn and pandas are
-    imported: 50-100 ms with every request stalled), and rows waiting in a shadow batch or the log queue
-    make full collections frequent under load. Called after each model load, in the service and in each
-    shadow child; gc.freeze() is O(1). Only reference cycles of a retired model stay uncollected.
-    """
-    gc.freeze()
+    def aliases(self) -> dict[str, str]: ...
+    def load(self, version: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """An immutable snapshot of what serves: replaced as a whole by each refresh."""
+
+    view: RoutingView | None = None  # None until a champion is loaded
+    models: Mapping[str, LoadedModel] = field(default_factory=dict)
+    serve: Mapping[str, MicroBatcher] = field(default_factory=dict)  # by version: the response path
+    shadow: Mapping[str, MicroBatcher] = field(default_factory=dict)  # by version: off the response path
+    allowed: set[str] | None = None  # columns some live model reads (None: a model without a contract)
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    rollout: Rollout | None = None  # the open routing row
+
+    def all(self) -> list[MicroBatcher]:
+        return [*self.serve.values(), *self.shadow.values()]
+
+
+class Loader:
+    """Builds the next snapshot from the registry and the routing row, making and retiring lanes."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        registry: ModelSource,
+        store: OutcomeStore,
+        on_batch: Callable[[str, int, float, bool], None],
+        shadow_sink: Sink,
+    ) -> None:
+        self.cfg = policy.serving
+        self.exposure = policy.rollout.exposure
+        self.registry = registry
+        self.store = store
+        self.on_batch = on_batch
+        self.shadow_sink = shadow_sink
+        self.registry_ok = False
+        self.reload_errors = 0
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def load(self, old: Lanes) -> Lanes:
+        """The next snapshot: moved versions loaded, lanes made for new versions, the old ones reused."""
+        aliases, rollout = await self._poll(old)
+        wanted = {v for a, v in aliases.items() if a == Role.CHAMPION}
+        if rollout is not None:
+            wanted |= {aliases.get(role, pinned) for role, pinned in rollout.versions.items()}
+        models = {v: m for v, m in old.models.items() if v in wanted}
+        loaded = False
+        for version in sorted(wanted - set(models)):
+            try:
+                raw = await asyncio.to_thread(self.registry.load, version)
+                models[version] = await asyncio.to_thread(LoadedModel, raw, version)
+                loaded = True
+                log.info("loaded model version %s", version)
+            except Exception as exc:  # noqa: BLE001 - a bad version must not take the service down
+                self.reload_errors += 1
+                log.error("could not load version %s: %s", version, exc)
+
+        effective = dict(aliases)
+        if effective.get(Role.CHAMPION) not in models and old.view is not None:
+            # The new champion failed to load: the one already loaded keeps answering.
+            kept = old.view.champion.version
+            effective[Role.CHAMPION] = kept
+            models.setdefault(kept, old.models[kept])
+        view = build_view(rollout, effective, set(models), self.exposure)
+        if view is None:
+            new = Lanes(None, models, {}, {}, allowed_columns(models.values()), aliases, rollout)
+        else:
+            serving = {a.version for a in view.arms}
+            shadowing = {a.version for a in view.shadows}
+            models = {v: m for v, m in models.items() if v in serving | shadowing}
+            serve = {v: old.serve.get(v) or self._lane(models[v], shadow=False) for v in serving}
+            shadow = {v: old.shadow.get(v) or self._lane(models[v], shadow=True) for v in shadowing}
+            new = Lanes(view, models, serve, shadow, allowed_columns(models.values()), aliases, rollout)
+        if old.view is None or view is None or old.view.arms != view.arms or old.view.shadows != view.shadows:
+            log.info("routing: %s", view.as_dict() if view else "no champion loaded")
+        if loaded:
+            freeze_heap()
+        return new
+
+    async def _poll(self, old: Lanes) -> tuple[Mapping[str, str], Rollout | None]:
+        """Aliases and the open routing row; what `old` knew when either source is unreachable."""
+        aliases = old.aliases
+        try:
+            aliases = await asyncio.to_thread(self.registry.aliases)
+            self.registry_ok = True
+        except Exception as exc:  # noqa: BLE001 - registry down: keep the loaded models
+            self.registry_ok = False
+            self.reload_errors += 1
+            log.warning("registry unreachable, keeping loaded models: %s", exc)
+        rollout = old.rollout
+        try:
+            rollout = await asyncio.to_thread(self.store.current_rollout)
+        except Exception as exc:  # noqa: BLE001 - store down: keep the cached routing
+            log.warning("outcome store unreachable, keeping cached routing: %s", exc)
+        return aliases, rollout
+
+    def retire(self, old: Lanes, new: Lanes) -> None:
+        """Close the lanes of `old` that `new` does not keep; jobs already queued there still finish."""
+        retired = [lane for v, lane in old.serve.items() if new.serve.get(v) is not lane]
+        retired += [lane for v, lane in old.shadow.items() if new.shadow.get(v) is not lane]
+        for lane in retired:
+            task = asyncio.get_running_loop().create_task(lane.close(timeout_s=self.cfg.shadow_timeout_s + 1))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    async def close(self, lanes: Lanes) -> None:
+        """Finish the scoring queued on every lane of `lanes` and on those still retiring."""
+        timeout_s = self.cfg.shadow_timeout_s + 1
+        await asyncio.gather(*(lane.close(timeout_s=timeout_s) for lane in lanes.all()))
+        if self._retiring:
+            await asyncio.wait(self._retiring, timeout=timeout_s)
+
+    def _child_scorer(self, model: LoadedModel) -> ChildScorer | None:
+        """A child process for a shadow model (serving.shadow_isolation), or None: scored in a thread."""
+        if self.cfg.shadow_isolation != "process":
+            return None
+        try:
+            return ChildScorer(model, self.store.url)
+        except Exception as exc:  # noqa: BLE001 - e.g. a model that cannot be pickled: threads still work
+            log.warning("shadow model %s scores in a thread, not a child process: %s", model.version, exc)
+            return None
+
+    def _lane(self, model: LoadedModel, shadow: bool) -> MicroBatcher:
+        cfg = self.cfg
+        if shadow:
+            lane = MicroBatcher(
+                model,
+                name=f"{model.version}/shadow",
+                max_batch=cfg.shadow_max_batch_size,
+                max_wait_s=cfg.shadow_max_wait_ms / 1000.0,
+                timeout_s=cfg.shadow_timeout_s,
+                in_flight=1,
+                eager=False,  # nobody waits on shadow rows: always gather, fewer and larger calls
+                max_queue_rows=cfg.shadow_max_batch_size * 8,
+                sink=self.shadow_sink,
+                on_batch=self.on_batch,
+                scorer=self._child_scorer(model),  # scores and logs in a child process
+            )
+        else:
+            lane = MicroBatcher(
+                model,
+                name=f"{model.version}/serve",
+                max_batch=cfg.max_batch_size,
+                max_wait_s=cfg.max_wait_ms / 1000.0,
+                timeout_s=cfg.shadow_timeout_s,  # bounds a hung model on the response path too
+                in_flight=2,
+                on_batch=self.on_batch,
+            )
+        return lane.start()
+

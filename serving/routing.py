@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.outcomes import Rollout
-
-CHAMPION = "champion"
-MODES = ("shadow", "ab", "abn", "bandit")
+from rollout.roles import Role
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def unit_hash(salt: str, unit: str) -> float:
 
 
 def _role_order(role: str) -> tuple[int, int, str]:
-    if role == CHAMPION:
+    if role == Role.CHAMPION:
         return (0, 0, role)
     tail = role.rsplit("-", 1)[-1]
     return (1, int(tail) if tail.isdigit() else 1, role)
@@ -84,14 +82,14 @@ def build_view(
     default_exposure: float,
 ) -> RoutingView | None:
     """Combine the routing row with the live aliases; None when no champion version is available."""
-    champion = aliases.get(CHAMPION) or (rollout.versions.get(CHAMPION) if rollout else None)
+    champion = aliases.get(Role.CHAMPION) or (rollout.versions.get(Role.CHAMPION) if rollout else None)
     if champion is None or champion not in available:
         return None
     if rollout is None:
-        return RoutingView(None, "champion-only", "", (Arm(CHAMPION, champion, 1.0),), (), None, (1.0,))
+        return RoutingView(None, "champion-only", "", (Arm(Role.CHAMPION, champion, 1.0),), (), None, (1.0,))
     roles: dict[str, str] = {}
     for role, pinned in rollout.versions.items():
-        if role == CHAMPION:
+        if role == Role.CHAMPION:
             continue
         version = aliases.get(role, pinned)
         if version != champion and version in available and version not in roles.values():
@@ -99,7 +97,8 @@ def build_view(
     ordered = sorted(roles, key=_role_order)
     if rollout.mode == "shadow":
         shadows = tuple(Arm(r, roles[r], 0.0) for r in ordered)
-        return RoutingView(rollout.rollout_id, "shadow", rollout.salt, (Arm(CHAMPION, champion, 1.0),), shadows, rollout, (1.0,))
+        champion_arm = (Arm(Role.CHAMPION, champion, 1.0),)
+        return RoutingView(rollout.rollout_id, "shadow", rollout.salt, champion_arm, shadows, rollout, (1.0,))
     weights = rollout.weights or {}
 
     def given(role: str, version: str) -> float | None:
@@ -107,13 +106,17 @@ def build_view(
         return None if value is None else max(float(value), 0.0)
 
     default = (1.0 / (len(ordered) + 1)) if rollout.mode == "bandit" else default_exposure
-    challenger_w = {r: (given(r, roles[r]) if given(r, roles[r]) is not None else default) for r in ordered}
-    champion_w = given(CHAMPION, champion)
+    challenger_w: dict[str, float] = {}
+    for r in ordered:
+        w = given(r, roles[r])
+        challenger_w[r] = default if w is None else w
+    champion_w = given(Role.CHAMPION, champion)
     if champion_w is None:
-        champion_w = max(1.0 - sum(challenger_w.values()), 0.0)  # type: ignore[arg-type]
-    raw = [(CHAMPION, champion, champion_w)] + [(r, roles[r], challenger_w[r]) for r in ordered]
-    total = sum(w for _, _, w in raw) or 1.0  # type: ignore[misc]
-    arms = tuple(Arm(r, v, w / total) for r, v, w in raw)  # type: ignore[operator]
+        champion_w = max(1.0 - sum(challenger_w.values()), 0.0)
+    raw: list[tuple[str, str, float]] = [(Role.CHAMPION, champion, champion_w)]
+    raw += [(r, roles[r], challenger_w[r]) for r in ordered]
+    total = sum(w for _, _, w in raw) or 1.0
+    arms = tuple(Arm(r, v, w / total) for r, v, w in raw)
     cumulative: list[float] = []
     acc = 0.0
     for arm in arms:
@@ -121,14 +124,3 @@ def build_view(
         cumulative.append(acc)
     return RoutingView(rollout.rollout_id, rollout.mode, rollout.salt, arms, (), rollout, tuple(cumulative))
 
-
-def check_weights(weights: dict[str, Any]) -> str | None:
-    """Why a weights mapping is unusable, or None."""
-    for key, value in weights.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return f"weights.{key}: expected a number, got {value!r}"
-        if value < 0 or value > 1:
-            return f"weights.{key}: must be within [0, 1], got {value}"
-    if sum(weights.values()) > 1.0 + 1e-9:
-        return f"weights: must sum to at most 1, got {sum(weights.values()):.6g}"
-    return None

@@ -1,0 +1,143 @@
+"""Labels and routing: the admin endpoints' bodies and what each does to the outcome store.
+
+The bodies are pydantic models, so their checks are declared in the OpenAPI document and a bad field
+is a 422 naming it (`labels[0].label`, `weights.challenger`, `mode`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic.json_schema import GetJsonSchemaHandler, JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
+
+from rollout.config import Mode
+from rollout.outcomes import OutcomeStore
+from rollout.roles import Role, is_challenger
+from rollout.times import to_epoch
+from serving.errors import RequestError
+from serving.logwriter import LogWriter
+from serving.routing import RoutingView
+
+LABEL_ROWS_FACTOR = 10  # a label upload may hold this many times serving.max_request_rows
+
+
+def _epoch(value: Any) -> float:
+    try:
+        return to_epoch(value)
+    except (TypeError, ValueError) as exc:
+        raise PydanticCustomError("time", "{reason}", {"reason": str(exc)}) from exc
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):  # JSON true/false as 1/0
+        return int(value)
+    if not isinstance(value, int | float):
+        raise PydanticCustomError("number", "expected a number, got {value}", {"value": repr(value)})
+    return value
+
+
+# ISO 8601 or epoch seconds; the store records it instead of the clock.
+Time = Annotated[float, BeforeValidator(_epoch),
+                 WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]})]
+Label = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]
+Weight = Annotated[float, Field(strict=True, ge=0, le=1)]
+
+
+class LabelItem(BaseModel):
+    """The true outcome of one earlier prediction."""
+
+    request_id: str = Field(min_length=1)
+    label: Label
+    ts: Time | None = None
+
+
+class LabelsBody(BaseModel):
+    """`{"labels": [...]}`, or the bare list."""
+
+    labels: list[LabelItem]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_list(cls, value: Any) -> Any:
+        return {"labels": value} if isinstance(value, list) else value
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """Both accepted shapes, so the OpenAPI document shows the bare list too."""
+        schema = handler.resolve_ref_schema(handler(core))
+        return {"anyOf": [dict(schema), schema["properties"]["labels"]], "title": schema["title"],
+                "description": schema.get("description", "")}
+
+
+class RoutingBody(BaseModel):
+    """Only `weights`: reweight the open rollout; `end`: end it; anything else opens a new rollout."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode | None = None
+    versions: dict[str, str | int] | None = Field(None, description="role -> version, with a 'champion' entry")
+    weights: dict[str, Weight] | None = Field(None, description="role or version -> weight, summing to at most 1")
+    salt: str | None = None
+    end: bool = False
+    reason: str | None = None
+
+    @field_validator("versions")
+    @classmethod
+    def _has_champion(cls, versions: dict[str, str | int] | None) -> dict[str, str | int] | None:
+        if versions is not None and Role.CHAMPION not in versions:
+            raise PydanticCustomError("champion", "expected an object of role -> version with a 'champion' entry")
+        return versions
+
+    @field_validator("weights")
+    @classmethod
+    def _at_most_one(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        if weights is not None and sum(weights.values()) > 1.0 + 1e-9:
+            raise PydanticCustomError("weights_sum", "must sum to at most 1, got {total}",
+                                      {"total": f"{sum(weights.values()):.6g}"})
+        return weights
+
+
+async def add_labels(body: LabelsBody, limit: int, now: float, writer: LogWriter,
+                     store: OutcomeStore) -> dict[str, Any]:
+    """Store the labels (a label for an unknown request is counted, not refused); `now` for those without `ts`."""
+    if len(body.labels) > limit:
+        raise RequestError(413, f"labels: {len(body.labels)} rows, at most {limit} per request")
+    rows = [(item.request_id, item.label, now if item.ts is None else item.ts) for item in body.labels]
+    # Predictions are logged asynchronously: write them first so labels find their request.
+    await writer.flush(timeout_s=5.0)
+    report = await asyncio.to_thread(store.add_labels, rows)
+    return {"stored": report.stored, "replaced": report.replaced, "unknown": report.unknown,
+            "unknown_ids": list(report.unknown_ids)}
+
+
+async def set_routing(body: RoutingBody, store: OutcomeStore, aliases: Mapping[str, str], default_mode: str,
+                      now: float) -> None:
+    """Change the routing row; the caller refreshes the service so the answer shows the new routing."""
+    current = await asyncio.to_thread(store.current_rollout)
+    if body.end:
+        if current is None:
+            raise RequestError(409, "end: no rollout is open")
+        await asyncio.to_thread(store.end_rollout, current.rollout_id, now, body.reason or "ended via PUT /routing")
+        return
+    if current is not None and body.versions is None and body.salt is None and body.mode in (None, current.mode):
+        if body.weights is not None:
+            await asyncio.to_thread(store.set_weights, current.rollout_id, body.weights)
+        return
+    versions = body.versions
+    if versions is None:
+        versions = {a: v for a, v in aliases.items() if a == Role.CHAMPION or is_challenger(a)}
+        if Role.CHAMPION not in versions:
+            raise RequestError(409, "versions: no @champion alias to route to; give versions explicitly")
+    await asyncio.to_thread(store.open_rollout, body.mode or default_mode, {k: str(v) for k, v in versions.items()},
+                            body.weights or {}, body.salt, now)
+
+
+def routing_answer(view: RoutingView | None) -> dict[str, Any]:
+    """The live routing (GET /routing, and the answer to PUT /routing)."""
+    if view is None:
+        return {"rollout_id": None, "mode": None, "arms": [], "shadows": [], "ready": False}
+    return {**view.as_dict(), "ready": True}

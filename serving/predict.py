@@ -1,0 +1,274 @@
+"""The predict path: a body's records as a batch, arms assigned, lanes scored, one log row per record and arm.
+
+A challenger that fails (raises, garbage, timeout) never fails the caller: its rows are logged as its
+errors and the champion answers them. Shadow challengers get the whole batch off the response path;
+their rows are logged by `ShadowSink` (or by their child process).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rollout.config import Policy
+from rollout.models import check_records
+from rollout.outcomes import PredictionRow
+from rollout.roles import Role
+from serving.batching import Job, ModelCallFailed, Scored
+from serving.errors import RequestError
+from serving.loading import Lanes
+from serving.logwriter import LogWriter, ShadowMeta, shadow_rows
+from serving.metrics import Metrics
+from serving.routing import Arm, RoutingView
+
+
+@dataclass(frozen=True, slots=True)
+class RequestBatch:
+    """One request's records, with what each record's log rows need besides the model's answer."""
+
+    records: list[dict[str, Any]]
+    unit_ids: list[str | None]
+    request_ids: list[str]  # the caller's, or new UUIDv7s
+    segments: list[Any]
+    ts: float
+    single: bool  # the body was {"record": ...}: answered with one object, not {"predictions": [...]}
+
+
+def parse_batch(payload: Any, ts: float, max_rows: int, unit_column: str | None,
+                segment_column: str | None) -> RequestBatch:
+    """The batch of an accepted body shape: {"record"}, {"records"} or MLflow's {"dataframe_records"}, or a list."""
+    unit_ids: list[Any]
+    request_ids: list[Any]
+    records: Any
+    if isinstance(payload, list):
+        records, unit_ids, request_ids = payload, [None] * len(payload), [None] * len(payload)
+    elif isinstance(payload, dict):
+        if "records" in payload or "dataframe_records" in payload:
+            records = payload.get("records", payload.get("dataframe_records"))
+            if not isinstance(records, list):
+                raise RequestError(422, "records: expected a list of objects")
+        elif "record" in payload:
+            records = [payload["record"]]
+        else:
+            raise RequestError(422, "body: expected {'record': {...}} or {'records': [...]}")
+        unit_ids = _per_record(payload, "unit_id", "unit_ids", len(records))
+        request_ids = _per_record(payload, "request_id", "request_ids", len(records))
+    else:
+        raise RequestError(422, "body: expected a JSON object or a list of records")
+    if not records:
+        raise RequestError(422, "records: empty")
+    if len(records) > max_rows:
+        raise RequestError(413, f"records: {len(records)} rows, at most {max_rows} per request")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise RequestError(422, f"records[{i}]: expected an object, got {type(record).__name__}")
+        if unit_column and unit_column in record:
+            record = dict(record)
+            unit = record.pop(unit_column)
+            records[i] = record
+            if unit_ids[i] is None:
+                unit_ids[i] = unit
+    segments = [r.get(segment_column) for r in records] if segment_column else [None] * len(records)
+    return RequestBatch(
+        records,
+        [None if u is None else str(u) for u in unit_ids],
+        [new_request_id() if r is None else str(r) for r in request_ids],
+        segments,
+        ts,
+        isinstance(payload, dict) and "record" in payload,
+    )
+
+
+def _per_record(payload: dict[str, Any], one: str, many: str, n: int) -> list[Any]:
+    if many in payload:
+        values = payload[many]
+        if not isinstance(values, list) or len(values) != n:
+            raise RequestError(422, f"{many}: expected a list with one entry per record ({n})")
+        return list(values)
+    return [payload.get(one)] * n
+
+
+def log_row(batch: RequestBatch, i: int, arm: Arm, rollout_id: int | None, *, served: bool = True,
+            scored: Scored | None = None, j: int = 0, error: str | None = None) -> PredictionRow:
+    """The log row of record `i` as `arm` handled it: answer `j` of `scored`, or `error`.
+
+    A served row keeps the record's features (drift checks read them); a challenger's failure does not."""
+    return PredictionRow(
+        batch.request_ids[i], arm.version, arm.role, batch.ts, batch.unit_ids[i], rollout_id, served, arm.weight,
+        None if scored is None else scored.predictions[j],
+        None if scored is None or scored.scores is None else scored.scores[j],
+        None if scored is None else scored.latency_ms,
+        None if error is None else error[:500],
+        batch.segments[i],
+        batch.records[i] if served else None,
+    )
+
+
+class Predictor:
+    """Scores request batches on the current snapshot's lanes and logs what every arm answered."""
+
+    def __init__(self, policy: Policy, writer: LogWriter, metrics: Metrics, lanes: Callable[[], Lanes],
+                 now: Callable[[], float], rng: random.Random) -> None:
+        data = policy.data
+        self.max_rows = policy.serving.max_request_rows
+        self.unit_column = data.unit_column
+        self.segment_column = data.segment_column
+        self.classification = data.task == "classification"
+        self.writer = writer
+        self.metrics = metrics
+        self.lanes = lanes  # the service's current snapshot, read once per request (and again for a fallback)
+        self.now = now
+        self.rng = rng
+
+    async def predict(self, payload: Any, ts: float | None, started: float) -> tuple[list[dict[str, Any]], bool]:
+        """One answer per record (request id, prediction, score, version, role), and whether the body was single."""
+        lanes = self.lanes()
+        view = lanes.view
+        if view is None:
+            raise RequestError(503, "no champion model loaded yet")
+        batch = parse_batch(payload, self.now() if ts is None else ts, self.max_rows, self.unit_column,
+                            self.segment_column)
+        records = batch.records
+        problems = check_records(records, lanes.models[view.champion.version].columns, lanes.allowed)
+        if problems:
+            first = problems[0]
+            where = f"records[{first['row']}].{first['field']}" if len(records) > 1 else first["field"]
+            raise RequestError(422, f"{where}: {first['error']}", problems)
+
+        groups = self._assign(view, batch)
+        pending = []
+        for arm, idx in groups:
+            rows = records if len(groups) == 1 else [records[i] for i in idx]
+            pending.append((arm, idx, lanes.serve[arm.version].submit(rows)))
+        for arm in view.shadows:  # the whole request, off the response path
+            meta = ShadowMeta(batch.request_ids, batch.unit_ids, batch.segments, batch.ts, view.rollout_id, arm.role,
+                              arm.version)
+            lanes.shadow[arm.version].offer(records, meta)
+
+        results: list[tuple[Arm, Scored, int] | None] = [None] * len(records)
+        fallback: list[int] = []
+        for arm, idx, future in pending:
+            champion = arm.role == Role.CHAMPION
+            try:
+                scored = await future
+            except ModelCallFailed as exc:
+                self._log_failure(batch, arm, view, idx, str(exc))
+                if champion:
+                    raise RequestError(500, f"champion version {arm.version} failed: {exc}") from exc
+                fallback += idx
+                continue
+            for j, i in enumerate(idx):
+                error = scored.errors[j]
+                if error is None:
+                    results[i] = (arm, scored, j)
+                    continue
+                self._log_failure(batch, arm, view, [i], error)
+                if champion:
+                    raise RequestError(500, f"champion version {arm.version} returned an unusable prediction: {error}")
+                fallback.append(i)
+        if fallback:
+            await self._fallback(batch, view, fallback, results)
+        return self._answer(batch, view, results, time.perf_counter() - started), batch.single
+
+    def _assign(self, view: RoutingView, batch: RequestBatch) -> list[tuple[Arm, list[int]]]:
+        """The records of each arm: sticky by unit in ab/abn, a draw per record in bandit."""
+        if len(view.arms) == 1:
+            return [(view.champion, list(range(len(batch.records))))]
+        groups: dict[str, tuple[Arm, list[int]]] = {}
+        for i, (unit, rid) in enumerate(zip(batch.unit_ids, batch.request_ids, strict=True)):
+            arm = view.choose(unit, rid, self.rng)
+            groups.setdefault(arm.role, (arm, []))[1].append(i)
+        return list(groups.values())
+
+    def _log_failure(self, batch: RequestBatch, arm: Arm, view: RoutingView, idx: list[int], error: str) -> None:
+        """Log records `idx` as `arm`'s errors: served rows when the champion failed them, else a challenger's."""
+        served = arm.role == Role.CHAMPION
+        for i in idx:
+            self.writer.put(log_row(batch, i, arm, view.rollout_id, served=served, error=error))
+            self.metrics.observe(arm.version, arm.role, 0.0, False)
+
+    async def _fallback(self, batch: RequestBatch, view: RoutingView, idx: list[int],
+                        results: list[tuple[Arm, Scored, int] | None]) -> None:
+        """Score a failed challenger's records with the champion of the latest snapshot (the request's may be retired)."""
+        latest = self.lanes()
+        current = latest.view or view
+        champion = Arm(Role.CHAMPION, current.champion.version, current.champion.weight)
+        lane = latest.serve.get(champion.version)
+        if lane is None:
+            raise RequestError(503, "champion lane unavailable during a reload; retry")
+        try:
+            scored = await lane.submit([batch.records[i] for i in idx])
+        except ModelCallFailed as exc:
+            self._log_failure(batch, champion, view, idx, str(exc))
+            raise RequestError(500, f"champion version {champion.version} failed: {exc}") from exc
+        for j, i in enumerate(idx):
+            if scored.errors[j] is not None:
+                raise RequestError(500, f"champion version {champion.version} returned an unusable prediction")
+            results[i] = (champion, scored, j)
+
+    def _answer(self, batch: RequestBatch, view: RoutingView, results: list[tuple[Arm, Scored, int] | None],
+                elapsed: float) -> list[dict[str, Any]]:
+        """Log the served rows and build the caller's answers."""
+        out = []
+        put = self.writer.put
+        observe = self.metrics.observe
+        for i, item in enumerate(results):
+            assert item is not None, "every record has its arm's answer or the champion's"
+            arm, scored, j = item
+            put(log_row(batch, i, arm, view.rollout_id, scored=scored, j=j))
+            observe(arm.version, arm.role, elapsed, True)
+            prediction = scored.predictions[j]
+            if self.classification and prediction is not None and float(prediction).is_integer():
+                prediction = int(prediction)
+            score = scored.scores[j] if scored.scores is not None else None
+            out.append({"request_id": batch.request_ids[i], "prediction": prediction, "score": score,
+                        "version": arm.version, "role": arm.role})
+        return out
+
+
+class ShadowSink:
+    """A shadow lane's sink: logs a batch, one row per record of every job, in job order."""
+
+    def __init__(self, writer: LogWriter, metrics: Metrics) -> None:
+        self.writer = writer
+        self.metrics = metrics
+        self.dropped = 0  # shadow rows refused because the challenger's queue was full
+
+    def __call__(self, jobs: list[Job], scored: Scored | None, error: str | None) -> None:
+        """A shadow child process usually wrote the rows itself (`scored.logged`); else they are logged here."""
+        total = sum(len(job.rows) for job in jobs)
+        if scored is not None and scored.logged:
+            self.writer.note_written(total)
+        else:
+            if scored is None and error and error.startswith("queue full"):
+                self.dropped += total
+            if scored is None:
+                rows = shadow_rows([job.meta for job in jobs], None, None, None, None, error)
+            else:
+                rows = shadow_rows([job.meta for job in jobs], scored.predictions, scored.scores, scored.errors,
+                                   scored.latency_ms, None)
+            self.writer.put_many(rows)
+        if jobs:
+            meta = jobs[0].meta
+            seconds = 0.0 if scored is None else scored.latency_ms / 1000.0
+            self.metrics.observe(meta.version, meta.role, seconds, scored is not None and error is None, rows=total,
+                                 count=len(jobs))
+
+
+def new_request_id() -> str:
+    """A time-ordered request id: a UUIDv7 (RFC 9562: 48 bits of Unix milliseconds, then 74 random bits),
+    as 32 hex digits like uuid4().hex.
+
+    The outcome store indexes predictions by request id (label joins, the evaluation's covering index).
+    Random ids insert all over those B-trees, so every logged batch dirties pages everywhere; ids that
+    grow with time append near the end. Measured with SQLite, two writers, 500-row batches (the
+    service's log writer and a shadow child): 66 us a row at 300k rows, against 109 us with uuid4.
+    """
+    value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    return f"{value:032x}"
