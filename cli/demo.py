@@ -118,7 +118,10 @@ def run_rollout(config: Path, server: Server, token: str, drift: float, days: in
     from rollout.outcomes import OutcomeStore
 
     policy = load_policy(config)
-    day0 = OutcomeStore(policy.outcome_url).current_rollout().started_at
+    current = OutcomeStore(policy.outcome_url).current_rollout()
+    if current is None:
+        raise RuntimeError("no open rollout to send traffic to: ci-pipeline opens one when it registers a challenger")
+    day0 = current.started_at
     outcome = None
     for half in range(days * 2):
         start = day0 + timedelta(hours=12 * half)

@@ -63,6 +63,8 @@ def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
 # it, every fit may use every core, so they run one at a time (several such fits in threads
 # oversubscribe the cores: measured 8x slower each on 2 cores). The Dask runner (flows/runners.py)
 # spreads folds over more machines or processes.
+# (The ignore: Prefect 3.9 types ThreadPoolTaskRunner() as ThreadPoolTaskRunner[Never], which its own
+# decorator's annotation refuses.)
 @flow(name="ci-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=usable_cores()))  # type: ignore[arg-type]
 def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None) -> CIOutcome:
     """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal)."""

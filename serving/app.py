@@ -136,7 +136,7 @@ def create_app(
     if registry is None:
         from rollout.registry import MlflowRegistry
 
-        registry = MlflowRegistry(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages)
+        registry = MlflowRegistry.for_policy(policy)
     if store is None:
         store = OutcomeStore(policy.outcome_url)
     service = Service(policy, registry, store, clock, rng)

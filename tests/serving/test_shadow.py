@@ -44,6 +44,7 @@ def _rows(store: OutcomeStore, sql: str) -> list[tuple]:
 
 
 @pytest.mark.anyio
+@pytest.mark.slow  # child processes
 @pytest.mark.parametrize(("challenger", "logged_as"), [
     (RaisingModel(), "RuntimeError: challenger exploded"),
     (SleepingModel(30.0), "timeout: no answer within 6 s"),
@@ -58,7 +59,8 @@ async def test_shadow_challenger_failures_are_invisible_to_callers(challenger: F
     store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
     store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
     # One shadow batch of all 30 requests: it waits for them, longer than any of them takes.
-    policy = make_policy(shadow_timeout_s=6.0, shadow_max_wait_ms=4000.0, shadow_max_batch_size=30)
+    policy = make_policy(shadow_timeout_s=6.0, shadow_max_wait_ms=4000.0, shadow_max_batch_size=30,
+                         shadow_isolation="process")
     async with serve(app_for(policy, _registry(challenger), store)) as client:
         got, latencies = await _traffic(client, 30)
     strip = [{k: v for k, v in r.items() if k != "request_id"} for r in got]
@@ -73,10 +75,11 @@ async def test_shadow_challenger_failures_are_invisible_to_callers(challenger: F
 
 
 @pytest.mark.anyio
+@pytest.mark.slow  # child processes
 async def test_a_challenger_that_kills_its_process_harms_nobody_and_is_restarted(tmp_path) -> None:
     store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
     store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
-    policy = make_policy(shadow_max_wait_ms=1.0, shadow_timeout_s=30.0)  # isolation: "process", the default
+    policy = make_policy(shadow_max_wait_ms=1.0, shadow_timeout_s=30.0, shadow_isolation="process")
     poison = {**record(0), "income": 500.0}
     async with serve(app_for(policy, _registry(DyingModel()), store)) as client:
         before, _ = await _traffic(client, 10)
