@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A uniquely named PostgreSQL database for this session, dropped at the end (skipped without a server)."""
+    try:
+        import psycopg
+
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432 as user postgres ({type(exc).__name__}: {exc})")
+    name = f"rollout_test_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty outcome store's URL on each backend: a SQLite file, and the session's PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'outcomes.db'}"
+    from rollout.outcomes import OutcomeStore
+    from rollout.outcomes.schema import metadata
+
+    url: str = request.getfixturevalue("pg_url")
+    store = OutcomeStore(url)
+    metadata.drop_all(store.engine)
+    store.dispose()
+    return url
 
 
 @pytest.fixture(scope="session")

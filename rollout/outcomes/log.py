@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from rollout.outcomes.engine import chunks, is_sqlite
+from rollout.outcomes.engine import chunks, is_sqlite, write
 from rollout.outcomes.schema import (
     LOG_COLUMNS,
     aggregate_dirty_hours,
@@ -127,8 +129,29 @@ def add_labels(engine: Engine, items: Iterable[Sequence[Any]], received: float) 
     """Store (request id, label[, ts]) items; the label with the later time wins (ties: the later arrival).
 
     Earlier labels are kept as history (current = 0). Labels for request ids with no stored prediction
-    are kept (matched = 0) and reported, so a late prediction log still joins.
-    """
+    are kept (matched = 0) and reported, so a late prediction log still joins."""
+    batch = list(items)
+    for attempt in range(_RETRIES):
+        try:
+            return _add_labels(engine, batch, received)
+        except (IntegrityError, OperationalError) as exc:
+            # Another writer made a label of one of these requests current first (the unique index), or
+            # PostgreSQL broke a deadlock, or SQLite stayed locked past its busy timeout: redo it all.
+            if attempt == _RETRIES - 1 or not _retryable(exc):
+                raise
+            time.sleep(0.01 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+_RETRIES = 8
+
+
+def _retryable(exc: Exception) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return isinstance(exc, IntegrityError) or any(w in text for w in ("deadlock", "locked", "serializ"))
+
+
+def _add_labels(engine: Engine, items: list[Sequence[Any]], received: float) -> LabelReport:
     latest: dict[str, tuple[float, float]] = {}
     for item in items:
         request_id, label = str(item[0]), item[1]
@@ -142,8 +165,9 @@ def add_labels(engine: Engine, items: Iterable[Sequence[Any]], received: float) 
             latest[request_id] = (value, epoch)
     if not latest:
         return LabelReport(0, 0, 0)
-    ids = list(latest)
-    with engine.begin() as conn:
+    arrived = list(latest)
+    ids = sorted(arrived)  # the same lock order in every writer
+    with write(engine) as conn:
         known: dict[str, set[int]] = {}  # request id -> rollouts its predictions belong to
         existing: dict[str, tuple[float, float]] = {}  # request id -> (ts, label) of its current label
         for chunk in chunks(ids, 500):
@@ -178,8 +202,22 @@ def add_labels(engine: Engine, items: Iterable[Sequence[Any]], received: float) 
         conn.execute(insert(labels), rows)
         if changes:
             conn.execute(insert(label_changes), changes)
-    unknown = tuple(rid for rid in ids if rid not in known)
+    unknown = tuple(rid for rid in arrived if rid not in known)
     return LabelReport(stored=len(rows), replaced=len(superseded), unknown=len(unknown), unknown_ids=unknown[:100])
+
+
+def dedupe_current_labels(engine: Engine) -> int:
+    """Leave one current label per request (the latest), as the unique index needs; returns how many were demoted.
+    Stores written before the index could hold several after concurrent uploads."""
+    dup = select(labels.c.request_id).where(labels.c.current == 1).group_by(labels.c.request_id).having(
+        func.count() > 1)
+    demoted = 0
+    with write(engine) as conn:
+        for (rid,) in conn.execute(dup).all():
+            rows = conn.execute(select(labels.c.id).where(labels.c.request_id == rid, labels.c.current == 1)
+                                .order_by(labels.c.ts.desc(), labels.c.id.desc())).scalars().all()
+            demoted += conn.execute(update(labels).where(labels.c.id.in_(rows[1:])).values(current=0)).rowcount
+    return demoted
 
 
 def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],

@@ -65,6 +65,9 @@ labels = Table(
 )
 Index("ix_labels_request", labels.c.request_id, labels.c.current)
 Index("ix_labels_current", labels.c.request_id, labels.c.current, labels.c.label).ddl_if(dialect="sqlite")
+# At most one current label per request, whatever the concurrency: a second writer's insert fails and retries.
+Index("ux_labels_current", labels.c.request_id, unique=True, sqlite_where=labels.c.current == 1,
+      postgresql_where=labels.c.current == 1)
 
 routing = Table(
     "routing",

@@ -76,6 +76,8 @@ class OutcomeStore:
         if had_summaries and new_units:  # a store from before rollout_units: rebuild its summaries, units too
             with self.engine.begin() as conn:
                 conn.execute(delete(summary_state))
+        if not any(ix["name"] == "ux_labels_current" for ix in inspect(self.engine).get_indexes(labels.name)):
+            log.dedupe_current_labels(self.engine)  # a store from before the unique index
         for table in (predictions, labels):  # indexes added since a store was first created
             for index in table.indexes:
                 index.create(self.engine, checkfirst=True)

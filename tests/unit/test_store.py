@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,40 +12,15 @@ import pandas as pd
 import pytest
 
 from rollout.outcomes import EvidenceSums, LockHeld, OutcomeStore, PredictionRow
-from rollout.outcomes.schema import metadata
 from rollout.stats.moments import Confusion, Moments
 from rollout.times import day_of, day_of_cached, hour_of
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A uniquely named PostgreSQL database for this session, dropped at the end."""
-    try:
-        import psycopg
-
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432 as user postgres ({type(exc).__name__}: {exc})")
-    name = f"rollout_test_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[OutcomeStore]:
-    if request.param == "sqlite":
-        s = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}", clock=lambda: T0)
-    else:
-        s = OutcomeStore(request.getfixturevalue("pg_url"), clock=lambda: T0)
-        metadata.drop_all(s.engine)
-    s.create()
+@pytest.fixture
+def store(store_url: str) -> Iterator[OutcomeStore]:
+    s = OutcomeStore(store_url, clock=lambda: T0).create()
     yield s
     s.dispose()
 
