@@ -49,6 +49,7 @@ class ModelRegistry(Protocol):
     def mirror_stage(self, version: str, stage: str) -> None: ...
     def set_tags(self, version: str, tags: dict[str, str]) -> None: ...
     def get_tags(self, version: str) -> dict[str, str]: ...
+    def has_version(self, version: str) -> bool: ...
 
 
 _ANY = object()
@@ -138,6 +139,17 @@ class MlflowRegistry:
 
     def get_tags(self, version: str) -> dict[str, str]:
         return dict(self.client.get_model_version(self.model_name, str(version)).tags or {})
+
+    def has_version(self, version: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_model_version(self.model_name, str(version))
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")) or "not found" in str(exc).lower():
+                return False
+            raise
+        return True
 
     def run_id(self, version: str) -> str | None:
         run_id = self.client.get_model_version(self.model_name, str(version)).run_id
@@ -236,6 +248,10 @@ class InMemoryRegistry:
 
     def get_tags(self, version: str) -> dict[str, str]:
         return dict(self.tags.get(str(version), {}))
+
+    def has_version(self, version: str) -> bool:
+        self._check()
+        return str(version) in self.models
 
     def load(self, version: str) -> Any:
         self._check()

@@ -10,21 +10,29 @@ import math
 from datetime import UTC, datetime
 
 _DAYS: dict[int, str] = {}
+# The times the store accepts: 1970-01-01 up to 2100-01-01 (UTC). A time outside has no day to file it under.
+EARLIEST, LATEST = 0.0, 4_102_444_800.0
 
 
 def to_epoch(value: datetime | float | int | str) -> float:
-    """Epoch seconds from a datetime (naive = UTC), a number, or an ISO 8601 string."""
+    """Epoch seconds from a datetime (naive = UTC), a number, or an ISO 8601 string, between 1970 and 2100."""
     if isinstance(value, bool):
         raise TypeError("a time cannot be a boolean")
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value.timestamp()
-    raise TypeError(f"not a time: {value!r}")
+        out = float(value)
+    elif isinstance(value, str):
+        out = _aware(datetime.fromisoformat(value.replace("Z", "+00:00"))).timestamp()
+    elif isinstance(value, datetime):
+        out = _aware(value).timestamp()
+    else:
+        raise TypeError(f"not a time: {value!r}")
+    if not EARLIEST <= out < LATEST:  # NaN fails too
+        raise ValueError(f"{value!r} is outside 1970-01-01..2100-01-01 (epoch seconds 0..{LATEST:.0f})")
+    return out
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def from_epoch(value: float) -> datetime:

@@ -7,7 +7,7 @@ is a 422 naming it (`labels[0].label`, `weights.challenger`, `mode`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
@@ -50,7 +50,7 @@ Weight = Annotated[float, Field(strict=True, ge=0, le=1)]
 class LabelItem(BaseModel):
     """The true outcome of one earlier prediction."""
 
-    request_id: str = Field(min_length=1)
+    request_id: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00]+$")
     label: Label
     ts: Time | None = None
 
@@ -101,11 +101,16 @@ class RoutingBody(BaseModel):
         return weights
 
 
-async def add_labels(body: LabelsBody, limit: int, now: float, writer: LogWriter,
-                     store: OutcomeStore) -> dict[str, Any]:
-    """Store the labels (a label for an unknown request is counted, not refused); `now` for those without `ts`."""
+async def add_labels(body: LabelsBody, limit: int, now: float, writer: LogWriter, store: OutcomeStore,
+                     classification: bool) -> dict[str, Any]:
+    """Store the labels (a label for an unknown request is counted, not refused); `now` for those without `ts`.
+    A classifier's label is its class, 0 or 1: anything else would be scored as a wrong answer."""
     if len(body.labels) > limit:
         raise RequestError(413, f"labels: {len(body.labels)} rows, at most {limit} per request")
+    if classification:
+        for i, item in enumerate(body.labels):
+            if item.label not in (0.0, 1.0):
+                raise RequestError(422, f"labels[{i}].label: a classifier's label is 0 or 1, got {item.label:g}")
     rows = [(item.request_id, item.label, now if item.ts is None else item.ts) for item in body.labels]
     # Predictions are logged asynchronously: write them first so labels find their request.
     await writer.flush(timeout_s=5.0)
@@ -115,9 +120,19 @@ async def add_labels(body: LabelsBody, limit: int, now: float, writer: LogWriter
 
 
 async def set_routing(body: RoutingBody, store: OutcomeStore, aliases: Mapping[str, str], default_mode: str,
-                      now: float) -> None:
-    """Change the routing row; the caller refreshes the service so the answer shows the new routing."""
+                      now: float, has_version: Callable[[str], bool], bandit_floor: float) -> None:
+    """Change the routing row; the caller refreshes the service so the answer shows the new routing.
+    Versions must exist in the registry; bandit weights give every arm at least the policy's floor."""
+    for role, version in (body.versions or {}).items():
+        if not await asyncio.to_thread(has_version, str(version)):
+            raise RequestError(422, f"versions.{role}: version {version} is not in the registry")
     current = await asyncio.to_thread(store.current_rollout)
+    mode = body.mode or (current.mode if current is not None and body.versions is None else default_mode)
+    if mode == "bandit" and body.weights is not None:
+        for key, weight in body.weights.items():
+            if weight < bandit_floor:
+                raise RequestError(422, f"weights.{key}: a bandit arm gets at least the floor "
+                                        f"(rollout.bandit.floor = {bandit_floor:g}), got {weight:g}")
     if body.end:
         if current is None:
             raise RequestError(409, "end: no rollout is open")

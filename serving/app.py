@@ -50,6 +50,7 @@ class Service:
         self.loader = Loader(policy, registry, store, self.metrics.batch, self.shadow_sink)
         self.predictor = Predictor(policy, self.writer, self.metrics, lambda: self.lanes, self.now,
                                    rng or random.Random())
+        self.dead_letters = 0
         self._refresh_lock: asyncio.Lock | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._register_gauges()
@@ -86,6 +87,10 @@ class Service:
             old = self.lanes
             self.lanes = await self.loader.load(old)
             self.loader.retire(old, self.lanes)
+            try:  # rows the store refused, from this process and every other writer (shadow children, replicas)
+                self.dead_letters = await asyncio.to_thread(self.store.dead_letters)
+            except Exception as exc:  # noqa: BLE001 - the gauge keeps its last value
+                log.warning("could not count dead-lettered rows: %s", exc)
 
     def health(self) -> tuple[int, dict[str, object]]:
         lanes = self.lanes
@@ -106,6 +111,8 @@ class Service:
         m.gauge("rollout_log_dropped_total", "Prediction rows dropped because the log queue was full.", lambda: w.dropped)
         m.gauge("rollout_log_lost_total", "Prediction rows the store refused after every retry.", lambda: w.lost)
         m.gauge("rollout_log_written_total", "Prediction rows written to the outcome store.", lambda: w.written)
+        m.gauge("rollout_log_dead_letters", "Rows the store refused, kept with the reason in its dead_letters table.",
+                lambda: self.dead_letters)
         m.gauge("rollout_shadow_dropped_total", "Shadow rows skipped because the challenger queue was full.",
                 lambda: self.shadow_sink.dropped)
         m.gauge("rollout_scoring_queue_depth", "Rows waiting in the micro-batchers (serve and shadow).",

@@ -196,7 +196,8 @@ async def predict(request: Request) -> Response:
 async def post_labels(request: Request, body: LabelsBody) -> Response:
     service = service_of(request)
     limit = service.cfg.max_request_rows * LABEL_ROWS_FACTOR
-    report = await add_labels(body, limit, service.now(), service.writer, service.store)
+    report = await add_labels(body, limit, service.now(), service.writer, service.store,
+                              service.policy.data.task == "classification")
     service.metrics.http[("/labels", 200)] += 1
     return Response(dumps(report), media_type=JSON)
 
@@ -207,7 +208,8 @@ async def get_routing(request: Request) -> Response:
 
 async def put_routing(request: Request, body: RoutingBody) -> Response:
     service = service_of(request)
-    await set_routing(body, service.store, service.lanes.aliases, service.policy.rollout.mode, service.now())
+    await set_routing(body, service.store, service.lanes.aliases, service.policy.rollout.mode, service.now(),
+                      service.loader.registry.has_version, service.policy.rollout.bandit.floor)
     await service.refresh()
     return Response(dumps(routing_answer(service.lanes.view)), media_type=JSON)
 

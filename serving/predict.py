@@ -71,16 +71,33 @@ def parse_batch(payload: Any, ts: float, max_rows: int, unit_column: str | None,
             unit = record.pop(unit_column)
             records[i] = record
             if unit_ids[i] is None:
-                unit_ids[i] = unit
+                unit_ids[i] = None if unit is None else _id(unit, f"records[{i}].{unit_column}", UNIT_ID_CHARS)
     segments = [r.get(segment_column) for r in records] if segment_column else [None] * len(records)
+    many = isinstance(payload, dict) and "request_ids" in payload
+    units_listed = isinstance(payload, dict) and "unit_ids" in payload
     return RequestBatch(
         records,
-        [None if u is None else str(u) for u in unit_ids],
-        [new_request_id() if r is None else str(r) for r in request_ids],
+        [None if u is None else _id(u, f"unit_ids[{i}]" if units_listed else "unit_id", UNIT_ID_CHARS)
+         for i, u in enumerate(unit_ids)],
+        [new_request_id() if r is None else _id(r, f"request_ids[{i}]" if many else "request_id", REQUEST_ID_CHARS)
+         for i, r in enumerate(request_ids)],
         segments,
         ts,
         isinstance(payload, dict) and "record" in payload,
     )
+
+
+# The outcome store's columns: an id that does not fit is refused here rather than lost with its log batch.
+REQUEST_ID_CHARS, UNIT_ID_CHARS = 64, 128
+
+
+def _id(value: Any, where: str, limit: int) -> str:
+    if isinstance(value, dict | list | bool):
+        raise RequestError(422, f"{where}: expected a string or a number")
+    text = str(value)
+    if not text or len(text) > limit or "\x00" in text:
+        raise RequestError(422, f"{where}: expected 1 to {limit} characters without NUL, got {len(text)}")
+    return text
 
 
 def _per_record(payload: dict[str, Any], one: str, many: str, n: int) -> list[Any]:

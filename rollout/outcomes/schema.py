@@ -116,6 +116,18 @@ plans = Table(
 )
 Index("ix_plans_status", plans.c.status)
 
+# A row the store refused (too long for its column, a NUL byte, a time out of range), kept with the reason
+# instead of failing the batch it came in: one bad row never takes other callers' rows with it.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),  # prediction
+    Column("received_at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("payload", Text, nullable=False),  # the row as JSON (escaped, so NULs and any text are safe)
+)
+
 # The columns of a prediction row, in the order the log writes them.
 LOG_COLUMNS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
                "prediction", "score", "latency_ms", "error", "segment", "features")

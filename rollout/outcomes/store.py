@@ -98,6 +98,11 @@ class OutcomeStore:
         self._ensure()
         return log.log_predictions(self.engine, rows, self.now())
 
+    def dead_letters(self) -> int:
+        """Rows the store refused (kept with their reason in the dead_letters table)."""
+        self._ensure()
+        return log.dead_letter_count(self.engine)
+
     def add_labels(self, items: Iterable[Sequence[Any]]) -> LabelReport:
         """Store (request id, label[, ts]) items; the later label of a request wins."""
         self._ensure()
