@@ -235,6 +235,14 @@ class ServingConfig(_Strict):
         "process", description="Where shadow models score: a child process per version (off the service's GIL; "
         "a crash or hang kills only the child) or a thread of the service."
     )
+    challenger_timeout_ms: float = Field(
+        500.0, gt=0, description="Deadline of a challenger's answer on the response path (ab, abn, bandit): after "
+        "it the caller gets the champion's answer and the challenger a timeout error row.")
+    champion_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of the champion's answer: after it the caller gets a 504, never a hang.")
+    challenger_isolation: Literal["process", "thread"] = Field(
+        "process", description="Where ab/abn/bandit challengers score: a child process per version (a crash or "
+        "hang kills only the child; the champion answers) or a thread of the service.")
     reload_interval_s: float = Field(10.0, gt=0, description="How often aliases are polled for moves.")
     log_queue_size: int = Field(100_000, ge=1, description="Bound of the prediction-log queue; overflow is counted.")
     log_batch_size: int = Field(500, ge=1, description="Rows per insert of the log writer.")

@@ -93,10 +93,21 @@ class Service:
                 log.warning("could not count dead-lettered rows: %s", exc)
 
     def health(self) -> tuple[int, dict[str, object]]:
+        """503 until a champion is loaded; then 200, "degraded" with the reasons while something is wrong
+        that callers do not see (they get the champion's answers)."""
         lanes = self.lanes
         view = lanes.view
+        reasons = []
+        if not self.loader.registry_ok:
+            reasons.append("registry unreachable: serving the versions already loaded")
+        for version, n in sorted(self.predictor.late_versions().items()):
+            reasons.append(f"version {version} missed its deadline {n} times in 5 minutes (the champion answered)")
+        if self.writer.depth > 0.9 * self.cfg.log_queue_size:
+            reasons.append(f"prediction log queue {self.writer.depth} of {self.cfg.log_queue_size} rows")
+        status = "not ready" if view is None else ("degraded" if reasons else "ready")
         body: dict[str, object] = {
-            "status": "ready" if view is not None else "not ready",
+            "status": status,
+            "reasons": reasons,
             "champion": view.champion.version if view else None,
             "loaded": sorted(lanes.models),
             "registry_reachable": self.loader.registry_ok,

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from rollout.models import LoadedModel, ModelError, Outputs
 log = logging.getLogger(__name__)
 
 
-CHILD_START_S = 60.0  # longest a closing lane waits for its shadow child process to start
+CHILD_START_S = 60.0  # longest a new or closing lane waits for its child process to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,10 @@ class MicroBatcher:
         if self.scorer is not None:
             self.scorer.close()
 
+    async def started(self) -> None:
+        """Wait (at most CHILD_START_S) until the lane can score: its child process, if any, holds the model."""
+        await self._child_started(CHILD_START_S)
+
     async def _child_started(self, timeout_s: float | None = None) -> None:
         """Wait while the shadow child process is still starting (its start is not a call's time)."""
         if self.scorer is not None and not self.scorer.ready.done():
@@ -209,7 +214,7 @@ class MicroBatcher:
                 metas = [job.meta for job in jobs] if all(job.future is None for job in jobs) else None
                 call = asyncio.wrap_future(self.scorer.submit(rows, metas), loop=loop)
             else:
-                call = loop.run_in_executor(self._executor, self.model.score, rows)
+                call = loop.run_in_executor(self._executor, self.model.score_each, rows)
             call.add_done_callback(self._call_done)
             task = loop.create_task(self._finish(jobs, call, started, len(rows)))
             self._tasks.add(task)
@@ -220,13 +225,16 @@ class MicroBatcher:
         self._slots.release()
 
     def _take(self) -> list[Job]:
+        """The next batch's jobs; a job whose caller stopped waiting (its deadline passed) is dropped unscored."""
         jobs: list[Job] = []
         rows = 0
         while self._pending and (not jobs or rows + len(self._pending[0].rows) <= self.max_batch):
             job = self._pending.popleft()
+            self._pending_rows -= len(job.rows)
+            if job.future is not None and job.future.cancelled():
+                continue
             jobs.append(job)
             rows += len(job.rows)
-        self._pending_rows -= rows
         return jobs
 
     async def _finish(self, jobs: list[Job], call: asyncio.Future[Any], started: float, n: int) -> None:
@@ -255,6 +263,8 @@ class MicroBatcher:
             self._deliver_all(jobs, None, f"timeout: no answer within {self.timeout_s:g} s")
             return
         except Exception as exc:  # noqa: BLE001 - a failing model is data, not a crash
+            if self.scorer is not None and isinstance(exc, BrokenProcessPool):
+                self.scorer.revive()  # the next batch waits for a new child to start, outside its deadline
             self._report(n, started, False)
             self._deliver_all(jobs, None, (str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}")[:500])
             return

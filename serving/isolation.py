@@ -59,7 +59,7 @@ def _score(rows: list[dict[str, Any]], metas: list[ShadowMeta] | None) -> tuple[
     when the write fails, `logged` is False and the service's log writer (with its retries) takes the rows."""
     assert _MODEL is not None, "child started without a model"
     started = time.perf_counter()
-    out = _MODEL.score(rows)
+    out = _MODEL.score_each(rows)
     preds, scores, errors = out.predictions, out.scores, out.errors
     if metas is None or _STORE is None:
         return preds, scores, errors, False
@@ -100,7 +100,7 @@ class ChildScorer:
         except BrokenProcessPool:
             if not self._started():  # it never held the model: a new child would fail the same way
                 return _failed(RuntimeError(f"the model could not start in a child process: {self.ready.exception()}"))
-            log.error("shadow model %s: child process died; starting a new one", self.version)
+            log.error("challenger %s: child process died; starting a new one", self.version)
             self._replace()  # a crash or OOM kill mid-life: a new child takes this batch
             return self._pool.submit(_score, rows, metas)
         except RuntimeError as exc:  # shut down
@@ -111,8 +111,23 @@ class ChildScorer:
 
     def restart(self) -> None:
         """Kill the child (hung past the timeout) and start a new one; its pending calls fail."""
-        log.error("shadow model %s: child process hung; killing it", self.version)
+        log.error("challenger %s: child process hung; killing it", self.version)
         self._replace()
+
+    def revive(self) -> None:
+        """After a call found the child dead: start a new one now (once, however many calls found it)."""
+        if self._started() and self._pool_broken():
+            log.error("challenger %s: child process died; starting a new one", self.version)
+            self._replace()
+
+    def _pool_broken(self) -> bool:
+        try:
+            self._pool.submit(_ready).cancel()
+        except BrokenProcessPool:
+            return True
+        except RuntimeError:  # shut down
+            return False
+        return False
 
     def _replace(self) -> None:
         old = self._pool

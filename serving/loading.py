@@ -100,8 +100,15 @@ class Loader:
             serving = {a.version for a in view.arms}
             shadowing = {a.version for a in view.shadows}
             models = {v: m for v, m in models.items() if v in serving | shadowing}
-            serve = {v: old.serve.get(v) or self._lane(models[v], shadow=False) for v in serving}
+            champion = view.champion.version
+            # a lane is kept while its version keeps its kind: a promoted challenger gets a champion's lane
+            serve = {v: lane if (lane := old.serve.get(v)) is not None and lane.name == self._serve_name(v, champion)
+                     else self._lane(models[v], shadow=False, champion=v == champion) for v in serving}
             shadow = {v: old.shadow.get(v) or self._lane(models[v], shadow=True) for v in shadowing}
+            # New lanes join once they can score: a challenger's child process takes a second or two to start,
+            # and requests routed to it meanwhile would be logged as its timeouts.
+            await asyncio.gather(*(lane.started() for lane in (*serve.values(), *shadow.values())
+                                   if lane not in old.all()))
             new = Lanes(view, models, serve, shadow, allowed_columns(models.values()), aliases, rollout)
         if old.view is None or view is None or old.view.arms != view.arms or old.view.shadows != view.shadows:
             log.info("routing: %s", view.as_dict() if view else "no champion loaded")
@@ -142,17 +149,22 @@ class Loader:
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=timeout_s)
 
-    def _child_scorer(self, model: LoadedModel) -> ChildScorer | None:
-        """A child process for a shadow model (serving.shadow_isolation), or None: scored in a thread."""
-        if self.cfg.shadow_isolation != "process":
+    def _child_scorer(self, model: LoadedModel, shadow: bool) -> ChildScorer | None:
+        """A child process for a challenger (serving.shadow_isolation / challenger_isolation), or None: a thread.
+        A shadow child also logs what it scores; a serving one only answers."""
+        if (self.cfg.shadow_isolation if shadow else self.cfg.challenger_isolation) != "process":
             return None
         try:
-            return ChildScorer(model, self.store.url)
+            return ChildScorer(model, self.store.url if shadow else None)
         except Exception as exc:  # noqa: BLE001 - e.g. a model that cannot be pickled: threads still work
-            log.warning("shadow model %s scores in a thread, not a child process: %s", model.version, exc)
+            log.warning("challenger %s scores in a thread, not a child process: %s", model.version, exc)
             return None
 
-    def _lane(self, model: LoadedModel, shadow: bool) -> MicroBatcher:
+    @staticmethod
+    def _serve_name(version: str, champion: str | None) -> str:
+        return f"{version}/serve" if version == champion else f"{version}/challenger"
+
+    def _lane(self, model: LoadedModel, shadow: bool, champion: bool = False) -> MicroBatcher:
         cfg = self.cfg
         if shadow:
             lane = MicroBatcher(
@@ -166,17 +178,20 @@ class Loader:
                 max_queue_rows=cfg.shadow_max_batch_size * 8,
                 sink=self.shadow_sink,
                 on_batch=self.on_batch,
-                scorer=self._child_scorer(model),  # scores and logs in a child process
+                scorer=self._child_scorer(model, shadow=True),  # scores and logs in a child process
             )
         else:
+            challenger = not champion
             lane = MicroBatcher(
                 model,
-                name=f"{model.version}/serve",
+                name=self._serve_name(model.version, model.version if champion else None),
                 max_batch=cfg.max_batch_size,
                 max_wait_s=cfg.max_wait_ms / 1000.0,
-                timeout_s=cfg.shadow_timeout_s,  # bounds a hung model on the response path too
+                # a hung call frees its slot at the deadline: a hung challenger's child is killed and replaced
+                timeout_s=cfg.challenger_timeout_ms / 1000.0 if challenger else cfg.champion_timeout_s,
                 in_flight=2,
                 on_batch=self.on_batch,
+                scorer=self._child_scorer(model, shadow=False) if challenger else None,
             )
         return lane.start()
 

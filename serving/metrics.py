@@ -76,7 +76,7 @@ class Metrics:
                 out.append(f'rollout_latency_seconds_bucket{{version="{v}",role="{r}",le="{le}"}} {acc}')
             out.append(f'rollout_latency_seconds_sum{{version="{v}",role="{r}"}} {h.total:.6f}')
             out.append(f'rollout_latency_seconds_count{{version="{v}",role="{r}"}} {h.n}')
-        header("rollout_batches_total", "counter", "Model calls, by lane (version/serve or version/shadow).")
+        header("rollout_batches_total", "counter", "Model calls, by lane (version/serve: the champion; version/challenger; version/shadow).")
         for lane, n in sorted(self.batches.items()):
             out.append(f'rollout_batches_total{{lane="{lane}"}} {n}')
         header("rollout_batch_rows_total", "counter", "Rows scored in those calls (rows/calls = mean batch size).")

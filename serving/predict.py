@@ -7,6 +7,7 @@ their rows are logged by `ShadowSink` (or by their child process).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import time
@@ -132,11 +133,14 @@ class Predictor:
                  now: Callable[[], float], rng: random.Random) -> None:
         data = policy.data
         self.max_rows = policy.serving.max_request_rows
+        self.challenger_timeout_s = policy.serving.challenger_timeout_ms / 1000.0
+        self.champion_timeout_s = policy.serving.champion_timeout_s
         self.unit_column = data.unit_column
         self.segment_column = data.segment_column
         self.classification = data.task == "classification"
         self.writer = writer
         self.metrics = metrics
+        self.late: dict[str, list[float]] = {}  # challenger version -> monotonic times it missed its deadline
         self.lanes = lanes  # the service's current snapshot, read once per request (and again for a fallback)
         self.now = now
         self.rng = rng
@@ -170,8 +174,16 @@ class Predictor:
         fallback: list[int] = []
         for arm, idx, future in pending:
             champion = arm.role == Role.CHAMPION
+            deadline = self.champion_timeout_s if champion else self.challenger_timeout_s
             try:
-                scored = await future
+                scored = await asyncio.wait_for(future, deadline)  # a late job is cancelled: never scored
+            except TimeoutError:
+                self._log_failure(batch, arm, view, idx, f"timeout: no answer within {deadline:g} s")
+                self.late.setdefault(arm.version, []).append(time.monotonic())
+                if champion:
+                    raise RequestError(504, f"champion version {arm.version} did not answer within {deadline:g} s")
+                fallback += idx
+                continue
             except ModelCallFailed as exc:
                 self._log_failure(batch, arm, view, idx, str(exc))
                 if champion:
@@ -190,6 +202,12 @@ class Predictor:
         if fallback:
             await self._fallback(batch, view, fallback, results)
         return self._answer(batch, view, results, time.perf_counter() - started), batch.single
+
+    def late_versions(self, window_s: float = 300.0) -> dict[str, int]:
+        """How often each version missed its deadline in the last `window_s` seconds."""
+        cutoff = time.monotonic() - window_s
+        self.late = {v: [t for t in times if t >= cutoff] for v, times in self.late.items()}
+        return {v: len(times) for v, times in self.late.items() if times}
 
     def _assign(self, view: RoutingView, batch: RequestBatch) -> list[tuple[Arm, list[int]]]:
         """The records of each arm: sticky by unit in ab/abn, a draw per record in bandit."""
@@ -218,7 +236,11 @@ class Predictor:
         if lane is None:
             raise RequestError(503, "champion lane unavailable during a reload; retry")
         try:
-            scored = await lane.submit([batch.records[i] for i in idx])
+            scored = await asyncio.wait_for(lane.submit([batch.records[i] for i in idx]), self.champion_timeout_s)
+        except TimeoutError:
+            self._log_failure(batch, champion, view, idx, f"timeout: no answer within {self.champion_timeout_s:g} s")
+            raise RequestError(504, f"champion version {champion.version} did not answer within "
+                                    f"{self.champion_timeout_s:g} s") from None
         except ModelCallFailed as exc:
             self._log_failure(batch, champion, view, idx, str(exc))
             raise RequestError(500, f"champion version {champion.version} failed: {exc}") from exc

@@ -80,10 +80,10 @@ def record(i: int = 0) -> dict[str, Any]:
 
 
 def make_policy(**serving: Any) -> Policy:
-    """A policy for in-process tests. Shadow models score in threads here (a child process costs ~3 s to start
+    """A policy for in-process tests. Challengers score in threads here (a child process costs ~3 s to start
     and stop); the tests of process isolation ask for it, and carry the `slow` marker."""
     defaults = {"max_wait_ms": 2.0, "shadow_max_wait_ms": 10.0, "shadow_timeout_s": 0.5, "reload_interval_s": 60.0,
-                "shadow_isolation": "thread"}
+                "shadow_isolation": "thread", "challenger_isolation": "thread"}
     return Policy.model_validate({"serving": {**defaults, **serving}})
 
 

@@ -35,7 +35,7 @@ async def test_simulated_days_reach_the_store(store: OutcomeStore, token: str) -
     reg.set_alias("champion", reg.add(LoanModel()))
     reg.set_alias("challenger", reg.add(LoanModel()))
     rid = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.3}, "s")
-    policy = Policy()
+    policy = Policy.model_validate({"serving": {"challenger_isolation": "thread"}})  # no child to wait for
     app = create_app(policy, registry=reg, store=store)
     start = datetime(2026, 1, 1, tzinfo=UTC)
     async with app.router.lifespan_context(app):
