@@ -244,7 +244,13 @@ class ServingConfig(_Strict):
         "process", description="Where ab/abn/bandit challengers score: a child process per version (a crash or "
         "hang kills only the child; the champion answers) or a thread of the service.")
     reload_interval_s: float = Field(10.0, gt=0, description="How often aliases are polled for moves.")
-    log_queue_size: int = Field(100_000, ge=1, description="Bound of the prediction-log queue; overflow is counted.")
+    model_cache_dir: str = Field(".rollout/model-cache", description="Where the service keeps the versions it "
+                                 "loaded and the last aliases, so a restart during a registry outage serves the "
+                                 "cached champion (relative to the policy file).")
+    log_queue_size: int = Field(100_000, ge=1, description="Bound of the prediction-log queue.")
+    on_log_overflow: Literal["reject", "drop"] = Field(
+        "reject", description="When the log queue is full: answer 503 with Retry-After before scoring (an unlogged "
+        "prediction is invisible to the evaluation), or serve and drop the log rows (counted in /metrics).")
     log_batch_size: int = Field(500, ge=1, description="Rows per insert of the log writer.")
     max_request_rows: int = Field(1000, ge=1, description="Rows per /predict request, at most (else 413).")
     token_env: str = Field("ROLLOUT_TOKEN", description="Environment variable holding the admin/label bearer token.")

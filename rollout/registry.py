@@ -59,18 +59,20 @@ class MlflowRegistry:
     """The MLflow model registry for one registered model name."""
 
     def __init__(self, tracking_uri: str, model_name: str, mirror_stages: bool = True,
-                 trusted_modules: tuple[str, ...] = ()) -> None:
+                 trusted_modules: tuple[str, ...] = (), cache: ModelCache | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
         self.mirror_stages = mirror_stages
         self.trusted_modules = tuple(trusted_modules)
+        self.cache = cache
         self._client: Any = None
 
     @classmethod
-    def for_policy(cls, policy: Policy) -> MlflowRegistry:
-        """The policy's registered model, with its trust settings."""
+    def for_policy(cls, policy: Policy, cached: bool = False) -> MlflowRegistry:
+        """The policy's registered model, with its trust settings (and, for the service, its local model cache)."""
+        cache = ModelCache(policy.path(policy.serving.model_cache_dir), policy.registry.model_name) if cached else None
         return cls(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages,
-                   tuple(policy.registry.trusted_modules))
+                   tuple(policy.registry.trusted_modules), cache)
 
     @property
     def client(self) -> Any:
@@ -102,13 +104,23 @@ class MlflowRegistry:
             raise
 
     def aliases(self) -> dict[str, str]:
+        """Every alias of the model ({} before its first version); raises when the registry cannot answer."""
         from mlflow.exceptions import MlflowException
 
         try:
             model = self.client.get_registered_model(self.model_name)
-        except MlflowException:
-            return {}
-        return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", "")):
+                return {}
+            raise
+        aliases = {alias: str(version) for alias, version in (model.aliases or {}).items()}
+        if self.cache is not None:
+            self.cache.save_aliases(aliases)
+        return aliases
+
+    def cached_aliases(self) -> dict[str, str]:
+        """The aliases the registry last answered, from the local cache ({} without one)."""
+        return {} if self.cache is None else self.cache.aliases()
 
     def set_alias(self, alias: str, version: str, expected: str | None | object = _ANY) -> None:
         """Point `alias` at `version`; with `expected`, only if it still points where it was read."""
@@ -163,10 +175,19 @@ class MlflowRegistry:
         import mlflow.pyfunc
         from mlflow.artifacts import download_artifacts
 
-        # Resolve through this client (not the global registry URI) to where the files really are.
-        source = self.client.get_model_version_download_uri(self.model_name, str(version))
-        local = Path(download_artifacts(artifact_uri=source, tracking_uri=self.tracking_uri))
+        try:
+            # Resolve through this client (not the global registry URI) to where the files really are.
+            source = self.client.get_model_version_download_uri(self.model_name, str(version))
+            local = Path(download_artifacts(artifact_uri=source, tracking_uri=self.tracking_uri))
+        except Exception:
+            cached = None if self.cache is None else self.cache.get(str(version))
+            if cached is None:
+                raise
+            log.warning("registry unreachable: version %s loads from the local cache %s", version, cached)
+            local = cached
         check_trusted(local, self.trusted_modules)
+        if self.cache is not None and local != self.cache.get(str(version)):
+            local = self.cache.put(str(version), local)
         return mlflow.pyfunc.load_model(str(local))
 
 
@@ -252,6 +273,10 @@ class InMemoryRegistry:
     def has_version(self, version: str) -> bool:
         self._check()
         return str(version) in self.models
+
+    def cached_aliases(self) -> dict[str, str]:
+        """What a service would have cached: the aliases as they stand, even while `unreachable`."""
+        return dict(self.alias_map)
 
     def load(self, version: str) -> Any:
         self._check()
@@ -388,3 +413,64 @@ def log_run(experiment: str, record: RunRecord, model: Any = None, x_example: An
             info = log_model(model, x_example, task, register_as, version_tags, trusted_modules)
             version = None if register_as is None else str(info.registered_model_version)
     return Logged(run.info.run_id, version)
+
+
+class ModelCache:
+    """The service's local copy of the versions it loaded and of the last aliases, so a restart while the
+    registry is down serves the cached champion. A version's folder is keyed by a digest of its files and
+    checked against it before use."""
+
+    def __init__(self, root: Path, model_name: str) -> None:
+        self.root = root / model_name
+
+    def put(self, version: str, source: Path) -> Path:
+        """Copy a downloaded model folder in (atomically: a rename), and return the cached copy."""
+        import shutil
+        import tempfile
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        digest = _digest(source)
+        target = self.root / f"{version}-{digest[:16]}"
+        if not target.exists():
+            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".incoming-"))
+            shutil.copytree(source, staging / "model")
+            (staging / "model" / ".digest").write_text(digest)
+            try:
+                (staging / "model").rename(target)
+            except OSError:  # another process cached it meanwhile
+                pass
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def get(self, version: str) -> Path | None:
+        """The cached folder of a version whose files still match their digest, or None."""
+        for folder in sorted(self.root.glob(f"{version}-*")) if self.root.exists() else []:
+            stored = folder / ".digest"
+            if stored.exists() and stored.read_text() == _digest(folder):
+                return folder
+        return None
+
+    def save_aliases(self, aliases: dict[str, str]) -> None:
+        import json
+        import os
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / ".aliases.json.tmp"
+        tmp.write_text(json.dumps(aliases))
+        os.replace(tmp, self.root / "aliases.json")
+
+    def aliases(self) -> dict[str, str]:
+        import json
+
+        path = self.root / "aliases.json"
+        return {str(k): str(v) for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
+def _digest(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes (the digest file itself excluded)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".digest"):
+        h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()

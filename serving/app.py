@@ -129,6 +129,8 @@ class Service:
         m.gauge("rollout_scoring_queue_depth", "Rows waiting in the micro-batchers (serve and shadow).",
                 lambda: sum(lane.depth for lane in self.lanes.all()))
         m.gauge("rollout_reload_errors_total", "Failed registry polls or model loads.", lambda: self.loader.reload_errors)
+        m.gauge("rollout_registry_reachable", "1 when the last registry poll was answered.",
+                lambda: 1.0 if self.loader.registry_ok else 0.0)
         m.gauge("rollout_ready", "1 when a champion is loaded.", lambda: 1.0 if self.lanes.view else 0.0)
 
     def render_metrics(self) -> str:
@@ -154,7 +156,7 @@ def create_app(
     if registry is None:
         from rollout.registry import MlflowRegistry
 
-        registry = MlflowRegistry.for_policy(policy)
+        registry = MlflowRegistry.for_policy(policy, cached=True)
     if store is None:
         store = OutcomeStore(policy.outcome_url)
     service = Service(policy, registry, store, clock, rng)
@@ -176,8 +178,14 @@ def create_app(
 
 def run(policy: Policy, host: str | None = None, port: int | None = None, *, log_level: str = "info") -> None:
     """Serve the policy's model with uvicorn until interrupted; SIGINT/SIGTERM drain the log queue."""
+    import os
+
     import uvicorn
 
+    # MLflow's client retries an unreachable server for minutes by default; the service must start (from its
+    # model cache) and answer health checks within seconds instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(policy)
     uvicorn.run(

@@ -37,6 +37,7 @@ class FastPredict:
                 length = value.decode("latin-1")
             elif key == b"authorization":
                 authorization = value.decode("latin-1")
+        headers: dict[str, str] = {}
         try:
             body = await read_body(receive, length, self.limit)
             if body is None:
@@ -44,9 +45,11 @@ class FastPredict:
             status, answer = 200, await predict_answer(self.service, body, authorization, started)
         except RequestError as exc:
             status, answer = refuse(self.service.metrics, "/predict", exc)
+            headers = exc.headers
         except Exception as exc:  # noqa: BLE001 - last resort, as the app's exception handler
+            self.service.metrics.http[("/predict", 500)] += 1
             status, answer = 500, internal_error(exc)
-        await send_json(send, status, answer)
+        await send_json(send, status, answer, headers)
 
 
 class App(FastAPI):

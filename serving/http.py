@@ -106,9 +106,10 @@ def internal_error(exc: Exception) -> bytes:
     return dumps({"detail": f"internal error: {type(exc).__name__}"})
 
 
-async def send_json(send: Send, status: int, body: bytes) -> None:
+async def send_json(send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+    extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
+                "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -128,7 +129,7 @@ class BodyLimit:
         try:
             body = await read_body(receive, header(scope, b"content-length"), limit)
         except RequestError as exc:
-            await send_json(send, *refuse(self.metrics, scope["path"], exc))
+            await send_json(send, *refuse(self.metrics, scope["path"], exc), exc.headers)
             return
         if body is None:
             return
@@ -291,12 +292,13 @@ def mount(app: FastAPI, service: Service) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> Response:
         status, body = refuse(service.metrics, request.scope["path"], exc)
-        return Response(body, status_code=status, media_type=JSON)
+        return Response(body, status_code=status, media_type=JSON, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
         return await request_error(request, validation_error(exc))
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> Response:  # pragma: no cover - last resort
+    async def unexpected(request: Request, exc: Exception) -> Response:  # pragma: no cover - last resort
+        service.metrics.http[(request.scope["path"], 500)] += 1
         return Response(internal_error(exc), status_code=500, media_type=JSON)

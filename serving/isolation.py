@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -37,9 +38,13 @@ _MODEL: LoadedModel | None = None  # in the child: the one version it scores
 _STORE: Any = None  # in the child: its own connection to the outcome store, to log what it scored
 
 
+ORPHAN_CHECK_S = 0.5  # how often a child looks whether the service that started it is still alive
+
+
 def _load(payload: bytes, store_url: str | None) -> None:
     global _MODEL, _STORE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then shuts the child down
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="orphan-watch", daemon=True).start()
     if hasattr(os, "nice"):  # POSIX
         os.nice(CHILD_NICE)
     _MODEL = pickle.loads(payload)
@@ -48,6 +53,13 @@ def _load(payload: bytes, store_url: str | None) -> None:
 
         _STORE = OutcomeStore(store_url)
     freeze_heap()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this child when the service that started it is gone (killed with -9, it could not say so)."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_S)
+    os._exit(0)
 
 
 def _ready() -> bool:

@@ -30,6 +30,7 @@ class ModelSource(Protocol):
     def aliases(self) -> dict[str, str]: ...
     def load(self, version: str) -> Any: ...
     def has_version(self, version: str) -> bool: ...
+    def cached_aliases(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class Loader:
         except Exception as exc:  # noqa: BLE001 - registry down: keep the loaded models
             self.registry_ok = False
             self.reload_errors += 1
+            if not aliases:  # a start during the outage: the aliases the registry last answered, from the cache
+                aliases = await asyncio.to_thread(self.registry.cached_aliases)
             log.warning("registry unreachable, keeping loaded models: %s", exc)
         rollout = old.rollout
         try:

@@ -133,6 +133,7 @@ class Predictor:
                  now: Callable[[], float], rng: random.Random) -> None:
         data = policy.data
         self.max_rows = policy.serving.max_request_rows
+        self.reject_on_overflow = policy.serving.on_log_overflow == "reject"
         self.challenger_timeout_s = policy.serving.challenger_timeout_ms / 1000.0
         self.champion_timeout_s = policy.serving.champion_timeout_s
         self.unit_column = data.unit_column
@@ -140,7 +141,8 @@ class Predictor:
         self.classification = data.task == "classification"
         self.writer = writer
         self.metrics = metrics
-        self.late: dict[str, list[float]] = {}  # challenger version -> monotonic times it missed its deadline
+        self.late: dict[str, list[float]] = {}
+        self.in_flight = 0  # rows of requests being scored, whose log rows are not queued yet  # challenger version -> monotonic times it missed its deadline
         self.lanes = lanes  # the service's current snapshot, read once per request (and again for a fallback)
         self.now = now
         self.rng = rng
@@ -153,6 +155,20 @@ class Predictor:
             raise RequestError(503, "no champion model loaded yet")
         batch = parse_batch(payload, self.now() if ts is None else ts, self.max_rows, self.unit_column,
                             self.segment_column)
+        rows = len(batch.records)
+        # Room in the log queue is taken before scoring, by every request in flight: when it is full the caller
+        # is told to retry rather than answered with a prediction the evaluation would never see.
+        if self.reject_on_overflow and self.writer.depth + self.in_flight + rows > self.writer.queue_size:
+            raise RequestError(503, f"prediction log queue full ({self.writer.depth} rows waiting): retry shortly",
+                               retry_after_s=1)
+        self.in_flight += rows
+        try:
+            return await self._predict(lanes, view, batch, started), batch.single
+        finally:
+            self.in_flight -= rows
+
+    async def _predict(self, lanes: Lanes, view: RoutingView, batch: RequestBatch,
+                       started: float) -> list[dict[str, Any]]:
         records = batch.records
         problems = check_records(records, lanes.models[view.champion.version].columns, lanes.allowed)
         if problems:
@@ -201,7 +217,7 @@ class Predictor:
                 fallback.append(i)
         if fallback:
             await self._fallback(batch, view, fallback, results)
-        return self._answer(batch, view, results, time.perf_counter() - started), batch.single
+        return self._answer(batch, view, results, time.perf_counter() - started)
 
     def late_versions(self, window_s: float = 300.0) -> dict[str, int]:
         """How often each version missed its deadline in the last `window_s` seconds."""

@@ -48,9 +48,7 @@ async def _traffic(client, n: int, poison: set[int] = frozenset()) -> tuple[list
 async def test_a_hung_challenger_costs_callers_its_deadline_and_no_more(tmp_path, mode: str) -> None:
     registry, store = _world(tmp_path, mode, SleepingModel(60.0))
     policy = make_policy(challenger_timeout_ms=300.0, challenger_isolation="process")
-    async with serve(app_for(policy, registry, store)) as client:
-        await client.get("/healthz")
-        await asyncio.sleep(3.0)  # the challengers' child processes start (a start is not a hang)
+    async with serve(app_for(policy, registry, store)) as client:  # starts once the children hold their models
         responses, latencies = await _traffic(client, 40)
         health = (await client.get("/healthz")).json()
     assert [r.status_code for r in responses] == [200] * 40  # 0 caller errors
@@ -64,13 +62,15 @@ async def test_a_hung_challenger_costs_callers_its_deadline_and_no_more(tmp_path
 async def test_a_challenger_that_kills_its_process_harms_no_caller(tmp_path, mode: str) -> None:
     registry, store = _world(tmp_path, mode, DyingModel())
     policy = make_policy(challenger_timeout_ms=2000.0, challenger_isolation="process")
-    async with serve(app_for(policy, registry, store)) as client:
-        await asyncio.sleep(3.0)
+    async with serve(app_for(policy, registry, store)) as client:  # starts once the children hold their models
         poisoned, _ = await _traffic(client, 30, poison=set(range(0, 30, 3)))
-        await asyncio.sleep(3.0)  # a new child starts (the champion answers the challengers' arms meanwhile)
-        after, _ = await _traffic(client, 30)
-    assert [r.status_code for r in poisoned + after] == [200] * 60  # the service lived through the crashes
-    with store.engine.connect() as conn:
-        served_by_challengers = conn.exec_driver_sql(
-            "SELECT count(*) FROM predictions WHERE served = 1 AND version != '1'").scalar()
-    assert served_by_challengers > 0  # after the crash a new child answers its arm again
+        after: list = []
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline:  # a new child starts; the champion answers the challengers' arms meanwhile
+            answered, _ = await _traffic(client, 10)
+            after += answered
+            if any(r.json()["version"] != "1" for r in answered):
+                break
+            await asyncio.sleep(0.5)
+    assert {r.status_code for r in poisoned + after} == {200}  # the service lived through the crashes
+    assert any(r.json()["version"] != "1" for r in after)  # a new child answers its arm again

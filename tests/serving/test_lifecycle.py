@@ -85,20 +85,33 @@ async def test_graceful_shutdown_drains_the_log_queue(store: OutcomeStore, regis
 
 
 @pytest.mark.anyio
-async def test_log_overflow_is_counted_and_never_blocks(store: OutcomeStore, registry: InMemoryRegistry) -> None:
+async def test_a_full_log_queue_answers_503_so_no_answered_prediction_goes_unlogged(
+        store: OutcomeStore, registry: InMemoryRegistry) -> None:
     app = app_for(make_policy(log_queue_size=10, log_batch_size=5), registry, SlowStore(store, 0.2))
     async with serve(app) as client:
-        t0 = time.perf_counter()
         responses = await asyncio.gather(*(client.post("/predict", json={"record": record(i)}) for i in range(60)))
-        elapsed = time.perf_counter() - t0
+    answered = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 503]
+    assert len(answered) + len(refused) == 60 and refused and answered
+    assert all(r.headers["retry-after"] == "1" and "log queue full" in r.json()["detail"] for r in refused)
+    assert store.count_predictions() == len(answered)  # every answer is in the log
+
+
+@pytest.mark.anyio
+async def test_with_drop_a_full_log_queue_serves_and_counts_what_it_drops(store: OutcomeStore,
+                                                                          registry: InMemoryRegistry) -> None:
+    app = app_for(make_policy(log_queue_size=10, log_batch_size=5, on_log_overflow="drop"), registry,
+                  SlowStore(store, 0.2))
+    async with serve(app) as client:
+        responses = await asyncio.gather(*(client.post("/predict", json={"record": record(i)}) for i in range(60)))
         metrics = (await client.get("/metrics")).text
-    assert {r.status_code for r in responses} == {200} and elapsed < 1.0
+    assert {r.status_code for r in responses} == {200}
     dropped = int(next(line for line in metrics.splitlines() if line.startswith("rollout_log_dropped_total")).split()[1])
     assert dropped > 0 and store.count_predictions() == 60 - dropped
 
 
 class ForgetfulRegistry(InMemoryRegistry):
-    """MlflowRegistry.aliases() answers {} when the registry errors; that must not unload the champion."""
+    """A registry that answers no aliases at all (the model deleted by mistake) must not unload the champion."""
 
     def aliases(self) -> dict[str, str]:
         return {} if self.unreachable else super().aliases()
