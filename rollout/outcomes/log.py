@@ -174,7 +174,7 @@ def add_labels(engine: Engine, items: Iterable[Sequence[Any]], received: float) 
     for attempt in range(_RETRIES):
         try:
             return _add_labels(engine, batch, received)
-        except (IntegrityError, OperationalError) as exc:
+        except (IntegrityError, OperationalError, _StaleRead) as exc:
             # Another writer made a label of one of these requests current first (the unique index), or
             # PostgreSQL broke a deadlock, or SQLite stayed locked past its busy timeout: redo it all.
             if attempt == _RETRIES - 1 or not _retryable(exc):
@@ -186,9 +186,13 @@ def add_labels(engine: Engine, items: Iterable[Sequence[Any]], received: float) 
 _RETRIES = 8
 
 
+class _StaleRead(RuntimeError):
+    """The current labels read were replaced by another writer before this one could supersede them."""
+
+
 def _retryable(exc: Exception) -> bool:
     text = str(getattr(exc, "orig", exc)).lower()
-    return isinstance(exc, IntegrityError) or any(w in text for w in ("deadlock", "locked", "serializ"))
+    return isinstance(exc, IntegrityError | _StaleRead) or any(w in text for w in ("deadlock", "locked", "serializ"))
 
 
 def _add_labels(engine: Engine, items: list[Sequence[Any]], received: float) -> LabelReport:
@@ -209,7 +213,7 @@ def _add_labels(engine: Engine, items: list[Sequence[Any]], received: float) -> 
     ids = sorted(arrived)  # the same lock order in every writer
     with write(engine) as conn:
         known: dict[str, set[int]] = {}  # request id -> rollouts its predictions belong to
-        existing: dict[str, tuple[float, float]] = {}  # request id -> (ts, label) of its current label
+        existing: dict[str, tuple[float, float, int]] = {}  # request id -> (ts, label, row id) of its current label
         for chunk in chunks(ids, 500):
             for rid, rollout_id in conn.execute(
                 select(predictions.c.request_id, predictions.c.rollout_id)
@@ -219,15 +223,20 @@ def _add_labels(engine: Engine, items: list[Sequence[Any]], received: float) -> 
                 if rollout_id is not None:
                     rollouts.add(int(rollout_id))
             existing.update(
-                (r[0], (r[1], r[2]))
+                (r[0], (r[1], r[2], r[3]))
                 for r in conn.execute(
-                    select(labels.c.request_id, labels.c.ts, labels.c.label)
+                    select(labels.c.request_id, labels.c.ts, labels.c.label, labels.c.id)
                     .where(labels.c.request_id.in_(chunk), labels.c.current == 1)
                 )
             )
         superseded = [rid for rid in ids if rid in existing and latest[rid][1] >= existing[rid][0]]
         for chunk in chunks(superseded, 500):
-            conn.execute(update(labels).where(labels.c.request_id.in_(chunk), labels.c.current == 1).values(current=0))
+            # Exactly the rows read: under READ COMMITTED another writer may have replaced them since, and a
+            # `current = 1` filter would then demote its newer label instead. Fewer rows updated = stale read.
+            done = conn.execute(update(labels).where(labels.c.id.in_([existing[rid][2] for rid in chunk]),
+                                                     labels.c.current == 1).values(current=0)).rowcount
+            if done != len(chunk):
+                raise _StaleRead(f"{len(chunk) - done} labels were replaced by another writer meanwhile")
         rows = []
         changes = []
         for rid in ids:
