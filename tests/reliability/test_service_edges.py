@@ -61,3 +61,16 @@ def test_dead_lettered_rows_show_in_metrics(client: TestClient, store: OutcomeSt
     store.log_predictions([PredictionRow("ok", "1"), PredictionRow("bad", "1", ts="not a time")])
     client.portal.call(client.app.state.service.refresh)
     assert "rollout_log_dead_letters 1" in client.get("/metrics").text
+
+
+def test_a_deeply_nested_value_is_a_bounded_4xx_not_a_500(client: TestClient) -> None:
+    nested: object = 1.0
+    for _ in range(500):
+        nested = [nested]
+    response = client.post("/predict", json={"record": {"income": nested, "tier": "gold"}})
+    assert response.status_code == 422 and response.json()["detail"].startswith("income")
+    assert len(response.text) < 2000  # the value is not echoed back whole
+    deeper = "[" * 100_000 + "]" * 100_000
+    response = client.post("/predict", content=f'{{"record": {{"income": {deeper}}}}}',
+                           headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
