@@ -251,10 +251,11 @@ class MicroBatcher:
                 answer = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
             else:
                 answer = await call
+            call_ms: float | None = None
             if isinstance(answer, Outputs):  # scored in a thread
                 preds, scores, errors, logged = answer.predictions, answer.scores, answer.errors, False
-            else:  # a child process's (predictions, scores, errors, logged)
-                preds, scores, errors, logged = answer
+            else:  # a child process's (predictions, scores, errors, logged, its own call time)
+                preds, scores, errors, logged, call_ms = answer
         except TimeoutError:
             call.add_done_callback(_swallow)
             if self.scorer is not None:  # a hung child is killed: its slot frees and a new child takes over
@@ -268,7 +269,7 @@ class MicroBatcher:
             self._report(n, started, False)
             self._deliver_all(jobs, None, (str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}")[:500])
             return
-        latency_ms = (time.perf_counter() - started) * 1000.0
+        latency_ms = (time.perf_counter() - started) * 1000.0 if call_ms is None else call_ms
         self._report(n, started, True)
         if all(job.future is None for job in jobs):  # shadow lane: the sink takes the batch as it is
             self._sink(jobs, Scored(preds, scores, errors, latency_ms, n, logged), None)

@@ -66,22 +66,24 @@ def _ready() -> bool:
     return _MODEL is not None
 
 
-def _score(rows: list[dict[str, Any]], metas: list[ShadowMeta] | None) -> tuple[Any, Any, Any, bool]:
-    """Score a batch; with its jobs' metadata, write its log rows too. Returns (preds, scores, errors, logged):
-    when the write fails, `logged` is False and the service's log writer (with its retries) takes the rows."""
+def _score(rows: list[dict[str, Any]], metas: list[ShadowMeta] | None) -> tuple[Any, Any, Any, bool, float]:
+    """Score a batch; with its jobs' metadata, write its log rows too. Returns (preds, scores, errors, logged,
+    the model's own call time in ms): when the write fails, `logged` is False and the service's log writer
+    (with its retries) takes the rows. The call time leaves out the trip to the child and back, so a
+    challenger's logged latency compares with the champion's, which scores in the service."""
     assert _MODEL is not None, "child started without a model"
     started = time.perf_counter()
     out = _MODEL.score_each(rows)
     preds, scores, errors = out.predictions, out.scores, out.errors
-    if metas is None or _STORE is None:
-        return preds, scores, errors, False
     latency_ms = (time.perf_counter() - started) * 1000.0
+    if metas is None or _STORE is None:
+        return preds, scores, errors, False, latency_ms
     try:
         _STORE.log_predictions(shadow_rows(metas, preds, scores, errors, latency_ms, None))
     except Exception:  # noqa: BLE001 - the service logs them instead
         log.exception("shadow model %s: could not log %d rows from the child process", _MODEL.version, len(rows))
-        return preds, scores, errors, False
-    return preds, scores, errors, True
+        return preds, scores, errors, False, latency_ms
+    return preds, scores, errors, True, latency_ms
 
 
 class ChildScorer:
