@@ -184,7 +184,8 @@ def run_demo() -> None:
     server = Server(config, token)
     try:
         console.print(f"serving at {server.url}  ->  {arms(server.routing())}")
-        decided = run_rollout(config, server, token, DRIFT, days=7, per_day=2400, seed=100, steps=steps)
+        # Guardrails must hold with bounds valid at every half-daily look: about a week of VIP traffic.
+        decided = run_rollout(config, server, token, DRIFT, days=10, per_day=2400, seed=100, steps=steps)
         if decided is not None and decided.action == "promote":
             view = server.wait_for(lambda v: v["arms"][0]["version"] == decided.winner and not v.get("shadows"))
             console.print(f"serving follows: {arms(view)}")

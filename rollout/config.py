@@ -199,13 +199,23 @@ class RolloutPolicy(_Strict):
         default_factory=lambda: [SegmentGuardrail(segment="VIP", metric="precision", min=0.6)],
         description="Floors on segments of data.segment_column; a breach with confidence rejects.",
     )
-    max_stability_ratio: float = Field(2.0, gt=0, description="Std of the challenger's daily metric over the champion's.")
+    guardrail_alpha: float = Field(
+        0.05, gt=0, lt=0.5, description="Chance that any guardrail rejects a challenger that is at every limit, over "
+        "every hourly look of the rollout: split among the guardrails, apart from the promotion test's alpha.")
+    guardrail_min_trials: int = Field(
+        30, ge=0, description="Observations a proportion guardrail (segment floor, error rate) needs before it can "
+        "reject; until then an unclear one holds the decision.")
+    max_stability_ratio: float = Field(
+        2.0, gt=0, description="Day-to-day swing of the challenger's daily metric (net of sampling, complete days) "
+        "over the champion's, at most.")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="Challenger error rate, at most (upper bound).")
-    max_latency_p99_ms: float = Field(500.0, gt=0, description="Challenger p99 model-call latency (ms), at most.")
+    max_latency_p99_ms: float = Field(
+        500.0, gt=0, description="Challenger p99 model-call latency (ms), at most (a confidence bound must clear it).")
     max_latency_ratio: float = Field(
         1.5, gt=0, description="Challenger p99 over the champion's p99 in the same rollout, at most."
     )
-    srm_p_value: float = Field(0.001, gt=0, lt=1, description="Sample-ratio mismatch below this p blocks decisions.")
+    srm_p_value: float = Field(
+        0.001, gt=0, lt=1, description="Sample-ratio mismatch below this anytime-valid p blocks decisions.")
     multiplicity: Literal["bonferroni", "holm"] = Field("bonferroni", description="Across several challengers.")
     proxies: ProxyConfig = Field(default_factory=ProxyConfig)
     bandit: BanditConfig = Field(default_factory=BanditConfig)

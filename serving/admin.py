@@ -40,6 +40,10 @@ def _number(value: Any) -> float:
     return value
 
 
+# Text the store keeps: no NUL byte (PostgreSQL refuses it in any text column).
+Text = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+# A registry version as the store keeps it (String(32)).
+VersionId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,32}$")]
 # ISO 8601 or epoch seconds; the store records it instead of the clock.
 Time = Annotated[float, BeforeValidator(_epoch),
                  WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"}]})]
@@ -79,11 +83,11 @@ class RoutingBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Mode | None = None
-    versions: dict[str, str | int] | None = Field(None, description="role -> version, with a 'champion' entry")
+    versions: dict[Text, VersionId | int] | None = Field(None, description="role -> version, with a 'champion' entry")
     weights: dict[str, Weight] | None = Field(None, description="role or version -> weight, summing to at most 1")
-    salt: str | None = None
+    salt: Text | None = Field(None, max_length=128)
     end: bool = False
-    reason: str | None = None
+    reason: Text | None = Field(None, max_length=500)
 
     @field_validator("versions")
     @classmethod
@@ -124,7 +128,12 @@ async def set_routing(body: RoutingBody, store: OutcomeStore, aliases: Mapping[s
     """Change the routing row; the caller refreshes the service so the answer shows the new routing.
     Versions must exist in the registry; bandit weights give every arm at least the policy's floor."""
     for role, version in (body.versions or {}).items():
-        if not await asyncio.to_thread(has_version, str(version)):
+        try:
+            known = await asyncio.to_thread(has_version, str(version))
+        except Exception as exc:  # noqa: BLE001 - the registry cannot answer: the caller may retry
+            raise RequestError(503, f"versions.{role}: the registry cannot say whether version {version} exists "
+                                    f"({type(exc).__name__}); retry shortly", retry_after_s=5) from exc
+        if not known:
             raise RequestError(422, f"versions.{role}: version {version} is not in the registry")
     current = await asyncio.to_thread(store.current_rollout)
     mode = body.mode or (current.mode if current is not None and body.versions is None else default_mode)

@@ -88,6 +88,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
             errors=counts.errors if counts else 0,
             requests=counts.requests if counts else 0,
             latency_p99_ms=latency.get(version),
+            latency=tuple(sums.latency_buckets(version)),
             agreement=agreement.get(version),
             psi_max=psi_max,
             looked_at=earlier_looks(store, rid, version) if rp.design == "group_sequential" else (),
@@ -112,6 +113,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
         served_unit="units" if by_unit else "requests",
         expected_shares=shares,
         champion_latency_p99_ms=latency.get(champion),
+        champion_latency=tuple(sums.latency_buckets(champion)),
     )
 
 

@@ -138,6 +138,12 @@ class EvidenceSums:
     latency_hist: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     units: dict[str, int] | None = None
 
+    def latency_buckets(self, version: str) -> list[tuple[float, float, int]]:
+        """The version's latency histogram as (lower ms, upper ms, calls) per bucket. The edges cover how either
+        database fills a bucket (SQLite truncates the log-scaled value, PostgreSQL rounds it)."""
+        return [(math.exp((b - 0.5) / _LAT_BUCKETS_PER_E - _LAT_OFFSET), math.exp((b + 1) / _LAT_BUCKETS_PER_E - _LAT_OFFSET),
+                 n) for b, n in self.latency_hist.get(version, [])]
+
     def latency_quantile(self, quantile: float = 0.99) -> dict[str, float]:
         """Per version: the latency quantile (ms) from the log-bucket histogram, within about 2.5 %."""
         out: dict[str, float] = {}

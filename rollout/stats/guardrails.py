@@ -1,5 +1,6 @@
-"""Guardrail statistics: proportion bounds (segment floors, error rate), sample-ratio mismatch,
-stability of the daily metric, and label-free agreement/correlation proxies from sums.
+"""Guardrail statistics, valid when re-checked every hour: proportion bounds (segment floors, error rate) by
+anytime-valid confidence sequences, latency quantiles by order-statistic bounds, stability of the daily metric
+net of sampling, the sample-ratio test (fixed shares, and propensities under a bandit), label-free proxies.
 
 Each check returns a `GuardrailResult` with status "pass" (holds with confidence), "fail" (breached
 with confidence: grounds to reject), "pending" (not settled yet: blocks promotion) or "skipped"
@@ -15,11 +16,11 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
+from scipy.optimize import brentq
 
 from rollout.stats.moments import Moments
 
 Status = Literal["pass", "fail", "pending", "skipped"]
-STABILITY_MIN_DAYS = 3  # a std over fewer days says too little to reject (or clear) a model on
 
 
 @dataclass(frozen=True)
@@ -37,73 +38,145 @@ class GuardrailResult:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def wilson_bounds(successes: int, trials: int, alpha: float) -> tuple[float, float]:
-    """One-sided Wilson score bounds (lower, upper), each at level alpha; (0, 1) with no trials."""
+def _log_mixture(successes: int, trials: int, p: float, prior: tuple[float, float]) -> float:
+    """log of the beta-binomial mixture martingale against the null mean p (Howard et al. 2021, sec. 3)."""
+    a, b = prior
+    failures = trials - successes
+    log_marginal = (math.lgamma(a + successes) + math.lgamma(b + failures) - math.lgamma(a + b + trials)
+                    - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)))
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return log_marginal - successes * math.log(p) - failures * math.log1p(-p)
+
+
+def excludes(successes: int, trials: int, p: float, alpha: float, prior: tuple[float, float] = (0.5, 0.5)) -> bool:
+    """Whether the anytime-valid confidence sequence at `alpha` excludes mean p: true for the true mean, at any
+    of however many looks, with probability at most alpha (Ville's inequality)."""
+    return trials > 0 and _log_mixture(successes, trials, p, prior) >= math.log(1.0 / alpha)
+
+
+def bernoulli_cs(successes: int, trials: int, alpha: float,
+                 prior: tuple[float, float] = (0.5, 0.5)) -> tuple[float, float]:
+    """(lower, upper) of the beta-binomial mixture confidence sequence for a proportion, valid under continuous
+    monitoring; (0, 1) with no trials."""
     if trials <= 0:
         return 0.0, 1.0
-    z = float(stats.norm.ppf(1 - alpha))
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    level = math.log(1.0 / alpha)
+    mle = successes / trials
+
+    def edge(lo: float, hi: float) -> float:
+        return float(brentq(lambda p: _log_mixture(successes, trials, p, prior) - level, lo, hi, xtol=1e-10))
+
+    lower = 0.0 if _log_mixture(successes, trials, 1e-12, prior) < level else edge(1e-12, max(mle, 1e-12))
+    upper = 1.0 if _log_mixture(successes, trials, 1 - 1e-12, prior) < level else edge(min(mle, 1 - 1e-12), 1 - 1e-12)
+    return lower, upper
 
 
-def floor_check(name: str, successes: int, trials: int, floor: float, alpha: float) -> GuardrailResult:
-    """A proportion that must be at least `floor`: pass if the lower bound clears it, fail if the upper does not."""
-    lower, upper = wilson_bounds(successes, trials, alpha)
+def floor_check(name: str, successes: int, trials: int, floor: float, alpha: float,
+                min_trials: int = 0) -> GuardrailResult:
+    """A proportion that must be at least `floor`, judged by an anytime-valid bound: it fails only when the
+    sequence excludes the floor from above with at least `min_trials` trials; until then it waits."""
+    lower, upper = bernoulli_cs(successes, trials, alpha)
     value = successes / trials if trials else math.nan
-    shown = f"{name} = {value:.4f} ({successes}/{trials}), {1 - alpha:.0%} bounds [{lower:.4f}, {upper:.4f}]"
+    shown = (f"{name} = {value:.4f} ({successes}/{trials}), anytime-valid {1 - alpha:.2%} bounds "
+             f"[{lower:.4f}, {upper:.4f}]")
     if trials == 0:
         return GuardrailResult(name, "pending", None, None, floor, f"{name}: no observations yet (floor {floor}).")
-    if upper < floor:
+    if upper < floor and trials >= min_trials:
         return GuardrailResult(name, "fail", value, upper, floor, f"{shown}: upper bound below the floor {floor}.")
     if lower >= floor:
         return GuardrailResult(name, "pass", value, lower, floor, f"{shown}: lower bound clears the floor {floor}.")
-    return GuardrailResult(name, "pending", value, lower, floor, f"{shown}: not yet clear of the floor {floor}.")
+    wait = f" ({trials} of {min_trials} observations before it can fail)" if upper < floor else ""
+    return GuardrailResult(name, "pending", value, lower, floor, f"{shown}: not yet clear of the floor {floor}{wait}.")
 
 
-def ceiling_check(name: str, events: int, trials: int, ceiling: float, alpha: float) -> GuardrailResult:
-    """A rate that must be at most `ceiling` (e.g. errors): pass if the upper bound is under it, fail if the lower is over."""
-    lower, upper = wilson_bounds(events, trials, alpha)
+def ceiling_check(name: str, events: int, trials: int, ceiling: float, alpha: float,
+                  min_trials: int = 0) -> GuardrailResult:
+    """A rate that must be at most `ceiling` (e.g. errors), judged as `floor_check` is, from the other side."""
+    lower, upper = bernoulli_cs(events, trials, alpha)
     value = events / trials if trials else math.nan
-    shown = f"{name} = {value:.4f} ({events}/{trials}), {1 - alpha:.0%} bounds [{lower:.4f}, {upper:.4f}]"
+    shown = (f"{name} = {value:.4f} ({events}/{trials}), anytime-valid {1 - alpha:.2%} bounds "
+             f"[{lower:.4f}, {upper:.4f}]")
     if trials == 0:
         return GuardrailResult(name, "pending", None, None, ceiling, f"{name}: no requests yet (max {ceiling}).")
-    if lower > ceiling:
+    if lower > ceiling and trials >= min_trials:
         return GuardrailResult(name, "fail", value, lower, ceiling, f"{shown}: lower bound above the max {ceiling}.")
     if upper <= ceiling:
         return GuardrailResult(name, "pass", value, upper, ceiling, f"{shown}: upper bound within the max {ceiling}.")
-    return GuardrailResult(name, "pending", value, upper, ceiling, f"{shown}: not yet shown within the max {ceiling}.")
+    wait = f" ({trials} of {min_trials} requests before it can fail)" if lower > ceiling else ""
+    return GuardrailResult(name, "pending", value, upper, ceiling,
+                           f"{shown}: not yet shown within the max {ceiling}{wait}.")
 
 
-def latency_check(p99: float | None, limit: float, name: str = "latency_p99_ms", unit: str = "ms") -> GuardrailResult:
-    """Challenger p99 latency (in ms, or as a ratio to the champion's) against the policy's limit.
+Histogram = Sequence[tuple[float, float, int]]  # (lower edge, upper edge, count) of each latency bucket
 
-    No bound: p99 is already a tail statistic.
-    """
-    if p99 is None or not math.isfinite(p99):
-        return GuardrailResult(name, "pending", None, None, limit, "Latency p99 not measured yet.")
-    ok = p99 <= limit
-    verb = "within" if ok else "above"
-    what = "Latency p99" if unit == "ms" else "Latency p99 relative to the champion's"
-    return GuardrailResult(
-        name, "pass" if ok else "fail", p99, p99, limit, f"{what} {p99:.2f} {unit} is {verb} the max {limit:.2f} {unit}."
-    )
+
+def quantile_bounds(hist: Histogram, q: float, alpha: float) -> tuple[float, float]:
+    """Distribution-free bounds on the q-quantile from order statistics: each holds with probability at least
+    1 - alpha (the ranks come from the binomial distribution of the count below the quantile); bucketed values
+    give the bucket's lower edge for the lower bound and its upper edge for the upper one."""
+    counts = sorted((lo, hi, int(n)) for lo, hi, n in hist if n > 0)
+    total = sum(n for _, _, n in counts)
+    if total == 0:
+        return 0.0, math.inf
+    lo_rank = int(stats.binom.ppf(alpha, total, q))  # P(fewer than lo_rank values below the quantile) <= alpha
+    hi_rank = int(stats.binom.ppf(1 - alpha, total, q)) + 1
+    lower = 0.0 if lo_rank < 1 else _at_rank(counts, lo_rank, low=True)
+    upper = math.inf if hi_rank > total else _at_rank(counts, hi_rank, low=False)
+    return lower, upper
+
+
+def _at_rank(counts: list[tuple[float, float, int]], rank: int, low: bool) -> float:
+    seen = 0
+    for lo, hi, n in counts:
+        seen += n
+        if seen >= rank:
+            return lo if low else hi
+    return counts[-1][1]
+
+
+def latency_check(hist: Histogram, limit: float, alpha: float, q: float = 0.99,
+                  champion: Histogram | None = None) -> GuardrailResult:
+    """The challenger's q-quantile latency against an absolute limit (ms), or, given the champion's histogram,
+    against `limit` times the champion's. Fails only when a confidence bound clears the limit: a point
+    estimate never rejects."""
+    lower, upper = quantile_bounds(hist, q, alpha)
+    n = sum(int(c) for _, _, c in hist)
+    label = f"p{q * 100:g}"
+    if n == 0:
+        return GuardrailResult("latency", "pending", None, None, limit, f"Latency {label} not measured yet.")
+    if champion is None:
+        shown = f"Latency {label} in [{lower:.2f}, {upper:.2f}] ms ({n} calls, {1 - alpha:.2%} bounds)"
+        if lower > limit:
+            return GuardrailResult("latency", "fail", lower, lower, limit, f"{shown}: above the max {limit:g} ms.")
+        if upper <= limit:
+            return GuardrailResult("latency", "pass", upper, upper, limit, f"{shown}: within the max {limit:g} ms.")
+        return GuardrailResult("latency", "pending", lower, upper, limit, f"{shown}: not yet within {limit:g} ms.")
+    c_lower, c_upper = quantile_bounds(champion, q, alpha)
+    shown = (f"Latency {label} [{lower:.2f}, {upper:.2f}] ms vs the champion's [{c_lower:.2f}, {c_upper:.2f}] ms "
+             f"({1 - alpha:.2%} bounds)")
+    if c_upper > 0 and lower > limit * c_upper:
+        return GuardrailResult("latency_ratio_vs_champion", "fail", lower / c_upper, lower / c_upper, limit,
+                               f"{shown}: more than {limit:g}x the champion's.")
+    if c_lower > 0 and upper <= limit * c_lower:
+        return GuardrailResult("latency_ratio_vs_champion", "pass", upper / c_lower, upper / c_lower, limit,
+                               f"{shown}: within {limit:g}x the champion's.")
+    return GuardrailResult("latency_ratio_vs_champion", "pending", None, None, limit,
+                           f"{shown}: not yet within {limit:g}x the champion's.")
 
 
 @dataclass(frozen=True)
 class SRMResult:
-    """Sample-ratio mismatch chi-square test of observed counts against expected shares."""
+    """Sample-ratio test of observed counts against expected shares: an anytime-valid p-value (1 / e-value)."""
 
-    statistic: float
+    statistic: float  # log of the e-value (Bayes factor against the expected shares)
     p_value: float
     observed: tuple[int, ...]
     expected: tuple[float, ...]
 
 
-def srm_test(observed: Sequence[int], expected_shares: Sequence[float]) -> SRMResult:
-    """Chi-square goodness of fit of counts to shares (normalised); p = 1 when there is nothing to test."""
+def srm_test(observed: Sequence[int], expected_shares: Sequence[float], concentration: float = 100.0) -> SRMResult:
+    """Dirichlet-multinomial Bayes factor of counts against fixed shares (Lindon & Malek 2022): re-tested every
+    hour, a fair split is flagged at p < alpha with probability at most alpha. p = 1 when there is nothing to test."""
     obs = np.asarray(observed, dtype=float)
     shares = np.asarray(expected_shares, dtype=float)
     if obs.size != shares.size:
@@ -111,34 +184,66 @@ def srm_test(observed: Sequence[int], expected_shares: Sequence[float]) -> SRMRe
     total = obs.sum()
     if total == 0 or obs.size < 2 or shares.sum() <= 0:
         return SRMResult(0.0, 1.0, tuple(int(o) for o in obs), tuple(float(s) for s in shares))
-    expected = shares / shares.sum() * total
-    stat = float(np.sum((obs - expected) ** 2 / expected))
-    p = float(stats.chi2.sf(stat, obs.size - 1))
-    return SRMResult(stat, p, tuple(int(o) for o in obs), tuple(float(e) for e in expected))
+    p = shares / shares.sum()
+    prior = concentration * p
+    log_bf = float(math.lgamma(prior.sum()) - math.lgamma(prior.sum() + total)
+                   + np.sum([math.lgamma(a + x) - math.lgamma(a) for a, x in zip(prior, obs, strict=True)])
+                   - np.sum(obs * np.log(p)))
+    return SRMResult(log_bf, float(min(1.0, math.exp(-log_bf))), tuple(int(o) for o in obs),
+                     tuple(float(e) for e in p * total))
 
 
-def daily_std(days: Sequence[Moments]) -> float:
-    """Standard deviation across days of the daily mean (days without data are ignored)."""
-    means = [d.mean for d in days if d.n > 0]
-    return float(np.std(means, ddof=1)) if len(means) >= 2 else math.nan
+def ipw_balance_test(sum_w: float, sum_w2: float, n_total: int, alpha_scale: float = 1.0) -> SRMResult:
+    """Sample ratio under adaptive allocation (bandit): each arm's sum of 1/propensity over the requests it served
+    estimates the number of all requests (Horvitz-Thompson), so a router that serves an arm less (or more) than
+    its logged propensities say shows as a gap. Normal approximation; `alpha_scale` is the number of looks its
+    p-value is multiplied by (a union bound keeps repeated looks valid)."""
+    var = max(sum_w2 - n_total, 1e-9)
+    z = (sum_w - n_total) / math.sqrt(var)
+    p = float(min(1.0, 2 * stats.norm.sf(abs(z)) * alpha_scale))
+    return SRMResult(z, p, (int(round(sum_w)), n_total), (float(n_total), float(n_total)))
 
 
-def stability_check(challenger_days: Sequence[Moments], champion_days: Sequence[Moments], max_ratio: float) -> GuardrailResult:
-    """Ratio of the std of the challenger's daily metric to the champion's; needs STABILITY_MIN_DAYS days."""
-    n_days = min(sum(d.n > 0 for d in challenger_days), sum(d.n > 0 for d in champion_days))
+STABILITY_MIN_DAYS = 3  # fewer complete days say too little to judge a model on
+
+
+def stability_check(challenger_days: Sequence[Moments], champion_days: Sequence[Moments], max_ratio: float,
+                    alpha: float, min_swing: float) -> GuardrailResult:
+    """Day-to-day swing of the challenger's daily metric against the champion's, on complete days, net of each
+    day's sampling variance (a small A/B arm's day means vary by sampling alone). Fails only when a lower bound
+    of the challenger's swing exceeds `max_ratio` times an upper bound of the champion's (and `min_swing`, the
+    swing too small to matter); passes when the bounds say it cannot. Unsettled, it does not hold a promotion: a
+    few weeks of days rarely settle it, and it exists to catch a challenger that is clearly erratic."""
+    n_days = min(sum(d.n > 1 for d in challenger_days), sum(d.n > 1 for d in champion_days))
     if n_days < STABILITY_MIN_DAYS:
-        return GuardrailResult(
-            "stability_ratio", "skipped", None, None, max_ratio,
-            f"Stability not judged: {n_days} day(s) of data, {STABILITY_MIN_DAYS} needed.",
-        )
-    s_ch, s_champ = daily_std(challenger_days), daily_std(champion_days)
-    ratio = s_ch / s_champ if s_champ > 0 else (math.inf if s_ch > 0 else 1.0)
-    ok = ratio <= max_ratio
-    return GuardrailResult(
-        "stability_ratio", "pass" if ok else "fail", ratio, ratio, max_ratio,
-        f"Daily-metric std ratio {ratio:.2f} (challenger {s_ch:.4f} vs champion {s_champ:.4f} over {n_days} days) "
-        f"is {'within' if ok else 'above'} the max {max_ratio}.",
-    )
+        return GuardrailResult("stability", "skipped", None, None, max_ratio,
+                               f"Stability not judged: {n_days} complete day(s) of data, {STABILITY_MIN_DAYS} needed.")
+    ch_lo, ch_hi = _swing_bounds(challenger_days, alpha)
+    c_lo, c_hi = _swing_bounds(champion_days, alpha)
+    reference_hi, reference_lo = max(c_hi, min_swing), max(c_lo, min_swing)
+    shown = (f"Day-to-day swing of the daily metric beyond sampling, {n_days} complete days: challenger "
+             f"[{ch_lo:.4f}, {ch_hi:.4f}], champion [{c_lo:.4f}, {c_hi:.4f}] ({1 - alpha:.2%} bounds)")
+    if ch_lo > max_ratio * reference_hi:
+        return GuardrailResult("stability", "fail", ch_lo, ch_lo, max_ratio,
+                               f"{shown}: more than {max_ratio:g}x the champion's (or {min_swing:g}).")
+    if ch_hi <= max_ratio * reference_lo:
+        return GuardrailResult("stability", "pass", ch_hi, ch_hi, max_ratio,
+                               f"{shown}: within {max_ratio:g}x the champion's (or {min_swing:g}).")
+    return GuardrailResult("stability", "skipped", None, None, max_ratio,
+                           f"{shown}: not settled (it rejects only a clearly erratic challenger).")
+
+
+def _swing_bounds(days: Sequence[Moments], alpha: float) -> tuple[float, float]:
+    """(lower, upper) bounds of the standard deviation of the true daily means, from the day means' spread
+    (chi-square bounds on its variance) minus the mean sampling variance of a day's mean."""
+    used = [d for d in days if d.n > 1]
+    means = np.array([d.mean for d in used])
+    sampling = float(np.mean([d.variance / d.n for d in used]))
+    k = len(used) - 1
+    spread = float(np.var(means, ddof=1))
+    lo_var = spread * k / float(stats.chi2.ppf(1 - alpha / 2, k)) - sampling
+    hi_var = spread * k / float(stats.chi2.ppf(alpha / 2, k)) - sampling
+    return math.sqrt(max(lo_var, 0.0)), math.sqrt(max(hi_var, 0.0))
 
 
 def agreement_check(n: int, n_agree: int, min_agreement: float, alpha: float) -> GuardrailResult:

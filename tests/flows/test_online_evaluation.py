@@ -44,7 +44,7 @@ def world(tmp_path: Path):
     path = write_policy(tmp_path, rollout={
         "mode": "shadow", "primary_metric": "accuracy", "margin": 0.01, "min_samples": 300,
         "min_duration_hours": 24, "max_duration_days": 14,
-        "segment_guardrails": [{"segment": "VIP", "metric": "precision", "min": 0.75}],
+        "segment_guardrails": [{"segment": "VIP", "metric": "precision", "min": 0.7}],
         "max_latency_p99_ms": 250,
     })
     policy = load_policy(path)

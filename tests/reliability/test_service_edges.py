@@ -55,6 +55,14 @@ def test_routing_to_a_version_that_does_not_exist_or_starving_a_bandit_arm_is_re
     assert store.current_rollout() == before  # nothing changed
 
 
+@pytest.mark.parametrize("body", [{"mode": "ab", "salt": "s\x00"}, {"end": True, "reason": "r\x00"},
+                                  {"versions": {"champion": "1", "challenger": "2\x00"}}])
+def test_routing_text_with_a_nul_byte_is_a_422_not_a_500(client: TestClient, body: dict) -> None:
+    """Found by the fuzz run on PostgreSQL, which refuses NUL in any text column."""
+    response = client.put("/routing", json=body, headers=AUTH)
+    assert response.status_code == 422, response.text
+
+
 def test_dead_lettered_rows_show_in_metrics(client: TestClient, store: OutcomeStore) -> None:
     from rollout.outcomes import PredictionRow
 

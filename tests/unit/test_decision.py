@@ -43,6 +43,7 @@ def _challenger(
         errors=2,
         requests=total_n,
         latency_p99_ms=40.0,
+        latency=((38.0, 40.0, total_n),),  # every call between 38 and 40 ms
     )
     base.update(kw)
     return ChallengerEvidence(**base)  # type: ignore[arg-type]
@@ -59,6 +60,7 @@ def _evidence(*challengers: ChallengerEvidence, hours: float = 72.0, mode: str =
         challengers=tuple(challengers),
         champion_loss={("all", d): _loss(n // len(DAYS), CHAMPION_WRONG + 0.002 * i) for i, d in enumerate(DAYS)},
         served=served,
+        champion_latency=((38.0, 40.0, n),),
     )
     base.update(kw)
     return Evidence(**base)  # type: ignore[arg-type]
