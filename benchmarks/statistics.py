@@ -28,7 +28,8 @@ from scipy import stats  # noqa: E402
 from _common import emit_json, parser, print_table, verdict  # noqa: E402
 from rollout.config import DataConfig, DriftConfig  # noqa: E402
 from rollout.data import example_dataset, infer_schema  # noqa: E402
-from rollout.stats import sequential, simulation  # noqa: E402
+from rollout.stats import guardrails, sequential, simulation  # noqa: E402
+from rollout.stats.moments import Moments  # noqa: E402
 from rollout.ci.validation import drift_report  # noqa: E402
 
 MARGIN = 0.01
@@ -94,6 +95,73 @@ def drift_alarms(seed: int, runs: int, window: int) -> dict[str, float]:
     return {"rule": rule / runs, "test_only": test_only / runs, "effect_only": effect_only / runs}
 
 
+# ---- guardrails re-checked every hour (the decision-quality issue's scenarios)
+GUARD_ALPHA = 0.05  # rollout.guardrail_alpha
+GUARD_CHECKS = 5  # an A/B rollout: VIP floor, error rate, stability, latency, latency ratio
+GUARD_MIN_TRIALS = 30
+
+
+def floor_fails(rng: np.random.Generator, runs: int, per_hour: int, p: float, floor: float) -> np.ndarray:
+    """Per run: did the floor guardrail reject at any of the 336 hourly looks (true proportion p)?"""
+    a = GUARD_ALPHA / GUARD_CHECKS
+    s = np.cumsum(rng.binomial(per_hour, p, size=(runs, LOOKS)), axis=1)
+    t = per_hour * np.arange(1, LOOKS + 1)[None, :]
+    log_m = guardrails.log_mixture(s, np.broadcast_to(t, s.shape), floor)
+    return ((s / t < floor) & (log_m >= math.log(1 / a)) & (t >= GUARD_MIN_TRIALS)).any(axis=1)
+
+
+def ceiling_fails(rng: np.random.Generator, runs: int, per_hour: int, p: float, ceiling: float) -> np.ndarray:
+    a = GUARD_ALPHA / GUARD_CHECKS
+    e = np.cumsum(rng.binomial(per_hour, p, size=(runs, LOOKS)), axis=1)
+    t = per_hour * np.arange(1, LOOKS + 1)[None, :]
+    log_m = guardrails.log_mixture(e, np.broadcast_to(t, e.shape), ceiling)
+    return ((e / t > ceiling) & (log_m >= math.log(1 / a)) & (t >= GUARD_MIN_TRIALS)).any(axis=1)
+
+
+def latency_fails(rng: np.random.Generator, runs: int, per_hour: int, share_within: float) -> np.ndarray:
+    """The p99 latency guardrail at the limit: a call is within the limit with probability `share_within`
+    (0.99: the true p99 is the limit). It rejects when the order-statistic lower bound of the p99 clears the
+    limit, i.e. when fewer calls than the bound's rank are within it (distribution-free, so counts suffice)."""
+    a = GUARD_ALPHA / GUARD_CHECKS / LOOKS
+    within = np.cumsum(rng.binomial(per_hour, share_within, size=(runs, LOOKS)), axis=1)
+    n = per_hour * np.arange(1, LOOKS + 1)
+    rank = stats.binom.ppf(a, n, 0.99)  # the lower bound is the rank-th smallest call
+    return (within < rank[None, :]).any(axis=1)
+
+
+def stability_fails(rng: np.random.Generator, runs: int, per_day: int, exposure: float, swing: float,
+                    days: int = 14) -> np.ndarray:
+    """Challenger and champion with the same true day-to-day swing; the challenger gets `exposure` of the
+    traffic. Checked on every complete day from the third."""
+    a = GUARD_ALPHA / GUARD_CHECKS / days
+    out = np.zeros(runs, dtype=bool)
+    for r in range(runs):
+        def day(n: int) -> Moments:
+            return Moments.of((rng.random(n) < 0.2 + rng.normal(0, swing)).astype(float))
+        ch = [day(int(per_day * exposure)) for _ in range(days)]
+        champ = [day(int(per_day * (1 - exposure))) for _ in range(days)]
+        out[r] = any(guardrails.stability_check(ch[:d], champ[:d], 2.0, a, MARGIN / 2).status == "fail"
+                     for d in range(3, days + 1))
+    return out
+
+
+def srm_bandit_flags(rng: np.random.Generator, runs: int, per_hour: int, leak: float) -> np.ndarray:
+    """Thompson-like allocation drifting over 336 hours; `leak` of the challenger's assignments are served by
+    the champion (a broken router). Flagged when any look's propensity check says p < 0.001."""
+    hours = np.arange(LOOKS)
+    p_hour = np.clip(0.5 + 0.35 * np.sin(hours / 40.0), 0.05, 0.95)
+    out = np.zeros(runs, dtype=bool)
+    for r in range(runs):
+        assigned = rng.random((LOOKS, per_hour)) < p_hour[:, None]
+        served = assigned & (rng.random((LOOKS, per_hour)) >= leak)
+        w = served / p_hour[:, None]
+        sw, sw2 = np.cumsum(w.sum(1)), np.cumsum((w * w).sum(1))
+        n = per_hour * (hours + 1)
+        z = (sw - n) / np.sqrt(np.maximum(sw2 - n, 1e-9))
+        out[r] = (np.minimum(1.0, 2 * stats.norm.sf(np.abs(z)) * LOOKS) < 0.001)[23:].any()  # from the second day
+    return out
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, help="runs per cell (default 10,000; --quick 1,000)")
@@ -101,7 +169,7 @@ def main() -> None:
     args = p.parse_args()
     runs = args.runs or (1000 if args.quick else 10_000)
     drift_runs = args.drift_runs or (100 if args.quick else 1000)
-    cells = iter(np.random.SeedSequence(args.seed).spawn(32))  # one independent stream per cell
+    cells = iter(np.random.SeedSequence(args.seed).spawn(64))  # one independent stream per cell
 
     def rng() -> np.random.Generator:
         return np.random.default_rng(next(cells))
@@ -233,6 +301,48 @@ def main() -> None:
         ms = (time.perf_counter() - t0) * 1000.0
         out["obf_boundary_ms"][str(n_looks)] = round(ms, 2)
         rows.append([f"OBF boundary over {n_looks} looks (ms, one evaluation)", ms, "", "< 1,000", verdict(ms < 1000)])
+
+    # ---- guardrails re-checked every hour for 14 days (each at its share of guardrail_alpha 0.05)
+    guard_runs = max(runs // 5, 200)
+    out["guardrails"] = {}
+    for per_hour in (5, 20):
+        rate = float(floor_fails(rng(), guard_runs, per_hour, 0.60, 0.60).mean())
+        out["guardrails"][f"floor_at_limit_{per_hour}"] = rate
+        rows.append([f"VIP precision at its floor 0.60, {per_hour} VIP positives/h: rejected", rate,
+                     mc_se(max(rate, 0.01), guard_runs), "<= 0.05 (was 0.37)", verdict(rate <= 0.05)])
+    power = float(floor_fails(rng(), guard_runs, 20, 0.55, 0.60).mean())
+    out["guardrails"]["floor_power_0.05_below"] = power
+    rows.append(["VIP precision 0.05 below its floor, 20/h: rejected (power)", power, mc_se(power, guard_runs),
+                 "reported", "PASS"])
+    rate = float(ceiling_fails(rng(), guard_runs, 200, 0.01, 0.01).mean())
+    out["guardrails"]["error_at_limit"] = rate
+    rows.append(["error rate at its 1% ceiling, 200 requests/h: rejected", rate, mc_se(max(rate, 0.01), guard_runs),
+                 "<= 0.05 (was 0.39)", verdict(rate <= 0.05)])
+    for share, name in ((0.99, "at the limit"), (0.9925, "at 0.95x the limit (lognormal sd 0.5)")):
+        rate = float(latency_fails(rng(), guard_runs, 200, share).mean())
+        out["guardrails"][f"latency_{share}"] = rate
+        rows.append([f"latency p99 {name}: rejected", rate, mc_se(max(rate, 0.01), guard_runs),
+                     "<= 0.05 (was 0.85 / 0.34)", verdict(rate <= 0.05)])
+    stab_runs = max(guard_runs // 4, 50)
+    for exposure, name in ((0.5, "A/A"), (0.1, "A/B at exposure 0.1")):
+        rate = float(stability_fails(rng(), stab_runs, 2400, exposure, 0.01).mean())
+        out["guardrails"][f"stability_{exposure}"] = rate
+        rows.append([f"stability, {name}, equal swing: rejected", rate, mc_se(max(rate, 0.01), stab_runs),
+                     "<= 0.05 (was 0.95-1.00)", verdict(rate <= 0.05)])
+    all_limits = (floor_fails(rng(), guard_runs, 5, 0.60, 0.60) | ceiling_fails(rng(), guard_runs, 200, 0.01, 0.01)
+                  | latency_fails(rng(), guard_runs, 200, 0.99))
+    rate = float(all_limits.mean())
+    out["guardrails"]["all_at_limits"] = rate
+    rows.append(["floor, error rate and latency all at their limits: rejected by any", rate,
+                 mc_se(max(rate, 0.01), guard_runs), "<= 0.05 (was 0.62+)", verdict(rate <= 0.05)])
+    srm_runs = max(guard_runs // 4, 50)
+    fair = float(srm_bandit_flags(rng(), srm_runs, 150, 0.0).mean())
+    leaky = float(srm_bandit_flags(rng(), srm_runs, 150, 0.10).mean())
+    out["guardrails"]["bandit_srm_false_alarm"], out["guardrails"]["bandit_srm_leak_flagged"] = fair, leaky
+    rows.append(["bandit sample ratio by propensities, fair router: flagged at any look", fair,
+                 mc_se(max(fair, 0.01), srm_runs), "<= 0.01", verdict(fair <= 0.01)])
+    rows.append(["bandit router serving 10% of challenger-assigned by the champion: flagged", leaky,
+                 mc_se(max(leaky, 0.01), srm_runs), ">= 0.9", verdict(leaky >= 0.9)])
 
     # ---- drift rule on null data
     out["drift_false_alarm"] = {}

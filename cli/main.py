@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import json
 import sys
 from pathlib import Path
@@ -87,25 +88,55 @@ def ci(
 ) -> None:
     """Run the ci-pipeline flow: validate, train with CV, gate, stress, register @challenger."""
     from flows.ci_pipeline import CIParameters, ci_pipeline
-    from flows.runners import dask_runner, embedded_run
-    from rollout.ci.gates import GateFailed
+    from flows.runners import dask_runner
 
     _policy(config)
     params = CIParameters(data_source=data_source, example_drift=drift, example_seed=seed, estimator=estimator)
     flow = ci_pipeline.with_options(task_runner=dask_runner(dask_address)) if (dask or dask_address) else ci_pipeline
+    outcome = _gated("ci-pipeline", lambda: flow(config=config, params=params))
+    console.print(f"[green]registered version {outcome.version}[/green] as "
+                  + ", ".join("@" + a for a in outcome.aliases) + f"; reports in {outcome.reports_dir}")
+
+
+def _gated(name: str, run: Callable[[], Any]) -> Any:
+    """Run a gated flow on the embedded server and print every verdict: a failed gate exits 1 (nothing was
+    registered), a bad policy or input 2."""
+    from flows.runners import embedded_run
+    from rollout.ci.gates import GateFailed
+
     try:
         with embedded_run():
-            outcome = flow(config=config, params=params)
+            outcome = run()
     except GateFailed as exc:
-        results = exc.outcome.gates if exc.outcome else [exc.result]
-        console.print(gate_table(results))
-        console.print(f"[red]ci-pipeline stopped: {exc}[/red]\nNothing was registered.")
+        console.print(gate_table(exc.outcome.gates if exc.outcome else [exc.result]))
+        console.print(f"[red]{name} stopped: {exc}[/red]\nNothing was registered.")
         raise typer.Exit(1) from None
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     console.print(gate_table(outcome.gates))
-    console.print(f"[green]registered version {outcome.version}[/green] as "
+    return outcome
+
+
+@app.command()
+def adopt(
+    config: str = CONFIG,
+    model_uri: str = typer.Option(..., help="models:/name/7, models:/name@alias, runs:/<run id>/model, ..."),
+    data_source: str = typer.Option(None, help="Override data.source: the labelled rows it is judged on."),
+) -> None:
+    """Run the adopt-model flow: gate a model trained elsewhere as CI gates its own, then register it."""
+    from pydantic import ValidationError
+
+    from flows.adopt_model import AdoptParameters, adopt_model
+
+    _policy(config)
+    try:
+        params = AdoptParameters(model_uri=model_uri, data_source=data_source)
+    except ValidationError as exc:
+        console.print(f"[red]--model-uri {model_uri!r}: {exc.errors()[0]['msg']}[/red]")
+        raise typer.Exit(2) from None
+    outcome = _gated("adopt-model", lambda: adopt_model(config=config, params=params))
+    console.print(f"[green]adopted {model_uri} as version {outcome.version}[/green]: "
                   + ", ".join("@" + a for a in outcome.aliases) + f"; reports in {outcome.reports_dir}")
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
+import pandas as pd
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from rollout.config import Policy, parse_policy
+from rollout.data import Schema
 from rollout.ci.gates import GateFailed, GateResult
-from rollout.ci.training import usable_cores
+from rollout.ci.training import example_rows, factory_function, usable_cores
 from tasks import ci
 from tasks.common import load_policy_task, publish_gate
 
@@ -40,6 +44,34 @@ class CIOutcome:
     run_id: str | None = None
     rollout_id: int | None = None
     reports_dir: str = ""
+
+
+def publisher(outcome: CIOutcome, reports: Path) -> Callable[[GateResult], None]:
+    """Record and publish each verdict; a failed one raises GateFailed carrying every verdict so far."""
+
+    def gate(result: GateResult) -> None:
+        outcome.gates.append(result)
+        try:
+            publish_gate(result, reports)
+        except GateFailed as exc:
+            exc.outcome = outcome  # the caller sees every verdict so far, not only the failing one
+            raise
+
+    return gate
+
+
+def reports_folder(policy: Policy, kind: str) -> Path:
+    """This run's report folder: <reports_dir>/<kind>-<UTC time>."""
+    return policy.path(policy.stores.reports_dir) / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}"
+
+
+def checked_data(policy: Policy, gate: Callable[[GateResult], None], reports: Path) -> tuple[pd.DataFrame, Schema]:
+    """The policy's data, its target checked, through the suite and the drift check, with its schema."""
+    frame = ci.load_data(policy)
+    gate(ci.validate_data(policy, frame, reports))
+    schema = ci.schema_of(policy, frame)
+    gate(ci.check_drift(policy, frame, schema))
+    return frame, schema
 
 
 def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
@@ -70,23 +102,12 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal)."""
     params = params or CIParameters()
     policy = apply_overrides(load_policy_task(config), params)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    reports = policy.path(policy.stores.reports_dir) / f"ci-{stamp}"
+    if policy.estimator.factory is not None:  # the team's code is importable here, or nothing starts
+        factory_function(policy.estimator.factory)
+    reports = reports_folder(policy, "ci")
     outcome = CIOutcome(reports_dir=str(reports))
-
-    def gate(result: GateResult) -> None:
-        outcome.gates.append(result)
-        try:
-            publish_gate(result, reports)
-        except GateFailed as exc:
-            exc.outcome = outcome  # the caller sees every verdict so far, not only the failing one
-            raise
-
-    frame = ci.load_data(policy)
-    gate(ci.validate_data(policy, frame, reports))
-    schema = ci.schema_of(policy, frame)
-    gate(ci.check_drift(policy, frame, schema))
-
+    gate = publisher(outcome, reports)
+    frame, schema = checked_data(policy, gate, reports)
     data = ci.split_data(policy, frame, schema)
     # The final fit, the champion's download, the folds and the loss curve are independent tasks: side
     # by side in threads as the cores allow (the longest, the final fit, first), spread over a Dask
@@ -104,15 +125,16 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     for result in ci.quality_results(policy, held):
         gate(result)
 
+    example = example_rows(data.x_train, schema)
     work = ci.workdir()
     try:
-        candidate = ci.package_candidate(policy, model, data.x_train.head(50), schema.task, work)
+        candidate = ci.package_candidate(policy, model, example, schema.task, work)
         gate(ci.robustness_cases(policy, schema, candidate, data.x_holdout))
-        gate(ci.stress_test(policy, candidate, champion, data.x_holdout))
+        gate(ci.stress_test(policy, candidate, champion, data.rows_holdout))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    logged = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, data.x_train.head(50))
+    logged = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, example)
     assigned = ci.assign_aliases(policy, str(logged.version), params.rollout_start)
     outcome.version, outcome.aliases, outcome.run_id = assigned.version, assigned.aliases, logged.run_id
     outcome.rollout_id = assigned.rollout_id

@@ -24,6 +24,10 @@ EstimatorName = Literal[
     "random_forest_regressor",
     "gradient_boosting_regressor",
     "hist_gradient_boosting_regressor",
+    "xgboost",
+    "xgboost_regressor",
+    "lightgbm",
+    "lightgbm_regressor",
 ]
 CLASSIFIERS = {
     "logistic_regression",
@@ -31,6 +35,8 @@ CLASSIFIERS = {
     "gradient_boosting",
     "hist_gradient_boosting",
     "decision_tree",
+    "xgboost",
+    "lightgbm",
 }
 CIMetric = Literal["roc_auc", "accuracy", "f1", "precision", "recall", "log_loss", "r2", "rmse", "mae"]
 CI_METRICS_BY_TASK: dict[str, set[str]] = {
@@ -86,11 +92,43 @@ class DataConfig(_Strict):
     example: ExampleData = Field(default_factory=ExampleData)
 
 
+class EarlyStoppingConfig(_Strict):
+    """XGBoost and LightGBM stop adding trees when a validation split of their training rows stops improving."""
+
+    rounds: int = Field(20, ge=1, description="Stop after this many rounds without a better validation loss.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of each fit's training rows (each CV fold's, the final fit's) held "
+        "back to decide when to stop; never the held-out rows the gates use.")
+
+
 class EstimatorConfig(_Strict):
-    """The estimator at the end of the preprocessing pipeline."""
+    """The model: an estimator from the list behind rollout's own preprocessing, or your own training code."""
 
     name: EstimatorName = Field("logistic_regression", description="Estimator from the allowed list.")
-    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the estimator.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the estimator (or of "
+                                   "the factory).")
+    factory: str | None = Field(
+        None, description="Your own training code, 'package.module:function': called as function(schema, **params), "
+        "it returns an unfitted scikit-learn estimator or Pipeline with its own preprocessing. Its package must be "
+        "in registry.trusted_modules. Replaces `name`.")
+
+    early_stopping: EarlyStoppingConfig | None = Field(
+        default_factory=EarlyStoppingConfig, description="For xgboost and lightgbm (named, or the last step of "
+        "your factory's pipeline); null trains every n_estimators tree.")
+
+    @field_validator("factory")
+    @classmethod
+    def _module_colon_function(cls, value: str | None) -> str | None:
+        if value is not None:
+            module, _, function = value.partition(":")
+            if not (module and function and all(p.isidentifier() for p in (*module.split("."), function))):
+                raise ValueError(f"{value!r}: expected 'package.module:function'")
+        return value
+
+    @property
+    def label(self) -> str:
+        """How runs and versions name it: the factory, or the estimator's name."""
+        return self.factory or self.name
 
 
 class DriftConfig(_Strict):
@@ -326,6 +364,13 @@ class Policy(_Strict):
                 f"rollout.primary_metric {self.rollout.primary_metric!r} does not apply to {task}; allowed: "
                 f"{', '.join(sorted(ONLINE_METRICS_BY_TASK[task]))}"
             )
+        if self.estimator.factory is not None:
+            module = self.estimator.factory.partition(":")[0]
+            if not any(module == m or module.startswith(f"{m}.") for m in self.registry.trusted_modules):
+                raise ValueError(f"estimator.factory {self.estimator.factory!r}: its package must be trusted by name "
+                                 f"in registry.trusted_modules (now {self.registry.trusted_modules}) before its code "
+                                 "runs or its classes load")
+            return self
         is_classifier = self.estimator.name in CLASSIFIERS
         if is_classifier != (task == "classification"):
             raise ValueError(f"estimator.name {self.estimator.name!r} does not fit task {task!r}")

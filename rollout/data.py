@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rollout.config import DataConfig, ExampleData, Policy
+from rollout.config import ConfigError, DataConfig, ExampleData, Policy
 
 TIERS = ("standard", "gold", "VIP")
 PURPOSES = ("car", "home", "education", "business", "debt_consolidation")
@@ -144,10 +144,11 @@ def infer_schema(frame: pd.DataFrame, cfg: DataConfig) -> Schema:
     """Feature kinds from the policy where given, else from dtypes; ranges and levels from the data."""
     excluded = {cfg.target, cfg.timestamp_column, cfg.unit_column, *cfg.drop_columns} - {None}
     if cfg.target not in frame.columns:
-        raise ValueError(f"data.target {cfg.target!r} is not a column; columns: {', '.join(map(str, frame.columns))}")
+        raise ConfigError(f"data.target {cfg.target!r} is not a column; columns: {', '.join(map(str, frame.columns))}")
+    check_target(frame[cfg.target], cfg.target, cfg.task)
     missing = [c for c in cfg.features if c not in frame.columns]
     if missing:
-        raise ValueError(f"data.features names columns that do not exist: {', '.join(missing)}")
+        raise ConfigError(f"data.features names columns that do not exist: {', '.join(missing)}")
     kinds: dict[str, str] = dict(cfg.features) if cfg.features else {}
     if not kinds:
         for col in frame.columns:
@@ -160,6 +161,40 @@ def infer_schema(frame: pd.DataFrame, cfg: DataConfig) -> Schema:
     categories = {c: tuple(sorted(str(v) for v in frame[c].dropna().unique())) for c in categorical}
     ranges = {c: (float(frame[c].min()), float(frame[c].max())) for c in numeric}
     return Schema(numeric, categorical, cfg.target, cfg.task, nullable, categories, ranges)
+
+
+def check_target(y: pd.Series, name: str, task: str) -> None:
+    """Refuse a target the task cannot learn, before any training: naming the column and what was found."""
+    where = f"data.target {name!r} (data.task {task!r})"
+    nulls = int(y.isna().sum())
+    if nulls:
+        raise ConfigError(f"{where}: {nulls} of {len(y)} rows have no target value; drop or fill them first")
+    if task == "regression":
+        if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
+            raise ConfigError(f"{where}: found {y.dtype} values such as {_examples(y)}; regression needs numbers")
+        return
+    values = set(pd.unique(y).tolist())
+    if values <= {0, 1} and len(values) == 2:
+        return
+    numeric = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
+    if numeric and (len(values) > 20 or not np.all(np.mod(y.to_numpy(dtype=float), 1) == 0)):
+        found = f"{len(values)} distinct numbers such as {_examples(y)}: a continuous target"
+        hint = "set data.task: regression"
+    elif len(values) > 2:
+        found = f"{len(values)} classes ({_examples(y)})"
+        hint = "rollout classifies two classes, 0 and 1 (multiclass is not supported yet); map them to 0/1"
+    elif len(values) == 2:
+        found = f"the classes {_examples(y)}"
+        hint = "map them to 0 and 1 (1 = the class whose probability is the score)"
+    else:
+        found = f"a single class ({_examples(y)})"
+        hint = "a classifier needs rows of both classes"
+    raise ConfigError(f"{where}: found {found}; {hint}")
+
+
+def _examples(y: pd.Series, k: int = 5) -> str:
+    values = sorted(pd.unique(y).tolist(), key=str)
+    return ", ".join(map(repr, values[:k])) + (", ..." if len(values) > k else "")
 
 
 def data_hash(frame: pd.DataFrame) -> str:

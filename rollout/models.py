@@ -89,6 +89,16 @@ class LoadedModel:
             return pd.DataFrame.from_records(records, columns=list(self.names))
         return pd.DataFrame.from_records(records)
 
+    def own(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The model's own columns of a wider frame, in its order (an absent optional column is null); a
+        ModelError naming the required columns the frame lacks."""
+        if self.names is None:
+            return frame
+        missing = [c.name for c in self.columns or () if c.required and c.name not in frame.columns]
+        if missing:
+            raise ModelError(f"model{' v' + self.version if self.version else ''} is missing inputs {missing}")
+        return frame.reindex(columns=list(self.names))
+
     def problems(self, records: Sequence[dict[str, Any]], allowed: set[str] | None = None) -> list[dict[str, Any]]:
         """What is wrong with records against this model's input contract, each naming the row and the field."""
         return check_records(records, self.columns, allowed)
@@ -311,6 +321,8 @@ def metric_value(metric: str, y_true: Any, prediction: np.ndarray, score: np.nda
 
 
 def evaluate(model: Predictor, x: pd.DataFrame, y: Any, metric: str) -> float:
-    """One metric of a model (fitted estimator or loaded pyfunc) on labelled rows, called as the service calls it."""
-    predictions, scores = LoadedModel(model).predict(x).checked()
+    """One metric of a model (fitted estimator or loaded pyfunc) on labelled rows, called as the service calls it:
+    on its own columns of `x`."""
+    loaded = LoadedModel(model)
+    predictions, scores = loaded.predict(loaded.own(x)).checked()
     return metric_value(metric, y, predictions, scores)

@@ -19,12 +19,17 @@ from rollout.roles import stage_of
 log = logging.getLogger(__name__)
 
 # The types outside skops' own defaults that a model of a supported estimator needs, by exact name (a unit
-# test saves every estimator in rollout.ci.training.ESTIMATORS and checks it needs no other). Nothing from
+# test saves every estimator in rollout.ci.training.ESTIMATORS and BOOSTERS and checks it needs no other). Nothing from
 # builtins, no numpy function: a name in a file's trusted list is what skops will construct or call.
 TRUSTED_TYPES = frozenset({
     "numpy.dtype",
     "sklearn.tree._tree.Tree",
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    # XGBoost and LightGBM: their scikit-learn wrappers around a booster restored from its own model format
+    # (XGBoost's UBJSON bytes, LightGBM's model text), not from code.
+    "xgboost.core.Booster", "xgboost.sklearn.XGBClassifier", "xgboost.sklearn.XGBRegressor",
+    "lightgbm.basic.Booster", "lightgbm.sklearn.LGBMClassifier", "lightgbm.sklearn.LGBMRegressor",
+    "collections.OrderedDict",
 })
 # The only way a model is loaded: scikit-learn's flavour, serialised with skops (no pickle, no code).
 _LOADER = "mlflow.sklearn"
@@ -191,16 +196,56 @@ class MlflowRegistry:
         return mlflow.pyfunc.load_model(str(local))
 
 
+    def load_uri(self, model_uri: str) -> Any:
+        """Load a model from any MLflow URI (models:/name/7, models:/name@alias, runs:/id/model, a logged
+        model's models:/m-...) through the same trust check as a version; a ValueError when it is not there."""
+        import mlflow
+        import mlflow.pyfunc
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        try:
+            local = Path(download_artifacts(artifact_uri=model_uri, tracking_uri=self.tracking_uri))
+        except MlflowException as exc:
+            raise ValueError(f"model URI {model_uri!r}: not found in {self.tracking_uri} ({exc.message})") from exc
+        if not (local / "MLmodel").exists():
+            raise ValueError(f"model URI {model_uri!r} holds no MLmodel file: is it the model's folder?")
+        check_trusted(local, self.trusted_modules, name=model_uri)
+        return mlflow.pyfunc.load_model(str(local))
+
+    def adopt(self, model_uri: str, tags: dict[str, str]) -> str:
+        """Make a model from elsewhere a version of this registered model, carrying `tags`: a version of this
+        model already (models:/<this name>/<n>) is kept as it is; anything else is registered anew."""
+        import re
+
+        import mlflow
+
+        same = re.fullmatch(rf"models:/{re.escape(self.model_name)}/(\d+)", model_uri)
+        if same is not None:
+            version = same.group(1)
+        else:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_registry_uri(self.tracking_uri)
+            version = str(mlflow.register_model(model_uri, self.model_name).version)
+        self.set_tags(version, tags)
+        return version
+
+
 def untrusted(types: Iterable[str], trusted_modules: Sequence[str] = ()) -> list[str]:
     """The type names outside the allow-list and outside every module the policy trusts by name."""
     return sorted(t for t in types if t not in TRUSTED_TYPES
                   and not any(t.startswith(f"{m}.") for m in trusted_modules))
 
 
-def check_trusted(model_dir: Path, trusted_modules: Sequence[str] = ()) -> None:
+def check_trusted(model_dir: Path, trusted_modules: Sequence[str] = (), name: str | None = None) -> None:
     """Refuse, before anything is loaded, a model that is not skops-saved scikit-learn or whose file asks
-    skops to trust a type outside the allow-list (MLflow itself would trust whatever list the file carries)."""
+    skops to trust a type outside the allow-list (MLflow itself would trust whatever list the file carries).
+    `name` is how messages call the model (its URI); the folder by default."""
     import yaml
+
+    name = name or f"model at {model_dir}"
 
     meta = yaml.safe_load((model_dir / "MLmodel").read_text()) or {}
     flavors = meta.get("flavors") or {}
@@ -209,15 +254,15 @@ def check_trusted(model_dir: Path, trusted_modules: Sequence[str] = ()) -> None:
     if loader != _LOADER or "sklearn" not in flavors:
         what = f"python_function with loader {loader!r}" if pyfunc else f"flavours {sorted(flavors)}"
         raise UntrustedModel(
-            f"model at {model_dir} has {what}; rollout loads only scikit-learn models saved with skops "
+            f"{name} has {what}; rollout loads only scikit-learn models saved with skops "
             "(a model carrying Python code, such as a pyfunc python_model or a cloudpickle file, is refused)")
     sklearn = flavors["sklearn"]
     if sklearn.get("serialization_format") != "skops":
-        raise UntrustedModel(f"model at {model_dir} is saved as {sklearn.get('serialization_format')!r}; "
+        raise UntrustedModel(f"{name} is saved as {sklearn.get('serialization_format')!r}; "
                              "only skops is loaded (pickle and cloudpickle can run any code)")
     bad = untrusted(sklearn.get("skops_trusted_types") or [], trusted_modules)
     if bad:
-        raise UntrustedModel(f"model at {model_dir} asks to trust {', '.join(bad)}: not on the allow-list "
+        raise UntrustedModel(f"{name} asks to trust {', '.join(bad)}: not on the allow-list "
                              "(add your own package to registry.trusted_modules to trust its classes by name)")
 
 

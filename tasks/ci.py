@@ -16,17 +16,21 @@ from rollout import registry
 from rollout.cd import rollouts
 from rollout.ci import gates, registration, robustness, stress, training
 from rollout.ci.validation import drift_report, validate
-from rollout.config import Policy
-from rollout.data import Schema, infer_schema, load_dataset, read_table
+from rollout.config import ConfigError, Policy
+from rollout.data import Schema, check_target, infer_schema, load_dataset, read_table
 from rollout.outcomes import OutcomeStore
 from rollout.roles import Role
-from tasks.common import open_registry
+from tasks.common import open_registry, transient
 
 
-@task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
 def load_data(policy: Policy) -> pd.DataFrame:
-    """Load (or generate) the training table named by the policy."""
-    return load_dataset(policy)
+    """Load (or generate) the training table named by the policy; a target its task cannot learn is refused here,
+    before validation and training."""
+    frame = load_dataset(policy)
+    if policy.data.target in frame.columns:
+        check_target(frame[policy.data.target], policy.data.target, policy.data.task)
+    return frame
 
 
 @task(name="validate-data", cache_policy=NO_CACHE)
@@ -39,7 +43,7 @@ def validate_data(policy: Policy, frame: pd.DataFrame, reports_dir: Path) -> gat
     return gates.validation_gate(report.success, failed, report.statistics)
 
 
-@task(name="check-drift", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="check-drift", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
 def check_drift(policy: Policy, frame: pd.DataFrame, schema: Schema) -> gates.GateResult:
     """Training data vs a recent production sample, feature by feature (skipped when there is none)."""
     if not policy.data.production_sample:
@@ -68,7 +72,7 @@ def cv_fold(policy: Policy, schema: Schema, data: training.Split, fold: int) -> 
     pipeline = training.build_pipeline(schema, policy.estimator, policy.data.seed)
     with training.fit_threads(policy.ci.fit_threads):
         return training.cv_fold(pipeline, data, schema.task, policy.ci.metric, policy.ci.cv_folds, policy.data.seed,
-                                fold)
+                                fold, policy.estimator.early_stopping)
 
 
 @task(name="loss-curve", cache_policy=NO_CACHE)
@@ -76,7 +80,7 @@ def loss_curve(policy: Policy, schema: Schema, data: training.Split) -> training
     """Training and validation loss over iterations, for boosting estimators."""
     pipeline = training.build_pipeline(schema, policy.estimator, policy.data.seed)
     with training.fit_threads(policy.ci.fit_threads):
-        return training.loss_curve(pipeline, data, schema.task, policy.data.seed)
+        return training.loss_curve(pipeline, data, schema.task, policy.data.seed, policy.estimator.early_stopping)
 
 
 @task(name="cross-validate", cache_policy=NO_CACHE)
@@ -102,10 +106,11 @@ def overfit_result(policy: Policy, cv: training.CVResult) -> gates.GateResult:
 def fit_candidate(policy: Policy, schema: Schema, data: training.Split) -> Any:
     """Fit the pipeline on every training row."""
     with training.fit_threads(policy.ci.fit_threads):
-        return training.fit(training.build_pipeline(schema, policy.estimator, policy.data.seed), data)
+        return training.fit(training.build_pipeline(schema, policy.estimator, policy.data.seed), data, schema.task,
+                            policy.data.seed, policy.estimator.early_stopping)
 
 
-@task(name="score-held-out", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="score-held-out", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
 def score_held_out(policy: Policy, schema: Schema, data: training.Split, model: Any, champion: Any,
                    champion_version: str | None) -> training.HeldOut:
     """Score candidate, naive baseline and champion once, on the same held-out rows."""
@@ -118,11 +123,11 @@ def quality_results(policy: Policy, held: training.HeldOut) -> list[gates.GateRe
         gates.floor_gate(metric, held.candidate, policy.ci.floor, policy.ci.floor_source),
         gates.baseline_gate(metric, held.candidate, held.baseline, policy.ci.min_margin_over_baseline),
         gates.champion_gate(metric, held.candidate, held.champion, policy.ci.max_regression_vs_champion,
-                            held.champion_version),
+                            held.champion_version, held.champion_error),
     ]
 
 
-@task(name="load-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="load-champion", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
 def load_champion(policy: Policy) -> tuple[str | None, Any]:
     """The current @champion as a pyfunc, or (None, None) when the registry has none yet."""
     reg = open_registry(policy)
@@ -154,7 +159,7 @@ def stress_test(policy: Policy, candidate: Any, champion: Any, sample: pd.DataFr
                              budget.p99_batch_ms, budget.max_ratio_vs_champion)
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3)
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=transient)
 def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.DataFrame, cv: training.CVResult,
                        held: training.HeldOut, results: list[gates.GateResult],
                        x_example: pd.DataFrame) -> registry.Logged:
@@ -162,7 +167,25 @@ def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.Dat
     return registration.register(policy, model, schema, frame, cv, held, results, x_example)
 
 
-@task(name="assign-aliases", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
+@task(name="load-adopted", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
+def load_adopted(policy: Policy, model_uri: str) -> tuple[gates.GateResult, Any]:
+    """A model trained elsewhere, loaded as the service loads a version (or refused, with the reason)."""
+    try:
+        return gates.trust_gate(model_uri, None), open_registry(policy).load_uri(model_uri)
+    except registry.UntrustedModel as exc:
+        return gates.trust_gate(model_uri, str(exc)), None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+@task(name="register-adopted", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=transient)
+def register_adopted(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, held: training.HeldOut,
+                     results: list[gates.GateResult]) -> registry.Logged:
+    """Its gate reports in a run of their own; the model a new version of the policy's model, tagged."""
+    return registration.adopt(policy, model_uri, schema, frame, held, results)
+
+
+@task(name="assign-aliases", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5, retry_condition_fn=transient)
 def assign_aliases(policy: Policy, version: str, rollout_start: datetime | None = None) -> rollouts.Assignment:
     """@champion for a first model (when the policy allows); else @challenger and a rollout in the policy's mode."""
     assignment = rollouts.assign(policy, open_registry(policy), OutcomeStore(policy.outcome_url), version,

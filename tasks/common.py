@@ -10,9 +10,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from rollout.config import Policy, load_policy
+from typing import Any
+
+from rollout.config import ConfigError, Policy, load_policy
 from rollout.ci.gates import GateFailed, GateResult
 from rollout.registry import MlflowRegistry, experiment_id
+
+
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry what a second try may fix (a store or registry outage), never a policy
+    or data the run cannot use (a ConfigError says what to change; retrying only delays saying it)."""
+    return not isinstance(getattr(state, "data", None), ConfigError)
 
 
 @task(name="load-policy", cache_policy=NO_CACHE)

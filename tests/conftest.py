@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -85,3 +86,35 @@ def write_policy(directory: Path, **sections) -> Path:
 @pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
     return write_policy(tmp_path)
+
+
+def serve_and_label(policy, features: pd.DataFrame, labels: pd.Series, token: str, batch: int = 1000) -> list[dict]:
+    """Send the rows through the real service (in process) as a client would, in batches, then post each
+    answer's label with the admin token; the service's shutdown flushes its log. The answers, in order."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from rollout.data import records_of
+    from serving.app import create_app
+
+    answers: list[dict] = []
+    previous = os.environ.get(policy.serving.token_env)
+    os.environ[policy.serving.token_env] = token
+    try:
+        with TestClient(create_app(policy)) as client:
+            for start in range(0, len(features), batch):
+                response = client.post("/predict", json={"records": records_of(features.iloc[start:start + batch])})
+                assert response.status_code == 200, response.text
+                got = response.json()["predictions"]
+                posted = [{"request_id": p["request_id"], "label": int(y)}
+                          for p, y in zip(got, labels.iloc[start:start + batch], strict=True)]
+                stored = client.post("/labels", json={"labels": posted}, headers={"Authorization": f"Bearer {token}"})
+                assert stored.status_code == 200, stored.text
+                answers += got
+    finally:
+        if previous is None:
+            os.environ.pop(policy.serving.token_env, None)
+        else:
+            os.environ[policy.serving.token_env] = previous
+    return answers

@@ -118,8 +118,16 @@ def baseline_gate(metric: str, value: float, baseline: float, min_margin: float)
 
 
 def champion_gate(metric: str, value: float, champion: float | None, max_regression: float,
-                  champion_version: str | None = None) -> GateResult:
+                  champion_version: str | None = None, champion_error: str | None = None) -> GateResult:
     """No regression beyond the policy's limit vs the current champion on the same held-out rows."""
+    if champion_error is not None:
+        # Nothing shows the candidate does not regress, so it does not pass; the fix is in the data.
+        return GateResult("champion", False,
+                          f"Champion v{champion_version} could not be scored on the held-out rows ({champion_error}): "
+                          "keep the columns it reads in the data (data.drop_columns and data.features choose the "
+                          "candidate's features only).",
+                          {"metric": metric, "holdout": value, "champion": None, "champion_version": champion_version,
+                           "no_champion": False, "error": champion_error})
     if champion is None:
         # The first model has nothing to be compared with; the skip is recorded, not silent.
         return GateResult("champion", True, "No champion yet: nothing to regress against; recorded as the first model.",
@@ -201,6 +209,15 @@ def drift_gate(drifted: Sequence[str], checked: int, details: Sequence[str]) -> 
                           numbers, list(details))
     return GateResult("drift", True, f"No material drift between training and production on {checked} features.",
                       numbers, list(details))
+
+
+def trust_gate(model_uri: str, refusal: str | None) -> GateResult:
+    """An adopted model loads only as rollout loads any version: skops-saved scikit-learn whose types are on
+    the allow-list or in a package the policy trusts by name."""
+    if refusal is not None:
+        return GateResult("trust", False, f"Not loaded: {refusal}", {"model_uri": model_uri})
+    return GateResult("trust", True, f"{model_uri} is skops-saved scikit-learn with allow-listed types only.",
+                      {"model_uri": model_uri})
 
 
 def skipped(gate: str, why: str) -> GateResult:

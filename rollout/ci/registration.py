@@ -31,11 +31,11 @@ def git_sha(where: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
-def version_tags(policy: Policy, frame: pd.DataFrame, cv: CVResult, held: HeldOut,
-                 results: list[GateResult]) -> dict[str, str]:
+def version_tags(policy: Policy, frame: pd.DataFrame, metric: str, held: HeldOut, results: list[GateResult],
+                 estimator: str | None = None) -> dict[str, str]:
     """Tags every registered version carries: data hash, git sha, estimator, held-out metric, gate verdicts."""
-    return {"data_hash": data_hash(frame), "git_sha": git_sha(policy.base_dir), "estimator": policy.estimator.name,
-            f"holdout_{cv.metric}": f"{held.candidate:.6f}",
+    return {"data_hash": data_hash(frame), "git_sha": git_sha(policy.base_dir),
+            "estimator": estimator or policy.estimator.label, f"holdout_{metric}": f"{held.candidate:.6f}",
             "gates": json.dumps({r.gate: r.verdict for r in results}),
             **{f"gate.{r.gate}": r.verdict for r in results}}
 
@@ -53,8 +53,8 @@ def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CV
     dicts: dict[str, dict[str, Any]] = {f"gates/{r.gate}.json": r.to_dict() for r in results}
     dicts["schema.json"] = asdict(schema)
     return registry.RunRecord(
-        name=f"ci-{policy.estimator.name}",
-        params={"estimator": policy.estimator.name, **{f"param.{k}": v for k, v in policy.estimator.params.items()},
+        name=f"ci-{policy.estimator.label.replace(':', '.')}",
+        params={"estimator": policy.estimator.label, **{f"param.{k}": v for k, v in policy.estimator.params.items()},
                 "cv_folds": policy.ci.cv_folds, "rows": len(frame), "data_hash": data_hash(frame)},
         metrics=metrics, texts=texts, dicts=dicts, figures={"plots/cv.png": cv_figure(cv)},
     )
@@ -65,5 +65,26 @@ def register(policy: Policy, model: Predictor, schema: Schema, frame: pd.DataFra
     """Log the candidate's run with its model and register it as a new version of the policy's model."""
     experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
     return registry.log_run(experiment, candidate_record(policy, schema, frame, cv, held, results), model, x_example,
-                            schema.task, policy.registry.model_name, version_tags(policy, frame, cv, held, results),
+                            schema.task, policy.registry.model_name, version_tags(policy, frame, cv.metric, held, results),
                             policy.registry.trusted_modules)
+
+
+def adopt(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, held: HeldOut,
+          results: list[GateResult]) -> registry.Logged:
+    """Record the checks of a model trained elsewhere in a run of their own (gate reports, held-out metrics)
+    and make the model a version of the policy's registered model, tagged as CI tags its own."""
+    metric = policy.ci.metric
+    metrics = {f"holdout_{metric}": held.candidate, f"baseline_{metric}": held.baseline}
+    if held.champion is not None:
+        metrics[f"champion_{metric}"] = held.champion
+    record = registry.RunRecord(
+        name="adopt", params={"model_uri": model_uri, "rows": len(frame), "data_hash": data_hash(frame)},
+        metrics=metrics, tags={"rollout.adopted_from": model_uri},
+        texts={f"gates/{r.gate}.md": r.to_markdown() for r in results},
+        dicts={**{f"gates/{r.gate}.json": r.to_dict() for r in results}, "schema.json": asdict(schema)})
+    experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
+    logged = registry.log_run(experiment, record)
+    reg = registry.MlflowRegistry.for_policy(policy)
+    tags = {**version_tags(policy, frame, metric, held, results, estimator=f"adopted: {model_uri}"),
+            "adopted_from": model_uri, "adoption_run_id": logged.run_id}
+    return registry.Logged(logged.run_id, reg.adopt(model_uri, tags))

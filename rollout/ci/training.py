@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -30,9 +30,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
-from rollout.config import LOWER_IS_BETTER, EstimatorConfig
+from rollout.config import LOWER_IS_BETTER, ConfigError, EarlyStoppingConfig, EstimatorConfig
 from rollout.data import Schema
-from rollout.models import Predictor, evaluate
+from rollout.models import ModelError, Predictor, evaluate
 
 ESTIMATORS: dict[str, type] = {
     "logistic_regression": LogisticRegression,
@@ -46,7 +46,22 @@ ESTIMATORS: dict[str, type] = {
     "gradient_boosting_regressor": GradientBoostingRegressor,
     "hist_gradient_boosting_regressor": HistGradientBoostingRegressor,
 }
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"logistic_regression": {"max_iter": 1000}}
+# XGBoost and LightGBM through their scikit-learn APIs, imported when named (module, class).
+BOOSTERS: dict[str, tuple[str, str]] = {
+    "xgboost": ("xgboost", "XGBClassifier"),
+    "xgboost_regressor": ("xgboost", "XGBRegressor"),
+    "lightgbm": ("lightgbm", "LGBMClassifier"),
+    "lightgbm_regressor": ("lightgbm", "LGBMRegressor"),
+}
+# Many small, shallow, subsampled steps; early stopping picks how many. Regularised for the tables CI sees
+# (thousands of rows): deeper trees widened the train-validation gap past the overfit gate on the example.
+_BOOSTING = {"n_estimators": 500, "learning_rate": 0.05, "subsample": 0.8, "colsample_bytree": 0.8}
+_XGBOOST = {**_BOOSTING, "max_depth": 3, "min_child_weight": 5}
+_LIGHTGBM = {**_BOOSTING, "num_leaves": 7, "min_child_samples": 20, "subsample_freq": 1, "verbose": -1}
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "logistic_regression": {"max_iter": 1000},
+    "xgboost": _XGBOOST, "xgboost_regressor": _XGBOOST, "lightgbm": _LIGHTGBM, "lightgbm_regressor": _LIGHTGBM,
+}
 # sklearn scorer names; "neg_" scorers are flipped back so every reported number reads naturally.
 SCORERS = {
     "roc_auc": "roc_auc",
@@ -61,9 +76,12 @@ SCORERS = {
 }
 
 
-def build_pipeline(schema: Schema, estimator: EstimatorConfig, seed: int = 0) -> Pipeline:
-    """An unfitted pipeline: impute + scale numerics, impute + one-hot categoricals, then the estimator."""
-    cls = ESTIMATORS[estimator.name]
+def build_pipeline(schema: Schema, estimator: EstimatorConfig, seed: int = 0) -> Any:
+    """An unfitted model: the team's own factory's, or impute + scale numerics, impute + one-hot categoricals,
+    then the named estimator."""
+    if estimator.factory is not None:
+        return from_factory(estimator.factory, schema, estimator.params)
+    cls = estimator_class(estimator.name)
     params = {**DEFAULT_PARAMS.get(estimator.name, {}), **estimator.params}
     if "random_state" in cls().get_params() and "random_state" not in params:
         params["random_state"] = seed
@@ -83,6 +101,102 @@ def build_pipeline(schema: Schema, estimator: EstimatorConfig, seed: int = 0) ->
         remainder="drop",
     )
     return Pipeline([("prep", prep), ("model", model)])
+
+
+def estimator_class(name: str) -> type:
+    """The class behind an estimator name (XGBoost and LightGBM are imported only when named)."""
+    if name in BOOSTERS:
+        import importlib
+
+        module, cls = BOOSTERS[name]
+        return cast(type, getattr(importlib.import_module(module), cls))
+    return ESTIMATORS[name]
+
+
+def _booster_library(model: Any) -> str | None:
+    """'xgboost' or 'lightgbm' when the model's last step is one of theirs (named, or a factory's)."""
+    final = model[-1] if isinstance(model, Pipeline) else model
+    library = type(final).__module__.split(".")[0]
+    return library if library in ("xgboost", "lightgbm") else None
+
+
+def fit_model(model: Any, x: pd.DataFrame, y: pd.Series, task: str, seed: int,
+              stopping: EarlyStoppingConfig | None = None) -> Any:
+    """Fit an unfitted model on (x, y). An XGBoost or LightGBM last step, with `stopping`, stops adding trees
+    when a validation share of these rows (seeded, stratified for classifiers) stops improving: the
+    preprocessing is fitted on the rest, the booster is given both as its evaluation sets (their losses
+    per round stay on it, the loss curve) and keeps its best iteration."""
+    library = _booster_library(model)
+    if stopping is None or library is None:
+        return model.fit(x, y)
+    x_fit, x_val, y_fit, y_val = train_test_split(x, y, test_size=stopping.validation_fraction, random_state=seed,
+                                                  stratify=y if task == "classification" else None)
+    _fit_booster(*_prepared(model, x_fit, y_fit, x_val), y_fit, y_val, stopping.rounds)
+    return model
+
+
+def _prepared(model: Any, x_fit: pd.DataFrame, y_fit: pd.Series, x_val: pd.DataFrame) -> tuple[Any, Any, Any]:
+    """The model's last step, and both row sets through its preprocessing fitted on x_fit (a booster needs
+    its validation rows transformed as its training rows are)."""
+    if isinstance(model, Pipeline) and len(model) > 1:
+        prep = model[:-1]
+        return model[-1], prep.fit_transform(x_fit, y_fit), prep.transform(x_val)
+    return (model[-1] if isinstance(model, Pipeline) else model), x_fit, x_val
+
+
+def _fit_booster(booster: Any, z_fit: Any, z_val: Any, y_fit: Any, y_val: Any, rounds: int | None) -> None:
+    """Fit an XGBoost or LightGBM estimator recording its loss per round on (z_fit, y_fit) and (z_val, y_val),
+    stopping after `rounds` rounds without a better validation loss (None: every tree)."""
+    if type(booster).__module__.startswith("xgboost"):  # the last evaluation set decides when to stop
+        booster.set_params(early_stopping_rounds=rounds)
+        booster.fit(z_fit, y_fit, eval_set=[(z_fit, y_fit), (z_val, y_val)], verbose=False)
+        return
+    import lightgbm  # it skips the training set (the same objects) when deciding
+
+    callbacks = [] if rounds is None else [lightgbm.early_stopping(rounds, first_metric_only=True, verbose=False)]
+    booster.fit(z_fit, y_fit, eval_X=(z_fit, z_val), eval_y=(y_fit, y_val), callbacks=callbacks)
+
+
+def booster_curve(model: Any) -> LossCurve | None:
+    """Train and validation loss per round of a fitted XGBoost or LightGBM last step, up to the round it
+    kept (the model as it predicts), or None."""
+    library = _booster_library(model)
+    if library is None:
+        return None
+    final = model[-1] if isinstance(model, Pipeline) else model
+    results = final.evals_result() if library == "xgboost" else getattr(final, "evals_result_", None)
+    if not results or len(results) < 2:
+        return None
+    train, validation = (next(iter(v.values())) for v in list(results.values())[:2])
+    best = getattr(final, "best_iteration", None) if library == "xgboost" else getattr(final, "best_iteration_", None)
+    keep = len(validation) if not best else int(best) + (1 if library == "xgboost" else 0)
+    return LossCurve(train=[float(v) for v in train[:keep]], validation=[float(v) for v in validation[:keep]])
+
+
+def factory_function(factory: str) -> Callable[..., Any]:
+    """Import the team's factory ('package.module:function'); a ConfigError naming the field when it cannot.
+    Only for a policy that trusts its package (the policy checks that before anything imports it)."""
+    import importlib
+
+    module_name, _, function = factory.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"estimator.factory {factory!r}: cannot import it ({exc}); install the package (or put it "
+                          "on PYTHONPATH) where CI and the service run") from exc
+    if not callable(fn):
+        raise ConfigError(f"estimator.factory {factory!r}: {type(fn).__name__} is not callable")
+    return cast(Callable[..., Any], fn)
+
+
+def from_factory(factory: str, schema: Schema, params: dict[str, Any]) -> Any:
+    """Call the team's factory with the schema and the policy's params; it must give an unfitted estimator
+    (fit and predict)."""
+    model = factory_function(factory)(schema, **params)
+    if not (hasattr(model, "fit") and hasattr(model, "predict")):
+        raise ConfigError(f"estimator.factory {factory!r} returned {type(model).__name__}, not an estimator "
+                          "(it needs fit and predict)")
+    return model
 
 
 class _FitShare:
@@ -187,14 +301,29 @@ class Split:
     y_train: pd.Series
     x_holdout: pd.DataFrame
     y_holdout: pd.Series
+    # The held-out rows with every column of the data but the target: another version (the champion) reads
+    # its own columns from them, which need not be this candidate's features.
+    rows_holdout: pd.DataFrame
 
 
 def split(frame: pd.DataFrame, schema: Schema, holdout_fraction: float, seed: int) -> Split:
-    x = frame[list(schema.features)]
     y = frame[schema.target]
     stratify = y if schema.task == "classification" else None
-    x_tr, x_ho, y_tr, y_ho = train_test_split(x, y, test_size=holdout_fraction, random_state=seed, stratify=stratify)
-    return Split(x_tr, y_tr, x_ho, y_ho)
+    train_index, holdout_index = train_test_split(frame.index, test_size=holdout_fraction, random_state=seed,
+                                                  stratify=stratify)
+    x = frame[list(schema.features)]
+    return Split(x.loc[train_index], y.loc[train_index], x.loc[holdout_index], y.loc[holdout_index],
+                 frame.drop(columns=[schema.target]).loc[holdout_index])
+
+
+def example_rows(x: pd.DataFrame, schema: Schema, n: int = 50) -> pd.DataFrame:
+    """Rows for the model's signature: the first `n`, and for each nullable feature with no null among them, a
+    row where it is null, so the signature lets callers send null where the training data had nulls (MLflow
+    marks a column optional only when its example has a null)."""
+    rows = x.head(n)
+    extra = [x.index[x[c].isna()][0] for c in schema.nullable if c in x.columns and not rows[c].isna().any()
+             and x[c].isna().any()]
+    return pd.concat([rows, x.loc[list(dict.fromkeys(extra))]]) if extra else rows
 
 
 @dataclass(frozen=True)
@@ -254,7 +383,8 @@ class FoldScore:
     fit_seconds: float
 
 
-def cv_fold(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: int, seed: int, fold: int) -> FoldScore:
+def cv_fold(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: int, seed: int, fold: int,
+            stopping: EarlyStoppingConfig | None = None) -> FoldScore:
     """Fit a clone on the training part of fold `fold` and score it on both parts (one unit of
     work, so folds can run in parallel threads or on Dask workers)."""
     import time
@@ -265,7 +395,7 @@ def cv_fold(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: in
     train_idx, val_idx = list(folds(task, n_folds, seed).split(data.x_train, data.y_train))[fold]
     x, y = data.x_train, data.y_train
     t0 = time.perf_counter()
-    model = clone(pipeline).fit(x.iloc[train_idx], y.iloc[train_idx])
+    model = fit_model(clone(pipeline), x.iloc[train_idx], y.iloc[train_idx], task, seed, stopping)
     fit_seconds = time.perf_counter() - t0
     scorer = get_scorer(SCORERS[metric])
     return FoldScore(
@@ -285,24 +415,35 @@ def combine_folds(metric: str, scores: list[FoldScore], curve: LossCurve | None)
     )
 
 
-def cross_validate_pipeline(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: int, seed: int) -> CVResult:
+def cross_validate_pipeline(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: int, seed: int,
+                            stopping: EarlyStoppingConfig | None = None) -> CVResult:
     """Stratified k-fold CV recording train and validation scores per fold (sequentially)."""
-    scores = [cv_fold(pipeline, data, task, metric, n_folds, seed, i) for i in range(n_folds)]
-    return combine_folds(metric, scores, loss_curve(pipeline, data, task, seed))
+    scores = [cv_fold(pipeline, data, task, metric, n_folds, seed, i, stopping) for i in range(n_folds)]
+    return combine_folds(metric, scores, loss_curve(pipeline, data, task, seed, stopping))
 
 
-def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int) -> LossCurve | None:
-    """For boosting estimators: train and validation loss after each stage, on one inner split."""
+def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int,
+               stopping: EarlyStoppingConfig | None = None) -> LossCurve | None:
+    """For boosting estimators: train and validation loss after each stage, on one inner split (XGBoost and
+    LightGBM: the losses they record on their own evaluation sets, early stopping's when it is on)."""
     from sklearn.base import clone
 
-    if not hasattr(pipeline.named_steps["model"], "staged_predict"):
+    if _booster_library(pipeline) is not None:
+        stratify = data.y_train if task == "classification" else None
+        x_tr, x_va, y_tr, y_va = train_test_split(data.x_train, data.y_train, test_size=0.25, random_state=seed,
+                                                  stratify=stratify)
+        model = clone(pipeline)
+        _fit_booster(*_prepared(model, x_tr, y_tr, x_va), y_tr, y_va, None if stopping is None else stopping.rounds)
+        return booster_curve(model)
+    final = pipeline[-1] if isinstance(pipeline, Pipeline) else pipeline
+    if not isinstance(pipeline, Pipeline) or len(pipeline) < 2 or not hasattr(final, "staged_predict"):
         return None
     stratify = data.y_train if task == "classification" else None
     x_tr, x_va, y_tr, y_va = train_test_split(
         data.x_train, data.y_train, test_size=0.25, random_state=seed, stratify=stratify
     )
     fitted = clone(pipeline).fit(x_tr, y_tr)
-    prep, model = fitted.named_steps["prep"], fitted.named_steps["model"]
+    prep, model = fitted[:-1], fitted[-1]
     z_tr, z_va = prep.transform(x_tr), prep.transform(x_va)
     if task == "classification":
         train = [log_loss(y_tr, p) for p in model.staged_predict_proba(z_tr)]
@@ -313,9 +454,11 @@ def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int) -> LossCur
     return LossCurve(train=[float(v) for v in train], validation=[float(v) for v in val])
 
 
-def fit(pipeline: Pipeline, data: Split) -> Pipeline:
+def fit(pipeline: Pipeline, data: Split, task: str = "classification", seed: int = 0,
+        stopping: EarlyStoppingConfig | None = None) -> Any:
     """Fit on all training rows (the held-out rows stay unseen)."""
-    return pipeline.fit(data.x_train, data.y_train)
+    return fit_model(pipeline, data.x_train, data.y_train, task, seed, stopping)
+
 
 
 @dataclass(frozen=True)
@@ -326,14 +469,21 @@ class HeldOut:
     baseline: float
     champion: float | None
     champion_version: str | None
+    champion_error: str | None = None  # the champion could not be scored on these rows (a column it reads is gone)
 
 
 def held_out(data: Split, task: str, metric: str, model: Predictor, champion: Predictor | None, champion_version: str | None) -> HeldOut:
-    """Score the candidate, the naive baseline and the champion once, on the same held-out rows."""
+    """Score the candidate, the naive baseline and the champion once, on the same held-out rows, each model on
+    its own columns of them."""
     baseline = baseline_estimator(task).fit(data.x_train, data.y_train)
+    champion_value, champion_error = None, None
+    if champion is not None:
+        try:
+            champion_value = evaluate(champion, data.rows_holdout, data.y_holdout, metric)
+        except ModelError as exc:
+            champion_error = str(exc)
     return HeldOut(
-        candidate=evaluate(model, data.x_holdout, data.y_holdout, metric),
+        candidate=evaluate(model, data.rows_holdout, data.y_holdout, metric),
         baseline=evaluate(baseline, data.x_holdout, data.y_holdout, metric),
-        champion=None if champion is None else evaluate(champion, data.x_holdout, data.y_holdout, metric),
-        champion_version=champion_version,
+        champion=champion_value, champion_version=champion_version, champion_error=champion_error,
     )

@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import stats
+from numpy.typing import ArrayLike
 from scipy.optimize import brentq
+from scipy.special import gammaln
 
 from rollout.stats.moments import Moments
 
@@ -38,14 +40,20 @@ class GuardrailResult:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def _log_mixture(successes: int, trials: int, p: float, prior: tuple[float, float]) -> float:
-    """log of the beta-binomial mixture martingale against the null mean p (Howard et al. 2021, sec. 3)."""
+def log_mixture(successes: ArrayLike, trials: ArrayLike, p: float,
+                prior: tuple[float, float] = (0.5, 0.5)) -> np.ndarray:
+    """log of the beta-binomial mixture martingale against the null mean p (Howard et al. 2021, sec. 3), for
+    counts or arrays of counts (the simulations evaluate every run and look at once)."""
     a, b = prior
-    failures = trials - successes
-    log_marginal = (math.lgamma(a + successes) + math.lgamma(b + failures) - math.lgamma(a + b + trials)
-                    - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)))
+    s = np.asarray(successes, dtype=float)
+    f = np.asarray(trials, dtype=float) - s
+    log_marginal = gammaln(a + s) + gammaln(b + f) - gammaln(a + b + s + f) - (gammaln(a) + gammaln(b) - gammaln(a + b))
     p = min(max(p, 1e-12), 1 - 1e-12)
-    return log_marginal - successes * math.log(p) - failures * math.log1p(-p)
+    return np.asarray(log_marginal - s * math.log(p) - f * math.log1p(-p), dtype=float)
+
+
+def _log_mixture(successes: int, trials: int, p: float, prior: tuple[float, float]) -> float:
+    return float(log_mixture(successes, trials, p, prior))
 
 
 def excludes(successes: int, trials: int, p: float, alpha: float, prior: tuple[float, float] = (0.5, 0.5)) -> bool:

@@ -172,6 +172,5 @@ def test_ci_workflow_commands_deploy_and_run_on_real_servers(servers):
         assert store.current_rollout() is None
         store.dispose()
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        worker.terminate()  # waited for (or killed after 30 s) with the servers, by the fixture
     shutil.rmtree(tmp / "prefect-home", ignore_errors=True)

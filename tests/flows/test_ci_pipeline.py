@@ -182,3 +182,28 @@ def test_another_dataset_by_changing_the_policy_file_alone(tmp_path):
     model = registry.load(outcome.version)
     pred = np.asarray(model.predict(frame.drop(columns=["target"]).head(4)))
     assert pred.shape == (4,) and np.all(np.isfinite(pred))
+
+
+@pytest.mark.parametrize(("dataset", "found"), [
+    ("load_diabetes", "214 distinct numbers such as 100.0, 101.0, 102.0, 103.0, 104.0, ...: a continuous target; "
+                      "set data.task: regression"),
+    ("load_wine", "3 classes (0, 1, 2)"),
+])
+def test_a_target_the_task_cannot_learn_is_refused_before_training_naming_the_column(tmp_path, dataset, found):
+    from typer.testing import CliRunner
+
+    import sklearn.datasets
+
+    from cli.main import app
+
+    getattr(sklearn.datasets, dataset)(as_frame=True).frame.to_csv(tmp_path / "data.csv", index=False)
+    policy_path = write_policy(tmp_path, data={"source": "data.csv", "target": "target", "task": "classification",
+                                               "timestamp_column": None, "segment_column": None, "unit_column": None},
+                               rollout={"segment_guardrails": []})
+    result = CliRunner().invoke(app, ["ci", "--config", str(policy_path)], terminal_width=400)
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "data.target 'target' (data.task 'classification')" in said and found in said
+    assert _registered_versions(policy_path) == []
+    policy = load_policy(policy_path)
+    assert MlflowClient(tracking_uri=policy.tracking_uri).search_experiments(filter_string="name != 'Default'") == []

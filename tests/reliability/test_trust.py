@@ -30,7 +30,7 @@ class Doubler(BaseEstimator, TransformerMixin):
         return np.asarray(x, dtype=float) * 2
 
 
-@pytest.mark.parametrize("name", sorted(training.ESTIMATORS))
+@pytest.mark.parametrize("name", sorted([*training.ESTIMATORS, *training.BOOSTERS]))
 def test_every_supported_estimator_needs_only_allow_listed_types(name: str) -> None:
     frame = example_dataset(rows=300, seed=1)
     cfg = parse_policy({}).data

@@ -36,6 +36,10 @@ def test_empty_policy_gets_defaults_that_serve_the_example():
         ({"estimator": {"name": "ridge"}}, ["estimator.name", "ridge", "classification"]),
         ({"rollout": {"design": "group_sequential"}}, ["max_samples"]),
         ({"bogus": 1}, ["bogus", "unknown field", "rollout"]),
+        ({"estimator": {"factory": "team_model.build"}}, ["estimator.factory", "'package.module:function'"]),
+        ({"estimator": {"factory": "team_model:build"}}, ["estimator.factory", "registry.trusted_modules"]),
+        ({"estimator": {"factory": "team_modelx:build"}, "registry": {"trusted_modules": ["team_model"]}},
+         ["estimator.factory", "registry.trusted_modules"]),
     ],
 )
 def test_bad_field_is_named_with_allowed_values(raw, expected):
@@ -58,3 +62,9 @@ def test_bad_yaml_and_missing_file_are_clear(tmp_path):
     bad.write_text("ci: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_policy(bad)
+
+
+def test_a_factory_in_a_trusted_package_or_its_subpackage_is_accepted():
+    policy = parse_policy({"estimator": {"factory": "team_model.models:build", "params": {"C": 0.5}},
+                           "registry": {"trusted_modules": ["team_model"]}})
+    assert policy.estimator.label == "team_model.models:build" and policy.estimator.params == {"C": 0.5}

@@ -277,3 +277,69 @@ def test_fits_with_another_cap_wait_and_a_failed_limit_frees_its_slot(monkeypatc
             pass
 
     assert _finishes(both)  # each failure gave its slot back: later fits, capped or not, still run
+
+
+def test_the_signature_lets_callers_send_null_wherever_training_data_had_nulls(loan, tmp_path):
+    """Nulls that first appear after the 50th training row still make the column optional in the signature."""
+    from rollout.models import LoadedModel
+    from rollout.registry import save_local
+
+    frame, schema, data = loan
+    x = data.x_train.copy()
+    x.iloc[:60, x.columns.get_loc("home_ownership")] = "RENT"  # its first null now lies past the head
+    x.iloc[70, x.columns.get_loc("home_ownership")] = None
+    pipe = training.build_pipeline(schema, EstimatorConfig()).fit(x, data.y_train)
+    example = training.example_rows(x, schema)
+    assert example["home_ownership"].isna().sum() >= 1 and len(example) <= 50 + len(schema.nullable)
+    loaded = LoadedModel(save_local(pipe, tmp_path / "m", example, "classification"))
+    record = {**x.iloc[0].to_dict(), "home_ownership": None}
+    assert not [p for p in loaded.problems([record]) if p["field"] == "home_ownership"]
+
+
+def test_each_model_is_scored_on_its_own_columns_of_wider_rows(loan):
+    from rollout.models import LoadedModel, ModelError
+
+    frame, schema, data = loan
+    narrow = [c for c in schema.features if c != "region"]
+    pipe = training.build_pipeline(infer_schema(frame[[*narrow, "approved"]], parse_policy(
+        {"data": {"timestamp_column": None, "unit_column": None, "segment_column": None}}).data),
+        EstimatorConfig()).fit(data.x_train[narrow], data.y_train)
+    wide = data.rows_holdout
+    assert {"region", "customer_id", "applied_at"} <= set(wide.columns)
+    assert training.evaluate(pipe, wide, data.y_holdout, "roc_auc") == pytest.approx(
+        training.evaluate(pipe, data.x_holdout[narrow], data.y_holdout, "roc_auc"))
+    with pytest.raises(ModelError, match=r"missing inputs \['credit_score'\]"):
+        LoadedModel(pipe).own(wide.drop(columns=["credit_score"]))
+
+
+@pytest.mark.parametrize("name", ["xgboost", "lightgbm", "xgboost_regressor", "lightgbm_regressor"])
+def test_boosters_stop_early_inside_each_fit_and_load_back_from_exact_skops_types(name, tmp_path):
+    """On scikit-learn's own tables: early stopping keeps fewer than n_estimators trees, the loss curve ends at
+    the kept round, and the saved model loads (only) through the allow-list, predicting as it did in memory."""
+    from sklearn.datasets import load_breast_cancer, load_diabetes
+
+    from rollout.config import EarlyStoppingConfig
+    from rollout.models import LoadedModel
+    from rollout.registry import save_local
+
+    task = "regression" if name.endswith("regressor") else "classification"
+    frame = (load_diabetes if task == "regression" else load_breast_cancer)(as_frame=True).frame
+    cfg = parse_policy({"data": {"source": "x.csv", "target": "target", "task": task, "timestamp_column": None,
+                                 "unit_column": None, "segment_column": None},
+                        "ci": {"metric": "r2" if task == "regression" else "roc_auc"},
+                        "rollout": {"primary_metric": "mse" if task == "regression" else "accuracy",
+                                    "segment_guardrails": []},
+                        "estimator": {"name": name, "params": {"n_estimators": 300}}})
+    schema = infer_schema(frame, cfg.data)
+    data = training.split(frame, schema, 0.2, 0)
+    stopping = EarlyStoppingConfig(rounds=10)
+    curve = training.loss_curve(training.build_pipeline(schema, cfg.estimator), data, task, 0, stopping)
+    assert curve is not None and 1 < len(curve.validation) < 300
+    assert min(curve.validation) == pytest.approx(curve.validation[-1])  # it ends at the best round
+    model = training.fit(training.build_pipeline(schema, cfg.estimator), data, task, 0, stopping)
+    loaded = LoadedModel(save_local(model, tmp_path / "m", training.example_rows(data.x_train, schema), task))
+    predictions, scores = loaded.predict(data.x_holdout).checked()
+    expected = model.predict_proba(data.x_holdout)[:, 1] if task == "classification" else model.predict(data.x_holdout)
+    assert np.allclose(scores if task == "classification" else predictions, expected)
+    metric = "roc_auc" if task == "classification" else "r2"
+    assert training.evaluate(model, data.x_holdout, data.y_holdout, metric) > (0.95 if task == "classification" else 0.3)

@@ -1,0 +1,54 @@
+"""Flow `adopt-model`: a model trained elsewhere, already in MLflow, through every CI gate that needs no
+training, then registered as @challenger with its rollout opened (or @champion when it is the first)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from flows.ci_pipeline import CIOutcome, CIParameters, apply_overrides, checked_data, publisher, reports_folder
+from tasks import ci
+from tasks.common import load_policy_task
+
+
+class AdoptParameters(BaseModel):
+    """The Run form of `adopt-model` in the Prefect UI."""
+
+    model_uri: str = Field(
+        description="The model to adopt: models:/name/7, models:/name@alias, runs:/<run id>/model or a logged "
+        "model's models:/m-<id>, in the policy's MLflow (skops-saved scikit-learn, allow-listed types).",
+        min_length=3, max_length=500, pattern=r"^(models|runs):/\S+$")
+    data_source: str | None = Field(None, description="Override data.source: the labelled rows it is judged on.")
+    rollout_start: datetime | None = Field(None, description="When the opened rollout starts (UTC); empty = now.")
+
+
+@flow(name="adopt-model", log_prints=True)
+def adopt_model(params: AdoptParameters, config: str = "rollout.yaml") -> CIOutcome:
+    """Judge a model trained elsewhere as CI judges its own candidates (data validation, floor, baseline and
+    champion on the same held-out rows, robustness, stress) and, when every gate passes, register it."""
+    policy = apply_overrides(load_policy_task(config), CIParameters(data_source=params.data_source))
+    reports = reports_folder(policy, "adopt")
+    outcome = CIOutcome(reports_dir=str(reports))
+    gate = publisher(outcome, reports)
+
+    frame, schema = checked_data(policy, gate, reports)
+    data = ci.split_data(policy, frame, schema)  # the held-out rows CI scores its own candidates on
+
+    trusted, candidate = ci.load_adopted(policy, params.model_uri)
+    gate(trusted)
+    champion_version, champion = ci.load_champion(policy)
+    held = ci.score_held_out(policy, schema, data, candidate, champion, champion_version)
+    for result in ci.quality_results(policy, held):
+        gate(result)
+    gate(ci.robustness_cases(policy, schema, candidate, data.x_holdout))
+    gate(ci.stress_test(policy, candidate, champion, data.rows_holdout))
+
+    logged = ci.register_adopted(policy, params.model_uri, schema, frame, held, outcome.gates)
+    assigned = ci.assign_aliases(policy, str(logged.version), params.rollout_start)
+    outcome.version, outcome.aliases, outcome.run_id = assigned.version, assigned.aliases, logged.run_id
+    outcome.rollout_id = assigned.rollout_id
+    print(f"adopted {params.model_uri} as {policy.registry.model_name} v{assigned.version}: "
+          + ", ".join("@" + a for a in assigned.aliases))
+    return outcome

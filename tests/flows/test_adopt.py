@@ -1,0 +1,106 @@
+"""A model trained elsewhere, logged to MLflow by a team's own job, adopted: every gate that needs no training,
+then @challenger with a shadow rollout, served, labelled and evaluated. A pickled model is refused."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.models import infer_signature
+from sklearn.datasets import load_breast_cancer
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from typer.testing import CliRunner
+
+from cli.main import app
+from flows.ci_pipeline import ci_pipeline
+from flows.online_evaluation import EvaluationParameters, online_evaluation
+from rollout.config import DataConfig, load_policy
+from rollout.registry import MlflowRegistry
+from rollout.roles import Role
+from tests.conftest import serve_and_label, write_policy
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    """Breast cancer rows, a policy for them, and a first model of rollout's own CI as @champion."""
+    from rollout.ci.validation import build_suite, write_suite
+    from rollout.data import infer_schema
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame.to_csv(tmp_path / "cancer.csv", index=False)
+    cfg = DataConfig(source="cancer.csv", target="target", task="classification", timestamp_column=None,
+                     segment_column=None, unit_column=None)
+    write_suite(build_suite(frame, infer_schema(frame, cfg), "cancer"), tmp_path / "cancer.json")
+    path = write_policy(tmp_path, registry={"model_name": "cancer"},
+                        data=cfg.model_dump(mode="json", exclude={"example", "features", "drop_columns",
+                                                                  "production_sample"}),
+                        ci={"expectations_suite": "cancer.json", "floor": 0.9},
+                        rollout={"mode": "shadow", "primary_metric": "accuracy", "segment_guardrails": []})
+    first = ci_pipeline(config=str(path))
+    assert first.aliases == ["champion"]
+    return path, load_policy(path), frame, first.version
+
+
+def _train_elsewhere(policy, frame, **log_options) -> str:
+    """A team's own training job: its own pipeline, logged with MLflow's scikit-learn flavour; its run's URI."""
+    x, y = frame.drop(columns=["target"]), frame["target"]
+    model = make_pipeline(StandardScaler(), HistGradientBoostingClassifier(max_iter=60, random_state=0)).fit(x, y)
+    mlflow.set_tracking_uri(policy.tracking_uri)
+    mlflow.set_experiment("team-training")
+    with mlflow.start_run() as run:
+        mlflow.sklearn.log_model(model, name="model", signature=infer_signature(x.head(20), model.predict_proba(x.head(20))),
+                                 pyfunc_predict_fn="predict_proba", **log_options)
+    return f"runs:/{run.info.run_id}/model"
+
+
+def test_a_model_trained_elsewhere_is_gated_registered_served_and_evaluated(world):
+    path, policy, frame, champion = world
+    uri = _train_elsewhere(policy, frame, serialization_format="skops",
+                           skops_trusted_types=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"])
+    result = CliRunner().invoke(app, ["adopt", "--config", str(path), "--model-uri", uri], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    for gate in ("data_validation", "trust", "floor", "baseline", "champion", "robustness", "stress"):
+        assert f"{gate} │ pass" in said, said
+    assert "overfit" not in said  # nothing was trained here
+
+    registry = MlflowRegistry.for_policy(policy)
+    aliases = registry.aliases()
+    assert aliases[Role.CHAMPION] == champion and aliases[Role.CHALLENGER] != champion
+    adopted = aliases[Role.CHALLENGER]
+    tags = registry.get_tags(adopted)
+    assert tags["adopted_from"] == uri and json.loads(tags["gates"])["trust"] == "pass"
+    assert float(tags["holdout_roc_auc"]) > 0.95
+
+    served = serve_and_label(policy, frame.drop(columns=["target"]), frame["target"], "adopt-token")
+    assert {a["version"] for a in served} == {champion}
+    outcome = online_evaluation(config=str(path), params=EvaluationParameters(
+        now=datetime.now(UTC) + timedelta(hours=1)))
+    stats = json.loads(Path(outcome.report).with_suffix(".json").read_text())["stats"][adopted]
+    assert outcome.action == "continue" and stats["n"] == len(frame)  # every served row, paired, labelled
+
+
+def test_a_pickled_model_from_elsewhere_is_refused_and_nothing_is_registered(world):
+    path, policy, frame, champion = world
+    uri = _train_elsewhere(policy, frame, serialization_format="cloudpickle")
+    result = CliRunner().invoke(app, ["adopt", "--config", str(path), "--model-uri", uri], terminal_width=300)
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "trust │ FAIL" in said and "skops" in said and "Nothing was registered" in said, said
+    registry = MlflowRegistry.for_policy(policy)
+    assert registry.aliases() == {Role.CHAMPION: champion}
+    assert len(registry.client.search_model_versions("name='cancer'")) == 1
+
+
+def test_a_model_uri_that_does_not_exist_is_a_clear_error(world):
+    path, *_ = world
+    result = CliRunner().invoke(app, ["adopt", "--config", str(path), "--model-uri", "runs:/0123abcd/model"],
+                                terminal_width=300)
+    assert result.exit_code == 2 and "model URI 'runs:/0123abcd/model': not found" in " ".join(result.output.split())
