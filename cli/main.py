@@ -83,6 +83,7 @@ def ci(
     drift: float = typer.Option(None, help="Override data.example.drift."),
     seed: int = typer.Option(None, help="Override data.example.seed."),
     estimator: str = typer.Option(None, help="Override estimator.name."),
+    params: str = typer.Option(None, help='Override estimator.params, as JSON: \'{"C": 0.5}\'.'),
     dask: bool = typer.Option(False, help="Run CV folds and stress on a local Dask cluster."),
     dask_address: str = typer.Option(None, help="Run them on the Dask scheduler at this address instead."),
 ) -> None:
@@ -91,9 +92,18 @@ def ci(
     from flows.runners import dask_runner
 
     _policy(config)
-    params = CIParameters(data_source=data_source, example_drift=drift, example_seed=seed, estimator=estimator)
+    try:
+        overrides = json.loads(params) if params is not None else None
+    except json.JSONDecodeError as exc:
+        console.print(f"[red]--params {params!r}: not JSON ({exc})[/red]")
+        raise typer.Exit(2) from None
+    if overrides is not None and not isinstance(overrides, dict):
+        console.print(f"[red]--params {params!r}: expected a JSON object of parameter names and values[/red]")
+        raise typer.Exit(2)
+    run = CIParameters(data_source=data_source, example_drift=drift, example_seed=seed, estimator=estimator,
+                       estimator_params=overrides)
     flow = ci_pipeline.with_options(task_runner=dask_runner(dask_address)) if (dask or dask_address) else ci_pipeline
-    outcome = _gated("ci-pipeline", lambda: flow(config=config, params=params))
+    outcome = _gated("ci-pipeline", lambda: flow(config=config, params=run))
     console.print(f"[green]registered version {outcome.version}[/green] as "
                   + ", ".join("@" + a for a in outcome.aliases) + f"; reports in {outcome.reports_dir}")
 

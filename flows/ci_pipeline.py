@@ -109,6 +109,10 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     gate = publisher(outcome, reports)
     frame, schema = checked_data(policy, gate, reports)
     data = ci.split_data(policy, frame, schema)
+    searched = None
+    if policy.estimator.search is not None:  # tuned on the training rows; what follows judges the chosen params
+        searched = ci.search_params(policy, schema, data)
+        policy = apply_overrides(policy, CIParameters(estimator_params=searched.result.best_params))
     # The final fit, the champion's download, the folds and the loss curve are independent tasks: side
     # by side in threads as the cores allow (the longest, the final fit, first), spread over a Dask
     # cluster when the flow is given the Dask runner.
@@ -134,7 +138,7 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    logged = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, example)
+    logged = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, example, searched)
     assigned = ci.assign_aliases(policy, str(logged.version), params.rollout_start)
     outcome.version, outcome.aliases, outcome.run_id = assigned.version, assigned.aliases, logged.run_id
     outcome.rollout_id = assigned.rollout_id

@@ -80,9 +80,15 @@ class DataConfig(_Strict):
     timestamp_column: str | None = Field("applied_at", description="Time column, excluded from features.")
     segment_column: str | None = Field("tier", description="Segment column used for guardrails (kept as a feature).")
     unit_column: str | None = Field("customer_id", description="Unit id column (sticky routing), excluded from features.")
-    features: dict[str, Literal["numeric", "categorical"]] = Field(
-        default_factory=dict, description="Feature types; inferred from the data when empty."
+    features: dict[str, Literal["numeric", "categorical", "text"]] = Field(
+        default_factory=dict, description="Feature types; inferred from the data when empty (text is never "
+        "inferred: name it here or in text_columns)."
     )
+    text_columns: list[str] = Field(
+        default_factory=list, description="Free-text feature columns, vectorised with TF-IDF (words and word pairs) "
+        "by the default preprocessing.")
+    text_max_features: int = Field(5000, ge=10, le=1_000_000, description="Vocabulary size of each text column's "
+                                   "TF-IDF (the most frequent words and pairs of the training rows).")
     drop_columns: list[str] = Field(default_factory=list, description="Columns never used as features.")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="Share of rows held out and scored once.")
     seed: int = Field(42, description="Seed for splits and CV shuffling.")
@@ -101,6 +107,53 @@ class EarlyStoppingConfig(_Strict):
         "back to decide when to stop; never the held-out rows the gates use.")
 
 
+class ParamRange(_Strict):
+    """The values one parameter may take in a search: `choices`, or a range from `low` to `high` (integers
+    when both bounds are integers and `step` is unset or whole)."""
+
+    low: int | float | None = Field(None, description="Smallest value of a range.")
+    high: int | float | None = Field(None, description="Largest value of a range.")
+    log: bool = Field(False, description="Sample the range on a log scale (both bounds above 0).")
+    step: int | float | None = Field(None, gt=0, description="Spacing of the values of a range; none = continuous.")
+    choices: list[Any] | None = Field(None, min_length=1, description="The values to pick from, instead of a range.")
+
+    @property
+    def integer(self) -> bool:
+        """A range of whole numbers: both bounds (and the step, if any) written as integers."""
+        return all(isinstance(v, int) for v in (self.low, self.high)) and isinstance(self.step or 1, int)
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "ParamRange":
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or low/high, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (a range) or choices")
+        if self.low >= self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs low above 0 (got {self.low})")
+        if self.log and self.step is not None:
+            raise ValueError("log: true and step cannot go together")
+        return self
+
+
+class SearchConfig(_Strict):
+    """Hyperparameter search with Optuna on the training rows only: each trial is scored by an inner k-fold CV
+    of the training split (never the held-out rows the gates use); the best trial's params are then trained,
+    cross-validated and gated as if the policy had named them."""
+
+    space: dict[str, ParamRange] = Field(
+        ..., min_length=1, description="Parameter name -> its range or choices (keyword arguments of the estimator, "
+        "or of the factory).")
+    trials: int = Field(20, ge=1, le=10000, description="Trials to run, at most.")
+    timeout_seconds: float | None = Field(None, gt=0, description="Stop starting trials after this long; none = "
+                                          "run every trial.")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler, seeded with data.seed.")
+    folds: int = Field(3, ge=2, le=10, description="Inner CV folds scoring each trial.")
+
+
 class EstimatorConfig(_Strict):
     """The model: an estimator from the list behind rollout's own preprocessing, or your own training code."""
 
@@ -115,6 +168,9 @@ class EstimatorConfig(_Strict):
     early_stopping: EarlyStoppingConfig | None = Field(
         default_factory=EarlyStoppingConfig, description="For xgboost and lightgbm (named, or the last step of "
         "your factory's pipeline); null trains every n_estimators tree.")
+
+    search: SearchConfig | None = Field(None, description="Tune `params` by hyperparameter search first; none = "
+                                        "train with `params` as given.")
 
     @field_validator("factory")
     @classmethod

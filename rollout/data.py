@@ -31,10 +31,16 @@ class Schema:
     nullable: tuple[str, ...] = ()
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    text: tuple[str, ...] = ()  # free text (TF-IDF in the default preprocessing)
+    text_max_features: int = 5000
 
     @property
     def features(self) -> tuple[str, ...]:
-        return self.numeric + self.categorical
+        return self.numeric + self.categorical + self.text
+
+    def holds_strings(self, column: str) -> bool:
+        """A categorical or text column (its null is None, not NaN)."""
+        return column in self.categorical or column in self.text
 
 
 def example_dataset(
@@ -149,18 +155,24 @@ def infer_schema(frame: pd.DataFrame, cfg: DataConfig) -> Schema:
     missing = [c for c in cfg.features if c not in frame.columns]
     if missing:
         raise ConfigError(f"data.features names columns that do not exist: {', '.join(missing)}")
+    absent = [c for c in cfg.text_columns if c not in frame.columns]
+    if absent:
+        raise ConfigError(f"data.text_columns names columns that do not exist: {', '.join(absent)}")
     kinds: dict[str, str] = dict(cfg.features) if cfg.features else {}
     if not kinds:
         for col in frame.columns:
             if col in excluded:
                 continue
             kinds[col] = "numeric" if pd.api.types.is_numeric_dtype(frame[col]) else "categorical"
+    kinds.update({c: "text" for c in cfg.text_columns})
     numeric = tuple(c for c, k in kinds.items() if k == "numeric")
     categorical = tuple(c for c, k in kinds.items() if k == "categorical")
-    nullable = tuple(c for c in (*numeric, *categorical) if frame[c].isna().any())
+    text = tuple(c for c, k in kinds.items() if k == "text")
+    nullable = tuple(c for c in (*numeric, *categorical, *text) if frame[c].isna().any())
     categories = {c: tuple(sorted(str(v) for v in frame[c].dropna().unique())) for c in categorical}
     ranges = {c: (float(frame[c].min()), float(frame[c].max())) for c in numeric}
-    return Schema(numeric, categorical, cfg.target, cfg.task, nullable, categories, ranges)
+    return Schema(numeric, categorical, cfg.target, cfg.task, nullable, categories, ranges, text,
+                  cfg.text_max_features)
 
 
 def check_target(y: pd.Series, name: str, task: str) -> None:

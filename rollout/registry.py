@@ -30,6 +30,7 @@ TRUSTED_TYPES = frozenset({
     "xgboost.core.Booster", "xgboost.sklearn.XGBClassifier", "xgboost.sklearn.XGBRegressor",
     "lightgbm.basic.Booster", "lightgbm.sklearn.LGBMClassifier", "lightgbm.sklearn.LGBMRegressor",
     "collections.OrderedDict",
+    "numpy.ravel",  # flattens a text column for TF-IDF (training.text_pipeline)
 })
 # The only way a model is loaded: scikit-learn's flavour, serialised with skops (no pickle, no code).
 _LOADER = "mlflow.sklearn"
@@ -429,6 +430,40 @@ class Logged:
 
     run_id: str
     version: str | None = None
+
+
+class ParentRun:
+    """A run whose child runs are written one at a time as their work ends (a search's trials), through the
+    client API rather than MLflow's fluent, thread-bound active run (tasks run in worker threads)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, name: str, params: dict[str, Any],
+                 tags: dict[str, str]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.experiment = experiment
+        self.run_id: str = self.client.create_run(experiment, run_name=name, tags=tags).info.run_id
+        self._log(self.run_id, params, {})
+
+    def _log(self, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric, Param
+
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                              metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+
+    def child(self, name: str, params: dict[str, Any], metrics: dict[str, float], tags: dict[str, str],
+              failed: bool = False) -> str:
+        """Write one finished child run under this one; its id."""
+        run_id: str = self.client.create_run(self.experiment, run_name=name,
+                                             tags={"mlflow.parentRunId": self.run_id, **tags}).info.run_id
+        self._log(run_id, params, metrics)
+        self.client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+        return run_id
+
+    def finish(self, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+               failed: bool = False) -> None:
+        self._log(self.run_id, params or {}, metrics or {})
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 def log_run(experiment: str, record: RunRecord, model: Any = None, x_example: Any = None, task: str = "",

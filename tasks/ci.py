@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 import pandas as pd
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
 
 from rollout import registry
 from rollout.cd import rollouts
-from rollout.ci import gates, registration, robustness, stress, training
+from rollout.ci import gates, registration, robustness, search, stress, training
 from rollout.ci.validation import drift_report, validate
-from rollout.config import ConfigError, Policy
+from rollout.config import LOWER_IS_BETTER, ConfigError, Policy
 from rollout.data import Schema, check_target, infer_schema, load_dataset, read_table
 from rollout.outcomes import OutcomeStore
 from rollout.roles import Role
@@ -64,6 +72,49 @@ def schema_of(policy: Policy, frame: pd.DataFrame) -> Schema:
 def split_data(policy: Policy, frame: pd.DataFrame, schema: Schema) -> training.Split:
     """Hold out a share of rows, scored once at the end."""
     return training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed)
+
+
+@dataclass(frozen=True)
+class Searched:
+    """A finished search and its MLflow run."""
+
+    result: search.SearchResult
+    run_id: str
+
+
+@task(name="search", cache_policy=NO_CACHE)
+def search_params(policy: Policy, schema: Schema, data: training.Split) -> Searched:
+    """Tune the estimator's params on the training rows (inner CV; the held-out rows stay unseen): each trial
+    logged as it ends, to this task's log, a progress artifact and a child MLflow run."""
+    config = policy.estimator.search
+    assert config is not None
+    logger = get_run_logger()
+    progress = cast(UUID, create_progress_artifact(0.0, description=f"hyperparameter search, {config.trials} trials "
+                                                   "at most"))  # a UUID when called from sync code
+    log = registration.SearchLog(policy, len(data.x_train))
+    best: list[float] = []
+    lower = policy.ci.metric in LOWER_IS_BETTER
+
+    def on_trial(trial: search.Trial) -> None:
+        log.trial(trial)
+        if trial.value is not None:
+            best.append(trial.value if not best else (min if lower else max)(best[-1], trial.value))
+        update_progress_artifact(progress, 100.0 * (trial.number + 1) / config.trials)
+        said = f"{trial.value:.4f}" if trial.value is not None else f"failed ({trial.error})"
+        logger.info("trial %d/%d %s: %s %s; best %s", trial.number + 1, config.trials, trial.params,
+                    policy.ci.metric, said, f"{best[-1]:.4f}" if best else "-")
+
+    result = None
+    try:
+        with training.fit_threads(policy.ci.fit_threads):
+            result = search.search(policy.estimator, schema, data.x_train, data.y_train, policy.ci.metric,
+                                   policy.data.seed, on_trial)
+    finally:
+        log.finish(result)
+    update_progress_artifact(progress, 100.0)
+    logger.info("search chose trial %d: %s (inner CV %s %.4f over %d training rows)", result.best_trial,
+                result.best_params, policy.ci.metric, result.best_value, result.rows)
+    return Searched(result, log.run_id)
 
 
 @task(name="cv-fold", cache_policy=NO_CACHE)
@@ -162,9 +213,10 @@ def stress_test(policy: Policy, candidate: Any, champion: Any, sample: pd.DataFr
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=transient)
 def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.DataFrame, cv: training.CVResult,
                        held: training.HeldOut, results: list[gates.GateResult],
-                       x_example: pd.DataFrame) -> registry.Logged:
+                       x_example: pd.DataFrame, searched: Searched | None = None) -> registry.Logged:
     """Log model, params, metrics and every gate report; register a version with its tags."""
-    return registration.register(policy, model, schema, frame, cv, held, results, x_example)
+    return registration.register(policy, model, schema, frame, cv, held, results, x_example,
+                                 searched.result if searched else None, searched.run_id if searched else None)
 
 
 @task(name="load-adopted", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)

@@ -83,6 +83,29 @@ def write_policy(directory: Path, **sections) -> Path:
     return path
 
 
+def cancer_policy(directory: Path, **sections) -> Path:
+    """scikit-learn's breast cancer table as a team's CSV, its suite, and a policy for it (no unit, segment or
+    time column); sections override."""
+    from sklearn.datasets import load_breast_cancer
+
+    from rollout.ci.validation import build_suite, write_suite
+    from rollout.config import DataConfig
+    from rollout.data import infer_schema
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame.to_csv(directory / "cancer.csv", index=False)
+    cfg = DataConfig(source="cancer.csv", target="target", task="classification", timestamp_column=None,
+                     segment_column=None, unit_column=None)
+    write_suite(build_suite(frame, infer_schema(frame, cfg), "cancer"), directory / "cancer.json")
+    defaults = {"registry": {"model_name": "cancer"},
+                "data": cfg.model_dump(mode="json", exclude={"example", "features", "drop_columns",
+                                                             "production_sample"}),
+                "ci": {"expectations_suite": "cancer.json", "floor": 0.9},
+                "rollout": {"mode": "shadow", "primary_metric": "accuracy", "segment_guardrails": []}}
+    return write_policy(directory, **{k: {**defaults.get(k, {}), **sections.get(k, {})}
+                                      for k in {*defaults, *sections}})
+
+
 @pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
     return write_policy(tmp_path)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from rollout import registry
 from rollout.ci.gates import GateResult
+from rollout.ci.search import SearchResult, Trial
 from rollout.ci.training import CVResult, HeldOut
 from rollout.config import Policy
 from rollout.data import Schema, data_hash
@@ -41,8 +42,10 @@ def version_tags(policy: Policy, frame: pd.DataFrame, metric: str, held: HeldOut
 
 
 def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CVResult, held: HeldOut,
-                     results: list[GateResult]) -> registry.RunRecord:
-    """What the candidate's MLflow run holds besides the model."""
+                     results: list[GateResult], search: SearchResult | None = None,
+                     search_run_id: str | None = None) -> registry.RunRecord:
+    """What the candidate's MLflow run holds besides the model (with a search: the chosen params are its
+    params, and the search's run and best inner-CV score are recorded)."""
     metric = cv.metric
     metrics = {f"cv_train_{metric}": cv.train_mean, f"cv_val_{metric}": cv.val_mean,
                f"cv_val_{metric}_std": cv.val_std, f"holdout_{metric}": held.candidate,
@@ -52,21 +55,73 @@ def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CV
     texts = {f"gates/{r.gate}.md": r.to_markdown() for r in results}
     dicts: dict[str, dict[str, Any]] = {f"gates/{r.gate}.json": r.to_dict() for r in results}
     dicts["schema.json"] = asdict(schema)
+    params: dict[str, Any] = {"estimator": policy.estimator.label,
+                              **{f"param.{k}": v for k, v in policy.estimator.params.items()},
+                              "cv_folds": policy.ci.cv_folds, "rows": len(frame), "data_hash": data_hash(frame)}
+    tags: dict[str, Any] = {}
+    if search is not None:
+        params["search.trials"] = len(search.trials)
+        metrics[f"search_best_{metric}"] = search.best_value
+        dicts["search.json"] = search_summary(search)
+        if search_run_id is not None:
+            tags["rollout.search_run_id"] = search_run_id
     return registry.RunRecord(
-        name=f"ci-{policy.estimator.label.replace(':', '.')}",
-        params={"estimator": policy.estimator.label, **{f"param.{k}": v for k, v in policy.estimator.params.items()},
-                "cv_folds": policy.ci.cv_folds, "rows": len(frame), "data_hash": data_hash(frame)},
+        name=f"ci-{policy.estimator.label.replace(':', '.')}", params=params, tags=tags,
         metrics=metrics, texts=texts, dicts=dicts, figures={"plots/cv.png": cv_figure(cv)},
     )
 
 
 def register(policy: Policy, model: Predictor, schema: Schema, frame: pd.DataFrame, cv: CVResult, held: HeldOut,
-             results: list[GateResult], x_example: pd.DataFrame) -> registry.Logged:
+             results: list[GateResult], x_example: pd.DataFrame, search: SearchResult | None = None,
+             search_run_id: str | None = None) -> registry.Logged:
     """Log the candidate's run with its model and register it as a new version of the policy's model."""
     experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
-    return registry.log_run(experiment, candidate_record(policy, schema, frame, cv, held, results), model, x_example,
-                            schema.task, policy.registry.model_name, version_tags(policy, frame, cv.metric, held, results),
+    tags = version_tags(policy, frame, cv.metric, held, results)
+    if search is not None:
+        tags["search_best_params"] = json.dumps(search.best_params, sort_keys=True, default=str)
+        if search_run_id is not None:
+            tags["search_run_id"] = search_run_id
+    return registry.log_run(experiment, candidate_record(policy, schema, frame, cv, held, results, search, search_run_id),
+                            model, x_example, schema.task, policy.registry.model_name, tags,
                             policy.registry.trusted_modules)
+
+
+def search_summary(search: SearchResult) -> dict[str, Any]:
+    """The search as JSON: metric, best trial and params, and every trial."""
+    return {"metric": search.metric, "best_trial": search.best_trial, "best_value": search.best_value,
+            "best_params": search.best_params, "rows": search.rows,
+            "trials": [asdict(t) for t in search.trials]}
+
+
+class SearchLog:
+    """The search's MLflow run, and a child run per trial written as the trial ends, so the MLflow UI shows
+    the search growing under its parent."""
+
+    def __init__(self, policy: Policy, rows: int) -> None:
+        config = policy.estimator.search
+        assert config is not None
+        experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
+        space = json.dumps({k: v.model_dump(exclude_none=True) for k, v in config.space.items()})
+        self.run = registry.ParentRun(
+            policy.tracking_uri, experiment, f"search-{policy.estimator.label.replace(':', '.')}",
+            params={"estimator": policy.estimator.label, "metric": policy.ci.metric, "sampler": config.sampler,
+                    "trials": config.trials, "folds": config.folds, "rows": rows, "space": space[:6000]},
+            tags={"rollout.kind": "search"})
+        self.run_id = self.run.run_id
+
+    def trial(self, trial: Trial) -> None:
+        metrics = {"seconds": trial.seconds, **({"cv_score": trial.value} if trial.value is not None else {})}
+        tags = {"rollout.kind": "search-trial", **({"error": trial.error[:5000]} if trial.error else {})}
+        self.run.child(f"trial-{trial.number}", trial.params, metrics, tags, failed=trial.error is not None)
+
+    def finish(self, result: SearchResult | None) -> None:
+        """Record the best trial on the parent run and end it (FAILED without a result)."""
+        if result is None:
+            self.run.finish(failed=True)
+            return
+        self.run.finish(params={**{f"best.{k}": v for k, v in result.best_params.items()},
+                                "best_trial": result.best_trial},
+                        metrics={f"best_{result.metric}": result.best_value})
 
 
 def adopt(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, held: HeldOut,

@@ -13,6 +13,17 @@ from rollout.data import Schema, records_of
 from rollout.models import LoadedModel, ModelError, Predictor
 
 
+# What free text can be that training rarely had: nothing, blanks, a whole document, other scripts and emoji,
+# words never seen.
+TEXT_CASES = {
+    "empty_text": "",
+    "whitespace_text": " \t\n  ",
+    "long_text": ("lorem ipsum dolor sit amet " * 4000)[:100_000],
+    "non_ascii_text": "Ünïcödé テキスト 文本 نص 🙂🚀 — ½ ∑",
+    "unseen_vocabulary_text": "qzxv wobblefrump glorptastic zyzzyva",
+}
+
+
 @dataclass(frozen=True)
 class CaseResult:
     """What one edge case did: a well-formed prediction, a clean validation error, or a crash."""
@@ -29,11 +40,11 @@ def synthesize_cases(schema: Schema, sample: pd.DataFrame, large_rows: int = 500
     cases: dict[str, pd.DataFrame] = {"single_row": base.head(1), "empty_batch": base.head(0)}
     for col in schema.nullable or schema.features:
         frame = base.copy()
-        frame[col] = None if col in schema.categorical else np.nan
+        frame[col] = None if schema.holds_strings(col) else np.nan
         cases[f"null_{col}"] = frame
     all_null = base.copy()
     for col in schema.nullable:
-        all_null[col] = None if col in schema.categorical else np.nan
+        all_null[col] = None if schema.holds_strings(col) else np.nan
     cases["null_every_nullable"] = all_null
     for col in schema.categorical:
         frame = base.copy()
@@ -42,6 +53,11 @@ def synthesize_cases(schema: Schema, sample: pd.DataFrame, large_rows: int = 500
         frame = base.copy()
         frame[col] = ""
         cases[f"empty_string_{col}"] = frame
+    for col in schema.text:
+        for label, text in TEXT_CASES.items():
+            frame = base.copy()
+            frame[col] = text
+            cases[f"{label}_{col}"] = frame
     for col in schema.numeric:
         lo, hi = schema.ranges.get(col, (0.0, 1.0))
         span = max(abs(hi - lo), 1.0)

@@ -90,17 +90,36 @@ def build_pipeline(schema: Schema, estimator: EstimatorConfig, seed: int = 0) ->
     except TypeError as exc:
         raise ValueError(f"estimator.params: {exc}") from None
     numeric = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
-    categorical = Pipeline(
-        [
-            ("impute", SimpleImputer(strategy="constant", fill_value="__missing__")),
-            ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
-        ]
-    )
+    categorical = Pipeline([*missing_as("__missing__"), ("onehot", OneHotEncoder(handle_unknown="ignore",
+                                                                                  sparse_output=False))])
+    # Each text column: null -> "", then TF-IDF over words and word pairs (sparse; kept sparse for the
+    # estimators that take it, which is all but histogram gradient boosting).
+    texts = [(f"text_{c}", text_pipeline(schema.text_max_features), [c]) for c in schema.text]
     prep = ColumnTransformer(
-        [("num", numeric, list(schema.numeric)), ("cat", categorical, list(schema.categorical))],
-        remainder="drop",
+        [("num", numeric, list(schema.numeric)), ("cat", categorical, list(schema.categorical)), *texts],
+        remainder="drop", sparse_threshold=0.0 if estimator.name.startswith("hist_") else 0.3,
     )
     return Pipeline([("prep", prep), ("model", model)])
+
+
+def missing_as(value: str) -> list[tuple[str, SimpleImputer]]:
+    """Steps filling a missing string with `value`, whether it is NaN (how pandas reads a blank cell in training)
+    or None (how a JSON null arrives in the service): one SimpleImputer sees only one of them."""
+    return [("impute", SimpleImputer(strategy="constant", fill_value=value)),
+            ("impute_none", SimpleImputer(strategy="constant", fill_value=value, missing_values=None))]
+
+
+def text_pipeline(max_features: int) -> Pipeline:
+    """One free-text column to TF-IDF features: a missing text is an empty one; the 2-D column is flattened
+    (numpy.ravel, the one function the saved model names) for the vectoriser."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import FunctionTransformer
+
+    return Pipeline([
+        *missing_as(""),
+        ("flatten", FunctionTransformer(np.ravel)),
+        ("tfidf", TfidfVectorizer(max_features=max_features, ngram_range=(1, 2), sublinear_tf=True, dtype=np.float64)),
+    ])
 
 
 def estimator_class(name: str) -> type:
