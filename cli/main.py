@@ -282,8 +282,13 @@ def make_suite(
     from rollout.ci.validation import build_suite, write_suite
 
     policy = _policy(config)
-    frame = load_dataset(policy)
-    suite = build_suite(frame, infer_schema(frame, policy.data), output.stem)
+    try:
+        frame = load_dataset(policy)
+        schema = infer_schema(frame, policy.data)
+    except (ConfigError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    suite = build_suite(frame, schema, output.stem)
     console.print(f"wrote {len(suite.expectations)} expectations to {write_suite(suite, output)}; review before committing")
 
 

@@ -74,7 +74,11 @@ class ExampleData(_Strict):
 class DataConfig(_Strict):
     """Where the training data comes from and what its columns mean."""
 
-    source: str = Field("example", description="'example' (generated) or a path to a .csv or .parquet file.")
+    source: str = Field("example", description="'example' (generated), a path to a .csv or .parquet file, or a "
+                        "SQLAlchemy database URL (with data.query); ${VAR} in a URL is read from the environment, so "
+                        "a password need not sit in the file.")
+    query: str | None = Field(None, description="The SQL that selects the training rows when data.source is a "
+                              "database URL.")
     target: str = Field("approved", description="Target column.")
     task: Task = Field("classification", description="classification (binary) or regression.")
     timestamp_column: str | None = Field("applied_at", description="Time column, excluded from features.")
@@ -219,6 +223,10 @@ class CIConfig(_Strict):
     """Offline gates of the ci-pipeline flow."""
 
     cv_folds: int = Field(5, ge=2, le=20, description="Stratified k-fold CV folds.")
+    split: Literal["random", "time"] = Field(
+        "random", description="'random': a stratified held-out share and shuffled k-fold CV. 'time': rows ordered by "
+        "data.timestamp_column; the held-out rows are the latest holdout_fraction and CV folds chain forward "
+        "(each validates on rows later than all it trained on), so nothing is learned from the future.")
     metric: CIMetric = Field("roc_auc", description="Metric of every CI gate.")
     floor: float | None = Field(0.70, description="Absolute floor of the metric on held-out data; null = none.")
     floor_source: Literal["fixed", "champion_live"] = Field(
@@ -420,6 +428,8 @@ class Policy(_Strict):
                 f"rollout.primary_metric {self.rollout.primary_metric!r} does not apply to {task}; allowed: "
                 f"{', '.join(sorted(ONLINE_METRICS_BY_TASK[task]))}"
             )
+        if self.ci.split == "time" and not self.data.timestamp_column:
+            raise ValueError("ci.split 'time' orders rows by data.timestamp_column, which is not set")
         if self.estimator.factory is not None:
             module = self.estimator.factory.partition(":")[0]
             if not any(module == m or module.startswith(f"{m}.") for m in self.registry.trusted_modules):

@@ -121,7 +121,12 @@ def load_dataset(policy: Policy) -> pd.DataFrame:
     cfg = policy.data
     if cfg.source == "example":
         return example_from(cfg.example)
-    frame = read_table(policy.path(cfg.source))
+    if is_database_url(cfg.source):  # ${VAR} first: a relative SQLite path resolves after it is known
+        import os
+
+        frame = read_query(policy.url(os.path.expandvars(cfg.source)), cfg.query)
+    else:
+        frame = read_table(policy.path(cfg.source))
     ts = cfg.timestamp_column
     if ts and ts in frame.columns and not pd.api.types.is_datetime64_any_dtype(frame[ts]):
         # CSV has no datetime type; the policy says which column is time.
@@ -133,6 +138,47 @@ def example_from(knobs: ExampleData) -> pd.DataFrame:
     return example_dataset(
         rows=knobs.rows, seed=knobs.seed, drift=knobs.drift, new_levels=knobs.new_levels, label_noise=knobs.label_noise
     )
+
+
+def is_database_url(source: str) -> bool:
+    """A SQLAlchemy URL (postgresql+psycopg://..., sqlite:///...) rather than a file path."""
+    import re
+
+    return re.match(r"^[a-z][a-z0-9+]*://", source) is not None
+
+
+def read_query(url: str, query: str | None) -> pd.DataFrame:
+    """The rows `query` selects from the database at `url`; a ConfigError naming data.source or data.query
+    when it cannot run, without echoing a password."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    if not query:
+        raise ConfigError("data.query: data.source is a database URL; give the SQL that selects the training rows")
+    try:
+        engine = sa.create_engine(url)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigError(f"data.source: not a database URL SQLAlchemy can open ({exc})") from None
+    safe = engine.url.render_as_string(hide_password=True)
+    try:
+        try:
+            connection = engine.connect()
+        except SQLAlchemyError as exc:
+            raise ConfigError(f"data.source: cannot connect to {safe}: {_first_line(exc)}") from None
+        with connection:
+            try:
+                return pd.read_sql_query(sa.text(query), connection)
+            except (SQLAlchemyError, pd.errors.DatabaseError) as exc:
+                raise ConfigError(f"data.query: failed on {safe}: {_first_line(exc)}") from None
+    finally:
+        engine.dispose()
+
+
+def _first_line(exc: Exception) -> str:
+    """The driver's own message (not SQLAlchemy's wrapper with the statement and a link)."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc  # pandas wraps SQLAlchemy's
+    orig = getattr(cause, "orig", None) or cause
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -164,6 +210,9 @@ def infer_schema(frame: pd.DataFrame, cfg: DataConfig) -> Schema:
             if col in excluded:
                 continue
             kinds[col] = "numeric" if pd.api.types.is_numeric_dtype(frame[col]) else "categorical"
+    if not cfg.features:  # a column of dates is never silently a category (a level per day)
+        for col in [c for c, k in kinds.items() if k == "categorical" and c not in cfg.text_columns]:
+            _refuse_dates(frame[col], col)
     kinds.update({c: "text" for c in cfg.text_columns})
     numeric = tuple(c for c, k in kinds.items() if k == "numeric")
     categorical = tuple(c for c, k in kinds.items() if k == "categorical")
@@ -173,6 +222,28 @@ def infer_schema(frame: pd.DataFrame, cfg: DataConfig) -> Schema:
     ranges = {c: (float(frame[c].min()), float(frame[c].max())) for c in numeric}
     return Schema(numeric, categorical, cfg.target, cfg.task, nullable, categories, ranges, text,
                   cfg.text_max_features)
+
+
+_DATE = r"^\s*(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{4})([ T]\d{1,2}:\d{2}.*)?\s*$"
+
+
+def _refuse_dates(series: pd.Series, name: str) -> None:
+    """A ConfigError when a would-be categorical column holds dates (a datetime type, or text that reads as
+    dates on nearly every row), saying what to set instead."""
+    values = series.dropna()
+    if values.empty:
+        return
+    if pd.api.types.is_datetime64_any_dtype(series):
+        example = str(values.iloc[0])
+    else:
+        sample = values.astype(str).head(500)
+        if sample.str.match(_DATE).mean() < 0.95:
+            return
+        example = sample.iloc[0]
+    raise ConfigError(
+        f"column {name!r} holds dates (e.g. {example!r}) and would become a category with {values.nunique()} levels: "
+        f"set data.timestamp_column: {name} (with ci.split: time to validate on later rows than it trains on), or "
+        "list it in data.drop_columns")
 
 
 def check_target(y: pd.Series, name: str, task: str) -> None:

@@ -71,7 +71,8 @@ def schema_of(policy: Policy, frame: pd.DataFrame) -> Schema:
 @task(name="split", cache_policy=NO_CACHE)
 def split_data(policy: Policy, frame: pd.DataFrame, schema: Schema) -> training.Split:
     """Hold out a share of rows, scored once at the end."""
-    return training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed)
+    return training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed,
+                          policy.data.timestamp_column if policy.ci.split == "time" else None)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def search_params(policy: Policy, schema: Schema, data: training.Split) -> Searc
     try:
         with training.fit_threads(policy.ci.fit_threads):
             result = search.search(policy.estimator, schema, data.x_train, data.y_train, policy.ci.metric,
-                                   policy.data.seed, on_trial)
+                                   policy.data.seed, on_trial, data.time_ordered)
     finally:
         log.finish(result)
     update_progress_artifact(progress, 100.0)

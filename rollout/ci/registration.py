@@ -57,7 +57,8 @@ def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CV
     dicts["schema.json"] = asdict(schema)
     params: dict[str, Any] = {"estimator": policy.estimator.label,
                               **{f"param.{k}": v for k, v in policy.estimator.params.items()},
-                              "cv_folds": policy.ci.cv_folds, "rows": len(frame), "data_hash": data_hash(frame)}
+                              "cv_folds": policy.ci.cv_folds, "split": policy.ci.split, "rows": len(frame),
+                              "data_hash": data_hash(frame)}
     tags: dict[str, Any] = {}
     if search is not None:
         params["search.trials"] = len(search.trials)

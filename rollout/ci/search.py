@@ -54,7 +54,7 @@ def suggest(trial: Any, name: str, space: ParamRange) -> Any:
 
 
 def inner_cv_score(estimator: EstimatorConfig, schema: Schema, x: pd.DataFrame, y: pd.Series, metric: str,
-                   n_folds: int, seed: int) -> float:
+                   n_folds: int, seed: int, time_ordered: bool = False) -> float:
     """Mean validation score of `estimator` over an inner k-fold CV of (x, y), each fit as CI fits (early
     stopping on a share of the fold's own rows for boosters)."""
     from sklearn.base import clone
@@ -63,15 +63,15 @@ def inner_cv_score(estimator: EstimatorConfig, schema: Schema, x: pd.DataFrame, 
     pipeline = build_pipeline(schema, estimator, seed)
     scorer = get_scorer(SCORERS[metric])
     scores = []
-    for train_idx, val_idx in folds(schema.task, n_folds, seed).split(x, y):
+    for train_idx, val_idx in folds(schema.task, n_folds, seed, time_ordered).split(x, y):
         model = fit_model(clone(pipeline), x.iloc[train_idx], y.iloc[train_idx], schema.task, seed,
-                          estimator.early_stopping)
+                          estimator.early_stopping, time_ordered)
         scores.append(_natural(metric, float(scorer(model, x.iloc[val_idx], y.iloc[val_idx]))))
     return float(np.mean(scores))
 
 
 def search(estimator: EstimatorConfig, schema: Schema, x: pd.DataFrame, y: pd.Series, metric: str, seed: int,
-           on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
+           on_trial: Callable[[Trial], None] | None = None, time_ordered: bool = False) -> SearchResult:
     """Run the policy's search on the training rows (x, y): seeded, at most `trials` trials and
     `timeout_seconds`; `on_trial` hears each finished trial (progress, MLflow). A ConfigError naming
     estimator.search.space when every trial failed."""
@@ -91,7 +91,7 @@ def search(estimator: EstimatorConfig, schema: Schema, x: pd.DataFrame, y: pd.Se
         started = time.perf_counter()
         try:
             value = inner_cv_score(estimator.model_copy(update={"params": {**estimator.params, **params}}),
-                                   schema, x, y, metric, config.folds, seed)
+                                   schema, x, y, metric, config.folds, seed, time_ordered)
         except TRIAL_ERRORS as exc:
             trials.append(Trial(trial.number, params, None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}"))
             if on_trial is not None:

@@ -25,7 +25,7 @@ from sklearn.ensemble import (
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.metrics import log_loss
-from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import KFold, StratifiedKFold, TimeSeriesSplit, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.tree import DecisionTreeClassifier
@@ -140,7 +140,7 @@ def _booster_library(model: Any) -> str | None:
 
 
 def fit_model(model: Any, x: pd.DataFrame, y: pd.Series, task: str, seed: int,
-              stopping: EarlyStoppingConfig | None = None) -> Any:
+              stopping: EarlyStoppingConfig | None = None, time_ordered: bool = False) -> Any:
     """Fit an unfitted model on (x, y). An XGBoost or LightGBM last step, with `stopping`, stops adding trees
     when a validation share of these rows (seeded, stratified for classifiers) stops improving: the
     preprocessing is fitted on the rest, the booster is given both as its evaluation sets (their losses
@@ -148,10 +148,21 @@ def fit_model(model: Any, x: pd.DataFrame, y: pd.Series, task: str, seed: int,
     library = _booster_library(model)
     if stopping is None or library is None:
         return model.fit(x, y)
-    x_fit, x_val, y_fit, y_val = train_test_split(x, y, test_size=stopping.validation_fraction, random_state=seed,
-                                                  stratify=y if task == "classification" else None)
+    x_fit, x_val, y_fit, y_val = inner_split(x, y, stopping.validation_fraction, task, seed, time_ordered)
     _fit_booster(*_prepared(model, x_fit, y_fit, x_val), y_fit, y_val, stopping.rounds)
     return model
+
+
+def inner_split(x: pd.DataFrame, y: pd.Series, fraction: float, task: str, seed: int,
+                time_ordered: bool) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series, pd.Series]:
+    """A validation share of training rows: the latest ones for time-ordered rows, else a seeded random share
+    (stratified for classifiers)."""
+    if time_ordered:
+        return cast(tuple[pd.DataFrame, pd.DataFrame, pd.Series, pd.Series],
+                    tuple(train_test_split(x, y, test_size=fraction, shuffle=False)))
+    return cast(tuple[pd.DataFrame, pd.DataFrame, pd.Series, pd.Series],
+                tuple(train_test_split(x, y, test_size=fraction, random_state=seed,
+                                       stratify=y if task == "classification" else None)))
 
 
 def _prepared(model: Any, x_fit: pd.DataFrame, y_fit: pd.Series, x_val: pd.DataFrame) -> tuple[Any, Any, Any]:
@@ -323,14 +334,30 @@ class Split:
     # The held-out rows with every column of the data but the target: another version (the champion) reads
     # its own columns from them, which need not be this candidate's features.
     rows_holdout: pd.DataFrame
+    # Training rows in time order, held-out rows the latest (ci.split: time): folds and inner validation
+    # splits then chain forward instead of shuffling.
+    time_ordered: bool = False
 
 
-def split(frame: pd.DataFrame, schema: Schema, holdout_fraction: float, seed: int) -> Split:
+def split(frame: pd.DataFrame, schema: Schema, holdout_fraction: float, seed: int,
+          time_column: str | None = None) -> Split:
+    """Hold out a share of rows: a stratified random share, or with `time_column` the latest rows (training
+    rows then sorted by time)."""
     y = frame[schema.target]
+    x = frame[list(schema.features)]
+    if time_column is not None:
+        when = pd.to_datetime(frame[time_column], errors="coerce")
+        if when.isna().any():
+            raise ConfigError(f"data.timestamp_column {time_column!r}: {int(when.isna().sum())} of {len(frame)} rows "
+                              "have no readable time; ci.split 'time' needs one on every row")
+        order = when.sort_values(kind="stable").index
+        n_holdout = max(1, int(np.ceil(holdout_fraction * len(frame))))
+        train_index, holdout_index = order[:-n_holdout], order[-n_holdout:]
+        return Split(x.loc[train_index], y.loc[train_index], x.loc[holdout_index], y.loc[holdout_index],
+                     frame.drop(columns=[schema.target]).loc[holdout_index], time_ordered=True)
     stratify = y if schema.task == "classification" else None
     train_index, holdout_index = train_test_split(frame.index, test_size=holdout_fraction, random_state=seed,
                                                   stratify=stratify)
-    x = frame[list(schema.features)]
     return Split(x.loc[train_index], y.loc[train_index], x.loc[holdout_index], y.loc[holdout_index],
                  frame.drop(columns=[schema.target]).loc[holdout_index])
 
@@ -387,7 +414,11 @@ def _natural(metric: str, value: float) -> float:
     return -value if SCORERS[metric].startswith("neg_") else value
 
 
-def folds(task: str, n_folds: int, seed: int) -> KFold | StratifiedKFold:
+def folds(task: str, n_folds: int, seed: int, time_ordered: bool = False) -> KFold | StratifiedKFold | TimeSeriesSplit:
+    """CV folds: forward-chaining over time-ordered rows (each fold validates on rows after all it trains on),
+    else shuffled, stratified for classifiers."""
+    if time_ordered:
+        return TimeSeriesSplit(n_splits=n_folds)
     if task == "classification":
         return StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return KFold(n_splits=n_folds, shuffle=True, random_state=seed)
@@ -411,10 +442,10 @@ def cv_fold(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: in
     from sklearn.base import clone
     from sklearn.metrics import get_scorer
 
-    train_idx, val_idx = list(folds(task, n_folds, seed).split(data.x_train, data.y_train))[fold]
+    train_idx, val_idx = list(folds(task, n_folds, seed, data.time_ordered).split(data.x_train, data.y_train))[fold]
     x, y = data.x_train, data.y_train
     t0 = time.perf_counter()
-    model = fit_model(clone(pipeline), x.iloc[train_idx], y.iloc[train_idx], task, seed, stopping)
+    model = fit_model(clone(pipeline), x.iloc[train_idx], y.iloc[train_idx], task, seed, stopping, data.time_ordered)
     fit_seconds = time.perf_counter() - t0
     scorer = get_scorer(SCORERS[metric])
     return FoldScore(
@@ -448,19 +479,14 @@ def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int,
     from sklearn.base import clone
 
     if _booster_library(pipeline) is not None:
-        stratify = data.y_train if task == "classification" else None
-        x_tr, x_va, y_tr, y_va = train_test_split(data.x_train, data.y_train, test_size=0.25, random_state=seed,
-                                                  stratify=stratify)
+        x_tr, x_va, y_tr, y_va = inner_split(data.x_train, data.y_train, 0.25, task, seed, data.time_ordered)
         model = clone(pipeline)
         _fit_booster(*_prepared(model, x_tr, y_tr, x_va), y_tr, y_va, None if stopping is None else stopping.rounds)
         return booster_curve(model)
     final = pipeline[-1] if isinstance(pipeline, Pipeline) else pipeline
     if not isinstance(pipeline, Pipeline) or len(pipeline) < 2 or not hasattr(final, "staged_predict"):
         return None
-    stratify = data.y_train if task == "classification" else None
-    x_tr, x_va, y_tr, y_va = train_test_split(
-        data.x_train, data.y_train, test_size=0.25, random_state=seed, stratify=stratify
-    )
+    x_tr, x_va, y_tr, y_va = inner_split(data.x_train, data.y_train, 0.25, task, seed, data.time_ordered)
     fitted = clone(pipeline).fit(x_tr, y_tr)
     prep, model = fitted[:-1], fitted[-1]
     z_tr, z_va = prep.transform(x_tr), prep.transform(x_va)
@@ -476,7 +502,7 @@ def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int,
 def fit(pipeline: Pipeline, data: Split, task: str = "classification", seed: int = 0,
         stopping: EarlyStoppingConfig | None = None) -> Any:
     """Fit on all training rows (the held-out rows stay unseen)."""
-    return fit_model(pipeline, data.x_train, data.y_train, task, seed, stopping)
+    return fit_model(pipeline, data.x_train, data.y_train, task, seed, stopping, data.time_ordered)
 
 
 

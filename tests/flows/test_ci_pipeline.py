@@ -207,3 +207,62 @@ def test_a_target_the_task_cannot_learn_is_refused_before_training_naming_the_co
     assert _registered_versions(policy_path) == []
     policy = load_policy(policy_path)
     assert MlflowClient(tracking_uri=policy.tracking_uri).search_experiments(filter_string="name != 'Default'") == []
+
+
+def test_a_daily_series_from_a_policy_file_alone_validates_forward_in_time(tmp_path):
+    """A generated daily series with a date column, as a CSV: without a timestamp column `rollout ci` says what to
+    set; with `ci.split: time` it holds out the latest days and records the split on the version's run."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from tests.unit.test_time_split import daily
+
+    daily().to_csv(tmp_path / "weather.csv", index=False)
+    data = {"source": "weather.csv", "target": "rain_tomorrow", "task": "classification", "timestamp_column": None,
+            "segment_column": None, "unit_column": None}
+    ci = {"expectations_suite": "weather.json", "floor": 0.6, "max_fold_std": 0.1, "min_margin_over_baseline": 0.05}
+    rollout = {"primary_metric": "accuracy", "segment_guardrails": []}
+    path = write_policy(tmp_path, registry={"model_name": "weather"}, data=data, ci=ci, rollout=rollout)
+    refused = CliRunner().invoke(app, ["make-suite", "--config", str(path), "--output", str(tmp_path / "weather.json")],
+                                 terminal_width=400)
+    assert refused.exit_code == 2 and "set data.timestamp_column: date" in " ".join(refused.output.split())
+
+    path = write_policy(tmp_path, registry={"model_name": "weather"}, data={**data, "timestamp_column": "date"},
+                        ci={**ci, "split": "time"}, rollout=rollout)
+    made = CliRunner().invoke(app, ["make-suite", "--config", str(path), "--output", str(tmp_path / "weather.json")])
+    assert made.exit_code == 0, made.output
+    assert "2024-01-01" not in (tmp_path / "weather.json").read_text()  # no rule listing the dates
+    result = CliRunner().invoke(app, ["ci", "--config", str(path)], terminal_width=300)
+    assert result.exit_code == 0, result.output
+    policy = load_policy(path)
+    registry = MlflowRegistry(policy.tracking_uri, "weather")
+    run = registry.client.get_run(registry.client.get_model_version("weather", registry.aliases()["champion"]).run_id)
+    assert run.data.params["split"] == "time" and run.data.params["rows"] == "730"
+
+
+@pytest.mark.postgres
+def test_training_rows_from_a_postgresql_query(tmp_path, pg_url, monkeypatch):
+    """data.source a database URL (its database name from the environment), data.query the SQL: CI trains on
+    exactly the rows the query selects; a bad query is a clear error naming data.query, and nothing registers."""
+    import sqlalchemy as sa
+
+    frame = example_dataset(rows=2400, seed=11)
+    engine = sa.create_engine(pg_url)
+    frame.to_sql("applications", engine, index=False, if_exists="replace")
+    engine.dispose()
+    base, database = pg_url.rsplit("/", 1)
+    monkeypatch.setenv("WAREHOUSE_DB", database)
+    query = "SELECT * FROM applications WHERE applied_at < '2026-05-01' ORDER BY applied_at"
+    path = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": query})
+    outcome = ci_pipeline(config=str(path))
+    assert outcome.aliases == ["champion"]
+    run = MlflowRegistry.for_policy(load_policy(path)).client.get_run(outcome.run_id)
+    expected = int((frame["applied_at"] < "2026-05-01").sum())
+    assert run.data.params["rows"] == str(expected) and expected < len(frame)
+
+    bad = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": "SELECT * FROM aplications"})
+    with pytest.raises(ConfigError, match=r"data.query: failed on postgresql\+psycopg://postgres@.*aplications"):
+        ci_pipeline(config=str(bad))
+    missing = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": None})
+    with pytest.raises(ConfigError, match="data.query: data.source is a database URL"):
+        ci_pipeline(config=str(missing))

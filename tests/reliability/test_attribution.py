@@ -74,4 +74,7 @@ async def test_a_shadow_challenger_failing_on_5_percent_is_logged_near_5_percent
 
         await asyncio.gather(*(one(i) for i in range(len(records))))
     traffic = store.evidence(rid).traffic["2"]
-    assert traffic.requests == 400 and traffic.errors == expected  # not the whole batches they were in
+    # Not the whole batches they were in. Exactly the bad rows, but for the rare batch whose halving budget runs
+    # out (or whose three probe rows all fail): its rows not yet told apart carry the error too, by design
+    # (models.score_each). CI once saw 16 for 15 at concurrency 64.
+    assert traffic.requests == 400 and expected <= traffic.errors <= expected + 4
