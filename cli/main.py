@@ -44,15 +44,40 @@ def gate_table(results: list[Any]) -> Table:
     table.add_column("verdict")
     table.add_column("reason", overflow="fold")
     for r in results:
-        table.add_row(r.gate, "[green]pass[/green]" if r.passed else "[red]FAIL[/red]", r.reason)
+        shown = {"PASS": "[green]pass[/green]", "SKIPPED": "[yellow]skipped[/yellow]", "FAIL": "[red]FAIL[/red]"}
+        table.add_row(r.gate, shown[getattr(r, "headline", "PASS" if r.passed else "FAIL")], r.reason)
     return table
 
 
 @app.command("check-config")
-def check_config(config: str = CONFIG) -> None:
-    """Validate a policy file and print it with every default filled in."""
+def check_config(
+    config: str = CONFIG,
+    data: bool = typer.Option(False, "--data", help="Also load the data and check the policy against it: every "
+                              "problem at once."),
+) -> None:
+    """Validate a policy file and print it with every default filled in; with --data, check it against its data."""
     policy = _policy(config)
-    console.print_json(json.dumps(policy.model_dump(mode="json")))
+    if not data:
+        console.print_json(json.dumps(policy.model_dump(mode="json")))
+        return
+    from rollout.checks import ERROR, check_data
+    from rollout.data import load_dataset
+
+    try:
+        frame = load_dataset(policy)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]data.source: {exc}[/red]" if not str(exc).startswith("data.") else f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    problems = check_data(policy, frame)
+    for problem in problems:
+        colour = {ERROR: "red", "warning": "yellow"}.get(problem.severity, "white")
+        console.print(f"[{colour}]{problem.severity}[/{colour}] {problem}", soft_wrap=True, highlight=False)
+    errors = sum(p.severity == ERROR for p in problems)
+    if errors:
+        console.print(f"[red]{errors} error(s): the policy does not fit its data ({len(frame)} rows)[/red]")
+        raise typer.Exit(2)
+    console.print(f"[green]the policy fits its data[/green] ({len(frame)} rows, {len(frame.columns)} columns"
+                  + (f"; {len(problems)} warning(s)" if problems else "") + ")")
 
 
 @app.command("config-reference")

@@ -20,12 +20,12 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from rollout import registry
+from rollout import checks, registry
 from rollout.cd import rollouts
 from rollout.ci import gates, registration, robustness, search, stress, training
 from rollout.ci.validation import drift_report, validate
 from rollout.config import LOWER_IS_BETTER, ConfigError, Policy
-from rollout.data import Schema, check_target, infer_schema, load_dataset, read_table
+from rollout.data import Schema, infer_schema, load_dataset, read_table
 from rollout.outcomes import OutcomeStore
 from rollout.roles import Role
 from tasks.common import open_registry, transient
@@ -33,11 +33,17 @@ from tasks.common import open_registry, transient
 
 @task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
 def load_data(policy: Policy) -> pd.DataFrame:
-    """Load (or generate) the training table named by the policy; a target its task cannot learn is refused here,
-    before validation and training."""
+    """Load (or generate) the training table named by the policy and check the policy against it: every error at
+    once (missing columns, a target its task cannot learn, unknown estimator params, absent segments) stops the
+    run here, before validation and training; warnings (a leaked target?) go to the log."""
     frame = load_dataset(policy)
-    if policy.data.target in frame.columns:
-        check_target(frame[policy.data.target], policy.data.target, policy.data.task)
+    problems = checks.check_data(policy, frame)
+    for problem in problems:
+        if problem.severity == checks.WARNING:
+            get_run_logger().warning("%s", problem)
+    error = checks.errors_of(problems)
+    if error is not None:
+        raise error
     return frame
 
 

@@ -52,7 +52,8 @@ def publish_gate(result: GateResult, reports_dir: Path | None = None) -> GateRes
     """
     logger = get_run_logger()
     markdown = result.to_markdown()
-    create_markdown_artifact(markdown, key=artifact_key(f"gate-{result.gate}"), description=f"Gate {result.gate}")
+    create_markdown_artifact(markdown, key=artifact_key(f"gate-{result.gate}"),
+                             description=f"{result.headline}: gate {result.gate}")
     if reports_dir is not None:
         reports_dir.mkdir(parents=True, exist_ok=True)
         (reports_dir / f"gate_{result.gate}.md").write_text(markdown)

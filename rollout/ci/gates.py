@@ -23,6 +23,13 @@ class GateResult:
     def verdict(self) -> str:
         return "pass" if self.passed else "fail"
 
+    @property
+    def headline(self) -> str:
+        """PASS, FAIL or SKIPPED: what a person should see first (a skipped gate passes, but did not look)."""
+        if not self.passed:
+            return "FAIL"
+        return "SKIPPED" if self.numbers.get("skipped") else "PASS"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -73,9 +80,12 @@ def overfit_gate(
                                "fold_std": spread, "max_fold_std": max_fold_std}
     problems = []
     if gap > max_gap:
-        problems.append(f"the model scores {gap:.4f} better on training folds than on validation folds (limit {max_gap})")
-    if spread > max_fold_std:
-        problems.append(f"validation {metric} varies by {spread:.4f} across folds (limit {max_fold_std})")
+        problems.append(f"the model scores {gap:.4f} better on training folds than on validation folds "
+                        f"(limit {max_gap}, ci.max_train_val_gap)")
+    unstable = spread > max_fold_std
+    if unstable:
+        problems.append(f"validation {metric} varies by {spread:.4f} across folds (limit {max_fold_std}, "
+                        "ci.max_fold_std; fewer rows per fold or ci.cv_folds spread it more)")
     if curve is not None:
         train, val = curve
         best = int(np.argmin(val))
@@ -86,7 +96,9 @@ def overfit_gate(
                 f"validation loss rose {rise:.1%} after iteration {best + 1} of {len(val)} while training loss kept falling"
             )
     if problems:
-        return GateResult("overfit", False, "Overfitting: " + "; ".join(problems) + ".", numbers)
+        # Fold spread alone is instability (small folds, a noisy metric), not overfitting: say which it is.
+        head = "Unstable across folds: " if unstable and len(problems) == 1 else "Overfitting: "
+        return GateResult("overfit", False, head + "; ".join(problems) + ".", numbers)
     return GateResult(
         "overfit", True, f"Train-validation gap {gap:.4f} and fold spread {spread:.4f} are within limits.", numbers
     )
@@ -98,9 +110,15 @@ def floor_gate(metric: str, value: float, floor: float | None, source: str = "fi
     if floor is None:
         return GateResult("floor", True, "No floor is set in the policy; skipped.", numbers)
     margin = _better(metric, value, floor)
+    # For an error metric (rmse, log loss) the "floor" is a ceiling: say so.
+    bound, reached, missed = (("ceiling", "stays under", "is over") if metric in LOWER_IS_BETTER
+                              else ("floor", "reaches", "misses"))
+    setting = "ci.floor" if source == "fixed" else "ci.floor_source"
     if margin < 0:
-        return GateResult("floor", False, f"Held-out {metric} {value:.4f} misses the {source} floor {floor:.4f}.", numbers)
-    return GateResult("floor", True, f"Held-out {metric} {value:.4f} reaches the {source} floor {floor:.4f}.", numbers)
+        return GateResult("floor", False, f"Held-out {metric} {value:.4f} {missed} the {source} {bound} {floor:.4f} "
+                          f"({setting}).", numbers)
+    return GateResult("floor", True, f"Held-out {metric} {value:.4f} {reached} the {source} {bound} {floor:.4f}.",
+                      numbers)
 
 
 def baseline_gate(metric: str, value: float, baseline: float, min_margin: float) -> GateResult:
@@ -111,7 +129,7 @@ def baseline_gate(metric: str, value: float, baseline: float, min_margin: float)
         return GateResult(
             "baseline", False,
             f"Held-out {metric} {value:.4f} beats the naive baseline {baseline:.4f} by only {lift:.4f} "
-            f"(at least {min_margin} needed).", numbers,
+            f"(at least {min_margin} needed, ci.min_margin_over_baseline).", numbers,
         )
     return GateResult("baseline", True, f"Beats the naive baseline by {lift:.4f} ({metric} {value:.4f} vs {baseline:.4f}).",
                       numbers)
@@ -139,7 +157,7 @@ def champion_gate(metric: str, value: float, champion: float | None, max_regress
         return GateResult(
             "champion", False,
             f"Held-out {metric} {value:.4f} trails champion v{champion_version} ({champion:.4f}) by {-delta:.4f}, "
-            f"beyond the allowed {max_regression}.", numbers,
+            f"beyond the allowed {max_regression} (ci.max_regression_vs_champion).", numbers,
         )
     return GateResult("champion", True,
                       f"Held-out {metric} {value:.4f} vs champion v{champion_version} {champion:.4f} "
@@ -166,16 +184,19 @@ def stress_gate(candidate: dict[str, float], champion: dict[str, float] | None, 
     numbers: dict[str, Any] = {f"candidate_{k}": v for k, v in candidate.items()}
     problems = []
     if candidate["single_p99_ms"] > p99_single_ms:
-        problems.append(f"single-row p99 {candidate['single_p99_ms']:.2f} ms exceeds the budget {p99_single_ms} ms")
+        problems.append(f"single-row p99 {candidate['single_p99_ms']:.2f} ms exceeds the budget {p99_single_ms} ms "
+                        "(ci.stress.budget.p99_single_ms)")
     if candidate["batch_p99_ms"] > p99_batch_ms:
-        problems.append(f"batch p99 {candidate['batch_p99_ms']:.2f} ms exceeds the budget {p99_batch_ms} ms")
+        problems.append(f"batch p99 {candidate['batch_p99_ms']:.2f} ms exceeds the budget {p99_batch_ms} ms "
+                        "(ci.stress.budget.p99_batch_ms)")
     if champion is not None:
         numbers.update({f"champion_{k}": v for k, v in champion.items()})
         for kind in ("single", "batch"):
             ratio = candidate[f"{kind}_p99_ms"] / max(champion[f"{kind}_p99_ms"], 1e-9)
             numbers[f"{kind}_p99_ratio"] = ratio
             if ratio > max_ratio:
-                problems.append(f"{kind} p99 is {ratio:.2f}x the champion's (limit {max_ratio}x)")
+                problems.append(f"{kind} p99 is {ratio:.2f}x the champion's (limit {max_ratio}x, "
+                                "ci.stress.budget.max_ratio_vs_champion)")
     if problems:
         return GateResult("stress", False, "Too slow: " + "; ".join(problems) + ".", numbers)
     vs = "" if champion is None else f", {numbers['single_p99_ratio']:.2f}x the champion's"

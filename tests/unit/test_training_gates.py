@@ -343,3 +343,29 @@ def test_boosters_stop_early_inside_each_fit_and_load_back_from_exact_skops_type
     assert np.allclose(scores if task == "classification" else predictions, expected)
     metric = "roc_auc" if task == "classification" else "r2"
     assert training.evaluate(model, data.x_holdout, data.y_holdout, metric) > (0.95 if task == "classification" else 0.3)
+
+
+def test_failing_gates_name_the_setting_and_say_what_kind_of_failure_it_is():
+    """Seen by a new user: a fold spread reported as overfitting, a floor read as a ceiling for an error metric,
+    and messages that never said which setting to change."""
+    spread = gates.overfit_gate("roc_auc", [0.90, 0.91, 0.92], [0.80, 0.90, 0.97], 0.2, 0.03)
+    assert not spread.passed and spread.reason.startswith("Unstable across folds: ")
+    assert "ci.max_fold_std" in spread.reason and "Overfitting" not in spread.reason
+    gap = gates.overfit_gate("roc_auc", [1.0, 1.0, 1.0], [0.8, 0.8, 0.8], 0.05, 0.03)
+    assert gap.reason.startswith("Overfitting: ") and "ci.max_train_val_gap" in gap.reason
+    over = gates.floor_gate("rmse", 5.2, 5.0)
+    assert not over.passed and over.reason == "Held-out rmse 5.2000 is over the fixed ceiling 5.0000 (ci.floor)."
+    assert gates.floor_gate("rmse", 4.0, 5.0).reason == "Held-out rmse 4.0000 stays under the fixed ceiling 5.0000."
+    assert "ci.min_margin_over_baseline" in gates.baseline_gate("roc_auc", 0.52, 0.5, 0.05).reason
+    assert "ci.max_regression_vs_champion" in gates.champion_gate("roc_auc", 0.80, 0.85, 0.01, "3").reason
+    slow = gates.stress_gate({"single_p99_ms": 30.0, "batch_p99_ms": 900.0}, {"single_p99_ms": 1.0, "batch_p99_ms": 9.0},
+                             20.0, 500.0, 3.0)
+    for setting in ("p99_single_ms", "p99_batch_ms", "max_ratio_vs_champion"):
+        assert f"ci.stress.budget.{setting}" in slow.reason
+
+
+def test_a_skipped_gate_reads_skipped_not_pass():
+    skipped = gates.skipped("drift", "no production sample is configured (data.production_sample).")
+    assert skipped.passed and skipped.verdict == "pass" and skipped.headline == "SKIPPED"
+    assert gates.floor_gate("roc_auc", 0.9, 0.7).headline == "PASS"
+    assert gates.floor_gate("roc_auc", 0.6, 0.7).headline == "FAIL"

@@ -1,0 +1,78 @@
+"""`rollout check-config --data`: a policy against data it does not fit, every problem at once, each naming the
+field to change; and the warnings a new user needs (an id as a category, a leaked target)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.datasets import load_breast_cancer
+from typer.testing import CliRunner
+
+from cli.main import app
+from rollout.checks import ERROR, WARNING, check_data
+from rollout.config import parse_policy
+from tests.conftest import write_policy
+
+
+def _cancer() -> pd.DataFrame:
+    return load_breast_cancer(as_frame=True).frame
+
+
+def test_every_problem_of_a_policy_that_does_not_fit_its_data_at_once():
+    """The loan example's defaults left in a policy for another table, a typo in a parameter, and a guardrail
+    segment the data never has: all reported, each naming its field."""
+    frame = _cancer().assign(tier=np.where(np.arange(569) % 2 == 0, "gold", "standard"))
+    policy = parse_policy({"data": {"target": "target", "unit_column": "customer_id", "timestamp_column": "applied_at",
+                                    "segment_column": "tier", "drop_columns": ["ssn"]},
+                           "estimator": {"name": "random_forest", "params": {"n_estimator": 50, "max_depth": 4},
+                                         "search": {"space": {"min_sample_leaf": {"low": 1, "high": 5}}}}})
+    problems = check_data(policy, frame)
+    said = {p.field: p.message for p in problems}
+    assert [p.severity for p in problems].count(ERROR) == 6 and said["data.source"].startswith("its columns are")
+    assert "'customer_id' is not a column of the data" in said["data.unit_column"]
+    assert "'applied_at' is not a column" in said["data.timestamp_column"]
+    assert "'ssn' is not a column" in said["data.drop_columns"]
+    assert said["estimator.params.n_estimator"].endswith("did you mean 'n_estimators'?")
+    assert "max_depth" not in " ".join(said)  # a parameter it takes is fine
+    assert said["estimator.search.space.min_sample_leaf"].endswith("did you mean 'min_samples_leaf'?")
+    assert "'VIP' never occurs in 'tier' (values: gold, standard)" in said["rollout.segment_guardrails[0].segment"]
+
+
+def test_a_target_the_task_cannot_learn_and_warnings_for_ids_and_leaks():
+    frame = _cancer()
+    problems = check_data(parse_policy({"data": {"target": "mean radius", "timestamp_column": None,
+                                                 "unit_column": None, "segment_column": None},
+                                        "rollout": {"segment_guardrails": []}}), frame)
+    assert [p.field for p in problems] == ["data.target 'mean radius' (data.task 'classification')"]
+    assert "a continuous target" in problems[0].message
+
+    frame = frame.assign(ticket=[f"T-{i:06d}" for i in range(569)] * 1, leak=frame["target"] * 3.0 + 1.0)
+    frame = pd.concat([frame] * 2, ignore_index=True).assign(ticket=[f"T-{i:06d}" for i in range(1138)])
+    policy = parse_policy({"data": {"target": "target", "timestamp_column": None, "unit_column": None,
+                                    "segment_column": None}, "rollout": {"segment_guardrails": []}})
+    problems = check_data(policy, frame)
+    said = {p.field: p for p in problems}
+    assert all(p.severity == WARNING for p in problems)
+    assert "1138 distinct values" in said["column 'ticket'"].message
+    assert "ROC AUC 1.0000" in said["column 'leak'"].message and "data.drop_columns" in said["column 'leak'"].message
+    assert "column 'mean radius'" not in said  # a strong feature (ROC AUC 0.94) is not a leak
+
+
+def test_check_config_data_prints_every_problem_and_exits_2(tmp_path):
+    frame = _cancer()
+    frame.to_csv(tmp_path / "cancer.csv", index=False)
+    path = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"},
+                        estimator={"name": "logistic_regression", "params": {"c": 0.5}})
+    result = CliRunner().invoke(app, ["check-config", "--config", str(path), "--data"], terminal_width=200)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    for field in ("data.timestamp_column", "data.segment_column", "data.unit_column", "estimator.params.c"):
+        assert f"error {field}" in said, said
+    assert "did you mean 'C'?" in said and "4 error(s): the policy does not fit its data (569 rows)" in said
+    assert said.count("its columns are: mean radius") == 1
+
+    fixed = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target", "timestamp_column": None,
+                                         "segment_column": None, "unit_column": None},
+                         rollout={"segment_guardrails": []})
+    result = CliRunner().invoke(app, ["check-config", "--config", str(fixed), "--data"], terminal_width=200)
+    assert result.exit_code == 0 and "the policy fits its data (569 rows, 31 columns)" in result.output
