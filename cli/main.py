@@ -44,7 +44,8 @@ def gate_table(results: list[Any]) -> Table:
     table.add_column("verdict")
     table.add_column("reason", overflow="fold")
     for r in results:
-        shown = {"PASS": "[green]pass[/green]", "SKIPPED": "[yellow]skipped[/yellow]", "FAIL": "[red]FAIL[/red]"}
+        shown = {"PASS": "[green]pass[/green]", "SKIPPED": "[yellow]skipped[/yellow]", "FAIL": "[red]FAIL[/red]",
+                 "INCONCLUSIVE": "[red]INCONCLUSIVE[/red]"}
         table.add_row(r.gate, shown[getattr(r, "headline", "PASS" if r.passed else "FAIL")], r.reason)
     return table
 

@@ -205,7 +205,9 @@ class LatencyBudget(_Strict):
 
     p99_single_ms: float = Field(100.0, gt=0, description="p99 of a single-row prediction.")
     p99_batch_ms: float = Field(500.0, gt=0, description="p99 of a batch prediction (stress.batch_size rows).")
-    max_ratio_vs_champion: float = Field(3.0, gt=0, description="Candidate p99 over champion p99, at most.")
+    max_ratio_vs_champion: float = Field(3.0, gt=0, description="How many times slower than the champion the "
+                                         "candidate may be (per interleaved round: median single-row call, and batch "
+                                         "call; decided on a 90% interval, inconclusive while it straddles this).")
 
 
 class StressConfig(_Strict):

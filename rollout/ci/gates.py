@@ -25,9 +25,10 @@ class GateResult:
 
     @property
     def headline(self) -> str:
-        """PASS, FAIL or SKIPPED: what a person should see first (a skipped gate passes, but did not look)."""
+        """PASS, FAIL, INCONCLUSIVE (failed for want of evidence: rerun) or SKIPPED (passed without looking):
+        what a person should see first."""
         if not self.passed:
-            return "FAIL"
+            return "INCONCLUSIVE" if self.numbers.get("inconclusive") else "FAIL"
         return "SKIPPED" if self.numbers.get("skipped") else "PASS"
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,16 +190,32 @@ def stress_gate(candidate: dict[str, float], champion: dict[str, float] | None, 
     if candidate["batch_p99_ms"] > p99_batch_ms:
         problems.append(f"batch p99 {candidate['batch_p99_ms']:.2f} ms exceeds the budget {p99_batch_ms} ms "
                         "(ci.stress.budget.p99_batch_ms)")
+    unsure = []
     if champion is not None:
         numbers.update({f"champion_{k}": v for k, v in champion.items()})
         for kind in ("single", "batch"):
-            ratio = candidate[f"{kind}_p99_ms"] / max(champion[f"{kind}_p99_ms"], 1e-9)
-            numbers[f"{kind}_p99_ratio"] = ratio
-            if ratio > max_ratio:
-                problems.append(f"{kind} p99 is {ratio:.2f}x the champion's (limit {max_ratio}x, "
+            p99_ratio = candidate[f"{kind}_p99_ms"] / max(champion[f"{kind}_p99_ms"], 1e-9)
+            numbers[f"{kind}_p99_ratio"] = p99_ratio
+            # stress.run estimates the slowdown per interleaved round with an interval: decide on that. Without
+            # it (figures from elsewhere), on the ratio of p99s.
+            ratio = candidate.get(f"{kind}_ratio", p99_ratio)
+            low, high = candidate.get(f"{kind}_ratio_low", ratio), candidate.get(f"{kind}_ratio_high", ratio)
+            what = ("single-row calls are" if kind == "single" else "batch calls are") if f"{kind}_ratio" in candidate \
+                else f"{kind} p99 is"
+            band = f" (90% interval {low:.2f}-{high:.2f}x)" if high > low else ""
+            if low > max_ratio:
+                problems.append(f"{what} {ratio:.2f}x the champion's{band} (limit {max_ratio}x, "
                                 "ci.stress.budget.max_ratio_vs_champion)")
+            elif high > max_ratio:
+                unsure.append(f"{what} {ratio:.2f}x the champion's{band}, around the limit {max_ratio}x")
     if problems:
         return GateResult("stress", False, "Too slow: " + "; ".join(problems) + ".", numbers)
+    if unsure:
+        calls = int(candidate.get("single_calls", 0))
+        return GateResult("stress", False, f"Inconclusive after {calls} single-row calls: " + "; ".join(unsure)
+                          + ". Rerun on a quieter machine, or raise ci.stress.single_requests and ci.stress.batches "
+                          "for a narrower interval (ci.stress.budget.max_ratio_vs_champion is the limit).",
+                          {**numbers, "inconclusive": True})
     vs = "" if champion is None else f", {numbers['single_p99_ratio']:.2f}x the champion's"
     return GateResult("stress", True, f"Single-row p99 {candidate['single_p99_ms']:.2f} ms{vs}; "
                       f"batch p99 {candidate['batch_p99_ms']:.1f} ms; within budget.", numbers)

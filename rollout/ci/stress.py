@@ -4,7 +4,10 @@ Each model is timed as the service calls it (`rollout.models.LoadedModel.score` 
 DataFrame per call, then the raw estimator), so the budget speaks of what callers will see.
 
 Calls run in rounds: each round makes a share of the single-row calls and one batch call per model,
-the models in shuffled order, so machine noise falls on all of them alike. A clearly fast candidate
+the models in shuffled order, so machine noise falls on all of them alike. The slowdown against the
+champion is estimated per round and gets an interval over rounds (`ratio_interval`); the gate passes
+when it lies under the limit, fails when it lies over, and calls it inconclusive (rerun) when it still
+straddles the limit after up to three budgets of calls. A clearly fast candidate
 stops early: after `min_single` single-row calls per model, `settled(figures)` is asked after every
 round (`run` asks whether the gate would pass with half the budget), so CI spends the full
 `single_requests` only on candidates close to a limit.
@@ -29,6 +32,8 @@ Predict = Callable[[list[Any]], Any]  # scores a list of rows (records, as servi
 Figures = dict[str, dict[str, float]]
 
 MIN_SINGLE = 30  # single-row calls per model before an early stop is considered
+INTERVAL_LEVEL = 0.9  # two-sided level of the slowdown's interval: 95% sure on the side it decides
+Round = dict[str, tuple[list[float], float]]  # per model: its single-row latencies in the round, its batch latency
 POOL_ROWS = 2000  # rows the calls are drawn from (see `pool`)
 
 
@@ -67,9 +72,11 @@ def measure(
     clock: Callable[[], float] = time.perf_counter,
     settled: Callable[[Figures], bool] | None = None,
     min_single: int = MIN_SINGLE,
+    rounds: list[Round] | None = None,
 ) -> Figures:
     """p50/p95/p99 latency, throughput and call counts per model, at most `single_requests` single-row
-    and `batches` batch calls each; fewer when `settled` says the verdict is already clear."""
+    and `batches` batch calls each; fewer when `settled` says the verdict is already clear. `rounds`, when
+    given, receives each round's latencies (seconds) per model, for intervals over rounds."""
     names = list(models)
     single: dict[str, list[float]] = {n: [] for n in names}
     batch: dict[str, list[float]] = {n: [] for n in names}
@@ -78,6 +85,7 @@ def measure(
     per_round = math.ceil(single_requests / batches)
     rows = rng.integers(0, len(sample), size=single_requests)
     for r in range(batches):
+        before = {n: len(single[n]) for n in names}
         for i in rows[r * per_round:(r + 1) * per_round]:
             row = [sample[int(i)]]
             for name in rng.permutation(names):
@@ -89,15 +97,39 @@ def measure(
             t0 = clock()
             models[name](chunk)
             batch[name].append(clock() - t0)
+        if rounds is not None:
+            rounds.append({n: (single[n][before[n]:], batch[n][-1]) for n in names})
         if settled is not None and r + 1 < batches and len(single[names[0]]) >= min_single:
             if settled({n: _summary(single[n], batch[n], batch_size) for n in names}):
                 break
     return {n: _summary(single[n], batch[n], batch_size) for n in names}
 
 
-def run(candidate: Predictor, champion: Predictor | None, sample: pd.DataFrame, cfg: StressConfig, seed: int) -> Figures:
+def ratio_interval(rounds: Sequence[Round], kind: str, level: float = INTERVAL_LEVEL) -> tuple[float, float, float]:
+    """How many times slower the candidate is than the champion on `kind` ("single" or "batch") calls, with an
+    interval at `level`: per interleaved round the log of candidate over champion (the rounds' median single-row
+    call, or their batch call), averaged over rounds with a t interval. Both models' calls of a round shared
+    the machine's noise, so the ratio is paired; a ratio of p99s of a few dozen calls (the slowest call or
+    two) swings from run to run and is not what the limit is decided on."""
+    from scipy import stats
+
+    def typical(r: Round, name: str) -> float:
+        return float(np.median(r[name][0])) if kind == "single" else r[name][1]
+
+    logs = np.log([max(typical(r, "candidate"), 1e-12) / max(typical(r, "champion"), 1e-12) for r in rounds])
+    mean = float(np.mean(logs))
+    if len(logs) < 2:
+        return math.exp(mean), 0.0, math.inf
+    half = float(stats.t.ppf(1 - (1 - level) / 2, len(logs) - 1)) * float(np.std(logs, ddof=1)) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def run(candidate: Predictor, champion: Predictor | None, sample: pd.DataFrame, cfg: StressConfig, seed: int,
+        max_extensions: int = 2, clock: Callable[[], float] = time.perf_counter) -> Figures:
     """Figures of the candidate (and the champion, when there is one) under the policy's stress settings,
-    stopping early once the gate would pass with half of every limit."""
+    stopping early once the gate would pass with half of every limit. With a champion, the p99 ratios carry
+    an interval over rounds; while one straddles the limit, up to `max_extensions` more budgets of calls are
+    made, so the gate decides on an interval that clears or breaches the limit, not on a coin flip."""
     models: dict[str, Predict] = {"candidate": LoadedModel(candidate, "candidate").score}
     if champion is not None:
         models["champion"] = LoadedModel(champion, "champion").score
@@ -108,5 +140,20 @@ def run(candidate: Predictor, champion: Predictor | None, sample: pd.DataFrame, 
                             budget.max_ratio_vs_champion)
 
     records = records_of(pool(sample, cfg.batch_size, seed))
-    return measure(models, records, cfg.single_requests, cfg.batch_size, cfg.batches, np.random.default_rng(seed),
-                   settled=clear)
+    rng = np.random.default_rng(seed)
+    rounds: list[Round] = []
+    figures = measure(models, records, cfg.single_requests, cfg.batch_size, cfg.batches, rng, clock, clear,
+                      rounds=rounds)
+    if champion is None:
+        return figures
+    for extension in range(max_extensions + 1):
+        intervals = {kind: ratio_interval(rounds, kind) for kind in ("single", "batch")}
+        if extension == max_extensions or not any(lo <= budget.max_ratio_vs_champion < hi
+                                                  for _, lo, hi in intervals.values()):
+            break
+        measure(models, records, cfg.single_requests, cfg.batch_size, cfg.batches, rng, clock, rounds=rounds)
+    figures = {n: _summary([v for r in rounds for v in r[n][0]], [r[n][1] for r in rounds], cfg.batch_size)
+               for n in models}
+    for kind, (point, lo, hi) in intervals.items():
+        figures["candidate"].update({f"{kind}_ratio": point, f"{kind}_ratio_low": lo, f"{kind}_ratio_high": hi})
+    return figures
