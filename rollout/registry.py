@@ -216,6 +216,17 @@ class MlflowRegistry:
         check_trusted(local, self.trusted_modules, name=model_uri)
         return mlflow.pyfunc.load_model(str(local))
 
+    def describe(self, version: str, text: str) -> None:
+        """The version's description in the registry UI: what it is and how it did."""
+        self.client.update_model_version(self.model_name, version, description=text)
+
+    def run_url(self, run_id: str) -> str | None:
+        """The run's page when MLflow runs behind a tracking server (None for a local store: no UI address)."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        run = self.client.get_run(run_id)
+        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
     def adopt(self, model_uri: str, tags: dict[str, str]) -> str:
         """Make a model from elsewhere a version of this registered model, carrying `tags`: a version of this
         model already (models:/<this name>/<n>) is kept as it is; anything else is registered anew."""

@@ -12,6 +12,7 @@ from uuid import UUID
 import pandas as pd
 from prefect import task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -28,7 +29,7 @@ from rollout.config import LOWER_IS_BETTER, ConfigError, Policy
 from rollout.data import Schema, infer_schema, load_dataset, read_table
 from rollout.outcomes import OutcomeStore
 from rollout.roles import Role
-from tasks.common import open_registry, transient
+from tasks.common import open_registry, prefect_origin, transient
 
 
 @task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
@@ -221,9 +222,16 @@ def stress_test(policy: Policy, candidate: Any, champion: Any, sample: pd.DataFr
 def register_candidate(policy: Policy, model: Any, schema: Schema, frame: pd.DataFrame, cv: training.CVResult,
                        held: training.HeldOut, results: list[gates.GateResult],
                        x_example: pd.DataFrame, searched: Searched | None = None) -> registry.Logged:
-    """Log model, params, metrics and every gate report; register a version with its tags."""
-    return registration.register(policy, model, schema, frame, cv, held, results, x_example,
-                                 searched.result if searched else None, searched.run_id if searched else None)
+    """Log model, params, metrics and every gate report; register a version with its tags and a description,
+    linked both ways with this flow run (tags in MLflow; a link artifact in Prefect when MLflow has a UI)."""
+    logged = registration.register(policy, model, schema, frame, cv, held, results, x_example,
+                                   searched.result if searched else None, searched.run_id if searched else None,
+                                   prefect_origin())
+    url = open_registry(policy).run_url(logged.run_id)
+    if url is not None:
+        create_link_artifact(url, link_text=f"MLflow run of {policy.registry.model_name} v{logged.version}",
+                             description=f"{policy.registry.model_name} v{logged.version} in MLflow")
+    return logged
 
 
 @task(name="load-adopted", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
@@ -241,7 +249,7 @@ def load_adopted(policy: Policy, model_uri: str) -> tuple[gates.GateResult, Any]
 def register_adopted(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, held: training.HeldOut,
                      results: list[gates.GateResult]) -> registry.Logged:
     """Its gate reports in a run of their own; the model a new version of the policy's model, tagged."""
-    return registration.adopt(policy, model_uri, schema, frame, held, results)
+    return registration.adopt(policy, model_uri, schema, frame, held, results, prefect_origin())
 
 
 @task(name="assign-aliases", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5, retry_condition_fn=transient)

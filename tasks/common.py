@@ -44,6 +44,18 @@ def artifact_key(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
 
 
+def prefect_origin() -> dict[str, str]:
+    """The current flow run's id, name and UI page, as tags for what it writes to MLflow (empty outside a run)."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return {}
+    origin = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    if flow_run.ui_url:
+        origin["prefect.flow_run_url"] = str(flow_run.ui_url)
+    return origin
+
+
 def publish_gate(result: GateResult, reports_dir: Path | None = None) -> GateResult:
     """Publish a gate's verdict as a Markdown artifact and file; raise GateFailed when it failed.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 import os
 import subprocess
 from dataclasses import asdict
@@ -67,24 +68,40 @@ def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CV
         if search_run_id is not None:
             tags["rollout.search_run_id"] = search_run_id
     return registry.RunRecord(
-        name=f"ci-{policy.estimator.label.replace(':', '.')}", params=params, tags=tags,
+        name=f"ci-{policy.estimator.label.replace(':', '.')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
+        params=params, tags=tags,
         metrics=metrics, texts=texts, dicts=dicts, figures={"plots/cv.png": cv_figure(cv)},
     )
 
 
 def register(policy: Policy, model: Predictor, schema: Schema, frame: pd.DataFrame, cv: CVResult, held: HeldOut,
              results: list[GateResult], x_example: pd.DataFrame, search: SearchResult | None = None,
-             search_run_id: str | None = None) -> registry.Logged:
-    """Log the candidate's run with its model and register it as a new version of the policy's model."""
+             search_run_id: str | None = None, origin: dict[str, str] | None = None) -> registry.Logged:
+    """Log the candidate's run with its model and register it as a new version of the policy's model, described
+    in words; `origin` (the orchestrator's run id and page) is tagged on both."""
     experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
-    tags = version_tags(policy, frame, cv.metric, held, results)
+    tags = {**version_tags(policy, frame, cv.metric, held, results), **(origin or {})}
     if search is not None:
         tags["search_best_params"] = json.dumps(search.best_params, sort_keys=True, default=str)
         if search_run_id is not None:
             tags["search_run_id"] = search_run_id
-    return registry.log_run(experiment, candidate_record(policy, schema, frame, cv, held, results, search, search_run_id),
-                            model, x_example, schema.task, policy.registry.model_name, tags,
-                            policy.registry.trusted_modules)
+    record = candidate_record(policy, schema, frame, cv, held, results, search, search_run_id)
+    record.tags.update(origin or {})
+    logged = registry.log_run(experiment, record, model, x_example, schema.task, policy.registry.model_name, tags,
+                              policy.registry.trusted_modules)
+    if logged.version is not None:
+        registry.MlflowRegistry.for_policy(policy).describe(
+            logged.version, describe(policy.estimator.label, len(frame), data_hash(frame), cv.metric, held, results))
+    return logged
+
+
+def describe(what: str, rows: int, digest: str, metric: str, held: HeldOut, results: list[GateResult]) -> str:
+    """A version's description: what it is, what it beat on the held-out rows, its gates."""
+    against = (f"champion v{held.champion_version} {held.champion:.4f}" if held.champion is not None
+               else "no champion yet")
+    gates = ", ".join(f"{r.gate} {r.headline.lower()}" for r in results)
+    return (f"{what}, trained on {rows} rows (data {digest}). Held-out {metric} {held.candidate:.4f} against "
+            f"the naive baseline {held.baseline:.4f} and {against}. Gates: {gates}.")
 
 
 def search_summary(search: SearchResult) -> dict[str, Any]:
@@ -126,7 +143,7 @@ class SearchLog:
 
 
 def adopt(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, held: HeldOut,
-          results: list[GateResult]) -> registry.Logged:
+          results: list[GateResult], origin: dict[str, str] | None = None) -> registry.Logged:
     """Record the checks of a model trained elsewhere in a run of their own (gate reports, held-out metrics)
     and make the model a version of the policy's registered model, tagged as CI tags its own."""
     metric = policy.ci.metric
@@ -135,12 +152,15 @@ def adopt(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, h
         metrics[f"champion_{metric}"] = held.champion
     record = registry.RunRecord(
         name="adopt", params={"model_uri": model_uri, "rows": len(frame), "data_hash": data_hash(frame)},
-        metrics=metrics, tags={"rollout.adopted_from": model_uri},
+        metrics=metrics, tags={"rollout.adopted_from": model_uri, **(origin or {})},
         texts={f"gates/{r.gate}.md": r.to_markdown() for r in results},
         dicts={**{f"gates/{r.gate}.json": r.to_dict() for r in results}, "schema.json": asdict(schema)})
     experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
     logged = registry.log_run(experiment, record)
     reg = registry.MlflowRegistry.for_policy(policy)
     tags = {**version_tags(policy, frame, metric, held, results, estimator=f"adopted: {model_uri}"),
-            "adopted_from": model_uri, "adoption_run_id": logged.run_id}
-    return registry.Logged(logged.run_id, reg.adopt(model_uri, tags))
+            "adopted_from": model_uri, "adoption_run_id": logged.run_id, **(origin or {})}
+    version = reg.adopt(model_uri, tags)
+    reg.describe(version, describe(f"Adopted from {model_uri}", len(frame), data_hash(frame), metric, held, results)
+                 .replace(", trained on", ", judged on"))
+    return registry.Logged(logged.run_id, version)

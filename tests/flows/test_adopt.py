@@ -68,7 +68,9 @@ def test_a_model_trained_elsewhere_is_gated_registered_served_and_evaluated(worl
     adopted = aliases[Role.CHALLENGER]
     tags = registry.get_tags(adopted)
     assert tags["adopted_from"] == uri and json.loads(tags["gates"])["trust"] == "pass"
-    assert float(tags["holdout_roc_auc"]) > 0.95
+    assert float(tags["holdout_roc_auc"]) > 0.95 and tags["prefect.flow_run_id"]
+    described = registry.client.get_model_version("cancer", adopted).description
+    assert described.startswith(f"Adopted from {uri}, judged on 569 rows") and "trust pass" in described
 
     served = serve_and_label(policy, frame.drop(columns=["target"]), frame["target"], "adopt-token")
     assert {a["version"] for a in served} == {champion}

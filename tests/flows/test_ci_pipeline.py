@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,14 @@ def test_first_model_becomes_champion_then_a_challenger_is_registered_with_tags_
     assert tags["gate.champion"] == "pass"
     version = reg.client.get_model_version("loan-approval", "2")
     assert version.current_stage == "Staging"
+    # Said in words in the registry UI, and linked to the Prefect flow run that made it.
+    assert version.description.startswith("logistic_regression, trained on 2000 rows")
+    assert "against the naive baseline 0.5000 and champion v1 " in version.description
+    assert "drift skipped" in version.description and "stress pass" in version.description
+    run_tags = reg.client.get_run(second.run_id).data.tags
+    assert tags["prefect.flow_run_id"] == run_tags["prefect.flow_run_id"] != ""
+    assert run_tags["prefect.flow_run_url"].endswith(f"/flow-run/{tags['prefect.flow_run_id']}")
+    assert re.fullmatch(r"ci-logistic_regression-\d{8}-\d{6}", run_tags["mlflow.runName"])  # not "ci-..." for all
     assert reg.client.get_model_version("loan-approval", "1").current_stage == "Production"
 
     champion_gate = next(g for g in second.gates if g.gate == "champion")
