@@ -95,12 +95,14 @@ def register(policy: Policy, model: Predictor, schema: Schema, frame: pd.DataFra
     return logged
 
 
-def describe(what: str, rows: int, digest: str, metric: str, held: HeldOut, results: list[GateResult]) -> str:
-    """A version's description: what it is, what it beat on the held-out rows, its gates."""
+def describe(what: str, rows: int, digest: str, metric: str, held: HeldOut, results: list[GateResult],
+             how: str = "trained") -> str:
+    """A version's description: what it is, what it beat on the held-out rows, its gates. `how` it met the
+    rows: trained on them (CI), or judged on them (an adopted model)."""
     against = (f"champion v{held.champion_version} {held.champion:.4f}" if held.champion is not None
                else "no champion yet")
     gates = ", ".join(f"{r.gate} {r.headline.lower()}" for r in results)
-    return (f"{what}, trained on {rows} rows (data {digest}). Held-out {metric} {held.candidate:.4f} against "
+    return (f"{what}, {how} on {rows} rows (data {digest}). Held-out {metric} {held.candidate:.4f} against "
             f"the naive baseline {held.baseline:.4f} and {against}. Gates: {gates}.")
 
 
@@ -161,6 +163,6 @@ def adopt(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, h
     tags = {**version_tags(policy, frame, metric, held, results, estimator=f"adopted: {model_uri}"),
             "adopted_from": model_uri, "adoption_run_id": logged.run_id, **(origin or {})}
     version = reg.adopt(model_uri, tags)
-    reg.describe(version, describe(f"Adopted from {model_uri}", len(frame), data_hash(frame), metric, held, results)
-                 .replace(", trained on", ", judged on"))
+    reg.describe(version, describe(f"Adopted from {model_uri}", len(frame), data_hash(frame), metric, held, results,
+                                   how="judged"))
     return registry.Logged(logged.run_id, version)
