@@ -95,8 +95,8 @@ def config_reference() -> None:
                 console.print(f"[bold]{prefix}{name}[/bold]: {ann.__doc__ or ''}".rstrip(), soft_wrap=True)
                 walk(ann, f"{prefix}{name}.")
             else:
-                default = field.get_default(call_default_factory=True)
-                console.print(f"  {prefix}{name} = {default!r}  # {field.description or ''}", soft_wrap=True,
+                shown = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+                console.print(f"  {prefix}{name} = {shown}  # {field.description or ''}", soft_wrap=True,
                               markup=False)
 
     walk(Root, "")
@@ -193,28 +193,49 @@ def serve(
 def simulate(
     url: str = typer.Option("http://127.0.0.1:8080", help="Base URL of a running `rollout serve`."),
     config: str = CONFIG,
-    requests: int = typer.Option(1000, help="Single-record requests to send."),
+    data: str = typer.Option(None, help="Replay your own rows (CSV/Parquet) instead of the loan generator."),
+    label_column: str = typer.Option(None, help="With --data: the column holding each row's label (default: "
+                                     "data.target)."),
+    ts_column: str = typer.Option(None, help="With --data: each request carries this column's time (the window "
+                                  "is the data's); else rows spread over --days."),
+    requests: int = typer.Option(None, help="Single-record requests to send (default: 1000, or every row of "
+                                 "--data)."),
     days: float = typer.Option(7.0, help="Simulated days the requests are spread over."),
-    label_delay_hours: float = typer.Option(24.0, help="Typical delay before a label arrives."),
-    missing_rate: float = typer.Option(0.1, help="Share of labels that never arrive."),
+    label_delay: str = typer.Option("24h", help="Typical delay before a label arrives (hours, or 90m, 12h, 2d)."),
+    missing_rate: float = typer.Option(None, help="Share of labels that never arrive (default: 0.1 generated, "
+                                       "0 replayed)."),
     concurrency: int = typer.Option(8, help="Requests in flight."),
     seed: int = typer.Option(0, help="Seed of the traffic."),
     drift: float = typer.Option(0.0, help="Shift of the population in the second part of the window."),
     start: str = typer.Option(None, help="Start of the simulated window (ISO 8601); default: now - days."),
 ) -> None:
-    """Send realistic traffic from the example generator and post delayed labels."""
+    """Send traffic (generated loan applications, or your own rows with --data) and post delayed labels."""
+    from cli.simulate import parse_delay, replay_from
     from cli.simulate import simulate as run_simulation
 
     policy = _policy(config)
-    summary = run_simulation(url, policy, requests=requests, days=days, label_delay_hours=label_delay_hours,
-                             missing_rate=missing_rate, concurrency=concurrency, seed=seed, drift=drift, start=start)
+    try:
+        delay = parse_delay(label_delay)
+        replay = None if data is None else replay_from(data, policy, label_column, ts_column, requests)
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if replay is None and (label_column or ts_column):
+        console.print("[red]--label-column and --ts-column go with --data[/red]")
+        raise typer.Exit(2)
+    summary = run_simulation(url, policy, requests=requests or 1000, days=days, label_delay_hours=delay,
+                             missing_rate=(0.0 if replay else 0.1) if missing_rate is None else missing_rate,
+                             concurrency=concurrency, seed=seed, drift=drift, start=start, replay=replay)
     console.print(summary)
+    if summary.errors or summary.label_errors:
+        raise typer.Exit(1)
 
 
 @app.command()
 def evaluate(
     config: str = CONFIG,
-    now: str = typer.Option(None, help="Evaluate as of this time (ISO 8601, UTC); default: now."),
+    now: str = typer.Option(None, help="Evaluate as of this time (ISO 8601, UTC), or 'data': as of the rollout's "
+                            "latest logged prediction (traffic replayed with its own times); default: now."),
     dry_run: bool = typer.Option(False, help="Decide and report, act on nothing."),
 ) -> None:
     """Run the online-evaluation flow once: promote, keep collecting, or reject."""
@@ -224,7 +245,8 @@ def evaluate(
     from flows.runners import embedded_run
 
     _policy(config)
-    params = EvaluationParameters(now=datetime.fromisoformat(now) if now else None, dry_run=dry_run,
+    at = None if now in (None, "data") else datetime.fromisoformat(now)
+    params = EvaluationParameters(now=at, clock="data" if now == "data" else "wall", dry_run=dry_run,
                                   actor="rollout evaluate")
     with embedded_run():
         outcome = online_evaluation(config=config, params=params)

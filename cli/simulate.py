@@ -6,6 +6,11 @@ is due `label_delay_hours` (±50 %) after its request and is posted, with that d
 `ts`, once the simulated clock has passed it; a share `missing_rate` never arrives. Labels not
 yet due at the end of the window are reported as pending (not sent) unless `send_pending`.
 Explicit timestamps and labels need the bearer token (policy.serving.token_env).
+
+Replay (`replay=`, from `rollout simulate --data FILE`): your own rows instead of the loan generator, in file
+order, each with its label from `label_column`; with `ts_column` each request carries its row's own time
+(the window is the data's), else the rows are spread over `days` as generated traffic is. Rows without a
+label are sent and never labelled.
 """
 
 from __future__ import annotations
@@ -50,6 +55,66 @@ def simulate(url: str, policy: Policy, **options: Any) -> SimulationSummary:
     return asyncio.run(simulate_async(url, policy, **options))
 
 
+def parse_delay(text: str | float) -> float:
+    """A label delay in hours: a number of hours, or a number with a unit ('90m', '12h', '2d')."""
+    if isinstance(text, int | float):
+        return float(text)
+    value = str(text).strip().lower()
+    units = {"m": 1 / 60, "h": 1.0, "d": 24.0}
+    try:
+        if value and value[-1] in units:
+            hours = float(value[:-1]) * units[value[-1]]
+        else:
+            hours = float(value)
+    except ValueError:
+        raise ValueError(f"label delay {text!r}: expected hours, or a number with m, h or d (e.g. 12h)") from None
+    if hours < 0 or not math.isfinite(hours):
+        raise ValueError(f"label delay {text!r}: must be a finite time of 0 or more")
+    return hours
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Rows of your own to send: the features, each row's label (NaN: none), and its time (epoch seconds) when
+    the data has one."""
+
+    features: pd.DataFrame
+    labels: pd.Series
+    times: np.ndarray | None
+    units: list[str | None]
+
+
+def replay_from(path: str, policy: Policy, label_column: str | None = None, ts_column: str | None = None,
+                limit: int | None = None) -> Replay:
+    """Your own rows (CSV/Parquet) to replay, in order; a ValueError naming the option that does not fit."""
+    from pathlib import Path
+
+    from rollout.data import read_table
+
+    frame = read_table(Path(path))
+    label = label_column or policy.data.target
+    for option, column in (("--label-column", label), ("--ts-column", ts_column)):
+        if column is not None and column not in frame.columns:
+            raise ValueError(f"{option}: {column!r} is not a column of {path} (columns: "
+                             f"{', '.join(map(str, frame.columns[:20]))})")
+    times = None
+    if ts_column is not None:
+        when = pd.to_datetime(frame[ts_column], errors="coerce", utc=True)
+        if when.isna().any():
+            raise ValueError(f"--ts-column: {int(when.isna().sum())} of {len(frame)} rows of {ts_column!r} are not "
+                             "readable times")
+        frame = frame.assign(_when=when).sort_values("_when", kind="stable").drop(columns="_when")
+        times = (pd.to_datetime(frame[ts_column], utc=True).astype("int64") // 10**3).to_numpy() / 1e6
+    if limit is not None:
+        frame = frame.iloc[:limit]
+        times = None if times is None else times[:limit]
+    unit = policy.data.unit_column
+    drop = {label, ts_column, policy.data.target, policy.data.timestamp_column, unit} - {None}
+    units = frame[unit].astype(str).tolist() if unit in frame.columns else [None] * len(frame)
+    return Replay(frame[[c for c in frame.columns if c not in drop]].reset_index(drop=True),
+                  frame[label].reset_index(drop=True), times, units)
+
+
 def traffic_frame(
     policy: Policy, requests: int, seed: int, drift: float, drift_start: float, new_levels: bool
 ) -> pd.DataFrame:
@@ -81,6 +146,7 @@ async def simulate_async(
     send_pending: bool = False,
     transport: Any = None,
     timeout_s: float = 30.0,
+    replay: Replay | None = None,
 ) -> SimulationSummary:
     """Send `requests` single-record predictions over `days` of simulated time, then their labels.
 
@@ -103,22 +169,37 @@ async def simulate_async(
     now = (clock or (lambda: datetime.now(tz=UTC)))()
     if isinstance(start, str):
         start = datetime.fromisoformat(start)
-    begin = start or (now - timedelta(days=days))
-    if begin.tzinfo is None:
-        begin = begin.replace(tzinfo=UTC)
-    begin_s = begin.timestamp()
+    if replay is not None:
+        requests = len(replay.features)
+        if requests < 1:
+            raise ValueError("--data: the file has no rows to replay")
+    if replay is not None and replay.times is not None:  # the data's own clock
+        begin_s = float(replay.times[0])
+        days = max((float(replay.times[-1]) - begin_s) / 86400.0, 1e-9)
+        offsets = replay.times - begin_s
+    else:
+        begin = start or (now - timedelta(days=days))
+        if begin.tzinfo is None:
+            begin = begin.replace(tzinfo=UTC)
+        begin_s = begin.timestamp()
+        offsets = np.sort(rng.uniform(0, days * 86400.0, requests))
     end_s = begin_s + days * 86400.0
 
     data = policy.data
-    frame = traffic_frame(policy, requests, seed, drift, drift_start, new_levels)
-    offsets = np.sort(rng.uniform(0, days * 86400.0, requests))
     delays = label_delay_hours * 3600.0 * rng.uniform(0.5, 1.5, requests)
     missing = rng.random(requests) < missing_rate
-    drop = {data.target, data.timestamp_column, data.unit_column} - {None}
-    feature_cols = [c for c in frame.columns if c not in drop]
-    records = records_of(frame[feature_cols])
-    units = frame[data.unit_column].astype(str).tolist() if data.unit_column in frame else [None] * requests
-    truth = frame[data.target].tolist()
+    if replay is not None:
+        records = records_of(replay.features)
+        units = replay.units
+        truth = replay.labels.tolist()
+        missing |= replay.labels.isna().to_numpy()
+    else:
+        frame = traffic_frame(policy, requests, seed, drift, drift_start, new_levels)
+        drop = {data.target, data.timestamp_column, data.unit_column} - {None}
+        feature_cols = [c for c in frame.columns if c not in drop]
+        records = records_of(frame[feature_cols])
+        units = frame[data.unit_column].astype(str).tolist() if data.unit_column in frame else [None] * requests
+        truth = frame[data.target].tolist()
 
     headers = {"Authorization": f"Bearer {token}"}
     counts: Counter[str] = Counter()
@@ -194,4 +275,5 @@ async def simulate_async(
 
 
 def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
+    value = value.item() if hasattr(value, "item") else value
+    return int(value) if isinstance(value, float) and value.is_integer() else value

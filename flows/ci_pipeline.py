@@ -121,7 +121,7 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     folds = [ci.cv_fold.submit(policy, schema, data, i) for i in range(policy.ci.cv_folds)]
     curve = ci.loss_curve.submit(policy, schema, data)
     cv = ci.combine_cv(policy, [f.result() for f in folds], curve.result())
-    gate(ci.overfit_result(policy, cv))
+    gate(ci.overfit_result(policy, cv, data, schema.task))
     model = fitted.result()
 
     champion_version, champion = champion_loaded.result()

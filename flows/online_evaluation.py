@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from pydantic import BaseModel, Field
 
 from tasks.common import load_policy_task
-from tasks.evaluation import act_task, current_rollout, decide_task, gather_evidence, log_evaluation, report_task
+from tasks.evaluation import (
+    act_task,
+    current_rollout,
+    data_clock,
+    decide_task,
+    gather_evidence,
+    log_evaluation,
+    report_task,
+)
 
 
 class EvaluationParameters(BaseModel):
     """What a person can set from the Prefect UI's Run form."""
 
-    now: datetime | None = Field(None, description="Evaluate as of this time (UTC); empty = now. The demo compresses days.")
+    now: datetime | None = Field(None, description="Evaluate as of this time (UTC); empty = now (or, with clock "
+                                 "'data', the latest logged prediction's time). The demo compresses days.")
+    clock: Literal["wall", "data"] = Field(
+        "wall", description="'wall': now is the machine's time. 'data': now is the time of the rollout's latest "
+        "logged prediction, for traffic replayed with its own times (rollout simulate --data --ts-column).")
     dry_run: bool = Field(False, description="Decide and report, but move no alias and change no routing.")
     actor: str = Field("online-evaluation", description="Who is recorded in the audit log.")
 
@@ -38,12 +50,12 @@ def online_evaluation(config: str = "rollout.yaml", params: EvaluationParameters
     """Judge the open rollout from its logged outcomes and promote, keep collecting, or reject."""
     params = params or EvaluationParameters()
     policy = load_policy_task(config)
-    now = params.now or datetime.now(timezone.utc)
-    now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
     rollout = current_rollout(policy)
     if rollout is None:
         print("no open rollout: nothing to evaluate")
         return EvaluationOutcome(action="idle", reasons=["No open rollout."])
+    now = params.now or (data_clock(policy, rollout) if params.clock == "data" else None) or datetime.now(timezone.utc)
+    now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
 
     evidence = gather_evidence(policy, rollout, now)
     decision = decide_task(policy, evidence, rollout.rollout_id, now)

@@ -128,21 +128,28 @@ def _estimator_params(policy: Policy) -> list[Problem]:
 
 
 def _segments(policy: Policy, frame: pd.DataFrame) -> list[Problem]:
-    guardrails = policy.rollout.segment_guardrails
+    guardrails = [(i, g) for i, g in enumerate(policy.rollout.segment_guardrails) if g.segment is not None]
     column = policy.data.segment_column
+    problems = []
+    if policy.data.task == "multiclass" and policy.data.target in frame.columns:
+        classes = set(pd.unique(frame[policy.data.target]).tolist())
+        problems += [Problem(f"rollout.segment_guardrails[{i}].class", f"class {g.class_} never occurs in the "
+                             f"target (classes: {', '.join(map(str, sorted(classes, key=str)))})")
+                     for i, g in enumerate(policy.rollout.segment_guardrails)
+                     if g.class_ is not None and g.class_ not in classes]
     if not guardrails:
-        return []
+        return problems
     if column is None:
-        return [Problem("rollout.segment_guardrails", "guardrails on segments need data.segment_column, which is "
-                        "not set (or set segment_guardrails: [])")]
+        return [*problems, Problem("rollout.segment_guardrails", "guardrails on segments need data.segment_column, "
+                                   "which is not set (or set segment_guardrails: [])")]
     if column not in frame.columns:
-        return []  # reported as a missing column
+        return problems  # reported as a missing column
     present = {str(v) for v in frame[column].dropna().unique()}
     shown = ", ".join(sorted(present)[:20])
-    return [Problem(f"rollout.segment_guardrails[{i}].segment",
-                    f"{g.segment!r} never occurs in {column!r} (values: {shown}); its guardrail would wait for "
-                    "observations forever")
-            for i, g in enumerate(guardrails) if g.segment not in present]
+    return [*problems, *(Problem(f"rollout.segment_guardrails[{i}].segment",
+                                 f"{g.segment!r} never occurs in {column!r} (values: {shown}); its guardrail would "
+                                 "wait for observations forever")
+                         for i, g in guardrails if g.segment not in present)]
 
 
 def _columns(policy: Policy, frame: pd.DataFrame) -> list[Problem]:

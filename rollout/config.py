@@ -12,7 +12,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "multiclass", "regression"]
+# Tasks whose target is a class: binary (0/1, the score is P(1)) and multiclass (0..K-1, with class probabilities).
+CLASSIFICATION_TASKS = frozenset({"classification", "multiclass"})
 EstimatorName = Literal[
     "logistic_regression",
     "random_forest",
@@ -38,16 +40,32 @@ CLASSIFIERS = {
     "xgboost",
     "lightgbm",
 }
-CIMetric = Literal["roc_auc", "accuracy", "f1", "precision", "recall", "log_loss", "r2", "rmse", "mae"]
+CIMetric = Literal["roc_auc", "accuracy", "f1", "precision", "recall", "log_loss", "f1_macro", "roc_auc_ovr",
+                   "r2", "rmse", "mae"]
 CI_METRICS_BY_TASK: dict[str, set[str]] = {
     "classification": {"roc_auc", "accuracy", "f1", "precision", "recall", "log_loss"},
+    "multiclass": {"accuracy", "f1_macro", "log_loss", "roc_auc_ovr"},
     "regression": {"r2", "rmse", "mae"},
 }
 # Metrics where smaller is better; gates flip their comparisons for these.
 LOWER_IS_BETTER = {"log_loss", "rmse", "mae", "mse", "brier", "error_rate"}
+# CI metrics in the target's own units (or nats), with no fixed scale: their gate limits default to shares of
+# the naive baseline's value, and no floor is assumed.
+SCALE_METRICS = {"rmse", "mae", "log_loss"}
+# Defaults of the CI limits: absolute for metrics on a 0-1 scale, a share of the naive baseline's value else.
+ABSOLUTE_LIMITS = {"max_train_val_gap": 0.05, "max_fold_std": 0.03, "min_margin_over_baseline": 0.05,
+                   "max_regression_vs_champion": 0.01}
+RELATIVE_LIMITS = {"max_train_val_gap": "15%", "max_fold_std": "5%", "min_margin_over_baseline": "5%",
+                   "max_regression_vs_champion": "1%"}
+# (CI metric, online metric) a policy gets for its task unless it names them.
+DEFAULT_METRICS = {"classification": ("roc_auc", "accuracy"), "multiclass": ("roc_auc_ovr", "accuracy"),
+                   "regression": ("r2", "mse")}
+# An AUC of 0.5 is a coin; the fixed floor a policy gets unless it says otherwise.
+DEFAULT_FLOORS = {"roc_auc": 0.70, "roc_auc_ovr": 0.70}
 OnlineMetric = Literal["accuracy", "log_loss", "brier", "mse", "mae"]
 ONLINE_METRICS_BY_TASK: dict[str, set[str]] = {
     "classification": {"accuracy", "log_loss", "brier"},
+    "multiclass": {"accuracy", "log_loss"},
     "regression": {"mse", "mae"},
 }
 Mode = Literal["shadow", "ab", "abn", "bandit"]
@@ -59,6 +77,14 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# What the generated loan data's columns are; set by default only when data.source is 'example'.
+EXAMPLE_ROLES = {"target": "approved", "timestamp_column": "applied_at", "segment_column": "tier",
+                 "unit_column": "customer_id"}
+
+
+EXAMPLE_GUARDRAIL = {"segment": "VIP", "metric": "precision", "min": 0.6}
 
 
 class ExampleData(_Strict):
@@ -79,11 +105,17 @@ class DataConfig(_Strict):
                         "a password need not sit in the file.")
     query: str | None = Field(None, description="The SQL that selects the training rows when data.source is a "
                               "database URL.")
-    target: str = Field("approved", description="Target column.")
-    task: Task = Field("classification", description="classification (binary) or regression.")
-    timestamp_column: str | None = Field("applied_at", description="Time column, excluded from features.")
-    segment_column: str | None = Field("tier", description="Segment column used for guardrails (kept as a feature).")
-    unit_column: str | None = Field("customer_id", description="Unit id column (sticky routing), excluded from features.")
+    target: str = Field(min_length=1, description="Target column: required for your own data (the example's: "
+                        "approved).")
+    task: Task = Field("classification", description="classification (binary: a 0/1 target, the score is P(1)), "
+                       "multiclass (a target of classes 0, 1, ..., K-1; answers carry every class's probability) "
+                       "or regression.")
+    timestamp_column: str | None = Field(None, description="Time column, excluded from features (the example's: "
+                                         "applied_at).")
+    segment_column: str | None = Field(None, description="Segment column used for guardrails, kept as a feature (the "
+                                       "example's: tier).")
+    unit_column: str | None = Field(None, description="Unit id column (sticky A/B routing), excluded from features "
+                                    "(the example's: customer_id).")
     features: dict[str, Literal["numeric", "categorical", "text"]] = Field(
         default_factory=dict, description="Feature types; inferred from the data when empty (text is never "
         "inferred: name it here or in text_columns)."
@@ -100,6 +132,14 @@ class DataConfig(_Strict):
         None, description="Path to a recent production sample (csv/parquet) for the drift gate; none = skip."
     )
     example: ExampleData = Field(default_factory=ExampleData)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _example_roles(cls, raw: Any) -> Any:
+        """The generated example's column roles, for the example only: your own data names its own."""
+        if isinstance(raw, dict) and raw.get("source", "example") == "example":
+            return {**EXAMPLE_ROLES, **raw}
+        return raw
 
 
 class EarlyStoppingConfig(_Strict):
@@ -229,15 +269,53 @@ class CIConfig(_Strict):
         "random", description="'random': a stratified held-out share and shuffled k-fold CV. 'time': rows ordered by "
         "data.timestamp_column; the held-out rows are the latest holdout_fraction and CV folds chain forward "
         "(each validates on rows later than all it trained on), so nothing is learned from the future.")
-    metric: CIMetric = Field("roc_auc", description="Metric of every CI gate.")
-    floor: float | None = Field(0.70, description="Absolute floor of the metric on held-out data; null = none.")
+    metric: CIMetric = Field("roc_auc", description="Metric of every CI gate. Unset: roc_auc (classification), "
+                             "roc_auc_ovr (multiclass), r2 (regression).")
+    floor: float | None = Field(None, description="Floor of the metric on held-out data (a ceiling for rmse, mae, "
+                                "log_loss); null = none. Unset: 0.70 for roc_auc and roc_auc_ovr, none for the rest "
+                                "(no number suits every scale: set yours).")
     floor_source: Literal["fixed", "champion_live"] = Field(
         "fixed", description="'fixed' uses `floor`; 'champion_live' uses the champion's live metric when known."
     )
-    max_train_val_gap: float = Field(0.05, ge=0, description="Mean train minus validation score, at most.")
-    max_fold_std: float = Field(0.03, ge=0, description="Std of validation scores across folds, at most.")
-    min_margin_over_baseline: float = Field(0.05, ge=0, description="Beat the naive baseline by at least this.")
-    max_regression_vs_champion: float = Field(0.01, ge=0, description="Held-out metric may trail the champion by this.")
+    max_train_val_gap: float | str | None = Field(
+        None, description="Mean train minus validation score, at most: a number in the metric's units, or 'N%' of "
+        "the naive baseline's score on the training rows. Unset: 0.05 for 0-1 metrics, '15%' for rmse, mae, log_loss.")
+    max_fold_std: float | str | None = Field(
+        None, description="Std of validation scores across folds, at most (number or 'N%', as max_train_val_gap). "
+        "Unset: 0.03 for 0-1 metrics, '5%' for rmse, mae, log_loss.")
+    min_margin_over_baseline: float | str | None = Field(
+        None, description="Beat the naive baseline on held-out rows by at least this (number or 'N%' of the "
+        "baseline's held-out score). Unset: 0.05 for 0-1 metrics, '5%' for rmse, mae, log_loss.")
+    max_regression_vs_champion: float | str | None = Field(
+        None, description="Held-out metric may trail the champion by this (number or 'N%' of the baseline's "
+        "held-out score). Unset: 0.01 for 0-1 metrics, '1%' for rmse, mae, log_loss.")
+
+    @field_validator("max_train_val_gap", "max_fold_std", "min_margin_over_baseline", "max_regression_vs_champion")
+    @classmethod
+    def _number_or_share(cls, value: float | str | None) -> float | str | None:
+        import re
+
+        if isinstance(value, str) and not re.fullmatch(r"\d+(\.\d+)?%", value.strip()):
+            raise ValueError(f"{value!r}: a number in the metric's units, or a share such as '10%'")
+        if isinstance(value, int | float) and value < 0:
+            raise ValueError(f"{value}: must be 0 or more")
+        return value.strip() if isinstance(value, str) else value
+
+    @property
+    def floor_value(self) -> float | None:
+        """The floor in force: the policy's, else the metric's default (none for most)."""
+        return self.floor if "floor" in self.model_fields_set else DEFAULT_FLOORS.get(self.metric)
+
+    def limit(self, name: str, scale: float) -> tuple[float, str]:
+        """A limit in the metric's units and how a message names it: a share resolves against `scale` (the naive
+        baseline's score)."""
+        raw = getattr(self, name)
+        if raw is None:
+            raw = (RELATIVE_LIMITS if self.metric in SCALE_METRICS else ABSOLUTE_LIMITS)[name]
+        if isinstance(raw, str):
+            value = float(raw[:-1]) / 100.0 * abs(scale)
+            return value, f"{value:.4g}: {raw} of the naive baseline's {abs(scale):.4g}, ci.{name}"
+        return float(raw), f"{float(raw):g}, ci.{name}"
     fit_threads: int | None = Field(
         None, ge=1, description="BLAS/OpenMP threads per fit (CV folds, loss curve, final fit); null = the libraries' "
         "default (every core; fits then run one at a time). With a cap, cores // fit_threads fits run side by side. "
@@ -259,9 +337,25 @@ class CIConfig(_Strict):
 class SegmentGuardrail(_Strict):
     """A floor on one segment's metric, checked with a confidence bound."""
 
-    segment: str = Field(description="Value of the segment column, e.g. VIP.")
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    segment: str | None = Field(description="Value of data.segment_column, e.g. VIP; null = every row (with "
+                                "`class`, a floor on one class's recall or precision over all traffic).")
     metric: Literal["precision", "recall", "accuracy"] = Field("precision", description="Segment metric.")
     min: float = Field(ge=0, le=1, description="The challenger's metric on the segment must be at least this.")
+    class_: int | None = Field(None, alias="class", ge=0, description="The class whose precision or recall is "
+                               "floored (multiclass); binary: class 1, always.")
+
+    @property
+    def key(self) -> str:
+        """What the guardrail's counts are filed under in the evidence: its segment, with its class if any."""
+        return (self.segment or "") + ("" if self.class_ is None else f"#class={self.class_}")
+
+    @property
+    def name(self) -> str:
+        """How reports name it: 'VIP precision', 'class 2 recall', 'VIP class 2 recall'."""
+        parts = [self.segment or "", "" if self.class_ is None else f"class {self.class_}", self.metric]
+        return " ".join(p for p in parts if p)
 
 
 class BanditConfig(_Strict):
@@ -284,7 +378,8 @@ class RolloutPolicy(_Strict):
 
     mode: Mode = Field("shadow", description="shadow, ab, abn (several challengers) or bandit.")
     exposure: float = Field(0.1, gt=0, lt=1, description="Share of units sent to each challenger in ab/abn.")
-    primary_metric: OnlineMetric = Field("accuracy", description="Metric of the promotion test.")
+    primary_metric: OnlineMetric = Field("accuracy", description="Metric of the promotion test. Unset: accuracy "
+                                         "(classification, multiclass), mse (regression).")
     margin: float = Field(0.01, ge=0, description="Non-inferiority margin M (0 = superiority).")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="One-sided error rate of false promotion.")
     power: float = Field(0.8, gt=0.5, lt=1, description="Planned power at the minimum detectable effect.")
@@ -300,9 +395,9 @@ class RolloutPolicy(_Strict):
     max_duration_days: float = Field(14.0, gt=0, description="Horizon: undecided by then = inconclusive.")
     label_delay_hours: float = Field(0.0, ge=0, description="Requests younger than this are not yet matured.")
     segment_guardrails: list[SegmentGuardrail] = Field(
-        default_factory=lambda: [SegmentGuardrail(segment="VIP", metric="precision", min=0.6)],
-        description="Floors on segments of data.segment_column; a breach with confidence rejects.",
-    )
+        default_factory=list, description="Floors on segments of data.segment_column (or, multiclass, on one "
+        "class's precision or recall); a breach with confidence rejects. None by default (the example data's "
+        "default: VIP precision at least 0.6).")
     guardrail_alpha: float = Field(
         0.05, gt=0, lt=0.5, description="Chance that any guardrail rejects a challenger that is at every limit, over "
         "every hourly look of the rollout: split among the guardrails, apart from the promotion test's alpha.")
@@ -408,7 +503,7 @@ class RegistryConfig(_Strict):
 class Policy(_Strict):
     """The whole policy file."""
 
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=lambda: DataConfig.model_validate({}))
     estimator: EstimatorConfig = Field(default_factory=EstimatorConfig)
     ci: CIConfig = Field(default_factory=CIConfig)
     rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
@@ -416,6 +511,25 @@ class Policy(_Strict):
     stores: StoresConfig = Field(default_factory=StoresConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     base_dir: Path = Field(Path("."), exclude=True, description="Directory of the policy file (set on load).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_by_data(cls, raw: Any) -> Any:
+        """Defaults that depend on the data: the metrics of its task, and the example's VIP guardrail for the
+        example data only."""
+        if not isinstance(raw, dict):
+            return raw
+        data = raw.get("data") or {}
+        rollout = raw.get("rollout") or {}
+        ci = raw.get("ci") or {}
+        if not (isinstance(data, dict) and isinstance(rollout, dict) and isinstance(ci, dict)):
+            return raw  # reported by the field validation
+        task = data.get("task", "classification")
+        ci_metric, online_metric = DEFAULT_METRICS.get(task, DEFAULT_METRICS["classification"])
+        rollout = {"primary_metric": online_metric, **rollout}
+        if data.get("source", "example") == "example" and "segment_guardrails" not in rollout:
+            rollout["segment_guardrails"] = [EXAMPLE_GUARDRAIL]
+        return {**raw, "ci": {"metric": ci_metric, **ci}, "rollout": rollout}
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
@@ -430,6 +544,16 @@ class Policy(_Strict):
                 f"rollout.primary_metric {self.rollout.primary_metric!r} does not apply to {task}; allowed: "
                 f"{', '.join(sorted(ONLINE_METRICS_BY_TASK[task]))}"
             )
+        for i, guard in enumerate(self.rollout.segment_guardrails):
+            where = f"rollout.segment_guardrails.{i}"
+            if guard.class_ is not None and task != "multiclass":
+                raise ValueError(f"{where}.class: only a multiclass task has classes to choose (binary: class 1)")
+            if guard.class_ is not None and guard.metric == "accuracy":
+                raise ValueError(f"{where}.class: accuracy is of every class; a class goes with precision or recall")
+            if task == "multiclass" and guard.class_ is None and guard.metric != "accuracy":
+                raise ValueError(f"{where}.class: a multiclass {guard.metric} is of one class: name it")
+            if guard.segment is None and guard.class_ is None:
+                raise ValueError(f"{where}.segment: name the segment (or, multiclass, a class)")
         if self.ci.split == "time" and not self.data.timestamp_column:
             raise ValueError("ci.split 'time' orders rows by data.timestamp_column, which is not set")
         if self.estimator.factory is not None:
@@ -440,7 +564,7 @@ class Policy(_Strict):
                                  "runs or its classes load")
             return self
         is_classifier = self.estimator.name in CLASSIFIERS
-        if is_classifier != (task == "classification"):
+        if is_classifier != (task in CLASSIFICATION_TASKS):
             raise ValueError(f"estimator.name {self.estimator.name!r} does not fit task {task!r}")
         return self
 

@@ -257,21 +257,31 @@ def check_target(y: pd.Series, name: str, task: str) -> None:
             raise ConfigError(f"{where}: found {y.dtype} values such as {_examples(y)}; regression needs numbers")
         return
     values = set(pd.unique(y).tolist())
-    if values <= {0, 1} and len(values) == 2:
-        return
     numeric = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
-    if numeric and (len(values) > 20 or not np.all(np.mod(y.to_numpy(dtype=float), 1) == 0)):
+    whole = numeric and bool(np.all(np.mod(y.to_numpy(dtype=float), 1) == 0))
+    if task == "classification" and values <= {0, 1} and len(values) == 2:
+        return
+    if task == "multiclass" and whole and len(values) > 2 and values == set(range(len(values))):
+        return
+    if numeric and (len(values) > 50 or not whole):
         found = f"{len(values)} distinct numbers such as {_examples(y)}: a continuous target"
         hint = "set data.task: regression"
-    elif len(values) > 2:
+    elif task == "classification" and len(values) > 2:
         found = f"{len(values)} classes ({_examples(y)})"
-        hint = "rollout classifies two classes, 0 and 1 (multiclass is not supported yet); map them to 0/1"
+        hint = ("set data.task: multiclass" + ("" if whole and values == set(range(len(values)))
+                                                else f" and map them to 0..{len(values) - 1}"))
+    elif task == "multiclass" and len(values) > 2:
+        found = f"the classes {_examples(y)}"
+        hint = f"map them to 0, 1, ..., {len(values) - 1} (a class's number is its place among the probabilities)"
+    elif task == "multiclass" and len(values) == 2:
+        found = "two classes"
+        hint = "set data.task: classification (binary)" + ("" if values == {0, 1} else ", mapping them to 0 and 1")
     elif len(values) == 2:
         found = f"the classes {_examples(y)}"
         hint = "map them to 0 and 1 (1 = the class whose probability is the score)"
     else:
         found = f"a single class ({_examples(y)})"
-        hint = "a classifier needs rows of both classes"
+        hint = "a classifier needs rows of at least two classes"
     raise ConfigError(f"{where}: found {found}; {hint}")
 
 

@@ -2,10 +2,11 @@
 
 A model is anything with `.predict(DataFrame)`: an MLflow pyfunc (its signature is the input contract,
 and the estimator behind it is called directly), a scikit-learn estimator (`feature_names_in_`) or a test
-fake (`input_schema` {name: type} with `nullable`, or `columns`). A binary classifier with
-`predict_proba` gives both outputs in one call: the score is P(classes_[1]) and the label is the class of
-the larger probability (a tie is classes_[0]), as scikit-learn's own `predict` decides; a `predict` that
-returns two columns is read the same way, as class probabilities of 0 and 1.
+fake (`input_schema` {name: type} with `nullable`, or `columns`). A classifier with
+`predict_proba` gives both outputs in one call: the label is the class of the largest probability (a tie is
+the first), as scikit-learn's own `predict` decides; a binary classifier's score is P(classes_[1]), a
+multiclass one's is the list of its class probabilities (classes 0..K-1, in order). A `predict` that returns
+K >= 2 columns is read the same way, as the probabilities of classes 0..K-1.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ class ColumnSpec:
 
 @dataclass(frozen=True, slots=True)
 class Outputs:
-    """Per-row predictions and scores (P(class 1), classifiers only) and why a row has none (its error)."""
+    """Per-row predictions and scores (classifiers only: P(class 1) when binary, the list of class
+    probabilities when multiclass) and why a row has none (its error)."""
 
     predictions: list[float | None]
-    scores: list[float | None] | None
+    scores: list[Any] | None
     errors: list[str | None]
 
     def checked(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -69,8 +71,13 @@ class LoadedModel:
         self.names = tuple(c.name for c in self.columns) if self.columns else None
         self._call = _estimator(model)
         classes = getattr(self._call, "classes_", None)
-        self._proba = hasattr(self._call, "predict_proba") and classes is not None and len(classes) == 2
+        self._proba = hasattr(self._call, "predict_proba") and classes is not None and len(classes) >= 2
         self._classes = np.asarray(classes) if self._proba else np.empty(0)
+
+    @property
+    def n_classes(self) -> int | None:
+        """How many classes the model tells apart (known for an estimator with classes_), else None."""
+        return len(self._classes) if self._proba else None
 
     def __repr__(self) -> str:
         return f"LoadedModel(version={self.version!r})"
@@ -160,17 +167,18 @@ class LoadedModel:
         try:
             if self._proba:
                 proba = np.asarray(self._call.predict_proba(frame), dtype=float)
-                if proba.ndim != 2 or proba.shape != (n, 2):
+                if proba.ndim != 2 or proba.shape != (n, len(self._classes)):
                     raise ModelError(f"predict_proba returned shape {proba.shape} for {n} rows")
-                scores = proba[:, 1]
+                scores = proba[:, 1] if proba.shape[1] == 2 else proba
                 preds = self._classes[np.argmax(proba, axis=1)]
             else:
                 preds = np.asarray(self._call.predict(frame))
                 if preds.ndim == 2 and preds.shape[1] == 1:
                     preds = preds[:, 0]
-                elif preds.ndim == 2 and preds.shape == (n, 2):  # class probabilities (a pyfunc's predict_proba)
-                    scores = preds.astype(float)[:, 1]
-                    preds = np.argmax(preds, axis=1)
+                elif preds.ndim == 2 and preds.shape[0] == n and preds.shape[1] >= 2:  # class probabilities
+                    proba = preds.astype(float)  # (a pyfunc's predict_proba)
+                    scores = proba[:, 1] if proba.shape[1] == 2 else proba
+                    preds = np.argmax(proba, axis=1)
         except ModelError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the model raises is the model's failure
@@ -185,12 +193,18 @@ class LoadedModel:
         for i in np.flatnonzero(~np.isfinite(values)).tolist():
             errors[i] = "prediction is NaN or infinite"
         if scores is not None:
-            for i in np.flatnonzero(~np.isfinite(scores)).tolist():
+            rows = scores if scores.ndim == 2 else scores[:, None]
+            finite = np.isfinite(rows).all(axis=1)
+            for i in np.flatnonzero(~finite).tolist():
                 errors[i] = "score is NaN or infinite"
-            for i in np.flatnonzero(np.isfinite(scores) & ((scores < 0.0) | (scores > 1.0))).tolist():
+            outside = finite & ((rows < 0.0) | (rows > 1.0)).any(axis=1)
+            for i in np.flatnonzero(outside).tolist():
                 errors[i] = errors[i] or "score outside [0, 1]"
+            if scores.ndim == 2:
+                for i in np.flatnonzero(finite & (np.abs(rows.sum(axis=1) - 1.0) > 1e-3)).tolist():
+                    errors[i] = errors[i] or "class probabilities do not add up to 1"
         out_preds: list[float | None] = values.tolist()
-        out_scores: list[float | None] | None = None if scores is None else scores.tolist()
+        out_scores: list[Any] | None = None if scores is None else scores.tolist()
         return Outputs(out_preds, out_scores, errors)
 
 
@@ -298,16 +312,25 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def metric_value(metric: str, y_true: Any, prediction: np.ndarray, score: np.ndarray | None) -> float:
-    """A CI metric from labels and model outputs, in its natural direction (see config.LOWER_IS_BETTER)."""
+    """A CI metric from labels and model outputs, in its natural direction (see config.LOWER_IS_BETTER).
+    `score` is P(class 1) per row for a binary classifier, a row of class probabilities for a multiclass one."""
     y = np.asarray(y_true, dtype=float)
+    if metric in ("roc_auc", "roc_auc_ovr", "log_loss") and score is None:
+        raise ValueError(f"{metric} needs scores (class probabilities)")
     if metric == "roc_auc":
         return float(skm.roc_auc_score(y, score))
+    if metric == "roc_auc_ovr":
+        assert score is not None
+        return float(skm.roc_auc_score(y, score, multi_class="ovr", labels=list(range(score.shape[1]))))
     if metric == "log_loss":
-        if score is None:
-            raise ValueError("log_loss needs scores (class probabilities)")
+        assert score is not None
+        if score.ndim == 2:
+            return float(skm.log_loss(y, score, labels=list(range(score.shape[1]))))
         return float(skm.log_loss(y, np.clip(score, 1e-15, 1 - 1e-15), labels=[0, 1]))
     if metric == "accuracy":
         return float(skm.accuracy_score(y, prediction))
+    if metric == "f1_macro":
+        return float(skm.f1_score(y, prediction, average="macro", zero_division=0))
     if metric in ("f1", "precision", "recall"):
         fn = {"f1": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}[metric]
         return float(fn(y, prediction, zero_division=0))

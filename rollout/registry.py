@@ -13,7 +13,7 @@ from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from rollout.config import Policy
+from rollout.config import CLASSIFICATION_TASKS, Policy
 from rollout.roles import stage_of
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,14 @@ TRUSTED_TYPES = frozenset({
     "collections.OrderedDict",
     "numpy.ravel",  # flattens a text column for TF-IDF (training.text_pipeline)
 })
-# The only way a model is loaded: scikit-learn's flavour, serialised with skops (no pickle, no code).
+# The ways a model is loaded, none of which runs code from the file: scikit-learn's flavour serialised with
+# skops, or XGBoost's own flavour, whose scikit-learn wrapper is restored from the booster's model format.
 _LOADER = "mlflow.sklearn"
+_XGBOOST_LOADER = "mlflow.xgboost"
+# MLflow's xgboost flavour constructs the class its file names: only these, by exact name. A bare Booster is
+# left out: it predicts from a DMatrix, not from the rows the service receives.
+XGBOOST_CLASSES = frozenset({"xgboost.sklearn.XGBClassifier", "xgboost.sklearn.XGBRegressor"})
+XGBOOST_FORMATS = frozenset({"xgb", "json", "ubj"})  # the booster's own formats (not pickle)
 
 
 class AliasConflict(RuntimeError):
@@ -263,11 +269,19 @@ def check_trusted(model_dir: Path, trusted_modules: Sequence[str] = (), name: st
     flavors = meta.get("flavors") or {}
     pyfunc = flavors.get("python_function") or {}
     loader = pyfunc.get("loader_module")
+    if any((f or {}).get("code") for f in flavors.values() if isinstance(f, dict)):
+        raise UntrustedModel(f"{name} carries code paths (MLflow's code_paths would put its Python files on the "
+                             "import path); rollout loads no code from a model")
+    if loader == _XGBOOST_LOADER and "xgboost" in flavors:
+        _check_xgboost(flavors["xgboost"], name)
+        return
     if loader != _LOADER or "sklearn" not in flavors:
         what = f"python_function with loader {loader!r}" if pyfunc else f"flavours {sorted(flavors)}"
         raise UntrustedModel(
-            f"{name} has {what}; rollout loads only scikit-learn models saved with skops "
-            "(a model carrying Python code, such as a pyfunc python_model or a cloudpickle file, is refused)")
+            f"{name} has {what}; rollout loads scikit-learn models saved with skops and XGBoost's scikit-learn "
+            "models in MLflow's xgboost flavour (a model carrying Python code, such as a pyfunc python_model or a "
+            "cloudpickle file, is refused; a LightGBM model: log it with mlflow.sklearn.log_model(..., "
+            "serialization_format='skops'))")
     sklearn = flavors["sklearn"]
     if sklearn.get("serialization_format") != "skops":
         raise UntrustedModel(f"{name} is saved as {sklearn.get('serialization_format')!r}; "
@@ -276,6 +290,19 @@ def check_trusted(model_dir: Path, trusted_modules: Sequence[str] = (), name: st
     if bad:
         raise UntrustedModel(f"{name} asks to trust {', '.join(bad)}: not on the allow-list "
                              "(add your own package to registry.trusted_modules to trust its classes by name)")
+
+
+def _check_xgboost(conf: dict[str, Any], name: str) -> None:
+    """MLflow's xgboost flavour: an allow-listed scikit-learn class, restored from a booster format."""
+    model_class = conf.get("model_class", "xgboost.core.Booster")
+    if model_class not in XGBOOST_CLASSES:
+        raise UntrustedModel(f"{name} is an xgboost model of class {model_class!r}; rollout loads "
+                             f"{', '.join(sorted(XGBOOST_CLASSES))} (log the scikit-learn API's model)")
+    model_format = conf.get("model_format", "xgb")
+    data = str(conf.get("data", ""))
+    if model_format not in XGBOOST_FORMATS or not data.endswith(tuple(f".{f}" for f in XGBOOST_FORMATS)):
+        raise UntrustedModel(f"{name} is an xgboost model saved as {model_format!r} ({data}); rollout loads the "
+                             f"booster's own formats ({', '.join(sorted(XGBOOST_FORMATS))})")
 
 
 @dataclass
@@ -358,7 +385,7 @@ def _flavor_kwargs(model: Any, x_example: Any, task: str, trusted_modules: Seque
     from rollout.models import LoadedModel
 
     prediction, _ = LoadedModel(model).predict(x_example).checked()
-    output = model.predict_proba(x_example) if task == "classification" else prediction
+    output = model.predict_proba(x_example) if task in CLASSIFICATION_TASKS else prediction
     return {
         # Explicit requirements: MLflow would otherwise infer them by re-loading the model in a
         # subprocess, which costs seconds per save.
@@ -368,7 +395,7 @@ def _flavor_kwargs(model: Any, x_example: Any, task: str, trusted_modules: Seque
         "serialization_format": "skops",
         "skops_trusted_types": trusted_types(model, trusted_modules),
         # Classifiers serve probabilities: labels alone cannot be scored by log loss or Brier.
-        "pyfunc_predict_fn": "predict_proba" if task == "classification" else "predict",
+        "pyfunc_predict_fn": "predict_proba" if task in CLASSIFICATION_TASKS else "predict",
     }
 
 

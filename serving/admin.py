@@ -106,15 +106,21 @@ class RoutingBody(BaseModel):
 
 
 async def add_labels(body: LabelsBody, limit: int, now: float, writer: LogWriter, store: OutcomeStore,
-                     classification: bool) -> dict[str, Any]:
+                     classes: int | None) -> dict[str, Any]:
     """Store the labels (a label for an unknown request is counted, not refused); `now` for those without `ts`.
-    A classifier's label is its class, 0 or 1: anything else would be scored as a wrong answer."""
+    A classifier's label is its class: 0 or 1 for a binary one, 0..`classes`-1 for a multiclass one (any whole
+    number from 0 when the champion does not say how many): anything else would be scored as a wrong answer.
+    `classes` None: a regression, any number."""
     if len(body.labels) > limit:
         raise RequestError(413, f"labels: {len(body.labels)} rows, at most {limit} per request")
-    if classification:
+    if classes is not None:
         for i, item in enumerate(body.labels):
-            if item.label not in (0.0, 1.0):
-                raise RequestError(422, f"labels[{i}].label: a classifier's label is 0 or 1, got {item.label:g}")
+            value = item.label
+            if not (float(value).is_integer() and value >= 0 and (classes <= 0 or value < classes)):
+                allowed = "0 or 1" if classes == 2 else "a whole number from 0" if classes <= 0 else (
+                    f"one of 0..{classes - 1}")
+                raise RequestError(422, f"labels[{i}].label: a classifier's label is its class, {allowed}; got "
+                                        f"{value:g}")
     rows = [(item.request_id, item.label, now if item.ts is None else item.ts) for item in body.labels]
     # Predictions are logged asynchronously: write them first so labels find their request.
     await writer.flush(timeout_s=5.0)

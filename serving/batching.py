@@ -34,7 +34,7 @@ class Scored:
     """The outcome of one job: per-row predictions, scores and errors, and the model call time."""
 
     predictions: list[float | None]
-    scores: list[float | None] | None
+    scores: list[Any] | None  # P(1) per row, or (multiclass) each row's class probabilities
     errors: list[str | None]
     latency_ms: float
     batch_rows: int

@@ -197,10 +197,22 @@ async def predict(request: Request) -> Response:
 async def post_labels(request: Request, body: LabelsBody) -> Response:
     service = service_of(request)
     limit = service.cfg.max_request_rows * LABEL_ROWS_FACTOR
-    report = await add_labels(body, limit, service.now(), service.writer, service.store,
-                              service.policy.data.task == "classification")
+    report = await add_labels(body, limit, service.now(), service.writer, service.store, label_classes(service))
     service.metrics.http[("/labels", 200)] += 1
     return Response(dumps(report), media_type=JSON)
+
+
+def label_classes(service: Service) -> int | None:
+    """How many classes a label may name: 2 (binary), the champion's count (multiclass; 0 = not known), None for
+    a regression."""
+    task = service.policy.data.task
+    if task == "classification":
+        return 2
+    if task != "multiclass":
+        return None
+    view = service.lanes.view
+    model = service.lanes.models.get(view.champion.version) if view is not None else None
+    return (model.n_classes or 0) if model is not None else 0
 
 
 async def get_routing(request: Request) -> Response:

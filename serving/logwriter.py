@@ -40,7 +40,7 @@ class ShadowMeta:
 def shadow_rows(
     metas: Sequence[ShadowMeta],
     preds: Sequence[float | None] | None,
-    scores: Sequence[float | None] | None,
+    scores: Sequence[Any] | None,
     errors: Sequence[str | None] | None,
     latency_ms: float | None,
     failed: str | None,

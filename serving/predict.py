@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from rollout.config import Policy
+from rollout.config import CLASSIFICATION_TASKS, Policy
 from rollout.models import check_records
 from rollout.outcomes import PredictionRow
 from rollout.roles import Role
@@ -138,7 +138,7 @@ class Predictor:
         self.champion_timeout_s = policy.serving.champion_timeout_s
         self.unit_column = data.unit_column
         self.segment_column = data.segment_column
-        self.classification = data.task == "classification"
+        self.classification = data.task in CLASSIFICATION_TASKS
         self.writer = writer
         self.metrics = metrics
         self.late: dict[str, list[float]] = {}
@@ -280,8 +280,11 @@ class Predictor:
             if self.classification and prediction is not None and float(prediction).is_integer():
                 prediction = int(prediction)
             score = scored.scores[j] if scored.scores is not None else None
-            out.append({"request_id": batch.request_ids[i], "prediction": prediction, "score": score,
-                        "version": arm.version, "role": arm.role})
+            answer = {"request_id": batch.request_ids[i], "prediction": prediction, "score": score,
+                      "version": arm.version, "role": arm.role}
+            if isinstance(score, list):  # multiclass: the predicted class's probability, and every class's
+                answer["score"], answer["probabilities"] = max(score), score
+            out.append(answer)
         return out
 
 

@@ -154,11 +154,12 @@ def combine_cv(policy: Policy, scores: list[training.FoldScore], curve: training
     return result
 
 
-def overfit_result(policy: Policy, cv: training.CVResult) -> gates.GateResult:
+def overfit_result(policy: Policy, cv: training.CVResult, data: training.Split, task_kind: str) -> gates.GateResult:
+    """The overfit gate; limits given as shares resolve against the naive baseline's score on the training rows."""
     curve = (cv.curve.train, cv.curve.validation) if cv.curve else None
-    return gates.overfit_gate(
-        cv.metric, cv.train_scores, cv.val_scores, policy.ci.max_train_val_gap, policy.ci.max_fold_std, curve
-    )
+    scale = training.baseline_score(data, task_kind, cv.metric)
+    return gates.overfit_gate(cv.metric, cv.train_scores, cv.val_scores, policy.ci.limit("max_train_val_gap", scale),
+                              policy.ci.limit("max_fold_std", scale), curve)
 
 
 @task(name="fit", cache_policy=NO_CACHE)
@@ -179,9 +180,11 @@ def score_held_out(policy: Policy, schema: Schema, data: training.Split, model: 
 def quality_results(policy: Policy, held: training.HeldOut) -> list[gates.GateResult]:
     metric = policy.ci.metric
     return [
-        gates.floor_gate(metric, held.candidate, policy.ci.floor, policy.ci.floor_source),
-        gates.baseline_gate(metric, held.candidate, held.baseline, policy.ci.min_margin_over_baseline),
-        gates.champion_gate(metric, held.candidate, held.champion, policy.ci.max_regression_vs_champion,
+        gates.floor_gate(metric, held.candidate, policy.ci.floor_value, policy.ci.floor_source),
+        gates.baseline_gate(metric, held.candidate, held.baseline,
+                            policy.ci.limit("min_margin_over_baseline", held.baseline)),
+        gates.champion_gate(metric, held.candidate, held.champion,
+                            policy.ci.limit("max_regression_vs_champion", held.baseline),
                             held.champion_version, held.champion_error),
     ]
 

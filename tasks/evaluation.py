@@ -27,6 +27,15 @@ def current_rollout(policy: Policy) -> Rollout | None:
     return OutcomeStore(policy.outcome_url).current_rollout()
 
 
+@task(name="data-clock", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
+def data_clock(policy: Policy, rollout: Rollout) -> datetime | None:
+    """The time of the rollout's latest logged prediction (replayed traffic's own clock), None before any."""
+    when = evaluation.data_time(OutcomeStore(policy.outcome_url), rollout)
+    if when is not None:
+        get_run_logger().info("evaluating as of the data's time %s (the latest logged prediction)", when.isoformat())
+    return when
+
+
 @task(name="gather-evidence", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
 def gather_evidence(policy: Policy, rollout: Rollout, now: datetime) -> Evidence:
     """Matured outcomes of the rollout as sufficient statistics (SQL GROUP BY, no rows in memory)."""

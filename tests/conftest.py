@@ -106,6 +106,27 @@ def cancer_policy(directory: Path, **sections) -> Path:
                                       for k in {*defaults, *sections}})
 
 
+def wine_policy(directory: Path, **sections) -> Path:
+    """scikit-learn's wine table (178 rows, 13 numeric columns, classes 0, 1, 2) as a team's CSV, its suite,
+    and a multiclass policy for it; sections override."""
+    from sklearn.datasets import load_wine
+
+    from rollout.ci.validation import build_suite, write_suite
+    from rollout.config import DataConfig
+    from rollout.data import infer_schema
+
+    frame = load_wine(as_frame=True).frame
+    frame.to_csv(directory / "wine.csv", index=False)
+    cfg = DataConfig(source="wine.csv", target="target", task="multiclass")
+    write_suite(build_suite(frame, infer_schema(frame, cfg), "wine"), directory / "wine.json")
+    defaults = {"registry": {"model_name": "wine"},
+                "data": {"source": "wine.csv", "target": "target", "task": "multiclass", "holdout_fraction": 0.3},
+                "ci": {"expectations_suite": "wine.json", "metric": "f1_macro", "floor": 0.85},
+                "rollout": {"mode": "shadow", "primary_metric": "log_loss"}}
+    return write_policy(directory, **{k: {**defaults.get(k, {}), **sections.get(k, {})}
+                                      for k in {*defaults, *sections}})
+
+
 @pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
     return write_policy(tmp_path)

@@ -151,8 +151,8 @@ def _guardrails(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> 
     days = max(policy.max_duration_days, 1.0)  # stability changes once a day
     out: list[GuardrailResult] = []
     for g in policy.segment_guardrails:
-        s, t = ch.confusion.get(g.segment, Confusion()).successes(g.metric)
-        out.append(guardrails.floor_check(f"{g.segment} {g.metric}", s, t, g.min, a, policy.guardrail_min_trials))
+        s, t = ch.confusion.get(g.key, Confusion()).successes(g.metric)
+        out.append(guardrails.floor_check(g.name, s, t, g.min, a, policy.guardrail_min_trials))
     out.append(guardrails.ceiling_check("error_rate", ch.errors, ch.requests, policy.max_error_rate, a,
                                         policy.guardrail_min_trials))
     complete = _complete_days(ev)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,9 +12,10 @@ import pandas as pd
 
 from rollout.cd import plans
 from rollout.cd.decision import ChallengerEvidence, Decision, Evidence
-from rollout.config import Policy
+from rollout.config import CLASSIFICATION_TASKS, Policy, SegmentGuardrail
 from rollout.data import Schema
 from rollout.outcomes import LockHeld, Rollout, Store
+from rollout.outcomes.log import ClassCell
 from rollout.registry import ModelRegistry
 from rollout.roles import UNIT_SPLIT_MODES
 from rollout.stats.moments import Confusion
@@ -32,6 +33,37 @@ def _confusion_by_version(parts: Mapping[tuple[Any, ...], Confusion]) -> dict[st
         key = segment or ""
         out[str(version)][key] = out[str(version)].get(key, Confusion()) + value
     return out
+
+
+def _class_confusions(counts: Mapping[ClassCell, int],
+                      guards: Sequence[SegmentGuardrail]) -> dict[str, dict[str, Confusion]]:
+    """Per version, each multiclass guardrail's counts under its key: one-vs-rest cells of its class (precision,
+    recall), or right (tp) and wrong (fp) answers for an accuracy floor; over its segment or every row."""
+    out: dict[str, dict[str, Confusion]] = defaultdict(dict)
+    for g in guards:
+        for (version, segment, predicted, actual), n in counts.items():
+            if g.segment is not None and (segment or "") != g.segment:
+                continue
+            if g.class_ is None:
+                cell = Confusion(tp=n) if predicted == actual else Confusion(fp=n)
+            else:
+                said, was = predicted == g.class_, actual == g.class_
+                cell = Confusion(tp=n) if said and was else Confusion(fp=n) if said else (
+                    Confusion(fn=n) if was else Confusion(tn=n))
+            out[version][g.key] = out[version].get(g.key, Confusion()) + cell
+    return out
+
+
+def age_from(store: Store, rollout: Rollout) -> datetime:
+    """When the rollout's age starts: its opening, or its first logged prediction when that is earlier, which
+    only replayed traffic (`rollout simulate --data`, times from the data) can be: its age is the data's."""
+    first = store.first_seen(rollout.rollout_id)
+    return rollout.started_at if first is None else min(rollout.started_at, first)
+
+
+def data_time(store: Store, rollout: Rollout) -> datetime | None:
+    """The time of the rollout's latest logged prediction: the evaluation's clock for replayed traffic."""
+    return store.last_seen(rollout.rollout_id)
 
 
 def earlier_looks(store: Store, rollout_id: int, version: str) -> tuple[int, ...]:
@@ -68,13 +100,18 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     shadow = rollout.mode == "shadow"
     loss = _by_version(sums.loss.get(metric, {}))
     paired = _by_version(sums.paired.get(metric, {})) if shadow else {}
-    confusion = _confusion_by_version(sums.confusion) if policy.data.task == "classification" else {}
+    if policy.data.task == "multiclass":
+        confusion = (_class_confusions(store.class_counts(rid, now - timedelta(hours=rp.label_delay_hours)),
+                                       rp.segment_guardrails) if rp.segment_guardrails else {})
+    else:
+        confusion = _confusion_by_version(sums.confusion) if policy.data.task in CLASSIFICATION_TASKS else {}
     traffic = sums.traffic
     latency = sums.latency_quantile(0.99)
     agreement = sums.agreement if shadow else {}
     ipw = sums.ipw.get(metric, {}) if rollout.mode == "bandit" else {}
     psi_max = production_psi(store, training, schema)
-    hours = max((now - rollout.started_at).total_seconds() / 3600.0, 1e-9)
+    started = age_from(store, rollout)
+    hours = max((now - started).total_seconds() / 3600.0, 1e-9)
 
     challengers = []
     for version in rollout.challengers.values():
@@ -102,7 +139,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
                                                    if a in rollout.versions}
     return Evidence(
         mode=rollout.mode,
-        started_at=rollout.started_at,
+        started_at=started,
         now=now,
         champion=champion,
         challengers=tuple(challengers),

@@ -62,17 +62,27 @@ def _better(metric: str, a: float, b: float) -> float:
     return (b - a) if metric in LOWER_IS_BETTER else (a - b)
 
 
+Limit = float | tuple[float, str]  # a limit, or (limit, how a message names it: "0.05, ci.max_fold_std")
+
+
+def _limit(limit: Limit, setting: str) -> tuple[float, str]:
+    return limit if isinstance(limit, tuple) else (float(limit), f"{float(limit):g}, {setting}")
+
+
 def overfit_gate(
     metric: str,
     train_scores: Sequence[float],
     val_scores: Sequence[float],
-    max_gap: float,
-    max_fold_std: float,
+    max_gap_limit: Limit,
+    max_fold_std_limit: Limit,
     curve: tuple[Sequence[float], Sequence[float]] | None = None,
     curve_tolerance: float = 0.02,
 ) -> GateResult:
     """Train-validation gap and fold spread within limits; validation loss must not climb while training loss falls."""
     import numpy as np
+
+    max_gap, gap_said = _limit(max_gap_limit, "ci.max_train_val_gap")
+    max_fold_std, std_said = _limit(max_fold_std_limit, "ci.max_fold_std")
 
     gap = _better(metric, float(np.mean(train_scores)), float(np.mean(val_scores)))
     spread = float(np.std(val_scores, ddof=1)) if len(val_scores) > 1 else 0.0
@@ -82,11 +92,11 @@ def overfit_gate(
     problems = []
     if gap > max_gap:
         problems.append(f"the model scores {gap:.4f} better on training folds than on validation folds "
-                        f"(limit {max_gap}, ci.max_train_val_gap)")
+                        f"(limit {gap_said})")
     unstable = spread > max_fold_std
     if unstable:
-        problems.append(f"validation {metric} varies by {spread:.4f} across folds (limit {max_fold_std}, "
-                        "ci.max_fold_std; fewer rows per fold or ci.cv_folds spread it more)")
+        problems.append(f"validation {metric} varies by {spread:.4f} across folds (limit {std_said}; fewer rows "
+                        "per fold or ci.cv_folds spread it more)")
     if curve is not None:
         train, val = curve
         best = int(np.argmin(val))
@@ -109,7 +119,10 @@ def floor_gate(metric: str, value: float, floor: float | None, source: str = "fi
     """The held-out metric must reach an absolute floor (a fixed number or the champion's live metric)."""
     numbers = {"metric": metric, "holdout": value, "floor": floor, "floor_source": source}
     if floor is None:
-        return GateResult("floor", True, "No floor is set in the policy; skipped.", numbers)
+        bound = "ceiling" if metric in LOWER_IS_BETTER else "floor"
+        return GateResult("floor", True, f"Skipped: no fixed {bound} for {metric} (set ci.floor to the worst held-out "
+                          f"{metric} you accept; the baseline and champion gates still judge it).",
+                          {**numbers, "skipped": True})
     margin = _better(metric, value, floor)
     # For an error metric (rmse, log loss) the "floor" is a ceiling: say so.
     bound, reached, missed = (("ceiling", "stays under", "is over") if metric in LOWER_IS_BETTER
@@ -122,23 +135,25 @@ def floor_gate(metric: str, value: float, floor: float | None, source: str = "fi
                       numbers)
 
 
-def baseline_gate(metric: str, value: float, baseline: float, min_margin: float) -> GateResult:
+def baseline_gate(metric: str, value: float, baseline: float, min_margin_limit: Limit) -> GateResult:
     """The candidate must beat the naive baseline (DummyClassifier/DummyRegressor) by a margin."""
+    min_margin, said = _limit(min_margin_limit, "ci.min_margin_over_baseline")
     lift = _better(metric, value, baseline)
     numbers = {"metric": metric, "holdout": value, "baseline": baseline, "lift": lift, "min_margin": min_margin}
     if lift < min_margin:
         return GateResult(
             "baseline", False,
             f"Held-out {metric} {value:.4f} beats the naive baseline {baseline:.4f} by only {lift:.4f} "
-            f"(at least {min_margin} needed, ci.min_margin_over_baseline).", numbers,
+            f"(at least {said}).", numbers,
         )
     return GateResult("baseline", True, f"Beats the naive baseline by {lift:.4f} ({metric} {value:.4f} vs {baseline:.4f}).",
                       numbers)
 
 
-def champion_gate(metric: str, value: float, champion: float | None, max_regression: float,
+def champion_gate(metric: str, value: float, champion: float | None, max_regression_limit: Limit,
                   champion_version: str | None = None, champion_error: str | None = None) -> GateResult:
     """No regression beyond the policy's limit vs the current champion on the same held-out rows."""
+    max_regression, said = _limit(max_regression_limit, "ci.max_regression_vs_champion")
     if champion_error is not None:
         # Nothing shows the candidate does not regress, so it does not pass; the fix is in the data.
         return GateResult("champion", False,
@@ -158,11 +173,11 @@ def champion_gate(metric: str, value: float, champion: float | None, max_regress
         return GateResult(
             "champion", False,
             f"Held-out {metric} {value:.4f} trails champion v{champion_version} ({champion:.4f}) by {-delta:.4f}, "
-            f"beyond the allowed {max_regression} (ci.max_regression_vs_champion).", numbers,
+            f"beyond the allowed {said}.", numbers,
         )
     return GateResult("champion", True,
                       f"Held-out {metric} {value:.4f} vs champion v{champion_version} {champion:.4f} "
-                      f"(difference {delta:+.4f}, allowed regression {max_regression}).", numbers)
+                      f"(difference {delta:+.4f}, allowed regression {max_regression:.4g}).", numbers)
 
 
 def robustness_gate(cases: Sequence[Any]) -> GateResult:
@@ -251,11 +266,11 @@ def drift_gate(drifted: Sequence[str], checked: int, details: Sequence[str]) -> 
 
 def trust_gate(model_uri: str, refusal: str | None) -> GateResult:
     """An adopted model loads only as rollout loads any version: skops-saved scikit-learn whose types are on
-    the allow-list or in a package the policy trusts by name."""
+    the allow-list or in a package the policy trusts by name, or XGBoost's scikit-learn model in its own format."""
     if refusal is not None:
         return GateResult("trust", False, f"Not loaded: {refusal}", {"model_uri": model_uri})
-    return GateResult("trust", True, f"{model_uri} is skops-saved scikit-learn with allow-listed types only.",
-                      {"model_uri": model_uri})
+    return GateResult("trust", True, f"{model_uri} loads without code: skops-saved scikit-learn with allow-listed "
+                      "types, or an XGBoost model in its own format.", {"model_uri": model_uri})
 
 
 def skipped(gate: str, why: str) -> GateResult:

@@ -30,7 +30,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
-from rollout.config import LOWER_IS_BETTER, ConfigError, EarlyStoppingConfig, EstimatorConfig
+from rollout.config import CLASSIFICATION_TASKS, LOWER_IS_BETTER, ConfigError, EarlyStoppingConfig, EstimatorConfig
 from rollout.data import Schema
 from rollout.models import ModelError, Predictor, evaluate
 
@@ -70,6 +70,8 @@ SCORERS = {
     "precision": "precision",
     "recall": "recall",
     "log_loss": "neg_log_loss",
+    "f1_macro": "f1_macro",
+    "roc_auc_ovr": "roc_auc_ovr",
     "r2": "r2",
     "rmse": "neg_root_mean_squared_error",
     "mae": "neg_mean_absolute_error",
@@ -162,7 +164,7 @@ def inner_split(x: pd.DataFrame, y: pd.Series, fraction: float, task: str, seed:
                     tuple(train_test_split(x, y, test_size=fraction, shuffle=False)))
     return cast(tuple[pd.DataFrame, pd.DataFrame, pd.Series, pd.Series],
                 tuple(train_test_split(x, y, test_size=fraction, random_state=seed,
-                                       stratify=y if task == "classification" else None)))
+                                       stratify=y if task in CLASSIFICATION_TASKS else None)))
 
 
 def _prepared(model: Any, x_fit: pd.DataFrame, y_fit: pd.Series, x_val: pd.DataFrame) -> tuple[Any, Any, Any]:
@@ -320,7 +322,7 @@ def _blas_unowned() -> Iterator[None]:
 
 def baseline_estimator(task: str) -> Any:
     """The naive baseline every candidate must beat."""
-    return DummyClassifier(strategy="prior") if task == "classification" else DummyRegressor(strategy="mean")
+    return DummyClassifier(strategy="prior") if task in CLASSIFICATION_TASKS else DummyRegressor(strategy="mean")
 
 
 @dataclass(frozen=True)
@@ -355,7 +357,7 @@ def split(frame: pd.DataFrame, schema: Schema, holdout_fraction: float, seed: in
         train_index, holdout_index = order[:-n_holdout], order[-n_holdout:]
         return Split(x.loc[train_index], y.loc[train_index], x.loc[holdout_index], y.loc[holdout_index],
                      frame.drop(columns=[schema.target]).loc[holdout_index], time_ordered=True)
-    stratify = y if schema.task == "classification" else None
+    stratify = y if schema.task in CLASSIFICATION_TASKS else None
     train_index, holdout_index = train_test_split(frame.index, test_size=holdout_fraction, random_state=seed,
                                                   stratify=stratify)
     return Split(x.loc[train_index], y.loc[train_index], x.loc[holdout_index], y.loc[holdout_index],
@@ -419,7 +421,7 @@ def folds(task: str, n_folds: int, seed: int, time_ordered: bool = False) -> KFo
     else shuffled, stratified for classifiers."""
     if time_ordered:
         return TimeSeriesSplit(n_splits=n_folds)
-    if task == "classification":
+    if task in CLASSIFICATION_TASKS:
         return StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     return KFold(n_splits=n_folds, shuffle=True, random_state=seed)
 
@@ -490,7 +492,7 @@ def loss_curve(pipeline: Pipeline, data: Split, task: str, seed: int,
     fitted = clone(pipeline).fit(x_tr, y_tr)
     prep, model = fitted[:-1], fitted[-1]
     z_tr, z_va = prep.transform(x_tr), prep.transform(x_va)
-    if task == "classification":
+    if task in CLASSIFICATION_TASKS:
         train = [log_loss(y_tr, p) for p in model.staged_predict_proba(z_tr)]
         val = [log_loss(y_va, p) for p in model.staged_predict_proba(z_va)]
     else:
@@ -504,6 +506,13 @@ def fit(pipeline: Pipeline, data: Split, task: str = "classification", seed: int
     """Fit on all training rows (the held-out rows stay unseen)."""
     return fit_model(pipeline, data.x_train, data.y_train, task, seed, stopping, data.time_ordered)
 
+
+
+def baseline_score(data: Split, task: str, metric: str) -> float:
+    """The naive baseline's metric on the training rows it was fitted on: the metric's scale for this target
+    (a regression's rmse is then the target's spread), against which limits given as shares resolve."""
+    baseline = baseline_estimator(task).fit(data.x_train, data.y_train)
+    return evaluate(baseline, data.x_train, data.y_train, metric)
 
 
 @dataclass(frozen=True)

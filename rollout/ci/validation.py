@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from rollout.config import DataConfig, DriftConfig
+from rollout.config import CLASSIFICATION_TASKS, DataConfig, DriftConfig
 from rollout.data import Schema
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def build_suite(
         elif col in categorical:
             levels = schema.categories.get(col) or tuple(sorted(str(v) for v in series.dropna().unique()))
             expectations.append(gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(levels)))
-    if schema.task == "classification":
+    if schema.task in CLASSIFICATION_TASKS:
         target = frame[schema.target].dropna()
         values = sorted(target.unique().tolist())
         expectations.append(gxe.ExpectColumnValuesToBeInSet(column=schema.target, value_set=values))
@@ -124,7 +124,7 @@ def example_suite(rows: int = 6000, seed: int = 7) -> ExpectationSuite:
     from rollout.data import example_dataset, infer_schema
 
     frame = example_dataset(rows=rows, seed=seed)
-    schema = infer_schema(frame, DataConfig())
+    schema = infer_schema(frame, DataConfig.model_validate({}))
     return build_suite(
         frame, schema, "loan_training", bounds=LOAN_BOUNDS, positive=LOAN_POSITIVE, min_rows=LOAN_MIN_ROWS
     )

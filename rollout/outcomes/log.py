@@ -38,6 +38,7 @@ from rollout.roles import Role
 from rollout.times import day_of_cached, hour_of, to_epoch
 
 Time = datetime | float | str
+ClassCell = tuple[str, str | None, float, float]  # (version, segment, predicted class, labelled class): a count's key
 
 
 @dataclass(slots=True)
@@ -45,7 +46,9 @@ class PredictionRow:
     """One logged prediction: which version answered (or shadowed) which request, and how.
 
     `ts` None means "now"; `features` is the record as received (stored as JSON), or None when not kept.
-    A row with an `error` carries no prediction; `served` is false for shadow scorings."""
+    A row with an `error` carries no prediction; `served` is false for shadow scorings. A multiclass
+    model's `score` is its list of class probabilities (stored as JSON, with the predicted class's
+    probability as the score)."""
 
     request_id: str
     version: str
@@ -56,7 +59,7 @@ class PredictionRow:
     served: bool = True
     propensity: float | None = None
     prediction: float | None = None
-    score: float | None = None
+    score: float | Sequence[float] | None = None
     latency_ms: float | None = None
     error: str | None = None
     segment: str | None = None
@@ -102,10 +105,22 @@ def _stored_form(row: PredictionRow, now: float) -> tuple[Any, ...]:
     ts = now if row.ts is None else to_epoch(row.ts)
     features = row.features
     segment = None if row.segment is None else str(row.segment)[:SEGMENT_CHARS]
+    score, probabilities = split_score(row.score)
     return (str(row.request_id), None if row.unit_id is None else str(row.unit_id), row.rollout_id, ts,
             day_of_cached(ts), str(row.version), str(row.role), int(bool(row.served)), _clean_float(row.propensity),
-            _clean_float(row.prediction), _clean_float(row.score), _clean_float(row.latency_ms), row.error, segment,
-            features if features is None or isinstance(features, str) else to_json(features))
+            _clean_float(row.prediction), score, _clean_float(row.latency_ms), row.error, segment,
+            features if features is None or isinstance(features, str) else to_json(features), probabilities)
+
+
+def split_score(score: float | Sequence[float] | None) -> tuple[float | None, str | None]:
+    """The stored (score, probabilities) of a row's score: a binary score as it is; a multiclass row of class
+    probabilities as the largest (the predicted class's) and the JSON list."""
+    if score is None or isinstance(score, int | float):
+        return _clean_float(score), None
+    values = [float(v) for v in score]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"class probabilities must be finite numbers, got {values[:5]}")
+    return max(values), json.dumps(values, separators=(",", ":"))
 
 
 def _insert_halving(engine: Engine, sql: str, payload: list[tuple[Any, ...]],
@@ -136,6 +151,9 @@ def _is_data_error(exc: OperationalError) -> bool:
 def _row_of(stored: tuple[Any, ...]) -> PredictionRow:
     values = dict(zip(LOG_COLUMNS, stored, strict=True))
     values.pop("day")
+    probabilities = values.pop("probabilities")
+    if probabilities is not None:
+        values["score"] = json.loads(probabilities)
     return PredictionRow(**values)
 
 

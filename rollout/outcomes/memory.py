@@ -21,7 +21,7 @@ import pandas as pd
 
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.engine import LockHeld
-from rollout.outcomes.log import LabelReport, PredictionRow, Time
+from rollout.outcomes.log import ClassCell, LabelReport, PredictionRow, Time
 from rollout.outcomes.schema import METRICS
 from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EPS, EvidenceSums, TrafficCounts
 from rollout.roles import UNIT_SPLIT_MODES
@@ -33,20 +33,32 @@ from rollout.times import day_of, from_epoch, to_epoch
 _SCORED = {"log_loss", "brier"}  # losses of the score; the others are losses of the prediction
 
 
-def loss(metric: str, prediction: float | None, score: float | None, label: float) -> float | None:
-    """The per-request loss of a metric (None when the input it needs is missing), as the store's SQL has it."""
+def loss(metric: str, prediction: float | None, score: float | Sequence[float] | None,
+         label: float) -> float | None:
+    """The per-request loss of a metric (None when the input it needs is missing), as the store's SQL has it:
+    a multiclass score (class probabilities) has the log loss of the labelled class's entry."""
     if metric == "accuracy":
         return None if prediction is None else float(prediction != label)
     if metric == "log_loss":
         if score is None:
             return None
-        p_true = score if label == 1 else 1.0 - score
+        if not isinstance(score, int | float):
+            k = int(label)
+            p_true = float(score[k]) if 0 <= k < len(score) else 0.0
+        else:
+            p_true = score if label == 1 else 1.0 - score
         return -math.log(min(max(p_true, EPS), 1.0 - EPS))
+    score = _scalar(score)
     if metric == "brier":
         return None if score is None else (score - label) ** 2
     if prediction is None:
         return None
     return (prediction - label) ** 2 if metric == "mse" else abs(prediction - label)
+
+
+def _scalar(score: float | Sequence[float] | None) -> float | None:
+    """The stored score: a multiclass row's is its predicted class's probability (the largest)."""
+    return score if score is None or isinstance(score, int | float) else max(map(float, score))
 
 
 @dataclass
@@ -171,6 +183,26 @@ class InMemoryStore:
 
     # --------------------------------------------------------------------------------- answers
 
+    def class_counts(self, rollout_id: int, cutoff: Time | None = None) -> dict[ClassCell, int]:
+        cut = math.inf if cutoff is None else to_epoch(cutoff)
+        out: dict[ClassCell, int] = {}
+        for r in self.predictions:
+            label = self.labels.get(r.request_id)
+            if (r.rollout_id != rollout_id or r.error is not None or r.prediction is None or label is None
+                    or not _ts(r) < cut):
+                continue
+            key = (str(r.version), r.segment, float(r.prediction), float(label[1]))
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def first_seen(self, rollout_id: int) -> datetime | None:
+        times = [_ts(r) for r in self.predictions if r.rollout_id == rollout_id]
+        return from_epoch(min(times)) if times else None
+
+    def last_seen(self, rollout_id: int) -> datetime | None:
+        times = [_ts(r) for r in self.predictions if r.rollout_id == rollout_id]
+        return from_epoch(max(times)) if times else None
+
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
         start = -math.inf if since is None else to_epoch(since)
         rows = [r for r in self.predictions if r.served and r.features is not None and _ts(r) >= start]
@@ -207,8 +239,8 @@ class InMemoryStore:
                 continue
             h = champ_rows.get(r.request_id) if version != champion else None
             if h is not None:
-                x = h.score if h.score is not None else h.prediction
-                y = r.score if r.score is not None else r.prediction
+                x = _scalar(h.score) if h.score is not None else h.prediction
+                y = _scalar(r.score) if r.score is not None else r.prediction
                 a = agree.setdefault(version, [0, 0, 0.0, 0.0, 0.0, 0.0, 0.0])
                 a[0] += 1
                 a[1] += r.prediction is not None and r.prediction == h.prediction

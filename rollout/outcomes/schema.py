@@ -33,6 +33,9 @@ predictions = Table(
     Column("error", Text),
     Column("segment", String(64)),
     Column("features", Text),
+    # A multiclass prediction's class probabilities (JSON list, classes 0..K-1); `score` then holds the
+    # predicted class's. The log loss of a label reads its class's entry.
+    Column("probabilities", Text),
 )
 Index("ix_predictions_rollout", predictions.c.rollout_id, predictions.c.version, predictions.c.ts)
 Index("ix_predictions_request", predictions.c.request_id)
@@ -47,7 +50,7 @@ Index("ix_predictions_day", predictions.c.rollout_id, predictions.c.day, predict
 # PostgreSQL hash-joins instead, so it does not get them (they would only slow its inserts down).
 Index("ix_predictions_eval", predictions.c.rollout_id, predictions.c.request_id, predictions.c.version,
       predictions.c.error, predictions.c.prediction, predictions.c.score, predictions.c.ts, predictions.c.segment,
-      predictions.c.day).ddl_if(dialect="sqlite")
+      predictions.c.day, predictions.c.probabilities).ddl_if(dialect="sqlite")
 
 
 labels = Table(
@@ -130,7 +133,7 @@ dead_letters = Table(
 
 # The columns of a prediction row, in the order the log writes them.
 LOG_COLUMNS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
-               "prediction", "score", "latency_ms", "error", "segment", "features")
+               "prediction", "score", "latency_ms", "error", "segment", "features", "probabilities")
 
 # ------------------------------------------------------------------ evaluation summaries
 # Per (rollout, day, version, segment), over the day's error-free predictions and without a maturity

@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, inspect, select
 
 from rollout.outcomes import audit, engine, log
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
-from rollout.outcomes.log import LabelReport, PredictionRow, Time
+from rollout.outcomes.log import ClassCell, LabelReport, PredictionRow, Time
 from rollout.outcomes.schema import labels, metadata, predictions, rollout_units, summary_state
 from rollout.outcomes.summaries import EvidenceSums, Summaries
 from rollout.times import from_epoch, to_epoch
@@ -29,6 +29,9 @@ class Store(Protocol):
 
     def evidence(self, rollout_id: int, cutoff: Time | None = None, champion: str | None = None) -> EvidenceSums: ...
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame: ...
+    def class_counts(self, rollout_id: int, cutoff: Time | None = None) -> dict[ClassCell, int]: ...
+    def first_seen(self, rollout_id: int) -> datetime | None: ...
+    def last_seen(self, rollout_id: int) -> datetime | None: ...
     def current_rollout(self) -> Rollout | None: ...
     def rollout(self, rollout_id: int) -> Rollout | None: ...
     def open_rollout(self, mode: str, versions: Mapping[str, str], weights: Mapping[str, float] | None = None,
@@ -72,7 +75,14 @@ class OutcomeStore:
         existing = inspect(self.engine)
         had_summaries = existing.has_table(summary_state.name)
         new_units = not existing.has_table(rollout_units.name)
+        old_log = existing.has_table(predictions.name) and not any(
+            c["name"] == "probabilities" for c in existing.get_columns(predictions.name))
         metadata.create_all(self.engine, checkfirst=True)
+        if old_log:  # a store from before multiclass: the column, and SQLite's covering index with it
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE predictions ADD COLUMN probabilities TEXT")
+                if self.is_sqlite:
+                    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_predictions_eval")
         if had_summaries and new_units:  # a store from before rollout_units: rebuild its summaries, units too
             with self.engine.begin() as conn:
                 conn.execute(delete(summary_state))
@@ -193,6 +203,22 @@ class OutcomeStore:
         """Every sum an evaluation of the rollout needs, at maturity cut `cutoff`, from one snapshot."""
         self._ensure()
         return self.summaries.evidence(rollout_id, None if cutoff is None else to_epoch(cutoff), champion)
+
+    def class_counts(self, rollout_id: int, cutoff: Time | None = None) -> dict[ClassCell, int]:
+        """Labelled error-free predictions of the rollout before the maturity cut, counted per (version, segment,
+        predicted class, labelled class): a multiclass confusion matrix, for per-class guardrails. One pass over
+        the rollout's rows (the summaries keep binary confusion cells only), so it is asked only when a
+        multiclass policy has guardrails."""
+        self._ensure()
+        p, lab = predictions, labels
+        query = (select(p.c.version, p.c.segment, p.c.prediction, lab.c.label, func.count())
+                 .select_from(p.join(lab, (lab.c.request_id == p.c.request_id) & (lab.c.current == 1)))
+                 .where(p.c.rollout_id == rollout_id, p.c.error.is_(None), p.c.prediction.is_not(None))
+                 .group_by(p.c.version, p.c.segment, p.c.prediction, lab.c.label))
+        if cutoff is not None:
+            query = query.where(p.c.ts < to_epoch(cutoff))
+        with self.engine.connect() as conn:
+            return {(str(v), s, float(pr), float(la)): int(n) for v, s, pr, la, n in conn.execute(query)}
 
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
         """The latest served inputs (newest first), for production drift checks."""

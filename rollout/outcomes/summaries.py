@@ -35,7 +35,8 @@ Results equal a one-pass GROUP BY: same keys and counts; float sums are per-hour
 
 Losses per request (lower is better), computed in SQL with CASE:
   accuracy  0/1 error: prediction != label
-  log_loss  -ln(clip(p_true, 1e-15)) with p_true = score if label == 1 else 1 - score
+  log_loss  -ln(clip(p_true, 1e-15)) with p_true = score if label == 1 else 1 - score (a multiclass row:
+            the labelled class's entry of its JSON list of probabilities)
   brier     (score - label)^2;  mse  (prediction - label)^2;  mae  |prediction - label|
 Exact identities save aggregates: a 0/1 loss is its own square, |e|*|e| == e*e, counts are shared by
 metrics with the same inputs, fp/fn/tn follow from tp and the marginals. An inner query computes each
@@ -74,6 +75,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.log import mark_dirty
@@ -407,11 +410,11 @@ class Summaries:
             label = lab.c.label
         matured = label.is_not(None)
 
-        def loss(m: str, prediction: Any, score: Any) -> Any:
-            return loss_expr(m, prediction, score, label)
+        def loss(m: str, prediction: Any, score: Any, probabilities: Any) -> Any:
+            return loss_expr(m, prediction, score, label, probabilities)
 
         def own(m: str) -> Any:
-            return loss(m, p.c.prediction, p.c.score)
+            return loss(m, p.c.prediction, p.c.score, p.c.probabilities)
 
         # NULL unless matured: accuracy and log loss need the guard, the others are NULL without a label
         cols: list[Any] = [
@@ -439,7 +442,7 @@ class Summaries:
             ))
             pair = h.c.id.is_not(None)
             h_pred, h_score = h.c.prediction, h.c.score
-            cols += [case((and_(matured, pair), own(m) - loss(m, h_pred, h_score))).label(f"d_{m}") for m in METRICS]
+            cols += [case((and_(matured, pair), own(m) - loss(m, h_pred, h_score, h.c.probabilities))).label(f"d_{m}") for m in METRICS]
             cols += [case((pair, 1)).label("pair"), case((and_(pair, p.c.prediction == h_pred), 1)).label("agree"),
                      func.coalesce(h_score, h_pred).label("x"),
                      case((pair, func.coalesce(p.c.score, p.c.prediction))).label("y")]
@@ -623,12 +626,37 @@ class Summaries:
         return stmt.from_select(["rollout_id", "version", "kind", "unit"], query).on_conflict_do_nothing()
 
 
-def loss_expr(metric: str, prediction: Any, score: Any, label: Any) -> Any:
-    """SQL expression of the per-request loss (NULL when the inputs it needs are missing)."""
+class ClassProbability(FunctionElement[float]):
+    """SQL of the probability a multiclass row gave the labelled class: entry `label` of its JSON list of
+    class probabilities, 0 when the list has no such entry (a class the model does not know)."""
+
+    type = Float()
+    name = "class_probability"
+    inherit_cache = True
+
+
+@compiles(ClassProbability, "sqlite")
+def _class_probability_sqlite(element: ClassProbability, compiler: Any, **kw: Any) -> str:
+    probabilities, label = (compiler.process(c, **kw) for c in element.clauses)
+    return f"coalesce(json_extract({probabilities}, '$[' || CAST({label} AS INTEGER) || ']'), 0.0)"
+
+
+@compiles(ClassProbability, "postgresql")
+def _class_probability_pg(element: ClassProbability, compiler: Any, **kw: Any) -> str:
+    probabilities, label = (compiler.process(c, **kw) for c in element.clauses)
+    return (f"coalesce(CAST((CAST({probabilities} AS JSON) ->> CAST({label} AS INTEGER)) AS DOUBLE PRECISION), "
+            "0.0)")
+
+
+def loss_expr(metric: str, prediction: Any, score: Any, label: Any, probabilities: Any = None) -> Any:
+    """SQL expression of the per-request loss (NULL when the inputs it needs are missing). A multiclass row
+    (its `probabilities` not NULL) has the log loss of the labelled class's probability."""
     if metric == "accuracy":
         return case((prediction.is_(None), None), (prediction == label, 0.0), else_=1.0)
     if metric == "log_loss":
         p_true = case((label == 1, score), else_=literal(1.0) - score)
+        if probabilities is not None:
+            p_true = case((probabilities.is_not(None), ClassProbability(probabilities, label)), else_=p_true)
         clipped = case((p_true < EPS, EPS), (p_true > 1.0 - EPS, 1.0 - EPS), else_=p_true)
         return literal(0.0) - func.ln(clipped)
     if metric == "brier":

@@ -97,3 +97,36 @@ def test_a_model_uri_that_does_not_exist_is_a_clear_error(world):
     result = CliRunner().invoke(app, ["adopt", "--config", str(path), "--model-uri", "runs:/0123abcd/model"],
                                 terminal_width=300)
     assert result.exit_code == 2 and "model URI 'runs:/0123abcd/model': not found" in " ".join(result.output.split())
+
+
+def test_an_xgboost_model_in_its_own_mlflow_flavour_is_adopted_and_shadows(world):
+    """A team that logs XGBoost with mlflow.xgboost.log_model: loaded from the booster's own format (no code),
+    gated, registered and scored in shadow on every served row; a bare Booster (it cannot score rows) is
+    refused by name."""
+    import xgboost
+
+    path, policy, frame, champion = world
+    x, y = frame.drop(columns=["target"]), frame["target"]
+    model = xgboost.XGBClassifier(n_estimators=60, max_depth=3, learning_rate=0.1).fit(x, y)
+    mlflow.set_tracking_uri(policy.tracking_uri)
+    mlflow.set_experiment("team-training")
+    with mlflow.start_run() as run:
+        mlflow.xgboost.log_model(model, name="model", signature=infer_signature(x.head(20), model.predict_proba(x.head(20))))
+        mlflow.xgboost.log_model(model.get_booster(), name="booster")
+    uri = f"runs:/{run.info.run_id}/model"
+    result = CliRunner().invoke(app, ["adopt", "--config", str(path), "--model-uri", uri], terminal_width=300)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "trust │ pass" in said, said
+    registry = MlflowRegistry.for_policy(policy)
+    adopted = registry.aliases()[Role.CHALLENGER]
+    assert float(registry.get_tags(adopted)["holdout_roc_auc"]) > 0.95
+
+    serve_and_label(policy, x, y, "xgb-token")
+    outcome = online_evaluation(config=str(path), params=EvaluationParameters(now=datetime.now(UTC) + timedelta(hours=1)))
+    stats = json.loads(Path(outcome.report).with_suffix(".json").read_text())["stats"][adopted]
+    assert stats["n"] == len(frame)  # the xgboost flavour scored every served row in its shadow lane
+
+    bare = CliRunner().invoke(app, ["adopt", "--config", str(path), "--model-uri",
+                                    f"runs:/{run.info.run_id}/booster"], terminal_width=300)
+    said = " ".join(bare.output.split())
+    assert bare.exit_code == 1 and "class 'xgboost.core.Booster'" in said and "trust │ FAIL" in said, said

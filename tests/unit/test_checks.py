@@ -61,7 +61,9 @@ def test_a_target_the_task_cannot_learn_and_warnings_for_ids_and_leaks():
 def test_check_config_data_prints_every_problem_and_exits_2(tmp_path):
     frame = _cancer()
     frame.to_csv(tmp_path / "cancer.csv", index=False)
-    path = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"},
+    # The example's policy copied for another table: its column roles left in, a parameter mistyped.
+    path = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target", "timestamp_column": "applied_at",
+                                        "segment_column": "tier", "unit_column": "customer_id"},
                         estimator={"name": "logistic_regression", "params": {"c": 0.5}})
     result = CliRunner().invoke(app, ["check-config", "--config", str(path), "--data"], terminal_width=200)
     said = " ".join(result.output.split())
@@ -71,8 +73,6 @@ def test_check_config_data_prints_every_problem_and_exits_2(tmp_path):
     assert "did you mean 'C'?" in said and "4 error(s): the policy does not fit its data (569 rows)" in said
     assert said.count("its columns are: mean radius") == 1
 
-    fixed = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target", "timestamp_column": None,
-                                         "segment_column": None, "unit_column": None},
-                         rollout={"segment_guardrails": []})
+    fixed = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"})  # nothing of the example
     result = CliRunner().invoke(app, ["check-config", "--config", str(fixed), "--data"], terminal_width=200)
     assert result.exit_code == 0 and "the policy fits its data (569 rows, 31 columns)" in result.output

@@ -68,3 +68,29 @@ def test_a_factory_in_a_trusted_package_or_its_subpackage_is_accepted():
     policy = parse_policy({"estimator": {"factory": "team_model.models:build", "params": {"C": 0.5}},
                            "registry": {"trusted_modules": ["team_model"]}})
     assert policy.estimator.label == "team_model.models:build" and policy.estimator.params == {"C": 0.5}
+
+
+def test_gate_limits_fit_the_metric_scale():
+    """AUC-sized numbers are not applied to RMSE: unset limits of an error metric are shares of the naive
+    baseline's score, a share can be written as 'N%', and no fixed floor is assumed for it."""
+    from rollout.ci import gates
+
+    regression = parse_policy({"data": {"source": "t.csv", "target": "temp", "task": "regression"},
+                               "estimator": {"name": "ridge"}, "ci": {"metric": "rmse"}})
+    assert regression.ci.floor_value is None
+    value, said = regression.ci.limit("max_train_val_gap", scale=8.0)  # the target's spread: 8 degrees
+    assert value == pytest.approx(1.2) and said == "1.2: 15% of the naive baseline's 8, ci.max_train_val_gap"
+    result = gates.overfit_gate("rmse", [2.0, 2.1], [3.9, 4.0], regression.ci.limit("max_train_val_gap", 8.0),
+                                regression.ci.limit("max_fold_std", 8.0))
+    assert not result.passed and "(limit 1.2: 15% of the naive baseline's 8, ci.max_train_val_gap)" in result.reason
+    skipped = gates.floor_gate("rmse", 3.9, regression.ci.floor_value)
+    assert skipped.headline == "SKIPPED" and "no fixed ceiling for rmse (set ci.floor" in skipped.reason
+
+    own = parse_policy({"data": {"source": "t.csv", "target": "temp", "task": "regression"},
+                        "estimator": {"name": "ridge"},
+                        "ci": {"metric": "rmse", "floor": 4.5, "max_train_val_gap": 2.5, "max_fold_std": "10%"}})
+    assert own.ci.floor_value == 4.5 and own.ci.limit("max_train_val_gap", 8.0)[0] == 2.5
+    assert own.ci.limit("max_fold_std", 8.0)[0] == pytest.approx(0.8)
+    assert parse_policy({}).ci.floor_value == 0.70 and parse_policy({}).ci.limit("max_fold_std", 0.5)[0] == 0.03
+    with pytest.raises(ConfigError, match=r"ci.max_fold_std: '10 percent': a number in the metric's units"):
+        parse_policy({"ci": {"max_fold_std": "10 percent"}})
