@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,12 +100,15 @@ def replay_from(path: str, policy: Policy, label_column: str | None = None, ts_c
                              f"{', '.join(map(str, frame.columns[:20]))})")
     times = None
     if ts_column is not None:
-        when = pd.to_datetime(frame[ts_column], errors="coerce", utc=True)
+        with warnings.catch_warnings():  # no common format: each value parsed alone, and unreadable ones counted
+            warnings.simplefilter("ignore", UserWarning)
+            when = pd.to_datetime(frame[ts_column], errors="coerce", utc=True)
         if when.isna().any():
             raise ValueError(f"--ts-column: {int(when.isna().sum())} of {len(frame)} rows of {ts_column!r} are not "
                              "readable times")
-        frame = frame.assign(_when=when).sort_values("_when", kind="stable").drop(columns="_when")
-        times = (pd.to_datetime(frame[ts_column], utc=True).astype("int64") // 10**3).to_numpy() / 1e6
+        frame = frame.assign(_when=when).sort_values("_when", kind="stable")
+        epoch = pd.Timestamp("1970-01-01", tz="UTC")
+        times = (frame.pop("_when") - epoch).dt.total_seconds().to_numpy()
     if limit is not None:
         frame = frame.iloc[:limit]
         times = None if times is None else times[:limit]

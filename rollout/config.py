@@ -57,6 +57,8 @@ ABSOLUTE_LIMITS = {"max_train_val_gap": 0.05, "max_fold_std": 0.03, "min_margin_
                    "max_regression_vs_champion": 0.01}
 RELATIVE_LIMITS = {"max_train_val_gap": "15%", "max_fold_std": "5%", "min_margin_over_baseline": "5%",
                    "max_regression_vs_champion": "1%"}
+# Online losses in the target's own units: their margin and planned effect have no default that could fit.
+TARGET_UNIT_METRICS = {"mse", "mae"}
 # (CI metric, online metric) a policy gets for its task unless it names them.
 DEFAULT_METRICS = {"classification": ("roc_auc", "accuracy"), "multiclass": ("roc_auc_ovr", "accuracy"),
                    "regression": ("r2", "mse")}
@@ -544,6 +546,13 @@ class Policy(_Strict):
                 f"rollout.primary_metric {self.rollout.primary_metric!r} does not apply to {task}; allowed: "
                 f"{', '.join(sorted(ONLINE_METRICS_BY_TASK[task]))}"
             )
+        unset = [f"rollout.{name}" for name in ("margin", "min_detectable_effect")
+                 if name not in self.rollout.model_fields_set]
+        if self.rollout.primary_metric in TARGET_UNIT_METRICS and unset:
+            raise ValueError(f"{' and '.join(unset)}: rollout.primary_metric {self.rollout.primary_metric!r} is in the "
+                             "target's units, so no default fits: set margin (the largest loss increase you accept, "
+                             "e.g. 1% of the champion's) and min_detectable_effect (the improvement worth finding "
+                             "fast, e.g. 5%), both in those units")
         for i, guard in enumerate(self.rollout.segment_guardrails):
             where = f"rollout.segment_guardrails.{i}"
             if guard.class_ is not None and task != "multiclass":

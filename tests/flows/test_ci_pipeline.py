@@ -16,7 +16,7 @@ from sklearn.preprocessing import OneHotEncoder
 
 from flows.ci_pipeline import CIParameters, ci_pipeline
 from rollout.ci import training
-from rollout.config import ConfigError, load_policy
+from rollout.config import EXAMPLE_ROLES, ConfigError, load_policy
 from rollout.data import example_dataset
 from rollout.ci.gates import GateFailed
 from rollout.registry import MlflowRegistry
@@ -89,7 +89,7 @@ def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothin
     frame.loc[:5, "credit_score"] = "excellent"
     frame.loc[:50, "debt_to_income"] = 7.5
     frame.to_csv(tmp_path / "bad.csv", index=False)
-    policy_path = write_policy(tmp_path, data={"source": "bad.csv"})
+    policy_path = write_policy(tmp_path, data={"source": "bad.csv", **EXAMPLE_ROLES})
 
     failure = _fail(policy_path)
     assert failure.result.gate == "data_validation"
@@ -123,7 +123,7 @@ def test_pipeline_crashing_on_unseen_levels_fails_robustness_naming_the_case(tmp
     to the model: a model that crashes on it fails the gate. A null where training had none is refused by the
     input contract first (a clean 422), which the gate accepts."""
     example_dataset(rows=2500, seed=8).dropna().to_csv(tmp_path / "clean.csv", index=False)
-    policy_path = write_policy(tmp_path, data={"source": "clean.csv"}, ci={
+    policy_path = write_policy(tmp_path, data={"source": "clean.csv", **EXAMPLE_ROLES}, ci={
         "cv_folds": 3, "max_train_val_gap": 0.2, "max_fold_std": 0.2, "floor": 0.5, "min_margin_over_baseline": 0.0,
         "expectations_suite": str(Path(__file__).resolve().parents[2] / "expectations" / "loan_training.json"),
         "stress": {"single_requests": 20, "batch_size": 100, "batches": 3},
@@ -175,7 +175,7 @@ def test_another_dataset_by_changing_the_policy_file_alone(tmp_path):
         ci={"cv_folds": 3, "metric": "r2", "floor": 0.3, "min_margin_over_baseline": 0.1, "max_train_val_gap": 0.1,
             "max_fold_std": 0.1, "expectations_suite": "diabetes.json",
             "stress": {"single_requests": 20, "batch_size": 100, "batches": 3, "budget": {"p99_single_ms": 2000}}},
-        rollout={"primary_metric": "mse", "segment_guardrails": []},
+        rollout={"primary_metric": "mse", "margin": 30.0, "min_detectable_effect": 150.0, "segment_guardrails": []},
     )
     outcome = ci_pipeline(config=str(policy_path))
     assert outcome.aliases == ["champion"]
@@ -262,16 +262,16 @@ def test_training_rows_from_a_postgresql_query(tmp_path, pg_url, monkeypatch):
     base, database = pg_url.rsplit("/", 1)
     monkeypatch.setenv("WAREHOUSE_DB", database)
     query = "SELECT * FROM applications WHERE applied_at < '2026-05-01' ORDER BY applied_at"
-    path = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": query})
+    path = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": query, **EXAMPLE_ROLES})
     outcome = ci_pipeline(config=str(path))
     assert outcome.aliases == ["champion"]
     run = MlflowRegistry.for_policy(load_policy(path)).client.get_run(outcome.run_id)
     expected = int((frame["applied_at"] < "2026-05-01").sum())
     assert run.data.params["rows"] == str(expected) and expected < len(frame)
 
-    bad = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": "SELECT * FROM aplications"})
+    bad = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": "SELECT * FROM aplications", **EXAMPLE_ROLES})
     with pytest.raises(ConfigError, match=r"data.query: failed on postgresql\+psycopg://postgres@.*aplications"):
         ci_pipeline(config=str(bad))
-    missing = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": None})
+    missing = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": None, **EXAMPLE_ROLES})
     with pytest.raises(ConfigError, match="data.query: data.source is a database URL"):
         ci_pipeline(config=str(missing))

@@ -13,7 +13,7 @@ import pytest
 from flows.ci_pipeline import ci_pipeline
 from flows.online_evaluation import EvaluationParameters, online_evaluation
 from rollout.ci.gates import GateFailed
-from rollout.config import load_policy
+from rollout.config import EXAMPLE_ROLES, load_policy
 from rollout.data import example_dataset
 from rollout.registry import MlflowRegistry
 from rollout.roles import Role
@@ -61,7 +61,7 @@ def test_a_champion_whose_columns_the_data_no_longer_has_fails_the_champion_gate
     ci_pipeline(config=str(_policy(tmp_path, [])))
     frame = example_dataset(rows=3000, seed=12).drop(columns=["region"])  # the source lost a column v1 reads
     frame.to_csv(tmp_path / "loans.csv", index=False)
-    path = write_policy(tmp_path, data={"source": "loans.csv"}, ci={"expectations_suite": "loans.json"},
+    path = write_policy(tmp_path, data={"source": "loans.csv", **EXAMPLE_ROLES}, ci={"expectations_suite": "loans.json"},
                         rollout=ROLLOUT)
     write_suite(build_suite(frame, infer_schema(frame, load_policy(path).data), "loans"), tmp_path / "loans.json")
     with pytest.raises(GateFailed) as err:

@@ -72,3 +72,27 @@ async def test_simulate_refuses_to_run_without_a_token(monkeypatch: pytest.Monke
     monkeypatch.delenv("ROLLOUT_TOKEN")
     with pytest.raises(ValueError, match="ROLLOUT_TOKEN"):
         await simulate_async("http://sim", Policy(), requests=5)
+
+
+def test_replaying_your_own_rows_names_what_does_not_fit(tmp_path) -> None:
+    """--data FILE: the label and time columns must exist, times must read as times, delays read as 12h/2d."""
+    import pandas as pd
+
+    from cli.simulate import parse_delay, replay_from
+
+    path = tmp_path / "rows.csv"
+    pd.DataFrame({"when": ["2025-04-01T02:00", "2025-04-01T01:00"], "x": [1.0, 2.0], "y": [0, None]}).to_csv(
+        path, index=False)
+    policy = Policy.model_validate({"data": {"source": "rows.csv", "target": "y"}})
+    replay = replay_from(str(path), policy, ts_column="when")
+    assert replay.features.columns.tolist() == ["x"] and replay.features["x"].tolist() == [2.0, 1.0]  # time order
+    assert replay.times is not None and replay.times[1] - replay.times[0] == 3600.0
+    assert replay.labels.isna().tolist() == [True, False]  # a row without a label is sent, never labelled
+    with pytest.raises(ValueError, match=r"--label-column: 'outcome' is not a column of .*rows.csv"):
+        replay_from(str(path), policy, label_column="outcome")
+    with pytest.raises(ValueError, match=r"--ts-column: 2 of 2 rows of 'x' are not readable times"):
+        pd.DataFrame({"x": ["soon", "later"], "y": [0, 1]}).to_csv(path, index=False)
+        replay_from(str(path), policy, ts_column="x")
+    assert (parse_delay("12h"), parse_delay("2d"), parse_delay("90m"), parse_delay("6")) == (12.0, 48.0, 1.5, 6.0)
+    with pytest.raises(ValueError, match=r"label delay 'soon': expected hours"):
+        parse_delay("soon")

@@ -75,8 +75,12 @@ def test_gate_limits_fit_the_metric_scale():
     baseline's score, a share can be written as 'N%', and no fixed floor is assumed for it."""
     from rollout.ci import gates
 
+    with pytest.raises(ConfigError, match=r"rollout.margin and rollout.min_detectable_effect: rollout.primary_metric "
+                                          r"'mse' is in the target's units, so no default fits"):
+        parse_policy({"data": {"source": "t.csv", "target": "temp", "task": "regression"}, "estimator": {"name": "ridge"}})
+    online = {"margin": 0.2, "min_detectable_effect": 1.0}
     regression = parse_policy({"data": {"source": "t.csv", "target": "temp", "task": "regression"},
-                               "estimator": {"name": "ridge"}, "ci": {"metric": "rmse"}})
+                               "estimator": {"name": "ridge"}, "ci": {"metric": "rmse"}, "rollout": online})
     assert regression.ci.floor_value is None
     value, said = regression.ci.limit("max_train_val_gap", scale=8.0)  # the target's spread: 8 degrees
     assert value == pytest.approx(1.2) and said == "1.2: 15% of the naive baseline's 8, ci.max_train_val_gap"
@@ -87,7 +91,7 @@ def test_gate_limits_fit_the_metric_scale():
     assert skipped.headline == "SKIPPED" and "no fixed ceiling for rmse (set ci.floor" in skipped.reason
 
     own = parse_policy({"data": {"source": "t.csv", "target": "temp", "task": "regression"},
-                        "estimator": {"name": "ridge"},
+                        "estimator": {"name": "ridge"}, "rollout": online,
                         "ci": {"metric": "rmse", "floor": 4.5, "max_train_val_gap": 2.5, "max_fold_std": "10%"}})
     assert own.ci.floor_value == 4.5 and own.ci.limit("max_train_val_gap", 8.0)[0] == 2.5
     assert own.ci.limit("max_fold_std", 8.0)[0] == pytest.approx(0.8)

@@ -14,7 +14,7 @@ def _policy(task: str, estimator: dict):
                                   "unit_column": None, "segment_column": None},
                          "ci": {"metric": "r2" if task == "regression" else "roc_auc"},
                          "rollout": {"primary_metric": "mse" if task == "regression" else "accuracy",
-                                     "segment_guardrails": []},
+                                     "margin": 30.0, "min_detectable_effect": 150.0, "segment_guardrails": []},
                          "estimator": estimator})
 
 
