@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import json
+import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +119,7 @@ def ci(
     from flows.ci_pipeline import CIParameters, ci_pipeline
     from flows.runners import dask_runner
 
-    _policy(config)
+    policy = _policy(config)
     try:
         overrides = json.loads(params) if params is not None else None
     except json.JSONDecodeError as exc:
@@ -129,19 +131,57 @@ def ci(
     run = CIParameters(data_source=data_source, example_drift=drift, example_seed=seed, estimator=estimator,
                        estimator_params=overrides)
     flow = ci_pipeline.with_options(task_runner=dask_runner(dask_address)) if (dask or dask_address) else ci_pipeline
-    outcome = _gated("ci-pipeline", lambda: flow(config=config, params=run))
+    outcome = _gated("ci-pipeline", lambda: flow(config=config, params=run), policy)
     console.print(f"[green]registered version {outcome.version}[/green] as "
                   + ", ".join("@" + a for a in outcome.aliases) + f"; reports in {outcome.reports_dir}")
 
 
-def _gated(name: str, run: Callable[[], Any]) -> Any:
-    """Run a gated flow on the embedded server and print every verdict: a failed gate exits 1 (nothing was
-    registered), a bad policy or input 2."""
-    from flows.runners import embedded_run
-    from rollout.ci.gates import GateFailed
+class _NoTraceback(logging.Formatter):
+    """A console formatter that prints a record's message without its traceback (the log file keeps it)."""
 
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+@contextmanager
+def _log_file(path: Path) -> Iterator[Path]:
+    """Everything the run logs, tracebacks included, goes to `path`; the terminal gets one line per record."""
+    root = logging.getLogger()
+    consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
+    formatters = [h.formatter for h in consoles]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for handler in consoles:
+        handler.setFormatter(_NoTraceback(handler.formatter))
+    root.addHandler(to_file)
     try:
-        with embedded_run():
+        yield path
+    finally:
+        root.removeHandler(to_file)
+        to_file.close()
+        for handler, formatter in zip(consoles, formatters, strict=True):
+            handler.setFormatter(formatter)
+
+
+def _gated(name: str, run: Callable[[], Any], policy: Policy) -> Any:
+    """Run a gated flow on the embedded server and print every verdict: a failed gate exits 1 (nothing was
+    registered), a bad policy or input 2, any other failure 1 with one line saying where it stopped; the full
+    log with tracebacks goes to <reports_dir>/<flow>.log."""
+    from flows.runners import embedded_run
+    from rollout.ci.gates import GateFailed, StepFailed
+
+    log_path = policy.path(policy.stores.reports_dir) / f"{name}.log"
+    try:
+        with embedded_run(), _log_file(log_path):
             outcome = run()
     except GateFailed as exc:
         console.print(gate_table(exc.outcome.gates if exc.outcome else [exc.result]))
@@ -150,6 +190,14 @@ def _gated(name: str, run: Callable[[], Any]) -> Any:
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
+    except StepFailed as exc:
+        if exc.outcome is not None and exc.outcome.gates:
+            console.print(gate_table(exc.outcome.gates))
+        console.print(f"[red]{name} {exc}[/red]\nNothing was registered. Full log with the traceback: {log_path}")
+        raise typer.Exit(1) from None
+    except Exception as exc:  # noqa: BLE001 - never a raw traceback on the terminal: one line, the log has the rest
+        console.print(f"[red]{name} failed: {type(exc).__name__}: {exc}[/red]\nFull log with the traceback: {log_path}")
+        raise typer.Exit(1) from None
     console.print(gate_table(outcome.gates))
     return outcome
 
@@ -165,13 +213,13 @@ def adopt(
 
     from flows.adopt_model import AdoptParameters, adopt_model
 
-    _policy(config)
+    policy = _policy(config)
     try:
         params = AdoptParameters(model_uri=model_uri, data_source=data_source)
     except ValidationError as exc:
         console.print(f"[red]--model-uri {model_uri!r}: {exc.errors()[0]['msg']}[/red]")
         raise typer.Exit(2) from None
-    outcome = _gated("adopt-model", lambda: adopt_model(config=config, params=params))
+    outcome = _gated("adopt-model", lambda: adopt_model(config=config, params=params), policy)
     console.print(f"[green]adopted {model_uri} as version {outcome.version}[/green]: "
                   + ", ".join("@" + a for a in outcome.aliases) + f"; reports in {outcome.reports_dir}")
 
@@ -244,12 +292,25 @@ def evaluate(
     from flows.online_evaluation import EvaluationParameters, online_evaluation
     from flows.runners import embedded_run
 
-    _policy(config)
-    at = None if now in (None, "data") else datetime.fromisoformat(now)
+    policy = _policy(config)
+    try:
+        at = None if now in (None, "data") else datetime.fromisoformat(now)
+    except ValueError:
+        console.print(f"[red]--now {now!r}: expected an ISO 8601 time (2026-03-01T12:00) or 'data'[/red]")
+        raise typer.Exit(2) from None
     params = EvaluationParameters(now=at, clock="data" if now == "data" else "wall", dry_run=dry_run,
                                   actor="rollout evaluate")
-    with embedded_run():
-        outcome = online_evaluation(config=config, params=params)
+    log_path = policy.path(policy.stores.reports_dir) / "online-evaluation.log"
+    try:
+        with embedded_run(), _log_file(log_path):
+            outcome = online_evaluation(config=config, params=params)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except Exception as exc:  # noqa: BLE001 - one line on the terminal; the log has the traceback
+        console.print(f"[red]online-evaluation failed: {type(exc).__name__}: {exc}[/red]\n"
+                      f"Nothing was decided. Full log with the traceback: {log_path}")
+        raise typer.Exit(1) from None
     colour = {"promote": "green", "reject": "red"}.get(outcome.action, "yellow")
     console.print(f"[{colour}]{outcome.action.upper()}[/{colour}]"
                   + (f" version {outcome.winner}" if outcome.winner else ""))

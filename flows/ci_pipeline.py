@@ -13,9 +13,9 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from rollout.config import Policy, parse_policy
+from rollout.config import ConfigError, Policy, parse_policy
 from rollout.data import Schema
-from rollout.ci.gates import GateFailed, GateResult
+from rollout.ci.gates import GateFailed, GateResult, step_failed
 from rollout.ci.training import example_rows, factory_function, usable_cores
 from tasks import ci
 from tasks.common import load_policy_task, publish_gate
@@ -44,6 +44,7 @@ class CIOutcome:
     run_id: str | None = None
     rollout_id: int | None = None
     reports_dir: str = ""
+    stage: str = "starting"  # what the run was doing last: a StepFailed names it
 
 
 def publisher(outcome: CIOutcome, reports: Path) -> Callable[[GateResult], None]:
@@ -100,22 +101,41 @@ def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
 @flow(name="ci-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=usable_cores()))  # type: ignore[arg-type]
 def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None) -> CIOutcome:
     """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal)."""
-    params = params or CIParameters()
+    outcome = CIOutcome()
+    return stepwise(outcome, lambda: _ci(config, params or CIParameters(), outcome))
+
+
+def stepwise(outcome: CIOutcome, body: Callable[[], CIOutcome]) -> CIOutcome:
+    """Run a flow's body: a failed gate or a bad policy as they are, any other failure as a StepFailed naming the
+    stage it stopped in, with every verdict so far."""
+    try:
+        return body()
+    except (GateFailed, ConfigError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure: say where, in one line, with the verdicts so far
+        raise step_failed(outcome.stage, exc, outcome) from exc
+
+
+def _ci(config: str, params: CIParameters, outcome: CIOutcome) -> CIOutcome:
+    outcome.stage = "loading the policy"
     policy = apply_overrides(load_policy_task(config), params)
     if policy.estimator.factory is not None:  # the team's code is importable here, or nothing starts
         factory_function(policy.estimator.factory)
     reports = reports_folder(policy, "ci")
-    outcome = CIOutcome(reports_dir=str(reports))
+    outcome.reports_dir = str(reports)
     gate = publisher(outcome, reports)
+    outcome.stage = "loading data"
     frame, schema = checked_data(policy, gate, reports)
     data = ci.split_data(policy, frame, schema)
     searched = None
     if policy.estimator.search is not None:  # tuned on the training rows; what follows judges the chosen params
+        outcome.stage = "training (hyperparameter search)"
         searched = ci.search_params(policy, schema, data)
         policy = apply_overrides(policy, CIParameters(estimator_params=searched.result.best_params))
     # The final fit, the champion's download, the folds and the loss curve are independent tasks: side
     # by side in threads as the cores allow (the longest, the final fit, first), spread over a Dask
     # cluster when the flow is given the Dask runner.
+    outcome.stage = "training (fit, CV folds, loss curve)"
     fitted = ci.fit_candidate.submit(policy, schema, data)
     champion_loaded = ci.load_champion.submit(policy)
     folds = [ci.cv_fold.submit(policy, schema, data, i) for i in range(policy.ci.cv_folds)]
@@ -124,7 +144,9 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     gate(ci.overfit_result(policy, cv, data, schema.task))
     model = fitted.result()
 
+    outcome.stage = "loading the champion"
     champion_version, champion = champion_loaded.result()
+    outcome.stage = "scoring the held-out rows"
     held = ci.score_held_out(policy, schema, data, model, champion, champion_version)
     for result in ci.quality_results(policy, held):
         gate(result)
@@ -132,15 +154,21 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None
     example = example_rows(data.x_train, schema)
     work = ci.workdir()
     try:
+        outcome.stage = "packaging the candidate"
         candidate = ci.package_candidate(policy, model, example, schema.task, work)
+        outcome.stage = "robustness cases"
         gate(ci.robustness_cases(policy, schema, candidate, data.x_holdout))
+        outcome.stage = "stress test"
         gate(ci.stress_test(policy, candidate, champion, data.rows_holdout))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    outcome.stage = "registering the version"
     logged = ci.register_candidate(policy, model, schema, frame, cv, held, outcome.gates, example, searched)
+    outcome.stage = "moving aliases"
     assigned = ci.assign_aliases(policy, str(logged.version), params.rollout_start)
     outcome.version, outcome.aliases, outcome.run_id = assigned.version, assigned.aliases, logged.run_id
     outcome.rollout_id = assigned.rollout_id
+    outcome.stage = "done"
     print(f"registered {policy.registry.model_name} v{assigned.version} as " + ", ".join("@" + a for a in assigned.aliases))
     return outcome

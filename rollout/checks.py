@@ -124,7 +124,25 @@ def _estimator_params(policy: Policy) -> list[Problem]:
                 difflib.get_close_matches(name, sorted(accepted), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"it takes {', '.join(sorted(accepted))}"
             problems.append(Problem(f"{field}.{name}", f"{policy.estimator.label} takes no parameter {name!r}; {hint}"))
+    if not problems and policy.estimator.factory is None:
+        problems += _param_values(policy)
     return problems
+
+
+def _param_values(policy: Policy) -> list[Problem]:
+    """Parameter values the estimator refuses (scikit-learn's own validation, without fitting): C: -1, a
+    penalty it does not know, a string where a number goes."""
+    from rollout.ci.training import estimator_class
+
+    try:
+        model = estimator_class(policy.estimator.name)(**policy.estimator.params)
+        validate = getattr(model, "_validate_params", None)
+        if validate is not None:
+            validate()
+    except Exception as exc:  # noqa: BLE001 - whatever the estimator says about its parameters
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return [Problem("estimator.params", f"{policy.estimator.name}: {message}")]
+    return []
 
 
 def _segments(policy: Policy, frame: pd.DataFrame) -> list[Problem]:

@@ -53,6 +53,32 @@ class GateFailed(RuntimeError):
         self.outcome: Any = None
 
 
+class StepFailed(RuntimeError):
+    """A CI or adopt run stopped on something other than a gate: what it was doing, the error in one line, what to
+    change when that is known, and every verdict so far (`outcome`)."""
+
+    def __init__(self, stage: str, cause: BaseException, hint: str = "", outcome: Any = None) -> None:
+        self.stage, self.hint, self.outcome = stage, hint, outcome
+        self.cause = f"{type(cause).__name__}: {cause}".strip().splitlines()[0][:500]
+        super().__init__(f"stopped while {stage}: {self.cause}" + (f" ({hint})" if hint else ""))
+
+
+# What to change when a step fails with an error of this kind: (stage, exception type names) -> hint.
+_HINTS = (
+    ("training", ("InvalidParameterError", "ValueError", "TypeError"),
+     "check estimator.name and estimator.params (rollout check-config --data)"),
+    ("loading data", ("FileNotFoundError", "ParserError", "UnicodeDecodeError"), "check data.source"),
+    ("registering", ("ConnectionError", "MlflowException", "OperationalError"), "check stores.mlflow_tracking_uri"),
+)
+
+
+def step_failed(stage: str, cause: BaseException, outcome: Any = None) -> StepFailed:
+    """The StepFailed of an error raised while `stage` ran, with a hint of what to change where one is known."""
+    kinds = {k.__name__ for k in type(cause).__mro__}
+    hint = next((h for s, names, h in _HINTS if stage.startswith(s) and kinds & set(names)), "")
+    return StepFailed(stage, cause, hint, outcome)
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 

@@ -275,3 +275,34 @@ def test_training_rows_from_a_postgresql_query(tmp_path, pg_url, monkeypatch):
     missing = write_policy(tmp_path, data={"source": base + "/${WAREHOUSE_DB}", "query": None, **EXAMPLE_ROLES})
     with pytest.raises(ConfigError, match="data.query: data.source is a database URL"):
         ci_pipeline(config=str(missing))
+
+
+def test_a_failure_that_is_not_a_gate_prints_one_line_and_keeps_the_traceback_in_the_log(tmp_path, monkeypatch):
+    """A team's estimator that crashes in fit: the terminal gets the verdicts so far and one line saying where
+    it stopped and why, never a traceback; the run's log file has the traceback."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from tests.conftest import cancer_policy
+
+    package = tmp_path / "crashy"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from sklearn.linear_model import LogisticRegression\n\n"
+        "class Crashy(LogisticRegression):\n"
+        "    def fit(self, x, y, **kw):\n"
+        "        raise RuntimeError('the feature store timed out')\n\n"
+        "def build(schema, **params):\n"
+        "    return Crashy()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = cancer_policy(tmp_path, estimator={"factory": "crashy:build"}, registry={"model_name": "cancer",
+                                                                                    "trusted_modules": ["crashy"]})
+    result = CliRunner().invoke(app, ["ci", "--config", str(path)], terminal_width=200)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, result.output
+    assert "data_validation │ pass" in said and "Traceback" not in result.output
+    assert ("ci-pipeline stopped while training (fit, CV folds, loss curve): RuntimeError: the feature store timed "
+            "out") in said and "Nothing was registered." in said
+    log = (tmp_path / "reports" / "ci-pipeline.log").read_text()
+    assert "Traceback (most recent call last)" in log and "the feature store timed out" in log
+    assert MlflowClient(load_policy(path).tracking_uri).search_registered_models() == []

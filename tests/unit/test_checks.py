@@ -76,3 +76,11 @@ def test_check_config_data_prints_every_problem_and_exits_2(tmp_path):
     fixed = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"})  # nothing of the example
     result = CliRunner().invoke(app, ["check-config", "--config", str(fixed), "--data"], terminal_width=200)
     assert result.exit_code == 0 and "the policy fits its data (569 rows, 31 columns)" in result.output
+
+
+def test_parameter_values_the_estimator_refuses_are_found_before_training():
+    policy = parse_policy({"data": {"source": "c.csv", "target": "target"},
+                           "estimator": {"name": "logistic_regression", "params": {"C": -1}}})
+    problems = check_data(policy, _cancer())
+    assert [(p.field, p.severity) for p in problems] == [("estimator.params", ERROR)]
+    assert "The 'C' parameter of LogisticRegression must be a float in the range (0.0, inf]" in problems[0].message
