@@ -263,6 +263,15 @@ class StressConfig(_Strict):
     budget: LatencyBudget = Field(default_factory=LatencyBudget)
 
 
+class InvarianceConfig(_Strict):
+    """The robustness gate's behavioural check: small noise on real rows must leave answers alone."""
+
+    perturbation: float = Field(0.01, gt=0, le=0.5, description="Noise on each numeric feature, as a share of its "
+                                "training range (standard deviation).")
+    max_changed: float = Field(0.05, ge=0, le=1, description="Share of rows whose class (or, regression, prediction "
+                               "by more than 10% of the predictions' spread) may change, at most.")
+
+
 class CIConfig(_Strict):
     """Offline gates of the ci-pipeline flow."""
 
@@ -328,6 +337,7 @@ class CIConfig(_Strict):
     )
     drift: DriftConfig = Field(default_factory=DriftConfig)
     stress: StressConfig = Field(default_factory=StressConfig)
+    invariance: InvarianceConfig = Field(default_factory=lambda: InvarianceConfig())
     robustness_samples: str | None = Field(
         None, description="Path to saved problem inputs (csv/json records) replayed by the robustness gate."
     )

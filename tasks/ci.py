@@ -207,7 +207,9 @@ def package_candidate(policy: Policy, model: Any, x_example: pd.DataFrame, task_
 def robustness_cases(policy: Policy, schema: Schema, candidate: Any, sample: pd.DataFrame) -> gates.GateResult:
     """Edge cases from the schema plus saved problem inputs, sent as the service would send them."""
     saved = policy.path(policy.ci.robustness_samples) if policy.ci.robustness_samples else None
-    return gates.robustness_gate(robustness.check(candidate, schema, sample, saved, policy.data.seed))
+    noise = policy.ci.invariance
+    return gates.robustness_gate(robustness.check(candidate, schema, sample, saved, policy.data.seed,
+                                                  noise.perturbation, noise.max_changed))
 
 
 @task(name="stress", cache_policy=NO_CACHE)

@@ -209,15 +209,19 @@ def champion_gate(metric: str, value: float, champion: float | None, max_regress
 def robustness_gate(cases: Sequence[Any]) -> GateResult:
     """Every edge case must give a well-formed prediction or a clean validation error; a crash fails, named."""
     crashed = [c for c in cases if c.outcome == "crash"]
+    unstable = [c for c in cases if c.outcome == "unstable"]
     details = [f"{c.name}: {c.outcome}{' - ' + c.detail if c.detail else ''}" for c in cases]
-    numbers = {"cases": len(cases), "crashes": len(crashed),
+    numbers = {"cases": len(cases), "crashes": len(crashed), "unstable": len(unstable),
                "clean_errors": sum(c.outcome == "validation_error" for c in cases)}
+    problems = []
     if crashed:
         names = ", ".join(f"{c.name} ({c.detail})" for c in crashed)
-        return GateResult("robustness", False, f"{len(crashed)} of {len(cases)} edge cases crashed the model: {names}.",
-                          numbers, details)
-    return GateResult("robustness", True, f"All {len(cases)} edge cases gave a well-formed prediction or a clean error.",
-                      numbers, details)
+        problems.append(f"{len(crashed)} of {len(cases)} edge cases crashed the model: {names}")
+    problems += [f"answers are not stable under small noise: {c.detail}" for c in unstable]
+    if problems:
+        return GateResult("robustness", False, "; ".join(problems) + ".", numbers, details)
+    return GateResult("robustness", True, f"All {len(cases)} edge cases gave a well-formed prediction or a clean error; "
+                      "answers held under small noise.", numbers, details)
 
 
 def stress_gate(candidate: dict[str, float], champion: dict[str, float] | None, p99_single_ms: float,

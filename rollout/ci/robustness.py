@@ -29,16 +29,19 @@ class CaseResult:
     """What one edge case did: a well-formed prediction, a clean validation error, or a crash."""
 
     name: str
-    outcome: str  # "prediction" | "validation_error" | "crash"
+    outcome: str  # "prediction" | "validation_error" | "crash" | "unstable" (answers moved under small noise)
     detail: str = ""
 
 
 def synthesize_cases(schema: Schema, sample: pd.DataFrame, large_rows: int = 5000, seed: int = 0) -> dict[str, pd.DataFrame]:
-    """Edge-case inputs derived from the schema and a few real rows (features only)."""
+    """Edge-case inputs derived from the schema and a few real rows (features only): nulls only in columns the
+    training data had nulls in (elsewhere the input contract refuses them before any model sees them), numbers
+    at the edges of the range training saw and one span beyond each edge, unseen and empty categories, odd
+    texts, batches empty and large, columns reordered."""
     rng = np.random.default_rng(seed)
     base = sample[list(schema.features)].head(8).reset_index(drop=True)
     cases: dict[str, pd.DataFrame] = {"single_row": base.head(1), "empty_batch": base.head(0)}
-    for col in schema.nullable or schema.features:
+    for col in schema.nullable:
         frame = base.copy()
         frame[col] = None if schema.holds_strings(col) else np.nan
         cases[f"null_{col}"] = frame
@@ -60,8 +63,8 @@ def synthesize_cases(schema: Schema, sample: pd.DataFrame, large_rows: int = 500
             cases[f"{label}_{col}"] = frame
     for col in schema.numeric:
         lo, hi = schema.ranges.get(col, (0.0, 1.0))
-        span = max(abs(hi - lo), 1.0)
-        for label, value in (("huge", hi + 1e6 * span), ("negative_huge", lo - 1e6 * span), ("zero", 0.0)):
+        span = abs(hi - lo) or max(abs(hi), 1.0)
+        for label, value in (("min", lo), ("max", hi), ("below_min", lo - span), ("above_max", hi + span)):
             frame = base.copy()
             frame[col] = float(value)
             cases[f"{label}_{col}"] = frame
@@ -107,9 +110,48 @@ def run_cases(model: LoadedModel, cases: dict[str, pd.DataFrame]) -> list[CaseRe
     return [run_case(name, model, frame) for name, frame in cases.items()]
 
 
-def check(model: Predictor, schema: Schema, sample: pd.DataFrame, saved: Path | None, seed: int) -> list[CaseResult]:
-    """Every synthesised edge case and every saved problem input, sent to the model as the service would."""
+def invariance(model: LoadedModel, schema: Schema, sample: pd.DataFrame, seed: int, perturbation: float = 0.01,
+               max_changed: float = 0.05, rows: int = 300) -> CaseResult:
+    """Small perturbations leave answers alone (a behavioural test in the manner of Made-With-ML's): every numeric
+    feature of real rows moved by noise of `perturbation` x its training range; a classifier's class may change on
+    at most `max_changed` of the rows, a regression's prediction by more than 10% of the predictions' spread on
+    at most that share. Answers must stay finite (a row error is a crash)."""
+    if not schema.numeric:
+        return CaseResult("invariance_small_noise", "prediction", "no numeric feature to perturb")
+    rng = np.random.default_rng(seed)
+    frame = sample[list(schema.features)].head(rows).reset_index(drop=True)
+    moved = frame.copy()
+    for col in schema.numeric:
+        lo, hi = schema.ranges.get(col, (0.0, 1.0))
+        values = pd.to_numeric(moved[col], errors="coerce")
+        noisy = values + rng.normal(0.0, perturbation * (abs(hi - lo) or 1.0), len(moved))
+        # whole numbers stay whole (a count moved by a fraction would break an integer input contract)
+        moved[col] = noisy.round() if pd.api.types.is_integer_dtype(frame[col]) else noisy
+    try:
+        before, after = model.score(records_of(frame)), model.score(records_of(moved))
+    except ModelError as exc:
+        return CaseResult("invariance_small_noise", "crash", _short(str(exc)))
+    bad = [e for e in (*before.errors, *after.errors) if e is not None]
+    if bad:
+        return CaseResult("invariance_small_noise", "crash", f"malformed output on perturbed rows: {bad[0]}")
+    a = np.asarray(before.predictions, dtype=float)
+    b = np.asarray(after.predictions, dtype=float)
+    if before.scores is not None:  # a classifier: its class
+        changed, what = float(np.mean(a != b)), "class"
+    else:
+        tolerance = 0.1 * float(np.std(a)) if len(a) > 1 and np.std(a) > 0 else 1e-9
+        changed, what = float(np.mean(np.abs(a - b) > tolerance)), "prediction (by > 10% of their spread)"
+    detail = (f"{changed:.1%} of {len(a)} rows changed {what} under noise of {perturbation:g} x each numeric "
+              f"feature's range (at most {max_changed:.0%}, ci.invariance)")
+    return CaseResult("invariance_small_noise", "unstable" if changed > max_changed else "prediction", detail)
+
+
+def check(model: Predictor, schema: Schema, sample: pd.DataFrame, saved: Path | None, seed: int,
+          perturbation: float = 0.01, max_changed: float = 0.05) -> list[CaseResult]:
+    """Every synthesised edge case and every saved problem input, sent to the model as the service would, and
+    the invariance of its answers to small noise."""
     cases = synthesize_cases(schema, sample, seed=seed)
     if saved is not None:
         cases.update(load_saved_inputs(saved))
-    return run_cases(LoadedModel(model), cases)
+    loaded = LoadedModel(model)
+    return [*run_cases(loaded, cases), invariance(loaded, schema, sample, seed, perturbation, max_changed)]

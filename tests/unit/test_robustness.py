@@ -24,8 +24,13 @@ def test_cases_cover_the_schema():
         assert cases[f"null_{col}"][col].isna().all()
     for col in schema.categorical:
         assert f"unseen_{col}" in cases and f"empty_string_{col}" in cases
+    assert {c for c in cases if c.startswith("null_") and c != "null_every_nullable"} == {
+        f"null_{col}" for col in schema.nullable}  # nulls only where training had them
     for col in schema.numeric:
-        assert cases[f"huge_{col}"][col].iloc[0] > schema.ranges[col][1]
+        lo, hi = schema.ranges[col]
+        assert cases[f"min_{col}"][col].iloc[0] == lo and cases[f"max_{col}"][col].iloc[0] == hi
+        assert cases[f"below_min_{col}"][col].iloc[0] == lo - (hi - lo)
+        assert cases[f"above_max_{col}"][col].iloc[0] == hi + (hi - lo)
     assert len(cases["empty_batch"]) == 0 and len(cases["single_row"]) == 1 and len(cases["large_batch"]) == 100
     assert list(cases["columns_reordered"].columns) == list(reversed(schema.features))
 
@@ -151,3 +156,25 @@ def test_a_text_model_that_breaks_on_blank_text_fails_naming_the_case():
     assert not result.passed
     assert "empty_text_message" in result.reason and "whitespace_text_message" in result.reason
     assert "long_text_message" not in result.reason
+
+
+class _Jumpy:
+    """A classifier whose class depends on the second decimal of income: any noise flips it."""
+
+    classes_ = np.array([0, 1])
+    feature_names_in_ = None
+
+    def predict_proba(self, frame: pd.DataFrame):
+        p = ((frame["income"].fillna(0).to_numpy() * 100).astype(int) % 2).astype(float) * 0.8 + 0.1
+        return np.c_[1 - p, p]
+
+
+def test_answers_that_jump_under_small_noise_fail_the_gate_and_steady_ones_pass():
+    schema, frame = _schema_and_sample()
+    model = training.build_pipeline(schema, EstimatorConfig()).fit(frame[list(schema.features)], frame["approved"])
+    steady = robustness.invariance(LoadedModel(model), schema, frame, seed=0)
+    assert steady.outcome == "prediction" and "of 300 rows changed class" in steady.detail
+    jumpy = robustness.invariance(LoadedModel(_Jumpy()), schema, frame, seed=0)
+    assert jumpy.outcome == "unstable" and "(at most 5%, ci.invariance)" in jumpy.detail
+    result = gates.robustness_gate([jumpy])
+    assert not result.passed and result.reason.startswith("answers are not stable under small noise: ")
