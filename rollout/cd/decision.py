@@ -21,7 +21,7 @@ from rollout.roles import UNIT_SPLIT_MODES
 from rollout.stats import bandit, guardrails, multiplicity, sequential
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums, GuardrailResult
-from rollout.stats.moments import Confusion, Moments, total
+from rollout.stats.moments import ClusterSums, Confusion, Moments, total
 
 Action = Literal["promote", "continue", "reject", "inconclusive"]
 Key = tuple[str, str]  # (segment, day)
@@ -44,6 +44,7 @@ class ChallengerEvidence:
     looked_at: tuple[int, ...] = ()  # matured n at earlier evaluations (group-sequential design)
     ipw: IPWSums | None = None  # bandit: propensity-weighted sums of its loss
     rate_per_hour: float | None = None
+    units: ClusterSums | None = None  # its loss (A/B) or paired difference (shadow) summed per unit
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Evidence:
     champion: str
     challengers: tuple[ChallengerEvidence, ...]
     champion_loss: Mapping[Key, Moments] = field(default_factory=dict)
+    champion_units: ClusterSums | None = None  # A/B: the champion's loss summed per unit
     champion_confusion: Mapping[str, Confusion] = field(default_factory=dict)
     champion_ipw: IPWSums | None = None
     served: Mapping[str, int] = field(default_factory=dict)
@@ -114,11 +116,13 @@ class _Effect:
 
 
 def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
-    """Better-is-positive effect of the challenger with its standard error, by mode."""
+    """Better-is-positive effect of the challenger with its standard error, by mode. Where rows of a unit share
+    an arm (A/B) or a pairing (shadow) and unit sums are known, the standard error is the larger of the row-level
+    and the cluster-robust one: visits of one customer are not independent evidence."""
     if mode == "shadow":
         d = total(ch.paired.values())
-        se = d.se
-        return _Effect(-d.mean if d.n else math.nan, se, d.n, d.n, _sigma(se, d.n), "paired differences")
+        se, method = _clustered(d.se, [ch.units], "paired differences")
+        return _Effect(-d.mean if d.n else math.nan, se, d.n, d.n, _sigma(se, d.n), method)
     champ, chal = total(ev.champion_loss.values()), total(ch.loss.values())
     if mode == "bandit" and ev.champion_ipw is not None and ch.ipw is not None:
         est, se = bandit.ipw_difference(ev.champion_ipw, ch.ipw, "hajek")
@@ -128,7 +132,20 @@ def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
         return _Effect(math.nan, math.nan, chal.n, min(champ.n, chal.n), math.nan, "Welch difference")
     est, se, _ = sequential.welch_difference(champ, chal)
     method = "Welch difference" if mode != "bandit" else "Welch difference (no IPW sums: biased under bandit)"
+    if mode != "bandit":
+        se, method = _clustered(se, [ch.units, ev.champion_units], method)
     return _Effect(est, se, chal.n, min(champ.n, chal.n), _sigma(se, chal.n), method)
+
+
+def _clustered(se: float, parts: list[ClusterSums | None], method: str) -> tuple[float, str]:
+    """The larger of a row-level standard error and the cluster-robust one from unit sums (when every part has
+    them, from two units or more)."""
+    if not parts or any(p is None or p.units < 2 for p in parts) or not math.isfinite(se):
+        return se, method
+    robust = math.sqrt(sum(p.var_of_mean for p in parts if p is not None))
+    if not math.isfinite(robust):
+        return se, method
+    return max(se, robust), f"{method}, clustered by unit"
 
 
 def _sigma(se: float, n: int) -> float:

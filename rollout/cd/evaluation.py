@@ -18,7 +18,7 @@ from rollout.outcomes import LockHeld, Rollout, Store
 from rollout.outcomes.log import ClassCell
 from rollout.registry import ModelRegistry
 from rollout.roles import UNIT_SPLIT_MODES
-from rollout.stats.moments import Confusion
+from rollout.stats.moments import ClusterSums, Confusion
 
 def _by_version(parts: Mapping[tuple[Any, ...], Any]) -> dict[str, dict[tuple[str, str], Any]]:
     out: dict[str, dict[tuple[str, str], Any]] = defaultdict(dict)
@@ -52,6 +52,15 @@ def _class_confusions(counts: Mapping[ClassCell, int],
                     Confusion(fn=n) if was else Confusion(tn=n))
             out[version][g.key] = out[version].get(g.key, Confusion()) + cell
     return out
+
+
+def unit_evidence(store: Store, rollout: Rollout, policy: Policy, cutoff: datetime) -> dict[str, ClusterSums]:
+    """Per version, the primary metric's loss summed per unit (A/B: units were randomised; shadow: the paired
+    differences), when the policy names a unit column; else nothing (each request is its own unit)."""
+    if policy.data.unit_column is None or rollout.mode == "bandit":
+        return {}
+    champion = rollout.champion if rollout.mode == "shadow" else None
+    return store.unit_sums(rollout.rollout_id, policy.rollout.primary_metric, cutoff, champion)
 
 
 def age_from(store: Store, rollout: Rollout) -> datetime:
@@ -110,6 +119,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     agreement = sums.agreement if shadow else {}
     ipw = sums.ipw.get(metric, {}) if rollout.mode == "bandit" else {}
     psi_max = production_psi(store, training, schema)
+    units = unit_evidence(store, rollout, policy, now - timedelta(hours=rp.label_delay_hours))
     started = age_from(store, rollout)
     hours = max((now - started).total_seconds() / 3600.0, 1e-9)
 
@@ -131,6 +141,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
             looked_at=earlier_looks(store, rid, version) if rp.design == "group_sequential" else (),
             ipw=ipw.get(version),
             rate_per_hour=matured_n / hours,
+            units=units.get(version),
         ))
     # The sample-ratio test counts what was randomised: units in ab/abn (sticky by unit id), requests else.
     by_unit = rollout.mode in UNIT_SPLIT_MODES
@@ -144,6 +155,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
         champion=champion,
         challengers=tuple(challengers),
         champion_loss=loss.get(champion, {}),
+        champion_units=units.get(champion) if not shadow else None,
         champion_confusion=confusion.get(champion, {}),
         champion_ipw=ipw.get(champion),
         served=served,

@@ -27,7 +27,7 @@ from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EPS, Evi
 from rollout.roles import UNIT_SPLIT_MODES
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums
-from rollout.stats.moments import Confusion, Moments
+from rollout.stats.moments import ClusterSums, Confusion, Moments
 from rollout.times import day_of, from_epoch, to_epoch
 
 _SCORED = {"log_loss", "brier"}  # losses of the score; the others are losses of the prediction
@@ -202,6 +202,30 @@ class InMemoryStore:
     def last_seen(self, rollout_id: int) -> datetime | None:
         times = [_ts(r) for r in self.predictions if r.rollout_id == rollout_id]
         return from_epoch(max(times)) if times else None
+
+    def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
+                  champion: str | None = None) -> dict[str, ClusterSums]:
+        cut = math.inf if cutoff is None else to_epoch(cutoff)
+        champ = {r.request_id: r for r in self.predictions
+                 if champion is not None and r.rollout_id == rollout_id and r.version == champion and r.error is None}
+        units: dict[str, list[str]] = {}
+        values: dict[str, list[float]] = {}
+        for r in self.predictions:
+            label = self.labels.get(r.request_id)
+            if r.rollout_id != rollout_id or r.error is not None or label is None or not _ts(r) < cut:
+                continue
+            value = loss(metric, r.prediction, r.score, label[1])
+            if champion is not None:
+                h = champ.get(r.request_id)
+                if r.version == champion or h is None:
+                    continue
+                theirs = loss(metric, h.prediction, h.score, label[1])
+                value = None if value is None or theirs is None else value - theirs
+            if value is None:
+                continue
+            units.setdefault(r.version, []).append(r.unit_id or r.request_id)
+            values.setdefault(r.version, []).append(value)
+        return {v: ClusterSums.of(units[v], values[v]) for v in units}
 
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
         start = -math.inf if since is None else to_epoch(since)

@@ -14,13 +14,14 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import pandas as pd
-from sqlalchemy import delete, func, inspect, select
+from sqlalchemy import and_, delete, func, inspect, select
 
 from rollout.outcomes import audit, engine, log
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, PredictionRow, Time
 from rollout.outcomes.schema import labels, metadata, predictions, rollout_units, summary_state
-from rollout.outcomes.summaries import EvidenceSums, Summaries
+from rollout.outcomes.summaries import EvidenceSums, Summaries, loss_expr
+from rollout.stats.moments import ClusterSums
 from rollout.times import from_epoch, to_epoch
 
 
@@ -32,6 +33,8 @@ class Store(Protocol):
     def class_counts(self, rollout_id: int, cutoff: Time | None = None) -> dict[ClassCell, int]: ...
     def first_seen(self, rollout_id: int) -> datetime | None: ...
     def last_seen(self, rollout_id: int) -> datetime | None: ...
+    def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
+                  champion: str | None = None) -> dict[str, ClusterSums]: ...
     def current_rollout(self) -> Rollout | None: ...
     def rollout(self, rollout_id: int) -> Rollout | None: ...
     def open_rollout(self, mode: str, versions: Mapping[str, str], weights: Mapping[str, float] | None = None,
@@ -219,6 +222,37 @@ class OutcomeStore:
             query = query.where(p.c.ts < to_epoch(cutoff))
         with self.engine.connect() as conn:
             return {(str(v), s, float(pr), float(la)): int(n) for v, s, pr, la, n in conn.execute(query)}
+
+    def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
+                  champion: str | None = None) -> dict[str, ClusterSums]:
+        """Per version, its per-row loss (with `champion`: loss minus the champion's on the same request, for the
+        other versions) summed per unit (the unit id, or the request id of a request without one), summarised
+        for a cluster-robust standard error. Matured, labelled, error-free rows before the cut. One pass over
+        the rollout's rows (sums of squares of unit totals do not add up across the hourly summaries)."""
+        self._ensure()
+        p, lab = predictions.alias("p"), labels.alias("l")
+        join = p.join(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))
+        label = lab.c.label
+        value = loss_expr(metric, p.c.prediction, p.c.score, label, p.c.probabilities)
+        where = [p.c.rollout_id == rollout_id, p.c.error.is_(None)]
+        if champion is not None:
+            h = predictions.alias("h")
+            join = join.join(h, and_(h.c.request_id == p.c.request_id, h.c.version == str(champion),
+                                     h.c.rollout_id == rollout_id, h.c.error.is_(None)))
+            value = value - loss_expr(metric, h.c.prediction, h.c.score, label, h.c.probabilities)
+            where.append(p.c.version != str(champion))
+        if cutoff is not None:
+            where.append(p.c.ts < to_epoch(cutoff))
+        unit = func.coalesce(p.c.unit_id, p.c.request_id)
+        inner = (select(p.c.version.label("version"), func.count(value).label("n"), func.sum(value).label("y"))
+                 .select_from(join).where(*where).group_by(p.c.version, unit).subquery("u"))
+        u = inner.c
+        query = (select(u.version, func.count(), func.sum(u.n), func.sum(u.y), func.sum(u.y * u.y),
+                        func.sum(u.y * u.n), func.sum(u.n * u.n))
+                 .where(u.n > 0).group_by(u.version))
+        with self.engine.connect() as conn:
+            return {str(r[0]): ClusterSums(int(r[1]), int(r[2]), float(r[3]), float(r[4]), float(r[5]), float(r[6]))
+                    for r in conn.execute(query)}
 
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
         """The latest served inputs (newest first), for production drift checks."""

@@ -46,6 +46,47 @@ class Moments:
         return math.sqrt(self.variance / self.n) if self.n >= 2 else math.nan
 
 
+@dataclass(frozen=True)
+class ClusterSums:
+    """Per-unit sums of a per-row value, summarised for a cluster-robust standard error of its mean: units G,
+    rows N, the total, and over units the sums of (unit total)^2, (unit total)(unit rows) and (unit rows)^2.
+    A/B randomises units (a customer's visits all go to one arm), so rows of a unit are not independent: the
+    variance of the mean comes from the units' deviations, y_u - mean * n_u (the ratio, or delta, method)."""
+
+    units: int = 0
+    n: int = 0
+    total: float = 0.0
+    sum_y2: float = 0.0
+    sum_yn: float = 0.0
+    sum_n2: float = 0.0
+
+    @classmethod
+    def of(cls, unit_of: Iterable[object], values: Iterable[float]) -> ClusterSums:
+        """From one value per row and the unit of each row (tests and the in-memory store)."""
+        units = np.asarray(unit_of if isinstance(unit_of, np.ndarray) else list(unit_of))
+        y = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=float)
+        if y.size == 0:
+            return cls()
+        _, index = np.unique(units, return_inverse=True)
+        n_u = np.bincount(index).astype(float)
+        y_u = np.bincount(index, weights=y)
+        return cls(int(n_u.size), int(y.size), float(y.sum()), float(np.dot(y_u, y_u)), float(np.dot(y_u, n_u)),
+                   float(np.dot(n_u, n_u)))
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else math.nan
+
+    @property
+    def var_of_mean(self) -> float:
+        """Cluster-robust variance of the mean, sum_u (y_u - m n_u)^2 / N^2 x G / (G - 1); nan below two units."""
+        if self.units < 2:
+            return math.nan
+        m = self.mean
+        spread = max(self.sum_y2 - 2.0 * m * self.sum_yn + m * m * self.sum_n2, 0.0)
+        return spread / (self.n * self.n) * self.units / (self.units - 1)
+
+
 def total(parts: Iterable[Moments]) -> Moments:
     """Sum of several Moments (an empty sum is the empty sample)."""
     out = Moments()

@@ -329,7 +329,7 @@ def test_boosters_stop_early_inside_each_fit_and_load_back_from_exact_skops_type
                                  "unit_column": None, "segment_column": None},
                         "ci": {"metric": "r2" if task == "regression" else "roc_auc"},
                         "rollout": {"primary_metric": "mse" if task == "regression" else "accuracy",
-                                    "segment_guardrails": []},
+                                    "margin": 30.0, "min_detectable_effect": 150.0, "segment_guardrails": []},
                         "estimator": {"name": name, "params": {"n_estimators": 300}}})
     schema = infer_schema(frame, cfg.data)
     data = training.split(frame, schema, 0.2, 0)
