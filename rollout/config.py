@@ -416,6 +416,11 @@ class RolloutPolicy(_Strict):
     guardrail_min_trials: int = Field(
         30, ge=0, description="Observations a proportion guardrail (segment floor, error rate) needs before it can "
         "reject; until then an unclear one holds the decision.")
+    min_label_coverage: float = Field(
+        0.0, ge=0, le=1, description="Share of matured predictions that must have a label before promotion (0 = any).")
+    max_label_coverage_gap: float = Field(
+        0.05, ge=0, le=1, description="A/B: label coverage of the two arms may differ by this much (and by noise); a "
+        "larger gap holds the decision: labels that depend on the arm bias the comparison.")
     max_stability_ratio: float = Field(
         2.0, gt=0, description="Day-to-day swing of the challenger's daily metric (net of sampling, complete days) "
         "over the champion's, at most.")

@@ -45,6 +45,7 @@ class ChallengerEvidence:
     ipw: IPWSums | None = None  # bandit: propensity-weighted sums of its loss
     rate_per_hour: float | None = None
     units: ClusterSums | None = None  # its loss (A/B) or paired difference (shadow) summed per unit
+    labels: guardrails.LabelSums | None = None  # label coverage and delays of its matured predictions
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Evidence:
     challengers: tuple[ChallengerEvidence, ...]
     champion_loss: Mapping[Key, Moments] = field(default_factory=dict)
     champion_units: ClusterSums | None = None  # A/B: the champion's loss summed per unit
+    champion_labels: guardrails.LabelSums | None = None
     champion_confusion: Mapping[str, Confusion] = field(default_factory=dict)
     champion_ipw: IPWSums | None = None
     served: Mapping[str, int] = field(default_factory=dict)
@@ -187,6 +189,10 @@ def _guardrails(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> 
             # says nothing about what callers would see. CI's stress gate compared them on equal inputs.
             check = _as(check, "skipped", " (shadow batches are off the response path; latency is gated in CI)")
         out.append(check)
+    if ch.labels is not None:  # hold, never reject: labels that are late or missing unevenly bias the losses
+        out.append(guardrails.label_delay_check(ch.labels, policy.label_delay_hours, policy.guardrail_min_trials))
+        out.append(guardrails.label_coverage_check(ch.labels, ev.champion_labels if ev.mode != "shadow" else None,
+                                                   policy.min_label_coverage, policy.max_label_coverage_gap))
     proxies: list[GuardrailResult] = []
     if ch.agreement is not None:
         agree = guardrails.agreement_check(ch.agreement.n, ch.agreement.n_agree, policy.proxies.min_agreement, a)

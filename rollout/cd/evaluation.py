@@ -18,6 +18,7 @@ from rollout.outcomes import LockHeld, Rollout, Store
 from rollout.outcomes.log import ClassCell
 from rollout.registry import ModelRegistry
 from rollout.roles import UNIT_SPLIT_MODES
+from rollout.stats.guardrails import LabelSums
 from rollout.stats.moments import ClusterSums, Confusion
 
 def _by_version(parts: Mapping[tuple[Any, ...], Any]) -> dict[str, dict[tuple[str, str], Any]]:
@@ -119,7 +120,9 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     agreement = sums.agreement if shadow else {}
     ipw = sums.ipw.get(metric, {}) if rollout.mode == "bandit" else {}
     psi_max = production_psi(store, training, schema)
-    units = unit_evidence(store, rollout, policy, now - timedelta(hours=rp.label_delay_hours))
+    cut = now - timedelta(hours=rp.label_delay_hours)
+    units = unit_evidence(store, rollout, policy, cut)
+    label_sums = store.label_sums(rid, cut)
     started = age_from(store, rollout)
     hours = max((now - started).total_seconds() / 3600.0, 1e-9)
 
@@ -142,6 +145,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
             ipw=ipw.get(version),
             rate_per_hour=matured_n / hours,
             units=units.get(version),
+            labels=label_sums.get(version, LabelSums()),
         ))
     # The sample-ratio test counts what was randomised: units in ab/abn (sticky by unit id), requests else.
     by_unit = rollout.mode in UNIT_SPLIT_MODES
@@ -156,6 +160,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
         challengers=tuple(challengers),
         champion_loss=loss.get(champion, {}),
         champion_units=units.get(champion) if not shadow else None,
+        champion_labels=label_sums.get(champion),
         champion_confusion=confusion.get(champion, {}),
         champion_ipw=ipw.get(champion),
         served=served,

@@ -26,7 +26,7 @@ from rollout.outcomes.schema import METRICS
 from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EPS, EvidenceSums, TrafficCounts
 from rollout.roles import UNIT_SPLIT_MODES
 from rollout.stats.bandit import IPWSums
-from rollout.stats.guardrails import AgreementSums
+from rollout.stats.guardrails import AgreementSums, LabelSums
 from rollout.stats.moments import ClusterSums, Confusion, Moments
 from rollout.times import day_of, from_epoch, to_epoch
 
@@ -202,6 +202,21 @@ class InMemoryStore:
     def last_seen(self, rollout_id: int) -> datetime | None:
         times = [_ts(r) for r in self.predictions if r.rollout_id == rollout_id]
         return from_epoch(max(times)) if times else None
+
+    def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]:
+        cut = math.inf if cutoff is None else to_epoch(cutoff)
+        out: dict[str, list[Any]] = {}
+        for r in self.predictions:
+            if r.rollout_id != rollout_id or r.error is not None or not _ts(r) < cut:
+                continue
+            acc = out.setdefault(r.version, [0, 0, {}])
+            acc[0] += 1
+            label = self.labels.get(r.request_id)
+            if label is not None:
+                acc[1] += 1
+                hour = int(max(label[0] - _ts(r), 0.0) / 3600.0)
+                acc[2][hour] = acc[2].get(hour, 0) + 1
+        return {v: LabelSums(a[0], a[1], tuple(sorted(a[2].items()))) for v, a in out.items()}
 
     def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
                   champion: str | None = None) -> dict[str, ClusterSums]:

@@ -14,13 +14,14 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import pandas as pd
-from sqlalchemy import and_, delete, func, inspect, select
+from sqlalchemy import Integer, and_, case, cast, delete, func, inspect, select
 
 from rollout.outcomes import audit, engine, log
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, PredictionRow, Time
 from rollout.outcomes.schema import labels, metadata, predictions, rollout_units, summary_state
 from rollout.outcomes.summaries import EvidenceSums, Summaries, loss_expr
+from rollout.stats.guardrails import LabelSums
 from rollout.stats.moments import ClusterSums
 from rollout.times import from_epoch, to_epoch
 
@@ -35,6 +36,7 @@ class Store(Protocol):
     def last_seen(self, rollout_id: int) -> datetime | None: ...
     def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
                   champion: str | None = None) -> dict[str, ClusterSums]: ...
+    def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]: ...
     def current_rollout(self) -> Rollout | None: ...
     def rollout(self, rollout_id: int) -> Rollout | None: ...
     def open_rollout(self, mode: str, versions: Mapping[str, str], weights: Mapping[str, float] | None = None,
@@ -253,6 +255,28 @@ class OutcomeStore:
         with self.engine.connect() as conn:
             return {str(r[0]): ClusterSums(int(r[1]), int(r[2]), float(r[3]), float(r[4]), float(r[5]), float(r[6]))
                     for r in conn.execute(query)}
+
+    def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]:
+        """Per version, its error-free predictions before the maturity cut, how many have a current label, and the
+        labels' delays after their prediction in whole hours (label time minus prediction time, 0 if earlier)."""
+        self._ensure()
+        p, lab = predictions.alias("p"), labels.alias("l")
+        where = [p.c.rollout_id == rollout_id, p.c.error.is_(None)]
+        if cutoff is not None:
+            where.append(p.c.ts < to_epoch(cutoff))
+        on = and_(lab.c.request_id == p.c.request_id, lab.c.current == 1)
+        counts = (select(p.c.version, func.count(), func.count(lab.c.label))
+                  .select_from(p.outerjoin(lab, on)).where(*where).group_by(p.c.version))
+        late = case((lab.c.ts > p.c.ts, lab.c.ts - p.c.ts), else_=0.0) / 3600.0
+        hour = cast(late, Integer) if self.is_sqlite else cast(func.floor(late), Integer)
+        delays = (select(p.c.version, hour, func.count()).select_from(p.join(lab, on)).where(*where)
+                  .group_by(p.c.version, hour))
+        with self.engine.connect() as conn:
+            by_hour: dict[str, list[tuple[int, int]]] = {}
+            for version, h, n in conn.execute(delays):
+                by_hour.setdefault(str(version), []).append((int(h), int(n)))
+            return {str(v): LabelSums(int(m), int(n), tuple(sorted(by_hour.get(str(v), []))))
+                    for v, m, n in conn.execute(counts)}
 
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
         """The latest served inputs (newest first), for production drift checks."""

@@ -284,3 +284,77 @@ class AgreementSums:
     sxx: float = 0.0
     syy: float = 0.0
     sxy: float = 0.0
+
+
+@dataclass(frozen=True)
+class LabelSums:
+    """Labels of one version's matured predictions: how many predictions, how many got a label, and how many
+    labels arrived within each whole hour after their prediction (hour -> count)."""
+
+    matured: int = 0
+    labelled: int = 0
+    delay_hours: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def coverage(self) -> float:
+        return self.labelled / self.matured if self.matured else math.nan
+
+    def delay_quantile(self, q: float) -> float | None:
+        """The whole hour by which a share q of the labels had arrived (an upper edge), or None without labels."""
+        counts = sorted(self.delay_hours)
+        total = sum(n for _, n in counts)
+        if not total:
+            return None
+        seen = 0
+        for hour, n in counts:
+            seen += n
+            if seen >= q * total:
+                return float(hour + 1)
+        return float(counts[-1][0] + 1)
+
+
+def label_delay_check(labels: LabelSums, label_delay_hours: float, min_labels: int = 30) -> GuardrailResult:
+    """Labels that arrive later than `label_delay_hours` mean that younger predictions are judged on the labels
+    that came first, which can depend on the outcome (a default arrives in months, a repayment never): hold
+    (never reject) while the observed p95 delay exceeds the setting."""
+    p95 = labels.delay_quantile(0.95)
+    if p95 is None or labels.labelled < min_labels:
+        return GuardrailResult("label_delay", "pending" if labels.labelled else "skipped", None, None,
+                               label_delay_hours, f"label_delay: {labels.labelled} labels so far; the delay is judged "
+                               f"from {min_labels}.")
+    if p95 - 1.0 > label_delay_hours:  # the bucket's lower edge is past the setting
+        return GuardrailResult("label_delay", "pending", p95, p95, label_delay_hours,
+                               f"label_delay: 95% of labels arrive within about {p95:.0f} h of their prediction, "
+                               f"later than rollout.label_delay_hours {label_delay_hours:g}: younger predictions "
+                               f"would be judged on the labels that came first; set it to at least {p95:.0f}.")
+    return GuardrailResult("label_delay", "pass", p95, p95, label_delay_hours,
+                           f"label_delay: 95% of labels arrive within about {p95:.0f} h, within "
+                           f"rollout.label_delay_hours {label_delay_hours:g}.")
+
+
+def label_coverage_check(challenger: LabelSums, champion: LabelSums | None, min_coverage: float,
+                         max_gap: float, z: float = 4.0) -> GuardrailResult:
+    """Matured predictions that got a label: at least `min_coverage`, and (A/B) alike in both arms: a gap beyond
+    `max_gap` that is also beyond noise (z standard errors, a margin that hourly looks leave valid in practice)
+    means labels depend on the arm, so the arms' losses are not comparable. Holds, never rejects."""
+    cov = challenger.coverage
+    if not challenger.matured:
+        return GuardrailResult("label_coverage", "pending", None, None, min_coverage,
+                               "label_coverage: no matured predictions yet.")
+    if cov < min_coverage:
+        return GuardrailResult("label_coverage", "pending", cov, cov, min_coverage,
+                               f"label_coverage: {cov:.1%} of matured predictions have a label, under "
+                               f"rollout.min_label_coverage {min_coverage:.0%}.")
+    if champion is not None and champion.matured:
+        other = champion.coverage
+        se = math.sqrt(max(cov * (1 - cov), 1e-12) / challenger.matured + max(other * (1 - other), 1e-12)
+                       / champion.matured)
+        gap = cov - other
+        if abs(gap) > max_gap and abs(gap) > z * se:
+            return GuardrailResult("label_coverage", "pending", cov, gap, max_gap,
+                                   f"label_coverage: {cov:.1%} of the challenger's matured predictions have a label "
+                                   f"against {other:.1%} of the champion's (gap beyond "
+                                   f"rollout.max_label_coverage_gap {max_gap:.0%}): labels depend on the arm, so "
+                                   "their losses are not comparable; find out why before deciding.")
+    return GuardrailResult("label_coverage", "pass", cov, cov, min_coverage,
+                           f"label_coverage: {cov:.1%} of matured predictions have a label.")

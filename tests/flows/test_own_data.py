@@ -52,6 +52,7 @@ rollout:
   margin: 0.2                  # mse, in degrees squared: the champion's is about 20
   min_detectable_effect: 1.0
   min_samples: 300
+  label_delay_hours: 18        # labels come 6-18 h after the reading; younger readings wait for theirs
   min_duration_hours: 24
 stores:
   mlflow_tracking_uri: sqlite:///mlflow.db
