@@ -52,6 +52,12 @@ LOWER_IS_BETTER = {"log_loss", "rmse", "mae", "mse", "brier", "error_rate"}
 # CI metrics in the target's own units (or nats), with no fixed scale: their gate limits default to shares of
 # the naive baseline's value, and no floor is assumed.
 SCALE_METRICS = {"rmse", "mae", "log_loss"}
+def on_unit_scale(metric: str) -> bool:
+    """A metric on a 0-1 scale (its limits default to absolute numbers): the built-ins but rmse, mae and log_loss,
+    and scikit-learn's scores that are not negated losses; your own functions have a scale of their own."""
+    return metric not in SCALE_METRICS and not metric.startswith("neg_") and ":" not in metric
+
+
 # Defaults of the CI limits: absolute for metrics on a 0-1 scale, a share of the naive baseline's value else.
 ABSOLUTE_LIMITS = {"max_train_val_gap": 0.05, "max_fold_std": 0.03, "min_margin_over_baseline": 0.05,
                    "max_regression_vs_champion": 0.01}
@@ -280,8 +286,12 @@ class CIConfig(_Strict):
         "random", description="'random': a stratified held-out share and shuffled k-fold CV. 'time': rows ordered by "
         "data.timestamp_column; the held-out rows are the latest holdout_fraction and CV folds chain forward "
         "(each validates on rows later than all it trained on), so nothing is learned from the future.")
-    metric: CIMetric = Field("roc_auc", description="Metric of every CI gate. Unset: roc_auc (classification), "
-                             "roc_auc_ovr (multiclass), r2 (regression).")
+    metric: str = Field("roc_auc", description="Metric of every CI gate: a built-in (roc_auc, accuracy, f1, precision, "
+                        "recall, log_loss; multiclass f1_macro, roc_auc_ovr; regression r2, rmse, mae), any scikit-learn "
+                        "scorer name (balanced_accuracy, average_precision, neg_brier_score, ...), or your own "
+                        "'package.module:function' called as function(y_true, prediction, score) and returning a number "
+                        "where greater is better (its package in registry.trusted_modules). Unset: roc_auc "
+                        "(classification), roc_auc_ovr (multiclass), r2 (regression).")
     floor: float | None = Field(None, description="Floor of the metric on held-out data (a ceiling for rmse, mae, "
                                 "log_loss); null = none. Unset: 0.70 for roc_auc and roc_auc_ovr, none for the rest "
                                 "(no number suits every scale: set yours).")
@@ -322,7 +332,7 @@ class CIConfig(_Strict):
         baseline's score)."""
         raw = getattr(self, name)
         if raw is None:
-            raw = (RELATIVE_LIMITS if self.metric in SCALE_METRICS else ABSOLUTE_LIMITS)[name]
+            raw = (ABSOLUTE_LIMITS if on_unit_scale(self.metric) else RELATIVE_LIMITS)[name]
         if isinstance(raw, str):
             value = float(raw[:-1]) / 100.0 * abs(scale)
             return value, f"{value:.4g}: {raw} of the naive baseline's {abs(scale):.4g}, ci.{name}"
@@ -551,11 +561,29 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Policy:
         task = self.data.task
-        if self.ci.metric not in CI_METRICS_BY_TASK[task]:
-            raise ValueError(
-                f"ci.metric {self.ci.metric!r} does not apply to {task}; allowed: "
-                f"{', '.join(sorted(CI_METRICS_BY_TASK[task]))}"
-            )
+        metric = self.ci.metric
+        builtin = set().union(*CI_METRICS_BY_TASK.values())
+        if ":" in metric:
+            module, _, function = metric.partition(":")
+            if not (module and function and all(p.isidentifier() for p in (*module.split("."), function))):
+                raise ValueError(f"ci.metric {metric!r}: expected 'package.module:function'")
+            if not any(module == m or module.startswith(f"{m}.") for m in self.registry.trusted_modules):
+                raise ValueError(f"ci.metric {metric!r}: its package must be trusted by name in "
+                                 f"registry.trusted_modules (now {self.registry.trusted_modules}) before its code runs")
+        elif metric in builtin and metric not in CI_METRICS_BY_TASK[task]:
+            raise ValueError(f"ci.metric {metric!r} does not apply to {task}; allowed: "
+                             f"{', '.join(sorted(CI_METRICS_BY_TASK[task]))}, a scikit-learn scorer name or "
+                             "'package.module:function'")
+        elif metric not in builtin:
+            from sklearn.metrics import get_scorer_names
+
+            if metric not in get_scorer_names():
+                import difflib
+
+                close = difflib.get_close_matches(metric, [*builtin, *get_scorer_names()], n=1)
+                raise ValueError(f"ci.metric {metric!r}: neither a built-in ({', '.join(sorted(CI_METRICS_BY_TASK[task]))}"
+                                 f"), a scikit-learn scorer name{f' (did you mean {close[0]!r}?)' if close else ''} "
+                                 "nor 'package.module:function'")
         if self.rollout.primary_metric not in ONLINE_METRICS_BY_TASK[task]:
             raise ValueError(
                 f"rollout.primary_metric {self.rollout.primary_metric!r} does not apply to {task}; allowed: "

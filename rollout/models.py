@@ -313,7 +313,14 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def metric_value(metric: str, y_true: Any, prediction: np.ndarray, score: np.ndarray | None) -> float:
     """A CI metric from labels and model outputs, in its natural direction (see config.LOWER_IS_BETTER).
-    `score` is P(class 1) per row for a binary classifier, a row of class probabilities for a multiclass one."""
+    `score` is P(class 1) per row for a binary classifier, a row of class probabilities for a multiclass one.
+    Besides the built-in names: any scikit-learn scorer name (greater is better, as scikit-learn's scorers are),
+    or your own 'package.module:function', called as function(y_true, prediction, score) and returning a
+    number where greater is better."""
+    if ":" in metric:
+        return float(own_metric(metric)(np.asarray(y_true), prediction, score))
+    if metric not in BUILT_IN_METRICS:
+        return _scikit_learn_score(metric, np.asarray(y_true), prediction, score)
     y = np.asarray(y_true, dtype=float)
     if metric in ("roc_auc", "roc_auc_ovr", "log_loss") and score is None:
         raise ValueError(f"{metric} needs scores (class probabilities)")
@@ -341,6 +348,53 @@ def metric_value(metric: str, y_true: Any, prediction: np.ndarray, score: np.nda
     if metric == "mae":
         return float(np.mean(np.abs(y - prediction)))
     raise ValueError(f"unknown metric {metric!r}")
+
+
+BUILT_IN_METRICS = frozenset({"roc_auc", "roc_auc_ovr", "log_loss", "accuracy", "f1_macro", "f1", "precision",
+                              "recall", "r2", "rmse", "mae"})
+
+
+def own_metric(metric: str) -> Any:
+    """Your metric function named 'package.module:function' (its package trusted by the policy)."""
+    import importlib
+
+    module, _, name = metric.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"ci.metric {metric!r}: cannot import it ({exc})") from None
+
+
+class _Answers:
+    """Stands for a model whose outputs are already known, so a scikit-learn scorer can score them."""
+
+    def __init__(self, prediction: np.ndarray, score: np.ndarray | None) -> None:
+        self.prediction, self.score = prediction, score
+        self.classes_ = None if score is None else np.arange(2 if score.ndim == 1 else score.shape[1])
+
+    def __sklearn_tags__(self) -> Any:
+        from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+
+        kind = ClassifierMixin if self.score is not None else RegressorMixin
+        return type("Tagged", (kind, BaseEstimator), {})().__sklearn_tags__()
+
+    def predict(self, x: Any) -> np.ndarray:
+        return self.prediction
+
+    def predict_proba(self, x: Any) -> np.ndarray:
+        assert self.score is not None
+        return np.c_[1.0 - self.score, self.score] if self.score.ndim == 1 else self.score
+
+    def decision_function(self, x: Any) -> np.ndarray:
+        assert self.score is not None
+        return self.score
+
+
+def _scikit_learn_score(name: str, y: np.ndarray, prediction: np.ndarray, score: np.ndarray | None) -> float:
+    from sklearn.metrics import get_scorer
+
+    scorer = get_scorer(name)
+    return float(scorer(_Answers(prediction, score), np.zeros((len(y), 1)), y))
 
 
 def evaluate(model: Predictor, x: pd.DataFrame, y: Any, metric: str) -> float:

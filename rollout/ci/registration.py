@@ -33,9 +33,15 @@ def git_sha(where: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
+def metric_key(metric: str) -> str:
+    """A metric's name as an MLflow key ('pkg.mod:fn' -> 'pkg.mod.fn': MLflow keys take no colon)."""
+    return metric.replace(":", ".")
+
+
 def version_tags(policy: Policy, frame: pd.DataFrame, metric: str, held: HeldOut, results: list[GateResult],
                  estimator: str | None = None) -> dict[str, str]:
     """Tags every registered version carries: data hash, git sha, estimator, held-out metric, gate verdicts."""
+    metric = metric_key(metric)
     return {"data_hash": data_hash(frame), "git_sha": git_sha(policy.base_dir),
             "estimator": estimator or policy.estimator.label, f"holdout_{metric}": f"{held.candidate:.6f}",
             "gates": json.dumps({r.gate: r.verdict for r in results}),
@@ -47,7 +53,7 @@ def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CV
                      search_run_id: str | None = None) -> registry.RunRecord:
     """What the candidate's MLflow run holds besides the model (with a search: the chosen params are its
     params, and the search's run and best inner-CV score are recorded)."""
-    metric = cv.metric
+    metric = metric_key(cv.metric)
     metrics = {f"cv_train_{metric}": cv.train_mean, f"cv_val_{metric}": cv.val_mean,
                f"cv_val_{metric}_std": cv.val_std, f"holdout_{metric}": held.candidate,
                f"baseline_{metric}": held.baseline}
@@ -141,14 +147,14 @@ class SearchLog:
             return
         self.run.finish(params={**{f"best.{k}": v for k, v in result.best_params.items()},
                                 "best_trial": result.best_trial},
-                        metrics={f"best_{result.metric}": result.best_value})
+                        metrics={f"best_{metric_key(result.metric)}": result.best_value})
 
 
 def adopt(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, held: HeldOut,
           results: list[GateResult], origin: dict[str, str] | None = None) -> registry.Logged:
     """Record the checks of a model trained elsewhere in a run of their own (gate reports, held-out metrics)
     and make the model a version of the policy's registered model, tagged as CI tags its own."""
-    metric = policy.ci.metric
+    metric = metric_key(policy.ci.metric)
     metrics = {f"holdout_{metric}": held.candidate, f"baseline_{metric}": held.baseline}
     if held.champion is not None:
         metrics[f"champion_{metric}"] = held.champion

@@ -13,7 +13,7 @@ import pandas as pd
 
 from rollout.config import LOWER_IS_BETTER, ConfigError, EstimatorConfig, ParamRange
 from rollout.data import Schema
-from rollout.ci.training import SCORERS, _natural, build_pipeline, fit_model, folds
+from rollout.ci.training import build_pipeline, fit_model, folds, score
 
 # What a trial may raise for a bad combination of parameters (an estimator refusing them): the trial fails
 # and the search goes on. Anything else stops the search.
@@ -58,15 +58,13 @@ def inner_cv_score(estimator: EstimatorConfig, schema: Schema, x: pd.DataFrame, 
     """Mean validation score of `estimator` over an inner k-fold CV of (x, y), each fit as CI fits (early
     stopping on a share of the fold's own rows for boosters)."""
     from sklearn.base import clone
-    from sklearn.metrics import get_scorer
 
     pipeline = build_pipeline(schema, estimator, seed)
-    scorer = get_scorer(SCORERS[metric])
     scores = []
     for train_idx, val_idx in folds(schema.task, n_folds, seed, time_ordered).split(x, y):
         model = fit_model(clone(pipeline), x.iloc[train_idx], y.iloc[train_idx], schema.task, seed,
                           estimator.early_stopping, time_ordered)
-        scores.append(_natural(metric, float(scorer(model, x.iloc[val_idx], y.iloc[val_idx]))))
+        scores.append(score(metric, model, x.iloc[val_idx], y.iloc[val_idx]))
     return float(np.mean(scores))
 
 

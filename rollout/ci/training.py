@@ -416,6 +416,16 @@ def _natural(metric: str, value: float) -> float:
     return -value if SCORERS[metric].startswith("neg_") else value
 
 
+def score(metric: str, model: Any, x: pd.DataFrame, y: pd.Series) -> float:
+    """A fitted model's metric on rows, in the metric's natural direction: a built-in through scikit-learn's own
+    scorer; a scikit-learn scorer name or your 'module:function' from the model's outputs (rollout.models)."""
+    from sklearn.metrics import get_scorer
+
+    if metric in SCORERS:
+        return _natural(metric, float(get_scorer(SCORERS[metric])(model, x, y)))
+    return evaluate(model, x, y, metric)
+
+
 def folds(task: str, n_folds: int, seed: int, time_ordered: bool = False) -> KFold | StratifiedKFold | TimeSeriesSplit:
     """CV folds: forward-chaining over time-ordered rows (each fold validates on rows after all it trains on),
     else shuffled, stratified for classifiers."""
@@ -442,17 +452,15 @@ def cv_fold(pipeline: Pipeline, data: Split, task: str, metric: str, n_folds: in
     import time
 
     from sklearn.base import clone
-    from sklearn.metrics import get_scorer
 
     train_idx, val_idx = list(folds(task, n_folds, seed, data.time_ordered).split(data.x_train, data.y_train))[fold]
     x, y = data.x_train, data.y_train
     t0 = time.perf_counter()
     model = fit_model(clone(pipeline), x.iloc[train_idx], y.iloc[train_idx], task, seed, stopping, data.time_ordered)
     fit_seconds = time.perf_counter() - t0
-    scorer = get_scorer(SCORERS[metric])
     return FoldScore(
-        train=_natural(metric, float(scorer(model, x.iloc[train_idx], y.iloc[train_idx]))),
-        validation=_natural(metric, float(scorer(model, x.iloc[val_idx], y.iloc[val_idx]))),
+        train=score(metric, model, x.iloc[train_idx], y.iloc[train_idx]),
+        validation=score(metric, model, x.iloc[val_idx], y.iloc[val_idx]),
         fit_seconds=fit_seconds,
     )
 

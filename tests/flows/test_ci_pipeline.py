@@ -304,3 +304,26 @@ def test_a_failure_that_is_not_a_gate_prints_one_line_and_keeps_the_traceback_in
     log = (tmp_path / "reports" / "ci-pipeline.log").read_text()
     assert "Traceback (most recent call last)" in log and "the feature store timed out" in log
     assert MlflowClient(load_policy(path).tracking_uri).search_registered_models() == []
+
+
+def test_your_own_metric_judges_every_gate_and_is_recorded(tmp_path, monkeypatch):
+    """A cost per case as the CI metric (a false approval costs five times a false refusal): CV, floor,
+    baseline and champion gates all read it; the version records it under an MLflow-safe name."""
+    from tests.conftest import cancer_policy
+
+    (tmp_path / "team_costs.py").write_text(
+        "import numpy as np\n\n"
+        "def cost(y_true, prediction, score):\n"
+        "    false_approval = (prediction == 1) & (y_true == 0)\n"
+        "    false_refusal = (prediction == 0) & (y_true == 1)\n"
+        "    return -float(np.mean(5.0 * false_approval + 1.0 * false_refusal))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = cancer_policy(tmp_path, ci={"metric": "team_costs:cost", "floor": -0.5},
+                         registry={"model_name": "cancer", "trusted_modules": ["team_costs"]})
+    outcome = ci_pipeline(config=str(path))
+    floor = next(g for g in outcome.gates if g.gate == "floor")
+    baseline = next(g for g in outcome.gates if g.gate == "baseline")
+    assert floor.numbers["metric"] == "team_costs:cost" and -0.5 < floor.numbers["holdout"] <= 0
+    assert baseline.numbers["baseline"] < floor.numbers["holdout"]  # predicting the majority class costs more
+    tags = MlflowRegistry.for_policy(load_policy(path)).get_tags(outcome.version)
+    assert float(tags["holdout_team_costs.cost"]) == pytest.approx(floor.numbers["holdout"], abs=1e-6)

@@ -30,7 +30,7 @@ def test_empty_policy_gets_defaults_that_serve_the_example():
         ({"ci": {"metrc": "roc_auc"}}, ["ci.metrc", "unknown field", "metric"]),
         ({"ci": {"cv_folds": "five"}}, ["ci.cv_folds", "integer"]),
         ({"ci": {"metric": "rmse"}}, ["ci.metric", "classification", "roc_auc"]),
-        ({"ci": {"metric": "auc_pr"}}, ["ci.metric", "'roc_auc'"]),
+        ({"ci": {"metric": "auc_pr"}}, ["ci.metric 'auc_pr'", "roc_auc", "a scikit-learn scorer name"]),
         ({"rollout": {"segment_guardrails": [{"segment": "VIP", "min": 1.5}]}},
          ["rollout.segment_guardrails.0.min", "less than or equal to 1"]),
         ({"estimator": {"name": "ridge"}}, ["estimator.name", "ridge", "classification"]),
@@ -98,3 +98,36 @@ def test_gate_limits_fit_the_metric_scale():
     assert parse_policy({}).ci.floor_value == 0.70 and parse_policy({}).ci.limit("max_fold_std", 0.5)[0] == 0.03
     with pytest.raises(ConfigError, match=r"ci.max_fold_std: '10 percent': a number in the metric's units"):
         parse_policy({"ci": {"max_fold_std": "10 percent"}})
+
+
+def test_your_metric_any_scikit_learn_scorer_or_your_function():
+    """ci.metric takes any scikit-learn scorer name or a trusted 'module:function'; both are computed from the
+    outputs the service would give, and agree with scikit-learn on the same rows."""
+    import sys
+    import types
+
+    import numpy as np
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score, brier_score_loss
+
+    from rollout.models import metric_value
+
+    y = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    score = np.array([0.2, 0.9, 0.6, 0.4, 0.3, 0.1, 0.8, 0.7])
+    prediction = (score >= 0.5).astype(float)
+    assert metric_value("balanced_accuracy", y, prediction, score) == pytest.approx(balanced_accuracy_score(y, prediction))
+    assert metric_value("average_precision", y, prediction, score) == pytest.approx(average_precision_score(y, score))
+    assert metric_value("neg_brier_score", y, prediction, score) == pytest.approx(-brier_score_loss(y, score))
+
+    module = types.ModuleType("team_metrics")
+    module.cost = lambda y_true, pred, s: -float(np.mean(5.0 * ((pred == 1) & (y_true == 0)) + 1.0 * ((pred == 0) & (y_true == 1))))
+    sys.modules["team_metrics"] = module
+    try:
+        assert metric_value("team_metrics:cost", y, prediction, score) == pytest.approx(-1.0 / 8)
+        policy = parse_policy({"ci": {"metric": "team_metrics:cost"}, "registry": {"trusted_modules": ["team_metrics"]}})
+        assert policy.ci.limit("max_train_val_gap", 0.5)[1].endswith("15% of the naive baseline's 0.5, ci.max_train_val_gap")
+    finally:
+        del sys.modules["team_metrics"]
+    with pytest.raises(ConfigError, match=r"did you mean 'balanced_accuracy'"):
+        parse_policy({"ci": {"metric": "balanced_acuracy"}})
+    with pytest.raises(ConfigError, match=r"its package must be trusted by name in registry.trusted_modules"):
+        parse_policy({"ci": {"metric": "team_metrics:cost"}})
