@@ -400,8 +400,11 @@ class RolloutPolicy(_Strict):
 
     mode: Mode = Field("shadow", description="shadow, ab, abn (several challengers) or bandit.")
     exposure: float = Field(0.1, gt=0, lt=1, description="Share of units sent to each challenger in ab/abn.")
-    primary_metric: OnlineMetric = Field("accuracy", description="Metric of the promotion test. Unset: accuracy "
-                                         "(classification, multiclass), mse (regression).")
+    primary_metric: str = Field("accuracy", description="Per-row loss of the promotion test: accuracy (0/1 error), "
+                                "log_loss, brier (classifiers), mse, mae (regression), or your own "
+                                "'package.module:function' called as function(y_true, prediction) -> a loss per row "
+                                "(lower is better; e.g. a cost matrix), its package in registry.trusted_modules "
+                                "(shadow, ab, abn). Unset: accuracy (classification, multiclass), mse (regression).")
     margin: float = Field(0.01, ge=0, description="Non-inferiority margin M (0 = superiority).")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="One-sided error rate of false promotion.")
     power: float = Field(0.8, gt=0.5, lt=1, description="Planned power at the minimum detectable effect.")
@@ -564,12 +567,7 @@ class Policy(_Strict):
         metric = self.ci.metric
         builtin = set().union(*CI_METRICS_BY_TASK.values())
         if ":" in metric:
-            module, _, function = metric.partition(":")
-            if not (module and function and all(p.isidentifier() for p in (*module.split("."), function))):
-                raise ValueError(f"ci.metric {metric!r}: expected 'package.module:function'")
-            if not any(module == m or module.startswith(f"{m}.") for m in self.registry.trusted_modules):
-                raise ValueError(f"ci.metric {metric!r}: its package must be trusted by name in "
-                                 f"registry.trusted_modules (now {self.registry.trusted_modules}) before its code runs")
+            self._trusted_function("ci.metric", metric)
         elif metric in builtin and metric not in CI_METRICS_BY_TASK[task]:
             raise ValueError(f"ci.metric {metric!r} does not apply to {task}; allowed: "
                              f"{', '.join(sorted(CI_METRICS_BY_TASK[task]))}, a scikit-learn scorer name or "
@@ -584,16 +582,23 @@ class Policy(_Strict):
                 raise ValueError(f"ci.metric {metric!r}: neither a built-in ({', '.join(sorted(CI_METRICS_BY_TASK[task]))}"
                                  f"), a scikit-learn scorer name{f' (did you mean {close[0]!r}?)' if close else ''} "
                                  "nor 'package.module:function'")
-        if self.rollout.primary_metric not in ONLINE_METRICS_BY_TASK[task]:
+        online = self.rollout.primary_metric
+        if ":" in online:
+            self._trusted_function("rollout.primary_metric", online)
+            if self.rollout.mode == "bandit":
+                raise ValueError(f"rollout.primary_metric {online!r}: your own loss works in shadow, ab and abn; "
+                                 "bandit mode weighs the built-in losses")
+        elif online not in ONLINE_METRICS_BY_TASK[task]:
             raise ValueError(
                 f"rollout.primary_metric {self.rollout.primary_metric!r} does not apply to {task}; allowed: "
                 f"{', '.join(sorted(ONLINE_METRICS_BY_TASK[task]))}"
             )
         unset = [f"rollout.{name}" for name in ("margin", "min_detectable_effect")
                  if name not in self.rollout.model_fields_set]
-        if self.rollout.primary_metric in TARGET_UNIT_METRICS and unset:
-            raise ValueError(f"{' and '.join(unset)}: rollout.primary_metric {self.rollout.primary_metric!r} is in the "
-                             "target's units, so no default fits: set margin (the largest loss increase you accept, "
+        if (self.rollout.primary_metric in TARGET_UNIT_METRICS or ":" in self.rollout.primary_metric) and unset:
+            units = "your own loss's" if ":" in self.rollout.primary_metric else "the target's"
+            raise ValueError(f"{' and '.join(unset)}: rollout.primary_metric {self.rollout.primary_metric!r} is in "
+                             f"{units} units, so no default fits: set margin (the largest loss increase you accept, "
                              "e.g. 1% of the champion's) and min_detectable_effect (the improvement worth finding "
                              "fast, e.g. 5%), both in those units")
         for i, guard in enumerate(self.rollout.segment_guardrails):
@@ -609,16 +614,21 @@ class Policy(_Strict):
         if self.ci.split == "time" and not self.data.timestamp_column:
             raise ValueError("ci.split 'time' orders rows by data.timestamp_column, which is not set")
         if self.estimator.factory is not None:
-            module = self.estimator.factory.partition(":")[0]
-            if not any(module == m or module.startswith(f"{m}.") for m in self.registry.trusted_modules):
-                raise ValueError(f"estimator.factory {self.estimator.factory!r}: its package must be trusted by name "
-                                 f"in registry.trusted_modules (now {self.registry.trusted_modules}) before its code "
-                                 "runs or its classes load")
+            self._trusted_function("estimator.factory", self.estimator.factory, " or its classes load")
             return self
         is_classifier = self.estimator.name in CLASSIFIERS
         if is_classifier != (task in CLASSIFICATION_TASKS):
             raise ValueError(f"estimator.name {self.estimator.name!r} does not fit task {task!r}")
         return self
+
+    def _trusted_function(self, setting: str, value: str, also: str = "") -> None:
+        """'package.module:function' whose package the policy trusts by name, or a ValueError naming the setting."""
+        module, _, function = value.partition(":")
+        if not (module and function and all(p.isidentifier() for p in (*module.split("."), function))):
+            raise ValueError(f"{setting} {value!r}: expected 'package.module:function'")
+        if not any(module == m or module.startswith(f"{m}.") for m in self.registry.trusted_modules):
+            raise ValueError(f"{setting} {value!r}: its package must be trusted by name in registry.trusted_modules "
+                             f"(now {self.registry.trusted_modules}) before its code runs{also}")
 
     def path(self, value: str) -> Path:
         """Resolve a path from the policy file relative to the file's directory."""

@@ -354,7 +354,7 @@ BUILT_IN_METRICS = frozenset({"roc_auc", "roc_auc_ovr", "log_loss", "accuracy", 
                               "recall", "r2", "rmse", "mae"})
 
 
-def own_metric(metric: str) -> Any:
+def own_metric(metric: str, setting: str = "ci.metric") -> Any:
     """Your metric function named 'package.module:function' (its package trusted by the policy)."""
     import importlib
 
@@ -362,7 +362,7 @@ def own_metric(metric: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"ci.metric {metric!r}: cannot import it ({exc})") from None
+        raise ValueError(f"{setting} {metric!r}: cannot import it ({exc})") from None
 
 
 class _Answers:

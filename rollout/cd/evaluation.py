@@ -15,11 +15,12 @@ from rollout.cd.decision import ChallengerEvidence, Decision, Evidence
 from rollout.config import CLASSIFICATION_TASKS, Policy, SegmentGuardrail
 from rollout.data import Schema
 from rollout.outcomes import LockHeld, Rollout, Store
-from rollout.outcomes.log import ClassCell
+from rollout.models import own_metric
+from rollout.outcomes.log import ClassCell, OutcomeCell
 from rollout.registry import ModelRegistry
 from rollout.roles import UNIT_SPLIT_MODES
 from rollout.stats.guardrails import LabelSums
-from rollout.stats.moments import ClusterSums, Confusion
+from rollout.stats.moments import ClusterSums, Confusion, Moments
 
 def _by_version(parts: Mapping[tuple[Any, ...], Any]) -> dict[str, dict[tuple[str, str], Any]]:
     out: dict[str, dict[tuple[str, str], Any]] = defaultdict(dict)
@@ -55,10 +56,38 @@ def _class_confusions(counts: Mapping[ClassCell, int],
     return out
 
 
+def own_losses(cells: Mapping[OutcomeCell, int], function: Any) -> tuple[dict[tuple[Any, ...], Moments],
+                                                                         dict[tuple[Any, ...], Moments]]:
+    """Loss moments per (version, segment, day), and paired-difference moments (loss minus the champion's on the
+    same request), of your own per-row loss function(y_true, prediction), from counted (prediction, label)
+    cells: the function is called once per distinct cell, on arrays, and each value weighs its count."""
+    import numpy as np
+
+    if not cells:
+        return {}, {}
+    keys = list(cells)
+    y = np.array([k[4] for k in keys], dtype=float)
+    own = np.asarray(function(y, np.array([k[3] for k in keys], dtype=float)), dtype=float)
+    paired_at = [i for i, k in enumerate(keys) if k[5] is not None]
+    theirs = np.asarray(function(y[paired_at], np.array([keys[i][5] for i in paired_at], dtype=float)),
+                        dtype=float) if paired_at else np.empty(0)
+    if own.shape != y.shape or not np.all(np.isfinite(own)) or not np.all(np.isfinite(theirs)):
+        raise ValueError("rollout.primary_metric: your loss function must return one finite number per row")
+    loss: dict[tuple[Any, ...], Moments] = defaultdict(Moments)
+    paired: dict[tuple[Any, ...], Moments] = defaultdict(Moments)
+    for i, key in enumerate(keys):
+        n, value = cells[key], float(own[i])
+        loss[key[:3]] += Moments(n, n * value, n * value * value)
+    for j, i in enumerate(paired_at):
+        n, d = cells[keys[i]], float(own[i] - theirs[j])
+        paired[keys[i][:3]] += Moments(n, n * d, n * d * d)
+    return dict(loss), dict(paired)
+
+
 def unit_evidence(store: Store, rollout: Rollout, policy: Policy, cutoff: datetime) -> dict[str, ClusterSums]:
     """Per version, the primary metric's loss summed per unit (A/B: units were randomised; shadow: the paired
     differences), when the policy names a unit column; else nothing (each request is its own unit)."""
-    if policy.data.unit_column is None or rollout.mode == "bandit":
+    if policy.data.unit_column is None or rollout.mode == "bandit" or ":" in policy.rollout.primary_metric:
         return {}
     champion = rollout.champion if rollout.mode == "shadow" else None
     return store.unit_sums(rollout.rollout_id, policy.rollout.primary_metric, cutoff, champion)
@@ -108,8 +137,13 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     champion = rollout.champion
     sums = store.evidence(rid, now - timedelta(hours=rp.label_delay_hours))
     shadow = rollout.mode == "shadow"
-    loss = _by_version(sums.loss.get(metric, {}))
-    paired = _by_version(sums.paired.get(metric, {})) if shadow else {}
+    if ":" in metric:  # your own per-row loss of (label, prediction), computed here from the counted cells
+        cells = store.outcome_cells(rid, now - timedelta(hours=rp.label_delay_hours), champion if shadow else None)
+        own_loss, own_paired = own_losses(cells, own_metric(metric, "rollout.primary_metric"))
+        loss, paired = _by_version(own_loss), (_by_version(own_paired) if shadow else {})
+    else:
+        loss = _by_version(sums.loss.get(metric, {}))
+        paired = _by_version(sums.paired.get(metric, {})) if shadow else {}
     if policy.data.task == "multiclass":
         confusion = (_class_confusions(store.class_counts(rid, now - timedelta(hours=rp.label_delay_hours)),
                                        rp.segment_guardrails) if rp.segment_guardrails else {})

@@ -38,6 +38,8 @@ from rollout.roles import Role
 from rollout.times import day_of_cached, hour_of, to_epoch
 
 Time = datetime | float | str
+# (version, segment, day, prediction, label, the champion's prediction of the same request or None): a count's key
+OutcomeCell = tuple[str, str | None, str, float, float, float | None]
 ClassCell = tuple[str, str | None, float, float]  # (version, segment, predicted class, labelled class): a count's key
 
 

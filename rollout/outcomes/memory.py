@@ -21,7 +21,7 @@ import pandas as pd
 
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.engine import LockHeld
-from rollout.outcomes.log import ClassCell, LabelReport, PredictionRow, Time
+from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
 from rollout.outcomes.schema import METRICS
 from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EPS, EvidenceSums, TrafficCounts
 from rollout.roles import UNIT_SPLIT_MODES
@@ -202,6 +202,23 @@ class InMemoryStore:
     def last_seen(self, rollout_id: int) -> datetime | None:
         times = [_ts(r) for r in self.predictions if r.rollout_id == rollout_id]
         return from_epoch(max(times)) if times else None
+
+    def outcome_cells(self, rollout_id: int, cutoff: Time | None = None,
+                      champion: str | None = None) -> dict[OutcomeCell, int]:
+        cut = math.inf if cutoff is None else to_epoch(cutoff)
+        champ = {r.request_id: r for r in self.predictions
+                 if champion is not None and r.rollout_id == rollout_id and r.version == champion and r.error is None}
+        out: dict[OutcomeCell, int] = {}
+        for r in self.predictions:
+            label = self.labels.get(r.request_id)
+            if (r.rollout_id != rollout_id or r.error is not None or r.prediction is None or label is None
+                    or not _ts(r) < cut):
+                continue
+            h = champ.get(r.request_id) if r.version != champion else None
+            key = (str(r.version), r.segment, day_of(_ts(r)), float(r.prediction), float(label[1]),
+                   None if h is None or h.prediction is None else float(h.prediction))
+            out[key] = out.get(key, 0) + 1
+        return out
 
     def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]:
         cut = math.inf if cutoff is None else to_epoch(cutoff)

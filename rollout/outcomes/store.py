@@ -18,7 +18,7 @@ from sqlalchemy import Integer, and_, case, cast, delete, func, inspect, select
 
 from rollout.outcomes import audit, engine, log
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
-from rollout.outcomes.log import ClassCell, LabelReport, PredictionRow, Time
+from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
 from rollout.outcomes.schema import labels, metadata, predictions, rollout_units, summary_state
 from rollout.outcomes.summaries import EvidenceSums, Summaries, loss_expr
 from rollout.stats.guardrails import LabelSums
@@ -37,6 +37,8 @@ class Store(Protocol):
     def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
                   champion: str | None = None) -> dict[str, ClusterSums]: ...
     def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]: ...
+    def outcome_cells(self, rollout_id: int, cutoff: Time | None = None,
+                      champion: str | None = None) -> dict[OutcomeCell, int]: ...
     def current_rollout(self) -> Rollout | None: ...
     def rollout(self, rollout_id: int) -> Rollout | None: ...
     def open_rollout(self, mode: str, versions: Mapping[str, str], weights: Mapping[str, float] | None = None,
@@ -255,6 +257,36 @@ class OutcomeStore:
         with self.engine.connect() as conn:
             return {str(r[0]): ClusterSums(int(r[1]), int(r[2]), float(r[3]), float(r[4]), float(r[5]), float(r[6]))
                     for r in conn.execute(query)}
+
+    def outcome_cells(self, rollout_id: int, cutoff: Time | None = None,
+                      champion: str | None = None) -> dict[OutcomeCell, int]:
+        """Labelled error-free predictions before the cut, counted per (version, segment, day, prediction, label,
+        and with `champion` the champion's prediction of the same request for the other versions): enough to
+        compute any per-row loss of (label, prediction), your own included, with its paired differences, in
+        Python. One pass over the rollout's rows, asked only when the primary metric is your own."""
+        self._ensure()
+        p, lab = predictions.alias("p"), labels.alias("l")
+        join = p.join(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))
+        theirs: Any = None
+        if champion is not None:
+            h = predictions.alias("h")
+            join = join.outerjoin(h, and_(h.c.request_id == p.c.request_id, h.c.version == str(champion),
+                                          h.c.rollout_id == rollout_id, h.c.error.is_(None),
+                                          p.c.version != str(champion)))
+            theirs = h.c.prediction
+        keys = [p.c.version, p.c.segment, p.c.day, p.c.prediction, lab.c.label,
+                *([theirs] if theirs is not None else [])]
+        where = [p.c.rollout_id == rollout_id, p.c.error.is_(None), p.c.prediction.is_not(None)]
+        if cutoff is not None:
+            where.append(p.c.ts < to_epoch(cutoff))
+        query = select(*keys, func.count()).select_from(join).where(*where).group_by(*keys)
+        with self.engine.connect() as conn:
+            out: dict[OutcomeCell, int] = {}
+            for r in conn.execute(query):
+                h_pred = r[5] if theirs is not None else None
+                key = (str(r[0]), r[1], str(r[2]), float(r[3]), float(r[4]), None if h_pred is None else float(h_pred))
+                out[key] = int(r[-1])
+            return out
 
     def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]:
         """Per version, its error-free predictions before the maturity cut, how many have a current label, and the
