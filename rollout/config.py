@@ -274,8 +274,9 @@ class InvarianceConfig(_Strict):
 
     perturbation: float = Field(0.01, gt=0, le=0.5, description="Noise on each numeric feature, as a share of its "
                                 "training range (standard deviation).")
-    max_changed: float = Field(0.05, ge=0, le=1, description="Share of rows whose class (or, regression, prediction "
-                               "by more than 10% of the predictions' spread) may change, at most.")
+    max_changed: float = Field(0.15, ge=0, le=1, description="Share of rows whose class (or, regression, prediction "
+                               "by more than 25% of the predictions' spread) may change, at most: rows next to a "
+                               "decision boundary flip under any noise; a model that jumps flips about half.")
 
 
 class CIConfig(_Strict):

@@ -111,11 +111,13 @@ def run_cases(model: LoadedModel, cases: dict[str, pd.DataFrame]) -> list[CaseRe
 
 
 def invariance(model: LoadedModel, schema: Schema, sample: pd.DataFrame, seed: int, perturbation: float = 0.01,
-               max_changed: float = 0.05, rows: int = 300) -> CaseResult:
+               max_changed: float = 0.15, rows: int = 300) -> CaseResult:
     """Small perturbations leave answers alone (a behavioural test in the manner of Made-With-ML's): every numeric
     feature of real rows moved by noise of `perturbation` x its training range; a classifier's class may change on
-    at most `max_changed` of the rows, a regression's prediction by more than 10% of the predictions' spread on
-    at most that share. Answers must stay finite (a row error is a crash)."""
+    at most `max_changed` of the rows (rows next to a decision boundary flip under any noise: a stump on 54 wine
+    rows flips 7%, a model that jumps flips half), a regression's prediction by more than a quarter of the
+    predictions' spread on at most that share (a linear model moves about 0.06 of it). Answers must stay finite
+    (a row error is a crash)."""
     if not schema.numeric:
         return CaseResult("invariance_small_noise", "prediction", "no numeric feature to perturb")
     rng = np.random.default_rng(seed)
@@ -139,15 +141,15 @@ def invariance(model: LoadedModel, schema: Schema, sample: pd.DataFrame, seed: i
     if before.scores is not None:  # a classifier: its class
         changed, what = float(np.mean(a != b)), "class"
     else:
-        tolerance = 0.1 * float(np.std(a)) if len(a) > 1 and np.std(a) > 0 else 1e-9
-        changed, what = float(np.mean(np.abs(a - b) > tolerance)), "prediction (by > 10% of their spread)"
+        tolerance = 0.25 * float(np.std(a)) if len(a) > 1 and np.std(a) > 0 else 1e-9
+        changed, what = float(np.mean(np.abs(a - b) > tolerance)), "prediction (by > 25% of their spread)"
     detail = (f"{changed:.1%} of {len(a)} rows changed {what} under noise of {perturbation:g} x each numeric "
               f"feature's range (at most {max_changed:.0%}, ci.invariance)")
     return CaseResult("invariance_small_noise", "unstable" if changed > max_changed else "prediction", detail)
 
 
 def check(model: Predictor, schema: Schema, sample: pd.DataFrame, saved: Path | None, seed: int,
-          perturbation: float = 0.01, max_changed: float = 0.05) -> list[CaseResult]:
+          perturbation: float = 0.01, max_changed: float = 0.15) -> list[CaseResult]:
     """Every synthesised edge case and every saved problem input, sent to the model as the service would, and
     the invariance of its answers to small noise."""
     cases = synthesize_cases(schema, sample, seed=seed)

@@ -175,6 +175,6 @@ def test_answers_that_jump_under_small_noise_fail_the_gate_and_steady_ones_pass(
     steady = robustness.invariance(LoadedModel(model), schema, frame, seed=0)
     assert steady.outcome == "prediction" and "of 300 rows changed class" in steady.detail
     jumpy = robustness.invariance(LoadedModel(_Jumpy()), schema, frame, seed=0)
-    assert jumpy.outcome == "unstable" and "(at most 5%, ci.invariance)" in jumpy.detail
+    assert jumpy.outcome == "unstable" and "(at most 15%, ci.invariance)" in jumpy.detail
     result = gates.robustness_gate([jumpy])
     assert not result.passed and result.reason.startswith("answers are not stable under small noise: ")
