@@ -45,7 +45,7 @@ def _adopt(params: AdoptParameters, config: str, outcome: CIOutcome) -> CIOutcom
     policy = apply_overrides(load_policy_task(config), CIParameters(data_source=params.data_source))
     reports = reports_folder(policy, "adopt")
     outcome.reports_dir = str(reports)
-    gate = publisher(outcome, reports)
+    gate = publisher(outcome, reports, policy.registry.model_name)
 
     outcome.stage = "loading data"
     frame, schema = checked_data(policy, gate, reports)

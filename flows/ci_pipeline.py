@@ -18,7 +18,7 @@ from rollout.data import Schema
 from rollout.ci.gates import GateFailed, GateResult, step_failed
 from rollout.ci.training import example_rows, factory_function, usable_cores
 from tasks import ci
-from tasks.common import load_policy_task, publish_gate
+from tasks.common import load_policy_task, publish_gate, publish_summary
 
 
 class CIParameters(BaseModel):
@@ -45,15 +45,17 @@ class CIOutcome:
     rollout_id: int | None = None
     reports_dir: str = ""
     stage: str = "starting"  # what the run was doing last: a StepFailed names it
+    model: str = ""  # the registered model's name, once the policy is read
 
 
-def publisher(outcome: CIOutcome, reports: Path) -> Callable[[GateResult], None]:
+def publisher(outcome: CIOutcome, reports: Path, model: str = "") -> Callable[[GateResult], None]:
     """Record and publish each verdict; a failed one raises GateFailed carrying every verdict so far."""
+    outcome.model = model
 
     def gate(result: GateResult) -> None:
         outcome.gates.append(result)
         try:
-            publish_gate(result, reports)
+            publish_gate(result, reports, model)
         except GateFailed as exc:
             exc.outcome = outcome  # the caller sees every verdict so far, not only the failing one
             raise
@@ -109,11 +111,19 @@ def stepwise(outcome: CIOutcome, body: Callable[[], CIOutcome]) -> CIOutcome:
     """Run a flow's body: a failed gate or a bad policy as they are, any other failure as a StepFailed naming the
     stage it stopped in, with every verdict so far."""
     try:
-        return body()
-    except (GateFailed, ConfigError):
+        done = body()
+    except ConfigError:
+        raise
+    except GateFailed:
+        publish_summary(outcome.model, outcome.gates)
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure: say where, in one line, with the verdicts so far
-        raise step_failed(outcome.stage, exc, outcome) from exc
+        failed = step_failed(outcome.stage, exc, outcome)
+        if outcome.model:
+            publish_summary(outcome.model, outcome.gates, str(failed))
+        raise failed from exc
+    publish_summary(outcome.model, outcome.gates)
+    return done
 
 
 def _ci(config: str, params: CIParameters, outcome: CIOutcome) -> CIOutcome:
@@ -123,7 +133,7 @@ def _ci(config: str, params: CIParameters, outcome: CIOutcome) -> CIOutcome:
         factory_function(policy.estimator.factory)
     reports = reports_folder(policy, "ci")
     outcome.reports_dir = str(reports)
-    gate = publisher(outcome, reports)
+    gate = publisher(outcome, reports, policy.registry.model_name)
     outcome.stage = "loading data"
     frame, schema = checked_data(policy, gate, reports)
     data = ci.split_data(policy, frame, schema)

@@ -29,7 +29,7 @@ from rollout.config import LOWER_IS_BETTER, ConfigError, Policy
 from rollout.data import Schema, infer_schema, load_dataset, read_table
 from rollout.outcomes import OutcomeStore
 from rollout.roles import Role
-from tasks.common import open_registry, prefect_origin, transient
+from tasks.common import artifact_key, open_registry, prefect_origin, transient
 
 
 @task(name="load-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=transient)
@@ -65,7 +65,7 @@ def check_drift(policy: Policy, frame: pd.DataFrame, schema: Schema) -> gates.Ga
         return gates.skipped("drift", "no production sample is configured (data.production_sample).")
     production = read_table(policy.path(policy.data.production_sample))
     report = drift_report(frame, production, schema, policy.ci.drift)
-    create_markdown_artifact(report.to_markdown(), key="drift-report", description="Training vs production drift")
+    create_markdown_artifact(report.to_markdown(), key=artifact_key(f"{policy.registry.model_name}-drift-report"), description="Training vs production drift")
     return gates.drift_gate(report.drifted, len(report.features), [f.sentence for f in report.features if f.drifted])
 
 
@@ -150,7 +150,7 @@ def combine_cv(policy: Policy, scores: list[training.FoldScore], curve: training
         {"fold": i + 1, "train": round(t, 4), "validation": round(v, 4), "fit_s": round(s, 3)}
         for i, (t, v, s) in enumerate(zip(result.train_scores, result.val_scores, result.fit_seconds, strict=True))
     ]
-    create_table_artifact(rows, key="cv-folds", description=f"CV {policy.ci.metric} per fold")
+    create_table_artifact(rows, key=artifact_key(f"{policy.registry.model_name}-cv-folds"), description=f"CV {policy.ci.metric} per fold")
     return result
 
 
@@ -217,7 +217,7 @@ def stress_test(policy: Policy, candidate: Any, champion: Any, sample: pd.DataFr
     """Latency of candidate and champion, called as the service calls them, interleaved, against the budget."""
     figures = stress.run(candidate, champion, sample, policy.ci.stress, policy.data.seed)
     create_table_artifact([{"model": k, **{m: round(v, 3) for m, v in f.items()}} for k, f in figures.items()],
-                          key="stress-latency", description="Latency (ms) and throughput, interleaved")
+                          key=artifact_key(f"{policy.registry.model_name}-stress-latency"), description="Latency (ms) and throughput, interleaved")
     budget = policy.ci.stress.budget
     return gates.stress_gate(figures["candidate"], figures.get("champion"), budget.p99_single_ms,
                              budget.p99_batch_ms, budget.max_ratio_vs_champion)
@@ -262,7 +262,7 @@ def assign_aliases(policy: Policy, version: str, rollout_start: datetime | None 
     """@champion for a first model (when the policy allows); else @challenger and a rollout in the policy's mode."""
     assignment = rollouts.assign(policy, open_registry(policy), OutcomeStore(policy.outcome_url), version,
                                  rollout_start)
-    create_markdown_artifact(assignment.summary(), key="registered-version", description="Registration and rollout")
+    create_markdown_artifact(assignment.summary(), key=artifact_key(f"{policy.registry.model_name}-registered-version"), description="Registration and rollout")
     return assignment
 
 

@@ -56,15 +56,16 @@ def prefect_origin() -> dict[str, str]:
     return origin
 
 
-def publish_gate(result: GateResult, reports_dir: Path | None = None) -> GateResult:
-    """Publish a gate's verdict as a Markdown artifact and file; raise GateFailed when it failed.
+def publish_gate(result: GateResult, reports_dir: Path | None = None, model: str = "") -> GateResult:
+    """Publish a gate's verdict as a Markdown artifact (keyed by model: one model's history is its own) and file;
+    raise GateFailed when it failed.
 
     A plain function called in the flow (not a task): the verdict belongs to the task that computed it,
     and a task run per verdict cost ~35 ms of orchestration each (benchmarks/pipeline.py).
     """
     logger = get_run_logger()
     markdown = result.to_markdown()
-    create_markdown_artifact(markdown, key=artifact_key(f"gate-{result.gate}"),
+    create_markdown_artifact(markdown, key=artifact_key(f"{model}-gate-{result.gate}"),
                              description=f"{result.headline}: gate {result.gate}")
     if reports_dir is not None:
         reports_dir.mkdir(parents=True, exist_ok=True)
@@ -73,3 +74,15 @@ def publish_gate(result: GateResult, reports_dir: Path | None = None) -> GateRes
     if not result.passed:
         raise GateFailed(result)
     return result
+
+
+def publish_summary(model: str, results: list[GateResult], stopped: str = "") -> None:
+    """One table of every verdict of a CI or adopt run, and where it stopped if it did (the ci-summary artifact)."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"gate": r.gate, "verdict": r.headline, "reason": r.reason} for r in results]
+    if stopped:
+        rows.append({"gate": "(run)", "verdict": "STOPPED", "reason": stopped})
+    failed = next((r for r in results if not r.passed), None)
+    headline = f"FAIL: gate {failed.gate}" if failed else ("STOPPED" if stopped else "PASS: every gate")
+    create_table_artifact(rows, key=artifact_key(f"{model}-ci-summary"), description=headline)

@@ -18,7 +18,7 @@ from rollout.config import Policy
 from rollout.data import infer_schema, load_dataset
 from rollout.outcomes import OutcomeStore, Rollout
 from rollout.report import EvaluationReport, write_evaluation
-from tasks.common import mlflow_experiment, open_registry
+from tasks.common import artifact_key, mlflow_experiment, open_registry
 
 
 @task(name="current-rollout", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
@@ -76,7 +76,7 @@ def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datet
         OutcomeStore(policy.outcome_url).audit_log(rollout.rollout_id), model_name=policy.registry.model_name,
         rollout_id=rollout.rollout_id, mode=rollout.mode, metric=policy.rollout.primary_metric,
         margin=policy.rollout.margin, champion=rollout.champion, now=now)
-    create_markdown_artifact(report.markdown, key=f"evaluation-rollout-{rollout.rollout_id}",
+    create_markdown_artifact(report.markdown, key=artifact_key(f"{policy.registry.model_name}-evaluation-rollout-{rollout.rollout_id}"),
                              description=f"Online evaluation: {decision.action}")
     return report
 

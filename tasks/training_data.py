@@ -12,6 +12,7 @@ from rollout.config import Policy
 from rollout.data import infer_schema, load_dataset
 from rollout.outcomes import OutcomeStore
 from rollout.ci.validation import drift_report
+from tasks.common import artifact_key
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ def production_drift(policy: Policy, window: int) -> DriftCheck:
     training = load_dataset(policy)
     schema = infer_schema(training, policy.data)
     report = drift_report(training, recent, schema, policy.ci.drift)
-    create_markdown_artifact(report.to_markdown(), key="production-drift", description="Production vs training")
+    create_markdown_artifact(report.to_markdown(), key=artifact_key(f"{policy.registry.model_name}-production-drift"), description="Production vs training")
     if report.drifted:
         return DriftCheck(report.drifted, f"Production inputs drifted from the training data on "
                                           f"{', '.join(report.drifted)} ({len(recent)} rows).", len(recent))

@@ -58,11 +58,33 @@ def for_decision(decision: Decision, rollout: Rollout, aliases: Mapping[str, str
         alias_of = {v: a for a, v in rollout.versions.items()}
         weights = {alias_of[v]: w for v, w in decision.bandit_weights.items() if v in alias_of}
         steps.append({"op": "weights", "rollout_id": rid, "to": weights, "from": dict(rollout.weights)})
-    tags = {f"rollout.{rid}.decision": decision.action, "last_evaluation": now.isoformat(timespec="seconds")}
-    steps += [{"op": "tags", "version": v, "tags": tags} for v in sorted({champion, *challengers.values()})]
+    when = now.isoformat(timespec="seconds")
+    steps += [{"op": "tags", "version": v, "tags": {f"rollout.{rid}.role": role, f"rollout.{rid}.decision": said,
+                                                    "last_evaluation": when}}
+              for v, (role, said) in sorted(_what_it_meant(decision, champion, challengers).items())]
     if end_reason is not None:
         steps.append({"op": "end", "rollout_id": rid, "reason": end_reason, "at": now.timestamp()})
     return Planned(rid, decision.action, steps, decision.to_dict())
+
+
+def _what_it_meant(decision: Decision, champion: str | None,
+                   challengers: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Per version of the rollout, its role and what the decision meant for it, as its tags say: the winner
+    'promote', the champion it replaced 'replaced by vN', a rejected challenger 'reject', the champion kept
+    'kept (reject of vN)'; while collecting, the challengers only ('continue')."""
+    out: dict[str, tuple[str, str]] = {}
+    names = ", ".join(f"v{v}" for v in sorted(challengers.values()))
+    for alias, version in challengers.items():
+        if decision.action == "promote":
+            said = "promote" if version == decision.winner else "not chosen"
+        else:
+            said = decision.action
+        out[version] = (str(alias), said)
+    if champion is not None and decision.action == "promote" and decision.winner:
+        out[champion] = ("champion", f"replaced by v{decision.winner}")
+    elif champion is not None and decision.action in ("reject", "inconclusive"):
+        out[champion] = ("champion", f"kept ({decision.action} of {names})")
+    return out
 
 
 def for_rollback(aliases: Mapping[str, str], open_rollout: Rollout | None, now: datetime) -> Planned:

@@ -33,6 +33,13 @@ def git_sha(where: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
+def policy_text(policy: Policy) -> str:
+    """The policy the run was judged by, every default filled in and the run's overrides applied, as YAML."""
+    import yaml
+
+    return str(yaml.safe_dump(policy.model_dump(mode="json", exclude={"base_dir"}, by_alias=True), sort_keys=False))
+
+
 def metric_key(metric: str) -> str:
     """A metric's name as an MLflow key ('pkg.mod:fn' -> 'pkg.mod.fn': MLflow keys take no colon)."""
     return metric.replace(":", ".")
@@ -44,7 +51,6 @@ def version_tags(policy: Policy, frame: pd.DataFrame, metric: str, held: HeldOut
     metric = metric_key(metric)
     return {"data_hash": data_hash(frame), "git_sha": git_sha(policy.base_dir),
             "estimator": estimator or policy.estimator.label, f"holdout_{metric}": f"{held.candidate:.6f}",
-            "gates": json.dumps({r.gate: r.verdict for r in results}),
             **{f"gate.{r.gate}": r.verdict for r in results}}
 
 
@@ -62,6 +68,7 @@ def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CV
     texts = {f"gates/{r.gate}.md": r.to_markdown() for r in results}
     dicts: dict[str, dict[str, Any]] = {f"gates/{r.gate}.json": r.to_dict() for r in results}
     dicts["schema.json"] = asdict(schema)
+    texts["policy.yaml"] = policy_text(policy)
     params: dict[str, Any] = {"estimator": policy.estimator.label,
                               **{f"param.{k}": v for k, v in policy.estimator.params.items()},
                               "cv_folds": policy.ci.cv_folds, "split": policy.ci.split, "rows": len(frame),
@@ -161,7 +168,7 @@ def adopt(policy: Policy, model_uri: str, schema: Schema, frame: pd.DataFrame, h
     record = registry.RunRecord(
         name="adopt", params={"model_uri": model_uri, "rows": len(frame), "data_hash": data_hash(frame)},
         metrics=metrics, tags={"rollout.adopted_from": model_uri, **(origin or {})},
-        texts={f"gates/{r.gate}.md": r.to_markdown() for r in results},
+        texts={**{f"gates/{r.gate}.md": r.to_markdown() for r in results}, "policy.yaml": policy_text(policy)},
         dicts={**{f"gates/{r.gate}.json": r.to_dict() for r in results}, "schema.json": asdict(schema)})
     experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
     logged = registry.log_run(experiment, record)

@@ -67,7 +67,7 @@ def test_a_model_trained_elsewhere_is_gated_registered_served_and_evaluated(worl
     assert aliases[Role.CHAMPION] == champion and aliases[Role.CHALLENGER] != champion
     adopted = aliases[Role.CHALLENGER]
     tags = registry.get_tags(adopted)
-    assert tags["adopted_from"] == uri and json.loads(tags["gates"])["trust"] == "pass"
+    assert tags["adopted_from"] == uri and tags["gate.trust"] == "pass"
     assert float(tags["holdout_roc_auc"]) > 0.95 and tags["prefect.flow_run_id"]
     described = registry.client.get_model_version("cancer", adopted).description
     assert described.startswith(f"Adopted from {uri}, judged on 569 rows") and "trust pass" in described

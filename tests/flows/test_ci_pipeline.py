@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -53,7 +52,8 @@ def test_first_model_becomes_champion_then_a_challenger_is_registered_with_tags_
     assert reg.aliases() == {"champion": "1", "challenger": "2"}
     tags = reg.get_tags("2")
     assert len(tags["data_hash"]) == 16 and tags["git_sha"]
-    assert json.loads(tags["gates"]) == {g.gate: "pass" for g in second.gates}
+    assert {k: v for k, v in tags.items() if k.startswith("gate.")} == {f"gate.{g.gate}": "pass" for g in second.gates}
+    assert "gates" not in tags  # each verdict once, as its own tag
     assert tags["gate.champion"] == "pass"
     version = reg.client.get_model_version("loan-approval", "2")
     assert version.current_stage == "Staging"
@@ -97,6 +97,23 @@ def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothin
     assert "`income`" in listed and "`credit_score`" in listed and "`debt_to_income`" in listed
     assert [g.gate for g in failure.outcome.gates] == ["data_validation"]
     assert _registered_versions(policy_path) == []
+    summary = _artifact("loan-approval-ci-summary")  # the run's verdicts at a glance, keyed by model
+    assert summary.description == "FAIL: gate data_validation" and "data_validation" in str(summary.data)
+
+
+def _artifact(key: str):
+    """The latest Prefect artifact with this key."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_latest_artifacts(
+                artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])))
+
+    return next(a for a in asyncio.run(read()) if a.key == key)
 
 
 def test_overfitting_estimator_fails_the_overfit_gate(tmp_path):
@@ -183,7 +200,7 @@ def test_another_dataset_by_changing_the_policy_file_alone(tmp_path):
     assert registry.aliases() == {"champion": outcome.version}
     tags = registry.get_tags(outcome.version)
     assert tags["estimator"] == "ridge" and float(tags["holdout_r2"]) == pytest.approx(held, abs=1e-6)
-    assert json.loads(tags["gates"]) == {g.gate: "pass" for g in outcome.gates}
+    assert {k: v for k, v in tags.items() if k.startswith("gate.")} == {f"gate.{g.gate}": "pass" for g in outcome.gates}
     metrics = registry.client.get_run(outcome.run_id).data.metrics
     assert metrics["holdout_r2"] == pytest.approx(held) and metrics["baseline_r2"] < 0.05  # the mean predicts nothing
     model = registry.load(outcome.version)

@@ -43,7 +43,7 @@ def _register_two_versions(policy) -> registry.MlflowRegistry:
 def world(tmp_path: Path):
     path = write_policy(tmp_path, rollout={
         "mode": "shadow", "primary_metric": "accuracy", "margin": 0.01, "min_samples": 300,
-        "min_duration_hours": 24, "max_duration_days": 14,
+        "min_duration_hours": 24, "max_duration_days": 14, "label_delay_hours": 1,  # labels come an hour later
         "segment_guardrails": [{"segment": "VIP", "metric": "precision", "min": 0.7}],
         "max_latency_p99_ms": 250,
     })
@@ -96,6 +96,9 @@ def test_better_challenger_is_promoted_and_registry_store_and_report_agree(world
     assert [d.decision for d in audit] == ["promote"]
     assert {"alias": "champion", "from": "1", "to": "2"} in audit[0].alias_moves
     assert reg.get_tags("2")[f"rollout.{rollout_id}.decision"] == "promote"
+    replaced = reg.get_tags("1")  # the old champion says what happened to it, not "promote"
+    assert (replaced[f"rollout.{rollout_id}.decision"], replaced[f"rollout.{rollout_id}.role"]) == (
+        "replaced by v2", "champion")
     report = Path(outcome.report)
     text = report.read_text()
     assert "PROMOTE" in text and list(report.parent.glob("effect-*.png"))
