@@ -320,6 +320,47 @@ def evaluate(
         console.print(f"report: {outcome.report}")
 
 
+@app.command("last-run")
+def last_run(flow: str = typer.Option("ci-pipeline", help="Flow name: ci-pipeline, adopt-model, online-evaluation, "
+                                      "continuous-training.")) -> None:
+    """Print the latest run of a flow on the Prefect server (PREFECT_API_URL): its state, the state's message (a
+    failed gate's reason) and its gate summary; exit 1 unless it completed. For CI logs after `--watch`."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async def read() -> tuple[Any, list[Any]]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                                               sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+            if not runs:
+                return None, []
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[runs[0].id])))
+            return runs[0], [a for a in found if (a.key or "").endswith("-ci-summary")]
+
+    run, summaries = asyncio.run(read())
+    if run is None:
+        console.print(f"[red]no run of {flow} on this Prefect server[/red]")
+        raise typer.Exit(1)
+    state = run.state
+    console.print(f"{flow} run {run.name}: {state.name if state else 'unknown'}", soft_wrap=True)
+    if state is not None and state.message:
+        console.print(f"  {state.message}", soft_wrap=True, markup=False)
+    for artifact in summaries:
+        table = Table(title=artifact.description or "gates")
+        for column in ("gate", "verdict", "reason"):
+            table.add_column(column, overflow="fold")
+        rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+        for row in rows or []:
+            table.add_row(str(row.get("gate")), str(row.get("verdict")), str(row.get("reason")))
+        console.print(table)
+    if state is None or not state.is_completed():
+        raise typer.Exit(1)
+
+
 @app.command()
 def rollback(config: str = CONFIG,
              actor: str = typer.Option("rollout rollback", help="Who is recorded in the audit log.")) -> None:

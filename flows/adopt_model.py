@@ -35,7 +35,12 @@ class AdoptParameters(BaseModel):
 @flow(name="adopt-model", log_prints=True)
 def adopt_model(params: AdoptParameters, config: str = "rollout.yaml") -> CIOutcome:
     """Judge a model trained elsewhere as CI judges its own candidates (data validation, floor, baseline and
-    champion on the same held-out rows, robustness, stress) and, when every gate passes, register it."""
+    champion on the same held-out rows, robustness, stress) and, when every gate passes, register it.
+
+    Args:
+        params: The model to adopt and the rows it is judged on.
+        config: Path of the policy file (rollout.yaml) on the worker, relative to its working directory.
+    """
     outcome = CIOutcome()
     return stepwise(outcome, lambda: _adopt(params, config, outcome))
 

@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from rollout.config import ConfigError, Policy, parse_policy
+from rollout.config import ConfigError, EstimatorName, Policy, parse_policy
 from rollout.data import Schema
 from rollout.ci.gates import GateFailed, GateResult, step_failed
 from rollout.ci.training import example_rows, factory_function, usable_cores
@@ -27,7 +27,8 @@ class CIParameters(BaseModel):
     data_source: str | None = Field(None, description="Override data.source: 'example' or a CSV/Parquet path.")
     example_drift: float | None = Field(None, ge=0, le=3, description="Override data.example.drift (demo: a new regime).")
     example_seed: int | None = Field(None, description="Override data.example.seed.")
-    estimator: str | None = Field(None, description="Override estimator.name (see the policy reference).")
+    estimator: EstimatorName | None = Field(None, description="Override estimator.name: one of the built-in estimators "
+                                            "(a factory stays in the policy file).")
     estimator_params: dict | None = Field(None, description="Override estimator.params.")
     rollout_start: datetime | None = Field(
         None, description="When the opened rollout starts (UTC); empty = now. The demo runs on simulated time."
@@ -101,8 +102,13 @@ def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
 # (The ignore: Prefect 3.9 types ThreadPoolTaskRunner() as ThreadPoolTaskRunner[Never], which its own
 # decorator's annotation refuses.)
 @flow(name="ci-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=usable_cores()))  # type: ignore[arg-type]
-def ci_pipeline(config: str = "rollout.yaml", params: CIParameters | None = None) -> CIOutcome:
-    """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal)."""
+def ci_pipeline(config: str = "rollout.yaml", params: CIParameters = CIParameters()) -> CIOutcome:  # noqa: B008
+    """Turn a dataset and a policy file into a fully checked, registered @challenger (or a clear refusal).
+
+    Args:
+        config: Path of the policy file (rollout.yaml) on the worker, relative to its working directory.
+        params: Overrides of the policy for this run only; empty fields keep the policy's values.
+    """
     outcome = CIOutcome()
     return stepwise(outcome, lambda: _ci(config, params or CIParameters(), outcome))
 

@@ -17,7 +17,8 @@ class ContinuousTrainingParameters(BaseModel):
 
     window: int = Field(5000, ge=100, description="How many recent served requests form the production sample.")
     force: bool = Field(False, description="Retrain even when no drift is found.")
-    ci: CIParameters = Field(default_factory=CIParameters, description="Overrides passed on to ci-pipeline.")
+    ci: CIParameters = Field(default_factory=CIParameters, title="ci",
+                             description="Overrides passed on to ci-pipeline (empty fields keep the policy's values).")
 
 
 @dataclass
@@ -32,8 +33,14 @@ class ContinuousTrainingOutcome:
 
 @flow(name="continuous-training", log_prints=True)
 def continuous_training(config: str = "rollout.yaml",
-                        params: ContinuousTrainingParameters | None = None) -> ContinuousTrainingOutcome:
-    """Compare recent production inputs with the training data; retrain when they drifted."""
+                        params: ContinuousTrainingParameters = ContinuousTrainingParameters()  # noqa: B008
+                        ) -> ContinuousTrainingOutcome:
+    """Compare recent production inputs with the training data; retrain when they drifted.
+
+    Args:
+        config: Path of the policy file (rollout.yaml) on the worker, relative to its working directory.
+        params: How many recent requests to compare, whether to retrain anyway, and the CI run's overrides.
+    """
     params = params or ContinuousTrainingParameters()
     policy = load_policy_task(config)
     check = production_drift(policy, params.window)

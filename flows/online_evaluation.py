@@ -46,8 +46,14 @@ class EvaluationOutcome:
 
 
 @flow(name="online-evaluation", log_prints=True)
-def online_evaluation(config: str = "rollout.yaml", params: EvaluationParameters | None = None) -> EvaluationOutcome:
-    """Judge the open rollout from its logged outcomes and promote, keep collecting, or reject."""
+def online_evaluation(config: str = "rollout.yaml",
+                      params: EvaluationParameters = EvaluationParameters()) -> EvaluationOutcome:  # noqa: B008
+    """Judge the open rollout from its logged outcomes and promote, keep collecting, or reject.
+
+    Args:
+        config: Path of the policy file (rollout.yaml) on the worker, relative to its working directory.
+        params: When to evaluate as of, whether to act, and who is recorded in the audit log.
+    """
     params = params or EvaluationParameters()
     policy = load_policy_task(config)
     rollout = current_rollout(policy)

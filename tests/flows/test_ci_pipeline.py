@@ -100,6 +100,15 @@ def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothin
     summary = _artifact("loan-approval-ci-summary")  # the run's verdicts at a glance, keyed by model
     assert summary.description == "FAIL: gate data_validation" and "data_validation" in str(summary.data)
 
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    said = CliRunner().invoke(app, ["last-run", "--flow", "ci-pipeline"], terminal_width=200)  # what a CI log shows
+    text = " ".join(said.output.split())
+    assert said.exit_code == 1 and ": Failed" in text and "gate 'data_validation' failed" in text, said.output
+    assert "FAIL: gate data_validation" in text
+
 
 def _artifact(key: str):
     """The latest Prefect artifact with this key."""
