@@ -163,7 +163,9 @@ def test_ci_workflow_commands_deploy_and_run_on_real_servers(servers):
 
         # Outcomes of three simulated days, then one online-evaluation deployment run, acting.
         started = rollout.started_at
-        log_shadow(store, rollout.rollout_id, 3000, champion_acc=0.78, challenger_acc=0.88, start=started)
+        # labels as they come (the example policy's label_delay_hours is 0: no waiting for late ones)
+        log_shadow(store, rollout.rollout_id, 3000, champion_acc=0.78, challenger_acc=0.88, start=started,
+                   label_after=timedelta(0))
         now = (started + timedelta(days=3.5)).astimezone(timezone.utc).isoformat()
         done = _sh(f".venv/bin/prefect deployment run online-evaluation/online-evaluation --watch --watch-timeout 600 "
                    f"--params '{json.dumps({'params': {'now': now, 'actor': 'e2e'}})}'", env)

@@ -56,8 +56,9 @@ def world(tmp_path: Path):
 
 def log_shadow(store: OutcomeStore, rollout_id: int, n: int, champion_acc: float, challenger_acc: float,
                seed: int = 0, days: float = 3.0, vip_challenger_fp: bool = False, challenger_share: float = 1.0,
-               start: datetime = START):
-    """Paired shadow outcomes: both versions score each request; labels arrive for all of them."""
+               start: datetime = START, label_after: timedelta = timedelta(hours=1)):
+    """Paired shadow outcomes: both versions score each request; labels arrive for all of them, `label_after`
+    each prediction."""
     rng = np.random.default_rng(seed)
     ts = start + timedelta(seconds=1)
     rows, labels = [], []
@@ -74,7 +75,7 @@ def log_shadow(store: OutcomeStore, rollout_id: int, n: int, champion_acc: float
                 pred = 1
             rows.append(PredictionRow(rid, version, role, at, f"u{i % 500}", rollout_id, bool(served), 1.0,
                                       float(pred), 0.8 * pred + 0.1, 3.0, segment=segment))
-        labels.append((rid, y, at + timedelta(hours=1)))
+        labels.append((rid, y, at + label_after))
     store.log_predictions(rows)
     store.add_labels(labels)
 
