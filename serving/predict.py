@@ -247,7 +247,9 @@ class Predictor:
         """Score a failed challenger's records with the champion of the latest snapshot (the request's may be retired)."""
         latest = self.lanes()
         current = latest.view or view
-        champion = Arm(Role.CHAMPION, current.champion.version, current.champion.weight)
+        # propensity 0: the router did not choose the champion for these records (their arm failed), so neither the
+        # sample-ratio test's unit counts nor the bandit's inverse-propensity sums take them as the champion's
+        champion = Arm(Role.CHAMPION, current.champion.version, 0.0)
         lane = latest.serve.get(champion.version)
         if lane is None:
             raise RequestError(503, "champion lane unavailable during a reload; retry")

@@ -292,18 +292,18 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
             f"{v}: effect {_fmt(e.estimate)} ({metric}, better-is-positive, {e.method}), one-sided "
             f"{1 - a:.1%} bounds [{_fmt(b.lower)}, {_fmt(b.upper)}] vs margin -{margin:g}, n={e.n}"
         )
-        if srm.p_value < policy.srm_p_value:
+        if failed:  # measured within the challenger's own requests: valid however the traffic was split
+            verdict = "reject"
+            why = f"{v}: guardrail breached with confidence: " + " ".join(g.reason for g in failed)
+        elif srm.p_value < policy.srm_p_value:
             verdict = "inconclusive" if horizon else "continue"
             why = (
                 f"{v}: sample-ratio mismatch (anytime-valid p={srm.p_value:.2g} < {policy.srm_p_value:g}; "
                 + (f"the challenger's propensity-weighted count {srm.observed[0]} vs {srm.observed[1]} requests"
                    if ev.mode == "bandit" else
                    f"observed {srm.observed[0]} champion vs {srm.observed[1]} challenger {ev.served_unit}")
-                + ") blocks any decision."
+                + ") blocks any comparison of the two."
             )
-        elif failed:
-            verdict = "reject"
-            why = f"{v}: guardrail breached with confidence: " + " ".join(g.reason for g in failed)
         elif enough and b.upper < -margin:
             verdict = "reject"
             why = f"{shown}: the upper bound is below -margin, the challenger is worse."

@@ -24,7 +24,7 @@ from rollout.outcomes.engine import LockHeld
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
 from rollout.outcomes.schema import METRICS
 from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EPS, EvidenceSums, TrafficCounts
-from rollout.roles import UNIT_SPLIT_MODES
+from rollout.roles import UNIT_SPLIT_MODES, Role
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums, LabelSums
 from rollout.stats.moments import ClusterSums, Confusion, Moments
@@ -289,7 +289,8 @@ class InMemoryStore:
             if r.latency_ms is not None:
                 b = int((math.log(max(r.latency_ms, 1e-4)) + _LAT_OFFSET) * _LAT_BUCKETS_PER_E)
                 hist[(version, b)] = hist.get((version, b), 0) + 1
-            if r.served:
+            chosen = r.served and (r.propensity is None or r.propensity > 0)  # not a fallback for a failed arm
+            if chosen or (r.role != Role.CHAMPION and r.error is not None):
                 units.setdefault(version, set()).add(("r", r.request_id) if r.unit_id is None else ("u", r.unit_id))
             if r.error is not None:
                 continue

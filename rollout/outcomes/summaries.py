@@ -61,6 +61,7 @@ from sqlalchemy import (
     Float,
     Integer,
     and_,
+    or_,
     case,
     cast,
     delete,
@@ -617,11 +618,15 @@ class Summaries:
         return [(r[0], r[1], r[2], int(r[3]), tuple(r[4:])) for r in conn.execute(query)]
 
     def _units_insert(self, rollout_id: int, hours: Sequence[int]) -> Any:
-        """INSERT of the units served in these hours that rollout_units does not hold yet."""
+        """INSERT of the units assigned in these hours that rollout_units does not hold yet: units a version served
+        as the router chose it, and units of a challenger's failed rows (the router chose it; the champion answered
+        as a fallback, logged with propensity 0, which does not count as the champion's assignment)."""
         p = predictions
         kind = case((p.c.unit_id.is_(None), "r"), else_="u")
+        assigned = or_(and_(p.c.served == 1, or_(p.c.propensity.is_(None), p.c.propensity > 0)),
+                       and_(p.c.role != Role.CHAMPION.value, p.c.error.is_not(None)))
         query = (select(literal(rollout_id, Integer), p.c.version, kind, func.coalesce(p.c.unit_id, p.c.request_id))
-                 .where(*self._in_hours(rollout_id, hours), p.c.served == 1).distinct())
+                 .where(*self._in_hours(rollout_id, hours), assigned).distinct())
         stmt = (sqlite_insert if self._sqlite else pg_insert)(rollout_units)
         return stmt.from_select(["rollout_id", "version", "kind", "unit"], query).on_conflict_do_nothing()
 

@@ -107,6 +107,10 @@ def test_sample_ratio_mismatch_blocks_any_decision(policy: RolloutPolicy) -> Non
     assert decide(policy, _evidence(worse, served=skewed)).action == "continue"
     late = decide(policy, _evidence(better, served=skewed, hours=15 * 24))
     assert late.action == "inconclusive"
+    # a guardrail breached within the challenger's own requests still rejects: it needs no comparison
+    bad_vip = Confusion(tp=800, fp=200, fn=10, tn=0)
+    breached = decide(policy, _evidence(_challenger("v2", effect=0.04, n_per_day=3000, vip=bad_vip), served=skewed))
+    assert breached.action == "reject" and "VIP precision" in breached.reasons[0]
 
 
 def test_too_young_rollout_continues_even_if_significant(policy: RolloutPolicy) -> None:

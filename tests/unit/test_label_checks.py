@@ -51,3 +51,28 @@ def test_coverage_that_differs_between_arms_holds_and_noise_does_not():
     assert small.status == "pass"  # 65% vs 82% on 40 each: within noise
     low = label_coverage_check(LabelSums(5000, 100, ()), None, 0.1, 0.05)
     assert low.status == "pending" and "rollout.min_label_coverage 10%" in low.reason
+
+
+@pytest.mark.parametrize("kind", ["sql", "memory"])
+def test_a_failed_challenger_request_counts_as_its_unit_not_the_fallback_champions(kind, store_url):
+    """A/B assigns units; when the challenger fails a request the champion answers it as a fallback (propensity 0).
+    The sample-ratio test counts the unit for the arm the router chose, so a failing challenger is not mistaken
+    for a broken split."""
+    store = InMemoryStore() if kind == "memory" else OutcomeStore(store_url).create()
+    rid = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.5}, started_at=NOW - 60)
+    rows = []
+    for i in range(40):
+        unit, ts = f"u{i % 20}", NOW + i
+        if i % 20 < 10:  # units 0-9: the champion's
+            rows.append(PredictionRow(f"r{i}", "1", Role.CHAMPION, ts=ts, unit_id=unit, rollout_id=rid,
+                                      propensity=0.5, prediction=1.0))
+        elif i % 2:  # units 10-19: the challenger's, which fails every other request; the champion answers those
+            rows.append(PredictionRow(f"r{i}", "2", Role.CHALLENGER, ts=ts, unit_id=unit, rollout_id=rid,
+                                      served=False, propensity=0.5, error="timeout"))
+            rows.append(PredictionRow(f"r{i}", "1", Role.CHAMPION, ts=ts, unit_id=unit, rollout_id=rid,
+                                      propensity=0.0, prediction=1.0))
+        else:
+            rows.append(PredictionRow(f"r{i}", "2", Role.CHALLENGER, ts=ts, unit_id=unit, rollout_id=rid,
+                                      propensity=0.5, prediction=1.0))
+    store.log_predictions(rows)
+    assert store.evidence(rid, NOW + 10_000, "1").units == {"1": 10, "2": 10}
