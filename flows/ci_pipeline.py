@@ -7,9 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 from prefect import flow
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
@@ -120,9 +122,11 @@ def stepwise(outcome: CIOutcome, body: Callable[[], CIOutcome]) -> CIOutcome:
         done = body()
     except ConfigError:
         raise
-    except GateFailed:
+    except GateFailed as exc:
         publish_summary(outcome.model, outcome.gates)
-        raise
+        # A gate that did its job ends the run Failed with its reason as the state's message, and no traceback
+        # in the logs; a caller in this process still gets the GateFailed (with every verdict) raised.
+        return cast(CIOutcome, Failed(message=str(exc), data=exc))
     except Exception as exc:  # noqa: BLE001 - any other failure: say where, in one line, with the verdicts so far
         failed = step_failed(outcome.stage, exc, outcome)
         if outcome.model:

@@ -108,6 +108,23 @@ def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothin
     text = " ".join(said.output.split())
     assert said.exit_code == 1 and ": Failed" in text and "gate 'data_validation' failed" in text, said.output
     assert "FAIL: gate data_validation" in text
+    logs = _run_logs(summary.flow_run_id)
+    assert any("gate data_validation" in line for line in logs)
+    assert not any("Traceback" in line for line in logs)  # a gate that did its job ends the run without one
+
+
+def _run_logs(flow_run_id) -> list[str]:
+    """Every log line of a flow run, as the Prefect UI shows them."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return [log.message for log in asyncio.run(read())]
 
 
 def _artifact(key: str):
