@@ -113,6 +113,13 @@ def metrics_markdown(evidence: Evidence, metric: str) -> str:
             p = f"{precision[0] / precision[1]:.4f}" if precision[1] else "n/a"
             r = f"{recall[0] / recall[1]:.4f}" if recall[1] else "n/a"
             lines.append(f"| {version} | {seg} | {m.n} | {value(m)} | {p} | {r} |")
+    if evidence.auc:
+        lines += ["", "## Ranking quality (online ROC AUC, DeLong 95% interval; reported, not tested)", "",
+                  "| version | ROC AUC | interval | labelled rows |", "|---|---|---|---|"]
+        for version, (auc, low, high, n) in evidence.auc.items():
+            shown = "n/a (both classes needed)" if auc != auc else f"{auc:.4f}"
+            interval = "" if auc != auc else f"[{low:.4f}, {high:.4f}]"
+            lines.append(f"| {version} | {shown} | {interval} | {n} |")
     all_days = sorted({d for by_day in days.values() for d in by_day})
     if all_days:
         lines += ["", "## Daily metric", "", "| day | " + " | ".join(f"v{v}" for v in days) + " |",

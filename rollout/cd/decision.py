@@ -62,6 +62,8 @@ class Evidence:
     champion_loss: Mapping[Key, Moments] = field(default_factory=dict)
     champion_units: ClusterSums | None = None  # A/B: the champion's loss summed per unit
     champion_labels: guardrails.LabelSums | None = None
+    # binary classifiers: each version's online ROC AUC with its DeLong 95% interval and labelled rows (report only)
+    auc: Mapping[str, tuple[float, float, float, int]] = field(default_factory=dict)
     champion_confusion: Mapping[str, Confusion] = field(default_factory=dict)
     champion_ipw: IPWSums | None = None
     served: Mapping[str, int] = field(default_factory=dict)

@@ -19,7 +19,7 @@ from rollout.models import own_metric
 from rollout.outcomes.log import ClassCell, OutcomeCell
 from rollout.registry import ModelRegistry
 from rollout.roles import UNIT_SPLIT_MODES
-from rollout.stats.guardrails import LabelSums
+from rollout.stats.guardrails import LabelSums, auc_from_histograms
 from rollout.stats.moments import ClusterSums, Confusion, Moments
 
 def _by_version(parts: Mapping[tuple[Any, ...], Any]) -> dict[str, dict[tuple[str, str], Any]]:
@@ -186,7 +186,12 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     served = (sums.units or {}) if by_unit else {v: c.requests for v, c in traffic.items()}
     shares = {} if rollout.mode == "shadow" else {rollout.versions[a]: w for a, w in rollout.weights.items()
                                                    if a in rollout.versions}
+    auc = {}
+    if policy.data.task == "classification":
+        for version, (pos, neg) in store.score_histograms(rid, cut).items():
+            auc[version] = (*auc_from_histograms(pos, neg), sum(pos) + sum(neg))
     return Evidence(
+        auc=auc,
         mode=rollout.mode,
         started_at=started,
         now=now,

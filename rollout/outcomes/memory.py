@@ -220,6 +220,19 @@ class InMemoryStore:
             out[key] = out.get(key, 0) + 1
         return out
 
+    def score_histograms(self, rollout_id: int, cutoff: Time | None = None,
+                         buckets: int = 200) -> dict[str, tuple[list[int], list[int]]]:
+        cut = math.inf if cutoff is None else to_epoch(cutoff)
+        out: dict[str, tuple[list[int], list[int]]] = {}
+        for r in self.predictions:
+            label = self.labels.get(r.request_id)
+            if (r.rollout_id != rollout_id or r.error is not None or label is None or label[1] not in (0.0, 1.0)
+                    or not isinstance(r.score, int | float) or not _ts(r) < cut):
+                continue
+            pos, neg = out.setdefault(r.version, ([0] * buckets, [0] * buckets))
+            (pos if label[1] == 1.0 else neg)[min(max(int(float(r.score) * buckets), 0), buckets - 1)] += 1
+        return out
+
     def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]:
         cut = math.inf if cutoff is None else to_epoch(cutoff)
         out: dict[str, list[Any]] = {}

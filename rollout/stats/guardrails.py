@@ -358,3 +358,25 @@ def label_coverage_check(challenger: LabelSums, champion: LabelSums | None, min_
                                    "their losses are not comparable; find out why before deciding.")
     return GuardrailResult("label_coverage", "pass", cov, cov, min_coverage,
                            f"label_coverage: {cov:.1%} of matured predictions have a label.")
+
+
+def auc_from_histograms(positives: Sequence[int], negatives: Sequence[int], z: float = 1.959963984540054
+                        ) -> tuple[float, float, float]:
+    """ROC AUC with a DeLong interval from score histograms (counts per score bucket, same buckets, ascending)
+    of the labelled positives and negatives; a tie (same bucket) counts a half. (nan, nan, nan) without both
+    classes. DeLong's components per bucket: a positive's share of negatives below it, a negative's share of
+    positives above it; the AUC's variance is theirs over m and n."""
+    pos = np.asarray(positives, dtype=float)
+    neg = np.asarray(negatives, dtype=float)
+    m, n = pos.sum(), neg.sum()
+    if m < 2 or n < 2:
+        return math.nan, math.nan, math.nan
+    neg_below = np.concatenate(([0.0], np.cumsum(neg)[:-1]))
+    pos_above = m - np.cumsum(pos)
+    v10 = (neg_below + 0.5 * neg) / n  # per positive in each bucket
+    v01 = (pos_above + 0.5 * pos) / m  # per negative in each bucket
+    auc = float(np.dot(pos, v10) / m)
+    var10 = float(np.dot(pos, (v10 - auc) ** 2) / (m - 1))
+    var01 = float(np.dot(neg, (v01 - auc) ** 2) / (n - 1))
+    se = math.sqrt(var10 / m + var01 / n)
+    return auc, max(auc - z * se, 0.0), min(auc + z * se, 1.0)

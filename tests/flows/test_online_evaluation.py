@@ -104,6 +104,9 @@ def test_better_challenger_is_promoted_and_registry_store_and_report_agree(world
     text = report.read_text()
     assert "PROMOTE" in text and list(report.parent.glob("effect-*.png"))
     assert "| 2 | VIP |" in text and "## Daily metric" in text  # per segment and per day, per version
+    ranking = text.split("## Ranking quality", 1)[1].splitlines()
+    row = next(line for line in ranking if line.startswith("| 2 |"))
+    assert float(row.split("|")[2]) > float(next(line for line in ranking if line.startswith("| 1 |")).split("|")[2])
 
     back = evaluation.rollback(reg, store, START + timedelta(days=4), actor="test")
     assert back["champion"] == "1" and reg.aliases()["champion"] == "1"
