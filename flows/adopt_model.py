@@ -48,6 +48,7 @@ def adopt_model(params: AdoptParameters, config: str = "rollout.yaml") -> CIOutc
 def _adopt(params: AdoptParameters, config: str, outcome: CIOutcome) -> CIOutcome:
     outcome.stage = "loading the policy"
     policy = apply_overrides(load_policy_task(config), CIParameters(data_source=params.data_source))
+    outcome.policy, outcome.kind = policy, "adopt"
     reports = reports_folder(policy, "adopt")
     outcome.reports_dir = str(reports)
     gate = publisher(outcome, reports, policy.registry.model_name)

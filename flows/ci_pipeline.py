@@ -10,17 +10,18 @@ from pathlib import Path
 from typing import cast
 
 import pandas as pd
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from rollout.config import ConfigError, EstimatorName, Policy, parse_policy
 from rollout.data import Schema
+from rollout.ci import registration
 from rollout.ci.gates import GateFailed, GateResult, step_failed
 from rollout.ci.training import example_rows, factory_function, usable_cores
 from tasks import ci
-from tasks.common import load_policy_task, publish_gate, publish_summary
+from tasks.common import load_policy_task, prefect_origin, publish_gate, publish_summary
 
 
 class CIParameters(BaseModel):
@@ -49,6 +50,8 @@ class CIOutcome:
     reports_dir: str = ""
     stage: str = "starting"  # what the run was doing last: a StepFailed names it
     model: str = ""  # the registered model's name, once the policy is read
+    policy: Policy | None = None  # the run's policy (overrides applied), once read
+    kind: str = "ci"
 
 
 def publisher(outcome: CIOutcome, reports: Path, model: str = "") -> Callable[[GateResult], None]:
@@ -115,6 +118,18 @@ def ci_pipeline(config: str = "rollout.yaml", params: CIParameters = CIParameter
     return stepwise(outcome, lambda: _ci(config, params or CIParameters(), outcome))
 
 
+def record_failure(outcome: CIOutcome, failure: str) -> None:
+    """Log a stopped run to MLflow (FAILED, with its verdicts and the failure); a registry that cannot take it
+    is warned about, never allowed to hide the failure itself."""
+    if outcome.policy is None:
+        return
+    try:
+        run_id = registration.log_failed(outcome.policy, outcome.gates, failure, outcome.kind, prefect_origin())
+        outcome.run_id = run_id
+    except Exception as exc:  # noqa: BLE001 - the run already failed; this record is a courtesy
+        get_run_logger().warning("could not record the failed run in MLflow: %s: %s", type(exc).__name__, exc)
+
+
 def stepwise(outcome: CIOutcome, body: Callable[[], CIOutcome]) -> CIOutcome:
     """Run a flow's body: a failed gate or a bad policy as they are, any other failure as a StepFailed naming the
     stage it stopped in, with every verdict so far."""
@@ -124,6 +139,7 @@ def stepwise(outcome: CIOutcome, body: Callable[[], CIOutcome]) -> CIOutcome:
         raise
     except GateFailed as exc:
         publish_summary(outcome.model, outcome.gates)
+        record_failure(outcome, str(exc))
         # A gate that did its job ends the run Failed with its reason as the state's message, and no traceback
         # in the logs; a caller in this process still gets the GateFailed (with every verdict) raised.
         return cast(CIOutcome, Failed(message=str(exc), data=exc))
@@ -131,6 +147,7 @@ def stepwise(outcome: CIOutcome, body: Callable[[], CIOutcome]) -> CIOutcome:
         failed = step_failed(outcome.stage, exc, outcome)
         if outcome.model:
             publish_summary(outcome.model, outcome.gates, str(failed))
+        record_failure(outcome, str(failed))
         raise failed from exc
     publish_summary(outcome.model, outcome.gates)
     return done
@@ -139,6 +156,7 @@ def stepwise(outcome: CIOutcome, body: Callable[[], CIOutcome]) -> CIOutcome:
 def _ci(config: str, params: CIParameters, outcome: CIOutcome) -> CIOutcome:
     outcome.stage = "loading the policy"
     policy = apply_overrides(load_policy_task(config), params)
+    outcome.policy = policy
     if policy.estimator.factory is not None:  # the team's code is importable here, or nothing starts
         factory_function(policy.estimator.factory)
     reports = reports_folder(policy, "ci")

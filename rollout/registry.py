@@ -506,9 +506,10 @@ class ParentRun:
 
 def log_run(experiment: str, record: RunRecord, model: Any = None, x_example: Any = None, task: str = "",
             register_as: str | None = None, version_tags: dict[str, str] | None = None,
-            trusted_modules: Sequence[str] = ()) -> Logged:
+            trusted_modules: Sequence[str] = (), failed: bool = False) -> Logged:
     """Write one run (after `experiment_id` pointed MLflow at the store); with `model`, log it as the run's
-    model and, with `register_as`, register it as a new version carrying `version_tags`."""
+    model and, with `register_as`, register it as a new version carrying `version_tags`; `failed` ends the run
+    FAILED (a CI run that stopped)."""
     import mlflow
 
     with mlflow.start_run(experiment_id=experiment, run_name=record.name) as run:
@@ -530,6 +531,8 @@ def log_run(experiment: str, record: RunRecord, model: Any = None, x_example: An
         if model is not None:
             info = log_model(model, x_example, task, register_as, version_tags, trusted_modules)
             version = None if register_as is None else str(info.registered_model_version)
+    if failed:
+        mlflow.MlflowClient().set_terminated(run.info.run_id, "FAILED")
     return Logged(run.info.run_id, version)
 
 

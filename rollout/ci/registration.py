@@ -108,6 +108,24 @@ def register(policy: Policy, model: Predictor, schema: Schema, frame: pd.DataFra
     return logged
 
 
+def log_failed(policy: Policy, results: list[GateResult], failure: str, kind: str = "ci",
+               origin: dict[str, str] | None = None) -> str:
+    """Record a CI or adopt run that stopped, as a FAILED MLflow run in the policy's experiment: what stopped it
+    (the failed gate's reason, or the step and error), every verdict so far, and the policy. Its run id."""
+    experiment = registry.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
+    failed_gate = next((r.gate for r in results if not r.passed), None)
+    record = registry.RunRecord(
+        name=f"{kind}-failed-{policy.estimator.label.replace(':', '.')}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
+        params={"estimator": policy.estimator.label,
+                **{f"param.{k}": v for k, v in policy.estimator.params.items()}},
+        tags={"rollout.kind": kind, "rollout.failure": failure[:5000], **(origin or {}),
+              **({"rollout.failed_gate": failed_gate} if failed_gate else {}),
+              **{f"gate.{r.gate}": r.verdict for r in results}},
+        texts={**{f"gates/{r.gate}.md": r.to_markdown() for r in results}, "policy.yaml": policy_text(policy),
+               "failure.txt": failure})
+    return registry.log_run(experiment, record, failed=True).run_id
+
+
 def describe(what: str, rows: int, digest: str, metric: str, held: HeldOut, results: list[GateResult],
              how: str = "trained") -> str:
     """A version's description: what it is, what it beat on the held-out rows, its gates. `how` it met the

@@ -97,6 +97,13 @@ def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothin
     assert "`income`" in listed and "`credit_score`" in listed and "`debt_to_income`" in listed
     assert [g.gate for g in failure.outcome.gates] == ["data_validation"]
     assert _registered_versions(policy_path) == []
+    policy = load_policy(policy_path)  # the stopped run is in MLflow too: FAILED, with its failed gate
+    client = MlflowClient(tracking_uri=policy.tracking_uri, registry_uri=policy.tracking_uri)
+    experiment = client.get_experiment_by_name(policy.registry.experiment).experiment_id
+    failed = client.search_runs([experiment], "tags.`rollout.failed_gate` = 'data_validation'")
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert failed[0].data.tags["gate.data_validation"] == "fail" and "gate 'data_validation' failed" in \
+        failed[0].data.tags["rollout.failure"]
     summary = _artifact("loan-approval-ci-summary")  # the run's verdicts at a glance, keyed by model
     assert summary.description == "FAIL: gate data_validation" and "data_validation" in str(summary.data)
 
