@@ -126,6 +126,9 @@ def _run_logs(flow_run_id) -> list[str]:
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # logs reach the API in background batches: send what is queued first
 
     async def read():
         async with get_client() as client:
