@@ -183,15 +183,26 @@ class InMemoryStore:
 
     # --------------------------------------------------------------------------------- answers
 
-    def class_counts(self, rollout_id: int, cutoff: Time | None = None) -> dict[ClassCell, int]:
+    def _labelled(self, rollout_id: int, cutoff: Time | None) -> Iterator[tuple[PredictionRow, float]]:
+        """The rollout's error-free rows before the cut that have a current label, with the label: what the
+        SQL store's labelled queries join."""
         cut = math.inf if cutoff is None else to_epoch(cutoff)
-        out: dict[ClassCell, int] = {}
         for r in self.predictions:
             label = self.labels.get(r.request_id)
-            if (r.rollout_id != rollout_id or r.error is not None or r.prediction is None or label is None
-                    or not _ts(r) < cut):
+            if r.rollout_id == rollout_id and r.error is None and label is not None and _ts(r) < cut:
+                yield r, label[1]
+
+    def _champion_rows(self, rollout_id: int, champion: str | None) -> dict[str, PredictionRow]:
+        """The champion's error-free rows of the rollout by request id (none without a champion)."""
+        return {r.request_id: r for r in self.predictions
+                if champion is not None and r.rollout_id == rollout_id and r.version == champion and r.error is None}
+
+    def class_counts(self, rollout_id: int, cutoff: Time | None = None) -> dict[ClassCell, int]:
+        out: dict[ClassCell, int] = {}
+        for r, y in self._labelled(rollout_id, cutoff):
+            if r.prediction is None:
                 continue
-            key = (str(r.version), r.segment, float(r.prediction), float(label[1]))
+            key = (str(r.version), r.segment, float(r.prediction), float(y))
             out[key] = out.get(key, 0) + 1
         return out
 
@@ -205,32 +216,25 @@ class InMemoryStore:
 
     def outcome_cells(self, rollout_id: int, cutoff: Time | None = None,
                       champion: str | None = None) -> dict[OutcomeCell, int]:
-        cut = math.inf if cutoff is None else to_epoch(cutoff)
-        champ = {r.request_id: r for r in self.predictions
-                 if champion is not None and r.rollout_id == rollout_id and r.version == champion and r.error is None}
+        champ = self._champion_rows(rollout_id, champion)
         out: dict[OutcomeCell, int] = {}
-        for r in self.predictions:
-            label = self.labels.get(r.request_id)
-            if (r.rollout_id != rollout_id or r.error is not None or r.prediction is None or label is None
-                    or not _ts(r) < cut):
+        for r, y in self._labelled(rollout_id, cutoff):
+            if r.prediction is None:
                 continue
             h = champ.get(r.request_id) if r.version != champion else None
-            key = (str(r.version), r.segment, day_of(_ts(r)), float(r.prediction), float(label[1]),
+            key = (str(r.version), r.segment, day_of(_ts(r)), float(r.prediction), float(y),
                    None if h is None or h.prediction is None else float(h.prediction))
             out[key] = out.get(key, 0) + 1
         return out
 
     def score_histograms(self, rollout_id: int, cutoff: Time | None = None,
                          buckets: int = 200) -> dict[str, tuple[list[int], list[int]]]:
-        cut = math.inf if cutoff is None else to_epoch(cutoff)
         out: dict[str, tuple[list[int], list[int]]] = {}
-        for r in self.predictions:
-            label = self.labels.get(r.request_id)
-            if (r.rollout_id != rollout_id or r.error is not None or label is None or label[1] not in (0.0, 1.0)
-                    or not isinstance(r.score, int | float) or not _ts(r) < cut):
+        for r, y in self._labelled(rollout_id, cutoff):
+            if y not in (0.0, 1.0) or not isinstance(r.score, int | float):
                 continue
             pos, neg = out.setdefault(r.version, ([0] * buckets, [0] * buckets))
-            (pos if label[1] == 1.0 else neg)[min(max(int(float(r.score) * buckets), 0), buckets - 1)] += 1
+            (pos if y == 1.0 else neg)[min(max(int(float(r.score) * buckets), 0), buckets - 1)] += 1
         return out
 
     def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]:
@@ -250,21 +254,16 @@ class InMemoryStore:
 
     def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
                   champion: str | None = None) -> dict[str, ClusterSums]:
-        cut = math.inf if cutoff is None else to_epoch(cutoff)
-        champ = {r.request_id: r for r in self.predictions
-                 if champion is not None and r.rollout_id == rollout_id and r.version == champion and r.error is None}
+        champ = self._champion_rows(rollout_id, champion)
         units: dict[str, list[str]] = {}
         values: dict[str, list[float]] = {}
-        for r in self.predictions:
-            label = self.labels.get(r.request_id)
-            if r.rollout_id != rollout_id or r.error is not None or label is None or not _ts(r) < cut:
-                continue
-            value = loss(metric, r.prediction, r.score, label[1])
+        for r, y in self._labelled(rollout_id, cutoff):
+            value = loss(metric, r.prediction, r.score, y)
             if champion is not None:
                 h = champ.get(r.request_id)
                 if r.version == champion or h is None:
                     continue
-                theirs = loss(metric, h.prediction, h.score, label[1])
+                theirs = loss(metric, h.prediction, h.score, y)
                 value = None if value is None or theirs is None else value - theirs
             if value is None:
                 continue

@@ -26,6 +26,16 @@ from rollout.stats.moments import ClusterSums
 from rollout.times import from_epoch, to_epoch
 
 
+def _rollout_rows(rollout_id: int, cutoff: Time | None) -> tuple[Any, Any, Any, list[Any]]:
+    """What every labelled query of the store starts from: predictions `p` and labels `l` (aliases), the join
+    on a request's current label, and the WHERE terms of the rollout's error-free rows before the cut."""
+    p, lab = predictions.alias("p"), labels.alias("l")
+    where = [p.c.rollout_id == rollout_id, p.c.error.is_(None)]
+    if cutoff is not None:
+        where.append(p.c.ts < to_epoch(cutoff))
+    return p, lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1), where
+
+
 class Store(Protocol):
     """What the CD phase (gather, act, rollback) asks of the outcome store."""
 
@@ -213,19 +223,20 @@ class OutcomeStore:
         self._ensure()
         return self.summaries.evidence(rollout_id, None if cutoff is None else to_epoch(cutoff), champion)
 
+    def _floor(self, value: Any) -> Any:
+        """floor(value) as an integer in SQL (SQLite's cast truncates, and these values are never negative)."""
+        return cast(value, Integer) if self.is_sqlite else cast(func.floor(value), Integer)
+
     def class_counts(self, rollout_id: int, cutoff: Time | None = None) -> dict[ClassCell, int]:
         """Labelled error-free predictions of the rollout before the maturity cut, counted per (version, segment,
         predicted class, labelled class): a multiclass confusion matrix, for per-class guardrails. One pass over
         the rollout's rows (the summaries keep binary confusion cells only), so it is asked only when a
         multiclass policy has guardrails."""
         self._ensure()
-        p, lab = predictions, labels
+        p, lab, on, where = _rollout_rows(rollout_id, cutoff)
         query = (select(p.c.version, p.c.segment, p.c.prediction, lab.c.label, func.count())
-                 .select_from(p.join(lab, (lab.c.request_id == p.c.request_id) & (lab.c.current == 1)))
-                 .where(p.c.rollout_id == rollout_id, p.c.error.is_(None), p.c.prediction.is_not(None))
+                 .select_from(p.join(lab, on)).where(*where, p.c.prediction.is_not(None))
                  .group_by(p.c.version, p.c.segment, p.c.prediction, lab.c.label))
-        if cutoff is not None:
-            query = query.where(p.c.ts < to_epoch(cutoff))
         with self.engine.connect() as conn:
             return {(str(v), s, float(pr), float(la)): int(n) for v, s, pr, la, n in conn.execute(query)}
 
@@ -236,19 +247,16 @@ class OutcomeStore:
         for a cluster-robust standard error. Matured, labelled, error-free rows before the cut. One pass over
         the rollout's rows (sums of squares of unit totals do not add up across the hourly summaries)."""
         self._ensure()
-        p, lab = predictions.alias("p"), labels.alias("l")
-        join = p.join(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))
+        p, lab, on, where = _rollout_rows(rollout_id, cutoff)
+        join = p.join(lab, on)
         label = lab.c.label
         value = loss_expr(metric, p.c.prediction, p.c.score, label, p.c.probabilities)
-        where = [p.c.rollout_id == rollout_id, p.c.error.is_(None)]
         if champion is not None:
             h = predictions.alias("h")
             join = join.join(h, and_(h.c.request_id == p.c.request_id, h.c.version == str(champion),
                                      h.c.rollout_id == rollout_id, h.c.error.is_(None)))
             value = value - loss_expr(metric, h.c.prediction, h.c.score, label, h.c.probabilities)
             where.append(p.c.version != str(champion))
-        if cutoff is not None:
-            where.append(p.c.ts < to_epoch(cutoff))
         unit = func.coalesce(p.c.unit_id, p.c.request_id)
         inner = (select(p.c.version.label("version"), func.count(value).label("n"), func.sum(value).label("y"))
                  .select_from(join).where(*where).group_by(p.c.version, unit).subquery("u"))
@@ -267,8 +275,8 @@ class OutcomeStore:
         compute any per-row loss of (label, prediction), your own included, with its paired differences, in
         Python. One pass over the rollout's rows, asked only when the primary metric is your own."""
         self._ensure()
-        p, lab = predictions.alias("p"), labels.alias("l")
-        join = p.join(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))
+        p, lab, on, where = _rollout_rows(rollout_id, cutoff)
+        join = p.join(lab, on)
         theirs: Any = None
         if champion is not None:
             h = predictions.alias("h")
@@ -278,10 +286,8 @@ class OutcomeStore:
             theirs = h.c.prediction
         keys = [p.c.version, p.c.segment, p.c.day, p.c.prediction, lab.c.label,
                 *([theirs] if theirs is not None else [])]
-        where = [p.c.rollout_id == rollout_id, p.c.error.is_(None), p.c.prediction.is_not(None)]
-        if cutoff is not None:
-            where.append(p.c.ts < to_epoch(cutoff))
-        query = select(*keys, func.count()).select_from(join).where(*where).group_by(*keys)
+        query = (select(*keys, func.count()).select_from(join).where(*where, p.c.prediction.is_not(None))
+                 .group_by(*keys))
         with self.engine.connect() as conn:
             out: dict[OutcomeCell, int] = {}
             for r in conn.execute(query):
@@ -295,16 +301,11 @@ class OutcomeStore:
         """Per version, counts of its binary scores in `buckets` equal buckets of [0, 1], for labelled positives
         and for labelled negatives (error-free rows before the cut): the online ROC AUC, from one grouped query."""
         self._ensure()
-        p, lab = predictions.alias("p"), labels.alias("l")
-        scaled = p.c.score * float(buckets)
-        bucket = cast(scaled, Integer) if self.is_sqlite else cast(func.floor(scaled), Integer)
-        where = [p.c.rollout_id == rollout_id, p.c.error.is_(None), p.c.score.is_not(None),
-                 p.c.probabilities.is_(None), lab.c.label.in_([0.0, 1.0])]
-        if cutoff is not None:
-            where.append(p.c.ts < to_epoch(cutoff))
-        query = (select(p.c.version, lab.c.label, bucket, func.count())
-                 .select_from(p.join(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1)))
-                 .where(*where).group_by(p.c.version, lab.c.label, bucket))
+        p, lab, on, where = _rollout_rows(rollout_id, cutoff)
+        bucket = self._floor(p.c.score * float(buckets))
+        query = (select(p.c.version, lab.c.label, bucket, func.count()).select_from(p.join(lab, on))
+                 .where(*where, p.c.score.is_not(None), p.c.probabilities.is_(None), lab.c.label.in_([0.0, 1.0]))
+                 .group_by(p.c.version, lab.c.label, bucket))
         out: dict[str, tuple[list[int], list[int]]] = {}
         with self.engine.connect() as conn:
             for version, label, b, n in conn.execute(query):
@@ -316,15 +317,10 @@ class OutcomeStore:
         """Per version, its error-free predictions before the maturity cut, how many have a current label, and the
         labels' delays after their prediction in whole hours (label time minus prediction time, 0 if earlier)."""
         self._ensure()
-        p, lab = predictions.alias("p"), labels.alias("l")
-        where = [p.c.rollout_id == rollout_id, p.c.error.is_(None)]
-        if cutoff is not None:
-            where.append(p.c.ts < to_epoch(cutoff))
-        on = and_(lab.c.request_id == p.c.request_id, lab.c.current == 1)
+        p, lab, on, where = _rollout_rows(rollout_id, cutoff)
         counts = (select(p.c.version, func.count(), func.count(lab.c.label))
                   .select_from(p.outerjoin(lab, on)).where(*where).group_by(p.c.version))
-        late = case((lab.c.ts > p.c.ts, lab.c.ts - p.c.ts), else_=0.0) / 3600.0
-        hour = cast(late, Integer) if self.is_sqlite else cast(func.floor(late), Integer)
+        hour = self._floor(case((lab.c.ts > p.c.ts, lab.c.ts - p.c.ts), else_=0.0) / 3600.0)
         delays = (select(p.c.version, hour, func.count()).select_from(p.join(lab, on)).where(*where)
                   .group_by(p.c.version, hour))
         with self.engine.connect() as conn:
