@@ -26,6 +26,14 @@ falls on all alike; figures are medians over rounds, ratios medians of per-round
 `--fastpath` compares two `rollout serve` processes built from the same code, one answering
 `POST /predict` on the direct ASGI path, one through FastAPI's router, in champion-only and shadow
 modes, alternating server and order every round (ratios: routed over direct).
+
+    .venv/bin/python benchmarks/serving.py --protocols # the same rows by /predict, /invocations and v2 infer
+
+`--protocols` sends the same single-record requests to one `rollout serve` by each protocol it speaks:
+`POST /predict` (`{"record": ...}`), MLflow's `POST /invocations` (`dataframe_split`, the body MLflow's
+own client sends) and the Open Inference Protocol's `POST /v2/models/loan-approval/infer` (one tensor
+per column), in champion-only and shadow modes, the protocols' order alternating every round (ratios:
+each protocol over /predict).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 # benchmarks/statistics.py would shadow the stdlib `statistics` (MLflow imports it): keep this folder
@@ -245,7 +254,18 @@ def bodies_file(directory: Path, features: list[str], seed: int, kind: str) -> P
     path = directory / f"bodies-{kind}.jsonl"
     with path.open("w") as fh:
         for record, unit in zip(records, units, strict=True):
-            body = {"dataframe_records": [record]} if kind == "mlflow" else {"record": record, "unit_id": unit}
+            if kind == "mlflow":
+                body: dict[str, Any] = {"dataframe_records": [record]}
+            elif kind == "invocations":  # what MLflow's ScoringServerClient sends for a DataFrame
+                body = {"dataframe_split": {"columns": list(record), "data": [list(record.values())]},
+                        "unit_ids": [unit]}
+            elif kind == "v2":  # a tensor per column, as an Open Inference Protocol client sends a frame; no
+                # `id`: like the other bodies, the service makes the (time-ordered) request id
+                body = {"inputs": [
+                    {"name": k, "shape": [1], "datatype": "BYTES" if isinstance(v, str) else "FP64", "data": [v]}
+                    for k, v in record.items()]}
+            else:
+                body = {"record": record, "unit_id": unit}
             fh.write(json.dumps(body, separators=(",", ":")) + "\n")
     return path
 
@@ -382,6 +402,8 @@ def main() -> None:
                    help="load generator: wrk when installed (auto), or the built-in asyncio client")
     p.add_argument("--fastpath", action="store_true",
                    help="only POST /predict on the direct ASGI path vs the routed endpoint (champion-only, shadow)")
+    p.add_argument("--protocols", action="store_true",
+                   help="only the same requests by /predict, MLflow's /invocations and v2 infer (champion-only, shadow)")
     args = p.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1 if args.quick else 4)
@@ -402,7 +424,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rollout-bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            if args.fastpath:
+            if args.protocols:
+                proto = _run_protocols(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen)
+            elif args.fastpath:
                 fast = _run_fastpath(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen)
             else:
                 results, info = _run(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen,
@@ -410,7 +434,9 @@ def main() -> None:
         finally:
             for server in servers:
                 server.stop()
-    if args.fastpath:
+    if args.protocols:
+        report_protocols(proto, rounds, seconds, loadgen, args.seed, time.perf_counter() - started)
+    elif args.fastpath:
         report_fastpath(fast, rounds, seconds, loadgen, args.seed, time.perf_counter() - started)
     else:
         report(results, info, rounds, seconds, loadgen, args.seed, time.perf_counter() - started)
@@ -595,27 +621,105 @@ def _run_fastpath(tmp: Path, servers: list[Server], rounds: int, seconds: float,
                 set_mode(server, mode, versions)
                 url = server.base + "/predict"
 
-                def load(concurrency: int, secs: float) -> dict[str, Any]:
-                    if loadgen == "wrk":
-                        return run_wrk(url, body_path, script, concurrency, secs)
-                    return run_python_loadgen(url, body_path, concurrency, secs)
-
-                load(max(CONCURRENCY), warmup)  # untimed: connections, lanes, the shadow child
-                for c in CONCURRENCY:
-                    drain(server)
-                    cpu0 = group_cpu_s(server.proc.pid)
-                    out = load(c, seconds)
-                    out["cpu_us_per_request"] = (group_cpu_s(server.proc.pid) - cpu0) / max(out["requests"], 1) * 1e6
-                    out["throughput"] = out["requests"] / out["duration_s"]
-                    out["drain_s"] = drain(server)
-                    if out["bad_status"] or out["socket_errors"]:
-                        print(f"WARNING {path} {mode} c={c}: {out['bad_status']} non-200, "
-                              f"{out['socket_errors']} socket errors", file=sys.stderr)
+                for c, out in _cells(server, url, body_path, script, loadgen, warmup, seconds,
+                                     f"round {r + 1} {path:6s} {mode:6s}"):
                     results.setdefault((path, mode, c), []).append(out)
-                    print(f"round {r + 1} {path:6s} {mode:6s} c={c:2d}: {out['throughput']:8.1f} req/s  "
-                          f"p50 {out['p50_ms']:6.2f} ms  p99 {out['p99_ms']:6.2f} ms  "
-                          f"cpu {out['cpu_us_per_request']:6.1f} us/req", file=sys.stderr)
     return results
+
+
+def _cells(server: Server, url: str, body_path: Path, script: Path, loadgen: str, warmup: float, seconds: float,
+           label: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """After an untimed warm-up (connections, lanes, the shadow child), one measured cell per concurrency:
+    the load generator's figures, the server's CPU per request and the time its log queue took to drain."""
+
+    def load(concurrency: int, secs: float) -> dict[str, Any]:
+        if loadgen == "wrk":
+            return run_wrk(url, body_path, script, concurrency, secs)
+        return run_python_loadgen(url, body_path, concurrency, secs)
+
+    load(max(CONCURRENCY), warmup)
+    for c in CONCURRENCY:
+        drain(server)
+        cpu0 = group_cpu_s(server.proc.pid)
+        out = load(c, seconds)
+        out["cpu_us_per_request"] = (group_cpu_s(server.proc.pid) - cpu0) / max(out["requests"], 1) * 1e6
+        out["throughput"] = out["requests"] / out["duration_s"]
+        out["drain_s"] = drain(server)
+        if out["bad_status"] or out["socket_errors"]:
+            print(f"WARNING {label} c={c}: {out['bad_status']} non-200, {out['socket_errors']} socket errors",
+                  file=sys.stderr)
+        print(f"{label} c={c:2d}: {out['throughput']:8.1f} req/s  p50 {out['p50_ms']:6.2f} ms  "
+              f"p99 {out['p99_ms']:6.2f} ms  cpu {out['cpu_us_per_request']:6.1f} us/req", file=sys.stderr)
+        yield c, out
+
+
+PROTOCOLS = {"predict": "/predict", "invocations": "/invocations", "v2": f"/v2/models/{MODEL_NAME}/infer"}
+
+
+def _run_protocols(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: float, rows: int,
+                   seed: int, loadgen: str) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
+    """One server; the same rows sent by each protocol, cell after cell, the order alternating every round."""
+    seed32 = seed % 2**31
+    policy = write_policy(tmp, "policy.yaml", rows, seed32, {"name": "logistic_regression", "params": {"C": 1.0}},
+                          {"port": 0})
+    challenger_policy = write_policy(tmp, "challenger.yaml", rows, seed32 + 1,
+                                     {"name": "logistic_regression", "params": {"C": 0.3}}, {"port": 0})
+    from rollout.config import load_policy
+    from rollout.outcomes import OutcomeStore
+    from rollout.registry import MlflowRegistry
+
+    pol = load_policy(policy)
+    champion, features = train_and_register(policy)
+    challenger, _ = train_and_register(challenger_policy)
+    registry = MlflowRegistry(pol.tracking_uri, MODEL_NAME, pol.registry.mirror_stages)
+    registry.set_alias("champion", champion)
+    registry.set_alias("challenger", challenger)
+    versions = {"champion": champion, "challenger": challenger}
+    OutcomeStore(pol.outcome_url).create()
+    port = free_port()
+    server = Server("rollout", [sys.executable, str(Path(__file__).resolve()), "--serve-worker", str(policy),
+                                str(port), "direct"], server_env(pol.tracking_uri), port, tmp / "rollout.log")
+    servers.append(server)
+    server.wait_ready("/healthz")
+    bodies = {name: bodies_file(tmp, features, seed32 + 7, "rollout" if name == "predict" else name)
+              for name in PROTOCOLS}
+    script = tmp / "post.lua"
+    script.write_text(WRK_LUA)
+    names = list(PROTOCOLS)
+    results: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in range(rounds):
+        for mode in FASTPATH_MODES:
+            set_mode(server, mode, versions)
+            for name in names if r % 2 == 0 else names[::-1]:
+                for c, out in _cells(server, server.base + PROTOCOLS[name], bodies[name], script, loadgen, warmup,
+                                     seconds, f"round {r + 1} {name:11s} {mode:6s}"):
+                    results.setdefault((name, mode, c), []).append(out)
+    return results
+
+
+def report_protocols(results: dict[tuple[str, str, int], list[dict[str, Any]]], rounds: int, seconds: float,
+                     loadgen: str, seed: int, wall: float) -> None:
+    keys = ("throughput", "p50_ms", "p99_ms", "cpu_us_per_request")
+    table = []
+    figures: dict[str, Any] = {}
+    for mode in FASTPATH_MODES:
+        for c in CONCURRENCY:
+            for name in PROTOCOLS:
+                runs = results[(name, mode, c)]
+                cell = {k: median([o[k] for o in runs]) for k in keys}
+                cell["non_200"] = sum(o["bad_status"] + o["socket_errors"] for o in runs)
+                pairs = list(zip(runs, results[("predict", mode, c)], strict=True))
+                cell["over_predict"] = {k: median([a[k] / b[k] for a, b in pairs if b[k]]) for k in keys}
+                figures.setdefault(mode, {}).setdefault(str(c), {})[name] = cell
+                table.append([mode, c, name, cell["throughput"], cell["p50_ms"], cell["p99_ms"],
+                              cell["cpu_us_per_request"], cell["over_predict"]["throughput"],
+                              cell["over_predict"]["cpu_us_per_request"], cell["non_200"]])
+    print_table(f"The same single-record requests by each protocol, {seconds:g} s per cell, median of {rounds} "
+                f"round(s), load generator {loadgen}",
+                ["mode", "conc", "protocol", "req/s", "p50 ms", "p99 ms", "CPU us/req", "req/s / predict",
+                 "CPU / predict", "errors"], table)
+    emit_json({"rounds": rounds, "seconds_per_cell": seconds, "loadgen": loadgen, "seed": seed,
+               "protocols": figures, "wall_seconds": round(wall, 1)})
 
 
 def report_fastpath(results: dict[tuple[str, str, int], list[dict[str, Any]]], rounds: int, seconds: float,

@@ -70,6 +70,8 @@ class LoadedModel:
         self.columns = input_columns(model)
         self.names = tuple(c.name for c in self.columns) if self.columns else None
         self._call = _estimator(model)
+        # what MLflow's own server answers for this model: predict_proba for rollout's classifiers
+        self.pyfunc_predict_fn = _pyfunc_predict_fn(model)
         classes = getattr(self._call, "classes_", None)
         self._proba = hasattr(self._call, "predict_proba") and classes is not None and len(classes) >= 2
         self._classes = np.asarray(classes) if self._proba else np.empty(0)
@@ -240,6 +242,14 @@ def _mlflow_schema(model: Predictor) -> tuple[ColumnSpec, ...] | None:
         required = bool(getattr(col, "required", True))
         specs.append(ColumnSpec(col.name, _MLFLOW_KINDS.get(type_name, ANY), required, not required))
     return tuple(specs)
+
+
+def _pyfunc_predict_fn(model: Predictor) -> str:
+    """The method MLflow's pyfunc wrapper calls (the sklearn flavour's `pyfunc_predict_fn`), 'predict' by default."""
+    flavors = getattr(getattr(model, "metadata", None), "flavors", None)
+    if not isinstance(flavors, dict):
+        return "predict"
+    return str((flavors.get("python_function") or {}).get("predict_fn") or "predict")
 
 
 def _estimator(model: Predictor) -> Any:

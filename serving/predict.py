@@ -278,16 +278,46 @@ class Predictor:
             arm, scored, j = item
             put(log_row(batch, i, arm, view.rollout_id, scored=scored, j=j))
             observe(arm.version, arm.role, elapsed, True)
-            prediction = scored.predictions[j]
-            if self.classification and prediction is not None and float(prediction).is_integer():
-                prediction = int(prediction)
-            score = scored.scores[j] if scored.scores is not None else None
-            answer = {"request_id": batch.request_ids[i], "prediction": prediction, "score": score,
-                      "version": arm.version, "role": arm.role}
-            if isinstance(score, list):  # multiclass: the predicted class's probability, and every class's
-                answer["score"], answer["probabilities"] = max(score), score
-            out.append(answer)
+            out.append(self._answer_row(batch.request_ids[i], scored, j, arm.version, arm.role))
         return out
+
+    def _answer_row(self, request_id: str, scored: Scored, j: int, version: str, role: str) -> dict[str, Any]:
+        prediction = scored.predictions[j]
+        if self.classification and prediction is not None and float(prediction).is_integer():
+            prediction = int(prediction)
+        score = scored.scores[j] if scored.scores is not None else None
+        answer = {"request_id": request_id, "prediction": prediction, "score": score, "version": version, "role": role}
+        if isinstance(score, list):  # multiclass: the predicted class's probability, and every class's
+            answer["score"], answer["probabilities"] = max(score), score
+        return answer
+
+    async def pinned(self, payload: Any, version: str) -> list[dict[str, Any]]:
+        """Answers of one loaded version that answers callers, for tests and debugging: outside the experiment,
+        so nothing is logged (the rows were not routed)."""
+        lanes = self.lanes()
+        lane = lanes.serve.get(version)
+        if lane is None:
+            answering = sorted(lanes.serve)
+            raise RequestError(404, f"version: {version} answers no caller in this service (versions that do: "
+                                    f"{', '.join(answering) or 'none'}); a shadow challenger is only logged")
+        batch = parse_batch(payload, self.now(), self.max_rows, self.unit_column, self.segment_column)
+        problems = check_records(batch.records, lanes.models[version].columns, lanes.allowed)
+        if problems:
+            first = problems[0]
+            raise RequestError(422, f"records[{first['row']}].{first['field']}: {first['error']}", problems)
+        view = lanes.view
+        role = next((a.role for a in view.arms if a.version == version), "") if view is not None else ""
+        deadline = self.champion_timeout_s if role == Role.CHAMPION else self.challenger_timeout_s
+        try:
+            scored = await asyncio.wait_for(lane.submit(batch.records), deadline)
+        except TimeoutError:
+            raise RequestError(504, f"version {version} did not answer within {deadline:g} s") from None
+        except ModelCallFailed as exc:
+            raise RequestError(500, f"version {version} failed: {exc}") from exc
+        for j, error in enumerate(scored.errors):
+            if error is not None:
+                raise RequestError(500, f"version {version} returned an unusable prediction for records[{j}]: {error}")
+        return [self._answer_row(rid, scored, j, version, role) for j, rid in enumerate(batch.request_ids)]
 
 
 class ShadowSink:

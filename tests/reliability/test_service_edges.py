@@ -82,3 +82,16 @@ def test_a_deeply_nested_value_is_a_bounded_4xx_not_a_500(client: TestClient) ->
     response = client.post("/predict", content=f'{{"record": {{"income": {deeper}}}}}',
                            headers={"content-type": "application/json"})
     assert 400 <= response.status_code < 500
+    # the same by the other protocols, with a NaN so that the stdlib parser is tried too
+    for path, body in (("/invocations", f'{{"instances": {deeper}, "x": NaN}}'),
+                       ("/v2/models/loan-approval/infer",
+                        f'{{"inputs": [{{"name": "income", "shape": [1], "datatype": "FP64", "data": {deeper}}}], '
+                        '"x": NaN}')):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, (path, response.text[:200])
+    shallow = "[" * 900 + "1.0" + "]" * 900  # within the parser's depth: flattened, one value
+    response = client.post("/v2/models/loan-approval/infer", json=None, content=(
+        f'{{"inputs": [{{"name": "income", "shape": [1], "datatype": "FP64", "data": {shallow}}}, '
+        '{"name": "tier", "shape": [1], "datatype": "BYTES", "data": ["gold"]}]}'),
+        headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text

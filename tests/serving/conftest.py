@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -124,3 +125,24 @@ async def serve(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 def app_for(policy: Policy, registry: Any, store: OutcomeStore, **kwargs: Any) -> Any:
     return create_app(policy, registry=registry, store=store, **kwargs)
+
+
+@contextmanager
+def mlflow_globals_restored(*env: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs (and these environment variables) as they were before,
+    after a module-scoped fixture pointed them at its own temporary store."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", *env)
+    saved_env = {k: os.environ.get(k) for k in names}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -29,8 +29,17 @@ def test_openapi_declares_every_request_body(client: TestClient) -> None:
         return schemas[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
 
     shapes = body("/predict", "post")["oneOf"]
-    assert [s.get("required") for s in shapes] == [["record"], ["records"], ["dataframe_records"], None]
+    assert [s.get("required") for s in shapes] == [["record"], ["records"], ["dataframe_records"], None,
+                                                   ["dataframe_split"]]
     assert shapes[3]["type"] == "array"
+    # the other servers' protocols: MLflow's four JSON bodies, CSV and Parquet; the v2 inference request
+    invocations = doc["paths"]["/invocations"]["post"]["requestBody"]["content"]
+    assert [s["required"] for s in invocations["application/json"]["schema"]["oneOf"]] == [
+        ["dataframe_split"], ["dataframe_records"], ["instances"], ["inputs"]]
+    assert {"text/csv", "application/vnd.apache.parquet"} <= set(invocations)
+    infer = doc["paths"]["/v2/models/{name}/infer"]["post"]
+    assert infer["requestBody"]["content"]["application/json"]["schema"]["required"] == ["inputs"]
+    assert "error" in infer["responses"]["4XX"]["content"]["application/json"]["schema"]["properties"]
     labels = body("/labels", "post")["anyOf"]
     assert labels[0]["required"] == ["labels"] and labels[1]["type"] == "array"  # the bare list too
     assert schemas["LabelItem"]["required"] == ["request_id", "label"]

@@ -54,7 +54,10 @@ def test_generated_request_ids_are_uuid7_in_time_order(client: TestClient) -> No
         ({"record": {"income": None, "tier": "VIP"}}, "income", 422),  # null where not nullable
         ({"records": [record(0), {"income": True, "tier": "VIP"}]}, "records[1].income", 422),
         ({"records": []}, "records", 422),
-        ({"inputs": [1, 2]}, "body", 422),
+        ({"inputs": [1, 2]}, "inputs[0]", 422),
+        ({"inputs": [[1, 2]]}, "inputs[0]", 422),  # a row of the wrong width
+        ({"dataframe_split": {"columns": ["income"], "data": [[1.0, 2.0]]}}, "dataframe_split.data[0]", 422),
+        ({"instances": [{"income": 1.0}], "inputs": [{"income": 1.0}]}, "body", 422),
         ({"records": [record(i) for i in range(6)]}, "records", 413),  # max_request_rows = 5
     ],
 )

@@ -22,7 +22,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from rollout.data import example_dataset
 from rollout.registry import MlflowRegistry
 from rollout.outcomes import OutcomeStore
-from tests.serving.conftest import AUTH, app_for, make_policy
+from tests.serving.conftest import AUTH, app_for, make_policy, mlflow_globals_restored
 
 NUMERIC = ["income", "loan_amount", "credit_score", "debt_to_income", "employment_years", "open_accounts"]
 CATEGORICAL = ["tier", "purpose", "home_ownership", "region"]
@@ -41,20 +41,8 @@ def _pipeline() -> Any:
 @pytest.fixture(scope="module")
 def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MlflowRegistry, Any]]:
     """A temporary MLflow sqlite store with one registered skops model at @champion; global URIs restored after."""
-    import mlflow.tracking._model_registry.utils as registry_utils
-    import mlflow.tracking._tracking_service.utils as tracking_utils
-
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
-    try:
+    with mlflow_globals_restored():
         yield _log_model(tmp_path_factory)
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _log_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowRegistry, Any]:
