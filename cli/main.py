@@ -318,6 +318,8 @@ def evaluate(
         console.print(f"  - {reason}")
     if outcome.report:
         console.print(f"report: {outcome.report}")
+    if outcome.retention:
+        console.print(f"retention: {outcome.retention}")
 
 
 @app.command("last-run")
@@ -412,7 +414,8 @@ def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recen
     table = Table(title=f"History of {policy.registry.model_name}")
     for col in ("time (UTC)", "rollout", "decision", "alias moves", "why", "by"):
         table.add_column(col, overflow="fold")
-    entries = [d for d in OutcomeStore(policy.outcome_url).audit_log() if show_all or d.decision != "continue"]
+    hidden = ("continue", "drift-check")  # the hourly evaluations and drift checks that changed nothing
+    entries = [d for d in OutcomeStore(policy.outcome_url).audit_log() if show_all or d.decision not in hidden]
     for d in entries[-limit:]:
         moves = ", ".join(f"@{m.get('alias')}: {m.get('from', '-')}→{m.get('to') or '-'}" for m in d.alias_moves)
         reasons = d.stats.get("reasons") or []
@@ -420,6 +423,65 @@ def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recen
         table.add_row(d.ts.strftime("%Y-%m-%d %H:%M"), str(d.rollout_id or "-"), d.decision, moves or "-",
                       why if len(why) <= 240 else why[:237] + "...", d.actor)
     console.print(table)
+
+
+@app.command()
+def retention(
+    config: str = CONFIG,
+    now: str = typer.Option(None, help="As of this time (ISO 8601, UTC); default: now. The hourly evaluation runs "
+                            "the same step as of its own time."),
+    dry_run: bool = typer.Option(False, help="Count what would be removed; remove nothing."),
+    vacuum: bool = typer.Option(False, help="Then compact the store once (SQLite: rewrites the file and switches "
+                                "it to giving freed space back; stop the service first)."),
+) -> None:
+    """Remove prediction and label rows older than stores.retention_days (never an open rollout's)."""
+    from datetime import UTC, datetime, timedelta
+
+    from rollout.outcomes import OutcomeStore
+
+    policy = _policy(config)
+    days = policy.stores.retention_days
+    if days is None:
+        console.print("stores.retention_days is null: every row is kept")
+    else:
+        try:
+            at = datetime.now(UTC) if now is None else datetime.fromisoformat(now)
+        except ValueError:
+            console.print(f"[red]--now {now!r}: expected an ISO 8601 time (2026-03-01T12:00)[/red]")
+            raise typer.Exit(2) from None
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        expired = OutcomeStore(policy.outcome_url).expire(at - timedelta(days=days), dry_run=dry_run)
+        console.print(expired.sentence())
+    if vacuum and not dry_run:
+        OutcomeStore(policy.outcome_url).vacuum()
+        console.print("store compacted")
+
+
+@app.command()
+def export(
+    config: str = CONFIG,
+    since: str = typer.Option(..., help="First day (YYYY-MM-DD, UTC)."),
+    until: str = typer.Option(None, help="Last day (YYYY-MM-DD, UTC), inclusive; default: the latest."),
+    to: Path = typer.Option(..., help="Folder for the files: <to>/day=YYYY-MM-DD/predictions.parquet."),
+) -> None:
+    """Daily Parquet files of the logged predictions with their labels, for pandas, DuckDB or Spark."""
+    from datetime import date
+
+    from rollout.outcomes import OutcomeStore
+
+    for name, value in (("--since", since), ("--until", until)):
+        if value is not None:
+            try:
+                date.fromisoformat(value)
+            except ValueError:
+                console.print(f"[red]{name} {value!r}: expected a day as YYYY-MM-DD[/red]")
+                raise typer.Exit(2) from None
+    policy = _policy(config)
+    exported = OutcomeStore(policy.outcome_url).export(since, until, to)
+    for day in exported:
+        console.print(f"{day.day}: {day.rows:,} predictions ({day.labelled:,} labelled) -> {day.path}")
+    if not exported:
+        console.print(f"no predictions logged from {since}" + (f" to {until}" if until else ""))
 
 
 @app.command("make-suite")

@@ -18,6 +18,7 @@ from tasks.evaluation import (
     gather_evidence,
     log_evaluation,
     report_task,
+    retention_task,
 )
 
 
@@ -43,6 +44,7 @@ class EvaluationOutcome:
     reasons: list[str] = field(default_factory=list)
     acted: dict[str, Any] = field(default_factory=dict)
     report: str | None = None
+    retention: str | None = None  # what the retention step removed
 
 
 @flow(name="online-evaluation", log_prints=True)
@@ -59,9 +61,11 @@ def online_evaluation(config: str = "rollout.yaml",
     rollout = current_rollout(policy)
     if rollout is None:
         print("no open rollout: nothing to evaluate")
-        return EvaluationOutcome(action="idle", reasons=["No open rollout."])
-    now = params.now or (data_clock(policy, rollout) if params.clock == "data" else None) or datetime.now(timezone.utc)
-    now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+        now = _utc(params.now or datetime.now(timezone.utc))
+        return EvaluationOutcome(action="idle", reasons=["No open rollout."],
+                                 retention=retention_task(policy, now, params.dry_run))
+    now = _utc(params.now or (data_clock(policy, rollout) if params.clock == "data" else None)
+               or datetime.now(timezone.utc))
 
     evidence = gather_evidence(policy, rollout, now)
     decision = decide_task(policy, evidence, rollout.rollout_id, now)
@@ -73,8 +77,14 @@ def online_evaluation(config: str = "rollout.yaml",
                                  reasons=[f"Nothing done: {acted['reason']}."])
     report = report_task(policy, decision, rollout, now, evidence)
     log_evaluation(policy, decision, rollout, now, report)
+    kept = retention_task(policy, now, params.dry_run)
     print(f"rollout {rollout.rollout_id}: {decision.action}" + (f" {decision.winner}" if decision.winner else ""))
     for reason in decision.reasons:
         print(f"  - {reason}")
     return EvaluationOutcome(action=decision.action, rollout_id=rollout.rollout_id, winner=decision.winner,
-                             reasons=list(decision.reasons), acted=acted, report=str(report.markdown_path))
+                             reasons=list(decision.reasons), acted=acted, report=str(report.markdown_path),
+                             retention=kept)
+
+
+def _utc(when: datetime) -> datetime:
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)

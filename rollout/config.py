@@ -7,7 +7,7 @@ Every field is documented here; `rollout config-reference` prints them.  A wrong
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -134,6 +134,14 @@ class DataConfig(_Strict):
     text_max_features: int = Field(5000, ge=10, le=1_000_000, description="Vocabulary size of each text column's "
                                    "TF-IDF (the most frequent words and pairs of the training rows).")
     drop_columns: list[str] = Field(default_factory=list, description="Columns never used as features.")
+    pii_columns: list[str] = Field(
+        default_factory=list, description="Columns that identify a person: never stored in clear in the outcome "
+        "store's logged features (see pii_action). The model still receives them.")
+    pii_action: Literal["drop", "hash"] = Field(
+        "drop", description="What the log keeps of a PII column: nothing (drop), or a keyed hash (HMAC-SHA256 with "
+        "the key in the environment variable pii_key_env) that stays joinable, e.g. for the unit column.")
+    pii_key_env: str = Field("ROLLOUT_PII_KEY", description="Environment variable holding the key of pii_action: "
+                             "hash (the service refuses to start without it).")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="Share of rows held out and scored once.")
     seed: int = Field(42, description="Seed for splits and CV shuffling.")
     production_sample: str | None = Field(
@@ -279,8 +287,27 @@ class InvarianceConfig(_Strict):
                                "decision boundary flip under any noise; a model that jumps flips about half.")
 
 
+class TrainingDataConfig(_Strict):
+    """Where ci-pipeline's rows come from: the policy's data source, what production served and labelled, or both."""
+
+    source: Literal["policy", "production", "both"] = Field(
+        "policy", description="'policy': data.source. 'production': the outcome store's served predictions of the "
+        "last `days` days with their current labels (the champion's rows, one per request, features as logged). "
+        "'both': the policy's rows, then production's. With production rows the hold-out and the champion gate "
+        "use the latest rows by served time (a time split), so a model trained on stale data cannot win on stale "
+        "rows.")
+    days: float = Field(30.0, gt=0, description="Production rows served in the last this many days (before the "
+                        "latest labelled one).")
+    max_rows: int = Field(500_000, ge=100, description="At most this many production rows (the most recent).")
+    min_rows: int = Field(500, ge=10, description="Fewer labelled production rows stop the run with a clear reason.")
+    challenger_rows: bool = Field(False, description="Also the rows an A/B challenger answered (they were shaped by "
+                                  "that model's decisions, so they are left out by default).")
+
+
 class CIConfig(_Strict):
     """Offline gates of the ci-pipeline flow."""
+
+    training_data: TrainingDataConfig = Field(default_factory=lambda: TrainingDataConfig())
 
     cv_folds: int = Field(5, ge=2, le=20, description="Stratified k-fold CV folds.")
     split: Literal["random", "time"] = Field(
@@ -494,6 +521,10 @@ class ServingConfig(_Strict):
     log_batch_size: int = Field(500, ge=1, description="Rows per insert of the log writer.")
     max_request_rows: int = Field(1000, ge=1, description="Rows per /predict request, at most (else 413).")
     token_env: str = Field("ROLLOUT_TOKEN", description="Environment variable holding the admin/label bearer token.")
+    log_features: Literal["all", "none"] | Annotated[float, Field(gt=0, le=1)] | list[str] = Field(
+        "all", description="The input features kept with each served prediction (drift checks and continuous "
+        "training read them): all, none, a fraction of requests (0.1: one in ten, chosen by request id), or a "
+        "list of columns. data.pii_columns are never kept in clear whatever this says.")
 
 
 class StoresConfig(_Strict):
@@ -503,6 +534,10 @@ class StoresConfig(_Strict):
     mlflow_artifacts: str = Field(".rollout/mlartifacts", description="Artifact root for new MLflow experiments.")
     outcome_store_url: str = Field("sqlite:///.rollout/outcomes.db", description="SQLAlchemy URL of the outcome store.")
     reports_dir: str = Field(".rollout/reports", description="Where gate and evaluation reports are written.")
+    retention_days: int | None = Field(
+        35, ge=1, description="Days raw prediction and label rows are kept; older ones are removed by the hourly "
+        "evaluation's retention step, except rows of an open rollout. Summaries and the audit log are kept for "
+        "good. null keeps everything.")
 
 
 class RegistryConfig(_Strict):
@@ -612,6 +647,19 @@ class Policy(_Strict):
                 raise ValueError(f"{where}.class: a multiclass {guard.metric} is of one class: name it")
             if guard.segment is None and guard.class_ is None:
                 raise ValueError(f"{where}.segment: name the segment (or, multiclass, a class)")
+        pii = set(self.data.pii_columns)
+        if self.data.segment_column in pii:
+            raise ValueError(f"data.pii_columns: the segment column {self.data.segment_column!r} is logged as a "
+                             "group name for the guardrails, so it cannot be a PII column")
+        if self.data.unit_column in pii and self.data.pii_action == "drop":
+            raise ValueError(f"data.pii_action: the unit column {self.data.unit_column!r} is a PII column and must "
+                             "stay joinable (unit-level statistics, sticky routing): set pii_action: hash")
+        if self.ci.training_data.source != "policy" and not self.data.timestamp_column:
+            raise ValueError(f"ci.training_data.source {self.ci.training_data.source!r}: production rows carry their "
+                             "served time in data.timestamp_column (the hold-out is the latest rows), which is not set")
+        if self.ci.training_data.source != "policy" and self.serving.log_features == "none":
+            raise ValueError(f"ci.training_data.source {self.ci.training_data.source!r}: production rows are the "
+                             "logged features, and serving.log_features is none")
         if self.ci.split == "time" and not self.data.timestamp_column:
             raise ValueError("ci.split 'time' orders rows by data.timestamp_column, which is not set")
         if self.estimator.factory is not None:

@@ -12,12 +12,13 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rollout.config import CLASSIFICATION_TASKS, Policy
 from rollout.models import check_records
 from rollout.outcomes import PredictionRow
+from rollout.outcomes.redaction import Redaction
 from rollout.roles import Role
 from serving.batching import Job, ModelCallFailed, Scored
 from serving.errors import RequestError
@@ -37,6 +38,7 @@ class RequestBatch:
     segments: list[Any]
     ts: float
     single: bool  # the body was {"record": ...}: answered with one object, not {"predictions": [...]}
+    kept: list[Any] | None = None  # what the log keeps of each record's features (None: the records as they are)
 
 
 def parse_batch(payload: Any, ts: float, max_rows: int, unit_column: str | None,
@@ -114,7 +116,8 @@ def log_row(batch: RequestBatch, i: int, arm: Arm, rollout_id: int | None, *, se
             scored: Scored | None = None, j: int = 0, error: str | None = None) -> PredictionRow:
     """The log row of record `i` as `arm` handled it: answer `j` of `scored`, or `error`.
 
-    A served row keeps the record's features (drift checks read them); a challenger's failure does not."""
+    A served row keeps the record's features as `serving.log_features` and `data.pii_columns` allow (drift
+    checks read them); a challenger's failure does not."""
     return PredictionRow(
         batch.request_ids[i], arm.version, arm.role, batch.ts, batch.unit_ids[i], rollout_id, served, arm.weight,
         None if scored is None else scored.predictions[j],
@@ -122,7 +125,7 @@ def log_row(batch: RequestBatch, i: int, arm: Arm, rollout_id: int | None, *, se
         None if scored is None else scored.latency_ms,
         None if error is None else error[:500],
         batch.segments[i],
-        batch.records[i] if served else None,
+        (batch.records[i] if batch.kept is None else batch.kept[i]) if served else None,
     )
 
 
@@ -139,6 +142,7 @@ class Predictor:
         self.unit_column = data.unit_column
         self.segment_column = data.segment_column
         self.classification = data.task in CLASSIFICATION_TASKS
+        self.redaction = Redaction.for_policy(policy)  # refuses to start without the PII key it needs
         self.writer = writer
         self.metrics = metrics
         self.late: dict[str, list[float]] = {}
@@ -153,8 +157,8 @@ class Predictor:
         view = lanes.view
         if view is None:
             raise RequestError(503, "no champion model loaded yet")
-        batch = parse_batch(payload, self.now() if ts is None else ts, self.max_rows, self.unit_column,
-                            self.segment_column)
+        batch = self._redacted(parse_batch(payload, self.now() if ts is None else ts, self.max_rows,
+                                           self.unit_column, self.segment_column))
         rows = len(batch.records)
         # Room in the log queue is taken before scoring, by every request in flight: when it is full the caller
         # is told to retry rather than answered with a prediction the evaluation would never see.
@@ -218,6 +222,16 @@ class Predictor:
         if fallback:
             await self._fallback(batch, view, fallback, results)
         return self._answer(batch, view, results, time.perf_counter() - started)
+
+    def _redacted(self, batch: RequestBatch) -> RequestBatch:
+        """The batch with what the log may keep: hashed unit ids when the unit is a PII column (routing hashes
+        the hashed id: as sticky and as uniform), and each record's kept features."""
+        red = self.redaction
+        if red.identity and not red.unit_is_pii:
+            return batch
+        units = [red.unit(u) for u in batch.unit_ids] if red.unit_is_pii else batch.unit_ids
+        kept = [red.features(r, rid) for r, rid in zip(batch.records, batch.request_ids, strict=True)]
+        return replace(batch, unit_ids=units, kept=kept)
 
     def late_versions(self, window_s: float = 300.0) -> dict[str, int]:
         """How often each version missed its deadline in the last `window_s` seconds."""

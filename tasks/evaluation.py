@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,23 @@ def data_clock(policy: Policy, rollout: Rollout) -> datetime | None:
     if when is not None:
         get_run_logger().info("evaluating as of the data's time %s (the latest logged prediction)", when.isoformat())
     return when
+
+
+@task(name="retention", cache_policy=NO_CACHE)
+def retention_task(policy: Policy, now: datetime, dry_run: bool = False) -> str:
+    """Remove raw rows older than stores.retention_days (never an open rollout's) and say what went.
+    A failure is logged and reported, never the evaluation's failure."""
+    days = policy.stores.retention_days
+    if days is None:
+        return "Retention off (stores.retention_days: null): every row is kept."
+    try:
+        expired = OutcomeStore(policy.outcome_url).expire(now - timedelta(days=days), dry_run=dry_run)
+    except Exception as exc:  # noqa: BLE001 - the decision above stands; the next run tries again
+        get_run_logger().warning("retention failed, nothing lost, retried next run: %s", exc)
+        return f"Retention failed ({type(exc).__name__}: {exc}); retried next run."
+    sentence = expired.sentence() + (" (dry run)" if dry_run and "Dry run" not in expired.note else "")
+    get_run_logger().info("retention (%d days): %s", days, sentence)
+    return sentence
 
 
 @task(name="gather-evidence", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)

@@ -57,6 +57,9 @@ def make_engine(url: str) -> Engine:
         except Exception:  # noqa: BLE001 - sqlite3.OperationalError: no such function
             dbapi_conn.create_function("ln", 1, _ln, deterministic=True)
         cur = dbapi_conn.cursor()
+        # Space that retention frees goes back to the file system (rollout.outcomes.retention). Takes effect on a
+        # new, empty file only; an older store keeps reusing its free pages until `rollout retention --vacuum`.
+        cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
         if not in_memory:
             cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")

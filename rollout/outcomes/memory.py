@@ -21,6 +21,7 @@ import pandas as pd
 
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.engine import LockHeld
+from rollout.outcomes.retention import Expired
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
 from rollout.outcomes.schema import METRICS
 from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EPS, EvidenceSums, TrafficCounts
@@ -270,6 +271,22 @@ class InMemoryStore:
             units.setdefault(r.version, []).append(r.unit_id or r.request_id)
             values.setdefault(r.version, []).append(value)
         return {v: ClusterSums.of(units[v], values[v]) for v in units}
+
+    def expire(self, before: Time, dry_run: bool = False) -> Expired:
+        """As OutcomeStore.expire: rows older than `before` go, except an open rollout's; then orphan labels."""
+        cut = to_epoch(before)
+        open_ids = {i for i, r in self.routing.items() if r.ended_at is None}
+        old = [r for r in self.predictions if _ts(r) < cut and r.rollout_id not in open_ids]
+        kept = sum(1 for r in self.predictions if _ts(r) < cut and r.rollout_id in open_ids)
+        if dry_run:
+            return Expired(cut, len(old), 0, 0, 0, kept, None, "Dry run: nothing removed.")
+        gone = {id(r) for r in old}
+        self.predictions = [r for r in self.predictions if id(r) not in gone]
+        known = {r.request_id for r in self.predictions}
+        orphans = [rid for rid, (ts, _) in self.labels.items() if ts < cut and rid not in known]
+        for rid in orphans:
+            del self.labels[rid]
+        return Expired(cut, len(old), len(orphans), 0, 0, kept, None)
 
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
         start = -math.inf if since is None else to_epoch(since)

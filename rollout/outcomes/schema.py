@@ -67,6 +67,7 @@ labels = Table(
     Column("matched", Integer, nullable=False, default=1),
 )
 Index("ix_labels_request", labels.c.request_id, labels.c.current)
+Index("ix_labels_ts", labels.c.ts)  # retention finds the old labels without reading the table
 Index("ix_labels_current", labels.c.request_id, labels.c.current, labels.c.label).ddl_if(dialect="sqlite")
 # At most one current label per request, whatever the concurrency: a second writer's insert fails and retries.
 Index("ux_labels_current", labels.c.request_id, unique=True, sqlite_where=labels.c.current == 1,

@@ -11,12 +11,14 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
 from sqlalchemy import Integer, and_, case, cast, delete, func, inspect, select
 
-from rollout.outcomes import audit, engine, log
+from rollout.outcomes import audit, engine, export, log, retention
+from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
 from rollout.outcomes.schema import labels, metadata, predictions, rollout_units, summary_state
@@ -41,6 +43,7 @@ class Store(Protocol):
 
     def evidence(self, rollout_id: int, cutoff: Time | None = None, champion: str | None = None) -> EvidenceSums: ...
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame: ...
+    def expire(self, before: Time, dry_run: bool = False) -> retention.Expired: ...
     def class_counts(self, rollout_id: int, cutoff: Time | None = None) -> dict[ClassCell, int]: ...
     def first_seen(self, rollout_id: int) -> datetime | None: ...
     def last_seen(self, rollout_id: int) -> datetime | None: ...
@@ -131,6 +134,21 @@ class OutcomeStore:
         """Rows the store refused (kept with their reason in the dead_letters table)."""
         self._ensure()
         return log.dead_letter_count(self.engine)
+
+    def expire(self, before: Time, dry_run: bool = False) -> retention.Expired:
+        """Remove raw rows older than `before` that no open rollout needs (rollout.outcomes.retention)."""
+        self._ensure()
+        return retention.expire(self.engine, to_epoch(before), dry_run=dry_run)
+
+    def export(self, since: str, until: str | None, directory: Path) -> list[ExportedDay]:
+        """Daily Parquet files of predictions with their current labels (rollout.outcomes.export)."""
+        self._ensure()
+        return export.export(self.engine, since, until, directory)
+
+    def vacuum(self) -> None:
+        """Compact the file once (SQLite: switch to incremental auto-vacuum; exclusive: stop writers first)."""
+        self._ensure()
+        retention.vacuum(self.engine)
 
     def add_labels(self, items: Iterable[Sequence[Any]]) -> LabelReport:
         """Store (request id, label[, ts]) items; the later label of a request wins."""
@@ -340,6 +358,30 @@ class OutcomeStore:
         query = query.order_by(p.c.ts.desc()).limit(int(limit))
         with self.engine.connect() as conn:
             return pd.DataFrame.from_records([json.loads(r[0]) for r in conn.execute(query)])
+
+    def production_rows(self, days: float, limit: int, challengers: bool = False) -> pd.DataFrame:
+        """What production served and got labelled: the served, error-free predictions with logged features of the
+        last `days` days before the latest such one, newest first, at most `limit`; one row per request (the row
+        that answered it: the champion's, or with `challengers` also an A/B challenger's). Columns: the logged
+        features, then `_label`, `_ts` (epoch seconds), `_unit`, `_role`."""
+        self._ensure()
+        p, lab = predictions.alias("p"), labels.alias("l")
+        where = [p.c.served == 1, p.c.error.is_(None), p.c.features.is_not(None)]
+        if not challengers:
+            where.append(p.c.role == "champion")
+        joined = p.join(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))
+        with self.engine.connect() as conn:
+            latest = conn.execute(select(func.max(p.c.ts)).select_from(joined).where(*where)).scalar_one()
+            if latest is None:
+                return pd.DataFrame(columns=["_label", "_ts", "_unit", "_role"])
+            query = (select(p.c.features, lab.c.label, p.c.ts, p.c.unit_id, p.c.role).select_from(joined)
+                     .where(*where, p.c.ts >= float(latest) - days * 86400.0)
+                     .order_by(p.c.ts.desc()).limit(int(limit)))
+            rows = conn.execute(query).all()
+        frame = pd.DataFrame.from_records([json.loads(r[0]) for r in rows])
+        frame["_label"], frame["_ts"] = [r[1] for r in rows], [r[2] for r in rows]
+        frame["_unit"], frame["_role"] = [r[3] for r in rows], [r[4] for r in rows]
+        return frame
 
     def unmatched_labels(self) -> int:
         """Current labels whose request id still has no stored prediction."""

@@ -112,6 +112,15 @@ def test_better_challenger_is_promoted_and_registry_store_and_report_agree(world
     assert back["champion"] == "1" and reg.aliases()["champion"] == "1"
     assert store.audit_log()[-1].decision == "rollback"
 
+    # 40 days on, nothing open: the hourly run still runs the retention step (stores.retention_days 35), as of
+    # its own time; the closed rollout's rows go, its decisions and alias moves stay
+    assert outcome.retention is not None and outcome.retention.startswith("Removed 0 prediction rows")
+    with store.engine.connect() as conn:
+        logged = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
+    later = _run(path, days=40)
+    assert later.action == "idle" and later.retention.startswith(f"Removed {logged:,} prediction rows")
+    assert [d.decision for d in store.audit_log()] == ["promote", "rollback"]
+
 
 def test_worse_challenger_is_rejected_and_traffic_returns_to_the_champion(world):
     path, policy, reg, store, rollout_id = world

@@ -1,0 +1,97 @@
+"""Export for analysts: the prediction log joined with each request's current label, one Parquet file per day.
+
+`DIR/day=YYYY-MM-DD/predictions.parquet` (Hive-style partitions, so `pandas.read_parquet(DIR)`, DuckDB's
+`read_parquet('DIR/*/*.parquet', hive_partitioning = true)` or Spark read the whole folder with `day` as a
+column). Rows go in chunks, so a day of millions of rows needs bounded memory; a day is written to a temporary
+file and renamed, so a rerun replaces it whole and a reader never sees half a day.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+CHUNK = 100_000
+
+_COLUMNS = ("request_id", "unit_id", "rollout_id", "ts", "version", "role", "served", "propensity", "prediction",
+            "score", "probabilities", "latency_ms", "error", "segment", "features")
+
+
+@dataclass(frozen=True)
+class ExportedDay:
+    day: str
+    rows: int
+    labelled: int
+    path: Path
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        ("request_id", pa.string()), ("unit_id", pa.string()), ("rollout_id", pa.int64()),
+        ("time", pa.timestamp("ms", tz="UTC")), ("version", pa.string()), ("role", pa.string()),
+        ("served", pa.bool_()), ("propensity", pa.float64()), ("prediction", pa.float64()), ("score", pa.float64()),
+        ("probabilities", pa.string()), ("latency_ms", pa.float64()), ("error", pa.string()), ("segment", pa.string()),
+        ("features", pa.string()), ("label", pa.float64()), ("label_time", pa.timestamp("ms", tz="UTC")),
+    ])
+
+
+def days(engine: Engine, since: str, until: str | None) -> list[str]:
+    """The days (YYYY-MM-DD, UTC) with logged predictions from `since` to `until` (inclusive)."""
+    query = "SELECT DISTINCT day FROM predictions WHERE day >= :since" + (" AND day <= :until" if until else "")
+    with engine.connect() as conn:
+        return sorted(str(d) for (d,) in conn.execute(text(query), {"since": since, "until": until}))
+
+
+def _chunks(engine: Engine, day: str) -> Iterator[list[tuple[Any, ...]]]:
+    cols = ", ".join(f"p.{c}" for c in _COLUMNS)
+    sql = text(f"SELECT {cols}, l.label, l.ts FROM predictions p LEFT JOIN labels l "
+               "ON l.request_id = p.request_id AND l.current = 1 WHERE p.day = :day ORDER BY p.id")
+    with engine.connect().execution_options(stream_results=True) as conn:
+        result = conn.execute(sql, {"day": day})
+        while rows := result.fetchmany(CHUNK):
+            yield [tuple(r) for r in rows]
+
+
+def export_day(engine: Engine, day: str, directory: Path) -> ExportedDay:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = _schema()
+    folder = directory / f"day={day}"
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / "predictions.parquet"
+    partial = folder / f".predictions.parquet.{os.getpid()}.tmp"
+    rows = labelled = 0
+    with pq.ParquetWriter(partial, schema, compression="zstd") as writer:
+        for chunk in _chunks(engine, day):
+            columns = list(zip(*chunk, strict=True))
+            values = dict(zip((*_COLUMNS, "label", "label_ts"), columns, strict=True))
+            table = pa.table({
+                "request_id": values["request_id"], "unit_id": values["unit_id"],
+                "rollout_id": values["rollout_id"],
+                "time": [None if t is None else int(t * 1000) for t in values["ts"]],
+                "version": values["version"], "role": values["role"],
+                "served": [bool(s) for s in values["served"]], "propensity": values["propensity"],
+                "prediction": values["prediction"], "score": values["score"],
+                "probabilities": values["probabilities"], "latency_ms": values["latency_ms"],
+                "error": values["error"], "segment": values["segment"], "features": values["features"],
+                "label": values["label"],
+                "label_time": [None if t is None else int(t * 1000) for t in values["label_ts"]],
+            }, schema=schema)
+            writer.write_table(table)
+            rows += len(chunk)
+            labelled += sum(1 for v in values["label"] if v is not None)
+    os.replace(partial, final)
+    return ExportedDay(day, rows, labelled, final)
+
+
+def export(engine: Engine, since: str, until: str | None, directory: Path) -> list[ExportedDay]:
+    """Every day from `since` to `until` that has predictions, one file each (an existing day's file replaced)."""
+    return [export_day(engine, day, directory) for day in days(engine, since, until)]

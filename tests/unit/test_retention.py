@@ -1,0 +1,124 @@
+"""Retention on both backends: rows older than the cut go, except an open rollout's; labels go with their
+predictions; summaries and the audit log stay; a new SQLite file gives the space back."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy import func, select
+
+from rollout.outcomes import OutcomeStore, PredictionRow
+from rollout.outcomes.schema import labels, predictions
+
+DAY = 86_400.0
+T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+PER_DAY = 40  # requests a day; each logged by the champion (served) and the challenger (shadow)
+
+
+def _traffic(store: OutcomeStore, rollout_id: int | None, first_day: int, last_day: int, tag: str) -> None:
+    rows, items = [], []
+    for day in range(first_day, last_day):
+        for i in range(PER_DAY):
+            ts = T0 + day * DAY + i * 600
+            rid = f"{tag}-{day}-{i}"
+            score = (i % 10) / 10
+            rows.append(PredictionRow(rid, "1", "champion", ts, f"u{i % 7}", rollout_id, True, 1.0, float(score > 0.5),
+                                      score, 1.0, features={"income": float(i)}))
+            if rollout_id is not None:
+                rows.append(PredictionRow(rid, "2", "challenger", ts, f"u{i % 7}", rollout_id, False, None,
+                                          float(score > 0.4), min(score + 0.1, 1.0), 1.0))
+            items.append((rid, i % 2, ts + 3600))
+    store.log_predictions(rows)
+    store.add_labels(items)
+
+
+def _count(store: OutcomeStore, table: object, *where: object) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())  # type: ignore[arg-type]
+
+
+def test_retention_never_removes_an_open_rollouts_rows(store_url: str) -> None:
+    store = OutcomeStore(store_url).create()
+    closed = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=T0)
+    _traffic(store, closed, 0, 5, "closed")
+    store.record_decision(closed, "promote", {"reasons": ["better"]}, ts=T0 + 5 * DAY)
+    store.end_rollout(closed, ended_at=T0 + 5 * DAY, reason="promoted")
+    _traffic(store, None, 5, 10, "idle")  # champion-only traffic between rollouts
+    opened = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=T0 + 10 * DAY)
+    _traffic(store, opened, 10, 70, "open")  # a 60-day rollout
+    evidence = store.evidence(opened, cutoff=T0 + 70 * DAY)
+    history = store.audit_log()
+
+    expired = store.expire(T0 + 40 * DAY)  # retention_days 30 as of day 70
+
+    assert expired.predictions == 5 * PER_DAY * 2 + 5 * PER_DAY  # the closed rollout's two rows a request, the idle
+    assert expired.labels == 10 * PER_DAY  # their labels, once no prediction of the request remains
+    assert expired.kept_open == 30 * PER_DAY * 2  # the open rollout's rows before the cut: all still there
+    assert _count(store, predictions, predictions.c.rollout_id == opened) == 60 * PER_DAY * 2
+    assert _count(store, predictions) == 60 * PER_DAY * 2
+    assert _count(store, labels) == 60 * PER_DAY
+    assert store.evidence(opened, cutoff=T0 + 70 * DAY) == evidence  # the open rollout's evaluation is unchanged
+    assert store.audit_log() == history  # decisions and alias moves are kept for good
+    again = store.expire(T0 + 40 * DAY)
+    assert (again.predictions, again.labels) == (0, 0)  # idempotent
+
+    # once the rollout ends, its rows older than the cut go too; a label still goes only with its prediction
+    store.end_rollout(opened, ended_at=T0 + 70 * DAY, reason="rejected")
+    after = store.expire(T0 + 40 * DAY)
+    assert (after.predictions, after.labels, after.kept_open) == (30 * PER_DAY * 2, 30 * PER_DAY, 0)
+    assert _count(store, predictions) == 30 * PER_DAY * 2
+    store.dispose()
+
+
+def test_a_dry_run_removes_nothing(tmp_path: Path) -> None:
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}").create()
+    _traffic(store, None, 0, 3, "idle")
+    counted = store.expire(T0 + 2 * DAY, dry_run=True)
+    assert counted.predictions == 2 * PER_DAY and _count(store, predictions) == 3 * PER_DAY
+
+
+def test_a_new_sqlite_store_gives_the_space_back(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    store = OutcomeStore(f"sqlite:///{path}").create()
+    _traffic(store, None, 0, 40, "idle")
+    store.engine.dispose()
+    before = os.path.getsize(path)
+    expired = store.expire(T0 + 38 * DAY)
+    assert expired.freed_pages and expired.freed_pages > 0 and not expired.note
+    with store.engine.connect() as conn:  # the WAL copied back, so the file shows its real size
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.engine.dispose()
+    assert os.path.getsize(path) < 0.3 * before, (before, os.path.getsize(path))
+
+
+def test_an_older_sqlite_store_is_told_how_to_give_space_back(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    sqlite3.connect(path).execute("PRAGMA auto_vacuum=NONE").connection.execute("CREATE TABLE t (x)").connection.close()
+    store = OutcomeStore(f"sqlite:///{path}").create()
+    _traffic(store, None, 0, 4, "idle")
+    expired = store.expire(T0 + 3 * DAY)
+    assert expired.predictions == 3 * PER_DAY and "rollout retention --vacuum" in expired.note
+    store.vacuum()
+    _traffic(store, None, 4, 8, "later")
+    assert not store.expire(T0 + 7 * DAY).note  # switched over: space given back from now on
+
+
+def test_export_writes_a_parquet_file_a_day_with_labels(tmp_path: Path) -> None:
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}").create()
+    rollout = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=T0)
+    _traffic(store, rollout, 0, 3, "r")
+    exported = store.export("2026-01-02", None, tmp_path / "export")
+    assert [(d.day, d.rows, d.labelled) for d in exported] == [("2026-01-02", 2 * PER_DAY, 2 * PER_DAY),
+                                                               ("2026-01-03", 2 * PER_DAY, 2 * PER_DAY)]
+    frame = pd.read_parquet(tmp_path / "export")  # the whole folder, `day` from the partition names
+    assert len(frame) == 4 * PER_DAY and set(frame["day"].astype(str)) == {"2026-01-02", "2026-01-03"}
+    one = frame[(frame["request_id"] == "r-1-3") & (frame["role"] == "champion")].iloc[0]
+    assert one["label"] == 1.0 and one["served"] and one["time"] == pd.Timestamp(T0 + DAY + 1800, unit="s", tz="UTC")
+    assert one["features"] == '{"income":3.0}'
+    again = store.export("2026-01-03", "2026-01-03", tmp_path / "export")  # a rerun replaces the day whole
+    assert [d.rows for d in again] == [2 * PER_DAY] and len(pd.read_parquet(tmp_path / "export")) == 4 * PER_DAY
