@@ -1,9 +1,11 @@
 """`make demo`: the whole lifecycle on the embedded default (SQLite stores, local MLflow, ephemeral Prefect).
 
-Bootstrap a champion; the world drifts and ci-pipeline produces a challenger; both are served over
-real HTTP in shadow mode; simulated traffic and delayed labels arrive day by day; online-evaluation
-runs after every simulated half-day until it decides; serving follows the promotion. Then a model
-trained on stale data goes out in A/B mode and is rejected, and traffic returns to the champion.
+Bootstrap a champion and serve it over real HTTP; the world drifts; continuous-training checks the served
+inputs each simulated day and, once the drift has persisted, retrains on the served and labelled
+production rows, judged on the latest of them: a challenger, in shadow mode; simulated traffic and delayed
+labels arrive day by day; online-evaluation runs after every simulated half-day until it decides; serving
+follows the promotion. Then a model trained on stale data goes out in A/B mode and is rejected, and
+traffic returns to the champion.
 """
 
 from __future__ import annotations
@@ -144,6 +146,34 @@ def run_rollout(config: Path, server: Server, token: str, drift: float, days: in
     return outcome
 
 
+def watch_and_retrain(config: Path, server: Server, token: str, steps: list[Step]) -> Any:
+    """Drifted traffic to the champion alone, a simulated day at a time, each followed by continuous-training:
+    the first check finds drift and waits (a blip must not retrain); the second retrains on production rows."""
+    from datetime import UTC, datetime
+
+    from cli.simulate import simulate
+    from flows.continuous_training import ContinuousTrainingParameters, continuous_training
+    from rollout.config import load_policy
+
+    policy = load_policy(config)
+    day0 = datetime.now(UTC) - timedelta(days=2)
+    for day in range(2):
+        with console.status(f"day {day + 1} of the new regime: 2,400 requests to the champion and their labels..."):
+            summary = simulate(server.url, policy, requests=2400, days=1.0, label_delay_hours=6, missing_rate=0.05,
+                               concurrency=16, seed=40 + day, start=day0 + timedelta(days=day), drift=DRIFT,
+                               drift_start=0.0, token=token, send_pending=True)
+        with console.status("continuous-training..."):
+            outcome = continuous_training(config=str(config), params=ContinuousTrainingParameters(window=2000))
+        console.print(f"  day {day + 1}  {summary.predicted:>5} served  "
+                      f"[bold]{'retrain' if outcome.retrained else 'wait':>8}[/bold]  {outcome.reason[:150]}")
+        steps.append(Step(f"continuous-training, day {day + 1} of the drift",
+                          f"retrained: v{outcome.version}" if outcome.retrained else "drift seen; waits",
+                          outcome.reason[:400]))
+        if outcome.retrained:
+            return outcome
+    raise RuntimeError("continuous-training did not retrain after two days of drift")
+
+
 def main() -> None:
     # The demo tells its story with rich; Prefect's per-task INFO lines would drown it (they are in the UI).
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -174,16 +204,16 @@ def run_demo() -> None:
     console.print(gate_table(first.gates))
     steps.append(Step("ci-pipeline on the original data", f"v{first.version} @" + ",@".join(first.aliases)))
 
-    console.rule(f"2. The population drifts (drift={DRIFT}); ci-pipeline trains a challenger on recent data")
-    second = ci_pipeline(config=str(config), params=CIParameters(example_drift=DRIFT, example_seed=8))
-    console.print(gate_table(second.gates))
-    steps.append(Step("ci-pipeline on drifted data", f"v{second.version} @" + ",@".join(second.aliases),
-                      f"rollout {second.rollout_id} opened in shadow mode"))
-
-    console.rule("3. Serve both over HTTP in shadow mode; traffic and labels arrive day by day")
     server = Server(config, token)
     try:
+        console.rule(f"2. The population drifts (drift={DRIFT}); continuous-training watches what is served")
         console.print(f"serving at {server.url}  ->  {arms(server.routing())}")
+        second = watch_and_retrain(config, server, token, steps)
+        console.print(gate_table(second.gates))
+
+        console.rule("3. The retrained model in shadow mode; traffic and labels arrive day by day")
+        server.wait_for(lambda v: bool(v.get("shadows")))
+        console.print(f"serving: {arms(server.routing())}")
         # Guardrails must hold with bounds valid at every half-daily look: about a week of VIP traffic.
         decided = run_rollout(config, server, token, DRIFT, days=10, per_day=2400, seed=100, steps=steps)
         if decided is not None and decided.action == "promote":

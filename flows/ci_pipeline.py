@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import cast
+from typing import Literal, cast
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -36,6 +36,9 @@ class CIParameters(BaseModel):
     rollout_start: datetime | None = Field(
         None, description="When the opened rollout starts (UTC); empty = now. The demo runs on simulated time."
     )
+    training_data: Literal["policy", "production", "both"] | None = Field(
+        None, description="Override ci.training_data.source: the policy's data, production's served and labelled "
+        "rows of the last ci.training_data.days days, or both (the hold-out is then the latest production rows).")
 
 
 @dataclass
@@ -92,6 +95,8 @@ def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
         raw["data"]["example"]["drift"] = params.example_drift
     if params.example_seed is not None:
         raw["data"]["example"]["seed"] = params.example_seed
+    if params.training_data is not None:
+        raw["ci"]["training_data"]["source"] = params.training_data
     if params.estimator is not None:
         raw["estimator"] = {"name": params.estimator, "params": params.estimator_params or {}}
     elif params.estimator_params is not None:

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from prefect import flow
 from pydantic import BaseModel, Field
 
 from flows.ci_pipeline import CIParameters, ci_pipeline
+from rollout.ci.gates import GateResult
 from tasks.common import load_policy_task
-from tasks.training_data import production_drift
+from tasks.training_data import production_drift, retrain_trigger
 
 
 class ContinuousTrainingParameters(BaseModel):
     """What a person can set from the Prefect UI's Run form."""
 
     window: int = Field(5000, ge=100, description="How many recent served requests form the production sample.")
-    force: bool = Field(False, description="Retrain even when no drift is found.")
+    persist: int = Field(2, ge=1, description="Consecutive checks that must find drift before retraining (a blip "
+                         "of one check does not retrain).")
+    training_data: Literal["policy", "production", "both"] = Field(
+        "production", description="What the retrained model learns from: production's served and labelled rows "
+        "(ci.training_data.days), the policy's data source (the data that may have gone stale), or both.")
+    force: bool = Field(False, description="Retrain even when no drift is found (never while a rollout is open).")
     ci: CIParameters = Field(default_factory=CIParameters, title="ci",
                              description="Overrides passed on to ci-pipeline (empty fields keep the policy's values).")
 
@@ -29,6 +36,7 @@ class ContinuousTrainingOutcome:
     drifted: list[str] = field(default_factory=list)
     reason: str = ""
     version: str | None = None
+    gates: list[GateResult] = field(default_factory=list)  # the ci-pipeline run's verdicts, when one ran
 
 
 @flow(name="continuous-training", log_prints=True)
@@ -44,10 +52,11 @@ def continuous_training(config: str = "rollout.yaml",
     params = params or ContinuousTrainingParameters()
     policy = load_policy_task(config)
     check = production_drift(policy, params.window)
-    if not (check.drifted or params.force):
-        print(check.reason)
-        return ContinuousTrainingOutcome(retrained=False, reason=check.reason)
-    print(f"{check.reason} Starting ci-pipeline.")
-    outcome = ci_pipeline(config=config, params=params.ci)
-    return ContinuousTrainingOutcome(retrained=True, drifted=check.drifted, reason=check.reason,
-                                     version=outcome.version)
+    trigger = retrain_trigger(policy, check, params.persist, params.force)
+    print(trigger.reason)
+    if not trigger.fire:
+        return ContinuousTrainingOutcome(retrained=False, drifted=check.drifted, reason=trigger.reason)
+    ci = params.ci.model_copy(update={"training_data": params.ci.training_data or params.training_data})
+    outcome = ci_pipeline(config=config, params=ci)
+    return ContinuousTrainingOutcome(retrained=True, drifted=check.drifted, reason=trigger.reason,
+                                     version=outcome.version, gates=outcome.gates)

@@ -27,6 +27,7 @@ from rollout.ci import gates, registration, robustness, search, stress, training
 from rollout.ci.validation import drift_report, validate
 from rollout.config import LOWER_IS_BETTER, ConfigError, Policy
 from rollout.data import Schema, infer_schema, load_dataset, read_table
+from rollout.ci.production_data import training_frame
 from rollout.outcomes import OutcomeStore
 from rollout.roles import Role
 from tasks.common import artifact_key, open_registry, prefect_origin, transient
@@ -38,6 +39,14 @@ def load_data(policy: Policy) -> pd.DataFrame:
     once (missing columns, a target its task cannot learn, unknown estimator params, absent segments) stops the
     run here, before validation and training; warnings (a leaked target?) go to the log."""
     frame = load_dataset(policy)
+    if policy.ci.training_data.source != "policy":  # production's served and labelled rows (continuous training)
+        data = training_frame(policy, frame, OutcomeStore(policy.outcome_url))
+        get_run_logger().info("%s", data.sentence())
+        create_markdown_artifact(f"## Training data\n\n{data.sentence()}\n",
+                                 key=artifact_key(f"{policy.registry.model_name}-training-data"),
+                                 description="Which rows trained the model and which judged it")
+        frame = data.frame
+        frame.attrs["training_data"] = data.params()
     problems = checks.check_data(policy, frame)
     for problem in problems:
         if problem.severity == checks.WARNING:
@@ -78,8 +87,9 @@ def schema_of(policy: Policy, frame: pd.DataFrame) -> Schema:
 @task(name="split", cache_policy=NO_CACHE)
 def split_data(policy: Policy, frame: pd.DataFrame, schema: Schema) -> training.Split:
     """Hold out a share of rows, scored once at the end."""
+    by_time = policy.ci.split == "time" or policy.ci.training_data.source != "policy"  # production: judged on its latest
     return training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed,
-                          policy.data.timestamp_column if policy.ci.split == "time" else None)
+                          policy.data.timestamp_column if by_time else None)
 
 
 @dataclass(frozen=True)

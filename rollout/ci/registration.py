@@ -71,8 +71,9 @@ def candidate_record(policy: Policy, schema: Schema, frame: pd.DataFrame, cv: CV
     texts["policy.yaml"] = policy_text(policy)
     params: dict[str, Any] = {"estimator": policy.estimator.label,
                               **{f"param.{k}": v for k, v in policy.estimator.params.items()},
-                              "cv_folds": policy.ci.cv_folds, "split": policy.ci.split, "rows": len(frame),
-                              "data_hash": data_hash(frame)}
+                              "cv_folds": policy.ci.cv_folds,
+                              "split": "time" if policy.ci.training_data.source != "policy" else policy.ci.split, "rows": len(frame),
+                              "data_hash": data_hash(frame), **frame.attrs.get("training_data", {})}
     tags: dict[str, Any] = {}
     if search is not None:
         params["search.trials"] = len(search.trials)
