@@ -426,6 +426,36 @@ def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recen
 
 
 @app.command()
+def score(
+    config: str = CONFIG,
+    input: Path = typer.Option(..., "--input", help="The rows to score: a .csv or .parquet file."),  # noqa: A002
+    output: Path = typer.Option(..., help="Where the answers go (.csv or .parquet)."),
+    batch_id: str = typer.Option(None, help="Names the batch in request ids; a rerun logs only what is missing. "
+                                 "Default: the input's file name."),
+    key_column: str = typer.Option(None, help="The column identifying a row; default: its position."),
+    chunk_rows: int = typer.Option(20_000, help="Rows read, scored and logged at a time."),
+) -> None:
+    """Score a file with the champion and the open rollout's challengers; log every prediction as the service does."""
+    from serving.batch import BatchSummary, score_file
+
+    policy = _policy(config)
+    with console.status("scoring...") as status:
+        def progress(summary: BatchSummary) -> None:
+            status.update(f"{summary.rows:,} rows scored, {summary.logged:,} requests logged")
+
+        try:
+            summary = score_file(policy, input, output, batch_id=batch_id, key_column=key_column,
+                                 chunk_rows=chunk_rows, on_chunk=progress)
+        except (ConfigError, FileNotFoundError) as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+    console.print(summary.sentence())
+    for version, errors in sorted(summary.challenger_errors.items()):
+        console.print(f"[yellow]challenger v{version}: {errors:,} rows failed (logged as its errors; the champion "
+                      "answered them)[/yellow]")
+
+
+@app.command()
 def retention(
     config: str = CONFIG,
     now: str = typer.Option(None, help="As of this time (ISO 8601, UTC); default: now. The hourly evaluation runs "

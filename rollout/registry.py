@@ -452,14 +452,23 @@ def experiment_id(tracking_uri: str, name: str, artifact_location: str | None = 
     mlflow.set_registry_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if (experiment.tags or {}).get(EXPERIMENT_KIND) is None:  # an experiment made before the tag
+            mlflow.tracking.MlflowClient(tracking_uri, tracking_uri).set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return str(experiment.experiment_id)
     try:
-        return str(mlflow.create_experiment(name, artifact_location=artifact_location))
+        # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, tokens)
+        return str(mlflow.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND: MODEL_TRAINING}))
     except mlflow.exceptions.MlflowException:  # created by a concurrent run
         created = mlflow.get_experiment_by_name(name)
         if created is None:
             raise
         return str(created.experiment_id)
+
+
+# The experiment tag MLflow 3's UI reads to choose its view: model training (runs, metrics, models) here.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 @dataclass(frozen=True)

@@ -383,6 +383,16 @@ class OutcomeStore:
         frame["_unit"], frame["_role"] = [r[3] for r in rows], [r[4] for r in rows]
         return frame
 
+    def logged_requests(self, request_ids: Sequence[str]) -> set[str]:
+        """Which of these request ids have a logged prediction (a batch rerun logs only the others)."""
+        self._ensure()
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in engine.chunks(sorted(set(request_ids)), 500):
+                found.update(str(r) for (r,) in conn.execute(
+                    select(predictions.c.request_id).where(predictions.c.request_id.in_(chunk)).distinct()))
+        return found
+
     def unmatched_labels(self) -> int:
         """Current labels whose request id still has no stored prediction."""
         self._ensure()

@@ -99,7 +99,9 @@ def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothin
     assert _registered_versions(policy_path) == []
     policy = load_policy(policy_path)  # the stopped run is in MLflow too: FAILED, with its failed gate
     client = MlflowClient(tracking_uri=policy.tracking_uri, registry_uri=policy.tracking_uri)
-    experiment = client.get_experiment_by_name(policy.registry.experiment).experiment_id
+    found = client.get_experiment_by_name(policy.registry.experiment)
+    assert found.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's UI: the training view
+    experiment = found.experiment_id
     failed = client.search_runs([experiment], "tags.`rollout.failed_gate` = 'data_validation'")
     assert len(failed) == 1 and failed[0].info.status == "FAILED"
     assert failed[0].data.tags["gate.data_validation"] == "fail" and "gate 'data_validation' failed" in \

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect.utilities.callables import parameter_schema
 
 from flows.adopt_model import adopt_model
+from flows.batch_scoring import batch_scoring
 from flows.ci_pipeline import ci_pipeline
 from flows.continuous_training import continuous_training
 from flows.online_evaluation import online_evaluation
@@ -17,7 +18,7 @@ def _resolve(schema: dict, prop: dict) -> dict:
 
 
 def test_every_run_form_describes_its_fields_and_offers_choices():
-    for flow in (ci_pipeline, online_evaluation, adopt_model, continuous_training):
+    for flow in (ci_pipeline, online_evaluation, adopt_model, continuous_training, batch_scoring):
         schema = parameter_schema(flow.fn).model_dump_for_openapi()
         for name, prop in schema["properties"].items():
             assert prop.get("description"), (flow.name, name)
@@ -35,4 +36,9 @@ def test_every_run_form_describes_its_fields_and_offers_choices():
     assert clock["enum"] == ["wall", "data"] and clock["default"] == "wall"
 
     ct = parameter_schema(continuous_training.fn).model_dump_for_openapi()
-    assert _resolve(ct, ct["properties"]["params"])["properties"]["ci"]["title"] == "ci"
+    ct_params = _resolve(ct, ct["properties"]["params"])["properties"]
+    assert ct_params["ci"]["title"] == "ci" and ct_params["training_data"]["enum"] == ["policy", "production", "both"]
+
+    batch = parameter_schema(batch_scoring.fn).model_dump_for_openapi()
+    assert batch["required"] == ["params"]  # the files have no default: the form asks for them
+    assert _resolve(batch, batch["properties"]["params"])["required"] == ["input", "output"]

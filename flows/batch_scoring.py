@@ -1,0 +1,51 @@
+"""Flow `batch-scoring`: a file of rows scored by the champion and the open rollout's challengers, every
+prediction logged as the service logs it (see serving/batch.py), so batch models roll out like served ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from serving.batch import BatchSummary, score_file
+from tasks.common import artifact_key, load_policy_task
+
+
+class BatchParameters(BaseModel):
+    """What a person sets in the Prefect UI's Run form."""
+
+    input: str = Field(description="The rows to score: a .csv or .parquet file on the worker.")
+    output: str = Field(description="Where the answers go (.csv or .parquet): the input's columns, then "
+                        "request_id, prediction, score, version, role, error.")
+    batch_id: str | None = Field(None, description="Names the batch in the request ids (<batch id>:<key>); a "
+                                 "rerun with the same id logs only what is not logged yet. Default: the input's "
+                                 "file name.")
+    key_column: str | None = Field(None, description="The column that identifies a row (an application id); "
+                                   "default: the row's position in the input.")
+    chunk_rows: int = Field(20_000, ge=100, le=1_000_000, description="Rows read, scored and logged at a time.")
+
+
+@flow(name="batch-scoring", log_prints=True)
+def batch_scoring(params: BatchParameters, config: str = "rollout.yaml") -> BatchSummary:
+    """Score a file with the champion (the answers) and the open rollout's challengers, and log every prediction.
+
+    Args:
+        params: The input and output files, the batch's id and key column.
+        config: Path of the policy file (rollout.yaml) on the worker, relative to its working directory.
+    """
+    policy = load_policy_task(config)
+    logger = get_run_logger()
+
+    def progress(summary: BatchSummary) -> None:
+        logger.info("%s rows scored, %s requests logged (%s already logged)", f"{summary.rows:,}",
+                    f"{summary.logged:,}", f"{summary.already_logged:,}")
+
+    summary = score_file(policy, Path(params.input), Path(params.output), batch_id=params.batch_id,
+                         key_column=params.key_column, chunk_rows=params.chunk_rows, on_chunk=progress)
+    create_markdown_artifact(f"## Batch {summary.batch_id}\n\n{summary.sentence()}\n",
+                             key=artifact_key(f"{policy.registry.model_name}-batch-scoring"),
+                             description=f"{summary.rows:,} rows scored in {summary.mode} mode")
+    print(summary.sentence())
+    return summary

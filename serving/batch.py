@@ -1,0 +1,347 @@
+"""Batch rollouts: a table of rows (CSV or Parquet) scored by the champion and the open rollout's challengers,
+every prediction logged to the outcome store exactly as the HTTP service logs it, so the same online
+evaluation, labels and promotion apply to a model that scores in batch.
+
+- The routing is the service's: the open rollout's mode, salt and weights with the registry's aliases
+  (`serving.routing.build_view`). Shadow: the champion answers every row (the output), each challenger
+  scores every row too (logged, not in the output). A/B: the same sticky unit assignment as the service
+  (the unit column's value, or the row's request id). Bandit: a draw per row (seeded by the batch id).
+- Request ids come from the row, not the clock: `<batch id>:<key>` (the key column's value, or the row's
+  position in the input), hashed when longer than the store's 64 characters. A rerun of the same batch
+  (after a crash, or by mistake) logs only what is not logged yet: a chunk's rows are written in one
+  transaction, so a request is logged whole or not at all.
+- Bounded memory: the input is read `chunk_rows` at a time and the output written as it goes (to a
+  temporary file, renamed at the end, so a reader never sees half an output).
+- The champion scores in this process; each challenger in a child process under a deadline
+  (`serving.shadow_timeout_s` per `shadow_max_batch_size` rows, at least 5 s), as in the service (unless
+  `serving.challenger_isolation` / `shadow_isolation` say thread): a challenger that raises, crashes or
+  hangs costs its own rows (logged as its errors), never the champion's answers.
+- What is logged of the inputs follows `serving.log_features` and `data.pii_columns`, as in the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rollout.config import CLASSIFICATION_TASKS, ConfigError, Policy
+from rollout.data import records_of
+from rollout.models import INTEGER, NUMBER, LoadedModel, Outputs, allowed_columns, check_records
+from rollout.outcomes import OutcomeStore, PredictionRow
+from rollout.outcomes.redaction import Redaction
+from rollout.roles import Role
+from serving.isolation import ChildScorer
+from serving.loading import ModelSource
+from serving.routing import Arm, RoutingView, build_view
+
+REQUEST_ID_CHARS = 64
+
+
+@dataclass
+class BatchSummary:
+    """What one batch run did."""
+
+    batch_id: str
+    mode: str
+    rows: int = 0
+    logged: int = 0  # requests logged by this run
+    already_logged: int = 0  # requests a previous run of the same batch had logged
+    refused: int = 0  # rows the champion's input contract refused (an `error` in the output, nothing logged)
+    answered_by: dict[str, int] = field(default_factory=dict)  # version -> rows of the output
+    challenger_errors: dict[str, int] = field(default_factory=dict)
+    output: Path | None = None
+    seconds: float = 0.0
+
+    def sentence(self) -> str:
+        versions = ", ".join(f"v{v}: {n:,}" for v, n in sorted(self.answered_by.items()))
+        resumed = f"; {self.already_logged:,} were logged by an earlier run of batch {self.batch_id!r}" \
+            if self.already_logged else ""
+        refused = f"; {self.refused:,} rows refused by the input contract (see `error`)" if self.refused else ""
+        return (f"Scored {self.rows:,} rows in {self.mode} mode in {self.seconds:.1f} s (answers: {versions}); logged "
+                f"{self.logged:,} requests{resumed}{refused}. Output: {self.output}")
+
+
+def request_id(batch_id: str, key: Any) -> str:
+    """The stable request id of a row: `<batch id>:<key>`, or its hash when that would not fit the store."""
+    text = f"{batch_id}:{key}"
+    return text if len(text) <= REQUEST_ID_CHARS else "b-" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The input, `chunk_rows` rows at a time (CSV or Parquet)."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        yield from pd.read_csv(path, chunksize=chunk_rows)
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+            yield batch.to_pandas()
+    else:
+        raise ConfigError(f"--input {path}: expected a .csv or .parquet file")
+
+
+class _Output:
+    """The output table, written chunk by chunk to a temporary file and renamed when complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.kind = "parquet" if path.suffix.lower() in (".parquet", ".pq") else "csv"
+        if self.kind == "csv" and path.suffix.lower() != ".csv":
+            raise ConfigError(f"--output {path}: expected a .csv or .parquet file")
+        self._writer: Any = None
+        self._first = True
+
+    def write(self, frame: pd.DataFrame) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.kind == "csv":
+            frame.to_csv(self.partial, mode="w" if self._first else "a", header=self._first, index=False)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._writer is None:
+                self._writer = pq.ParquetWriter(self.partial, table.schema)
+            self._writer.write_table(table.cast(self._writer.schema))
+        self._first = False
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._first and self.kind == "csv":  # an empty input: an empty output
+            self.partial.write_text("")
+        if self.partial.exists():
+            os.replace(self.partial, self.path)
+
+    def discard(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _load_view(policy: Policy, registry: ModelSource, store: OutcomeStore) -> tuple[RoutingView,
+                                                                                      dict[str, LoadedModel]]:
+    aliases = registry.aliases()
+    rollout = store.current_rollout()
+    wanted = {aliases[Role.CHAMPION]} if Role.CHAMPION in aliases else set()
+    if rollout is not None:
+        wanted |= {aliases.get(role, pinned) for role, pinned in rollout.versions.items()}
+    models = {v: LoadedModel(registry.load(v), v) for v in sorted(wanted)}
+    view = build_view(rollout, aliases, set(models), policy.rollout.exposure)
+    if view is None:
+        raise ConfigError("no @champion in the registry: run `rollout ci` first")
+    return view, models
+
+
+def score_file(policy: Policy, input_path: Path, output_path: Path, *, batch_id: str | None = None,
+               key_column: str | None = None, chunk_rows: int = 20_000, registry: ModelSource | None = None,
+               store: OutcomeStore | None = None, ts: float | None = None,
+               on_chunk: Callable[[BatchSummary], None] | None = None) -> BatchSummary:
+    """Score `input_path` with the champion and the open rollout's challengers; write the answers to
+    `output_path` (the input's columns, then request_id, prediction, score, version, role, error) and log every
+    prediction. `ts` (epoch seconds) is the logged time, default now."""
+    if registry is None:
+        from rollout.registry import MlflowRegistry
+
+        registry = MlflowRegistry.for_policy(policy)
+    store = store or OutcomeStore(policy.outcome_url)
+    started = time.perf_counter()
+    batch = batch_id or input_path.stem
+    view, models = _load_view(policy, registry, store)
+    summary = BatchSummary(batch, view.mode)
+    cfg = policy.serving
+    isolated = [a for a in view.arms[1:] if cfg.challenger_isolation == "process"]
+    isolated += [a for a in view.shadows if cfg.shadow_isolation == "process"]
+    children = {a.version: ChildScorer(models[a.version]) for a in isolated}
+    scorer = _Scorer(policy, view, models, children)
+    output = _Output(output_path)
+    try:
+        offset = 0
+        for chunk in read_chunks(input_path, chunk_rows):
+            if key_column is not None and key_column not in chunk.columns:
+                raise ConfigError(f"--key-column {key_column!r} is not a column of {input_path}")
+            keys = chunk[key_column].astype(str).tolist() if key_column else list(range(offset, offset + len(chunk)))
+            offset += len(chunk)
+            out, rows = scorer.chunk(chunk, [request_id(batch, k) for k in keys], ts or store.now(), summary)
+            known = store.logged_requests([r.request_id for r in rows])
+            fresh = [r for r in rows if r.request_id not in known]
+            store.log_predictions(fresh)
+            summary.logged += len({r.request_id for r in fresh})
+            summary.already_logged += len({r.request_id for r in rows if r.request_id in known})
+            output.write(out)
+            summary.rows += len(chunk)
+            if on_chunk is not None:
+                on_chunk(summary)
+        output.close()
+    except BaseException:
+        output.discard()
+        raise
+    finally:
+        for child in children.values():
+            child.close()
+    summary.output = output_path
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class _Scorer:
+    """Scores a chunk on every arm and shadow of a routing view, as the service's predict path does."""
+
+    def __init__(self, policy: Policy, view: RoutingView, models: dict[str, LoadedModel],
+                 children: dict[str, ChildScorer]) -> None:
+        self.policy = policy
+        self.view = view
+        self.models = models
+        self.children = children
+        self.redaction = Redaction.for_policy(policy)
+        self.rng = random.Random(view.salt)
+        self.classification = policy.data.task in CLASSIFICATION_TASKS
+        champion = models[view.champion.version]
+        self.champion = champion
+        self.allowed = allowed_columns(models.values())
+        cfg = policy.serving
+        self.per_rows_s = cfg.shadow_timeout_s / max(cfg.shadow_max_batch_size, 1)
+
+    def chunk(self, chunk: pd.DataFrame, rids: list[str], ts: float,
+              summary: BatchSummary) -> tuple[pd.DataFrame, list[PredictionRow]]:
+        data = self.policy.data
+        names = list(self.allowed) if self.allowed is not None else [c for c in chunk.columns]
+        missing = [c.name for c in self.champion.columns or () if c.required and c.name not in chunk.columns]
+        if missing:
+            raise ConfigError(f"the input lacks the champion's required columns {missing}")
+        inputs = self._typed(chunk[[c for c in chunk.columns if c in set(names)]])
+        records = records_of(inputs)
+        units: list[str | None] = (chunk[data.unit_column].astype(str).tolist()
+                                   if data.unit_column and data.unit_column in chunk.columns else [None] * len(chunk))
+        units = [self.redaction.unit(u) for u in units]
+        segments = (chunk[data.segment_column].tolist() if data.segment_column and data.segment_column in chunk.columns
+                    else [None] * len(chunk))
+        problems = check_records(records, self.champion.columns, None)
+        refused: dict[int, str] = {}
+        for p in problems:
+            refused.setdefault(int(p["row"]), f"{p['field']}: {p['error']}")
+        if len(problems) >= 50:  # check_records stops early: check the rest row by row
+            for i, record in enumerate(records):
+                if i not in refused and (more := check_records([record], self.champion.columns, None)):
+                    refused[i] = f"{more[0]['field']}: {more[0]['error']}"
+        summary.refused += len(refused)
+        ok = [i for i in range(len(records)) if i not in refused]
+        groups: dict[str, tuple[Arm, list[int]]] = {}
+        for i in ok:
+            arm = self.view.choose(units[i], rids[i], self.rng)
+            groups.setdefault(arm.version, (arm, []))[1].append(i)
+        answers: dict[int, tuple[Arm, Outputs, int, float]] = {}
+        rows: list[PredictionRow] = []
+        fallback: list[int] = []
+        for version, (arm, idx) in groups.items():
+            outputs, latency = self._score(version, [records[i] for i in idx])
+            for j, i in enumerate(idx):
+                if outputs.errors[j] is None:
+                    answers[i] = (arm, outputs, j, latency)
+                elif arm.role == Role.CHAMPION:
+                    refused[i] = f"champion: {outputs.errors[j]}"
+                else:  # the challenger's error is logged; the champion answers the row
+                    rows.append(self._row(rids[i], arm, ts, units[i], segments[i], None, None, 0, latency,
+                                          outputs.errors[j], served=False))
+                    summary.challenger_errors[version] = summary.challenger_errors.get(version, 0) + 1
+                    fallback.append(i)
+        if fallback:
+            champion = Arm(Role.CHAMPION, self.view.champion.version, 0.0)  # propensity 0, as the service's fallback
+            outputs, latency = self._score(champion.version, [records[i] for i in fallback])
+            for j, i in enumerate(fallback):
+                if outputs.errors[j] is None:
+                    answers[i] = (champion, outputs, j, latency)
+                else:
+                    refused[i] = f"champion: {outputs.errors[j]}"
+        for i, (arm, outputs, j, latency) in answers.items():
+            kept = self.redaction.features(records[i], rids[i])
+            rows.append(self._row(rids[i], arm, ts, units[i], segments[i], outputs, kept, j, latency, None))
+        for arm in self.view.shadows:  # every scorable row, off the answers
+            outputs, latency = self._score(arm.version, [records[i] for i in ok])
+            for j, i in enumerate(ok):
+                error = outputs.errors[j]
+                rows.append(self._row(rids[i], arm, ts, units[i], segments[i], None if error else outputs, None, j,
+                                      latency, error, served=False))
+                if error is not None:
+                    summary.challenger_errors[arm.version] = summary.challenger_errors.get(arm.version, 0) + 1
+        return self._output(chunk, rids, answers, refused, summary), rows
+
+    def _typed(self, inputs: pd.DataFrame) -> pd.DataFrame:
+        """Numeric columns as numbers: a CSV column with one bad cell is read as text throughout; its good
+        cells become numbers again and only the bad one stays text, for the contract to refuse (its row)."""
+        numeric = {c.name for c in self.champion.columns or () if c.kind in (NUMBER, INTEGER)}
+        out = inputs
+        for name in numeric & set(inputs.columns):
+            column = inputs[name]
+            if column.dtype.kind in "fiub":
+                continue
+            numbers = pd.to_numeric(column, errors="coerce")
+            if out is inputs:
+                out = inputs.copy()
+            out[name] = numbers.astype(object).where(numbers.notna() | column.isna(), column)
+        return out
+
+    def _score(self, version: str, records: list[dict[str, Any]]) -> tuple[Outputs, float]:
+        """Outputs and the per-row model time in ms; a challenger scores in its child under a deadline."""
+        if not records:
+            return Outputs([], None, []), 0.0
+        child = self.children.get(version)
+        started = time.perf_counter()
+        if child is None:
+            out = self.models[version].score_each(records)
+            return out, (time.perf_counter() - started) * 1000.0 / len(records)
+        deadline = max(5.0, self.per_rows_s * len(records))
+        try:
+            child.ready.result(timeout=120)
+            preds, scores, errors, _, latency_ms = child.submit(records).result(timeout=deadline)
+            return Outputs(preds, scores, errors), latency_ms / len(records)
+        except FutureTimeout:
+            child.restart()
+            error = f"timeout: no answer within {deadline:g} s"
+        except Exception as exc:  # noqa: BLE001 - a crashed child costs its own rows only
+            child.revive()
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        return Outputs([None] * len(records), None, [error] * len(records)), 0.0
+
+    def _row(self, rid: str, arm: Arm, ts: float, unit: str | None, segment: Any, outputs: Outputs | None,
+             features: Any, j: int, latency: float, error: str | None, served: bool = True) -> PredictionRow:
+        return PredictionRow(
+            rid, arm.version, arm.role, ts, unit, self.view.rollout_id, served, arm.weight if served else None,
+            None if outputs is None else outputs.predictions[j],
+            None if outputs is None or outputs.scores is None else outputs.scores[j],
+            latency, error, segment, features if served else None)
+
+    def _output(self, chunk: pd.DataFrame, rids: list[str], answers: dict[int, tuple[Arm, Outputs, int, float]],
+                refused: dict[int, str], summary: BatchSummary) -> pd.DataFrame:
+        n = len(chunk)
+        prediction: list[Any] = [None] * n
+        score: list[Any] = [None] * n
+        probabilities: list[Any] = [None] * n
+        version: list[Any] = [None] * n
+        role: list[Any] = [None] * n
+        for i, (arm, outputs, j, _) in answers.items():
+            p = outputs.predictions[j]
+            prediction[i] = int(p) if self.classification and p is not None and float(p).is_integer() else p
+            s = outputs.scores[j] if outputs.scores is not None else None
+            if isinstance(s, Sequence):
+                probabilities[i], s = list(s), max(s)
+            score[i], version[i], role[i] = s, arm.version, arm.role
+            summary.answered_by[arm.version] = summary.answered_by.get(arm.version, 0) + 1
+        out = chunk.reset_index(drop=True).copy()
+        out["request_id"], out["prediction"], out["score"] = rids, prediction, score
+        if any(p is not None for p in probabilities):
+            out["probabilities"] = [None if p is None else ",".join(f"{x:.6g}" for x in p) for p in probabilities]
+        out["version"], out["role"] = version, role
+        out["error"] = [refused.get(i) for i in range(n)]
+        return out

@@ -1,0 +1,158 @@
+"""Batch rollouts: a file scored by the champion and the open rollout's challengers, logged as the service logs,
+with the service's own A/B assignment, and a rerun after a crash that logs nothing twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from rollout.config import ConfigError
+from rollout.outcomes import OutcomeStore
+from rollout.outcomes.schema import predictions
+from rollout.registry import InMemoryRegistry
+from serving.batch import request_id, score_file
+from tests.serving.conftest import FakeModel, RaisingModel, SleepingModel, app_for, make_policy
+
+pytestmark = pytest.mark.slow  # two tests start challengers in child processes, as the service does
+
+N = 250
+
+
+def _input(tmp_path: Path, kind: str = "csv", n: int = N) -> Path:
+    frame = pd.DataFrame({
+        "application": [f"a{i:04d}" for i in range(n)],
+        "customer_id": [f"c{i % 40}" for i in range(n)],
+        "income": [float((i % 9) - 4) for i in range(n)],
+        "tier": [("standard", "gold", "VIP")[i % 3] for i in range(n)],
+        "purpose": ["car"] * n,
+    })
+    path = tmp_path / f"applications.{kind}"
+    frame.to_csv(path, index=False) if kind == "csv" else frame.to_parquet(path, index=False)
+    return path
+
+
+def _logged(store: OutcomeStore) -> pd.DataFrame:
+    with store.engine.connect() as conn:
+        return pd.DataFrame(conn.execute(select(predictions.c.request_id, predictions.c.version, predictions.c.role,
+                                                predictions.c.served, predictions.c.prediction, predictions.c.error,
+                                                predictions.c.unit_id, predictions.c.features)).all())
+
+
+def test_shadow_batch_logs_both_versions_and_answers_with_the_champion(registry: InMemoryRegistry,
+                                                                       store: OutcomeStore, tmp_path: Path) -> None:
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    out = tmp_path / "answers.csv"
+    policy = make_policy(shadow_isolation="process")  # the challenger in a child process, as `rollout serve` has it
+    summary = score_file(policy, _input(tmp_path), out, key_column="application", chunk_rows=100,
+                         registry=registry, store=store)
+    assert (summary.rows, summary.logged, summary.mode, summary.answered_by) == (N, N, "shadow", {"1": N})
+    answers = pd.read_csv(out)
+    assert len(answers) == N and list(answers["application"]) == [f"a{i:04d}" for i in range(N)]  # input order
+    expected = (answers["income"] > 0).astype(int)  # P(1) = sigmoid(income); a tie is class 0, as argmax decides
+    assert (answers["prediction"] == expected).all() and set(answers["version"]) == {1}
+    assert answers["request_id"].iloc[3] == request_id("applications", "a0003") == "applications:a0003"
+    logged = _logged(store)
+    assert len(logged) == 2 * N  # the champion's served row and the challenger's shadow row of every request
+    by_version = logged.groupby("version")["served"].agg(["count", "sum"]).to_dict("index")
+    assert by_version == {"1": {"count": N, "sum": N}, "2": {"count": N, "sum": 0}}
+    shadow = logged[logged["version"] == "2"].set_index("request_id")["prediction"]
+    income = answers.set_index("request_id")["income"]
+    assert (shadow.sort_index() == (income.sort_index() - 1.0 > 0).astype(float)).all()  # v2 = sigmoid(income-1)
+    assert logged[logged["served"] == 1]["features"].notna().all() and set(logged["unit_id"]) == {
+        f"c{i}" for i in range(40)}
+
+
+def test_ab_batch_assigns_units_as_the_service_does(registry: InMemoryRegistry, store: OutcomeStore,
+                                                    tmp_path: Path) -> None:
+    store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.5}, "salt-7")
+    path = _input(tmp_path, "parquet")
+    summary = score_file(make_policy(), path, tmp_path / "answers.parquet", registry=registry, store=store)
+    answers = pd.read_parquet(tmp_path / "answers.parquet")
+    batch_arm = answers.groupby("customer_id")["version"].agg(set).to_dict()
+    assert all(len(v) == 1 for v in batch_arm.values())  # sticky by unit
+    assert set(summary.answered_by) == {"1", "2"}
+    with TestClient(app_for(make_policy(), registry, store)) as client:
+        for unit, versions in batch_arm.items():
+            body = {"record": {"income": 1.0, "tier": "gold", "purpose": "car"}, "unit_id": unit}
+            assert client.post("/predict", json=body).json()["version"] == next(iter(versions)), unit
+
+
+def test_a_rerun_after_a_crash_logs_nothing_twice(registry: InMemoryRegistry, store: OutcomeStore, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    path, out = _input(tmp_path), tmp_path / "answers.csv"
+    real = store.log_predictions
+    calls: list[int] = []
+
+    def dies_on_the_third_chunk(rows: Any) -> int:
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(rows)
+
+    monkeypatch.setattr(store, "log_predictions", dies_on_the_third_chunk)
+    with pytest.raises(OSError, match="disk full"):
+        score_file(make_policy(), path, out, chunk_rows=50, registry=registry, store=store)
+    assert not out.exists() and not list(tmp_path.glob(".answers.csv.*"))  # no half-written output
+    assert len(_logged(store)) == 2 * 100  # two chunks of 50 requests were logged whole
+    monkeypatch.setattr(store, "log_predictions", real)
+    again = score_file(make_policy(), path, out, chunk_rows=50, registry=registry, store=store)
+    assert (again.logged, again.already_logged, again.rows) == (N - 100, 100, N)
+    logged = _logged(store)
+    assert len(logged) == 2 * N and not logged.duplicated(["request_id", "version"]).any()
+    assert len(pd.read_csv(out)) == N
+
+
+def test_a_failing_challenger_costs_its_rows_only_and_bad_rows_are_refused(store: OutcomeStore,
+                                                                          tmp_path: Path) -> None:
+    registry = InMemoryRegistry()
+    registry.set_alias("champion", registry.add(FakeModel(0.0)))
+    registry.set_alias("challenger", registry.add(RaisingModel()))
+    store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"challenger": 0.5}, "s")
+    frame = pd.read_csv(_input(tmp_path)).astype({"income": object})
+    frame.loc[7, "income"] = "a lot"  # a row the champion's contract refuses
+    path = tmp_path / "mixed.csv"
+    frame.to_csv(path, index=False)
+    summary = score_file(make_policy(challenger_isolation="process"), path, tmp_path / "out.csv", registry=registry,
+                         store=store)
+    answers = pd.read_csv(tmp_path / "out.csv")
+    assert summary.refused == 1 and answers.loc[7, "error"].startswith("income: expected number")
+    assert np.isnan(answers.loc[7, "prediction"])
+    assert answers.drop(index=7)["version"].eq(1).all()  # the champion answered the challenger's rows
+    assert summary.challenger_errors["2"] > 0
+    logged = _logged(store)
+    failures = logged[(logged["version"] == "2")]
+    assert len(failures) == summary.challenger_errors["2"] and failures["error"].str.contains("exploded").all()
+    fallback = logged[(logged["version"] == "1")]
+    assert len(fallback) == N - 1 and not logged["request_id"].eq("mixed:7").any()
+
+
+def test_inputs_it_cannot_score_are_named(registry: InMemoryRegistry, store: OutcomeStore, tmp_path: Path) -> None:
+    policy = make_policy()
+    with pytest.raises(ConfigError, match="expected a .csv or .parquet"):
+        score_file(policy, tmp_path / "rows.json", tmp_path / "o.csv", registry=registry, store=store)
+    pd.DataFrame({"tier": ["gold"]}).to_csv(tmp_path / "thin.csv", index=False)
+    with pytest.raises(ConfigError, match=r"lacks the champion's required columns \['income'\]"):
+        score_file(policy, tmp_path / "thin.csv", tmp_path / "o.csv", registry=registry, store=store)
+    with pytest.raises(ConfigError, match="--key-column 'id'"):
+        score_file(policy, _input(tmp_path), tmp_path / "o.csv", key_column="id", registry=registry, store=store)
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(predictions)).scalar_one() == 0
+
+
+def test_a_hung_challenger_is_cut_off_at_its_deadline(store: OutcomeStore, tmp_path: Path) -> None:
+    registry = InMemoryRegistry()
+    registry.set_alias("champion", registry.add(FakeModel(0.0)))
+    registry.set_alias("challenger", registry.add(SleepingModel(120.0)))
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    summary = score_file(make_policy(shadow_isolation="process"), _input(tmp_path, n=20), tmp_path / "o.csv",
+                         registry=registry, store=store)  # deadline: the 5 s floor, not the sleep's 120 s
+    assert summary.seconds < 60 and summary.answered_by == {"1": 20} and summary.challenger_errors == {"2": 20}
+    logged = _logged(store)
+    assert logged[logged["version"] == "2"]["error"].str.startswith("timeout").all()
