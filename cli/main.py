@@ -456,6 +456,46 @@ def score(
 
 
 @app.command()
+def stream(
+    config: str = CONFIG,
+    redis_url: str = typer.Option("redis://127.0.0.1:6379/0", "--redis", help="The Redis server of the streams."),
+    input_stream: str = typer.Option("rollout:requests", "--input", help="Stream of requests (field `body`: a "
+                                     "/predict body as JSON)."),
+    output_stream: str = typer.Option("rollout:answers", "--output", help="Stream the answers go to."),
+    group: str = typer.Option("rollout", help="Consumer group: run several consumers with one group to share "
+                              "the stream."),
+    consumer: str = typer.Option(None, help="This consumer's name (default: host and process id); a restart "
+                                 "under the same name takes over its unacknowledged messages at once."),
+) -> None:
+    """Answer a Redis Stream of requests as `rollout serve` answers HTTP: same routing, logging and isolation."""
+    import asyncio
+    import os
+    import signal
+    import socket
+
+    try:
+        from serving.stream import StreamConsumer
+        import redis  # noqa: F401
+    except ImportError:
+        console.print("[red]rollout stream needs the redis client: pip install 'rollout[stream]'[/red]")
+        raise typer.Exit(2) from None
+    policy = _policy(config)
+    name = consumer or f"{socket.gethostname()}-{os.getpid()}"
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # finish the batch in hand, drain the log, then exit
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        summary = await StreamConsumer(policy, redis_url, input_stream, output_stream, group, name).run(stop)
+        console.print(f"answered {summary.answered:,} messages ({summary.refused:,} refused, {summary.reclaimed:,} "
+                      f"taken over after a stop, {summary.relogged_skipped:,} requests answered again unlogged)")
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console.print(f"consumer {name} of group {group}: {input_stream} -> {output_stream} on {redis_url}")
+    asyncio.run(main())
+
+
+@app.command()
 def retention(
     config: str = CONFIG,
     now: str = typer.Option(None, help="As of this time (ISO 8601, UTC); default: now. The hourly evaluation runs "

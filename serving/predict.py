@@ -151,8 +151,11 @@ class Predictor:
         self.now = now
         self.rng = rng
 
-    async def predict(self, payload: Any, ts: float | None, started: float) -> tuple[list[dict[str, Any]], bool]:
-        """One answer per record (request id, prediction, score, version, role), and whether the body was single."""
+    async def predict(self, payload: Any, ts: float | None, started: float,
+                      log: bool = True) -> tuple[list[dict[str, Any]], bool]:
+        """One answer per record (request id, prediction, score, version, role), and whether the body was single.
+        Without `log`, nothing is logged and no shadow scores it: a redelivered request whose rows are logged
+        already (a stream consumer's retry) is answered again, never counted twice."""
         lanes = self.lanes()
         view = lanes.view
         if view is None:
@@ -167,12 +170,12 @@ class Predictor:
                                retry_after_s=1)
         self.in_flight += rows
         try:
-            return await self._predict(lanes, view, batch, started), batch.single
+            return await self._predict(lanes, view, batch, started, log), batch.single
         finally:
             self.in_flight -= rows
 
-    async def _predict(self, lanes: Lanes, view: RoutingView, batch: RequestBatch,
-                       started: float) -> list[dict[str, Any]]:
+    async def _predict(self, lanes: Lanes, view: RoutingView, batch: RequestBatch, started: float,
+                       log: bool = True) -> list[dict[str, Any]]:
         records = batch.records
         problems = check_records(records, lanes.models[view.champion.version].columns, lanes.allowed)
         if problems:
@@ -185,7 +188,7 @@ class Predictor:
         for arm, idx in groups:
             rows = records if len(groups) == 1 else [records[i] for i in idx]
             pending.append((arm, idx, lanes.serve[arm.version].submit(rows)))
-        for arm in view.shadows:  # the whole request, off the response path
+        for arm in view.shadows if log else ():  # the whole request, off the response path
             meta = ShadowMeta(batch.request_ids, batch.unit_ids, batch.segments, batch.ts, view.rollout_id, arm.role,
                               arm.version)
             lanes.shadow[arm.version].offer(records, meta)
@@ -198,14 +201,14 @@ class Predictor:
             try:
                 scored = await asyncio.wait_for(future, deadline)  # a late job is cancelled: never scored
             except TimeoutError:
-                self._log_failure(batch, arm, view, idx, f"timeout: no answer within {deadline:g} s")
+                self._log_failure(batch, arm, view, idx, f"timeout: no answer within {deadline:g} s", log)
                 self.late.setdefault(arm.version, []).append(time.monotonic())
                 if champion:
                     raise RequestError(504, f"champion version {arm.version} did not answer within {deadline:g} s")
                 fallback += idx
                 continue
             except ModelCallFailed as exc:
-                self._log_failure(batch, arm, view, idx, str(exc))
+                self._log_failure(batch, arm, view, idx, str(exc), log)
                 if champion:
                     raise RequestError(500, f"champion version {arm.version} failed: {exc}") from exc
                 fallback += idx
@@ -215,13 +218,13 @@ class Predictor:
                 if error is None:
                     results[i] = (arm, scored, j)
                     continue
-                self._log_failure(batch, arm, view, [i], error)
+                self._log_failure(batch, arm, view, [i], error, log)
                 if champion:
                     raise RequestError(500, f"champion version {arm.version} returned an unusable prediction: {error}")
                 fallback.append(i)
         if fallback:
-            await self._fallback(batch, view, fallback, results)
-        return self._answer(batch, view, results, time.perf_counter() - started)
+            await self._fallback(batch, view, fallback, results, log)
+        return self._answer(batch, view, results, time.perf_counter() - started, log)
 
     def _redacted(self, batch: RequestBatch) -> RequestBatch:
         """The batch with what the log may keep: hashed unit ids when the unit is a PII column (routing hashes
@@ -249,15 +252,17 @@ class Predictor:
             groups.setdefault(arm.role, (arm, []))[1].append(i)
         return list(groups.values())
 
-    def _log_failure(self, batch: RequestBatch, arm: Arm, view: RoutingView, idx: list[int], error: str) -> None:
+    def _log_failure(self, batch: RequestBatch, arm: Arm, view: RoutingView, idx: list[int], error: str,
+                     log: bool = True) -> None:
         """Log records `idx` as `arm`'s errors: served rows when the champion failed them, else a challenger's."""
         served = arm.role == Role.CHAMPION
         for i in idx:
-            self.writer.put(log_row(batch, i, arm, view.rollout_id, served=served, error=error))
+            if log:
+                self.writer.put(log_row(batch, i, arm, view.rollout_id, served=served, error=error))
             self.metrics.observe(arm.version, arm.role, 0.0, False)
 
     async def _fallback(self, batch: RequestBatch, view: RoutingView, idx: list[int],
-                        results: list[tuple[Arm, Scored, int] | None]) -> None:
+                        results: list[tuple[Arm, Scored, int] | None], log: bool = True) -> None:
         """Score a failed challenger's records with the champion of the latest snapshot (the request's may be retired)."""
         latest = self.lanes()
         current = latest.view or view
@@ -270,11 +275,12 @@ class Predictor:
         try:
             scored = await asyncio.wait_for(lane.submit([batch.records[i] for i in idx]), self.champion_timeout_s)
         except TimeoutError:
-            self._log_failure(batch, champion, view, idx, f"timeout: no answer within {self.champion_timeout_s:g} s")
+            self._log_failure(batch, champion, view, idx, f"timeout: no answer within {self.champion_timeout_s:g} s",
+                              log)
             raise RequestError(504, f"champion version {champion.version} did not answer within "
                                     f"{self.champion_timeout_s:g} s") from None
         except ModelCallFailed as exc:
-            self._log_failure(batch, champion, view, idx, str(exc))
+            self._log_failure(batch, champion, view, idx, str(exc), log)
             raise RequestError(500, f"champion version {champion.version} failed: {exc}") from exc
         for j, i in enumerate(idx):
             if scored.errors[j] is not None:
@@ -282,10 +288,10 @@ class Predictor:
             results[i] = (champion, scored, j)
 
     def _answer(self, batch: RequestBatch, view: RoutingView, results: list[tuple[Arm, Scored, int] | None],
-                elapsed: float) -> list[dict[str, Any]]:
+                elapsed: float, log: bool = True) -> list[dict[str, Any]]:
         """Log the served rows and build the caller's answers."""
         out = []
-        put = self.writer.put
+        put = self.writer.put if log else _unlogged
         observe = self.metrics.observe
         for i, item in enumerate(results):
             assert item is not None, "every record has its arm's answer or the champion's"
@@ -332,6 +338,10 @@ class Predictor:
             if error is not None:
                 raise RequestError(500, f"version {version} returned an unusable prediction for records[{j}]: {error}")
         return [self._answer_row(rid, scored, j, version, role) for j, rid in enumerate(batch.request_ids)]
+
+
+def _unlogged(row: PredictionRow) -> bool:
+    return False
 
 
 class ShadowSink:
