@@ -503,6 +503,8 @@ def retention(
     dry_run: bool = typer.Option(False, help="Count what would be removed; remove nothing."),
     vacuum: bool = typer.Option(False, help="Then compact the store once (SQLite: rewrites the file and switches "
                                 "it to giving freed space back; stop the service first)."),
+    partition: bool = typer.Option(False, help="PostgreSQL: first convert a prediction log made before "
+                                   "partitioning into daily partitions (one transaction; stop the service first)."),
 ) -> None:
     """Remove prediction and label rows older than stores.retention_days (never an open rollout's)."""
     from datetime import UTC, datetime, timedelta
@@ -510,6 +512,14 @@ def retention(
     from rollout.outcomes import OutcomeStore
 
     policy = _policy(config)
+    if partition:
+        try:
+            moved = OutcomeStore(policy.outcome_url).partition()
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+        console.print(f"prediction log partitioned by day ({moved:,} rows moved)" if moved
+                      else "the prediction log is partitioned already")
     days = policy.stores.retention_days
     if days is None:
         console.print("stores.retention_days is null: every row is kept")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,22 +15,29 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A uniquely named PostgreSQL database for this session, dropped at the end (skipped without a server)."""
+@contextmanager
+def fresh_pg_database(prefix: str = "rollout_test") -> Iterator[str]:
+    """A uniquely named PostgreSQL database, dropped afterwards (the test is skipped without a server)."""
     try:
         import psycopg
 
         admin = psycopg.connect(PG_ADMIN, autocommit=True)
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432 as user postgres ({type(exc).__name__}: {exc})")
-    name = f"rollout_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin.execute(f'CREATE DATABASE "{name}"')
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A uniquely named PostgreSQL database for this session, dropped at the end (skipped without a server)."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -97,6 +97,10 @@ def log_predictions(engine: Engine, rows: Iterable[PredictionRow], now: float) -
             dead.append((row, f"{type(exc).__name__}: {exc}"))
     sql = (f"INSERT INTO predictions ({', '.join(LOG_COLUMNS)}) "
            f"VALUES ({', '.join(['?' if is_sqlite(engine) else '%s'] * len(LOG_COLUMNS))})")
+    if payload and not is_sqlite(engine):  # PostgreSQL: each row's day partition exists before it is written
+        from rollout.outcomes.partitions import ensure_days
+
+        ensure_days(engine, {r[4] for r in payload})  # `day`, the fifth column
     written = _insert_halving(engine, sql, payload, dead)
     if dead:
         _dead_letter(engine, dead, now)
@@ -327,11 +331,28 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
                 written += len(buf)
             dbapi.execute(f"PRAGMA cache_size={int(cache)}")
         else:
-            with dbapi.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-                    written += 1
-            dbapi.commit()
+            day = names.index("day") if table == "predictions" and "day" in names else None
+            pending: list[Sequence[Any]] = []
+
+            def copy_rows() -> None:  # a chunk at a time: its days' partitions first (predictions)
+                if day is not None:
+                    from rollout.outcomes.partitions import ensure_days
+
+                    ensure_days(engine, {str(r[day]) for r in pending})
+                with dbapi.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN") as copy:
+                    for row in pending:
+                        copy.write_row(row)
+                dbapi.commit()
+
+            for row in rows:
+                pending.append(row)
+                if len(pending) >= batch:
+                    copy_rows()
+                    written += len(pending)
+                    pending = []
+            if pending:
+                copy_rows()
+                written += len(pending)
     finally:
         raw.close()
         with engine.begin() as conn:  # after the rows: an evaluation meanwhile rebuilds again

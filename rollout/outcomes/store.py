@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import pandas as pd
 from sqlalchemy import Integer, and_, case, cast, delete, func, inspect, select
 
-from rollout.outcomes import audit, engine, export, log, retention
+from rollout.outcomes import audit, engine, export, log, partitions, retention
 from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
@@ -99,6 +99,8 @@ class OutcomeStore:
         new_units = not existing.has_table(rollout_units.name)
         old_log = existing.has_table(predictions.name) and not any(
             c["name"] == "probabilities" for c in existing.get_columns(predictions.name))
+        if not self.is_sqlite and not existing.has_table(predictions.name):
+            partitions.create_partitioned(self.engine)  # PostgreSQL: a day expires by dropping its partition
         metadata.create_all(self.engine, checkfirst=True)
         if old_log:  # a store from before multiclass: the column, and SQLite's covering index with it
             with self.engine.begin() as conn:
@@ -110,11 +112,26 @@ class OutcomeStore:
                 conn.execute(delete(summary_state))
         if not any(ix["name"] == "ux_labels_current" for ix in inspect(self.engine).get_indexes(labels.name)):
             log.dedupe_current_labels(self.engine)  # a store from before the unique index
+        self._create_indexes()
+        if not self.is_sqlite and partitions.is_partitioned(self.engine):
+            partitions.ensure_ahead(self.engine)
+        self._created = True
+        return self
+
+    def _create_indexes(self) -> None:
         for table in (predictions, labels):  # indexes added since a store was first created
             for index in table.indexes:
                 index.create(self.engine, checkfirst=True)
-        self._created = True
-        return self
+
+    def partition(self) -> int:
+        """PostgreSQL: convert a prediction log made before partitioning (stop the service first); returns the
+        rows moved (rollout.outcomes.partitions)."""
+        self._ensure()
+        if self.is_sqlite:
+            raise ValueError("partitions are PostgreSQL's: SQLite deletes in batches and gives the space back")
+        if partitions.is_partitioned(self.engine):
+            return 0
+        return partitions.convert(self.engine, self._create_indexes)
 
     def _ensure(self) -> None:
         if not self._created:

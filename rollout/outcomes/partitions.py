@@ -1,0 +1,165 @@
+"""PostgreSQL: the prediction log partitioned by day, so a day expires by dropping its partition.
+
+At tens of millions of rows a day, DELETE cannot keep up: it writes every row twice (the heap and WAL),
+leaves dead tuples for VACUUM and holds its locks for minutes. A new PostgreSQL store's `predictions` is
+declaratively partitioned by `day` (RANGE, one partition a day: `predictions_YYYYMMDD`). Partitions are made
+`AHEAD_DAYS` ahead by `create()` and by every retention run, and a write for a day without one (traffic
+replayed with past times) makes it first (`ensure_days`, one catalog lookup per logged batch; CREATE ...
+PARTITION OF takes a lock that no insert waits on). There is no DEFAULT partition: PostgreSQL cannot
+detach a partition concurrently beside one. Expiry detaches and drops a whole day when no row of an open
+rollout is in it: DETACH PARTITION ... CONCURRENTLY blocks no writer, and the drop is O(1) whatever the
+day's size. A day holding an open rollout's rows is cleaned by the batched DELETE of
+`rollout.outcomes.retention` (its other rows) and dropped once the rollout ends.
+
+Labels are not partitioned: their unique index (one current label per request) must hold across the
+whole table, and a partitioned table's unique index must include the partition key. They are a fraction
+of the log (one row per labelled request).
+
+A store created before this is a plain table: it keeps working (DELETE-based retention), the retention
+report says so, and `rollout retention --partition` (service stopped) converts it in one transaction.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.schema import CreateTable
+
+from rollout.outcomes.schema import predictions
+
+AHEAD_DAYS = 7
+
+
+_PARTITIONED: dict[str, bool] = {}  # store URL -> whether its log is partitioned (changes only by `convert`)
+
+
+def is_partitioned(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        found = bool(conn.execute(text(
+            "SELECT 1 FROM pg_partitioned_table pt JOIN pg_class c ON c.oid = pt.partrelid "
+            "WHERE c.relname = 'predictions' AND pg_table_is_visible(c.oid)")).first())
+    _PARTITIONED[str(engine.url)] = found
+    return found
+
+
+def ensure_days(engine: Engine, days: Iterable[str]) -> None:
+    """Make the partitions of these days (YYYY-MM-DD) where missing, before rows of them are written."""
+    key = str(engine.url)
+    if not _PARTITIONED.get(key, False) and (key in _PARTITIONED or not is_partitioned(engine)):
+        return
+    wanted = {partition_name(date.fromisoformat(d)): date.fromisoformat(d) for d in set(days)}
+    if not wanted:
+        return
+    with engine.connect() as conn:
+        have = set(conn.execute(text("SELECT relname FROM pg_class WHERE relname = ANY(:names)"),
+                                {"names": list(wanted)}).scalars())
+    for name, day in sorted(wanted.items()):
+        if name not in have:
+            try:
+                with engine.begin() as conn:
+                    create_day(conn, day)
+            except DBAPIError:  # another writer made it at the same moment
+                with engine.connect() as conn:
+                    if not conn.execute(text("SELECT 1 FROM pg_class WHERE relname = :n"), {"n": name}).first():
+                        raise
+
+
+def create_partitioned(engine: Engine) -> None:
+    """CREATE the prediction log as a table partitioned by day (its indexes come from the metadata, after)."""
+    ddl = str(CreateTable(predictions).compile(dialect=engine.dialect)).strip()
+    if "PRIMARY KEY (id)" not in ddl:
+        raise RuntimeError(f"unexpected DDL for predictions: {ddl[:200]}")
+    ddl = ddl.replace("PRIMARY KEY (id)", "PRIMARY KEY (id, day)") + " PARTITION BY RANGE (day)"
+    with engine.begin() as conn:
+        conn.execute(text(ddl))
+    _PARTITIONED[str(engine.url)] = True
+
+
+def partition_name(day: date) -> str:
+    return f"predictions_{day:%Y%m%d}"
+
+
+def ensure_ahead(engine: Engine, today: date | None = None, ahead: int = AHEAD_DAYS) -> None:
+    """Day partitions from today to `ahead` days on, where missing, so live traffic finds its day made."""
+    today = today or datetime.now(UTC).date()
+    ensure_days(engine, [(today + timedelta(days=k)).isoformat() for k in range(ahead + 1)])
+
+
+def day_partitions(engine: Engine) -> list[tuple[str, date]]:
+    """(name, day) of every day partition, oldest first."""
+    with engine.connect() as conn:
+        names = [r[0] for r in conn.execute(text(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'predictions'"))]
+    out = []
+    for name in names:
+        stamp = name.removeprefix("predictions_")
+        if stamp.isdigit() and len(stamp) == 8:
+            out.append((name, datetime.strptime(stamp, "%Y%m%d").replace(tzinfo=UTC).date()))
+    return sorted(out, key=lambda p: p[1])
+
+
+def drop_expired(engine: Engine, cutoff: float) -> tuple[int, list[str]]:
+    """Drop the day partitions wholly older than `cutoff` that hold no row of an open rollout; returns the rows
+    they held and their names. DETACH ... CONCURRENTLY waits for no writer and blocks none."""
+    cut_day = datetime.fromtimestamp(cutoff, UTC).date()
+    rows, dropped = 0, []
+    for name, day in day_partitions(engine):
+        if day + timedelta(days=1) > cut_day:  # not wholly before the cut
+            break
+        with engine.connect() as conn:
+            open_rows = conn.execute(text(
+                f"SELECT 1 FROM {name} WHERE rollout_id IN (SELECT rollout_id FROM routing WHERE ended_at IS NULL) "
+                "LIMIT 1")).first()
+            if open_rows:
+                continue
+            n = int(conn.execute(text(f"SELECT count(*) FROM {name}")).scalar_one())
+        raw = engine.raw_connection()
+        try:
+            dbapi: Any = raw.driver_connection
+            dbapi.autocommit = True
+            try:
+                dbapi.execute(f"ALTER TABLE predictions DETACH PARTITION {name} CONCURRENTLY")
+                dbapi.execute(f"DROP TABLE {name}")
+            finally:
+                dbapi.autocommit = False
+        finally:
+            raw.close()
+        rows += n
+        dropped.append(name)
+    return rows, dropped
+
+
+def create_day(conn: Any, day: date) -> str:
+    name = partition_name(day)
+    conn.execute(text(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF predictions "
+                      f"FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + timedelta(days=1)).isoformat()}')"))
+    return name
+
+
+def convert(engine: Engine, create_indexes: Any) -> int:
+    """Turn a plain prediction log into the partitioned one, in one transaction (stop the service first: it
+    takes the table's exclusive lock for the copy). Every day already logged gets its own partition, so the
+    history expires by partition too. Returns the rows moved."""
+    columns = ", ".join(c.name for c in predictions.columns)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE predictions RENAME TO predictions_unpartitioned"))
+        for index in predictions.indexes:  # their names are taken by the new table's indexes
+            conn.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
+        ddl = str(CreateTable(predictions).compile(dialect=engine.dialect)).strip()
+        conn.execute(text(ddl.replace("PRIMARY KEY (id)", "PRIMARY KEY (id, day)") + " PARTITION BY RANGE (day)"))
+        for (day,) in conn.execute(text("SELECT DISTINCT day FROM predictions_unpartitioned")).all():
+            create_day(conn, date.fromisoformat(str(day)))
+        moved = conn.execute(text(f"INSERT INTO predictions ({columns}) SELECT {columns} FROM "
+                                  "predictions_unpartitioned")).rowcount
+        conn.execute(text("SELECT setval(pg_get_serial_sequence('predictions', 'id'), "
+                          "GREATEST((SELECT max(id) FROM predictions), 1))"))
+        conn.execute(text("DROP TABLE predictions_unpartitioned"))
+    _PARTITIONED[str(engine.url)] = True
+    create_indexes()
+    ensure_ahead(engine)
+    return int(moved)

@@ -1,0 +1,126 @@
+"""PostgreSQL's prediction log partitioned by day: live days get partitions ahead, a day expires by dropping its
+partition (never one holding an open rollout's rows), writers go on meanwhile, and an old store converts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from rollout.outcomes import OutcomeStore, PredictionRow
+from rollout.outcomes import partitions
+from rollout.outcomes.schema import metadata, predictions
+from tests.conftest import fresh_pg_database
+
+pytestmark = pytest.mark.postgres
+
+D0 = date(2026, 3, 1)
+DAY = 86_400.0
+
+
+@pytest.fixture
+def pg() -> Iterator[str]:
+    """A database of its own for each test (partitions are tables: no test sees another's)."""
+    with fresh_pg_database("rollout_part") as url:
+        yield url
+
+
+def _epoch(day: date, hour: int = 12) -> float:
+    return datetime(day.year, day.month, day.day, hour, tzinfo=UTC).timestamp()
+
+
+def _log(store: OutcomeStore, day: date, rollout_id: int | None, n: int, tag: str) -> None:
+    store.log_predictions(PredictionRow(f"{tag}-{day}-{i}", "1", "champion", _epoch(day) + i, f"u{i}", rollout_id,
+                                        True, 1.0, 1.0, 0.7) for i in range(n))
+    store.add_labels((f"{tag}-{day}-{i}", 1, _epoch(day) + 3600) for i in range(n))
+
+
+def _where(store: OutcomeStore) -> dict[str, int]:
+    with store.engine.connect() as conn:
+        return {str(t): int(n) for t, n in conn.execute(text(
+            "SELECT tableoid::regclass, count(*) FROM predictions GROUP BY 1"))}
+
+
+def test_a_new_store_is_partitioned_with_days_ahead_and_live_rows_land_in_their_day(pg: str) -> None:
+    store = OutcomeStore(pg).create()
+    today = datetime.now(UTC).date()
+    names = {n for n, _ in partitions.day_partitions(store.engine)}
+    assert partitions.is_partitioned(store.engine)
+    assert {partitions.partition_name(today + timedelta(days=k)) for k in range(8)} <= names
+    store.log_predictions([PredictionRow("now", "1"), PredictionRow("past", "1", ts=_epoch(D0))])
+    assert _where(store) == {partitions.partition_name(today): 1, partitions.partition_name(D0): 1}  # made for it
+
+
+def test_expiry_drops_whole_days_keeps_an_open_rollouts_and_writers_go_on(pg: str) -> None:
+    store = OutcomeStore(pg).create()
+    partitions.ensure_ahead(store.engine, today=D0, ahead=9)  # D0 .. D9 have partitions, as live days would
+    closed = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=_epoch(D0, 0))
+    for k in range(5):
+        _log(store, D0 + timedelta(days=k), closed, 50, "closed")
+    store.end_rollout(closed, ended_at=_epoch(D0 + timedelta(days=5), 0))
+    opened = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s",
+                                started_at=_epoch(D0 + timedelta(days=2), 0))
+    _log(store, D0 + timedelta(days=2), opened, 30, "open")  # day 2 holds rows of the open rollout too
+    for k in range(5, 10):
+        _log(store, D0 + timedelta(days=k), opened, 40, "open")
+    evidence = store.evidence(opened, cutoff=_epoch(D0 + timedelta(days=10), 0))
+
+    written: list[int] = []
+    stop = threading.Event()
+
+    def writer() -> None:  # today's traffic goes on while old days are dropped
+        i = 0
+        while not stop.is_set():
+            store.log_predictions([PredictionRow(f"live-{i}", "1", ts=_epoch(D0 + timedelta(days=9)) + i)])
+            written.append(i)
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        expired = store.expire(_epoch(D0 + timedelta(days=8), 0))
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert written and not thread.is_alive()
+    left = {n for n, _ in partitions.day_partitions(store.engine)}
+    gone = {partitions.partition_name(D0 + timedelta(days=k)) for k in (0, 1, 3, 4)}
+    kept = {partitions.partition_name(D0 + timedelta(days=k)) for k in (2, 5, 6, 7, 8, 9)}
+    assert not gone & left and kept <= left
+    assert "4 day partition(s) dropped" in expired.note
+    # days 0, 1, 3, 4 (the closed rollout's only) went with their partitions; day 2's closed rows by DELETE;
+    # days 2 and 5-7 hold the open rollout's rows, so their partitions stay
+    assert expired.predictions == 5 * 50 and expired.kept_open == 30 + 3 * 40
+    assert store.evidence(opened, cutoff=_epoch(D0 + timedelta(days=10), 0)) == evidence
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM predictions WHERE rollout_id = :r"),
+                            {"r": opened}).scalar_one() == 30 + 5 * 40
+        assert conn.execute(text("SELECT count(*) FROM predictions WHERE request_id LIKE 'live-%'")).scalar_one() \
+            == len(written)
+
+
+def test_an_old_plain_store_converts_with_its_history_in_day_partitions(pg: str) -> None:
+    store = OutcomeStore(pg)
+    metadata.create_all(store.engine)  # a store made before partitioning: plain tables
+    assert not partitions.is_partitioned(store.engine)
+    for k in range(3):
+        _log(store, D0 + timedelta(days=k), None, 20, "old")
+    note = store.expire(_epoch(D0, 0), dry_run=False).note
+    assert "rollout retention --partition" in note  # the retention report says how to convert
+    assert store.partition() == 60
+    assert partitions.is_partitioned(store.engine)
+    assert _where(store) == {partitions.partition_name(D0 + timedelta(days=k)): 20 for k in range(3)}
+    store.log_predictions([PredictionRow("after", "1", ts=_epoch(D0 + timedelta(days=1)))])
+    with store.engine.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM predictions ORDER BY id DESC LIMIT 2")).scalars().all()
+    assert ids[0] > ids[1]  # the id sequence continues past the moved rows
+    expired = store.expire(_epoch(D0 + timedelta(days=2), 0))
+    assert expired.predictions == 41 and "2 day partition(s) dropped" in expired.note  # with the row "after"
+    assert store.partition() == 0  # idempotent
+    assert [i.name for i in predictions.indexes]  # the metadata's indexes exist on the new table
+    with store.engine.connect() as conn:
+        names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'predictions'")).scalars())
+    assert {"ix_predictions_request", "ix_predictions_rollout"} <= names
