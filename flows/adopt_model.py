@@ -3,11 +3,11 @@ training, then registered as @challenger with its rollout opened (or @champion w
 
 from __future__ import annotations
 
-from datetime import datetime
 
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows import forms
 from flows.ci_pipeline import (
     CIOutcome,
     CIParameters,
@@ -28,8 +28,8 @@ class AdoptParameters(BaseModel):
         description="The model to adopt: models:/name/7, models:/name@alias, runs:/<run id>/model or a logged "
         "model's models:/m-<id>, in the policy's MLflow (skops-saved scikit-learn, allow-listed types).",
         min_length=3, max_length=500, pattern=r"^(models|runs):/\S+$")
-    data_source: str | None = Field(None, description="Override data.source: the labelled rows it is judged on.")
-    rollout_start: datetime | None = Field(None, description="When the opened rollout starts (UTC); empty = now.")
+    data_source: forms.Text = Field(None, description="Override data.source: the labelled rows it is judged on.")
+    rollout_start: forms.Time = Field(None, description="When the opened rollout starts (UTC); empty = now.")
 
 
 @flow(name="adopt-model", log_prints=True)

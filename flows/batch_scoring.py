@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
+from flows import forms
 from serving.batch import BatchSummary, score_file
 from tasks.common import artifact_key, load_policy_task
 
@@ -19,10 +20,10 @@ class BatchParameters(BaseModel):
     input: str = Field(description="The rows to score: a .csv or .parquet file on the worker.")
     output: str = Field(description="Where the answers go (.csv or .parquet): the input's columns, then "
                         "request_id, prediction, score, version, role, error.")
-    batch_id: str | None = Field(None, description="Names the batch in the request ids (<batch id>:<key>); a "
+    batch_id: forms.Text = Field(None, description="Names the batch in the request ids (<batch id>:<key>); a "
                                  "rerun with the same id logs only what is not logged yet. Default: the input's "
                                  "file name.")
-    key_column: str | None = Field(None, description="The column that identifies a row (an application id); "
+    key_column: forms.Text = Field(None, description="The column that identifies a row (an application id); "
                                    "default: the row's position in the input.")
     chunk_rows: int = Field(20_000, ge=100, le=1_000_000, description="Rows read, scored and logged at a time.")
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal, cast
+from typing import cast
 
 import pandas as pd
 from prefect import flow, get_run_logger
@@ -15,7 +15,8 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from rollout.config import ConfigError, EstimatorName, Policy, parse_policy
+from flows import forms
+from rollout.config import ConfigError, Policy, parse_policy
 from rollout.data import Schema
 from rollout.ci import registration
 from rollout.ci.gates import GateFailed, GateResult, step_failed
@@ -27,16 +28,16 @@ from tasks.common import load_policy_task, prefect_origin, publish_gate, publish
 class CIParameters(BaseModel):
     """What a person can change from the Prefect UI's Run form without editing the policy file."""
 
-    data_source: str | None = Field(None, description="Override data.source: 'example' or a CSV/Parquet path.")
-    example_drift: float | None = Field(None, ge=0, le=3, description="Override data.example.drift (demo: a new regime).")
-    example_seed: int | None = Field(None, description="Override data.example.seed.")
-    estimator: EstimatorName | None = Field(None, description="Override estimator.name: one of the built-in estimators "
+    data_source: forms.Text = Field(None, description="Override data.source: 'example' or a CSV/Parquet path.")
+    example_drift: forms.Drift = Field(None, ge=0, le=3, description="Override data.example.drift (demo: a new regime).")
+    example_seed: forms.Integer = Field(None, description="Override data.example.seed.")
+    estimator: forms.Estimator = Field(None, description="Override estimator.name: one of the built-in estimators "
                                             "(a factory stays in the policy file).")
-    estimator_params: dict | None = Field(None, description="Override estimator.params.")
-    rollout_start: datetime | None = Field(
+    estimator_params: forms.Mapping = Field(None, description="Override estimator.params.")
+    rollout_start: forms.Time = Field(
         None, description="When the opened rollout starts (UTC); empty = now. The demo runs on simulated time."
     )
-    training_data: Literal["policy", "production", "both"] | None = Field(
+    training_data: forms.TrainingData = Field(
         None, description="Override ci.training_data.source: the policy's data, production's served and labelled "
         "rows of the last ci.training_data.days days, or both (the hold-out is then the latest production rows).")
 

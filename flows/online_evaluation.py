@@ -9,6 +9,7 @@ from typing import Any, Literal
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows import forms
 from tasks.common import load_policy_task
 from tasks.evaluation import (
     act_task,
@@ -25,7 +26,7 @@ from tasks.evaluation import (
 class EvaluationParameters(BaseModel):
     """What a person can set from the Prefect UI's Run form."""
 
-    now: datetime | None = Field(None, description="Evaluate as of this time (UTC); empty = now (or, with clock "
+    now: forms.Time = Field(None, description="Evaluate as of this time (UTC); empty = now (or, with clock "
                                  "'data', the latest logged prediction's time). The demo compresses days.")
     clock: Literal["wall", "data"] = Field(
         "wall", description="'wall': now is the machine's time. 'data': now is the time of the rollout's latest "

@@ -231,7 +231,9 @@ class MlflowRegistry:
         if not self.tracking_uri.startswith(("http://", "https://")):
             return None
         run = self.client.get_run(run_id)
-        return f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        # MLflow 3.17's UI picks GenAI or model-training pages from the URL (else the browser's last choice)
+        return (f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+                "?workflowType=machine_learning")
 
     def adopt(self, model_uri: str, tags: dict[str, str]) -> str:
         """Make a model from elsewhere a version of this registered model, carrying `tags`: a version of this
@@ -457,7 +459,7 @@ def experiment_id(tracking_uri: str, name: str, artifact_location: str | None = 
                 experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return str(experiment.experiment_id)
     try:
-        # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, tokens)
+        # MLflow 3's UI reads this tag for an experiment's kind (3.17 chooses its pages by URL: see run_url)
         return str(mlflow.create_experiment(name, artifact_location=artifact_location,
                                             tags={EXPERIMENT_KIND: MODEL_TRAINING}))
     except mlflow.exceptions.MlflowException:  # created by a concurrent run

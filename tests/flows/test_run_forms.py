@@ -23,11 +23,15 @@ def test_every_run_form_describes_its_fields_and_offers_choices():
         for name, prop in schema["properties"].items():
             assert prop.get("description"), (flow.name, name)
             assert not any(p.get("type") == "null" for p in prop.get("anyOf", [])), (flow.name, name)
+            # nested overrides too: a plain input each, never the "None" type switch the UI draws for anyOf-null
+            nested = _resolve(schema, prop).get("properties", {})
+            for field, inner in nested.items():
+                assert "anyOf" not in inner and (inner.get("type") or "$ref" in inner), (flow.name, name, field, inner)
 
     ci = parameter_schema(ci_pipeline.fn).model_dump_for_openapi()
     params = _resolve(ci, ci["properties"]["params"])
     estimator = params["properties"]["estimator"]
-    choices = next(p["enum"] for p in estimator["anyOf"] if "enum" in p)
+    choices = estimator["enum"]
     assert {"logistic_regression", "xgboost", "lightgbm", "ridge"} <= set(choices)
     assert all(p.get("description") for p in params["properties"].values())
 
