@@ -4,9 +4,11 @@ prediction logged as the service logs it (see serving/batch.py), so batch models
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, Field
 
 from flows import forms
@@ -38,10 +40,15 @@ def batch_scoring(params: BatchParameters, config: str = "rollout.yaml") -> Batc
     """
     policy = load_policy_task(config)
     logger = get_run_logger()
+    total = total_rows(Path(params.input))
+    bar = cast(UUID, create_progress_artifact(0.0, description=f"batch scoring of {params.input}")) \
+        if total else None
 
     def progress(summary: BatchSummary) -> None:
         logger.info("%s rows scored, %s requests logged (%s already logged)", f"{summary.rows:,}",
                     f"{summary.logged:,}", f"{summary.already_logged:,}")
+        if bar is not None and total:
+            update_progress_artifact(bar, min(100.0, 100.0 * summary.rows / total))
 
     summary = score_file(policy, Path(params.input), Path(params.output), batch_id=params.batch_id,
                          key_column=params.key_column, chunk_rows=params.chunk_rows, on_chunk=progress)
@@ -50,3 +57,13 @@ def batch_scoring(params: BatchParameters, config: str = "rollout.yaml") -> Batc
                              description=f"{summary.rows:,} rows scored in {summary.mode} mode")
     print(summary.sentence())
     return summary
+
+
+def total_rows(path: Path) -> int | None:
+    """The input's row count when its format says it without reading it (Parquet), else None."""
+    if path.suffix.lower() not in (".parquet", ".pq") or not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+

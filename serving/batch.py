@@ -222,7 +222,7 @@ class _Scorer:
             raise ConfigError(f"the input lacks the champion's required columns {missing}")
         inputs = self._typed(chunk[[c for c in chunk.columns if c in set(names)]])
         records = records_of(inputs)
-        units: list[str | None] = (chunk[data.unit_column].astype(str).tolist()
+        units: list[str | None] = ([None if pd.isna(u) else str(u) for u in chunk[data.unit_column]]
                                    if data.unit_column and data.unit_column in chunk.columns else [None] * len(chunk))
         units = [self.redaction.unit(u) for u in units]
         segments = (chunk[data.segment_column].tolist() if data.segment_column and data.segment_column in chunk.columns
