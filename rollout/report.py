@@ -161,6 +161,54 @@ def difference_plot(looks: Sequence[Look], margin: float, metric: str, path: Pat
     return path
 
 
+_MARKS = {"promote": ("tab:green", "promoted"), "reject": ("tab:red", "rejected"),
+          "rollback": ("tab:orange", "rolled back")}
+
+
+def monitoring_plot(daily: Sequence[tuple[str, str, int, float]], entries: Sequence[AuditEntry], metric: str,
+                    path: Path) -> Path | None:
+    """The primary metric per day for each version over the model's whole history (every rollout's
+    summaries), each promotion, rejection and rollback marked; None when nothing was labelled yet."""
+    if not daily:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy = metric == "accuracy"  # the summaries keep the error rate: shown as accuracy, higher is better
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for version in sorted({v for _, v, _, _ in daily}, key=lambda v: (len(v), v)):
+        points = [(datetime.fromisoformat(d), 1.0 - m if accuracy else m) for d, v, _, m in daily if v == version]
+        ax.plot([_days(p[0]) for p in points], [p[1] for p in points], marker="o", markersize=3,
+                label=f"v{version}")
+    first = datetime.fromisoformat(daily[0][0])
+    for entry in entries:
+        mark = _MARKS.get(entry.decision)
+        when = entry.ts.replace(tzinfo=None)
+        if mark is None or when < first:
+            continue
+        moved = next((m.get("to") for m in entry.alias_moves if m.get("alias") == "champion"), None)
+        x = _days(when)
+        ax.axvline(x, color=mark[0], linestyle="--", linewidth=1)
+        ax.annotate(f"{mark[1]}{f' v{moved}' if moved else ''}", (x, 1.0), xycoords=("data", "axes fraction"),
+                    rotation=90, va="top", ha="right", fontsize=8, color=mark[0])
+    ax.xaxis_date()
+    ax.set_ylabel(metric if accuracy else f"{metric} (lower is better)")
+    ax.set_title(f"{metric} per day, every version, over the rollouts")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _days(when: datetime) -> float:
+    """Matplotlib's date number (days since 1970-01-01, its default epoch) of a naive UTC time."""
+    return (when - datetime(1970, 1, 1)).total_seconds() / 86400.0
+
+
 def cv_figure(cv: CVResult) -> Figure:
     """Train and validation score per fold, and the boosting loss curve when there is one."""
     import matplotlib
@@ -200,12 +248,15 @@ class EvaluationReport:
     markdown_path: Path
     plot_path: Path
     json_path: Path
+    monitoring_path: Path | None = None
 
 
 def write_evaluation(folder: Path, decision: Decision, evidence: Evidence, entries: Sequence[AuditEntry], *, model_name: str,
                      rollout_id: int, mode: str, metric: str, margin: float, champion: str,
-                     now: datetime) -> EvaluationReport:
-    """Write an evaluation's Markdown (decision, reasons, metrics), its effect plot and its JSON to `folder`."""
+                     now: datetime, daily: Sequence[tuple[str, str, int, float]] = (),
+                     history: Sequence[AuditEntry] = ()) -> EvaluationReport:
+    """Write an evaluation's Markdown (decision, reasons, metrics), its effect plot, the monitoring plot of the
+    model's history (`daily`: `OutcomeStore.daily_metric`; `history`: every audit entry) and its JSON."""
     markdown = evaluation_markdown(decision.to_dict(), model_name=model_name, rollout_id=rollout_id, mode=mode,
                                    metric=metric, margin=margin, champion=champion, now=now)
     markdown += "\n" + metrics_markdown(evidence, metric)
@@ -213,6 +264,10 @@ def write_evaluation(folder: Path, decision: Decision, evidence: Evidence, entri
     stamp = now.strftime("%Y%m%dT%H%M")
     plot = difference_plot(looks(entries), margin, metric, folder / f"effect-{stamp}.png")
     md_path, json_path = folder / f"evaluation-{stamp}.md", folder / f"evaluation-{stamp}.json"
-    md_path.write_text(markdown + f"\n![effect over time]({plot.name})\n")
+    monitoring = monitoring_plot(daily, history, metric, folder / f"monitoring-{stamp}.png")
+    pictures = f"\n![effect over time]({plot.name})\n"
+    if monitoring is not None:
+        pictures += f"\n## Monitoring\n\n![{metric} per day over the model's history]({monitoring.name})\n"
+    md_path.write_text(markdown + pictures)
     json_path.write_text(json.dumps(decision.to_dict(), indent=2))
-    return EvaluationReport(markdown, md_path, plot, json_path)
+    return EvaluationReport(markdown, md_path, plot, json_path, monitoring)

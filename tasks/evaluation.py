@@ -88,11 +88,14 @@ def act_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime
 def report_task(policy: Policy, decision: Decision, rollout: Rollout, now: datetime,
                 evidence: Evidence) -> EvaluationReport:
     """Markdown, the effect-over-time PNG and JSON to the reports folder, and the Markdown as a Prefect artifact."""
+    store = OutcomeStore(policy.outcome_url)
+    history = store.audit_log()
     report = write_evaluation(
         policy.path(policy.stores.reports_dir) / f"rollout-{rollout.rollout_id}", decision, evidence,
-        OutcomeStore(policy.outcome_url).audit_log(rollout.rollout_id), model_name=policy.registry.model_name,
+        [e for e in history if e.rollout_id == rollout.rollout_id], model_name=policy.registry.model_name,
         rollout_id=rollout.rollout_id, mode=rollout.mode, metric=policy.rollout.primary_metric,
-        margin=policy.rollout.margin, champion=rollout.champion, now=now)
+        margin=policy.rollout.margin, champion=rollout.champion, now=now,
+        daily=store.daily_metric(policy.rollout.primary_metric), history=history)
     create_markdown_artifact(report.markdown, key=artifact_key(f"{policy.registry.model_name}-evaluation-rollout-{rollout.rollout_id}"),
                              description=f"Online evaluation: {decision.action}")
     return report
@@ -107,5 +110,6 @@ def log_evaluation(policy: Policy, decision: Decision, rollout: Rollout, now: da
     record = registry.RunRecord(
         name=f"rollout-{rollout.rollout_id}-{now:%Y%m%dT%H%M}",
         tags={"rollout_id": rollout.rollout_id, "decision": decision.action, "champion": rollout.champion},
-        metrics=metrics, texts={"evaluation.md": report.markdown}, files={"plots": report.plot_path})
+        metrics=metrics, texts={"evaluation.md": report.markdown},
+        files={"plots": report.plot_path, **({"monitoring": report.monitoring_path} if report.monitoring_path else {})})
     return registry.log_run(mlflow_experiment(policy, "rollout-evaluation"), record).run_id

@@ -400,6 +400,21 @@ class OutcomeStore:
         frame["_unit"], frame["_role"] = [r[3] for r in rows], [r[4] for r in rows]
         return frame
 
+    def daily_metric(self, metric: str) -> list[tuple[str, str, int, float]]:
+        """(day, version, labelled rows, mean per-request loss) of every rollout's summaries, for the monitoring
+        plot: the model's history as far as rollouts observed it (kept for good, whatever retention removes).
+        Empty for a metric the summaries do not keep (your own loss)."""
+        self._ensure()
+        from rollout.outcomes.schema import METRICS, daily_aggregates as da
+
+        if metric not in METRICS:
+            return []
+        n, total = da.c[f"{metric}_n"], da.c[f"{metric}_sum"]
+        query = (select(da.c.day, da.c.version, func.sum(n), func.sum(total)).group_by(da.c.day, da.c.version)
+                 .having(func.sum(n) > 0).order_by(da.c.day, da.c.version))
+        with self.engine.connect() as conn:
+            return [(str(d), str(v), int(k), float(t) / int(k)) for d, v, k, t in conn.execute(query)]
+
     def logged_requests(self, request_ids: Sequence[str]) -> set[str]:
         """Which of these request ids have a logged prediction (a batch rerun logs only the others)."""
         self._ensure()

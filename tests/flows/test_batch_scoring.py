@@ -41,3 +41,43 @@ def test_a_nightly_file_is_scored_by_the_champion_and_logged(tmp_path: Path) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "logged 0 requests; 600 were logged by an earlier run of batch 'nightly'" in " ".join(done.stdout.split())
     assert store.count_predictions() == 600 and len(pd.read_parquet(tmp_path / "again.parquet")) == 600
+
+
+def test_rollout_stream_answers_a_redis_stream_with_the_champion(tmp_path: Path) -> None:
+    """`rollout stream` as a user starts it: a real champion, the machine's Redis, stopped with Ctrl-C."""
+    import json
+    import signal
+    import socket
+    import time
+    import uuid
+
+    redis = pytest.importorskip("redis", reason="the redis client is a test extra: pip install -e '.[test]'")
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        if s.connect_ex(("127.0.0.1", 6379)) != 0:
+            pytest.skip("no Redis on 127.0.0.1:6379 (tests/serving/test_stream.py starts one where redis-server "
+                        "is installed)")
+    path = write_policy(tmp_path)
+    assert ci_pipeline(config=str(path)).version == "1"
+    tag = uuid.uuid4().hex[:8]
+    requests, answers = f"test:{tag}:requests", f"test:{tag}:answers"
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
+    rows = example_dataset(rows=20, seed=5).drop(columns=["approved", "applied_at"])
+    try:
+        for record in rows.astype(object).where(rows.notna(), None).to_dict("records"):
+            client.xadd(requests, {"body": json.dumps({"record": record})})  # customer_id: the unit column
+        worker = subprocess.Popen([sys.executable, "-m", "cli.main", "stream", "--config", str(path), "--input",
+                                   requests, "--output", answers, "--consumer", "t1"], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while client.xlen(answers) < 20 and time.time() < deadline and worker.poll() is None:
+            time.sleep(0.2)
+        worker.send_signal(signal.SIGINT)  # finishes the batch in hand, drains the log, exits
+        out, _ = worker.communicate(timeout=60)
+        assert worker.returncode == 0, out
+        assert "answered 20 messages" in out
+        got = [json.loads(f["answer"]) for _, f in client.xrange(answers)]
+        assert len(got) == 20 and {a["version"] for a in got} == {"1"} and all(0 <= a["score"] <= 1 for a in got)
+        assert OutcomeStore(load_policy(path).outcome_url).count_predictions() == 20
+    finally:
+        client.delete(requests, answers)

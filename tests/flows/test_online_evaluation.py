@@ -103,6 +103,13 @@ def test_better_challenger_is_promoted_and_registry_store_and_report_agree(world
     report = Path(outcome.report)
     text = report.read_text()
     assert "PROMOTE" in text and list(report.parent.glob("effect-*.png"))
+    # the model's history at a glance: the metric per day for each version, the promotion marked
+    assert "## Monitoring" in text and list(report.parent.glob("monitoring-*.png"))
+    daily = store.daily_metric("accuracy")
+    assert {v for _, v, _, _ in daily} == {"1", "2"} and all(0 <= m <= 1 for *_, m in daily)
+    errors = {v: sum(k * m for _, w, k, m in daily if w == v) / sum(k for _, w, k, _ in daily if w == v)
+              for v in ("1", "2")}
+    assert errors["1"] > errors["2"]  # the error rates the versions were simulated with (0.22, 0.14)
     assert "| 2 | VIP |" in text and "## Daily metric" in text  # per segment and per day, per version
     ranking = text.split("## Ranking quality", 1)[1].splitlines()
     row = next(line for line in ranking if line.startswith("| 2 |"))
