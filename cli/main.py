@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ def _policy(config: str) -> Policy:
         return load_policy(config)
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _time_option(option: str, value: str, alternatives: str = "") -> datetime:
+    """An ISO 8601 time given on the command line, or exit 2 naming the option."""
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        console.print(f"[red]{option} {value!r}: expected an ISO 8601 time (2026-03-01T12:00){alternatives}[/red]")
         raise typer.Exit(2) from None
 
 
@@ -287,17 +297,12 @@ def evaluate(
     dry_run: bool = typer.Option(False, help="Decide and report, act on nothing."),
 ) -> None:
     """Run the online-evaluation flow once: promote, keep collecting, or reject."""
-    from datetime import datetime
 
     from flows.online_evaluation import EvaluationParameters, online_evaluation
     from flows.runners import embedded_run
 
     policy = _policy(config)
-    try:
-        at = None if now in (None, "data") else datetime.fromisoformat(now)
-    except ValueError:
-        console.print(f"[red]--now {now!r}: expected an ISO 8601 time (2026-03-01T12:00) or 'data'[/red]")
-        raise typer.Exit(2) from None
+    at = None if now in (None, "data") else _time_option("--now", now, " or 'data'")
     params = EvaluationParameters(now=at, clock="data" if now == "data" else "wall", dry_run=dry_run,
                                   actor="rollout evaluate")
     log_path = policy.path(policy.stores.reports_dir) / "online-evaluation.log"
@@ -524,11 +529,7 @@ def retention(
     if days is None:
         console.print("stores.retention_days is null: every row is kept")
     else:
-        try:
-            at = datetime.now(UTC) if now is None else datetime.fromisoformat(now)
-        except ValueError:
-            console.print(f"[red]--now {now!r}: expected an ISO 8601 time (2026-03-01T12:00)[/red]")
-            raise typer.Exit(2) from None
+        at = datetime.now(UTC) if now is None else _time_option("--now", now)
         at = at if at.tzinfo else at.replace(tzinfo=UTC)
         expired = OutcomeStore(policy.outcome_url).expire(at - timedelta(days=days), dry_run=dry_run)
         console.print(expired.sentence())

@@ -237,30 +237,30 @@ def mlflow_request(body: bytes, context: Context, loads: Callable[[bytes], Any])
                     if k.strip().lower() == "charset"), "utf-8")
     if charset not in ("utf-8", "utf8"):
         raise RequestError(415, f"content-type: only UTF-8 is read, got charset {charset}")
+    extra: dict[str, Any] = {}
+    ts = None
     if mime == CSV:
-        return _with_ts(payload_of(csv_records(body, context.columns), context), None)
-    if mime == PARQUET:
-        return _with_ts(payload_of(parquet_records(body), context), None)
-    if mime != JSON:
+        records: list[Any] = csv_records(body, context.columns)
+    elif mime == PARQUET:
+        records = parquet_records(body)
+    elif mime != JSON:
         raise RequestError(415, f"content-type: expected {JSON}, {CSV} or {PARQUET}, got {content_type or 'none'}")
-    try:
-        parsed = loads(body)
-    except ValueError as exc:
-        raise RequestError(400, f"body: invalid JSON ({exc})") from exc
-    if not isinstance(parsed, dict):
-        raise RequestError(422, f"body: expected a JSON object with one of {', '.join(MLFLOW_KEYS)}")
-    params = parsed.get("params")
-    if params is not None and not isinstance(params, dict):
-        raise RequestError(422, "params: expected an object")
-    records = mlflow_records(parsed, context.columns)
-    extra = {k: parsed[k] for k in ("unit_ids", "request_ids") if k in parsed}
-    ts = timestamp(parsed.get("ts"), context)
-    return _with_ts(payload_of(records, context, extra=extra), ts)
+    else:
+        try:
+            parsed = loads(body)
+        except ValueError as exc:
+            raise RequestError(400, f"body: invalid JSON ({exc})") from exc
+        if not isinstance(parsed, dict):
+            raise RequestError(422, f"body: expected a JSON object with one of {', '.join(MLFLOW_KEYS)}")
+        params = parsed.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise RequestError(422, "params: expected an object")
+        records = mlflow_records(parsed, context.columns)
+        extra = {k: parsed[k] for k in ("unit_ids", "request_ids") if k in parsed}
+        ts = timestamp(parsed.get("ts"), context)
+    payload, request_id = payload_of(records, context, extra=extra)
+    return payload, ts, request_id
 
-
-def _with_ts(pair: tuple[dict[str, Any], str | None], ts: float | None) -> tuple[dict[str, Any], float | None,
-                                                                             str | None]:
-    return pair[0], ts, pair[1]
 
 
 def mlflow_answer(answers: Sequence[Mapping[str, Any]], predict_fn: str) -> dict[str, Any]:
