@@ -376,6 +376,37 @@ def analyze(engine: Engine) -> None:
         raw.close()
 
 
+# The planner's statistics are what keep the summary refresh on its index probes (milliseconds) rather than a
+# nested scan of a day's partition per row (minutes). A partition created this morning has none until it is
+# analyzed, and autovacuum (which would do it) may be off or behind: the evaluation analyzes what is stale,
+# so it never waits on autovacuum. Stale: the table's file grew by more than 10% (and 8 pages) since its last
+# analyze, read from its size on disk (pg_stat's counts lag the writers by up to seconds), or autovacuum's
+# own rule on those counts (rows changed > 50 + 10%). ANALYZE reads a sample (bounded time) and takes no
+# lock a writer waits on.
+_STALE = """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE n.nspname = current_schema() AND c.relkind = 'r'
+AND (c.relname = ANY(%(tables)s) OR c.relname ~ '^predictions_[0-9]{8}$')
+AND (pg_relation_size(c.oid) / current_setting('block_size')::int > 1.1 * greatest(c.relpages, 0) + 8
+     OR s.n_mod_since_analyze > 50 + 0.1 * s.n_live_tup)"""
+
+
+def analyze_stale(engine: Engine) -> list[str]:
+    """PostgreSQL: ANALYZE the store's tables (and day partitions) whose statistics are stale; their names.
+    Skipped (an empty list) when another session holds a conflicting lock for more than a second."""
+    if is_sqlite(engine):
+        return []
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
+            stale = [str(r[0]) for r in conn.exec_driver_sql(_STALE, {"tables": sorted(metadata.tables)})]
+            if stale:
+                conn.exec_driver_sql("ANALYZE " + ", ".join(f'"{name}"' for name in stale))
+    except OperationalError:
+        return []
+    return stale
+
+
 def _clean_float(value: Any) -> float | None:
     if value is None:
         return None

@@ -80,7 +80,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
-from rollout.outcomes.log import mark_dirty
+from rollout.outcomes.log import analyze_stale, mark_dirty
 from rollout.outcomes.schema import (
     AGREE_COLS,
     CONF_COLS,
@@ -219,6 +219,7 @@ class Summaries:
     def read(self, rollout_id: int, cutoff: float | None = None, champion: str | None = None) -> Refresh:
         """One snapshot of the rollout's sums at maturity cut `cutoff`, paired with `champion`, and what
         `save` must store to bring the summaries up to date (see the module docstring)."""
+        analyze_stale(self.engine)  # PostgreSQL: the index-probe plans below need current statistics
         with self.engine.connect() as conn:
             own, mode = self._champion_and_mode(conn, rollout_id)
             built = conn.execute(select(summary_state.c.champion)
@@ -479,8 +480,15 @@ class Summaries:
             # A few hours or a day: their rows through ix_predictions_day. The rollout (a first build):
             # walk it in request-id order (ix_predictions_eval), so the probes into labels' and this
             # index for the champion's row move forward through pages just read.
-            result = _execute_indexed_by(conn, query, "predictions AS p",
-                                         "ix_predictions_day" if few else "ix_predictions_eval")
+            # Label changes: the changes lead (CROSS JOIN fixes SQLite's join order) and each finds its
+            # request's rows by ix_predictions_eval's (rollout_id, request_id) prefix. Left to itself the
+            # planner walks the rollout's rows and scans the changes for each: rows x changes.
+            if changes:
+                result = _execute_hinted(conn, query, "FROM label_changes AS e JOIN predictions AS p ",
+                                         "FROM label_changes AS e CROSS JOIN predictions AS p INDEXED BY ix_predictions_eval ")
+            else:
+                index = "ix_predictions_day" if few else "ix_predictions_eval"
+                result = _execute_hinted(conn, query, "FROM predictions AS p ", f"FROM predictions AS p INDEXED BY {index} ")
         else:
             # A few hours or label changes are a small fraction of the table: probe labels and the
             # champion's rows by index (nested loops) rather than hash the whole of both tables, as the
@@ -673,15 +681,16 @@ def loss_expr(metric: str, prediction: Any, score: Any, label: Any, probabilitie
     raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
 
 
-def _execute_indexed_by(conn: Connection, query: Any, table_sql: str, index: str) -> Any:
-    """Run the query on SQLite with `INDEXED BY index` after `table_sql` (SQLAlchemy renders no SQLite hints)."""
+def _execute_hinted(conn: Connection, query: Any, clause: str, hinted: str) -> Any:
+    """Run the query on SQLite with its one FROM `clause` rewritten to `hinted` (an INDEXED BY, a CROSS JOIN
+    fixing the join order): SQLAlchemy renders no SQLite hints. Unhinted when the clause is not found once."""
     compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})  # IN lists expanded
     sql = str(compiled)
-    if sql.count(f"FROM {table_sql} ") != 1:
+    if sql.count(clause) != 1:
         return conn.execute(query)
     params = compiled.construct_params()
     positional = tuple(params[k] for k in compiled.positiontup)
-    return conn.exec_driver_sql(sql.replace(f"FROM {table_sql} ", f"FROM {table_sql} INDEXED BY {index} "), positional)
+    return conn.exec_driver_sql(sql.replace(clause, hinted), positional)
 
 
 def _labelled_sums(rollout_id: int, cutoff: float | None, champion: str | None, rows: list[Row],
