@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from _common import emit_json, parser, print_table, verdict  # noqa: E402
-from rollout.config import DataConfig, DriftConfig  # noqa: E402
+from rollout.config import BanditConfig, DataConfig, DriftConfig  # noqa: E402
 from rollout.data import example_dataset, infer_schema  # noqa: E402
 from rollout.stats import guardrails, sequential, simulation  # noqa: E402
 from rollout.stats.moments import Moments  # noqa: E402
@@ -266,6 +266,18 @@ def main() -> None:
                      rate, mc_se(rate, unit_runs), f"<= {limit:.4f} (alpha+2SE)" if clustered else "> alpha (reference)",
                      verdict(rate <= limit) if clustered else verdict(rate > ALPHA)])
 
+    # ---- A/B whose exposure is raised from 10% to 50% after 7 days while every model's loss drifts from 0.40 to
+    # 0.30; the challenger exactly the margin worse: pooled means vs propensity-weighted (Hajek) ones
+    for stratified in (True, False):
+        rate = simulation.simulate_exposure_change(rng(), unit_runs, stratified, margin=MARGIN, alpha=ALPHA)
+        key = "false_promotion_exposure_change_" + ("weighted" if stratified else "pooled")
+        out[key] = rate
+        limit = ALPHA + 2 * mc_se(ALPHA, unit_runs)
+        rows.append([f"false promotion, A/B exposure 0.1 -> 0.5 mid-way, base drifting, "
+                     f"{'weighted by propensity' if stratified else 'pooled means'}", rate, mc_se(max(rate, 0.01), unit_runs),
+                     f"<= {limit:.4f} (alpha+2SE)" if stratified else "> alpha (reference)",
+                     verdict(rate <= limit) if stratified else verdict(rate > ALPHA)])
+
     # ---- A/B/C: two challengers equal to the champion, shared control, fixed-horizon one-sided z tests
     rho = 0.5  # correlation of the two z statistics through the shared control
     exact = 1 - stats.multivariate_normal(cov=[[1, rho], [rho, 1]]).cdf([stats.norm.ppf(1 - ALPHA)] * 2)
@@ -304,6 +316,29 @@ def main() -> None:
     out.update(bandit_regret=regret, uniform_regret=uniform, bandit_regret_ratio=regret / uniform)
     rows.append([f"bandit regret / uniform split, arms {arms}", regret / uniform, regret_se / uniform, "< 1",
                  verdict(regret / uniform < 1)])
+
+    # ---- bandit mode end to end (Thompson weights every hour, Hajek difference, mixture bounds, sample ratio by
+    # propensities): challenger 1 point better, at the default floor and at the old one; and at the null
+    bandit_runs = max(runs // 10, 200)
+    default_floor = BanditConfig().floor
+    out["bandit_promotion"] = {}
+    for floor, effect, name in ((default_floor, 0.01, "power"), (0.01, 0.01, "power_floor_0.01"),
+                                (default_floor, -MARGIN, "false_promotion")):
+        rate, blocked = simulation.simulate_bandit_promotion(rng(), bandit_runs, effect=effect, margin=MARGIN,
+                                                             alpha=ALPHA, floor=floor, per_hour=PER_LOOK, hours=LOOKS)
+        out["bandit_promotion"][name] = rate
+        out["bandit_promotion"][f"{name}_srm_blocked"] = blocked
+        if name == "power":
+            target, ok = ">= 0.75", rate >= 0.75
+        elif name == "false_promotion":
+            limit = ALPHA + 2 * mc_se(ALPHA, bandit_runs)
+            target, ok = f"<= {limit:.4f} (alpha+2SE)", rate <= limit
+        else:
+            target, ok = "reported (why the floor is higher)", True
+        label = {"power": f"bandit, challenger 1 point better, floor {default_floor:g}: promoted (power)",
+                 "power_floor_0.01": "bandit, the same at floor 0.01: promoted",
+                 "false_promotion": f"bandit, challenger exactly M worse, floor {default_floor:g}: promoted"}[name]
+        rows.append([label, rate, mc_se(max(rate, 0.01), bandit_runs), target, verdict(ok)])
 
     # ---- the group-sequential boundary is recomputed at every hourly evaluation: its cost at 50 and 336 looks
     out["obf_boundary_ms"] = {}

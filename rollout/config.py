@@ -411,7 +411,12 @@ class SegmentGuardrail(_Strict):
 class BanditConfig(_Strict):
     """Thompson-sampling allocation when mode is bandit."""
 
-    floor: float = Field(0.01, ge=0, lt=0.5, description="Minimum share of traffic per arm.")
+    # The floor is what keeps a bandit's rollout decidable: the promotion test compares the arms'
+    # propensity-weighted means, and an arm starved to 1% has almost no evidence. By simulation (0/1 loss,
+    # challenger 1 point better, 100 labelled requests an hour, hourly looks for 14 days): promoted in 41% of
+    # runs at a floor of 0.01, 64% at 0.05, 75% at 0.1, 90% at 0.2 (benchmarks/statistics.py).
+    floor: float = Field(0.2, ge=0, lt=0.5, description="Minimum share of traffic per arm (at most 1/arms). Lower "
+                         "loses less to the worse arm but leaves the promotion test little evidence on it.")
     burn_in: int = Field(100, ge=0, description="Labelled outcomes per arm before weights adapt.")
 
 

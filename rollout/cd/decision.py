@@ -132,6 +132,16 @@ def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
         est, se = bandit.ipw_difference(ev.champion_ipw, ch.ipw, "hajek")
         n = ch.ipw.n
         return _Effect(est, se, n, min(n, ev.champion_ipw.n), _sigma(se, n), "IPW (Hajek) difference")
+    if _reweighted(ch, ev):
+        # The weights changed mid-rollout: pooled means would mix periods in different proportions per arm,
+        # so a drift of the base rate between them would pass for a difference between the models. Each row
+        # weighs 1/its logged propensity, which compares the arms over the same mix of periods.
+        assert ev.champion_ipw is not None and ch.ipw is not None
+        est, se = bandit.ipw_difference(ev.champion_ipw, ch.ipw, "hajek")
+        se, method = _clustered(se, [ch.units, ev.champion_units],
+                                "IPW (Hajek) difference, stratified by exposure (weights changed mid-rollout)")
+        n = ch.ipw.n
+        return _Effect(est, se, n, min(n, ev.champion_ipw.n), _sigma(se, n), method)
     if champ.n < 2 or chal.n < 2:
         return _Effect(math.nan, math.nan, chal.n, min(champ.n, chal.n), math.nan, "Welch difference")
     est, se, _ = sequential.welch_difference(champ, chal)
@@ -139,6 +149,12 @@ def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
     if mode != "bandit":
         se, method = _clustered(se, [ch.units, ev.champion_units], method)
     return _Effect(est, se, chal.n, min(champ.n, chal.n), _sigma(se, chal.n), method)
+
+
+def _reweighted(ch: ChallengerEvidence, ev: Evidence) -> bool:
+    """An A/B rollout whose logged propensities vary within an arm: its weights were changed while it ran."""
+    return (ev.mode in UNIT_SPLIT_MODES and ch.ipw is not None and ev.champion_ipw is not None
+            and (ch.ipw.varied or ev.champion_ipw.varied))
 
 
 def _clustered(se: float, parts: list[ClusterSums | None], method: str) -> tuple[float, str]:
@@ -227,6 +243,15 @@ def _srm(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> guardra
             return guardrails.SRMResult(0.0, 1.0, (0, 0), (0.0, 0.0))
         looks = max(policy.max_duration_days * 24.0, 1.0)
         return guardrails.ipw_balance_test(ch.ipw.sum_w, ch.ipw.sum_w2, ch.ipw.n_total, alpha_scale=looks)
+    if _reweighted(ch, ev):
+        # Counts against today's shares would flag the change itself; each arm's propensity-weighted count
+        # against all requests does not. Whole units share an arm: the variance grows by their mean requests.
+        assert ch.ipw is not None
+        looks = max(policy.max_duration_days * 24.0, 1.0)
+        units = ev.served.get(ch.version, 0)
+        deff = ch.requests / units if units else 1.0
+        return guardrails.ipw_balance_test(ch.ipw.sum_w, ch.ipw.sum_w2, ch.ipw.n_total, alpha_scale=looks,
+                                           design_effect=deff)
     observed = [ev.served.get(ev.champion, 0), ev.served.get(ch.version, 0)]
     if ev.mode in UNIT_SPLIT_MODES:
         default_champ, default_ch = 1.0 - len(ev.challengers) * policy.exposure, policy.exposure
@@ -302,7 +327,7 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
             why = (
                 f"{v}: sample-ratio mismatch (anytime-valid p={srm.p_value:.2g} < {policy.srm_p_value:g}; "
                 + (f"the challenger's propensity-weighted count {srm.observed[0]} vs {srm.observed[1]} requests"
-                   if ev.mode == "bandit" else
+                   if ev.mode == "bandit" or _reweighted(ch, ev) else
                    f"observed {srm.observed[0]} champion vs {srm.observed[1]} challenger {ev.served_unit}")
                 + ") blocks any comparison of the two."
             )

@@ -152,7 +152,8 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     traffic = sums.traffic
     latency = sums.latency_quantile(0.99)
     agreement = sums.agreement if shadow else {}
-    ipw = sums.ipw.get(metric, {}) if rollout.mode == "bandit" else {}
+    # propensity-weighted sums: the bandit's estimate, and A/B's once its weights changed mid-rollout
+    ipw = sums.ipw.get(metric, {}) if not shadow else {}
     psi_max = production_psi(store, training, schema)
     cut = now - timedelta(hours=rp.label_delay_hours)
     units = unit_evidence(store, rollout, policy, cut)

@@ -201,12 +201,15 @@ def srm_test(observed: Sequence[int], expected_shares: Sequence[float], concentr
                      tuple(float(e) for e in p * total))
 
 
-def ipw_balance_test(sum_w: float, sum_w2: float, n_total: int, alpha_scale: float = 1.0) -> SRMResult:
-    """Sample ratio under adaptive allocation (bandit): each arm's sum of 1/propensity over the requests it served
-    estimates the number of all requests (Horvitz-Thompson), so a router that serves an arm less (or more) than
-    its logged propensities say shows as a gap. Normal approximation; `alpha_scale` is the number of looks its
-    p-value is multiplied by (a union bound keeps repeated looks valid)."""
-    var = max(sum_w2 - n_total, 1e-9)
+def ipw_balance_test(sum_w: float, sum_w2: float, n_total: int, alpha_scale: float = 1.0,
+                     design_effect: float = 1.0) -> SRMResult:
+    """Sample ratio under changing allocation (bandit, or A/B weights changed mid-rollout): each arm's sum of
+    1/propensity over the requests it served estimates the number of all requests (Horvitz-Thompson), so a
+    router that serves an arm less (or more) than its logged propensities say shows as a gap. Normal
+    approximation; `alpha_scale` is the number of looks its p-value is multiplied by (a union bound keeps
+    repeated looks valid); `design_effect` scales the variance where requests were assigned in clusters (every
+    request of a unit to one arm: about the unit's mean requests)."""
+    var = max((sum_w2 - n_total) * max(design_effect, 1.0), 1e-9)
     z = (sum_w - n_total) / math.sqrt(var)
     p = float(min(1.0, 2 * stats.norm.sf(abs(z)) * alpha_scale))
     return SRMResult(z, p, (int(round(sum_w)), n_total), (float(n_total), float(n_total)))

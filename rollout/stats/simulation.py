@@ -318,3 +318,90 @@ def simulate_unit_false_promotion(rng: np.random.Generator, n_runs: int, cluster
         width = sequential.mixture_width(np.maximum(n_x, 2), n_star, alpha)
         promoted += bool(np.any(ok & (estimate - width * se > -margin)))
     return promoted / n_runs
+
+
+def simulate_exposure_change(rng: np.random.Generator, n_runs: int, stratified: bool, per_hour: int = 200,
+                             exposures: tuple[float, float] = (0.1, 0.5), change_hour: int = 168,
+                             base: tuple[float, float] = (0.40, 0.30), margin: float = 0.01, alpha: float = 0.05,
+                             n_star: float = 10_000.0, hours: int = 336, min_samples: int = 100) -> float:
+    """An A/B rollout by request whose exposure is raised from `exposures[0]` to `exposures[1]` at
+    `change_hour`, while every model's 0/1 loss drifts linearly from `base[0]` to `base[1]`; the challenger's
+    loss is exactly `margin` above the champion's. The share of runs whose mixture lower bound ever clears
+    -margin at hourly looks: with each arm's mean pooled over its rows (Welch), or propensity-weighted (Hajek:
+    each row weighs 1 / its logged propensity, which stratifies by exposure period), as the decision takes it
+    when the logged propensities vary."""
+    h = np.arange(hours)
+    p_ch = np.where(h < change_hour, exposures[0], exposures[1])  # the challenger's propensity in each hour
+    mu = base[0] + (base[1] - base[0]) * (h + 0.5) / hours
+    n_ch = rng.binomial(per_hour, p_ch, size=(n_runs, hours))
+    arms = []
+    for n_h, p_h, loss in ((per_hour - n_ch, 1.0 - p_ch, mu), (n_ch, p_ch, mu + margin)):  # champion, challenger
+        s_h = rng.binomial(n_h, loss)
+        n, s = n_h.cumsum(axis=1), s_h.cumsum(axis=1)
+        if stratified:
+            w = 1.0 / p_h
+            sw, swr = (n_h * w).cumsum(axis=1), (s_h * w).cumsum(axis=1)
+            sw2, sw2r = (n_h * w * w).cumsum(axis=1), (s_h * w * w).cumsum(axis=1)  # r in {0,1}: sw2r2 = sw2r
+            mean = swr / np.maximum(sw, 1e-12)
+            var = np.maximum(sw2r - 2 * mean * sw2r + mean * mean * sw2, 0.0) / np.maximum(sw, 1e-12) ** 2
+        else:
+            mean = s / np.maximum(n, 1)
+            var = mean * (1 - mean) / np.maximum(n - 1, 1)
+        arms.append((n, mean, var))
+    (n_c, m_c, v_c), (n_x, m_x, v_x) = arms
+    estimate = m_c - m_x  # better-is-positive: champion loss minus challenger loss
+    se = np.sqrt(v_c + v_x)
+    ok = np.minimum(n_c, n_x) >= min_samples
+    width = sequential.mixture_width(np.maximum(n_x, 2), n_star, alpha)
+    return float(np.any(ok & (estimate - width * se > -margin), axis=1).mean())
+
+
+def simulate_bandit_promotion(rng: np.random.Generator, n_runs: int, effect: float = 0.01, per_hour: int = 100,
+                              base: float = 0.30, margin: float = 0.01, alpha: float = 0.05, floor: float = 0.01,
+                              burn_in: int = 100, hours: int = 336, n_star: float = 10_000.0,
+                              min_samples: int = 500, draws: int = 256) -> tuple[float, float]:
+    """A bandit rollout on 0/1 loss as the service and the hourly evaluation run it: each hour the arms
+    get `per_hour` matured requests split by the Thompson weights of the evaluation before (floor, burn-in),
+    each row logged with its propensity; every hour the Hajek difference is tested with the mixture bounds
+    (as `decision._effect` takes it in bandit mode) and the sample ratio with `ipw_balance_test` against
+    the logged propensities (a union bound over the looks, as `decision._srm`). The champion's loss is
+    `base`, the challenger's `base - effect` (better-is-positive). Returns (share of runs promoted, share
+    of runs ever blocked by the sample-ratio test) by the last look; a run stops at its first promotion
+    or rejection."""
+    p_loss = np.array([base, base - effect])
+    wins = np.zeros((n_runs, 2))
+    trials = np.zeros((n_runs, 2))
+    sums = np.zeros((5, n_runs, 2))  # sum_w, sum_wr, sum_w2, sum_w2r, n per arm (r in {0,1}: sum_w2r2 = sum_w2r)
+    weights = np.full((n_runs, 2), 0.5)
+    decided = np.zeros(n_runs, dtype=bool)
+    promoted = np.zeros(n_runs, dtype=bool)
+    blocked = np.zeros(n_runs, dtype=bool)
+    for _hour in range(hours):
+        n_ch = rng.binomial(per_hour, weights[:, 1])
+        n_arm = np.stack([per_hour - n_ch, n_ch], axis=1)
+        losses = rng.binomial(n_arm, p_loss)
+        w = 1.0 / weights
+        sums[0] += n_arm * w
+        sums[1] += losses * w
+        sums[2] += n_arm * w * w
+        sums[3] += losses * w * w
+        sums[4] += n_arm
+        wins += n_arm - losses
+        trials += n_arm
+        sw, swr, sw2, sw2r, n = sums
+        mean = swr / np.maximum(sw, 1e-12)
+        var = np.maximum(sw2r - 2 * mean * sw2r + mean * mean * sw2, 0.0) / np.maximum(sw, 1e-12) ** 2
+        estimate = mean[:, 0] - mean[:, 1]
+        se = np.sqrt(var.sum(axis=1))
+        width = sequential.mixture_width(np.maximum(n[:, 1], 2), n_star, alpha)
+        n_total = n.sum(axis=1)
+        z = (sw[:, 1] - n_total) / np.sqrt(np.maximum(sw2[:, 1] - n_total, 1e-9))
+        srm = 2 * stats.norm.sf(np.abs(z)) * hours < 0.001
+        ok = (n.min(axis=1) >= min_samples) & ~srm & ~decided
+        blocked |= srm & ~decided
+        win = ok & (estimate - width * se > -margin)
+        lose = ok & (estimate + width * se < -margin)
+        promoted |= win
+        decided |= win | lose
+        weights = bandit.thompson_beta(wins, trials, rng, draws=draws, floor=floor, burn_in=burn_in)
+    return float(promoted.mean()), float(blocked.mean())
