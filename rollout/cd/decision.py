@@ -62,6 +62,8 @@ class Evidence:
     champion_loss: Mapping[Key, Moments] = field(default_factory=dict)
     champion_units: ClusterSums | None = None  # A/B: the champion's loss summed per unit
     champion_labels: guardrails.LabelSums | None = None
+    # delays of the latest labels received by the store (any rollout): what a young rollout cannot see yet
+    label_history: guardrails.LabelSums | None = None
     # binary classifiers: each version's online ROC AUC with its DeLong 95% interval and labelled rows (report only)
     auc: Mapping[str, tuple[float, float, float, int]] = field(default_factory=dict)
     champion_confusion: Mapping[str, Confusion] = field(default_factory=dict)
@@ -208,7 +210,16 @@ def _guardrails(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> 
             check = _as(check, "skipped", " (shadow batches are off the response path; latency is gated in CI)")
         out.append(check)
     if ch.labels is not None:  # hold, never reject: labels that are late or missing unevenly bias the losses
-        out.append(guardrails.label_delay_check(ch.labels, policy.label_delay_hours, policy.guardrail_min_trials))
+        delay = guardrails.label_delay_check(ch.labels, policy.label_delay_hours, policy.guardrail_min_trials)
+        if ev.label_history is not None and delay.status != "pending":
+            # A young rollout has seen only its fast labels: a class of outcomes that arrives days later (a
+            # default, a churn) shows only in the labels of older predictions.
+            past = guardrails.label_delay_check(ev.label_history, policy.label_delay_hours,
+                                                policy.guardrail_min_trials)
+            if past.status == "pending" and past.value is not None:
+                delay = _as(past, "pending", " (seen in the latest labels the store received, of predictions "
+                            "made before this rollout too)")
+        out.append(delay)
         out.append(guardrails.label_coverage_check(ch.labels, ev.champion_labels if ev.mode != "shadow" else None,
                                                    policy.min_label_coverage, policy.max_label_coverage_gap))
     proxies: list[GuardrailResult] = []

@@ -253,6 +253,17 @@ class InMemoryStore:
                 acc[2][hour] = acc[2].get(hour, 0) + 1
         return {v: LabelSums(a[0], a[1], tuple(sorted(a[2].items()))) for v, a in out.items()}
 
+    def recent_label_delays(self, limit: int = 10_000) -> LabelSums:
+        first: dict[str, float] = {}
+        for r in self.predictions:
+            first[r.request_id] = min(first.get(r.request_id, math.inf), _ts(r))
+        latest = sorted(((ts, rid) for rid, (ts, _) in self.labels.items() if rid in first), reverse=True)[:limit]
+        by_hour: dict[int, int] = {}
+        for ts, rid in latest:
+            hour = int(max(ts - first[rid], 0.0) // 3600.0)
+            by_hour[hour] = by_hour.get(hour, 0) + 1
+        return LabelSums(len(latest), len(latest), tuple(sorted(by_hour.items())))
+
     def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
                   champion: str | None = None) -> dict[str, ClusterSums]:
         champ = self._champion_rows(rollout_id, champion)

@@ -50,6 +50,7 @@ class Store(Protocol):
     def unit_sums(self, rollout_id: int, metric: str, cutoff: Time | None = None,
                   champion: str | None = None) -> dict[str, ClusterSums]: ...
     def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]: ...
+    def recent_label_delays(self, limit: int = 10_000) -> LabelSums: ...
     def score_histograms(self, rollout_id: int, cutoff: Time | None = None,
                          buckets: int = 200) -> dict[str, tuple[list[int], list[int]]]: ...
     def outcome_cells(self, rollout_id: int, cutoff: Time | None = None,
@@ -364,6 +365,25 @@ class OutcomeStore:
                 by_hour.setdefault(str(version), []).append((int(h), int(n)))
             return {str(v): LabelSums(int(m), int(n), tuple(sorted(by_hour.get(str(v), []))))
                     for v, m, n in conn.execute(counts)}
+
+    def recent_label_delays(self, limit: int = 10_000) -> LabelSums:
+        """The delays of the latest `limit` current labels received, of any rollout or none, each after its
+        request's first prediction, in whole hours. Labels of predictions made before a rollout opened have
+        had their whole delay to arrive, so this sees a slow class of outcomes (defaults that take months)
+        that a young rollout's own labels cannot show yet."""
+        self._ensure()
+        lab, p = labels.alias("l"), predictions.alias("p")
+        latest = (select(lab.c.request_id, lab.c.ts).where(lab.c.current == 1, lab.c.matched == 1)
+                  .order_by(lab.c.ts.desc()).limit(limit).subquery("latest"))
+        query = (select(latest.c.ts, func.min(p.c.ts)).select_from(latest.join(p, p.c.request_id == latest.c.request_id))
+                 .group_by(latest.c.request_id, latest.c.ts))
+        by_hour: dict[int, int] = {}
+        with self.engine.connect() as conn:
+            for label_ts, predicted in conn.execute(query):
+                hour = int(max(float(label_ts) - float(predicted), 0.0) // 3600.0)
+                by_hour[hour] = by_hour.get(hour, 0) + 1
+        n = sum(by_hour.values())
+        return LabelSums(n, n, tuple(sorted(by_hour.items())))
 
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
         """The latest served inputs (newest first), for production drift checks."""
