@@ -444,10 +444,16 @@ class RolloutPolicy(_Strict):
     min_detectable_effect: float = Field(
         0.0, ge=0, description="Planned true difference (better-is-positive) the test is tuned for."
     )
+    # group_sequential is the default: by simulation (shadow, 0/1 loss, hourly looks, its maximum planned at the
+    # first look) it decides at the planned effect after 0.75x the fixed-horizon sample, the mixture after
+    # 1.01x, both keeping false promotion under alpha (benchmarks/statistics.py). The mixture suits a rollout
+    # with no horizon: it never runs out of alpha.
     design: Literal["mixture", "group_sequential"] = Field(
-        "mixture", description="Anytime-valid mixture CS, or O'Brien-Fleming group-sequential (needs max_samples)."
-    )
-    max_samples: int | None = Field(None, gt=0, description="Fixed maximum sample size (group_sequential).")
+        "group_sequential", description="O'Brien-Fleming alpha spending by information fraction up to a maximum "
+        "sample size (the default), or the anytime-valid mixture confidence sequence (no maximum).")
+    max_samples: int | None = Field(None, gt=0, description="Maximum sample size of the group_sequential design. "
+                                    "Unset: planned at the first look with min_samples outcomes, from their standard "
+                                    "deviation, for `power` at `min_detectable_effect`, and kept for the rollout.")
     min_samples: int = Field(500, ge=0, description="Matured outcomes per version before any decision.")
     min_duration_hours: float = Field(24.0, ge=0, description="Rollout age before promotion.")
     max_duration_days: float = Field(14.0, gt=0, description="Horizon: undecided by then = inconclusive.")
@@ -478,14 +484,16 @@ class RolloutPolicy(_Strict):
     )
     srm_p_value: float = Field(
         0.001, gt=0, lt=1, description="Sample-ratio mismatch below this anytime-valid p blocks decisions.")
-    multiplicity: Literal["bonferroni", "holm"] = Field("bonferroni", description="Across several challengers.")
+    multiplicity: Literal["bonferroni", "holm"] = Field(
+        "bonferroni", description="Across several challengers. holm needs design: mixture (its anytime-valid p-values).")
     proxies: ProxyConfig = Field(default_factory=ProxyConfig)
     bandit: BanditConfig = Field(default_factory=BanditConfig)
 
     @model_validator(mode="after")
-    def _design_needs_cap(self) -> RolloutPolicy:
-        if self.design == "group_sequential" and self.max_samples is None:
-            raise ValueError("design 'group_sequential' needs max_samples")
+    def _holm_needs_mixture(self) -> RolloutPolicy:
+        if self.multiplicity == "holm" and self.design != "mixture":
+            raise ValueError("multiplicity 'holm' steps down on the mixture design's anytime-valid p-values: set "
+                             "design: mixture with it, or keep multiplicity: bonferroni")
         return self
 
 

@@ -42,6 +42,7 @@ class ChallengerEvidence:
     agreement: AgreementSums | None = None
     psi_max: float | None = None
     looked_at: tuple[int, ...] = ()  # matured n at earlier evaluations (group-sequential design)
+    planned_max: float | None = None  # group-sequential without max_samples: the maximum planned at its first look
     ipw: IPWSums | None = None  # bandit: propensity-weighted sums of its loss
     rate_per_hour: float | None = None
     units: ClusterSums | None = None  # its loss (A/B) or paired difference (shadow) summed per unit
@@ -151,6 +152,21 @@ def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
     if mode != "bandit":
         se, method = _clustered(se, [ch.units, ev.champion_units], method)
     return _Effect(est, se, chal.n, min(champ.n, chal.n), _sigma(se, chal.n), method)
+
+
+def _group_sequential_max(policy: RolloutPolicy, ch: ChallengerEvidence, e: _Effect, alpha: float) -> float | None:
+    """The design's maximum sample size: the policy's, else the one planned at an earlier look, else planned now
+    (first look with min_samples outcomes) from the observed standard deviation for the planned power at the
+    planned effect. Kept for the rollout from then on (the audit log carries it): a maximum re-planned every
+    hour would move the information fractions the spent alpha was computed at."""
+    if policy.max_samples is not None:
+        return float(policy.max_samples)
+    if ch.planned_max is not None:
+        return ch.planned_max
+    if e.n_min < max(policy.min_samples, 2) or not (math.isfinite(e.sigma) and e.sigma > 0):
+        return None
+    plan = sequential.plan_group_sequential(e.sigma, policy.min_detectable_effect, policy.margin, alpha, policy.power)
+    return max(float(plan.max_samples), float(e.n))
 
 
 def _reweighted(ch: ChallengerEvidence, ev: Evidence) -> bool:
@@ -313,10 +329,13 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
     for ch in ev.challengers:
         v, e, a = ch.version, effects[ch.version], levels[ch.version]
         if policy.design == "group_sequential":
-            assert policy.max_samples is not None
-            b = sequential.group_sequential_bounds(e.estimate, e.se, e.n, ch.looked_at, policy.max_samples, a)
-            cap = float(policy.max_samples)
-            past_cap = e.n >= policy.max_samples
+            limit = _group_sequential_max(policy, ch, e, a)
+            if limit is None:  # nothing planned before min_samples: no decision can be made yet anyway
+                b = sequential.Bounds(e.estimate, e.se, -math.inf, math.inf, e.n)
+                cap, past_cap = math.inf, False
+            else:
+                b = sequential.group_sequential_bounds(e.estimate, e.se, e.n, ch.looked_at, limit, a)
+                cap, past_cap = limit, e.n >= limit
         else:
             b = sequential.mixture_bounds(e.estimate, e.se, e.n, n_star[v], a, tune)
             cap = plans[v].cap
@@ -350,8 +369,9 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
             why = f"{shown}: the lower bound clears -margin and every guardrail holds."
         elif horizon or past_cap:
             verdict = "inconclusive"
-            limit = f"{policy.max_duration_days:g} days" if horizon else f"max_samples {policy.max_samples}"
-            why = f"{shown}: undecided at the horizon ({limit}); the champion stays."
+            end = f"{policy.max_duration_days:g} days" if horizon else (
+                f"max_samples {policy.max_samples}" if policy.max_samples else f"the planned maximum of {cap:,.0f} samples")
+            why = f"{shown}: undecided at the horizon ({end}); the champion stays."
         else:
             verdict = "continue"
             missing = []
@@ -384,6 +404,7 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
             "alpha": a,
             "method": e.method,
             "design": policy.design,
+            "cap_planned": policy.design == "group_sequential" and policy.max_samples is None and math.isfinite(cap),
             "n": e.n,
             "n_min": e.n_min,
             "n_fixed": plans[v].n_fixed,

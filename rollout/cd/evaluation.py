@@ -105,14 +105,19 @@ def data_time(store: Store, rollout: Rollout) -> datetime | None:
     return store.last_seen(rollout.rollout_id)
 
 
-def earlier_looks(store: Store, rollout_id: int, version: str) -> tuple[int, ...]:
-    """Matured sample sizes at earlier evaluations of this rollout (for the group-sequential design)."""
+def earlier_looks(store: Store, rollout_id: int, version: str) -> tuple[tuple[int, ...], float | None]:
+    """Matured sample sizes at earlier evaluations of this rollout, and the maximum sample size the first of
+    them planned when the policy gives none (the group-sequential design)."""
     looks: list[int] = []
+    planned: float | None = None
     for d in store.audit_log(rollout_id):
-        n = (d.stats.get("stats") or {}).get(version, {}).get("n")
+        stats = (d.stats.get("stats") or {}).get(version, {})
+        n = stats.get("n")
         if isinstance(n, int) and n > 0 and (not looks or n > looks[-1]):
             looks.append(n)
-    return tuple(looks)
+        if planned is None and stats.get("cap_planned") and isinstance(stats.get("cap"), int | float):
+            planned = float(stats["cap"])
+    return tuple(looks), planned
 
 
 def production_psi(store: Store, training: pd.DataFrame | None, schema: Schema | None,
@@ -165,6 +170,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     for version in rollout.challengers.values():
         counts = traffic.get(version)
         matured_n = sum(m.n for m in (paired.get(version) or loss.get(version) or {}).values())
+        history = earlier_looks(store, rid, version) if rp.design == "group_sequential" else ((), None)
         challengers.append(ChallengerEvidence(
             version=version,
             paired=paired.get(version, {}),
@@ -176,7 +182,8 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
             latency=tuple(sums.latency_buckets(version)),
             agreement=agreement.get(version),
             psi_max=psi_max,
-            looked_at=earlier_looks(store, rid, version) if rp.design == "group_sequential" else (),
+            looked_at=history[0],
+            planned_max=history[1],
             ipw=ipw.get(version),
             rate_per_hour=matured_n / hours,
             units=units.get(version),

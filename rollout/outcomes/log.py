@@ -380,15 +380,13 @@ def analyze(engine: Engine) -> None:
 # nested scan of a day's partition per row (minutes). A partition created this morning has none until it is
 # analyzed, and autovacuum (which would do it) may be off or behind: the evaluation analyzes what is stale,
 # so it never waits on autovacuum. Stale: the table's file grew by more than 10% (and 8 pages) since its last
-# analyze, read from its size on disk (pg_stat's counts lag the writers by up to seconds), or autovacuum's
-# own rule on those counts (rows changed > 50 + 10%). ANALYZE reads a sample (bounded time) and takes no
-# lock a writer waits on.
+# analyze or vacuum, read from its size on disk. pg_stat's row counts are not used: they reach the view up to
+# seconds after the writer's commit, so they would ask again for the table just analyzed. ANALYZE reads a
+# sample (bounded time) and takes no lock a writer waits on.
 _STALE = """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE n.nspname = current_schema() AND c.relkind = 'r'
 AND (c.relname = ANY(%(tables)s) OR c.relname ~ '^predictions_[0-9]{8}$')
-AND (pg_relation_size(c.oid) / current_setting('block_size')::int > 1.1 * greatest(c.relpages, 0) + 8
-     OR s.n_mod_since_analyze > 50 + 0.1 * s.n_live_tup)"""
+AND pg_relation_size(c.oid) / current_setting('block_size')::int > 1.1 * greatest(c.relpages, 0) + 8"""
 
 
 def analyze_stale(engine: Engine) -> list[str]:

@@ -405,3 +405,43 @@ def simulate_bandit_promotion(rng: np.random.Generator, n_runs: int, effect: flo
         decided |= win | lose
         weights = bandit.thompson_beta(wins, trials, rng, draws=draws, floor=floor, burn_in=burn_in)
     return float(promoted.mean()), float(blocked.mean())
+
+
+def simulate_planned_obf(rng: np.random.Generator, n_runs: int, effect: float, n_looks: int = 336,
+                         per_look: int = 100, margin: float = 0.01, alpha: float = 0.05, power: float = 0.8,
+                         mde: float = 0.0, disagreement: float = 0.2, min_samples: int = 500
+                         ) -> tuple[float, float, float]:
+    """The group-sequential design as the default runs it, with no max_samples given: at the first look with
+    `min_samples` outcomes the maximum is planned from the observed standard deviation
+    (`plan_group_sequential`) and kept; every look is then judged at its information fraction n / max
+    (O'Brien-Fleming spending), the first look past the maximum at fraction 1, none after. Decisions as
+    `decide` takes them (promote: lower > -M, reject: upper < -M). Returns (promotion rate, mean samples to a
+    decision over the fixed-horizon n at the true sigma, share of runs undecided), undecided runs counted at
+    the last look they could decide at."""
+    looks = per_look * np.arange(1, n_looks + 1)
+    paths = paired_paths(rng, n_runs, looks, effect, disagreement)
+    mean, se = paths.mean_se()
+    k0 = int(np.searchsorted(looks, min_samples))
+    sigma_hat = se[:, k0] * np.sqrt(looks[k0])
+    plan = sequential.plan_group_sequential(1.0, mde, margin, alpha, power)  # max_samples scales with sigma^2
+    planned = plan.max_samples * sigma_hat**2
+    grid = np.exp(np.round(np.log(np.maximum(planned, looks[k0])) / 0.002) * 0.002)  # 0.2% bins: shared boundaries
+    width = np.full(mean.shape, np.inf)
+    last = np.zeros(n_runs, dtype=int)
+    for value in np.unique(grid):
+        runs = grid == value
+        upto = int(np.searchsorted(looks, value))  # looks with n < max, then the first at or past it
+        count = min(upto + 1, n_looks)
+        fractions = np.minimum(looks[:count] / value, 1.0)
+        width[np.ix_(runs, np.arange(count))] = np.asarray(sequential.obf_boundary(list(fractions), alpha).z)
+        last[runs] = count - 1
+    width[:, :k0] = np.inf  # before min_samples: no decision
+    with np.errstate(invalid="ignore"):
+        promote = mean - width * se > -margin
+        reject = mean + width * se < -margin
+    decided = promote | reject
+    ever = decided.any(axis=1)
+    first = np.where(ever, decided.argmax(axis=1), last)
+    n_fixed = sequential.fixed_horizon_n(_sigma(mde, disagreement), mde, margin, alpha, power)
+    promoted = ever & promote[np.arange(n_runs), first]
+    return float(promoted.mean()), float((looks[first] / n_fixed).mean()), float((~ever).mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -11,6 +12,7 @@ import pytest
 
 from rollout.config import RolloutPolicy, SegmentGuardrail
 from rollout.cd.decision import ChallengerEvidence, Evidence, decide
+from rollout.stats import sequential, simulation
 from rollout.stats.bandit import IPWSums
 from rollout.stats.moments import Confusion, Moments
 
@@ -151,7 +153,7 @@ def test_several_challengers_promote_only_the_best_with_alpha_split(policy: Roll
 
 
 def test_holm_gives_the_strongest_challenger_less_strict_levels(policy: RolloutPolicy) -> None:
-    holm = policy.model_copy(update={"multiplicity": "holm"})
+    holm = policy.model_copy(update={"multiplicity": "holm", "design": "mixture"})
     ev = _evidence(
         _challenger("v2", effect=0.03, n_per_day=3000),
         _challenger("v3", effect=0.05, n_per_day=3000),
@@ -200,3 +202,26 @@ def test_group_sequential_design_uses_the_look_history(policy: RolloutPolicy) ->
     assert early.stats["v2"]["design"] == "group_sequential"
     assert early.stats["v2"]["cap"] == 40_000
     assert many.stats["v2"]["lower"] < early.stats["v2"]["lower"]  # earlier looks spent some alpha
+
+
+def test_the_default_design_plans_its_maximum_at_the_first_look_and_keeps_it(policy: RolloutPolicy) -> None:
+    assert RolloutPolicy().design == "group_sequential" and RolloutPolicy().max_samples is None
+    ch = _challenger("v2", effect=0.02, n_per_day=3000)
+    first = decide(policy, _evidence(ch)).stats["v2"]
+    sigma = first["se"] * math.sqrt(first["n"])
+    plan = sequential.plan_group_sequential(sigma, 0.0, 0.01, 0.05, 0.8)
+    assert first["cap_planned"] and first["cap"] == pytest.approx(plan.max_samples)
+    # later looks use the maximum the first one planned (read back from the audit log), whatever sigma does
+    later = decide(policy, _evidence(replace(ch, planned_max=50_000.0, looked_at=(9000,)))).stats["v2"]
+    assert later["cap"] == 50_000.0
+    # before min_samples nothing is planned and nothing decided
+    young = decide(policy, _evidence(_challenger("v2", effect=0.02, n_per_day=100))).stats["v2"]
+    assert not young["cap_planned"] and young["lower"] == -math.inf
+
+
+def test_the_default_design_keeps_false_promotion_under_alpha_and_decides_early() -> None:
+    null, _, _ = simulation.simulate_planned_obf(np.random.default_rng(31), 1500, effect=-0.01)
+    power, stop, _ = simulation.simulate_planned_obf(np.random.default_rng(32), 1500, effect=0.0)
+    assert null <= 0.05 + 2 * (0.05 * 0.95 / 1500) ** 0.5
+    assert power >= 0.8 - 2 * (0.8 * 0.2 / 1500) ** 0.5
+    assert stop <= 0.85  # the mixture takes about 1.01 x the fixed-horizon n at the planned effect

@@ -186,3 +186,14 @@ def test_two_evaluations_acting_at_once_promote_once(tmp_path, monkeypatch: pyte
         assert registry.aliases() == {"champion": "2", "previous-champion": "1"}
     else:
         assert any(isinstance(r, Exception) for r in results.values())
+
+
+def test_gather_reads_back_the_looks_and_the_maximum_the_first_look_planned(store: InMemoryStore) -> None:
+    policy = parse_policy({"rollout": {"mode": "shadow", "primary_metric": "accuracy"}})  # default design
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, started_at=T0)
+    _traffic(store, rid, "shadow", hours=10)
+    for n, cap, planned in ((300, None, False), (700, 12_345.0, True), (900, 99_999.0, True)):
+        store.record_decision(rid, "continue", {"stats": {"2": {"n": n, "cap": cap, "cap_planned": planned}}})
+    (ch,) = gather(store, store.rollout(rid), policy, T0 + timedelta(hours=10)).challengers
+    assert ch.looked_at == (300, 700, 900)
+    assert ch.planned_max == 12_345.0  # the first plan holds: re-planning would move the spent alpha
