@@ -35,7 +35,7 @@ def test_empty_policy_gets_defaults_that_serve_the_example():
          ["rollout.segment_guardrails.0.min", "less than or equal to 1"]),
         ({"estimator": {"name": "ridge"}}, ["estimator.name", "ridge", "classification"]),
         ({"bogus": 1}, ["bogus", "unknown field", "rollout"]),
-        ({"rollout": {"multiplicity": "holm"}}, ["rollout", "design: mixture"]),
+        ({"rollout": {"multiplicity": "holm", "design": "group_sequential"}}, ["rollout", "design: mixture"]),
         ({"estimator": {"factory": "team_model.build"}}, ["estimator.factory", "'package.module:function'"]),
         ({"estimator": {"factory": "team_model:build"}}, ["estimator.factory", "registry.trusted_modules"]),
         ({"estimator": {"factory": "team_modelx:build"}, "registry": {"trusted_modules": ["team_model"]}},

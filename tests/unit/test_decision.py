@@ -204,8 +204,8 @@ def test_group_sequential_design_uses_the_look_history(policy: RolloutPolicy) ->
     assert many.stats["v2"]["lower"] < early.stats["v2"]["lower"]  # earlier looks spent some alpha
 
 
-def test_the_default_design_plans_its_maximum_at_the_first_look_and_keeps_it(policy: RolloutPolicy) -> None:
-    assert RolloutPolicy().design == "group_sequential" and RolloutPolicy().max_samples is None
+def test_group_sequential_without_max_samples_plans_it_at_the_first_look_and_keeps_it(policy: RolloutPolicy) -> None:
+    policy = policy.model_copy(update={"design": "group_sequential"})
     ch = _challenger("v2", effect=0.02, n_per_day=3000)
     first = decide(policy, _evidence(ch)).stats["v2"]
     sigma = first["se"] * math.sqrt(first["n"])
@@ -219,7 +219,7 @@ def test_the_default_design_plans_its_maximum_at_the_first_look_and_keeps_it(pol
     assert not young["cap_planned"] and young["lower"] == -math.inf
 
 
-def test_the_default_design_keeps_false_promotion_under_alpha_and_decides_early() -> None:
+def test_planned_group_sequential_keeps_false_promotion_under_alpha_and_decides_early() -> None:
     null, _, _ = simulation.simulate_planned_obf(np.random.default_rng(31), 1500, effect=-0.01)
     power, stop, _ = simulation.simulate_planned_obf(np.random.default_rng(32), 1500, effect=0.0)
     assert null <= 0.05 + 2 * (0.05 * 0.95 / 1500) ** 0.5

@@ -189,7 +189,7 @@ def test_two_evaluations_acting_at_once_promote_once(tmp_path, monkeypatch: pyte
 
 
 def test_gather_reads_back_the_looks_and_the_maximum_the_first_look_planned(store: InMemoryStore) -> None:
-    policy = parse_policy({"rollout": {"mode": "shadow", "primary_metric": "accuracy"}})  # default design
+    policy = parse_policy({"rollout": {"mode": "shadow", "primary_metric": "accuracy", "design": "group_sequential"}})
     rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, started_at=T0)
     _traffic(store, rid, "shadow", hours=10)
     for n, cap, planned in ((300, None, False), (700, 12_345.0, True), (900, 99_999.0, True)):
