@@ -21,7 +21,7 @@ from rollout.outcomes import audit, engine, export, log, partitions, retention
 from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
-from rollout.outcomes.schema import labels, metadata, predictions, rollout_units, summary_state
+from rollout.outcomes.schema import DROPPED_INDEXES, labels, metadata, predictions, rollout_units, summary_state
 from rollout.outcomes.summaries import EvidenceSums, Summaries, loss_expr
 from rollout.stats.guardrails import LabelSums
 from rollout.stats.moments import ClusterSums
@@ -114,6 +114,9 @@ class OutcomeStore:
         if not any(ix["name"] == "ux_labels_current" for ix in inspect(self.engine).get_indexes(labels.name)):
             log.dedupe_current_labels(self.engine)  # a store from before the unique index
         self._create_indexes()
+        with self.engine.begin() as conn:  # indexes no query needs any more: their space back
+            for name in DROPPED_INDEXES:
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
         if not self.is_sqlite and partitions.is_partitioned(self.engine):
             partitions.ensure_ahead(self.engine)
         self._created = True
@@ -460,9 +463,15 @@ class OutcomeStore:
         return self._seen(rollout_id, func.max)
 
     def _seen(self, rollout_id: int, agg: Any) -> datetime | None:
+        """The rollout's first (min) or last (max) prediction time: its first or last day, then the time within
+        it, each one seek of ix_predictions_day rather than a pass over the rollout's rows."""
         self._ensure()
+        p = predictions
         with self.engine.connect() as conn:
-            value = conn.execute(select(agg(predictions.c.ts)).where(predictions.c.rollout_id == rollout_id)).scalar()
+            day = conn.execute(select(agg(p.c.day)).where(p.c.rollout_id == rollout_id)).scalar()
+            if day is None:
+                return None
+            value = conn.execute(select(agg(p.c.ts)).where(p.c.rollout_id == rollout_id, p.c.day == day)).scalar()
         return None if value is None else from_epoch(value)
 
     def count_predictions(self, rollout_id: int | None = None) -> int:

@@ -123,4 +123,4 @@ def test_an_old_plain_store_converts_with_its_history_in_day_partitions(pg: str)
     assert [i.name for i in predictions.indexes]  # the metadata's indexes exist on the new table
     with store.engine.connect() as conn:
         names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'predictions'")).scalars())
-    assert {"ix_predictions_request", "ix_predictions_rollout"} <= names
+    assert {"ix_predictions_request", "ix_predictions_day"} <= names
