@@ -141,7 +141,8 @@ def test_a_consumer_killed_mid_batch_loses_and_doubles_nothing(redis_url: str, s
     worker.wait(timeout=10)
     before = client.xlen(streams[1])
     assert 0 < before < 301, before
-    assert client.xpending(streams[0], "rollout")["pending"] > 0 or before < 301
+    pending = client.xpending(streams[0], "rollout")["pending"]  # 0 when the kill fell between two batches
+    assert pending > 0 or before < 301
 
     # the same consumer name starts again: it takes its own pending messages first, then the rest
     again = StreamConsumer(make_policy(), redis_url, *streams, "rollout", "w1", registry=slow_registry(),
@@ -154,7 +155,8 @@ def test_a_consumer_killed_mid_batch_loses_and_doubles_nothing(redis_url: str, s
     served = logged[logged["served"] == 1]
     assert len(served) == 300 + 60 and served["request_id"].is_unique  # each served row logged exactly once
     assert not logged.duplicated(["request_id", "version"]).any()
-    assert summary.reclaimed > 0 or summary.relogged_skipped > 0 or before == 301
+    # what the kill left taken but unacknowledged is taken again by the restarted consumer
+    assert summary.reclaimed > 0 or summary.relogged_skipped > 0 or pending == 0
 
 
 class _DiesBeforeAcknowledging(StreamConsumer):
