@@ -1,5 +1,5 @@
 """Simulation study of the promotion engine: error rates, power, sample sizes, coverage, multiplicity,
-bandit bias and regret, drift false alarms. Every figure is printed with its target; the last line of
+bandit bias and regret, label requests, drift false alarms. Every figure is printed with its target; the last line of
 stdout is one JSON object with all of them.
 
     .venv/bin/python benchmarks/statistics.py            # 10,000 runs per cell (drift: 1,000)
@@ -410,6 +410,29 @@ def main() -> None:
                  mc_se(max(fair, 0.01), srm_runs), "<= 0.01", verdict(fair <= 0.01)])
     rows.append(["bandit router serving 10% of challenger-assigned by the champion: flagged", leaky,
                  mc_se(max(leaky, 0.01), srm_runs), ">= 0.9", verdict(leaky >= 0.9)])
+
+    # ---- label requests (issue 18): a budget of 20% of rows an hour, shadow, 15% disagreement, labels bought
+    # within the hour; active draws by disagreement (with its floor), random draws uniformly; both weighted
+    # by 1/probability and tested hourly with the mixture bounds. Labels to decision, not the duration floor.
+    label_runs = max(runs // 5, 200)
+    null = simulation.simulate_label_requests(rng(), label_runs, -0.01, active=True, min_hours=0)
+    limit = ALPHA + 2 * mc_se(ALPHA, label_runs)
+    out["label_requests"] = {"false_promotion": null.promoted}
+    rows.append(["label requests, challenger exactly M worse: promoted", null.promoted,
+                 mc_se(max(null.promoted, 0.01), label_runs), f"<= {limit:.4f} (alpha+2SE)",
+                 verdict(null.promoted <= limit)])
+    for effect in (0.0, 0.01):
+        active = simulation.simulate_label_requests(rng(), label_runs, effect, active=True, min_hours=0)
+        uniform = simulation.simulate_label_requests(rng(), label_runs, effect, active=False, min_hours=0)
+        ratio = active.labels_promoted / uniform.labels_promoted
+        out["label_requests"][f"effect_{effect:g}"] = {
+            "power_active": active.promoted, "power_random": uniform.promoted,
+            "labels_active": active.labels_promoted, "labels_random": uniform.labels_promoted, "ratio": ratio}
+        rows.append([f"label requests, effect {effect:+g}: power active / random", active.promoted,
+                     mc_se(active.promoted, label_runs), f">= random's {uniform.promoted:.3f}",
+                     verdict(active.promoted >= uniform.promoted - 2 * mc_se(uniform.promoted, label_runs))])
+        rows.append([f"label requests, effect {effect:+g}: labels to promotion, active / random", ratio, "",
+                     f"<= 0.5 ({active.labels_promoted:,.0f} vs {uniform.labels_promoted:,.0f})", verdict(ratio <= 0.5)])
 
     # ---- drift rule on null data
     out["drift_false_alarm"] = {}

@@ -565,6 +565,36 @@ def export(
         console.print(f"no predictions logged from {since}" + (f" to {until}" if until else ""))
 
 
+@app.command("label-requests")
+def label_requests(
+    config: str = CONFIG,
+    budget: int = typer.Option(..., min=1, help="How many predictions to propose for labelling (in expectation)."),
+    output: Path = typer.Option(..., help="Where the requests go: a .csv or .parquet file."),
+) -> None:
+    """Propose which of the open rollout's predictions to label (those that tell the versions apart, each with
+    its inclusion probability); send the labels back to POST /labels (rollout.label_requests)."""
+    from rollout.cd.label_requests import OUTPUT_SUFFIXES, request_labels, write
+    from rollout.outcomes import OutcomeStore
+
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:  # before drawing: a drawn batch is never offered again
+        console.print(f"[red]--output {output.name!r}: write a .csv or .parquet file[/red]")
+        raise typer.Exit(2)
+    policy = _policy(config)
+    if not policy.rollout.label_requests.enabled:
+        console.print("[red]rollout.label_requests.enabled is false: the evaluation would read labels favoured "
+                      "toward disagreements as a plain sample; enable it in the policy first[/red]")
+        raise typer.Exit(2)
+    store = OutcomeStore(policy.outcome_url)
+    rollout = store.current_rollout()
+    if rollout is None:
+        console.print("no rollout is open: nothing to label for")
+        raise typer.Exit(1)
+    batch = request_labels(store, rollout, policy, budget)
+    path = write(batch, output)
+    console.print(f"{len(batch.requests):,} of {batch.pool:,} requests logged since the last batch proposed for "
+                  f"labelling -> {path}")
+
+
 @app.command("make-suite")
 def make_suite(
     config: str = CONFIG,

@@ -420,6 +420,17 @@ class BanditConfig(_Strict):
     burn_in: int = Field(100, ge=0, description="Labelled outcomes per arm before weights adapt.")
 
 
+class LabelRequestConfig(_Strict):
+    """Active evaluation: when labels cost money, label what the service proposes (GET /label-requests)."""
+
+    enabled: bool = Field(False, description="The promotion test reads only the labels of requested rows, each "
+                          "weighted by 1 / its inclusion probability (unbiased however the rows were favoured); "
+                          "label coverage is counted over the requested rows. Binary classification and regression, "
+                          "in shadow, ab and abn.")
+    floor: float = Field(0.1, gt=0, le=10, description="Every row's chance of being requested gets this share of "
+                         "the mean row's informativeness added, so a row the models agree on can still be drawn.")
+
+
 class ProxyConfig(_Strict):
     """Label-free proxies: always reported; gate promotion only when `gate` is true."""
 
@@ -491,6 +502,7 @@ class RolloutPolicy(_Strict):
         "bonferroni", description="Across several challengers. holm needs design: mixture (its anytime-valid p-values).")
     proxies: ProxyConfig = Field(default_factory=ProxyConfig)
     bandit: BanditConfig = Field(default_factory=BanditConfig)
+    label_requests: LabelRequestConfig = Field(default_factory=LabelRequestConfig)
 
     @model_validator(mode="after")
     def _holm_needs_mixture(self) -> RolloutPolicy:
@@ -653,6 +665,9 @@ class Policy(_Strict):
                              f"{units} units, so no default fits: set margin (the largest loss increase you accept, "
                              "e.g. 1% of the champion's) and min_detectable_effect (the improvement worth finding "
                              "fast, e.g. 5%), both in those units")
+        if self.rollout.label_requests.enabled and (task == "multiclass" or self.rollout.mode == "bandit"):
+            raise ValueError("rollout.label_requests.enabled: label requests weigh binary classification and "
+                             f"regression losses in shadow, ab and abn; not {task if task == 'multiclass' else 'bandit'}")
         for i, guard in enumerate(self.rollout.segment_guardrails):
             where = f"rollout.segment_guardrails.{i}"
             if guard.class_ is not None and task != "multiclass":

@@ -67,6 +67,16 @@ def evaluation_markdown(decision: dict[str, Any], *, model_name: str, rollout_id
             f"{_num(s.get('upper'))} | {s.get('n')} | {_num(s.get('power'), 2)} | {_num(s.get('samples_needed'))} | "
             f"{_num(s.get('hours_to_decision'), 3)} | {_num(s.get('srm_p'), 3)} |"
         )
+    asked = {v: s for v, s in decision["stats"].items() if s.get("labels_at_random") is not None}
+    if asked:
+        lines += ["", "## Label requests", "",
+                  "Only the labels of requested rows count, each weighted by 1 / its inclusion probability.", "",
+                  "| version | labels used | labels at random for the same precision | ratio |", "|---|---|---|---|"]
+        for v, s in asked.items():
+            at_random, used = s["labels_at_random"], s.get("n") or 0
+            known = isinstance(at_random, int | float) and math.isfinite(at_random) and at_random > 0
+            lines.append(f"| {v} | {used:,} | {f'{at_random:,.0f}' if known else 'n/a'} | "
+                         f"{_num(used / at_random, 2) if known else 'n/a'} |")
     guard_rows = [(v, g) for v, s in decision["stats"].items() for g in s.get("guardrails", [])]
     if guard_rows:
         lines += ["", "## Guardrails", "", "| version | guardrail | status | reason |", "|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Labels and routing: the admin endpoints' bodies and what each does to the outcome store.
+"""Labels, label requests and routing: the admin endpoints' bodies and what each does to the outcome store.
 
 The bodies are pydantic models, so their checks are declared in the OpenAPI document and a bad field
 is a 422 naming it (`labels[0].label`, `weights.challenger`, `mode`).
@@ -14,7 +14,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from pydantic.json_schema import GetJsonSchemaHandler, JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
-from rollout.config import Mode
+from rollout.cd.label_requests import request_labels
+from rollout.config import Mode, Policy
 from rollout.outcomes import OutcomeStore
 from rollout.roles import Role, is_challenger
 from rollout.times import to_epoch
@@ -127,6 +128,21 @@ async def add_labels(body: LabelsBody, limit: int, now: float, writer: LogWriter
     report = await asyncio.to_thread(store.add_labels, rows)
     return {"stored": report.stored, "replaced": report.replaced, "unknown": report.unknown,
             "unknown_ids": list(report.unknown_ids)}
+
+
+async def label_requests(budget: int, policy: Policy, writer: LogWriter, store: OutcomeStore) -> dict[str, Any]:
+    """Draw a batch of label requests from the open rollout's rows logged since its last batch (each request
+    is offered once, with its inclusion probability). Refused (409) when the policy does not weigh them: the
+    ordinary evaluation would read labels favoured toward disagreements as a plain sample, and be biased."""
+    if not policy.rollout.label_requests.enabled:
+        raise RequestError(409, "rollout.label_requests.enabled is false: the evaluation reads every label as a "
+                                "plain sample, so labels of proposed rows would bias it; enable it in the policy")
+    rollout = await asyncio.to_thread(store.current_rollout)
+    if rollout is None:
+        raise RequestError(409, "label requests: no rollout is open, so there is no decision to label for")
+    await writer.flush(timeout_s=5.0)  # predictions are logged asynchronously: the pool should hold them
+    batch = await asyncio.to_thread(request_labels, store, rollout, policy, budget)
+    return batch.to_dict()
 
 
 async def set_routing(body: RoutingBody, store: OutcomeStore, aliases: Mapping[str, str], default_mode: str,

@@ -1,6 +1,6 @@
 """The HTTP layer: endpoints, the admin token, the body-size bound and the one error format.
 
-Endpoints: POST /predict, POST /labels (token), GET/PUT /routing (PUT needs the token), GET /healthz,
+Endpoints: POST /predict, POST /labels (token), GET /label-requests (token), GET/PUT /routing (PUT needs the token), GET /healthz,
 GET /metrics; see serving/README.md. A client error is a `RequestError`, answered as
 `{"detail": "<field>: <message>"}` with its status and counted in `rollout_http_responses_total`.
 
@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rollout.config import ServingConfig
 from rollout.models import LoadedModel
 from rollout.times import to_epoch
-from serving.admin import LABEL_ROWS_FACTOR, LabelsBody, RoutingBody, add_labels, routing_answer, set_routing
+from serving.admin import (LABEL_ROWS_FACTOR, LabelsBody, RoutingBody, add_labels, label_requests, routing_answer,
+                           set_routing)
 from serving import protocols
 from serving.errors import RequestError
 from serving.metrics import Metrics
@@ -404,6 +405,16 @@ async def post_labels(request: Request, body: LabelsBody) -> Response:
     return Response(dumps(report), media_type=JSON)
 
 
+async def get_label_requests(
+        request: Request,
+        budget: int = Query(description="How many requests to propose for labelling (their expected number: each "
+                            "row is drawn with its own probability)", ge=1, le=1_000_000)) -> Response:
+    service = service_of(request)
+    answer = await label_requests(budget, service.policy, service.writer, service.store)
+    service.metrics.http[("/label-requests", 200)] += 1
+    return Response(dumps(answer), media_type=JSON)
+
+
 def label_classes(service: Service) -> int | None:
     """How many classes a label may name: 2 (binary), the champion's count (multiclass; 0 = not known), None for
     a regression."""
@@ -592,6 +603,10 @@ def router() -> APIRouter:
     routes.add_api_route("/v2/models/{name}/ready", v2_model_ready, methods=["GET"], tags=oip)
     routes.add_api_route("/v2/models/{name}/versions/{version}/ready", v2_model_ready, methods=["GET"], tags=oip)
     routes.add_api_route("/labels", post_labels, methods=["POST"], dependencies=[Depends(require_token)])
+    routes.add_api_route("/label-requests", get_label_requests, methods=["GET"], dependencies=[Depends(require_token)],
+                         description="A batch of predictions to label, drawn from the open rollout's rows logged "
+                                     "since the last batch: rows where the versions disagree are favoured, and each "
+                                     "comes with its inclusion probability (rollout.label_requests).")
     routes.add_api_route("/routing", get_routing, methods=["GET"])
     routes.add_api_route("/routing", put_routing, methods=["PUT"], dependencies=[Depends(require_token)])
     routes.add_api_route("/healthz", healthz, methods=["GET"])

@@ -22,6 +22,7 @@ from rollout.stats import bandit, guardrails, multiplicity, sequential
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums, GuardrailResult
 from rollout.stats.moments import ClusterSums, Confusion, Moments, total
+from rollout.stats.sampling import WeightedMean
 
 Action = Literal["promote", "continue", "reject", "inconclusive"]
 Key = tuple[str, str]  # (segment, day)
@@ -47,6 +48,8 @@ class ChallengerEvidence:
     rate_per_hour: float | None = None
     units: ClusterSums | None = None  # its loss (A/B) or paired difference (shadow) summed per unit
     labels: guardrails.LabelSums | None = None  # label coverage and delays of its matured predictions
+    # label requests: the weighted mean of its paired difference (shadow) or loss (ab/abn) over requested rows
+    requested: WeightedMean | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Evidence:
     auc: Mapping[str, tuple[float, float, float, int]] = field(default_factory=dict)
     champion_confusion: Mapping[str, Confusion] = field(default_factory=dict)
     champion_ipw: IPWSums | None = None
+    champion_requested: WeightedMean | None = None  # label requests, ab/abn: the champion's weighted loss
     served: Mapping[str, int] = field(default_factory=dict)
     served_unit: str = "requests"  # what `served` counts: "units" when traffic is split by unit (ab/abn)
     expected_shares: Mapping[str, float] = field(default_factory=dict)
@@ -120,12 +124,15 @@ class _Effect:
     n_min: int  # fewest matured outcomes of either version (for min_samples)
     sigma: float  # per-observation sd so that se = sigma / sqrt(n)
     method: str
+    labels_at_random: float | None = None  # label requests: labels a uniformly random sample would need for se
 
 
 def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
     """Better-is-positive effect of the challenger with its standard error, by mode. Where rows of a unit share
     an arm (A/B) or a pairing (shadow) and unit sums are known, the standard error is the larger of the row-level
     and the cluster-robust one: visits of one customer are not independent evidence."""
+    if ch.requested is not None:
+        return _requested(mode, ch.requested, ev.champion_requested)
     if mode == "shadow":
         d = total(ch.paired.values())
         se, method = _clustered(d.se, [ch.units], "paired differences")
@@ -152,6 +159,24 @@ def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
     if mode != "bandit":
         se, method = _clustered(se, [ch.units, ev.champion_units], method)
     return _Effect(est, se, chal.n, min(champ.n, chal.n), _sigma(se, chal.n), method)
+
+
+def _requested(mode: str, mine: WeightedMean, champion: WeightedMean | None) -> _Effect:
+    """The effect from the labels of requested rows, each weighted by 1 / its inclusion probability (Hajek), the
+    larger of the row-level and unit-level standard errors; n counts labelled requested rows."""
+    method = "weighted by 1/inclusion probability (label requests)"
+    if mode == "shadow":
+        se = mine.robust_se
+        return _Effect(-mine.mean if mine.n else math.nan, se, mine.n, mine.n, _sigma(se, mine.n), method,
+                       mine.labels_at_random())
+    if champion is None or champion.n < 2 or mine.n < 2:
+        return _Effect(math.nan, math.nan, mine.n, min(mine.n, champion.n if champion else 0), math.nan, method)
+    se = math.sqrt(mine.robust_se**2 + champion.robust_se**2)
+    # uniformly random labelling of every arm at one rate r gives se^2 = sum(spread / (r N)); labels = r sum(N)
+    rate = (mine.spread / mine.sum_w + champion.spread / champion.sum_w) / se**2 if se > 0 else math.nan
+    at_random = rate * (mine.sum_w + champion.sum_w)
+    return _Effect(champion.mean - mine.mean, se, mine.n, min(mine.n, champion.n), _sigma(se, mine.n), method,
+                   at_random)
 
 
 def _group_sequential_max(policy: RolloutPolicy, ch: ChallengerEvidence, e: _Effect, alpha: float) -> float | None:
@@ -205,16 +230,23 @@ def _guardrails(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> 
     looks = max(policy.max_duration_days * 24.0, 1.0)  # latency bounds are fixed-sample: a union over the looks
     days = max(policy.max_duration_days, 1.0)  # stability changes once a day
     out: list[GuardrailResult] = []
+    def labelled(check: GuardrailResult) -> GuardrailResult:
+        # With label requests the labelled rows are a sample favouring disagreements: a guardrail counting them
+        # unweighted may say more than the traffic would, so it holds the decision and never rejects.
+        if ch.requested is None or check.status != "fail":
+            return check
+        return _as(check, "pending", " (counted over requested labels, unweighted: holds, never rejects)")
+
     for g in policy.segment_guardrails:
         s, t = ch.confusion.get(g.key, Confusion()).successes(g.metric)
-        out.append(guardrails.floor_check(g.name, s, t, g.min, a, policy.guardrail_min_trials))
+        out.append(labelled(guardrails.floor_check(g.name, s, t, g.min, a, policy.guardrail_min_trials)))
     out.append(guardrails.ceiling_check("error_rate", ch.errors, ch.requests, policy.max_error_rate, a,
                                         policy.guardrail_min_trials))
     complete = _complete_days(ev)
     ch_days, champ_days = _by_day(ch.loss), _by_day(ev.champion_loss)
     both = sorted(set(ch_days) & set(champ_days) & complete)
-    out.append(guardrails.stability_check([ch_days[d] for d in both], [champ_days[d] for d in both],
-                                          policy.max_stability_ratio, a / days, policy.margin / 2))
+    out.append(labelled(guardrails.stability_check([ch_days[d] for d in both], [champ_days[d] for d in both],
+                                                   policy.max_stability_ratio, a / days, policy.margin / 2)))
     latency = [guardrails.latency_check(ch.latency, policy.max_latency_p99_ms, a / looks)]
     if ev.champion_latency:
         latency.append(guardrails.latency_check(ch.latency, policy.max_latency_ratio, a / looks,
@@ -407,6 +439,7 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
             "cap_planned": policy.design == "group_sequential" and policy.max_samples is None and math.isfinite(cap),
             "n": e.n,
             "n_min": e.n_min,
+            "labels_at_random": e.labels_at_random,
             "n_fixed": plans[v].n_fixed,
             "n_star": n_star[v],
             "cap": cap,

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from rollout.cd import plans
+from rollout.cd.label_requests import RequestedEvidence, requested_evidence
 from rollout.cd.decision import ChallengerEvidence, Decision, Evidence
 from rollout.config import CLASSIFICATION_TASKS, Policy, SegmentGuardrail
 from rollout.data import Schema
@@ -21,6 +22,8 @@ from rollout.registry import ModelRegistry
 from rollout.roles import UNIT_SPLIT_MODES
 from rollout.stats.guardrails import LabelSums, auc_from_histograms
 from rollout.stats.moments import ClusterSums, Confusion, Moments
+from rollout.stats.sampling import WeightedMean
+from rollout.times import to_epoch
 
 def _by_version(parts: Mapping[tuple[Any, ...], Any]) -> dict[str, dict[tuple[str, str], Any]]:
     out: dict[str, dict[tuple[str, str], Any]] = defaultdict(dict)
@@ -163,6 +166,11 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     cut = now - timedelta(hours=rp.label_delay_hours)
     units = unit_evidence(store, rollout, policy, cut)
     label_sums = store.label_sums(rid, cut)
+    requested: RequestedEvidence | None = None
+    if rp.label_requests.enabled:  # only the requested rows' labels count, weighted by their probabilities
+        requested = requested_evidence(store.requested_rows(rid), rollout.mode, champion, metric, to_epoch(cut),
+                                       units=policy.data.unit_column is not None)
+        label_sums = dict(requested.labels)
     started = age_from(store, rollout)
     hours = max((now - started).total_seconds() / 3600.0, 1e-9)
 
@@ -170,6 +178,10 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     for version in rollout.challengers.values():
         counts = traffic.get(version)
         matured_n = sum(m.n for m in (paired.get(version) or loss.get(version) or {}).values())
+        mine = None
+        if requested is not None:
+            mine = requested.means.get(version, WeightedMean.of([], []))
+            matured_n = mine.n
         history = earlier_looks(store, rid, version) if rp.design == "group_sequential" else ((), None)
         challengers.append(ChallengerEvidence(
             version=version,
@@ -188,6 +200,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
             rate_per_hour=matured_n / hours,
             units=units.get(version),
             labels=label_sums.get(version, LabelSums()),
+            requested=mine,
         ))
     # The sample-ratio test counts what was randomised: units in ab/abn (sticky by unit id), requests else.
     by_unit = rollout.mode in UNIT_SPLIT_MODES
@@ -211,6 +224,8 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
         label_history=store.recent_label_delays(),
         champion_confusion=confusion.get(champion, {}),
         champion_ipw=ipw.get(champion),
+        champion_requested=(requested.means.get(champion, WeightedMean.of([], []))
+                            if requested is not None and not shadow else None),
         served=served,
         served_unit="units" if by_unit else "requests",
         expected_shares=shares,

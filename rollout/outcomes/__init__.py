@@ -3,7 +3,7 @@ rollout and the audit log of every decision, in SQL (SQLite by default, PostgreS
 
 `schema` defines the tables; `engine` makes connections and holds the evaluation lock; `log` writes
 predictions and labels; `audit` keeps routing rows and decisions; `summaries` keeps the hourly sums an
-evaluation reads in one call (`OutcomeStore.evidence`); `store` puts them behind one object and the
+evaluation reads in one call (`OutcomeStore.evidence`); `requests` keeps label-request batches; `store` puts them behind one object and the
 `Store` protocol; `memory` is an in-memory fake for unit tests.
 """
 

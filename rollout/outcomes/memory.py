@@ -72,6 +72,8 @@ class InMemoryStore:
     routing: dict[int, Rollout] = field(default_factory=dict)
     audit: list[AuditEntry] = field(default_factory=list)
     plans: list[StoredPlan] = field(default_factory=list)
+    label_batches: list[dict[str, Any]] = field(default_factory=list)
+    label_requests: dict[tuple[int, str], float] = field(default_factory=dict)  # (rollout, request) -> probability
     _held: set[str] = field(default_factory=set)
     _mutex: threading.Lock = field(default_factory=threading.Lock)
 
@@ -252,6 +254,45 @@ class InMemoryStore:
                 hour = int(max(label[0] - _ts(r), 0.0) / 3600.0)
                 acc[2][hour] = acc[2].get(hour, 0) + 1
         return {v: LabelSums(a[0], a[1], tuple(sorted(a[2].items()))) for v, a in out.items()}
+
+    def label_request_pool(self, rollout_id: int) -> tuple[float, pd.DataFrame]:
+        ends = [b["ts_to"] for b in self.label_batches if b["rollout_id"] == rollout_id]
+        start = max(ends) if ends else -math.inf
+        rows = [(r.request_id, r.unit_id, _ts(r), r.version, r.prediction, _scalar(r.score)) for r in self.predictions
+                if r.rollout_id == rollout_id and r.error is None and _ts(r) > start]
+        from rollout.outcomes.requests import POOL_COLUMNS
+
+        return start, pd.DataFrame.from_records(rows, columns=POOL_COLUMNS)
+
+    def save_label_requests(self, rollout_id: int, ts_from: float, ts_to: float, pool_size: int, budget: int,
+                            chosen: Sequence[tuple[str, float]]) -> int:
+        batch = len(self.label_batches) + 1
+        self.label_batches.append({"rollout_id": rollout_id, "ts_to": ts_to, "pool": pool_size, "budget": budget,
+                                   "requested": len(chosen)})
+        for rid, pi in chosen:
+            if (rollout_id, rid) in self.label_requests:
+                raise ValueError(f"request {rid} was already requested in rollout {rollout_id}")
+            self.label_requests[(rollout_id, rid)] = float(pi)
+        return batch
+
+    def label_request_details(self, rollout_id: int, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        wanted = set(request_ids)
+        return {r.request_id: {"unit_id": r.unit_id, "ts": _ts(r), "segment": r.segment, "features": r.features}
+                for r in self.predictions if r.rollout_id == rollout_id and r.served and r.request_id in wanted}
+
+    def requested_rows(self, rollout_id: int) -> pd.DataFrame:
+        from rollout.outcomes.requests import REQUESTED_COLUMNS
+
+        rows = []
+        for r in self.predictions:
+            pi = self.label_requests.get((rollout_id, r.request_id))
+            if pi is None or r.rollout_id != rollout_id or r.error is not None:
+                continue
+            label = self.labels.get(r.request_id)
+            rows.append((r.request_id, pi, r.unit_id, _ts(r), r.version, r.prediction, _scalar(r.score),
+                         math.nan if label is None else label[1], math.nan if label is None else label[0]))
+        frame = pd.DataFrame.from_records(rows, columns=REQUESTED_COLUMNS)
+        return frame.astype({"label": float, "label_ts": float, "prediction": float, "score": float})
 
     def recent_label_delays(self, limit: int = 10_000) -> LabelSums:
         first: dict[str, float] = {}

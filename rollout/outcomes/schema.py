@@ -216,6 +216,33 @@ label_changes = Table(
 )
 Index("ix_label_changes", label_changes.c.rollout_id, label_changes.c.id)
 
+# Label requests (active evaluation, `rollout.label_requests`): each batch considered the rollout's rows logged
+# in (ts_from, ts_to] (the next batch starts where this one ended, so no row gets a second chance) and drew
+# `requested` of them, each with its known inclusion probability; the evaluation weighs a requested row's
+# label by 1 / that probability.
+label_request_batches = Table(
+    "label_request_batches",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("ts_from", Float, nullable=False),
+    Column("ts_to", Float, nullable=False),
+    Column("pool", Integer, nullable=False),
+    Column("budget", Integer, nullable=False),
+    Column("requested", Integer, nullable=False),
+)
+Index("ix_label_request_batches", label_request_batches.c.rollout_id, label_request_batches.c.ts_to)
+
+label_requests = Table(
+    "label_requests",
+    metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=False),
+    Column("request_id", String(64), primary_key=True),
+    Column("batch_id", Integer, nullable=False),
+    Column("probability", Float, nullable=False),
+)
+
 # The randomisation units an A/B (ab/abn) rollout served, per version: a unit id, or the request id of a
 # request without one (kind 'r'). Filled by the summary refresh from the hours it recomputes (inserts
 # that ignore known units, so a redone hour adds nothing) and counted for the sample-ratio test, which

@@ -18,7 +18,7 @@ import pandas as pd
 from sqlalchemy import Integer, and_, case, cast, delete, func, inspect, select
 from sqlalchemy.engine import Connection
 
-from rollout.outcomes import audit, engine, export, log, partitions, retention
+from rollout.outcomes import audit, engine, export, log, partitions, requests, retention
 from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
@@ -55,6 +55,11 @@ class Store(Protocol):
                   champion: str | None = None) -> dict[str, ClusterSums]: ...
     def label_sums(self, rollout_id: int, cutoff: Time | None = None) -> dict[str, LabelSums]: ...
     def recent_label_delays(self, limit: int = 10_000) -> LabelSums: ...
+    def label_request_pool(self, rollout_id: int) -> tuple[float, pd.DataFrame]: ...
+    def save_label_requests(self, rollout_id: int, ts_from: float, ts_to: float, pool_size: int, budget: int,
+                            chosen: Sequence[tuple[str, float]]) -> int: ...
+    def label_request_details(self, rollout_id: int, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]: ...
+    def requested_rows(self, rollout_id: int) -> pd.DataFrame: ...
     def score_histograms(self, rollout_id: int, cutoff: Time | None = None,
                          buckets: int = 200) -> dict[str, tuple[list[int], list[int]]]: ...
     def outcome_cells(self, rollout_id: int, cutoff: Time | None = None,
@@ -388,6 +393,28 @@ class OutcomeStore:
                 by_hour.setdefault(str(version), []).append((int(h), int(n)))
             return {str(v): LabelSums(int(m), int(n), tuple(sorted(by_hour.get(str(v), []))))
                     for v, m, n in conn.execute(counts)}
+
+    # --------------------------------------------------------------- label requests (rollout.outcomes.requests)
+
+    def label_request_pool(self, rollout_id: int) -> tuple[float, pd.DataFrame]:
+        """Where the rollout's last label-request batch ended, and its error-free rows logged since."""
+        self._ensure()
+        return requests.pool(self.engine, rollout_id)
+
+    def save_label_requests(self, rollout_id: int, ts_from: float, ts_to: float, pool_size: int, budget: int,
+                            chosen: Sequence[tuple[str, float]]) -> int:
+        """Record a batch of label requests (request id, inclusion probability); returns the batch's id."""
+        self._ensure()
+        return requests.save(self.engine, rollout_id, self.now(), ts_from, ts_to, pool_size, budget, chosen)
+
+    def label_request_details(self, rollout_id: int, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        self._ensure()
+        return requests.details(self.engine, rollout_id, request_ids)
+
+    def requested_rows(self, rollout_id: int) -> pd.DataFrame:
+        """The rollout's requested rows with their predictions, probabilities and current labels."""
+        self._ensure()
+        return requests.requested(self.engine, rollout_id)
 
     def recent_label_delays(self, limit: int = 10_000) -> LabelSums:
         """The delays of the latest `limit` current labels received, of any rollout or none, each after its

@@ -445,3 +445,72 @@ def simulate_planned_obf(rng: np.random.Generator, n_runs: int, effect: float, n
     n_fixed = sequential.fixed_horizon_n(_sigma(mde, disagreement), mde, margin, alpha, power)
     promoted = ever & promote[np.arange(n_runs), first]
     return float(promoted.mean()), float((looks[first] / n_fixed).mean()), float((~ever).mean())
+
+
+@dataclass(frozen=True)
+class LabelRequestRun:
+    """What hourly label requests did over the runs: share promoted, and labels used until each run stopped
+    (at its decision, or the horizon's total when undecided), on average and among promoted runs."""
+
+    promoted: float
+    labels: float
+    labels_promoted: float
+
+
+def simulate_label_requests(rng: np.random.Generator, n_runs: int, effect: float, active: bool,
+                            disagreement: float = 0.15, budget: float = 0.2, per_hour: int = 200, hours: int = 336,
+                            margin: float = 0.01, mde: float = 0.01, alpha: float = 0.05, power: float = 0.8,
+                            min_samples: int = 200, min_hours: int = 24, floor: float = 0.1) -> LabelRequestRun:
+    """A shadow rollout on 0/1 loss whose labels are bought: each hour a batch considers the hour's `per_hour`
+    requests and draws `budget` of them, actively (`sampling.inclusion_probabilities` on the disagreement, the
+    informativeness `rollout.cd.label_requests` gives the 0/1 loss, with its floor) or uniformly at random; the
+    drawn rows' labels come within the hour. Every hour the Hajek mean of the paired difference, weighted by
+    1/probability, is tested with the mixture bounds, N* re-planned from the current standard deviation, as
+    `decide` does (promote: lower > -M after `min_hours`, reject: upper < -M; `min_samples` labels first).
+    `effect` is better-is-positive: loss(champion) - loss(challenger)."""
+    from rollout.stats.sampling import inclusion_probabilities
+
+    k = budget * per_hour
+    cache: dict[int, tuple[float, float]] = {}
+
+    def probabilities(d: int) -> tuple[float, float]:  # (pi of a disagreement row, pi of an agreement row)
+        if d not in cache:
+            pi = inclusion_probabilities(np.r_[np.ones(d), np.zeros(per_hour - d)], k, floor)
+            cache[d] = (float(pi[0]) if d else 1.0, float(pi[-1]) if d < per_hour else 1.0)
+        return cache[d]
+
+    worse = (1 - effect / disagreement) / 2  # P(the challenger is the one wrong | the models disagree)
+    sums = np.zeros((6, n_runs))  # sum_w, sum_wd, sum_w2, sum_w2d, sum_w2d2, labels
+    ratio = sequential.plan_mixture(1.0, mde, margin, alpha, power).n_star  # N* scales with sigma^2
+    decided = np.zeros(n_runs, dtype=bool)
+    promoted = np.zeros(n_runs, dtype=bool)
+    used = np.zeros(n_runs)
+    for hour in range(1, hours + 1):
+        d = rng.binomial(per_hour, disagreement, n_runs)
+        if active:
+            pis = np.array([probabilities(int(x)) for x in d])
+            pi_d, pi_a = pis[:, 0], pis[:, 1]
+        else:
+            pi_d = pi_a = np.full(n_runs, budget)
+        k_d = rng.binomial(d, pi_d)
+        k_a = rng.binomial(per_hour - d, pi_a)
+        plus = rng.binomial(k_d, worse)
+        diff = 2 * plus - k_d  # sum of d over the labelled disagreement rows (+1 challenger wrong, -1 right)
+        w_d, w_a = 1 / pi_d, 1 / pi_a
+        sums += np.stack([k_d * w_d + k_a * w_a, diff * w_d, k_d * w_d**2 + k_a * w_a**2, diff * w_d**2,
+                          k_d * w_d**2, k_d + k_a])
+        sw, swd, sw2, sw2d, sw2d2, n = sums
+        mean = swd / np.maximum(sw, 1e-12)
+        var = np.maximum(sw2d2 - 2 * mean * sw2d + mean * mean * sw2, 0.0) / np.maximum(sw, 1e-12) ** 2
+        estimate, se = -mean, np.sqrt(var)
+        sigma2 = var * n
+        n_star = np.where(sigma2 > 0, ratio * sigma2, float(max(min_samples, 1000)))
+        width = sequential.mixture_width(np.maximum(n, 2) * 1000.0 / n_star, 1000.0, alpha)
+        ok = (n >= min_samples) & (se > 0) & ~decided
+        win = ok & (hour >= min_hours) & (estimate - width * se > -margin)
+        lose = ok & (estimate + width * se < -margin)
+        used = np.where(~decided, n, used)
+        promoted |= win
+        decided |= win | lose
+    return LabelRequestRun(float(promoted.mean()), float(used.mean()),
+                           float(used[promoted].mean()) if promoted.any() else math.nan)

@@ -7,6 +7,7 @@ from prefect.utilities.callables import parameter_schema
 
 from flows.adopt_model import adopt_model
 from flows.batch_scoring import batch_scoring
+from flows.label_requests import label_requests
 from flows.ci_pipeline import ci_pipeline
 from flows.continuous_training import continuous_training
 from flows.online_evaluation import online_evaluation
@@ -18,7 +19,7 @@ def _resolve(schema: dict, prop: dict) -> dict:
 
 
 def test_every_run_form_describes_its_fields_and_offers_choices():
-    for flow in (ci_pipeline, online_evaluation, adopt_model, continuous_training, batch_scoring):
+    for flow in (ci_pipeline, online_evaluation, adopt_model, continuous_training, batch_scoring, label_requests):
         schema = parameter_schema(flow.fn).model_dump_for_openapi()
         for name, prop in schema["properties"].items():
             assert prop.get("description"), (flow.name, name)

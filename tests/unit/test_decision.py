@@ -225,3 +225,19 @@ def test_planned_group_sequential_keeps_false_promotion_under_alpha_and_decides_
     assert null <= 0.05 + 2 * (0.05 * 0.95 / 1500) ** 0.5
     assert power >= 0.8 - 2 * (0.8 * 0.2 / 1500) ** 0.5
     assert stop <= 0.85  # the mixture takes about 1.01 x the fixed-horizon n at the planned effect
+
+
+def test_with_label_requests_a_guardrail_counting_labels_holds_instead_of_rejecting(policy: RolloutPolicy) -> None:
+    """Requested labels favour disagreements: a segment floor counted over them, unweighted, is no proof of harm."""
+    from rollout.stats.sampling import WeightedMean
+
+    rng = np.random.default_rng(0)
+    d = np.where(rng.random(3000) < 0.5, -1.0, 0.0)  # the challenger right where they disagree: clearly better
+    requested = WeightedMean.of(d, np.full(d.size, 0.5))
+    bad_vip = Confusion(tp=800, fp=200, fn=10, tn=0)
+    decision = decide(policy, _evidence(_challenger("v2", effect=0.04, n_per_day=3000, vip=bad_vip,
+                                                    requested=requested)))
+    assert decision.action == "continue"
+    vip = next(g for g in decision.stats["v2"]["guardrails"] if g["name"] == "VIP precision")
+    assert vip["status"] == "pending" and "requested labels" in vip["reason"]
+    assert decision.stats["v2"]["lower"] > -0.01 and "label requests" in decision.stats["v2"]["method"]

@@ -1,0 +1,158 @@
+"""Label requests (issue 18): label only what the service proposes, each row weighted by 1/its inclusion probability.
+
+When labels cost money, the rows where the champion and the challenger disagree carry the evidence (for the 0/1
+loss, agreeing rows carry none). Sampling them with known probabilities and weighting their labels keeps the
+estimate unbiased and the sequential test valid, with far fewer labels than labelling at random.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from rollout.cd.decision import decide
+from rollout.cd.evaluation import gather
+from rollout.cd.label_requests import request_labels
+from rollout.config import ConfigError, parse_policy
+from rollout.report import evaluation_markdown
+from rollout.outcomes import OutcomeStore, PredictionRow
+from rollout.stats import simulation
+from rollout.stats.sampling import WeightedMean, inclusion_probabilities, systematic_sample
+
+T0 = datetime(2026, 5, 4, tzinfo=UTC)
+
+
+def test_inclusion_probabilities_spend_the_budget_favour_the_informative_and_leave_everyone_a_chance() -> None:
+    s = np.r_[np.ones(30), np.zeros(170)]
+    pi = inclusion_probabilities(s, 40, floor=0.1)
+    assert pi.sum() == pytest.approx(40)
+    assert np.all(pi[:30] == 1.0)  # capped: the excess goes to the others
+    assert np.all((pi[30:] > 0) & (pi[30:] < 0.1))
+    assert inclusion_probabilities(np.zeros(10), 5).tolist() == [0.5] * 10  # nothing known: uniform
+    assert inclusion_probabilities(np.ones(4), 10).tolist() == [1.0] * 4  # budget beyond the pool: everyone
+
+
+def test_systematic_sampling_draws_each_row_with_its_probability_and_the_budget_in_size() -> None:
+    rng = np.random.default_rng(5)
+    pi = inclusion_probabilities(rng.gamma(0.5, size=300), 60)
+    draws = np.array([systematic_sample(pi, rng) for _ in range(4000)])
+    assert set(draws.sum(axis=1)) <= {60}  # sum(pi) is whole: exactly the budget
+    freq = draws.mean(axis=0)
+    z = (freq - pi) / np.sqrt(np.maximum(pi * (1 - pi), 1e-9) / 4000)
+    assert np.abs(z).max() < 4.5  # 300 rows, each within noise of its probability
+
+
+def test_the_weighted_mean_is_unbiased_and_its_interval_covers_whatever_the_sampling_favoured() -> None:
+    rng = np.random.default_rng(8)
+    n = 2000
+    disagree = rng.random(n) < 0.15
+    d = np.where(disagree, np.where(rng.random(n) < 0.6, 1.0, -1.0), 0.0)  # mean 0.2 * 0.15 = 0.03
+    truth = 0.15 * 0.2
+    pi = inclusion_probabilities(disagree.astype(float), 300)
+    hits, estimates = 0, []
+    for _ in range(1500):
+        chosen = systematic_sample(pi, rng)
+        m = WeightedMean.of(d[chosen], pi[chosen])
+        estimates.append(m.mean)
+        hits += abs(m.mean - d.mean()) <= 1.96 * m.se
+    assert np.mean(estimates) == pytest.approx(d.mean(), abs=0.002)
+    assert abs(d.mean() - truth) < 0.02
+    assert hits / 1500 >= 0.93  # the se includes the design's variance (conservative by the population's share)
+
+
+def test_label_requests_keep_false_promotion_at_alpha_and_need_a_fraction_of_random_labels() -> None:
+    runs = 600
+    null = simulation.simulate_label_requests(np.random.default_rng(21), runs, -0.01, active=True, min_hours=0)
+    assert null.promoted <= 0.05 + 2 * (0.05 * 0.95 / runs) ** 0.5
+    active = simulation.simulate_label_requests(np.random.default_rng(22), runs, 0.01, active=True, min_hours=0)
+    random = simulation.simulate_label_requests(np.random.default_rng(23), runs, 0.01, active=False, min_hours=0)
+    assert active.promoted >= random.promoted - 0.02
+    assert active.labels_promoted <= 0.5 * random.labels_promoted
+
+
+def test_label_requests_need_a_task_and_mode_they_can_weigh() -> None:
+    with pytest.raises(ConfigError, match="rollout.label_requests.enabled"):
+        parse_policy({"data": {"task": "multiclass", "source": "x.csv", "target": "y"},
+                      "rollout": {"label_requests": {"enabled": True}}})
+    with pytest.raises(ConfigError, match="rollout.label_requests.enabled"):
+        parse_policy({"rollout": {"mode": "bandit", "label_requests": {"enabled": True}}})
+
+
+def _shadow_hour(store: OutcomeStore, rid: int, hour: int, rng: np.random.Generator, per_hour: int,
+                 truth: dict[str, float]) -> None:
+    """Champion "1" and challenger "2" disagree on 15% of requests; there the challenger is right 60% of the time."""
+    rows = []
+    for i in range(per_hour):
+        request = f"h{hour}-{i}"
+        ts = T0 + timedelta(hours=hour, seconds=i * 3600 / per_hour)
+        label = float(rng.random() < 0.4)
+        champion = label if rng.random() < 0.8 else 1 - label
+        challenger = champion
+        if rng.random() < 0.15:
+            challenger = 1 - champion
+            if (challenger == label) != (rng.random() < 0.6):  # the challenger right 60% of disagreements
+                challenger, champion = champion, challenger
+        truth[request] = label
+        unit = f"u{rng.integers(5000)}"
+        for version, role, prediction, served in (("1", "champion", champion, True),
+                                                  ("2", "challenger", challenger, False)):
+            rows.append(PredictionRow(request, version, role, ts, unit, rid, served=served, prediction=prediction,
+                                      score=0.8 if prediction else 0.2, latency_ms=2.0, segment="all",
+                                      features={"x": i}))
+    store.log_predictions(rows)
+
+
+def test_a_shadow_rollout_decides_on_requested_labels_only(store_url: str) -> None:
+    policy = parse_policy({"data": {"unit_column": "customer"},
+                           "rollout": {"mode": "shadow", "primary_metric": "accuracy", "margin": 0.01,
+                                       "min_detectable_effect": 0.01, "min_samples": 200, "min_duration_hours": 12,
+                                       "segment_guardrails": [],
+                                       "label_requests": {"enabled": True}}})
+    store = OutcomeStore(store_url, clock=lambda: T0).create()
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, None, "salt", T0)
+    rng = np.random.default_rng(4)
+    truth: dict[str, float] = {}
+    seen: set[str] = set()
+    per_hour, budget = 300, 45
+    decision = None
+    for hour in range(48):
+        _shadow_hour(store, rid, hour, rng, per_hour, truth)
+        batch = request_labels(store, store.rollout(rid), policy, budget, rng)
+        ids = [r["request_id"] for r in batch.requests]
+        assert batch.pool == per_hour and not seen & set(ids)  # each request considered once over the batches
+        assert abs(len(ids) - budget) <= 1
+        assert batch.requests[0]["features"] == {"x": int(ids[0].split("-")[1])}  # what a labeller needs
+        seen |= set(ids)
+        store.add_labels([(r, truth[r], T0 + timedelta(hours=hour, minutes=50)) for r in ids])
+        decision = decide(policy.rollout, gather(store, store.rollout(rid), policy, T0 + timedelta(hours=hour + 1)))
+        if decision.action != "continue":
+            break
+    assert decision is not None and decision.action == "promote", decision.reasons
+    stats = decision.stats["2"]
+    assert "label requests" in stats["method"]
+    assert stats["n"] <= len(seen)  # only requested rows' labels were read
+    # the same precision from labels drawn at random would have cost several times as many
+    assert stats["labels_at_random"] > 3 * stats["n"]
+    report = evaluation_markdown(decision.to_dict(), model_name="m", rollout_id=rid, mode="shadow",
+                                 metric="accuracy", margin=0.01, champion="1", now=T0)
+    section = report.split("## Label requests")[1]
+    assert f"| 2 | {stats['n']:,} | {stats['labels_at_random']:,.0f} |" in section
+    store.dispose()
+
+
+def test_unrequested_labels_do_not_count(tmp_path) -> None:
+    policy = parse_policy({"rollout": {"mode": "shadow", "primary_metric": "accuracy",
+                                       "label_requests": {"enabled": True}}})
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}", clock=lambda: T0).create()
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, None, "salt", T0)
+    truth: dict[str, float] = {}
+    _shadow_hour(store, rid, 0, np.random.default_rng(1), 200, truth)
+    store.add_labels([(r, y, T0 + timedelta(hours=1)) for r, y in truth.items()])  # every label, none requested
+    evidence = gather(store, store.rollout(rid), policy, T0 + timedelta(hours=2))
+    (ch,) = evidence.challengers
+    assert ch.requested is not None and ch.requested.n == 0
+    assert ch.labels is not None and ch.labels.matured == 0
+    stats = decide(policy.rollout, evidence).stats["2"]
+    assert stats["verdict"] == "continue" and stats["n"] == 0
