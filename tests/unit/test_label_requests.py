@@ -156,3 +156,45 @@ def test_unrequested_labels_do_not_count(tmp_path) -> None:
     assert ch.labels is not None and ch.labels.matured == 0
     stats = decide(policy.rollout, evidence).stats["2"]
     assert stats["verdict"] == "continue" and stats["n"] == 0
+
+
+def test_an_ab_rollout_weighs_each_arms_requested_labels(tmp_path) -> None:
+    """A/B: each request is scored by one arm; uncertain rows are favoured, and each arm's weighted mean loss
+    estimates its loss over all of its traffic (equal models: no effect; a better challenger: promoted)."""
+    policy = parse_policy({"rollout": {"mode": "ab", "exposure": 0.5, "primary_metric": "brier", "margin": 0.005,
+                                       "min_samples": 100, "min_duration_hours": 0, "segment_guardrails": [],
+                                       "label_requests": {"enabled": True}}})
+    for better, expected in ((0.0, None), (0.6, "promote")):
+        store = OutcomeStore(f"sqlite:///{tmp_path / f'ab{better}.db'}", clock=lambda: T0).create()
+        rid = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"champion": 0.5, "challenger": 0.5},
+                                 "salt", T0)
+        rng = np.random.default_rng(7)
+        truth: dict[str, float] = {}
+        estimates = []
+        for hour in range(24):
+            rows = []
+            for i in range(400):
+                request, ts = f"h{hour}-{i}", T0 + timedelta(hours=hour, seconds=i * 9)
+                p = float(rng.uniform(0.02, 0.98))
+                truth[request] = float(rng.random() < p)
+                challenger = rng.random() < 0.5
+                # the challenger knows part of the answer: its score leans toward the truth by `better`
+                score = p + better * (truth[request] - p) * 0.5 if challenger else p
+                rows.append(PredictionRow(request, "2" if challenger else "1", "challenger" if challenger else
+                                          "champion", ts, f"u{hour}-{i}", rid, served=True, propensity=0.5,
+                                          prediction=float(score >= 0.5), score=score, latency_ms=2.0))
+            store.log_predictions(rows)
+            batch = request_labels(store, store.rollout(rid), policy, 60, rng)
+            store.add_labels([(r["request_id"], truth[r["request_id"]], T0 + timedelta(hours=hour, minutes=55))
+                              for r in batch.requests])
+            decision = decide(policy.rollout, gather(store, store.rollout(rid), policy, T0 + timedelta(hours=hour + 1)))
+            estimates.append(decision.stats["2"])
+            if expected and decision.action == "promote":
+                break
+        last = estimates[-1]
+        assert "label requests" in last["method"] and last["labels_at_random"] > last["n"]
+        if expected is None:
+            assert abs(last["estimate"]) < 3 * last["se"] and decision.action != "promote"
+        else:
+            assert decision.action == "promote", decision.reasons
+        store.dispose()
