@@ -138,18 +138,18 @@ def _effect(mode: str, ch: ChallengerEvidence, ev: Evidence) -> _Effect:
         se, method = _clustered(d.se, [ch.units], "paired differences")
         return _Effect(-d.mean if d.n else math.nan, se, d.n, d.n, _sigma(se, d.n), method)
     champ, chal = total(ev.champion_loss.values()), total(ch.loss.values())
-    if mode == "bandit" and ev.champion_ipw is not None and ch.ipw is not None:
-        est, se = bandit.ipw_difference(ev.champion_ipw, ch.ipw, "hajek")
-        n = ch.ipw.n
-        return _Effect(est, se, n, min(n, ev.champion_ipw.n), _sigma(se, n), "IPW (Hajek) difference")
-    if _reweighted(ch, ev):
-        # The weights changed mid-rollout: pooled means would mix periods in different proportions per arm,
-        # so a drift of the base rate between them would pass for a difference between the models. Each row
-        # weighs 1/its logged propensity, which compares the arms over the same mix of periods.
+    under_bandit = mode == "bandit" and ev.champion_ipw is not None and ch.ipw is not None
+    if under_bandit or _reweighted(ch, ev):
+        # Shares that moved while rows were logged (a bandit's weights; A/B weights changed mid-rollout): pooled
+        # means would mix periods in different proportions per arm, so a drift of the base rate between them
+        # would pass for a difference between the models. Each row weighs 1/its logged propensity, which
+        # compares the arms over the same mix of periods; in A/B still clustered by unit.
         assert ev.champion_ipw is not None and ch.ipw is not None
         est, se = bandit.ipw_difference(ev.champion_ipw, ch.ipw, "hajek")
-        se, method = _clustered(se, [ch.units, ev.champion_units],
-                                "IPW (Hajek) difference, stratified by exposure (weights changed mid-rollout)")
+        method = "IPW (Hajek) difference"
+        if not under_bandit:
+            se, method = _clustered(se, [ch.units, ev.champion_units],
+                                    f"{method}, stratified by exposure (weights changed mid-rollout)")
         n = ch.ipw.n
         return _Effect(est, se, n, min(n, ev.champion_ipw.n), _sigma(se, n), method)
     if champ.n < 2 or chal.n < 2:
@@ -297,17 +297,14 @@ def _as(g: GuardrailResult, status: guardrails.Status, note: str = "") -> Guardr
 def _srm(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> guardrails.SRMResult:
     """Champion vs this challenger's counts; default shares: equal in shadow, the policy's exposure in A/B. Under
     a bandit the shares move with the weights, so each arm's propensity-weighted count is checked instead."""
-    if ev.mode == "bandit":
+    if ev.mode == "bandit" or _reweighted(ch, ev):
+        # Counts against today's shares would flag every change of them; each arm's propensity-weighted count
+        # against all requests does not. In A/B whole units share an arm: the variance grows by their mean
+        # requests (a bandit draws per request).
         if ch.ipw is None or ch.ipw.n_total == 0:
             return guardrails.SRMResult(0.0, 1.0, (0, 0), (0.0, 0.0))
         looks = max(policy.max_duration_days * 24.0, 1.0)
-        return guardrails.ipw_balance_test(ch.ipw.sum_w, ch.ipw.sum_w2, ch.ipw.n_total, alpha_scale=looks)
-    if _reweighted(ch, ev):
-        # Counts against today's shares would flag the change itself; each arm's propensity-weighted count
-        # against all requests does not. Whole units share an arm: the variance grows by their mean requests.
-        assert ch.ipw is not None
-        looks = max(policy.max_duration_days * 24.0, 1.0)
-        units = ev.served.get(ch.version, 0)
+        units = ev.served.get(ch.version, 0) if ev.mode != "bandit" else 0
         deff = ch.requests / units if units else 1.0
         return guardrails.ipw_balance_test(ch.ipw.sum_w, ch.ipw.sum_w2, ch.ipw.n_total, alpha_scale=looks,
                                            design_effect=deff)

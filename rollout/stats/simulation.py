@@ -320,6 +320,15 @@ def simulate_unit_false_promotion(rng: np.random.Generator, n_runs: int, cluster
     return promoted / n_runs
 
 
+def _hajek(sw: np.ndarray, swr: np.ndarray, sw2: np.ndarray, sw2r: np.ndarray,
+           sw2r2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised `bandit.hajek`: the weighted mean and its linearised variance from the sums of w, w r, w^2,
+    w^2 r and w^2 r^2 (arrays of any one shape)."""
+    mean = swr / np.maximum(sw, 1e-12)
+    var = np.maximum(sw2r2 - 2 * mean * sw2r + mean * mean * sw2, 0.0) / np.maximum(sw, 1e-12) ** 2
+    return mean, var
+
+
 def simulate_exposure_change(rng: np.random.Generator, n_runs: int, stratified: bool, per_hour: int = 200,
                              exposures: tuple[float, float] = (0.1, 0.5), change_hour: int = 168,
                              base: tuple[float, float] = (0.40, 0.30), margin: float = 0.01, alpha: float = 0.05,
@@ -342,8 +351,7 @@ def simulate_exposure_change(rng: np.random.Generator, n_runs: int, stratified: 
             w = 1.0 / p_h
             sw, swr = (n_h * w).cumsum(axis=1), (s_h * w).cumsum(axis=1)
             sw2, sw2r = (n_h * w * w).cumsum(axis=1), (s_h * w * w).cumsum(axis=1)  # r in {0,1}: sw2r2 = sw2r
-            mean = swr / np.maximum(sw, 1e-12)
-            var = np.maximum(sw2r - 2 * mean * sw2r + mean * mean * sw2, 0.0) / np.maximum(sw, 1e-12) ** 2
+            mean, var = _hajek(sw, swr, sw2, sw2r, sw2r)
         else:
             mean = s / np.maximum(n, 1)
             var = mean * (1 - mean) / np.maximum(n - 1, 1)
@@ -389,8 +397,7 @@ def simulate_bandit_promotion(rng: np.random.Generator, n_runs: int, effect: flo
         wins += n_arm - losses
         trials += n_arm
         sw, swr, sw2, sw2r, n = sums
-        mean = swr / np.maximum(sw, 1e-12)
-        var = np.maximum(sw2r - 2 * mean * sw2r + mean * mean * sw2, 0.0) / np.maximum(sw, 1e-12) ** 2
+        mean, var = _hajek(sw, swr, sw2, sw2r, sw2r)  # r in {0,1}: sw2r2 = sw2r
         estimate = mean[:, 0] - mean[:, 1]
         se = np.sqrt(var.sum(axis=1))
         width = sequential.mixture_width(np.maximum(n[:, 1], 2), n_star, alpha)
@@ -500,8 +507,7 @@ def simulate_label_requests(rng: np.random.Generator, n_runs: int, effect: float
         sums += np.stack([k_d * w_d + k_a * w_a, diff * w_d, k_d * w_d**2 + k_a * w_a**2, diff * w_d**2,
                           k_d * w_d**2, k_d + k_a])
         sw, swd, sw2, sw2d, sw2d2, n = sums
-        mean = swd / np.maximum(sw, 1e-12)
-        var = np.maximum(sw2d2 - 2 * mean * sw2d + mean * mean * sw2, 0.0) / np.maximum(sw, 1e-12) ** 2
+        mean, var = _hajek(sw, swd, sw2, sw2d, sw2d2)
         estimate, se = -mean, np.sqrt(var)
         sigma2 = var * n
         n_star = np.where(sigma2 > 0, ratio * sigma2, float(max(min_samples, 1000)))
