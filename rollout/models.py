@@ -292,6 +292,56 @@ def check_records(records: Sequence[dict[str, Any]], columns: tuple[ColumnSpec, 
     return problems
 
 
+def check_frame(frame: pd.DataFrame, columns: tuple[ColumnSpec, ...] | None) -> list[dict[str, Any]]:
+    """Every problem of a frame's rows against an input contract, as `check_records` finds them in its records
+    (the frame's columns are those it may have; a row's problems in the contract's order), without a Python
+    step per row for a column whose dtype already says its values fit (numbers in a numeric column, flags in
+    a boolean one): a batch file's chunk is checked by the column."""
+    if columns is None:
+        return []
+    found: list[tuple[int, int, dict[str, Any]]] = []
+    n = len(frame)
+    for k, spec in enumerate(columns):
+        if spec.name not in frame.columns:
+            if spec.required:
+                found += [(i, k, {"row": i, "field": spec.name, "error": "missing column"}) for i in range(n)]
+            continue
+        column = frame[spec.name]
+        missing = column.isna().to_numpy()
+        if not spec.nullable:
+            found += [(int(i), k, {"row": int(i), "field": spec.name,
+                                   "error": "null not allowed (column is not nullable)"}) for i in np.flatnonzero(missing)]
+        if _dtype_fits(column, spec.kind):
+            continue
+        values = column.tolist()
+        for i in np.flatnonzero(~missing):
+            value = values[i]
+            if not _fits(value, spec.kind):
+                found.append((int(i), k, {"row": int(i), "field": spec.name,
+                                          "error": f"expected {spec.kind}, got {type(value).__name__} {_short(value)}"}))
+    return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]))]
+
+
+def _dtype_fits(column: pd.Series, kind: str) -> bool:
+    """Whether every non-null value of the column fits the kind, by its dtype alone."""
+    dtype = column.dtype
+    if kind == NUMBER:
+        return (pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+                and not pd.api.types.is_complex_dtype(dtype))
+    if kind == INTEGER:
+        if pd.api.types.is_integer_dtype(dtype):
+            return True
+        if pd.api.types.is_float_dtype(dtype):
+            values = column.dropna().to_numpy(dtype=float)
+            return bool(np.all(np.isfinite(values) & (values == np.floor(values))))
+        return False
+    if kind == STRING:
+        return pd.api.types.is_string_dtype(dtype) and not pd.api.types.is_object_dtype(dtype)
+    if kind == BOOLEAN:
+        return bool(pd.api.types.is_bool_dtype(dtype))
+    return kind not in (NUMBER, INTEGER, STRING, BOOLEAN)
+
+
 def allowed_columns(models: Iterable[LoadedModel]) -> set[str] | None:
     """Every column some model reads, or None when one of them declares no contract (then anything goes)."""
     names: set[str] = set()

@@ -15,7 +15,11 @@ evaluation, labels and promotion apply to a model that scores in batch.
 - The champion scores in this process; each challenger in a child process under a deadline
   (`serving.shadow_timeout_s` per `shadow_max_batch_size` rows, at least 5 s), as in the service (unless
   `serving.challenger_isolation` / `shadow_isolation` say thread): a challenger that raises, crashes or
-  hangs costs its own rows (logged as its errors), never the champion's answers.
+  hangs costs its own rows (logged as its errors), never the champion's answers. The children get a
+  chunk's rows first and score while this process scores the champion; unlike the service's they are not
+  niced, since here the answers wait for them.
+- A chunk's inputs are checked against the champion's contract by the column (`models.check_frame`): the
+  same problems the service names, without a Python step per value where the column's dtype vouches.
 - What is logged of the inputs follows `serving.log_features` and `data.pii_columns`, as in the service.
 """
 
@@ -35,7 +39,7 @@ import pandas as pd
 
 from rollout.config import CLASSIFICATION_TASKS, ConfigError, Policy
 from rollout.data import records_of
-from rollout.models import INTEGER, NUMBER, LoadedModel, Outputs, allowed_columns, check_records
+from rollout.models import INTEGER, NUMBER, LoadedModel, Outputs, allowed_columns, check_frame
 from rollout.outcomes import OutcomeStore, PredictionRow
 from rollout.outcomes.redaction import Redaction
 from rollout.roles import Role
@@ -163,7 +167,8 @@ def score_file(policy: Policy, input_path: Path, output_path: Path, *, batch_id:
     cfg = policy.serving
     isolated = [a for a in view.arms[1:] if cfg.challenger_isolation == "process"]
     isolated += [a for a in view.shadows if cfg.shadow_isolation == "process"]
-    children = {a.version: ChildScorer(models[a.version]) for a in isolated}
+    # not niced as the service's are: here the answers wait for the children, nobody else's requests do
+    children = {a.version: ChildScorer(models[a.version], nice=0) for a in isolated}
     scorer = _Scorer(policy, view, models, children)
     output = _Output(output_path)
     try:
@@ -227,14 +232,9 @@ class _Scorer:
         units = [self.redaction.unit(u) for u in units]
         segments = (chunk[data.segment_column].tolist() if data.segment_column and data.segment_column in chunk.columns
                     else [None] * len(chunk))
-        problems = check_records(records, self.champion.columns, None)
         refused: dict[int, str] = {}
-        for p in problems:
+        for p in check_frame(inputs, self.champion.columns):  # every row's problems, by the column
             refused.setdefault(int(p["row"]), f"{p['field']}: {p['error']}")
-        if len(problems) >= 50:  # check_records stops early: check the rest row by row
-            for i, record in enumerate(records):
-                if i not in refused and (more := check_records([record], self.champion.columns, None)):
-                    refused[i] = f"{more[0]['field']}: {more[0]['error']}"
         summary.refused += len(refused)
         ok = [i for i in range(len(records)) if i not in refused]
         groups: dict[str, tuple[Arm, list[int]]] = {}
@@ -244,8 +244,11 @@ class _Scorer:
         answers: dict[int, tuple[Arm, Outputs, int, float]] = {}
         rows: list[PredictionRow] = []
         fallback: list[int] = []
+        # Children get their rows first (shadows: every scorable row), so they score while this process does.
+        shadows = {arm.version: self._begin(arm.version, [records[i] for i in ok]) for arm in self.view.shadows}
+        arms = {version: self._begin(version, [records[i] for i in idx]) for version, (_, idx) in groups.items()}
         for version, (arm, idx) in groups.items():
-            outputs, latency = self._score(version, [records[i] for i in idx])
+            outputs, latency = arms[version]()
             for j, i in enumerate(idx):
                 if outputs.errors[j] is None:
                     answers[i] = (arm, outputs, j, latency)
@@ -268,7 +271,7 @@ class _Scorer:
             kept = self.redaction.features(records[i], rids[i])
             rows.append(self._row(rids[i], arm, ts, units[i], segments[i], outputs, kept, j, latency, None))
         for arm in self.view.shadows:  # every scorable row, off the answers
-            outputs, latency = self._score(arm.version, [records[i] for i in ok])
+            outputs, latency = shadows[arm.version]()
             for j, i in enumerate(ok):
                 error = outputs.errors[j]
                 rows.append(self._row(rids[i], arm, ts, units[i], segments[i], None if error else outputs, None, j,
@@ -294,22 +297,50 @@ class _Scorer:
 
     def _score(self, version: str, records: list[dict[str, Any]]) -> tuple[Outputs, float]:
         """Outputs and the per-row model time in ms; a challenger scores in its child under a deadline."""
+        return self._begin(version, records)()
+
+    def _begin(self, version: str, records: list[dict[str, Any]]) -> Callable[[], tuple[Outputs, float]]:
+        """Start scoring `records`: a version with a child gets them now, so it scores while this process does
+        other work; the returned call waits for its outputs (the deadline counts from now). A version scored in
+        this process scores when the call is made."""
         if not records:
-            return Outputs([], None, []), 0.0
+            return lambda: (Outputs([], None, []), 0.0)
         child = self.children.get(version)
-        started = time.perf_counter()
         if child is None:
-            out = self.models[version].score_each(records)
-            return out, (time.perf_counter() - started) * 1000.0 / len(records)
+            def here() -> tuple[Outputs, float]:
+                started = time.perf_counter()
+                out = self.models[version].score_each(records)
+                return out, (time.perf_counter() - started) * 1000.0 / len(records)
+            return here
         deadline = max(5.0, self.per_rows_s * len(records))
         try:
             child.ready.result(timeout=120)
-            preds, scores, errors, _, latency_ms = child.submit(records).result(timeout=deadline)
-            return Outputs(preds, scores, errors), latency_ms / len(records)
+            future = child.submit(records)
         except FutureTimeout:
             child.restart()
-            error = f"timeout: no answer within {deadline:g} s"
-        except Exception as exc:  # noqa: BLE001 - a crashed child costs its own rows only
+            outcome = self._failed(child, records, None, f"timeout: no answer within {deadline:g} s")
+            return lambda: outcome
+        except Exception as exc:  # noqa: BLE001 - a child that never started costs its own rows only
+            outcome = self._failed(child, records, exc)
+            return lambda: outcome
+        submitted = time.perf_counter()
+
+        def wait() -> tuple[Outputs, float]:
+            try:
+                left = max(deadline - (time.perf_counter() - submitted), 0.0)
+                preds, scores, errors, _, latency_ms = future.result(timeout=left)
+                return Outputs(preds, scores, errors), latency_ms / len(records)
+            except FutureTimeout:
+                child.restart()
+                return self._failed(child, records, None, f"timeout: no answer within {deadline:g} s")
+            except Exception as exc:  # noqa: BLE001 - a crashed child costs its own rows only
+                return self._failed(child, records, exc)
+        return wait
+
+    @staticmethod
+    def _failed(child: ChildScorer, records: list[dict[str, Any]], exc: BaseException | None,
+                error: str | None = None) -> tuple[Outputs, float]:
+        if exc is not None:
             child.revive()
             error = f"{type(exc).__name__}: {exc}"[:500]
         return Outputs([None] * len(records), None, [error] * len(records)), 0.0

@@ -41,12 +41,12 @@ _STORE: Any = None  # in the child: its own connection to the outcome store, to 
 ORPHAN_CHECK_S = 0.5  # how often a child looks whether the service that started it is still alive
 
 
-def _load(payload: bytes, store_url: str | None) -> None:
+def _load(payload: bytes, store_url: str | None, nice: int = CHILD_NICE) -> None:
     global _MODEL, _STORE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then shuts the child down
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="orphan-watch", daemon=True).start()
-    if hasattr(os, "nice"):  # POSIX
-        os.nice(CHILD_NICE)
+    if hasattr(os, "nice") and nice:  # POSIX
+        os.nice(nice)
     _MODEL = pickle.loads(payload)
     if store_url:
         from rollout.outcomes import OutcomeStore
@@ -93,8 +93,9 @@ class ChildScorer:
     waits on it before a call, so a starting child never counts against a call's timeout.
     """
 
-    def __init__(self, model: LoadedModel, store_url: str | None = None) -> None:
+    def __init__(self, model: LoadedModel, store_url: str | None = None, nice: int = CHILD_NICE) -> None:
         self.version = model.version
+        self._nice = nice
         self._payload = pickle.dumps(model)  # raises for a model that cannot be pickled: the caller falls back
         self._store_url = store_url
         self._context = multiprocessing.get_context("spawn")
@@ -103,7 +104,7 @@ class ChildScorer:
 
     def _start(self) -> tuple[ProcessPoolExecutor, Future[Any]]:
         pool = ProcessPoolExecutor(max_workers=1, mp_context=self._context, initializer=_load,
-                                   initargs=(self._payload, self._store_url))
+                                   initargs=(self._payload, self._store_url, self._nice))
         return pool, pool.submit(_ready)  # starts the child now, not on the first batch
 
     def submit(self, rows: list[dict[str, Any]], metas: list[ShadowMeta] | None = None) -> Future[Any]:

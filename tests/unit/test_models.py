@@ -75,3 +75,35 @@ def test_the_input_contract_names_row_and_field_and_bounds_what_it_echoes() -> N
                              {"income", "tier"})
     assert [(p["row"], p["field"]) for p in problems] == [(1, "income"), (1, "x")]
     assert len(problems[0]["error"]) < 120  # a huge value is not echoed back whole
+
+
+def test_checking_a_frame_by_the_column_finds_what_checking_its_records_finds() -> None:
+    """The batch path checks a chunk by the column; every row must get the problems the service would name."""
+    from rollout.data import records_of
+    from rollout.models import BOOLEAN, INTEGER, NUMBER, STRING, ColumnSpec, check_frame
+
+    rng = np.random.default_rng(3)
+    n = 400
+    frame = pd.DataFrame({
+        "income": rng.normal(size=n),  # float: fits a number by its dtype
+        "age": rng.integers(18, 90, n).astype(float),  # whole floats: fit an integer
+        "count": pd.array(rng.integers(0, 5, n), dtype="Int64"),
+        "tier": pd.array(rng.choice(["a", "b"], n), dtype="string"),
+        "flag": rng.random(n) < 0.5,
+        "mixed": pd.Series([1.5 if i % 9 else "oops" for i in range(n)], dtype=object),  # text in a number column
+        "notes": pd.Series(["x" if i % 13 else 7 for i in range(n)], dtype=object),  # a number in a text column
+    })
+    frame.loc[frame.index[::17], "income"] = np.nan
+    frame.loc[frame.index[::19], "age"] = 30.5  # not whole
+    frame.loc[frame.index[::23], "count"] = pd.NA
+    frame.loc[frame.index[::29], "tier"] = pd.NA
+    columns = (ColumnSpec("income", NUMBER, nullable=False), ColumnSpec("age", INTEGER),
+               ColumnSpec("count", INTEGER, nullable=True), ColumnSpec("tier", STRING, nullable=False),
+               ColumnSpec("flag", BOOLEAN), ColumnSpec("mixed", NUMBER), ColumnSpec("notes", STRING),
+               ColumnSpec("absent", NUMBER, required=False))
+    records = records_of(frame)
+    by_frame = check_frame(frame, columns)
+    by_records = [p for i in range(n) for p in check_records([records[i]], columns, None)]
+    assert [(p["field"], p["error"]) for p in by_frame] == [(p["field"], p["error"]) for p in by_records]
+    assert [p["row"] for p in by_frame] == [i for i in range(n) for _ in check_records([records[i]], columns, None)]
+    assert {p["field"] for p in by_frame} == {"income", "age", "tier", "mixed", "notes"}
