@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -45,10 +44,48 @@ TARGET_MB = 500.0  # peak memory of the scoring process and its child, at most
 TARGET_FLAT = 1.25  # peak memory at the full size over at a fifth of it, at most
 
 
-def _peak_mb() -> tuple[float, float]:
-    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return self_kb / 1024.0, children_kb / 1024.0
+def _hwm_mb(pid: int | str = "self") -> float:
+    """A process's peak resident memory (VmHWM): its own, reset by exec (getrusage's maxrss is not: a worker
+    would report its parent's peak)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+class _ChildPeaks:
+    """Samples the peak memory of this process's children (the challenger's child) every 0.2 s."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peaks: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.wait(0.2):
+            for task in Path(f"/proc/{me}/task").iterdir():
+                try:
+                    children = (task / "children").read_text().split()
+                except OSError:
+                    continue
+                for child in children:
+                    self.peaks[int(child)] = max(self.peaks.get(int(child), 0.0), _hwm_mb(child))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peaks.values(), default=0.0)
+
+
+def _peak_mb(children: _ChildPeaks) -> tuple[float, float]:
+    return _hwm_mb(), children.stop()
 
 
 def worker_score(policy_path: str, input_path: str, output_path: str, batch_id: str) -> None:
@@ -56,11 +93,12 @@ def worker_score(policy_path: str, input_path: str, output_path: str, batch_id: 
     from serving.batch import score_file
 
     policy = load_policy(policy_path)
+    watch = _ChildPeaks()
     started = time.perf_counter()
     summary = score_file(policy, Path(input_path), Path(output_path), batch_id=batch_id,
                          key_column="application_id", chunk_rows=CHUNK)
     wall = time.perf_counter() - started
-    mine, children = _peak_mb()
+    mine, children = _peak_mb(watch)
     print(json.dumps({"wall_s": wall, "rows": summary.rows, "logged": summary.logged,
                       "already_logged": summary.already_logged, "peak_mb": mine, "child_peak_mb": children}))
 
@@ -73,6 +111,7 @@ def worker_bare(policy_path: str, input_path: str) -> None:
     from serving.batch import read_chunks
 
     policy = load_policy(policy_path)
+    watch = _ChildPeaks()
     registry = MlflowRegistry.for_policy(policy)
     aliases = registry.aliases()
     champion, challenger = (LoadedModel(registry.load(aliases[a]), aliases[a]) for a in ("champion", "challenger"))
@@ -96,7 +135,7 @@ def worker_bare(policy_path: str, input_path: str) -> None:
         store.log_predictions(logged)
         rows += len(chunk)
     wall = time.perf_counter() - started
-    mine, children = _peak_mb()
+    mine, children = _peak_mb(watch)
     print(json.dumps({"wall_s": wall, "rows": rows, "peak_mb": mine, "child_peak_mb": children}))
 
 

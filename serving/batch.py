@@ -9,7 +9,9 @@ evaluation, labels and promotion apply to a model that scores in batch.
 - Request ids come from the row, not the clock: `<batch id>:<key>` (the key column's value, or the row's
   position in the input), hashed when longer than the store's 64 characters. A rerun of the same batch
   (after a crash, or by mistake) logs only what is not logged yet: a chunk's rows are written in one
-  transaction, so a request is logged whole or not at all.
+  transaction, so a request is logged whole or not at all. A first run does not look each request up (a
+  tenth of its time): it knows it is one when neither its first chunk's requests nor any request id under
+  its prefix are logged (chunks are logged in input order; keys are expected to be unique in the input).
 - Bounded memory: the input is read `chunk_rows` at a time and the output written as it goes (to a
   temporary file, renamed at the end, so a reader never sees half an output).
 - The champion scores in this process; each challenger in a child process under a deadline
@@ -171,6 +173,7 @@ def score_file(policy: Policy, input_path: Path, output_path: Path, *, batch_id:
     children = {a.version: ChildScorer(models[a.version], nice=0) for a in isolated}
     scorer = _Scorer(policy, view, models, children)
     output = _Output(output_path)
+    resumed: bool | None = None  # whether this batch was logged before: known after the first chunk
     try:
         offset = 0
         for chunk in read_chunks(input_path, chunk_rows):
@@ -179,7 +182,15 @@ def score_file(policy: Policy, input_path: Path, output_path: Path, *, batch_id:
             keys = chunk[key_column].astype(str).tolist() if key_column else list(range(offset, offset + len(chunk)))
             offset += len(chunk)
             out, rows = scorer.chunk(chunk, [request_id(batch, k) for k in keys], ts or store.now(), summary)
-            known = store.logged_requests([r.request_id for r in rows])
+            ids = [r.request_id for r in rows]
+            if resumed is None:
+                # A rerun of this batch (after a crash) finds its first chunk's rows logged, or rows under its
+                # prefix: each chunk is then checked request by request. A first run writes without asking:
+                # a run logs its chunks in input order, so a batch with none of its first rows logged has none.
+                known = store.logged_requests(ids)
+                resumed = bool(known) or store.any_request_with_prefix(f"{batch}:")
+            else:
+                known = store.logged_requests(ids) if resumed else set()
             fresh = [r for r in rows if r.request_id not in known]
             store.log_predictions(fresh)
             summary.logged += len({r.request_id for r in fresh})

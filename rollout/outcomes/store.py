@@ -495,6 +495,14 @@ class OutcomeStore:
                     select(predictions.c.request_id).where(predictions.c.request_id.in_(chunk)).distinct()))
         return found
 
+    def any_request_with_prefix(self, prefix: str) -> bool:
+        """Whether any logged request id starts with `prefix`: a LIKE, which no collation can reorder (a range
+        of the index could miss ids under a locale's collation on PostgreSQL); asked once per batch run."""
+        self._ensure()
+        c = predictions.c.request_id
+        with self.engine.connect() as conn:
+            return conn.execute(select(c).where(c.startswith(prefix, autoescape=True)).limit(1)).first() is not None
+
     def unmatched_labels(self) -> int:
         """Current labels whose request id still has no stored prediction."""
         self._ensure()

@@ -156,3 +156,19 @@ def test_a_hung_challenger_is_cut_off_at_its_deadline(store: OutcomeStore, tmp_p
     assert summary.seconds < 60 and summary.answered_by == {"1": 20} and summary.challenger_errors == {"2": 20}
     logged = _logged(store)
     assert logged[logged["version"] == "2"]["error"].str.startswith("timeout").all()
+
+
+def test_a_first_run_does_not_look_up_each_request_and_a_rerun_does(registry: InMemoryRegistry, store: OutcomeStore,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    path, out = _input(tmp_path), tmp_path / "answers.csv"
+    asked: list[int] = []
+    real = store.logged_requests
+    monkeypatch.setattr(store, "logged_requests", lambda ids: asked.append(len(ids)) or real(ids))
+    first = score_file(make_policy(), path, out, chunk_rows=50, registry=registry, store=store)
+    assert first.logged == N and len(asked) == 1  # the first chunk only: nothing of this batch was logged
+    assert store.any_request_with_prefix("answers:") is False and store.any_request_with_prefix("applications:")
+    again = score_file(make_policy(), path, out, chunk_rows=50, registry=registry, store=store)
+    assert (again.logged, again.already_logged) == (0, N) and len(asked) == 1 + N // 50
+    assert len(_logged(store)) == 2 * N
