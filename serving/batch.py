@@ -272,7 +272,7 @@ class _Scorer:
                     fallback.append(i)
         if fallback:
             champion = Arm(Role.CHAMPION, self.view.champion.version, 0.0)  # propensity 0, as the service's fallback
-            outputs, latency = self._score(champion.version, [records[i] for i in fallback])
+            outputs, latency = self._begin(champion.version, [records[i] for i in fallback])()
             for j, i in enumerate(fallback):
                 if outputs.errors[j] is None:
                     answers[i] = (champion, outputs, j, latency)
@@ -305,10 +305,6 @@ class _Scorer:
                 out = inputs.copy()
             out[name] = numbers.astype(object).where(numbers.notna() | column.isna(), column)
         return out
-
-    def _score(self, version: str, records: list[dict[str, Any]]) -> tuple[Outputs, float]:
-        """Outputs and the per-row model time in ms; a challenger scores in its child under a deadline."""
-        return self._begin(version, records)()
 
     def _begin(self, version: str, records: list[dict[str, Any]]) -> Callable[[], tuple[Outputs, float]]:
         """Start scoring `records`: a version with a child gets them now, so it scores while this process does

@@ -28,11 +28,11 @@ import pandas as pd
 from rollout.config import Policy
 from rollout.models import own_metric
 from rollout.outcomes import Rollout, Store
+from rollout.outcomes.summaries import EPS  # the store's clip of a probability in the log loss
 from rollout.stats.guardrails import LabelSums
 from rollout.stats.sampling import WeightedMean, inclusion_probabilities, systematic_sample
 from rollout.times import from_epoch
 
-EPS = 1e-15  # the store's clip of a probability in the log loss (rollout.outcomes.summaries.EPS)
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")  # what `write` writes: checked before a batch is drawn
 LossFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (y, prediction, score) -> loss per row
 

@@ -1,6 +1,7 @@
 """Retention: raw prediction and label rows older than `stores.retention_days` are removed; what outlives them
-is kept for good (the hourly and daily summaries, rollout units, routing, decisions, plans: reports and
-`rollout history` stay complete).
+is kept for good (the hourly and daily summaries, rollout units, routing, decisions, plans, the record of each
+label-request batch: reports and `rollout history` stay complete). A closed rollout's per-row label requests
+(inclusion probabilities) go once their batch is older than the cutoff: nothing evaluates them again.
 
 Never removed: any row of a rollout still open (its evaluation reads its rows from the start), and a label
 while a prediction of its request remains. Deletes run in bounded batches, each its own short transaction,
@@ -77,7 +78,8 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
     # label changes of closed rollouts: their summaries will not be refreshed again
     n_changes = _batched(engine, f"SELECT id FROM label_changes WHERE rollout_id NOT IN ({_OPEN})", "label_changes",
                          cutoff, batch)
-    freed, reclaim_note = _reclaim(engine, n_deleted + n_labels + n_changes + n_dead)
+    n_requested = _requested(engine, cutoff)
+    freed, reclaim_note = _reclaim(engine, n_deleted + n_labels + n_changes + n_dead + n_requested)
     if dropped:
         note = f"{len(dropped)} day partition(s) dropped ({dropped[0]} .. {dropped[-1]}). {note}".strip()
     return Expired(cutoff, n_pred, n_labels, n_dead, n_changes, kept, freed, " ".join(p for p in (note, reclaim_note)
@@ -93,6 +95,20 @@ def _batched(engine: Engine, ids: str, table: str, cutoff: float, batch: int) ->
         removed += done
         if done < batch:
             return removed
+
+
+def _requested(engine: Engine, cutoff: float) -> int:
+    """The per-row inclusion probabilities of label-request batches of closed rollouts older than `cutoff`, one
+    batch (at most its budget of rows) per transaction; the batch records (one row each) stay, as history."""
+    with engine.connect() as conn:
+        batches = conn.execute(text(f"SELECT id FROM label_request_batches WHERE ts_to < :cut AND rollout_id NOT IN "
+                                    f"({_OPEN}) AND id IN (SELECT DISTINCT batch_id FROM label_requests)"),
+                               {"cut": cutoff}).scalars().all()
+    removed = 0
+    for batch_id in batches:
+        with engine.begin() as conn:
+            removed += conn.execute(text("DELETE FROM label_requests WHERE batch_id = :b"), {"b": batch_id}).rowcount
+    return removed
 
 
 def _reclaim(engine: Engine, removed: int) -> tuple[int | None, str]:

@@ -11,7 +11,7 @@ import pandas as pd
 from sqlalchemy import func, select
 
 from rollout.outcomes import OutcomeStore, PredictionRow
-from rollout.outcomes.schema import labels, predictions
+from rollout.outcomes.schema import label_request_batches, label_requests, labels, predictions
 
 DAY = 86_400.0
 T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
@@ -70,6 +70,24 @@ def test_retention_never_removes_an_open_rollouts_rows(store_url: str) -> None:
     after = store.expire(T0 + 40 * DAY)
     assert (after.predictions, after.labels, after.kept_open) == (30 * PER_DAY * 2, 30 * PER_DAY, 0)
     assert _count(store, predictions) == 30 * PER_DAY * 2
+    store.dispose()
+
+
+def test_label_requests_go_with_their_closed_rollout(store_url: str) -> None:
+    store = OutcomeStore(store_url).create()
+    closed = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=T0)
+    old = store.save_label_requests(closed, T0, T0 + DAY, 40, 3, [("a", 0.5), ("b", 0.2), ("c", 0.1)])
+    store.end_rollout(closed, ended_at=T0 + 5 * DAY, reason="promoted")
+    opened = store.open_rollout("shadow", {"champion": "1", "challenger": "3"}, {}, "s", started_at=T0 + 10 * DAY)
+    store.save_label_requests(opened, T0 + 10 * DAY, T0 + 11 * DAY, 40, 2, [("d", 0.5), ("e", 0.2)])
+
+    store.expire(T0 + 40 * DAY)
+
+    # the closed rollout's per-row probabilities go, the open one's stay (its evaluation weighs them);
+    # every batch's record stays, as history
+    assert _count(store, label_requests, label_requests.c.rollout_id == closed) == 0
+    assert _count(store, label_requests, label_requests.c.rollout_id == opened) == 2
+    assert _count(store, label_request_batches) == 2 and old
     store.dispose()
 
 
