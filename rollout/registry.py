@@ -83,6 +83,8 @@ class MlflowRegistry:
     def for_policy(cls, policy: Policy, cached: bool = False) -> MlflowRegistry:
         """The policy's registered model, with its trust settings (and, for the service, its local model cache)."""
         cache = ModelCache(policy.path(policy.serving.model_cache_dir), policy.registry.model_name) if cached else None
+        if policy.artifact_location is not None:
+            follow_move(policy.tracking_uri, policy.artifact_location)
         return cls(policy.tracking_uri, policy.registry.model_name, policy.registry.mirror_stages,
                    tuple(policy.registry.trusted_modules), cache)
 
@@ -234,6 +236,15 @@ class MlflowRegistry:
         # MLflow 3.17's UI picks GenAI or model-training pages from the URL (else the browser's last choice)
         return (f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
                 "?workflowType=machine_learning")
+
+    def artifact_url(self, run_id: str, path: str) -> str | None:
+        """A run's artifact file as the MLflow server hands it to a browser (its UI's own download route), for
+        a Prefect image artifact to show; None for a local store (no server to fetch it from)."""
+        from urllib.parse import urlencode
+
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return None
+        return f"{self.tracking_uri.rstrip('/')}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
 
     def adopt(self, model_uri: str, tags: dict[str, str]) -> str:
         """Make a model from elsewhere a version of this registered model, carrying `tags`: a version of this
@@ -446,9 +457,69 @@ class RunRecord:
     files: dict[str, Path] = field(default_factory=dict)  # artifact folder -> local file
 
 
+# Where MLflow 3 keeps absolute artifact locations in its database: a local store moved with its folder points
+# at the old folder from these until they are rewritten (MLflow records no relative locations: mlflow/mlflow#3144).
+_ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                     ("model_versions", "source"))
+_FOLLOWED: set[tuple[str, str]] = set()
+
+
+def follow_move(tracking_uri: str, root_uri: str) -> str | None:
+    """Make an embedded MLflow store (SQLite) that was moved or copied with its folder resolve its artifacts in
+    its own folder again.
+
+    Applies when the artifact root lies in the database's folder (the demo's `.rollout/mlflow.db` and
+    `.rollout/mlartifacts`): an experiment whose artifact location is that same relative path under another
+    folder was made where the store used to be, so it is pointed at `root_uri`, with every run, logged model
+    and model version under the old root, in one transaction. Nothing to do once done (checked once per
+    process). Returns the old root when it rewrote one."""
+    from urllib.request import url2pathname
+
+    if (not tracking_uri.startswith("sqlite:///") or not root_uri.startswith("file:")
+            or (tracking_uri, root_uri) in _FOLLOWED):
+        return None
+    database = Path(url2pathname(tracking_uri.removeprefix("sqlite:///"))).resolve()
+    root = Path(url2pathname(root_uri.split("://", 1)[-1])).resolve()
+    if not database.exists() or not root.is_relative_to(database.parent):
+        return None
+    relative = root.relative_to(database.parent).as_posix()
+    from sqlalchemy import create_engine, inspect, text
+
+    engine = create_engine(tracking_uri)
+    moved: str | None = None
+    try:
+        with engine.begin() as conn:
+            tables = set(inspect(conn).get_table_names())
+            if "experiments" not in tables:
+                return None
+            for (location,) in conn.execute(text("SELECT artifact_location FROM experiments "
+                                                 "WHERE artifact_location LIKE 'file:%'")):
+                old = str(location).rstrip("/")
+                if old != root_uri.rstrip("/") and old.endswith("/" + relative):
+                    moved = old
+                    break
+            if moved is not None:
+                for table, column in _ARTIFACT_COLUMNS:
+                    if table in tables:
+                        conn.execute(text(
+                            f"UPDATE {table} SET {column} = :new || substr({column}, :cut) "
+                            f"WHERE {column} = :old OR substr({column}, 1, :n) = :old || '/'"),
+                            {"new": root_uri.rstrip("/"), "cut": len(moved) + 1, "old": moved, "n": len(moved) + 1})
+                log.warning("the MLflow store %s was moved or copied: its artifacts now resolve under %s (were %s)",
+                            database, root_uri, moved)
+    finally:
+        engine.dispose()
+    _FOLLOWED.add((tracking_uri, root_uri))
+    return moved
+
+
 def experiment_id(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
     """Point MLflow at `tracking_uri` and return the id of experiment `name`, created if needed."""
     import mlflow
+
+    if artifact_location is not None:
+        follow_move(tracking_uri, artifact_location)
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
@@ -112,4 +112,28 @@ def log_evaluation(policy: Policy, decision: Decision, rollout: Rollout, now: da
         tags={"rollout_id": rollout.rollout_id, "decision": decision.action, "champion": rollout.champion},
         metrics=metrics, texts={"evaluation.md": report.markdown},
         files={"plots": report.plot_path, **({"monitoring": report.monitoring_path} if report.monitoring_path else {})})
-    return registry.log_run(mlflow_experiment(policy, "rollout-evaluation"), record).run_id
+    run_id = registry.log_run(mlflow_experiment(policy, "rollout-evaluation"), record).run_id
+    _show_in_prefect(policy, rollout, run_id, report)
+    return run_id
+
+
+def _show_in_prefect(policy: Policy, rollout: Rollout, run_id: str, report: EvaluationReport) -> None:
+    """The plots as Prefect image artifacts and a link to the MLflow run, when MLflow runs behind a server: the
+    Prefect UI shows an image by its URL, and the MLflow server is what hands the PNGs to a browser. With the
+    embedded store the plots are in the reports folder and the local MLflow store only."""
+    reg = open_registry(policy)
+    run_url = reg.run_url(run_id)
+    if run_url is None:
+        return
+    model = policy.registry.model_name
+    key = f"{model}-rollout-{rollout.rollout_id}"
+    create_link_artifact(run_url, link_text=f"MLflow run of rollout {rollout.rollout_id}'s evaluation",
+                         key=artifact_key(f"{key}-evaluation-run"), description=f"{model}: the evaluation in MLflow")
+    plots = [("plots", report.plot_path, "effect", "effect of each challenger with its band, over time")]
+    if report.monitoring_path is not None:
+        plots.append(("monitoring", report.monitoring_path, "monitoring",
+                      f"{policy.rollout.primary_metric} per day of every version, with each decision marked"))
+    for folder, path, name, what in plots:
+        url = reg.artifact_url(run_id, f"{folder}/{path.name}")
+        if url is not None:
+            create_image_artifact(url, key=artifact_key(f"{key}-{name}-plot"), description=f"{model}: {what}")

@@ -174,6 +174,22 @@ def test_ci_workflow_commands_deploy_and_run_on_real_servers(servers):
         assert [d.decision for d in store.audit_log(rollout.rollout_id)] == ["promote"]
         assert store.current_rollout() is None
         store.dispose()
+
+        # The evaluation's plots show in the Prefect UI: image artifacts whose URLs the MLflow server answers
+        # with the PNGs, and a link to the evaluation's MLflow run.
+        import httpx
+
+        api = env["PREFECT_API_URL"]
+        for name in ("effect-plot", "monitoring-plot", "evaluation-run"):
+            key = f"loan-approval-rollout-{rollout.rollout_id}-{name}"
+            found = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [key]}}}).json()
+            assert len(found) == 1, (key, found)
+            if name.endswith("plot"):
+                assert found[0]["type"] == "image"
+                image = httpx.get(found[0]["data"])
+                assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n", found[0]["data"]
+            else:
+                assert "/#/experiments/" in found[0]["data"]
     finally:
         worker.terminate()  # waited for (or killed after 30 s) with the servers, by the fixture
     shutil.rmtree(tmp / "prefect-home", ignore_errors=True)
