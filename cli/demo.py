@@ -40,6 +40,36 @@ class Step:
     numbers: str = ""
 
 
+def brief(outcome: Any) -> str:
+    """Each challenger's effect, its bounds and its sample size: one evaluation in one line of the terminal."""
+    from rollout.report import effects_line
+
+    return effects_line(outcome.stats or {}) or (outcome.reasons[0] if outcome.reasons else "")
+
+
+def _short(path: Path) -> str:
+    """A path as typed from where the demo runs (the repository's folder), so commands fit the terminal."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _line(text: str) -> None:
+    """One line of the demo's day-by-day log: cut to the terminal's width, never wrapped mid-figure."""
+    console.print(text, no_wrap=True, overflow="ellipsis", crop=True)
+
+
+def summary_table(steps: list[Step]) -> Table:
+    """What happened, step by step; cells wrap at spaces, so a figure is never cut in two."""
+    summary = Table(title="What happened", expand=True)
+    for col, ratio in (("step", 3), ("result", 2), ("numbers", 4)):
+        summary.add_column(col, ratio=ratio)
+    for step in steps:
+        summary.add_row(step.what, step.result, step.numbers)
+    return summary
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,13 +164,11 @@ def run_rollout(config: Path, server: Server, token: str, drift: float, days: in
         with console.status("online-evaluation..."):
             outcome = online_evaluation(config=str(config), params=EvaluationParameters(
                 now=start + timedelta(hours=12), actor="demo schedule"))
-        lead = outcome.reasons[0] if outcome.reasons else ""
-        console.print(f"  day {(half + 1) / 2:>4.1f}  {summary.predicted:>5} served  "
-                      f"[bold]{outcome.action:>8}[/bold]  {lead[:110]}")
+        _line(f"  day {(half + 1) / 2:>4.1f}  {summary.predicted:>5,} served  "
+              f"[bold]{outcome.action:>8}[/bold]  {brief(outcome)}")
         if outcome.action != "continue":
-            steps.append(Step(f"online-evaluation after {(half + 1) / 2:.1f} simulated days",
-                              outcome.action + (f" v{outcome.winner}" if outcome.winner else ""),
-                              "; ".join(outcome.reasons)[:400]))
+            steps.append(Step(f"online-evaluation after {(half + 1) / 2:g} simulated days",
+                              outcome.action + (f" v{outcome.winner}" if outcome.winner else ""), brief(outcome)))
             return outcome
     steps.append(Step("online-evaluation", "still collecting at the end of the demo window"))
     return outcome
@@ -164,8 +192,9 @@ def watch_and_retrain(config: Path, server: Server, token: str, steps: list[Step
                                drift_start=0.0, token=token, send_pending=True)
         with console.status("continuous-training..."):
             outcome = continuous_training(config=str(config), params=ContinuousTrainingParameters(window=2000))
-        console.print(f"  day {day + 1}  {summary.predicted:>5} served  "
-                      f"[bold]{'retrain' if outcome.retrained else 'wait':>8}[/bold]  {outcome.reason[:150]}")
+        _line(f"  day {day + 1}  {summary.predicted:>5,} served  "
+              f"[bold]{'retrain' if outcome.retrained else 'wait':>8}[/bold]  "
+              + (f"drifted: {', '.join(outcome.drifted)}" if outcome.drifted else outcome.reason))
         steps.append(Step(f"continuous-training, day {day + 1} of the drift",
                           f"retrained: v{outcome.version}" if outcome.retrained else "drift seen; waits",
                           outcome.reason[:400]))
@@ -197,7 +226,7 @@ def run_demo() -> None:
     token = secrets.token_hex(16)
     steps: list[Step] = []
     config = write_policy(workdir, mode="shadow")
-    console.print(Panel.fit(f"rollout demo in {workdir}\nPolicy: {config}", title="rollout"))
+    console.print(Panel.fit(f"rollout demo in {_short(workdir)}\nPolicy: {_short(config)}", title="rollout"))
 
     console.rule("1. Bootstrap: the first model becomes @champion")
     first = ci_pipeline(config=str(config), params=CIParameters(example_seed=7))
@@ -241,20 +270,17 @@ def run_demo() -> None:
 
     policy = load_policy(config)
     store = OutcomeStore(policy.outcome_url)
-    summary = Table(title="What happened")
-    for col in ("step", "result", "numbers"):
-        summary.add_column(col, overflow="fold")
-    for step in steps:
-        summary.add_row(step.what, step.result, step.numbers)
-    console.print(summary)
+    console.print(summary_table(steps))
     console.print(f"Logged predictions: {store.count_predictions():,}; audit log entries: {len(store.audit_log())}")
-    console.print(Panel.fit(
-        f"Reports:      {policy.path(policy.stores.reports_dir)}\n"
-        f"History:      .venv/bin/rollout history --config {config}\n"
-        f"MLflow UI:    .venv/bin/mlflow ui --backend-store-uri {policy.tracking_uri} "
-        f"--default-artifact-root {policy.path('mlartifacts').resolve()}\n"
-        f"Prefect UI:   .venv/bin/prefect server start   (then open http://127.0.0.1:4200; the demo's runs are there)\n"
-        f"Took {time.time() - began:.0f} s.", title="Where to look"))
+    # Commands on lines of their own, never wrapped by the demo: a terminal shows them whole, ready to copy.
+    console.rule("Where to look")
+    for what, where in (
+            ("Reports", _short(policy.path(policy.stores.reports_dir))),
+            ("History", f".venv/bin/rollout history --config {_short(config)}"),
+            ("MLflow UI", f".venv/bin/mlflow ui --backend-store-uri sqlite:///{_short(policy.path('mlflow.db'))}"),
+            ("Prefect UI", ".venv/bin/prefect server start, then http://127.0.0.1:4200 (the demo's runs are there)")):
+        console.print(f"{what + ':':<12}{where}", soft_wrap=True, highlight=False)
+    console.print(f"Took {time.time() - began:.0f} s.")
 
 
 if __name__ == "__main__":

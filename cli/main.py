@@ -414,19 +414,24 @@ def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recen
             show_all: bool = typer.Option(False, "--all", help="Include the hourly 'continue' evaluations.")) -> None:
     """Which version was champion when, and why: the audit log with every alias move."""
     from rollout.outcomes import OutcomeStore
+    from rollout.report import effects_line
 
     policy = _policy(config)
-    table = Table(title=f"History of {policy.registry.model_name}")
-    for col in ("time (UTC)", "rollout", "decision", "alias moves", "why", "by"):
-        table.add_column(col, overflow="fold")
+    # Short columns that never wrap, and one wide column that wraps at spaces: fits 100 columns, no figure cut
+    table = Table(title=f"History of {policy.registry.model_name}", expand=True)
+    for col in ("time (UTC)", "rollout", "decision"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("alias moves, and why", ratio=1)
+    table.add_column("by", max_width=20)
     hidden = ("continue", "drift-check")  # the hourly evaluations and drift checks that changed nothing
     entries = [d for d in OutcomeStore(policy.outcome_url).audit_log() if show_all or d.decision not in hidden]
     for d in entries[-limit:]:
-        moves = ", ".join(f"@{m.get('alias')}: {m.get('from', '-')}→{m.get('to') or '-'}" for m in d.alias_moves)
+        moves = "\n".join(f"@{m.get('alias')} {m.get('from') or '-'}→{m.get('to') or '-'}" for m in d.alias_moves)
         reasons = d.stats.get("reasons") or []
-        why = reasons[0] if reasons else ""
-        table.add_row(d.ts.strftime("%Y-%m-%d %H:%M"), str(d.rollout_id or "-"), d.decision, moves or "-",
-                      why if len(why) <= 240 else why[:237] + "...", d.actor)
+        why = effects_line(d.stats.get("stats") or {}) or (reasons[0] if reasons else "")
+        why = why if len(why) <= 240 else why[:237] + "..."
+        table.add_row(d.ts.strftime("%Y-%m-%d %H:%M"), str(d.rollout_id or "-"), d.decision,
+                      f"{moves}\n{why}" if moves else why, d.actor)
     console.print(table)
 
 

@@ -46,6 +46,7 @@ class EvaluationOutcome:
     acted: dict[str, Any] = field(default_factory=dict)
     report: str | None = None
     retention: str | None = None  # what the retention step removed
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # by challenger version: the decision's figures
 
 
 @flow(name="online-evaluation", log_prints=True)
@@ -84,7 +85,7 @@ def online_evaluation(config: str = "rollout.yaml",
         print(f"  - {reason}")
     return EvaluationOutcome(action=decision.action, rollout_id=rollout.rollout_id, winner=decision.winner,
                              reasons=list(decision.reasons), acted=acted, report=str(report.markdown_path),
-                             retention=kept)
+                             retention=kept, stats=decision.stats)
 
 
 def _utc(when: datetime) -> datetime:

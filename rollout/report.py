@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,27 @@ def _num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _count(value: Any) -> str:
+    """A number of samples as people count them: 12,546, never 12546.0000."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return "n/a"
+    return f"{value:,.0f}"
+
+
+def _signed(value: Any) -> str:
+    if not isinstance(value, int | float) or math.isnan(value):
+        return "n/a"
+    return f"{value:+.3f}" if math.isfinite(value) else ("+inf" if value > 0 else "-inf")
+
+
+def effects_line(stats: Mapping[str, Mapping[str, Any]]) -> str:
+    """Each challenger's effect with its bounds and sample size in one line, rounded for reading (a terminal's
+    day-by-day log, `rollout history`): `v7 effect +0.048 [+0.039, +0.058], n=12,546`."""
+    return "; ".join(
+        f"v{v} effect {_signed(s.get('estimate'))} [{_signed(s.get('lower'))}, {_signed(s.get('upper'))}], "
+        f"n={int(s['n']):,}" if s.get("n") else f"v{v}: no labelled outcomes yet" for v, s in stats.items())
+
+
 def evaluation_markdown(decision: dict[str, Any], *, model_name: str, rollout_id: int, mode: str, metric: str,
                         margin: float, champion: str, now: datetime) -> str:
     """The decision, every reason in words, and the numbers behind it, per challenger."""
@@ -64,8 +85,8 @@ def evaluation_markdown(decision: dict[str, Any], *, model_name: str, rollout_id
     for version, s in decision["stats"].items():
         lines.append(
             f"| {version} | {s.get('verdict')} | {_num(s.get('estimate'))} | {_num(s.get('lower'))} | "
-            f"{_num(s.get('upper'))} | {s.get('n')} | {_num(s.get('power'), 2)} | {_num(s.get('samples_needed'))} | "
-            f"{_num(s.get('hours_to_decision'), 3)} | {_num(s.get('srm_p'), 3)} |"
+            f"{_num(s.get('upper'))} | {_count(s.get('n'))} | {_num(s.get('power'), 2)} | "
+            f"{_count(s.get('samples_needed'))} | {_num(s.get('hours_to_decision'), 1)} | {_num(s.get('srm_p'), 3)} |"
         )
     asked = {v: s for v, s in decision["stats"].items() if s.get("labels_at_random") is not None}
     if asked:

@@ -317,6 +317,11 @@ def _srm(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> guardra
     return guardrails.srm_test(observed, shares)
 
 
+def _percent(x: float) -> str:
+    """A confidence level as people write it: 95%, 97.5%, 98.33%."""
+    return f"{round(100 * x, 2):g}%"
+
+
 def _fmt(x: float) -> str:
     return f"{x:+.4f}" if math.isfinite(x) else ("+inf" if x > 0 else "-inf" if x < 0 else "n/a")
 
@@ -376,7 +381,7 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
         waiting = [g for g in checks if g.status == "pending"]
         shown = (
             f"{v}: effect {_fmt(e.estimate)} ({metric}, better-is-positive, {e.method}), one-sided "
-            f"{1 - a:.1%} bounds [{_fmt(b.lower)}, {_fmt(b.upper)}] vs margin -{margin:g}, n={e.n}"
+            f"{_percent(1 - a)} bounds [{_fmt(b.lower)}, {_fmt(b.upper)}] vs margin -{margin:g}, n={e.n}"
         )
         if failed:  # measured within the challenger's own requests: valid however the traffic was split
             verdict = "reject"
