@@ -168,17 +168,24 @@ def difference_plot(looks: Sequence[Look], margin: float, metric: str, path: Pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
+    shown: list[np.datetime64] = []
     for version in sorted({look.version for look in looks}):
         mine = [lk for lk in looks if lk.version == version and lk.estimate is not None]
         if not mine:
             continue
         ts = [lk.ts for lk in mine]
-        est = [lk.estimate for lk in mine]
+        est = [float(lk.estimate) for lk in mine if lk.estimate is not None]
         lo = [lk.lower if lk.lower is not None and math.isfinite(lk.lower) else math.nan for lk in mine]
         hi = [lk.upper if lk.upper is not None and math.isfinite(lk.upper) else math.nan for lk in mine]
         times = np.array([t.astimezone(UTC).replace(tzinfo=None) for t in ts], dtype="datetime64[us]")  # UTC
+        shown += list(times)
         line = ax.plot(times, np.array(est, dtype=float), marker="o", ms=3, label=f"version {version}")[0]
         ax.fill_between(times, np.array(lo, dtype=float), np.array(hi, dtype=float), alpha=0.2, color=line.get_color())
+        if len(times) == 1:  # a band needs two looks to fill: one look's interval as an error bar
+            ax.errorbar(times, np.array(est), yerr=np.array([[est[0] - lo[0]], [hi[0] - est[0]]]),
+                        color=line.get_color(), capsize=4)
+    if shown and min(shown) == max(shown):  # a first look: hours around it, not years
+        ax.set_xlim(min(shown) - np.timedelta64(6, "h"), max(shown) + np.timedelta64(6, "h"))  # type: ignore[arg-type]
     ax.axhline(-margin, color="red", ls="--", lw=1, label=f"-margin ({-margin:g})")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set(title=f"Challenger minus champion ({metric}, better-is-positive), anytime-valid band",
