@@ -228,6 +228,9 @@ class MlflowRegistry:
         """The version's description in the registry UI: what it is and how it did."""
         self.client.update_model_version(self.model_name, version, description=text)
 
+    def rename_run(self, run_id: str, name: str) -> None:
+        self.client.update_run(run_id, name=name)
+
     def run_url(self, run_id: str) -> str | None:
         """The run's page when MLflow runs behind a tracking server (None for a local store: no UI address)."""
         if not self.tracking_uri.startswith(("http://", "https://")):

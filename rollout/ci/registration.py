@@ -104,8 +104,12 @@ def register(policy: Policy, model: Predictor, schema: Schema, frame: pd.DataFra
     logged = registry.log_run(experiment, record, model, x_example, schema.task, policy.registry.model_name, tags,
                               policy.registry.trusted_modules)
     if logged.version is not None:
-        registry.MlflowRegistry.for_policy(policy).describe(
-            logged.version, describe(policy.estimator.label, len(frame), data_hash(frame), cv.metric, held, results))
+        reg = registry.MlflowRegistry.for_policy(policy)
+        reg.describe(logged.version,
+                     describe(policy.estimator.label, len(frame), data_hash(frame), cv.metric, held, results))
+        # named by what it made, once that is known: ci-v7-logistic_regression-20261129-141203
+        if record.name.startswith("ci-"):
+            reg.rename_run(logged.run_id, f"ci-v{logged.version}-{record.name.removeprefix('ci-')}")
     return logged
 
 

@@ -64,7 +64,7 @@ def test_first_model_becomes_champion_then_a_challenger_is_registered_with_tags_
     run_tags = reg.client.get_run(second.run_id).data.tags
     assert tags["prefect.flow_run_id"] == run_tags["prefect.flow_run_id"] != ""
     assert run_tags["prefect.flow_run_url"].endswith(f"/flow-run/{tags['prefect.flow_run_id']}")
-    assert re.fullmatch(r"ci-logistic_regression-\d{8}-\d{6}", run_tags["mlflow.runName"])  # not "ci-..." for all
+    assert re.fullmatch(rf"ci-v{second.version}-logistic_regression-\d{{8}}-\d{{6}}", run_tags["mlflow.runName"])
     assert reg.client.get_model_version("loan-approval", "1").current_stage == "Production"
 
     champion_gate = next(g for g in second.gates if g.gate == "champion")
