@@ -130,6 +130,9 @@ def metrics_markdown(evidence: Evidence, metric: str) -> str:
             segments[version][segment] = segments[version].get(segment, Moments()) + m
             days[version][day] = days[version].get(day, Moments()) + m
     name = metric if metric != "accuracy" else "accuracy"
+    if not segments:  # not an empty table: say why there is nothing yet
+        return ("## Metrics per version and segment\n\nNo labelled outcomes yet: the metrics appear once labels "
+                "arrive for logged predictions.\n")
     lines = ["## Metrics per version and segment", "",
              f"| version | segment | n | {name} | precision | recall |", "|---|---|---|---|---|---|"]
     for version, by_segment in segments.items():
@@ -261,6 +264,7 @@ def cv_figure(cv: CVResult) -> Figure:
     ax.plot(folds, cv.train_scores, "o-", label="train")
     ax.plot(folds, cv.val_scores, "s-", label="validation")
     ax.set(xlabel="fold", ylabel=cv.metric, title=f"Cross-validation {cv.metric}")
+    ax.set_xticks(folds)  # whole folds, never 1.5
     ax.legend()
     if cv.curve:
         ax = axes[0][1]

@@ -102,3 +102,14 @@ def test_the_evaluation_report_counts_samples_and_rounds_hours() -> None:
                                    margin=0.01, champion="1", now=datetime(2026, 1, 1, tzinfo=UTC))
     row = next(line for line in markdown.splitlines() if line.startswith("| 2 |"))
     assert row == "| 2 | promote | 0.0485 | 0.0394 | 0.0575 | 12,546 | 0.91 | 0 | 0.0 | 0.520 |"
+
+
+def test_an_evaluation_before_any_label_says_so_instead_of_an_empty_table() -> None:
+    from datetime import UTC, datetime
+
+    from rollout.cd.decision import Evidence
+    from rollout.report import metrics_markdown
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    markdown = metrics_markdown(Evidence("shadow", now, now, "1", ()), "accuracy")
+    assert "No labelled outcomes yet" in markdown and "| version |" not in markdown
