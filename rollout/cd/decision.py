@@ -380,16 +380,16 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
         failed = [g for g in checks if g.status == "fail"]
         waiting = [g for g in checks if g.status == "pending"]
         shown = (
-            f"{v}: effect {_fmt(e.estimate)} ({metric}, better-is-positive, {e.method}), one-sided "
-            f"{_percent(1 - a)} bounds [{_fmt(b.lower)}, {_fmt(b.upper)}] vs margin -{margin:g}, n={e.n}"
+            f"Version {v}: effect {_fmt(e.estimate)} ({metric}, better-is-positive, {e.method}), one-sided "
+            f"{_percent(1 - a)} bounds [{_fmt(b.lower)}, {_fmt(b.upper)}] vs margin -{margin:g}, n={e.n:,.0f}"
         )
         if failed:  # measured within the challenger's own requests: valid however the traffic was split
             verdict = "reject"
-            why = f"{v}: guardrail breached with confidence: " + " ".join(g.reason for g in failed)
+            why = f"Version {v}: guardrail breached with confidence: " + " ".join(g.reason for g in failed)
         elif srm.p_value < policy.srm_p_value:
             verdict = "inconclusive" if horizon else "continue"
             why = (
-                f"{v}: sample-ratio mismatch (anytime-valid p={srm.p_value:.2g} < {policy.srm_p_value:g}; "
+                f"Version {v}: sample-ratio mismatch (anytime-valid p={srm.p_value:.2g} < {policy.srm_p_value:g}; "
                 + (f"the challenger's propensity-weighted count {srm.observed[0]} vs {srm.observed[1]} requests"
                    if ev.mode == "bandit" or _reweighted(ch, ev) else
                    f"observed {srm.observed[0]} champion vs {srm.observed[1]} challenger {ev.served_unit}")

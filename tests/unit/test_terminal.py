@@ -68,7 +68,7 @@ def test_rollout_history_fits_100_columns_with_each_alias_move_and_effect(tmp_pa
     config = write_policy(Path(tmp_path))
     store = OutcomeStore(load_policy(config).outcome_url).create()
     rollout = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
-    reason = ("2: effect +0.0485 (accuracy, better-is-positive, paired differences, clustered by unit), one-sided "
+    reason = ("Version 2: effect +0.0485 (accuracy, better-is-positive, paired differences, clustered by unit), one-sided "
               "95% bounds [+0.0394, +0.0575] vs margin -0.01, n=12546: the lower bound clears -margin.")
     store.record_decision(rollout, "promote", {"reasons": [reason], "stats": {"2": {
         "estimate": 0.048512, "lower": 0.039411, "upper": 0.057533, "n": 12546}}},
