@@ -23,6 +23,11 @@ falls on all alike; figures are medians over rounds, ratios medians of per-round
 
     .venv/bin/python benchmarks/serving.py --fastpath # POST /predict: direct ASGI path vs routed endpoint
 
+    .venv/bin/python benchmarks/serving.py --workers 2  # `rollout serve --workers 2`: per-worker throughput
+
+`--workers N` runs the rollout server as N processes on its port and reports `throughput_per_worker` (read
+the scaling on a machine with more cores than this one's two; the log counters are then one worker's).
+
 `--fastpath` compares two `rollout serve` processes built from the same code, one answering
 `POST /predict` on the direct ASGI path, one through FastAPI's router, in champion-only and shadow
 modes, alternating server and order every round (ratios: routed over direct).
@@ -234,9 +239,18 @@ def set_mode(server: Server, mode: str, versions: dict[str, str]) -> None:
                             {"mode": "ab", "versions": versions, "weights": {"challenger": 0.5}}, TOKEN)
     if status != 200:
         raise RuntimeError(f"PUT /routing for {mode}: {status} {body}")
-    status, view = http("GET", server.base + "/routing")
     expected = {"single": "champion-only", "shadow": "shadow", "ab": "ab"}[mode]
-    if view.get("mode") != expected or (mode != "single" and not (view.get("shadows") or len(view.get("arms", [])) > 1)):
+    # Each read is a new connection, so with --workers N it reaches any worker: the others take the change
+    # at their next reload (serving.reload_interval_s), so wait until several reads in a row agree.
+    agreed, deadline, view = 0, time.monotonic() + 60, {}
+    while agreed < 8 and time.monotonic() < deadline:
+        status, view = http("GET", server.base + "/routing")
+        ok = view.get("mode") == expected and (mode == "single" or bool(view.get("shadows"))
+                                               or len(view.get("arms", [])) > 1)
+        agreed = agreed + 1 if ok else 0
+        if not ok:
+            time.sleep(0.2)
+    if agreed < 8:
         raise RuntimeError(f"routing is not {mode}: {view}")
 
 
@@ -265,6 +279,8 @@ def main() -> None:
                    help="only POST /predict on the direct ASGI path vs the routed endpoint (champion-only, shadow)")
     p.add_argument("--protocols", action="store_true",
                    help="only the same requests by /predict, MLflow's /invocations and v2 infer (champion-only, shadow)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="`rollout serve --workers N` for the rollout server; throughput per worker is reported")
     args = p.parse_args()
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1 if args.quick else 4)
@@ -291,7 +307,7 @@ def main() -> None:
                 fast = _run_fastpath(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen)
             else:
                 results, info = _run(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen,
-                                     args.shadow_wait_ms)
+                                     args.shadow_wait_ms, args.workers)
         finally:
             for server in servers:
                 server.stop()
@@ -304,7 +320,8 @@ def main() -> None:
 
 
 def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: float, rows: int, seed: int,
-         loadgen: str, shadow_wait_ms: float | None = None) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
+         loadgen: str, shadow_wait_ms: float | None = None,
+         workers: int = 1) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
     seed32 = seed % 2**31
     lr = {"name": "logistic_regression", "params": {"C": 1.0}}
     serving = {"port": 0} if shadow_wait_ms is None else {"port": 0, "shadow_max_wait_ms": shadow_wait_ms}
@@ -340,8 +357,8 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     print(f"trained and registered champion v{champion}, challenger v{challenger}: "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     rollout_srv = Server("rollout", [str(VENV_BIN / "rollout"), "serve", "--config", str(policy), "--port",
-                                     str(ports["rollout"]), "--log-level", "warning"], env, ports["rollout"],
-                         tmp / "rollout.log")
+                                     str(ports["rollout"]), "--log-level", "warning", "--workers",
+                                     str(workers)], env, ports["rollout"], tmp / "rollout.log")
     servers.append(rollout_srv)
     mlflow_srv.wait_ready("/ping")
     rollout_srv.wait_ready("/healthz")
@@ -407,6 +424,8 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     m = metrics(rollout_srv.base)
     info = {
         "champion_version": champion, "challenger_version": challenger,
+        # with --workers N, /metrics is the answering worker's: the log counters are one worker's share
+        "workers": workers,
         "log_rows_written": m.get("rollout_log_written_total", 0.0) - written_before,
         "log_rows_dropped": m.get("rollout_log_dropped_total", 0.0),
         "log_rows_lost": m.get("rollout_log_lost_total", 0.0),
@@ -691,6 +710,9 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
         "shadow_p99_vs_mlflow_p99": h["shadow_p99_vs_mlflow_p99"],
         "shadow_cpu_vs_single_cpu": h["shadow_cpu_vs_single_cpu"],
         "batching_added_p50_ms_c1": added_p50,
+        # read the scaling on a machine with more cores: requests/s of each rollout mode over the workers
+        "throughput_per_worker": {t: {c: f["throughput"] / info["workers"] for c, f in per[t].items()}
+                                  for t in ("single", "shadow", "ab") if t in per},
         "ratios_by_concurrency": ratios, "cells": per, **info,
         "pass": not misses, "misses": misses, "wall_seconds": round(wall, 1),
     })

@@ -93,14 +93,15 @@ def write_policy(workdir: Path, mode: str) -> Path:
 class Server:
     """`rollout serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, config: Path, token: str) -> None:
+    def __init__(self, config: Path, token: str, workers: int = 1) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "ROLLOUT_TOKEN": token}
+        env = {**os.environ, "ROLLOUT_TOKEN": token, "PYTHONPATH": str(ROOT)}
         self.log = open(config.parent / "serve.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve", "--config", str(config), "--port", str(self.port),
-             "--log-level", "warning"], env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=config.parent)
+             "--log-level", "warning", "--workers", str(workers)], env=env, stdout=self.log,
+            stderr=subprocess.STDOUT, cwd=config.parent)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:

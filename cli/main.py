@@ -240,11 +240,13 @@ def serve(
     host: str = typer.Option(None, help="Bind address (default: serving.host)."),
     port: int = typer.Option(None, help="Port (default: serving.port)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    workers: int = typer.Option(1, min=1, help="Processes serving on the one port (each with its own lanes and "
+                                "challenger children; they share the stores and the routing table)."),
 ) -> None:
     """Serve @champion (and challengers, by the open rollout's mode) over HTTP."""
     from serving.app import run
 
-    run(_policy(config), host=host, port=port, log_level=log_level)
+    run(_policy(config), host=host, port=port, log_level=log_level, workers=workers, config=config)
 
 
 @app.command()

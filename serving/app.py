@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -112,6 +115,7 @@ class Service:
             "loaded": sorted(lanes.models),
             "registry_reachable": self.loader.registry_ok,
             "mode": view.mode if view else None,
+            "pid": os.getpid(),  # which worker process answered (`rollout serve --workers N`)
         }
         return (200 if view is not None else 503), body
 
@@ -176,10 +180,16 @@ def create_app(
     return app
 
 
-def run(policy: Policy, host: str | None = None, port: int | None = None, *, log_level: str = "info") -> None:
-    """Serve the policy's model with uvicorn until interrupted; SIGINT/SIGTERM drain the log queue."""
-    import os
+WORKER_CONFIG = "ROLLOUT_SERVE_CONFIG"  # the policy file each worker process of `--workers N` loads
 
+
+def run(policy: Policy, host: str | None = None, port: int | None = None, *, log_level: str = "info",
+        workers: int = 1, config: str | None = None) -> None:
+    """Serve the policy's model with uvicorn until interrupted; SIGINT/SIGTERM drain the log queue.
+
+    With `workers` > 1, uvicorn runs that many processes on the one port, each with its own lanes, challenger
+    children and log writer; they share the registry, the outcome store and so the routing table (each polls
+    it every `serving.reload_interval_s`). Each loads the policy file `config` itself."""
     import uvicorn
 
     # MLflow's client retries an unreachable server for minutes by default; the service must start (from its
@@ -187,12 +197,19 @@ def run(policy: Policy, host: str | None = None, port: int | None = None, *, log
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(policy)
-    uvicorn.run(
-        app,
-        host=host or policy.serving.host,
-        port=policy.serving.port if port is None else port,
-        log_level=log_level,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-    )
+    options: dict[str, Any] = {"host": host or policy.serving.host, "port": policy.serving.port if port is None else port,
+               "log_level": log_level, "access_log": False, "timeout_graceful_shutdown": 30}
+    if workers > 1:
+        if config is None:
+            raise ValueError("workers > 1 needs the policy file's path: each worker process loads it")
+        os.environ[WORKER_CONFIG] = str(Path(config).resolve())
+        uvicorn.run("serving.app:worker_app", factory=True, workers=workers, **options)
+        return
+    uvicorn.run(create_app(policy), **options)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of `rollout serve --workers N` (uvicorn calls this in each)."""
+    from rollout.config import load_policy
+
+    return create_app(load_policy(os.environ[WORKER_CONFIG]))

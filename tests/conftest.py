@@ -170,3 +170,25 @@ def serve_and_label(policy, features: pd.DataFrame, labels: pd.Series, token: st
         else:
             os.environ[policy.serving.token_env] = previous
     return answers
+
+
+def register_income_model(policy_path: Path, alias: str, text_artifact: bool = False) -> tuple[str, str]:
+    """A small logistic regression on `income` alone, logged and registered in the policy's MLflow store as
+    its next version with `alias` (the service answers `{"record": {"income": 2.5}}`); (version, run id)."""
+    import mlflow
+    from sklearn.linear_model import LogisticRegression
+
+    from rollout import registry as reg
+    from rollout.config import load_policy
+
+    policy = load_policy(policy_path)
+    x = pd.DataFrame({"income": [0.0, 1.0, 2.0, 3.0]})
+    model = LogisticRegression().fit(x, [0, 0, 1, 1])
+    experiment = reg.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
+    with mlflow.start_run(experiment_id=experiment) as run:
+        if text_artifact:
+            mlflow.log_text("gate overfit: PASS", "gates/overfit.md")
+        version = str(reg.log_model(model, x, "classification", policy.registry.model_name)
+                      .registered_model_version)
+    reg.MlflowRegistry.for_policy(policy).set_alias(alias, version)
+    return version, str(run.info.run_id)

@@ -6,27 +6,16 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
 
 from rollout import registry as reg
 from rollout.config import load_policy
-from tests.conftest import write_policy
+from tests.conftest import register_income_model, write_policy
 
 
 def _register(folder: Path) -> str:
-    """One run with a text artifact and a registered version, as the CI flow leaves them; the run's id."""
-    import mlflow
-
+    """One run with a text artifact and a registered @champion, as the CI flow leaves them; the run's id."""
     folder.mkdir()
-    policy = load_policy(write_policy(folder))
-    x = pd.DataFrame({"income": [0.0, 1.0, 2.0, 3.0]})
-    model = LogisticRegression().fit(x, [0, 0, 1, 1])
-    experiment = reg.experiment_id(policy.tracking_uri, policy.registry.experiment, policy.artifact_location)
-    with mlflow.start_run(experiment_id=experiment) as run:
-        mlflow.log_text("gate overfit: PASS", "gates/overfit.md")
-        reg.log_model(model, x, "classification", policy.registry.model_name)
-    reg.MlflowRegistry.for_policy(policy).set_alias("champion", "1")
-    return str(run.info.run_id)
+    return register_income_model(write_policy(folder), "champion", text_artifact=True)[1]
 
 
 def test_a_copied_demo_folder_opens_with_its_models_and_artifacts(tmp_path: Path) -> None:
