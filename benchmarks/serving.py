@@ -13,6 +13,8 @@ as subprocesses on free 127.0.0.1 ports, one worker process each:
   every request in the background, every prediction logged), ab (50/50 by customer)
 - `rollout serve` with `serving.max_wait_ms: 0` (no batching wait, own stores), measured at
   concurrency 1 only: the reference for the latency that batching adds
+- the ceiling: uvicorn and a bare ASGI app that parses each body's JSON and answers a constant, at
+  concurrency 32 only: what any Python HTTP server here could carry (`shadow_vs_ceiling_throughput`)
 
 The load generator is a separate process on loopback: `wrk` (Debian package; one thread, one
 keep-alive connection per unit of concurrency, a Lua script cycling through 1,000 single-record
@@ -76,6 +78,7 @@ BODIES = 1000
 TARGET_VS_MLFLOW = 10.0  # shadow throughput over MLflow's, at concurrency 32
 TARGET_SHADOW_COST = 0.95  # shadow throughput over single-model throughput, at least
 TARGET_P99_RATIO = 1.1  # shadow p99 over single-model p99, at most
+TARGET_VS_CEILING = 0.15  # shadow throughput over the bare ASGI app's (the ceiling), at least
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -319,6 +322,27 @@ def main() -> None:
         report(results, info, rounds, seconds, loadgen, args.seed, time.perf_counter() - started)
 
 
+# The ceiling for any Python server here: uvicorn and an ASGI app that reads the body, parses its JSON and
+# answers a constant (no framework, no model, no log).
+CEILING_APP = """
+import orjson
+
+
+async def app(scope, receive, send):
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    if body:
+        orjson.loads(body)
+    answer = b'{"prediction": 1, "score": 0.5}'
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]})
+    await send({"type": "http.response.body", "body": answer})
+"""
+
+
 def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: float, rows: int, seed: int,
          loadgen: str, shadow_wait_ms: float | None = None,
          workers: int = 1) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
@@ -340,7 +364,13 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     registry = MlflowRegistry(pol.tracking_uri, MODEL_NAME, pol.registry.mirror_stages)
     registry.set_alias("champion", champion)
     env = server_env(pol.tracking_uri)
-    ports = {k: free_port() for k in ("mlflow", "rollout", "nowait")}
+    ports = {k: free_port() for k in ("mlflow", "rollout", "nowait", "ceiling")}
+    (tmp / "ceiling_app.py").write_text(CEILING_APP)
+    ceiling_srv = Server("ceiling", [sys.executable, "-m", "uvicorn", "ceiling_app:app", "--app-dir", str(tmp),
+                                     "--host", "127.0.0.1", "--port", str(ports["ceiling"]), "--lifespan", "off",
+                                     "--no-access-log", "--log-level", "warning"], env, ports["ceiling"],
+                         tmp / "ceiling.log")
+    servers.append(ceiling_srv)
     # The champion-only servers start while the challenger trains.
     mlflow_srv = Server("mlflow", [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
                                    "--env-manager", "local", "--workers", "1", "--host", "127.0.0.1",
@@ -363,6 +393,7 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     mlflow_srv.wait_ready("/ping")
     rollout_srv.wait_ready("/healthz")
     nowait_srv.wait_ready("/healthz")
+    ceiling_srv.wait_ready("/")
     print(f"servers ready: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     bodies = {"mlflow": bodies_file(tmp, features, seed32 + 7, "mlflow"),
@@ -382,7 +413,7 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
         return run_python_loadgen(url, body_path, concurrency, secs)
 
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    order = (*TARGETS[:2], "nowait", *TARGETS[2:])
+    order = (*TARGETS[:2], "nowait", *TARGETS[2:], "ceiling")
     written_before = metrics(rollout_srv.base).get("rollout_log_written_total", 0.0)
     for r in range(rounds):
         for target in order:
@@ -390,19 +421,22 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
                 server, url, body_path = mlflow_srv, mlflow_srv.base + "/invocations", bodies["mlflow"]
             elif target == "nowait":
                 server, url, body_path = nowait_srv, nowait_srv.base + "/predict", bodies["rollout"]
+            elif target == "ceiling":
+                server, url, body_path = ceiling_srv, ceiling_srv.base + "/predict", bodies["rollout"]
             else:
                 server, url, body_path = rollout_srv, rollout_srv.base + "/predict", bodies["rollout"]
                 set_mode(server, target, versions)
-            levels = (1,) if target == "nowait" else CONCURRENCY
+            levels = (1,) if target == "nowait" else (HEADLINE_C,) if target == "ceiling" else CONCURRENCY
             load(url, body_path, max(levels), warmup)  # untimed: connections, lanes, caches
             for c in levels:
-                if server is not mlflow_srv:
+                ours = server not in (mlflow_srv, ceiling_srv)
+                if ours:
                     drain(server)
-                before = metrics(server.base) if server is not mlflow_srv else {}
+                before = metrics(server.base) if ours else {}
                 cpu0 = group_cpu_s(server.proc.pid)
                 out = load(url, body_path, c, seconds)
                 out["throughput"] = out["requests"] / out["duration_s"]
-                if server is not mlflow_srv:
+                if ours:
                     out["log_queue_at_end"] = metrics(server.base).get("rollout_log_queue_depth", 0.0)
                     out["drain_s"] = drain(server)  # the cell's log rows and shadow rows are part of its cost
                     after = metrics(server.base)
@@ -641,7 +675,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
 
     rows = []
     per: dict[str, Any] = {}
-    for target in (*TARGETS, "nowait"):
+    for target in (*TARGETS, "nowait", "ceiling"):
         for c in CONCURRENCY:
             if (target, c) not in results:
                 continue
@@ -649,7 +683,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
             fig = {"throughput": med(target, c, "throughput"), "p50_ms": med(target, c, "p50_ms"),
                    "p99_ms": med(target, c, "p99_ms"), "cpu_us_per_request": med(target, c, "cpu_us_per_request"),
                    "non_200": sum(o["bad_status"] + o["socket_errors"] for o in runs)}
-            if target != "mlflow":
+            if target not in ("mlflow", "ceiling"):
                 fig["serve_batch_mean"] = med(target, c, "serve_batch_mean")
                 fig["shadow_batch_mean"] = med(target, c, "shadow_batch_mean")
                 fig["log_dropped"] = sum(o["log_dropped"] for o in runs)
@@ -677,6 +711,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
                 [[c, *ratios[str(c)].values()] for c in CONCURRENCY])
 
     h = ratios[str(HEADLINE_C)]
+    h["shadow_vs_ceiling_throughput"] = ratio("shadow", "ceiling", HEADLINE_C, "throughput")
     wait_ms = info["max_wait_ms"]
     added_p50 = med("single", 1, "p50_ms") - med("nowait", 1, "p50_ms")
     p99_below_mlflow = all(ratios[str(c)]["shadow_p99_vs_mlflow_p99"] < 1.0 for c in CONCURRENCY)
@@ -685,6 +720,8 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
     checks = [
         ["shadow / MLflow throughput (c=32)", h["shadow_vs_mlflow_throughput"], f">= {TARGET_VS_MLFLOW:g}",
          h["shadow_vs_mlflow_throughput"] >= TARGET_VS_MLFLOW],
+        ["shadow / bare ASGI ceiling throughput (c=32)", h["shadow_vs_ceiling_throughput"],
+         f">= {TARGET_VS_CEILING:g}", h["shadow_vs_ceiling_throughput"] >= TARGET_VS_CEILING],
         ["shadow / single throughput (c=32)", h["shadow_vs_single_throughput"], f">= {TARGET_SHADOW_COST:g}",
          h["shadow_vs_single_throughput"] >= TARGET_SHADOW_COST],
         ["shadow p99 / single p99 (c=32)", h["shadow_p99_vs_single_p99"], f"<= {TARGET_P99_RATIO:g}",
@@ -709,6 +746,8 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
         "shadow_p99_vs_single_p99": h["shadow_p99_vs_single_p99"],
         "shadow_p99_vs_mlflow_p99": h["shadow_p99_vs_mlflow_p99"],
         "shadow_cpu_vs_single_cpu": h["shadow_cpu_vs_single_cpu"],
+        "shadow_vs_ceiling_throughput": h["shadow_vs_ceiling_throughput"],
+        "ab_vs_single_throughput": h["ab_vs_single_throughput"],
         "batching_added_p50_ms_c1": added_p50,
         # read the scaling on a machine with more cores: requests/s of each rollout mode over the workers
         "throughput_per_worker": {t: {c: f["throughput"] / info["workers"] for c, f in per[t].items()}
