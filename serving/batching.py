@@ -54,6 +54,17 @@ class Job:
 Sink = Callable[[list[Job], Scored | None, str | None], None]
 
 
+class Calls:
+    """Model calls in flight across the response-path lanes of one service: an eager lane scores at once only
+    when the whole service is idle, so in A/B each arm gathers while the other arm's call runs, and its batches
+    grow under load as the champion's do alone."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class MicroBatcher:
     """Gathers jobs for one model version and lane, scores them in batches off the event loop."""
 
@@ -71,8 +82,10 @@ class MicroBatcher:
         sink: Sink | None = None,
         on_batch: Callable[[str, int, float, bool], None] | None = None,
         scorer: Any = None,
+        calls: Calls | None = None,
     ) -> None:
         self.model = model
+        self.calls = calls if calls is not None else Calls()  # shared by the service's response-path lanes
         self.name = name
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -186,7 +199,7 @@ class MicroBatcher:
                 await self._wake.wait()
                 continue
             if (
-                (self._busy or not self.eager)
+                (self._busy or self.calls.n or not self.eager)
                 and self._pending_rows < self.max_batch
                 and self.max_wait_s > 0
                 and not self._closing
@@ -210,6 +223,7 @@ class MicroBatcher:
             rows = [row for job in jobs for row in job.rows]
             started = time.perf_counter()
             self._busy += 1
+            self.calls.n += 1
             if self.scorer is not None:
                 metas = [job.meta for job in jobs] if all(job.future is None for job in jobs) else None
                 call = asyncio.wrap_future(self.scorer.submit(rows, metas), loop=loop)
@@ -222,6 +236,7 @@ class MicroBatcher:
 
     def _call_done(self, _call: asyncio.Future[Any]) -> None:
         self._busy -= 1
+        self.calls.n -= 1
         self._slots.release()
 
     def _take(self) -> list[Job]:

@@ -17,7 +17,7 @@ from rollout.config import Policy
 from rollout.models import LoadedModel, allowed_columns
 from rollout.outcomes import OutcomeStore, Rollout
 from rollout.roles import Role
-from serving.batching import MicroBatcher, Sink
+from serving.batching import Calls, MicroBatcher, Sink
 from serving.isolation import ChildScorer, freeze_heap
 from serving.routing import RoutingView, build_view
 
@@ -69,6 +69,7 @@ class Loader:
         self.registry_ok = False
         self.reload_errors = 0
         self._retiring: set[asyncio.Task[None]] = set()
+        self.calls = Calls()  # the response-path lanes' calls in flight (serving.batching.Calls)
 
     async def load(self, old: Lanes) -> Lanes:
         """The next snapshot: moved versions loaded, lanes made for new versions, the old ones reused."""
@@ -195,6 +196,7 @@ class Loader:
                 in_flight=2,
                 on_batch=self.on_batch,
                 scorer=self._child_scorer(model, shadow=False) if challenger else None,
+                calls=self.calls,
             )
         return lane.start()
 
