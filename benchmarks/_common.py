@@ -80,6 +80,18 @@ def shadow_pair(champion_policy: Path, challenger_policy: Path, stores: list[Pat
     return champion, challenger, features
 
 
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server subprocess."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """Every benchmark takes --quick (a run under a minute) and --seed."""
     p = argparse.ArgumentParser(description=description)

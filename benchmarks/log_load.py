@@ -36,20 +36,11 @@ _HERE = Path(__file__).resolve().parent
 ROOT = _HERE.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
-from _common import (WRK_LUA, emit_json, example_policy, parser, print_table, run_python_loadgen,  # noqa: E402
-                     run_wrk, train_and_register, verdict)
+from _common import (PG_ADMIN, WRK_LUA, emit_json, example_policy, free_port, parser, print_table,  # noqa: E402
+                     run_python_loadgen, run_wrk, train_and_register, verdict)
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 VENV_BIN = Path(sys.executable).parent
 TOKEN = "bench-token"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bodies(path: Path, features: list[str], rows: int, per_request: int, seed: int) -> Path:
@@ -98,7 +89,7 @@ def run_backend(name: str, url: str, tmp: Path, policy_doc: dict[str, Any], vers
     config.write_text(yaml.safe_dump(doc))
     store = OutcomeStore(url).create()
     store.open_rollout("shadow", versions, {}, "bench")
-    port = _free_port()
+    port = free_port()
     log = tmp / f"serve-{name}.log"
     proc = subprocess.Popen([str(VENV_BIN / "rollout"), "serve", "--config", str(config), "--port", str(port),
                              "--log-level", "warning"], env={**os.environ, "ROLLOUT_TOKEN": TOKEN},

@@ -231,23 +231,27 @@ class MlflowRegistry:
     def rename_run(self, run_id: str, name: str) -> None:
         self.client.update_run(run_id, name=name)
 
+    @property
+    def server_url(self) -> str | None:
+        """The tracking server's address, which a browser can open (None for a local store)."""
+        return self.tracking_uri.rstrip("/") if self.tracking_uri.startswith(("http://", "https://")) else None
+
     def run_url(self, run_id: str) -> str | None:
         """The run's page when MLflow runs behind a tracking server (None for a local store: no UI address)."""
-        if not self.tracking_uri.startswith(("http://", "https://")):
+        if self.server_url is None:
             return None
         run = self.client.get_run(run_id)
         # MLflow 3.17's UI picks GenAI or model-training pages from the URL (else the browser's last choice)
-        return (f"{self.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-                "?workflowType=machine_learning")
+        return f"{self.server_url}/#/experiments/{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
     def artifact_url(self, run_id: str, path: str) -> str | None:
         """A run's artifact file as the MLflow server hands it to a browser (its UI's own download route), for
         a Prefect image artifact to show; None for a local store (no server to fetch it from)."""
         from urllib.parse import urlencode
 
-        if not self.tracking_uri.startswith(("http://", "https://")):
+        if self.server_url is None:
             return None
-        return f"{self.tracking_uri.rstrip('/')}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
+        return f"{self.server_url}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
 
     def adopt(self, model_uri: str, tags: dict[str, str]) -> str:
         """Make a model from elsewhere a version of this registered model, carrying `tags`: a version of this

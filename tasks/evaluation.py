@@ -123,7 +123,7 @@ def _show_in_prefect(policy: Policy, rollout: Rollout, run_id: str, report: Eval
     embedded store the plots are in the reports folder and the local MLflow store only."""
     reg = open_registry(policy)
     run_url = reg.run_url(run_id)
-    if run_url is None:
+    if run_url is None:  # no server: artifact_url would be None too
         return
     model = policy.registry.model_name
     key = f"{model}-rollout-{rollout.rollout_id}"
@@ -134,6 +134,5 @@ def _show_in_prefect(policy: Policy, rollout: Rollout, run_id: str, report: Eval
         plots.append(("monitoring", report.monitoring_path, "monitoring",
                       f"{policy.rollout.primary_metric} per day of every version, with each decision marked"))
     for folder, path, name, what in plots:
-        url = reg.artifact_url(run_id, f"{folder}/{path.name}")
-        if url is not None:
-            create_image_artifact(url, key=artifact_key(f"{key}-{name}-plot"), description=f"{model}: {what}")
+        create_image_artifact(str(reg.artifact_url(run_id, f"{folder}/{path.name}")),
+                              key=artifact_key(f"{key}-{name}-plot"), description=f"{model}: {what}")
