@@ -230,23 +230,27 @@ def _guardrails(policy: RolloutPolicy, ch: ChallengerEvidence, ev: Evidence) -> 
     looks = max(policy.max_duration_days * 24.0, 1.0)  # latency bounds are fixed-sample: a union over the looks
     days = max(policy.max_duration_days, 1.0)  # stability changes once a day
     out: list[GuardrailResult] = []
-    def labelled(check: GuardrailResult) -> GuardrailResult:
-        # With label requests the labelled rows are a sample favouring disagreements: a guardrail counting them
-        # unweighted may say more than the traffic would, so it holds the decision and never rejects.
+    def labelled(check: GuardrailResult, counted: str) -> GuardrailResult:
+        # With label requests the labelled rows are a sample favouring disagreements, with unequal weights: a
+        # bound from them is approximate (the segment floors count each row by 1/its inclusion probability, at
+        # the sample's effective size; the stability check's daily losses are unweighted), so it holds the
+        # decision and never rejects.
         if ch.requested is None or check.status != "fail":
             return check
-        return _as(check, "pending", " (counted over requested labels, unweighted: holds, never rejects)")
+        return _as(check, "pending", f" (counted over requested labels, {counted}: holds, never rejects)")
 
     for g in policy.segment_guardrails:
         s, t = ch.confusion.get(g.key, Confusion()).successes(g.metric)
-        out.append(labelled(guardrails.floor_check(g.name, s, t, g.min, a, policy.guardrail_min_trials)))
+        out.append(labelled(guardrails.floor_check(g.name, s, t, g.min, a, policy.guardrail_min_trials),
+                            "weighted by 1/inclusion probability"))
     out.append(guardrails.ceiling_check("error_rate", ch.errors, ch.requests, policy.max_error_rate, a,
                                         policy.guardrail_min_trials))
     complete = _complete_days(ev)
     ch_days, champ_days = _by_day(ch.loss), _by_day(ev.champion_loss)
     both = sorted(set(ch_days) & set(champ_days) & complete)
     out.append(labelled(guardrails.stability_check([ch_days[d] for d in both], [champ_days[d] for d in both],
-                                                   policy.max_stability_ratio, a / days, policy.margin / 2)))
+                                                   policy.max_stability_ratio, a / days, policy.margin / 2),
+                       "unweighted"))
     latency = [guardrails.latency_check(ch.latency, policy.max_latency_p99_ms, a / looks)]
     if ev.champion_latency:
         latency.append(guardrails.latency_check(ch.latency, policy.max_latency_ratio, a / looks,

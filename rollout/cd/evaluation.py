@@ -169,8 +169,11 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
     requested: RequestedEvidence | None = None
     if rp.label_requests.enabled:  # only the requested rows' labels count, weighted by their probabilities
         requested = requested_evidence(store.requested_rows(rid), rollout.mode, champion, metric, to_epoch(cut),
-                                       units=policy.data.unit_column is not None)
+                                       units=policy.data.unit_column is not None,
+                                       binary=policy.data.task == "classification")
         label_sums = dict(requested.labels)
+        if policy.data.task == "classification":  # the segment floors judge the traffic, not the sample
+            confusion = {v: dict(c) for v, c in requested.confusion.items()}
     started = age_from(store, rollout)
     hours = max((now - started).total_seconds() / 3600.0, 1e-9)
 

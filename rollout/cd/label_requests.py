@@ -30,6 +30,7 @@ from rollout.models import own_metric
 from rollout.outcomes import Rollout, Store
 from rollout.outcomes.summaries import EPS  # the store's clip of a probability in the log loss
 from rollout.stats.guardrails import LabelSums
+from rollout.stats.moments import Confusion
 from rollout.stats.sampling import WeightedMean, inclusion_probabilities, systematic_sample
 from rollout.times import from_epoch
 
@@ -155,11 +156,15 @@ class RequestedEvidence:
 
     means: Mapping[str, WeightedMean]
     labels: Mapping[str, LabelSums]
+    # binary classification: per version, per segment, the confusion counts each labelled row weighted by
+    # 1 / its inclusion probability, scaled to the sample's effective size (for the segment guardrails)
+    confusion: Mapping[str, Mapping[str, Confusion]] = field(default_factory=dict)
 
 
 def requested_evidence(rows: pd.DataFrame, mode: str, champion: str, metric: str, cutoff: float,
-                       units: bool) -> RequestedEvidence:
-    """From the store's requested rows (`Store.requested_rows`), those logged before the maturity cut."""
+                       units: bool, binary: bool = False) -> RequestedEvidence:
+    """From the store's requested rows (`Store.requested_rows`), those logged before the maturity cut; with
+    `binary` (a binary classifier's 0/1 predictions), the weighted confusion counts too."""
     loss = loss_function(metric)
     rows = rows[rows["ts"] < cutoff]
     labels: dict[str, LabelSums] = {}
@@ -171,6 +176,7 @@ def requested_evidence(rows: pd.DataFrame, mode: str, champion: str, metric: str
     labelled = rows[rows["label"].notna()].copy()
     if labelled.empty:
         return RequestedEvidence({}, labels)
+    confusion = weighted_confusion(labelled) if binary else {}
     labelled["loss"] = loss(labelled["label"].to_numpy(), labelled["prediction"].to_numpy(),
                             labelled["score"].to_numpy())
     labelled = labelled[np.isfinite(labelled["loss"])]
@@ -187,7 +193,24 @@ def requested_evidence(rows: pd.DataFrame, mode: str, champion: str, metric: str
         for version, group in labelled.groupby("version"):
             means[str(version)] = WeightedMean.of(group["loss"], group["probability"],
                                                   group["unit"].tolist() if units else None)
-    return RequestedEvidence(means, labels)
+    return RequestedEvidence(means, labels, confusion)
+
+
+def weighted_confusion(labelled: pd.DataFrame) -> dict[str, dict[str, Confusion]]:
+    """Per version and segment, the confusion counts of labelled requested rows, each weighted by 1 / its
+    inclusion probability and scaled so they add up to the rows' effective sample size (Kish: (sum w)^2 /
+    sum w^2). The shares estimate the segment's precision, recall and accuracy over all its traffic (the
+    requested rows favour disagreements, where both models are wrong more often), and a confidence bound
+    on the counts is as wide as the weights make the estimate."""
+    frame = labelled[labelled["prediction"].notna()]
+    out: dict[str, dict[str, Confusion]] = {}
+    for (version, segment), group in frame.groupby([frame["version"], frame["segment"].fillna("")]):
+        w = 1.0 / group["probability"].to_numpy(dtype=float)
+        scale = w.sum() / float((w * w).sum())
+        said, was = group["prediction"].to_numpy() == 1, group["label"].to_numpy() == 1
+        cells = [int(round(scale * float(w[m].sum()))) for m in (said & was, said & ~was, ~said & was, ~said & ~was)]
+        out.setdefault(str(version), {})[str(segment)] = Confusion(*cells)
+    return out
 
 
 def write(batch: LabelRequestBatch, path: Path) -> Path:

@@ -290,7 +290,8 @@ class InMemoryStore:
                 continue
             label = self.labels.get(r.request_id)
             rows.append((r.request_id, pi, r.unit_id, _ts(r), r.version, r.prediction, _scalar(r.score),
-                         math.nan if label is None else label[1], math.nan if label is None else label[0]))
+                         math.nan if label is None else label[1], math.nan if label is None else label[0],
+                         r.segment))
         frame = pd.DataFrame.from_records(rows, columns=REQUESTED_COLUMNS)
         return frame.astype({"label": float, "label_ts": float, "prediction": float, "score": float})
 

@@ -17,7 +17,7 @@ from rollout.times import day_of
 
 POOL_COLUMNS = ["request_id", "unit_id", "ts", "version", "prediction", "score"]
 REQUESTED_COLUMNS = ["request_id", "probability", "unit_id", "ts", "version", "prediction", "score", "label",
-                     "label_ts"]
+                     "label_ts", "segment"]
 
 
 def pool(engine: Engine, rollout_id: int) -> tuple[float, pd.DataFrame]:
@@ -70,7 +70,7 @@ def requested(engine: Engine, rollout_id: int) -> pd.DataFrame:
     join = (r.join(p, and_(p.c.rollout_id == r.c.rollout_id, p.c.request_id == r.c.request_id, p.c.error.is_(None)))
             .outerjoin(lab, and_(lab.c.request_id == r.c.request_id, lab.c.current == 1)))
     query = (select(r.c.request_id, r.c.probability, p.c.unit_id, p.c.ts, p.c.version, p.c.prediction, p.c.score,
-                    lab.c.label, lab.c.ts).select_from(join).where(r.c.rollout_id == rollout_id))
+                    lab.c.label, lab.c.ts, p.c.segment).select_from(join).where(r.c.rollout_id == rollout_id))
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     frame = pd.DataFrame.from_records(rows, columns=REQUESTED_COLUMNS)

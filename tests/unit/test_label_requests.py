@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from rollout.cd.decision import decide
@@ -81,18 +82,19 @@ def test_label_requests_need_a_task_and_mode_they_can_weigh() -> None:
 
 
 def _shadow_hour(store: OutcomeStore, rid: int, hour: int, rng: np.random.Generator, per_hour: int,
-                 truth: dict[str, float]) -> None:
-    """Champion "1" and challenger "2" disagree on 15% of requests; there the challenger is right 60% of the time."""
+                 truth: dict[str, float], right: float = 0.8, wins: float = 0.6) -> None:
+    """Champion "1" and challenger "2" disagree on 15% of requests; there the challenger is right `wins` of the
+    time (60%); elsewhere they are right `right` of the time (80%)."""
     rows = []
     for i in range(per_hour):
         request = f"h{hour}-{i}"
         ts = T0 + timedelta(hours=hour, seconds=i * 3600 / per_hour)
         label = float(rng.random() < 0.4)
-        champion = label if rng.random() < 0.8 else 1 - label
+        champion = label if rng.random() < right else 1 - label
         challenger = champion
         if rng.random() < 0.15:
             challenger = 1 - champion
-            if (challenger == label) != (rng.random() < 0.6):  # the challenger right 60% of disagreements
+            if (challenger == label) != (rng.random() < wins):  # the challenger right `wins` of disagreements
                 challenger, champion = champion, challenger
         truth[request] = label
         unit = f"u{rng.integers(5000)}"
@@ -139,6 +141,38 @@ def test_a_shadow_rollout_decides_on_requested_labels_only(store_url: str) -> No
                                  metric="accuracy", margin=0.01, champion="1", now=T0)
     section = report.split("## Label requests")[1]
     assert f"| 2 | {stats['n']:,} | {stats['labels_at_random']:,.0f} |" in section
+    store.dispose()
+
+
+def test_segment_floors_judge_the_traffic_not_the_requested_sample(tmp_path) -> None:
+    """The requested rows are mostly disagreements, where one of the two models is wrong: counted as they come,
+    the challenger's accuracy there (~0.6) sits below a floor of 0.7 it clears easily over the traffic (~0.9),
+    and the rollout would be held for good. Weighted by 1/inclusion probability, the floor sees the traffic."""
+    policy = parse_policy({"rollout": {"mode": "shadow", "primary_metric": "accuracy", "margin": 0.01,
+                                       "min_detectable_effect": 0.01, "min_samples": 200, "min_duration_hours": 12,
+                                       "segment_guardrails": [{"segment": "all", "metric": "accuracy", "min": 0.7}],
+                                       "label_requests": {"enabled": True}}})
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}", clock=lambda: T0).create()
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, None, "salt", T0)
+    rng = np.random.default_rng(4)
+    truth: dict[str, float] = {}
+    requested: list[str] = []
+    decision = None
+    for hour in range(48):
+        _shadow_hour(store, rid, hour, rng, 300, truth, right=0.95, wins=0.6)
+        ids = [r["request_id"] for r in request_labels(store, store.rollout(rid), policy, 45, rng).requests]
+        requested += ids
+        store.add_labels([(r, truth[r], T0 + timedelta(hours=hour, minutes=50)) for r in ids])
+        decision = decide(policy.rollout, gather(store, store.rollout(rid), policy, T0 + timedelta(hours=hour + 1)))
+        if decision.action != "continue":
+            break
+    assert decision is not None and decision.action == "promote", decision.reasons
+    (floor,) = [g for g in decision.stats["2"]["guardrails"] if g["name"] == "all accuracy"]
+    logged = pd.read_sql("SELECT request_id, prediction FROM predictions WHERE version = '2'", store.engine)
+    right = logged["prediction"] == logged["request_id"].map(truth)
+    traffic, sample = right.mean(), right[logged["request_id"].isin(set(requested))].mean()
+    assert floor["status"] == "pass" and floor["bound"] <= traffic  # its lower bound holds for the traffic
+    assert sample < 0.7 < traffic  # counted as they come, the requested rows would have held it for good
     store.dispose()
 
 
