@@ -50,9 +50,8 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import numpy as np  # noqa: E402
 
-from _common import emit_json, parser, print_table, verdict  # noqa: E402
+from _common import PG_ADMIN, emit_json, parser, print_table, verdict  # noqa: E402
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 DAYS = 30
 TARGET_RATIO = 3.0

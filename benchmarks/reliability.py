@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from _common import emit_json, parser, print_table, verdict  # noqa: E402
+from _common import emit_json, free_port, parser, print_table, verdict  # noqa: E402
 
 SERVER = textwrap.dedent("""
     import sys
@@ -39,12 +39,6 @@ SERVER = textwrap.dedent("""
     app = create_app(policy, registry=registry, store=OutcomeStore({url!r}))
     uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning", access_log=False)
 """)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _load(port: int, seconds: float, concurrency: int, answered: dict[str, float]) -> None:
@@ -71,7 +65,7 @@ def one_kill(workdir: Path, after_s: float, concurrency: int) -> dict[str, float
 
     url = f"sqlite:///{workdir / f'outcomes-{time.time_ns()}.db'}"
     OutcomeStore(url).create().dispose()
-    port = _free_port()
+    port = free_port()
     root = str(Path(__file__).resolve().parents[1])
     server = subprocess.Popen([sys.executable, "-c", SERVER.format(root=root, url=url, port=port)])
     deadline = time.monotonic() + 60

@@ -34,9 +34,8 @@ _HERE = Path(__file__).resolve().parent
 ROOT = _HERE.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
-from _common import emit_json, parser, print_table, verdict  # noqa: E402
+from _common import PG_ADMIN, emit_json, parser, print_table, verdict  # noqa: E402
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 DAY = 86_400.0
 ROLLOUT_DAYS, GAP_DAYS = 10, 5

@@ -49,7 +49,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,7 @@ _HERE = Path(__file__).resolve().parent
 ROOT = _HERE.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
-from _common import (WRK_LUA, emit_json, example_policy, parser, print_table, run_python_loadgen,  # noqa: E402
+from _common import (WRK_LUA, emit_json, example_policy, free_port, parser, print_table, run_python_loadgen,  # noqa: E402
                      run_wrk, train_and_register, verdict)
 
 MODEL_NAME = "loan-approval"
@@ -94,12 +93,6 @@ def median(values: list[float]) -> float:
 # ------------------------------------------------------------------------------- load generator
 
 # ------------------------------------------------------------------------------- setup
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def write_policy(directory: Path, name: str, rows: int, seed: int, estimator: dict[str, Any],
                  serving: dict[str, Any], outcomes: str = "outcomes.db") -> Path:

@@ -38,18 +38,12 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import statistics as stats_  # noqa: E402 - after the path fix: benchmarks/statistics.py shares the name
 
-from _common import (WRK_LUA, emit_json, example_policy, parser, print_table, run_python_loadgen,  # noqa: E402
+from _common import (WRK_LUA, emit_json, example_policy, free_port, parser, print_table, run_python_loadgen,  # noqa: E402
                      run_wrk, shadow_pair, verdict)
 
 VENV_BIN = Path(sys.executable).parent
 CONCURRENCY = 32
 TARGET = 0.8  # stream rate over HTTP rate, at least
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _reachable(port: int) -> bool:
@@ -64,7 +58,7 @@ def _redis(tmp: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
     server = shutil.which("redis-server")
     if server is None:
         raise SystemExit("no Redis on 127.0.0.1:6379 and no redis-server to start one (apt-get install redis-server)")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp)],
                             stdout=subprocess.DEVNULL)
     deadline = time.time() + 10
@@ -185,7 +179,7 @@ def main() -> None:
             from rollout.config import load_policy
 
             env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": load_policy(http_policy).tracking_uri}
-            port = _free_port()
+            port = free_port()
             log = tmp / "serve.log"
             serve = subprocess.Popen([str(VENV_BIN / "rollout"), "serve", "--config", str(http_policy), "--port",
                                       str(port), "--log-level", "warning"], env=env, stdout=log.open("w"),
