@@ -445,10 +445,10 @@ def score(
     batch_id: str = typer.Option(None, help="Names the batch in request ids; a rerun logs only what is missing. "
                                  "Default: the input's file name."),
     key_column: str = typer.Option(None, help="The column identifying a row; default: its position."),
-    chunk_rows: int = typer.Option(20_000, help="Rows read, scored and logged at a time."),
+    chunk_rows: int | None = typer.Option(None, help="Rows read, scored and logged at a time (default 10,000)."),
 ) -> None:
     """Score a file with the champion and the open rollout's challengers; log every prediction as the service does."""
-    from serving.batch import BatchSummary, score_file
+    from serving.batch import CHUNK_ROWS, BatchSummary, score_file
 
     policy = _policy(config)
     with console.status("scoring...") as status:
@@ -457,7 +457,7 @@ def score(
 
         try:
             summary = score_file(policy, input, output, batch_id=batch_id, key_column=key_column,
-                                 chunk_rows=chunk_rows, on_chunk=progress)
+                                 chunk_rows=chunk_rows or CHUNK_ROWS, on_chunk=progress)
         except (ConfigError, FileNotFoundError) as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from None

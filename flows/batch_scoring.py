@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from pydantic import BaseModel, Field
 
 from flows import forms
-from serving.batch import BatchSummary, score_file
+from serving.batch import CHUNK_ROWS, BatchSummary, score_file
 from tasks.common import artifact_key, load_policy_task
 
 
@@ -27,7 +27,7 @@ class BatchParameters(BaseModel):
                                  "file name.")
     key_column: forms.Text = Field(None, description="The column that identifies a row (an application id); "
                                    "default: the row's position in the input.")
-    chunk_rows: int = Field(20_000, ge=100, le=1_000_000, description="Rows read, scored and logged at a time.")
+    chunk_rows: int = Field(CHUNK_ROWS, ge=100, le=1_000_000, description="Rows read, scored and logged at a time.")
 
 
 @flow(name="batch-scoring", log_prints=True)
