@@ -440,15 +440,22 @@ def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recen
 @app.command()
 def score(
     config: str = CONFIG,
-    input: Path = typer.Option(..., "--input", help="The rows to score: a .csv or .parquet file."),  # noqa: A002
-    output: Path = typer.Option(..., help="Where the answers go (.csv or .parquet)."),
+    input: str = typer.Option(None, "--input",  # noqa: A002
+                              help="The rows to score: a .csv or .parquet file, or its http(s) URL."),
+    query: str = typer.Option(None, help="Or the rows a SQL query returns from --database (needs --batch-id and "
+                              "--key-column)."),
+    database: str = typer.Option(None, help="Database URL for --query and --output-table (postgresql://..., "
+                                 "sqlite:///...)."),
+    output: str = typer.Option(None, help="Where the answers go: a .csv or .parquet file..."),
+    output_table: str = typer.Option(None, help="...or a table of --database (replaced when the run completes)."),
     batch_id: str = typer.Option(None, help="Names the batch in request ids; a rerun logs only what is missing. "
                                  "Default: the input's file name."),
     key_column: str = typer.Option(None, help="The column identifying a row; default: its position."),
     chunk_rows: int | None = typer.Option(None, help="Rows read, scored and logged at a time (default 10,000)."),
 ) -> None:
-    """Score a file with the champion and the open rollout's challengers; log every prediction as the service does."""
-    from serving.batch import CHUNK_ROWS, BatchSummary, score_file
+    """Score a file, URL or query with the champion and the open rollout's challengers; log every prediction as the
+    service does."""
+    from serving.batch import CHUNK_ROWS, BatchSummary, score_file, sink_of, source_of
 
     policy = _policy(config)
     with console.status("scoring...") as status:
@@ -456,8 +463,9 @@ def score(
             status.update(f"{summary.rows:,} rows scored, {summary.logged:,} requests logged")
 
         try:
-            summary = score_file(policy, input, output, batch_id=batch_id, key_column=key_column,
-                                 chunk_rows=chunk_rows or CHUNK_ROWS, on_chunk=progress)
+            summary = score_file(policy, source_of(input, query, database), sink_of(output, output_table, database),
+                                 batch_id=batch_id, key_column=key_column, chunk_rows=chunk_rows or CHUNK_ROWS,
+                                 on_chunk=progress)
         except (ConfigError, FileNotFoundError) as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from None

@@ -1,6 +1,6 @@
-"""Batch rollouts: a table of rows (CSV or Parquet) scored by the champion and the open rollout's challengers,
-every prediction logged to the outcome store exactly as the HTTP service logs it, so the same online
-evaluation, labels and promotion apply to a model that scores in batch.
+"""Batch rollouts: a table of rows (a CSV or Parquet file, its http(s) URL, a SQL query) scored by the champion
+and the open rollout's challengers, every prediction logged to the outcome store exactly as the HTTP service
+logs it, so the same online evaluation, labels and promotion apply to a model that scores in batch.
 
 - The routing is the service's: the open rollout's mode, salt and weights with the registry's aliases
   (`serving.routing.build_view`). Shadow: the champion answers every row (the output), each challenger
@@ -12,8 +12,9 @@ evaluation, labels and promotion apply to a model that scores in batch.
   transaction, so a request is logged whole or not at all. A first run does not look each request up (a
   tenth of its time): it knows it is one when neither its first chunk's requests nor any request id under
   its prefix are logged (chunks are logged in input order; keys are expected to be unique in the input).
-- Bounded memory: the input is read `chunk_rows` at a time and the output written as it goes (to a
-  temporary file, renamed at the end, so a reader never sees half an output).
+- Bounded memory: the input is read `chunk_rows` at a time (a query through a server-side cursor) and the
+  output written as it goes (to a temporary file or staging table, renamed at the end, so a reader never
+  sees half an output).
 - The champion scores in this process; each challenger in a child process under a deadline
   (`serving.shadow_timeout_s` per `shadow_max_batch_size` rows, at least 5 s), as in the service (unless
   `serving.challenger_isolation` / `shadow_isolation` say thread): a challenger that raises, crashes or
@@ -30,14 +31,23 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
+import shutil
+import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pandas as pd
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from rollout.config import CLASSIFICATION_TASKS, ConfigError, Policy
 from rollout.data import records_of
@@ -50,6 +60,7 @@ from serving.loading import ModelSource
 from serving.routing import Arm, RoutingView, build_view
 
 REQUEST_ID_CHARS = 64
+DOWNLOAD_TIMEOUT_S = 60.0  # an http(s) input that stalls this long fails (the whole download has no deadline)
 # Rows read, scored and logged at a time. 10,000 keeps the scoring process under 500 MB (imports ~240 MB,
 # MLflow's model loading ~100 MB) at the same speed as 20,000 (benchmarks/batch.py); 5,000 is ~5% slower.
 CHUNK_ROWS = 10_000
@@ -67,7 +78,7 @@ class BatchSummary:
     refused: int = 0  # rows the champion's input contract refused (an `error` in the output, nothing logged)
     answered_by: dict[str, int] = field(default_factory=dict)  # version -> rows of the output
     challenger_errors: dict[str, int] = field(default_factory=dict)
-    output: Path | None = None
+    output: Sink | None = None
     seconds: float = 0.0
 
     def sentence(self) -> str:
@@ -85,18 +96,122 @@ def request_id(batch_id: str, key: Any) -> str:
     return text if len(text) <= REQUEST_ID_CHARS else "b-" + hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
-def read_chunks(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """The input, `chunk_rows` rows at a time (CSV or Parquet)."""
-    suffix = path.suffix.lower()
+@dataclass(frozen=True)
+class SqlQuery:
+    """Rows to score: what a SQL query returns from a database, read `chunk_rows` at a time through a
+    server-side cursor (PostgreSQL) or a stepped statement (SQLite)."""
+
+    url: str
+    query: str
+
+    def __str__(self) -> str:
+        return f"query on {_safe_url(self.url)}"
+
+
+@dataclass(frozen=True)
+class SqlTable:
+    """Where the answers go: a table of a database, filled under a staging name and renamed when complete."""
+
+    url: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"table {self.name} on {_safe_url(self.url)}"
+
+
+Source = Path | str | SqlQuery  # a file, an http(s) URL of one, or a query
+Sink = Path | SqlTable
+TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def _safe_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def source_of(input: str | None, query: str | None, database: str | None) -> Source:  # noqa: A002
+    """What `--input` / `--query` / `--database` name, checked: exactly one of a file (or http(s) URL) and a
+    query, and a query needs its database."""
+    if (input is None) == (query is None):
+        raise ConfigError("--input or --query: name one source of rows (a .csv/.parquet file or URL, or a SQL query)")
+    if query is not None:
+        if not database:
+            raise ConfigError("--database: a --query needs the database URL it runs on (e.g. postgresql://host/db)")
+        return SqlQuery(_database_url(database), query)
+    assert input is not None
+    return input if input.lower().startswith(("http://", "https://")) else Path(input)
+
+
+def sink_of(output: str | None, table: str | None, database: str | None) -> Sink:
+    """What `--output` / `--output-table` / `--database` name, checked as `source_of` does."""
+    if (output is None) == (table is None):
+        raise ConfigError("--output or --output-table: name one place for the answers (a .csv/.parquet file or a "
+                          "table)")
+    if table is not None:
+        if not TABLE_NAME.fullmatch(table):
+            raise ConfigError(f"--output-table {table!r}: a table name of letters, digits and underscores")
+        if not database:
+            raise ConfigError("--database: an --output-table needs the database URL it is written to")
+        return SqlTable(_database_url(database), table)
+    assert output is not None
+    return Path(output)
+
+
+def _database_url(url: str) -> str:
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"--database {url!r}: not a database URL (postgresql://user@host/db, sqlite:///file.db)")\
+            from None
+    return url
+
+
+def read_chunks(source: Path | SqlQuery, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The input, `chunk_rows` rows at a time (CSV, Parquet or a query's rows)."""
+    if isinstance(source, SqlQuery):
+        yield from _query_chunks(source, chunk_rows)
+        return
+    suffix = source.suffix.lower()
     if suffix == ".csv":
-        yield from pd.read_csv(path, chunksize=chunk_rows)
+        yield from pd.read_csv(source, chunksize=chunk_rows)
     elif suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=chunk_rows):
             yield batch.to_pandas()
     else:
-        raise ConfigError(f"--input {path}: expected a .csv or .parquet file")
+        raise ConfigError(f"--input {source}: expected a .csv or .parquet file")
+
+
+def _query_chunks(source: SqlQuery, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    engine = create_engine(source.url)
+    try:
+        with engine.connect() as conn:
+            streamed = conn.execution_options(stream_results=True, max_row_buffer=chunk_rows)
+            try:
+                chunks = pd.read_sql_query(text(source.query), streamed, chunksize=chunk_rows)
+            except DBAPIError as exc:
+                raise ConfigError(f"--query failed on {_safe_url(source.url)}: {str(exc.orig).strip()}") from None
+            yield from chunks
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def _local(source: Source) -> Iterator[Path | SqlQuery]:
+    """The source as something `read_chunks` reads: an http(s) URL is downloaded to a temporary file first (a
+    Parquet file is read by seeking; neither format is read twice)."""
+    if not isinstance(source, str):
+        yield source
+        return
+    name = Path(urlparse(source).path).name or "input"
+    with tempfile.TemporaryDirectory(prefix="rollout-score-") as tmp:
+        path = Path(tmp) / name
+        try:
+            with urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT_S) as response, path.open("wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--input {source}: could not download it: {exc}") from None
+        yield path
 
 
 def _system_arrow_pool() -> Callable[[], None]:
@@ -113,25 +228,39 @@ def _system_arrow_pool() -> Callable[[], None]:
 
 
 class _Output:
-    """The output table, written chunk by chunk to a temporary file and renamed when complete."""
+    """The answers, written chunk by chunk to a temporary file (or staging table) and renamed when complete."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.table: SqlTable | None = sink if isinstance(sink, SqlTable) else None
+        self._engine: Any = None
+        self._first = True
+        self._writer: Any = None
+        if self.table is not None:
+            self.kind = "table"
+            self._engine = create_engine(self.table.url)
+            self.partial_table = f"{self.table.name}__partial_{os.getpid()}"[:63]
+            return
+        assert not isinstance(sink, SqlTable)
+        path = Path(sink)
         self.path = path
         self.partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         self.kind = "parquet" if path.suffix.lower() in (".parquet", ".pq") else "csv"
         if self.kind == "csv" and path.suffix.lower() != ".csv":
             raise ConfigError(f"--output {path}: expected a .csv or .parquet file")
-        self._writer: Any = None
-        self._first = True
 
     def write(self, frame: pd.DataFrame) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.kind == "csv":
+        if self.kind == "table":
+            frame.to_sql(self.partial_table, self._engine, if_exists="replace" if self._first else "append",
+                         index=False)
+        elif self.kind == "csv":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             frame.to_csv(self.partial, mode="w" if self._first else "a", header=self._first, index=False)
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if self._writer is None:
                 self._writer = pq.ParquetWriter(self.partial, table.schema)
@@ -139,6 +268,15 @@ class _Output:
         self._first = False
 
     def close(self) -> None:
+        if self.table is not None:
+            if not self._first:  # the old table is replaced in one transaction: readers see one or the other
+                quote = self._engine.dialect.identifier_preparer.quote
+                with self._engine.begin() as conn:
+                    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {quote(self.table.name)}")
+                    conn.exec_driver_sql(f"ALTER TABLE {quote(self.partial_table)} RENAME TO "
+                                         f"{quote(self.table.name)}")
+            self._engine.dispose()
+            return
         if self._writer is not None:
             self._writer.close()
         if self._first and self.kind == "csv":  # an empty input: an empty output
@@ -147,6 +285,12 @@ class _Output:
             os.replace(self.partial, self.path)
 
     def discard(self) -> None:
+        if self.table is not None:
+            quote = self._engine.dialect.identifier_preparer.quote
+            with self._engine.begin() as conn:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {quote(self.partial_table)}")
+            self._engine.dispose()
+            return
         if self._writer is not None:
             self._writer.close()
         self.partial.unlink(missing_ok=True)
@@ -166,22 +310,30 @@ def _load_view(policy: Policy, registry: ModelSource, store: OutcomeStore) -> tu
     return view, models
 
 
-def score_file(policy: Policy, input_path: Path, output_path: Path, *, batch_id: str | None = None,
+def score_file(policy: Policy, source: Source, sink: Sink, *, batch_id: str | None = None,
                key_column: str | None = None, chunk_rows: int = CHUNK_ROWS, registry: ModelSource | None = None,
                store: OutcomeStore | None = None, ts: float | None = None,
                on_chunk: Callable[[BatchSummary], None] | None = None) -> BatchSummary:
-    """Score `input_path` with the champion and the open rollout's challengers; write the answers to
-    `output_path` (the input's columns, then request_id, prediction, score, version, role, error) and log every
-    prediction. `ts` (epoch seconds) is the logged time, default now."""
+    """Score the rows of `source` (a file, an http(s) URL of one, a `SqlQuery`) with the champion and the open
+    rollout's challengers; write the answers to `sink` (a file or a `SqlTable`: the input's columns, then
+    request_id, prediction, score, version, role, error) and log every prediction. `ts` (epoch seconds) is the
+    logged time, default now."""
+    if isinstance(source, SqlQuery):
+        if batch_id is None or key_column is None:
+            raise ConfigError("--batch-id and --key-column: a query's rows need a batch id and the column that "
+                              "identifies a row (their order may differ between runs; a rerun must find its rows)")
+        batch = batch_id
+    else:
+        batch = batch_id or Path(urlparse(source).path if isinstance(source, str) else source).stem
     restore = _system_arrow_pool()
     try:
-        return _score_file(policy, input_path, output_path, batch_id, key_column, chunk_rows, registry, store, ts,
-                           on_chunk)
+        with _local(source) as local:
+            return _score_file(policy, local, sink, batch, key_column, chunk_rows, registry, store, ts, on_chunk)
     finally:
         restore()
 
 
-def _score_file(policy: Policy, input_path: Path, output_path: Path, batch_id: str | None, key_column: str | None,
+def _score_file(policy: Policy, source: Path | SqlQuery, sink: Sink, batch: str, key_column: str | None,
                 chunk_rows: int, registry: ModelSource | None, store: OutcomeStore | None, ts: float | None,
                 on_chunk: Callable[[BatchSummary], None] | None) -> BatchSummary:
     if registry is None:
@@ -190,7 +342,6 @@ def _score_file(policy: Policy, input_path: Path, output_path: Path, batch_id: s
         registry = MlflowRegistry.for_policy(policy)
     store = store or OutcomeStore(policy.outcome_url)
     started = time.perf_counter()
-    batch = batch_id or input_path.stem
     view, models = _load_view(policy, registry, store)
     summary = BatchSummary(batch, view.mode)
     cfg = policy.serving
@@ -199,13 +350,13 @@ def _score_file(policy: Policy, input_path: Path, output_path: Path, batch_id: s
     # not niced as the service's are: here the answers wait for the children, nobody else's requests do
     children = {a.version: ChildScorer(models[a.version], nice=0) for a in isolated}
     scorer = _Scorer(policy, view, models, children)
-    output = _Output(output_path)
+    output = _Output(sink)
     resumed: bool | None = None  # whether this batch was logged before: known after the first chunk
     try:
         offset = 0
-        for chunk in read_chunks(input_path, chunk_rows):
+        for chunk in read_chunks(source, chunk_rows):
             if key_column is not None and key_column not in chunk.columns:
-                raise ConfigError(f"--key-column {key_column!r} is not a column of {input_path}")
+                raise ConfigError(f"--key-column {key_column!r} is not a column of {source}")
             keys = chunk[key_column].astype(str).tolist() if key_column else list(range(offset, offset + len(chunk)))
             offset += len(chunk)
             out, rows = scorer.chunk(chunk, [request_id(batch, k) for k in keys], ts or store.now(), summary)
@@ -233,7 +384,7 @@ def _score_file(policy: Policy, input_path: Path, output_path: Path, batch_id: s
     finally:
         for child in children.values():
             child.close()
-    summary.output = output_path
+    summary.output = sink
     summary.seconds = time.perf_counter() - started
     return summary
 

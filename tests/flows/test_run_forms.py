@@ -45,5 +45,7 @@ def test_every_run_form_describes_its_fields_and_offers_choices():
     assert ct_params["ci"]["title"] == "ci" and ct_params["training_data"]["enum"] == ["policy", "production", "both"]
 
     batch = parameter_schema(batch_scoring.fn).model_dump_for_openapi()
-    assert batch["required"] == ["params"]  # the files have no default: the form asks for them
-    assert _resolve(batch, batch["properties"]["params"])["required"] == ["input", "output"]
+    assert batch["required"] == ["params"]
+    fields = _resolve(batch, batch["properties"]["params"])
+    assert {"input", "query", "database", "output", "output_table"} <= set(fields["properties"])
+    assert not fields.get("required")  # a file or a query, a file or a table: the flow checks which was given

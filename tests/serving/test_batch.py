@@ -3,6 +3,10 @@ with the service's own A/B assignment, and a rerun after a crash that logs nothi
 
 from __future__ import annotations
 
+import functools
+import http.server
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, inspect, select
 
 from rollout.config import ConfigError
 from rollout.outcomes import OutcomeStore
 from rollout.outcomes.schema import predictions
 from rollout.registry import InMemoryRegistry
-from serving.batch import request_id, score_file
+from serving.batch import SqlQuery, SqlTable, request_id, score_file, sink_of, source_of
 from tests.serving.conftest import FakeModel, RaisingModel, SleepingModel, app_for, make_policy
 
 pytestmark = pytest.mark.slow  # two tests start challengers in child processes, as the service does
@@ -172,3 +176,79 @@ def test_a_first_run_does_not_look_up_each_request_and_a_rerun_does(registry: In
     again = score_file(make_policy(), path, out, chunk_rows=50, registry=registry, store=store)
     assert (again.logged, again.already_logged) == (0, N) and len(asked) == 1 + N // 50
     assert len(_logged(store)) == 2 * N
+
+
+def test_rows_from_a_query_answered_into_a_table_on_each_database(registry: InMemoryRegistry, store_url: str) -> None:
+    """The nightly rows come from a SQL query and the answers go to a table of the same database; a rerun
+    replaces the table and logs nothing twice (here the outcome store shares the database)."""
+    store = OutcomeStore(store_url).create()
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    engine = create_engine(store_url)
+    frame = pd.read_csv(_input(Path(tempfile.mkdtemp())))
+    frame.to_sql("applications", engine, if_exists="replace", index=False)
+    query = SqlQuery(store_url, "SELECT * FROM applications WHERE purpose = 'car' AND application >= 'a0050'")
+    try:
+        for run in (1, 2):
+            summary = score_file(make_policy(), query, SqlTable(store_url, "scored"), batch_id="nightly",
+                                 key_column="application", chunk_rows=64, registry=registry, store=store)
+            assert (summary.rows, summary.logged, summary.already_logged) == ((N - 50, N - 50, 0) if run == 1
+                                                                              else (N - 50, 0, N - 50))
+            scored = pd.read_sql("SELECT * FROM scored", engine)
+            assert len(scored) == N - 50 and scored["request_id"].iloc[0] == "nightly:a0050"
+            assert (scored["prediction"] == (scored["income"] > 0).astype(int)).all()
+            tables = set(inspect(engine).get_table_names())
+            assert not any(t.startswith("scored__partial") for t in tables)  # the staging table became `scored`
+        logged = _logged(store)
+        assert len(logged) == 2 * (N - 50) and not logged.duplicated(["request_id", "version"]).any()
+        assert str(summary.output).startswith("table scored on ") and "***" not in str(summary.output)
+        with pytest.raises(ConfigError, match="--query failed"):
+            score_file(make_policy(), SqlQuery(store_url, "SELECT * FROM no_such_table"), SqlTable(store_url, "x"),
+                       batch_id="b", key_column="application", registry=registry, store=store)
+        assert "x" not in set(inspect(engine).get_table_names())  # a failed run leaves no table behind
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS applications")
+            conn.exec_driver_sql("DROP TABLE IF EXISTS scored")
+        engine.dispose()
+        store.dispose()
+
+
+def test_a_file_by_its_http_url(registry: InMemoryRegistry, store: OutcomeStore, tmp_path: Path) -> None:
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    served = tmp_path / "served"
+    served.mkdir()
+    _input(served, "parquet")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/applications.parquet"
+        summary = score_file(make_policy(), url, tmp_path / "out.csv", key_column="application", registry=registry,
+                             store=store)
+        assert (summary.rows, summary.logged) == (N, N)
+        assert pd.read_csv(tmp_path / "out.csv")["request_id"].iloc[0] == "applications:a0000"
+        with pytest.raises(ConfigError, match="could not download"):
+            score_file(make_policy(), url.replace("applications", "missing"), tmp_path / "o.csv", registry=registry,
+                       store=store)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_sources_and_sinks_are_named_when_wrong() -> None:
+    with pytest.raises(ConfigError, match="--input or --query"):
+        source_of(None, None, None)
+    with pytest.raises(ConfigError, match="--input or --query"):
+        source_of("a.csv", "SELECT 1", "sqlite://")
+    with pytest.raises(ConfigError, match="--database: a --query needs"):
+        source_of(None, "SELECT 1", None)
+    with pytest.raises(ConfigError, match="--database 'nope'"):
+        source_of(None, "SELECT 1", "nope")
+    with pytest.raises(ConfigError, match="--output-table 'scored; DROP TABLE x'"):
+        sink_of(None, "scored; DROP TABLE x", "sqlite://")
+    with pytest.raises(ConfigError, match="--output or --output-table"):
+        sink_of("a.csv", "t", "sqlite://")
+    assert source_of("https://host/x.parquet", None, None) == "https://host/x.parquet"
+    assert source_of("x.csv", None, None) == Path("x.csv")
+    with pytest.raises(ConfigError, match="--batch-id and --key-column"):
+        score_file(make_policy(), SqlQuery("sqlite://", "SELECT 1"), Path("o.csv"))
