@@ -121,7 +121,7 @@ class SqlTable:
 
 Source = Path | str | SqlQuery  # a file, an http(s) URL of one, or a query
 Sink = Path | SqlTable
-TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,53}")  # and "__partial" fits 63
 
 
 def _safe_url(url: str) -> str:
@@ -239,7 +239,8 @@ class _Output:
         if self.table is not None:
             self.kind = "table"
             self._engine = create_engine(self.table.url)
-            self.partial_table = f"{self.table.name}__partial_{os.getpid()}"[:63]
+            # one staging name per table: a run killed half-way leaves it, and the next run replaces it
+            self.partial_table = f"{self.table.name}__partial"
             return
         assert not isinstance(sink, SqlTable)
         path = Path(sink)

@@ -187,6 +187,7 @@ def test_rows_from_a_query_answered_into_a_table_on_each_database(registry: InMe
     frame = pd.read_csv(_input(Path(tempfile.mkdtemp())))
     frame.to_sql("applications", engine, if_exists="replace", index=False)
     query = SqlQuery(store_url, "SELECT * FROM applications WHERE purpose = 'car' AND application >= 'a0050'")
+    pd.DataFrame({"junk": [1]}).to_sql("scored__partial", engine, index=False)  # what a killed run leaves
     try:
         for run in (1, 2):
             summary = score_file(make_policy(), query, SqlTable(store_url, "scored"), batch_id="nightly",
@@ -209,6 +210,7 @@ def test_rows_from_a_query_answered_into_a_table_on_each_database(registry: InMe
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP TABLE IF EXISTS applications")
             conn.exec_driver_sql("DROP TABLE IF EXISTS scored")
+            conn.exec_driver_sql("DROP TABLE IF EXISTS scored__partial")
         engine.dispose()
         store.dispose()
 
