@@ -112,6 +112,9 @@ def simulate(url: str, path: Path | None, days: int, requests: int, retention: i
               f"in {expire_s:6.2f} s  evaluation {eval_s if eval_s is not None else float('nan'):6.3f} s",
               file=sys.stderr, flush=True)
     history = [e for e in store.audit_log() if e.decision == "promote"]
+    largest = _largest_tables(store) if path is None else {}
+    if largest:
+        print("  largest tables (MB): " + ", ".join(f"{t} {mb:.1f}" for t, mb in largest.items()), file=sys.stderr)
     cycle = ROLLOUT_DAYS + GAP_DAYS
     same_phase = [d for d in per_day if d["day"] >= retention + cycle and (d["day"] - retention) % cycle == 0]
     sizes = [d["size_mb"] for d in same_phase]
@@ -126,7 +129,19 @@ def simulate(url: str, path: Path | None, days: int, requests: int, retention: i
         "decisions": decisions,
         "expire_s_median": sorted(d["expire_s"] for d in per_day)[len(per_day) // 2],
         "expire_s_max": max(d["expire_s"] for d in per_day),
+        "largest_tables_mb": largest,
     }
+
+
+def _largest_tables(store: Any) -> dict[str, float]:
+    """PostgreSQL: the eight largest tables with their indexes and TOAST (what still grows, if anything), with
+    a day partition counted under its parent."""
+    sql = ("SELECT coalesce(parent.relname, c.relname), sum(pg_total_relation_size(c.oid)) FROM pg_class c "
+           "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema() "
+           "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid LEFT JOIN pg_class parent ON parent.oid = i.inhparent "
+           "WHERE c.relkind = 'r' GROUP BY 1 ORDER BY 2 DESC LIMIT 8")
+    with store.engine.connect() as conn:
+        return {str(name): int(size) / 2**20 for name, size in conn.exec_driver_sql(sql)}
 
 
 def bytes_per_row(url: str, path: Path | None, features: bool, n: int = 20_000) -> float:
@@ -158,6 +173,7 @@ def pg_day_drop(url: str, rows: int) -> dict[str, Any]:
     store.bulk_insert("predictions", LOG_COLUMNS, (
         (f"r{i:012d}", f"u{i % 5000}", None, T0 + i * (DAY / rows), day, "1", "champion", 1, 1.0, 1.0, 0.5, 2.0,
          None, None, None, None) for i in range(rows)), batch=500_000)
+    store.analyze()  # as autovacuum would have, days before the partition expires
     slowest: list[float] = []
     stop = threading.Event()
 

@@ -60,14 +60,14 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
                                       {"cut": cutoff}).scalar_one())
             return Expired(cutoff, n_pred, 0, 0, 0, kept, None, "Dry run: nothing removed (labels are counted once "
                            "their predictions are gone).")
-    dropped_rows, dropped = 0, list[str]()
+    dropped_rows, dropped, estimated = 0, list[str](), False
     note = ""
     if not is_sqlite(engine):
         from rollout.outcomes import partitions
 
         if partitions.is_partitioned(engine):  # whole days go by partition: no row-by-row work
             partitions.ensure_ahead(engine)
-            dropped_rows, dropped = partitions.drop_expired(engine, cutoff)
+            dropped_rows, dropped, estimated = partitions.drop_expired(engine, cutoff)
         else:
             note = ("The prediction log is a plain table (a store made before partitioning): `rollout retention "
                     "--partition`, with the service stopped, makes expiry drop whole days.")
@@ -81,7 +81,9 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
     n_requested = _requested(engine, cutoff)
     freed, reclaim_note = _reclaim(engine, n_deleted + n_labels + n_changes + n_dead + n_requested)
     if dropped:
-        note = f"{len(dropped)} day partition(s) dropped ({dropped[0]} .. {dropped[-1]}). {note}".strip()
+        about = (f" (days over {partitions.ESTIMATE_ABOVE:,} rows counted from PostgreSQL's statistics)"
+                 if estimated else "")
+        note = f"{len(dropped)} day partition(s) dropped ({dropped[0]} .. {dropped[-1]}){about}. {note}".strip()
     return Expired(cutoff, n_pred, n_labels, n_dead, n_changes, kept, freed, " ".join(p for p in (note, reclaim_note)
                                                                                             if p))
 
