@@ -111,6 +111,9 @@ def simulate(url: str, path: Path | None, days: int, requests: int, retention: i
         print(f"  day {day + 1:3d}: {size / 2**20:8.1f} MB  removed {expired.predictions:7,d} rows "
               f"in {expire_s:6.2f} s  evaluation {eval_s if eval_s is not None else float('nan'):6.3f} s",
               file=sys.stderr, flush=True)
+        if path is None and (day + 1) % (ROLLOUT_DAYS + GAP_DAYS) == retention % (ROLLOUT_DAYS + GAP_DAYS):
+            print("    largest tables (MB): " + ", ".join(f"{t} {mb:.1f}" for t, mb in _largest_tables(store).items()),
+                  file=sys.stderr)
     history = [e for e in store.audit_log() if e.decision == "promote"]
     largest = _largest_tables(store) if path is None else {}
     if largest:
@@ -134,10 +137,10 @@ def simulate(url: str, path: Path | None, days: int, requests: int, retention: i
 
 
 def _largest_tables(store: Any) -> dict[str, float]:
-    """PostgreSQL: the eight largest tables with their indexes and TOAST (what still grows, if anything), with
-    a day partition counted under its parent."""
+    """PostgreSQL: the eight largest tables with their indexes and TOAST, the system catalogs included (what
+    still grows, if anything), with a day partition counted under its parent."""
     sql = ("SELECT coalesce(parent.relname, c.relname), sum(pg_total_relation_size(c.oid)) FROM pg_class c "
-           "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema() "
+           "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname IN (current_schema(), 'pg_catalog') "
            "LEFT JOIN pg_inherits i ON i.inhrelid = c.oid LEFT JOIN pg_class parent ON parent.oid = i.inhparent "
            "WHERE c.relkind = 'r' GROUP BY 1 ORDER BY 2 DESC LIMIT 8")
     with store.engine.connect() as conn:
