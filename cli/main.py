@@ -584,16 +584,26 @@ def export(
 def label_requests(
     config: str = CONFIG,
     budget: int = typer.Option(..., min=1, help="How many predictions to propose for labelling (in expectation)."),
-    output: Path = typer.Option(..., help="Where the requests go: a .csv or .parquet file."),
+    output: Path = typer.Option(None, help="Where the requests go: a .csv or .parquet file..."),
+    output_table: str = typer.Option(None, help="...or a table of --database they are appended to (a labelling "
+                                     "queue)."),
+    database: str = typer.Option(None, help="Database URL for --output-table (postgresql://user@host/db)."),
 ) -> None:
     """Propose which of the open rollout's predictions to label (those that tell the versions apart, each with
     its inclusion probability); send the labels back to POST /labels (rollout.label_requests)."""
-    from rollout.cd.label_requests import OUTPUT_SUFFIXES, request_labels, write
+    from rollout.cd.label_requests import OUTPUT_SUFFIXES, request_labels, write, write_table
     from rollout.outcomes import OutcomeStore
+    from rollout.tables import table_of
 
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:  # before drawing: a drawn batch is never offered again
-        console.print(f"[red]--output {output.name!r}: write a .csv or .parquet file[/red]")
-        raise typer.Exit(2)
+    try:  # checked before drawing: a drawn batch is never offered again
+        if (output is None) == (output_table is None):
+            raise ConfigError("--output or --output-table: name one place for the requests")
+        table = table_of(output_table, database) if output_table is not None else None
+        if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ConfigError(f"--output {output.name!r}: write a .csv or .parquet file")
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     policy = _policy(config)
     if not policy.rollout.label_requests.enabled:
         console.print("[red]rollout.label_requests.enabled is false: the evaluation would read labels favoured "
@@ -605,7 +615,7 @@ def label_requests(
         console.print("no rollout is open: nothing to label for")
         raise typer.Exit(1)
     batch = request_labels(store, rollout, policy, budget)
-    path = write(batch, output)
+    path = write_table(batch, table) if table is not None else write(batch, output)
     console.print(f"{len(batch.requests):,} of {batch.pool:,} requests logged since the last batch proposed for "
                   f"labelling -> {path}")
 

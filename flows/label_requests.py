@@ -1,5 +1,5 @@
-"""Flow `label-requests`: propose which of the open rollout's predictions to label, as a file for the people who
-label (rollout.cd.label_requests). Their labels go back through POST /labels; the evaluation weighs each by
+"""Flow `label-requests`: propose which of the open rollout's predictions to label, as a file (or rows of a table)
+for the people who label (rollout.cd.label_requests). Their labels go back through POST /labels; the evaluation weighs each by
 1 / its inclusion probability (`rollout.label_requests.enabled`)."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from rollout.cd.label_requests import OUTPUT_SUFFIXES, request_labels, write
+from flows import forms
+from rollout.cd.label_requests import OUTPUT_SUFFIXES, request_labels, write, write_table
 from rollout.config import ConfigError
 from rollout.outcomes import OutcomeStore
+from rollout.tables import table_of
 from tasks.common import artifact_key, load_policy_task
 
 
@@ -22,8 +24,11 @@ class LabelRequestParameters(BaseModel):
 
     budget: int = Field(description="How many predictions to propose for labelling (in expectation: each row is "
                         "drawn with its own probability).", ge=1, le=1_000_000)
-    output: str = Field(description="Where the requests go (.csv or .parquet on the worker): request_id, "
-                        "probability, unit_id, ts, segment, then the logged features.")
+    output: forms.Text = Field(None, description="Where the requests go (.csv or .parquet on the worker): "
+                               "request_id, probability, unit_id, ts, segment, then the logged features.")
+    output_table: forms.Text = Field(None, description="Or a table of `database` the requests are appended to "
+                                     "(with rollout_id and batch): a labelling queue.")
+    database: forms.Text = Field(None, description="Database URL for `output_table` (postgresql://user@host/db).")
 
 
 @flow(name="label-requests", log_prints=True)
@@ -31,10 +36,15 @@ def label_requests(params: LabelRequestParameters, config: str = "rollout.yaml")
     """Draw a batch of label requests from the rows the open rollout logged since the last batch, and write them.
 
     Args:
-        params: The budget and the output file.
+        params: The budget and the output file or table.
         config: Path of the policy file (rollout.yaml) on the worker, relative to its working directory.
     """
-    if Path(params.output).suffix.lower() not in OUTPUT_SUFFIXES:  # before drawing: a batch is offered once
+    # checked before drawing: a batch is offered once
+    if (params.output is None) == (params.output_table is None):
+        raise ConfigError("params.output or params.output_table: name one place for the requests")
+    table = (table_of(params.output_table, params.database, "params.output_table", "params.database")
+             if params.output_table is not None else None)
+    if params.output is not None and Path(params.output).suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"params.output {params.output!r}: write a .csv or .parquet file")
     policy = load_policy_task(config)
     if not policy.rollout.label_requests.enabled:
@@ -46,7 +56,7 @@ def label_requests(params: LabelRequestParameters, config: str = "rollout.yaml")
         print("No rollout is open: nothing to label for.")
         return {"requested": 0}
     batch = request_labels(store, rollout, policy, params.budget)
-    path = write(batch, Path(params.output))
+    path = write_table(batch, table) if table is not None else write(batch, Path(str(params.output)))
     sentence = (f"{len(batch.requests):,} of {batch.pool:,} requests logged since the last batch proposed for "
                 f"labelling (rollout {batch.rollout_id}, batch {batch.batch}) -> {path}")
     create_markdown_artifact(f"## Label requests\n\n{sentence}\n",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -46,8 +45,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import DBAPIError
 
 from rollout.config import CLASSIFICATION_TASKS, ConfigError, Policy
 from rollout.data import records_of
@@ -55,6 +53,7 @@ from rollout.models import INTEGER, NUMBER, LoadedModel, Outputs, allowed_column
 from rollout.outcomes import OutcomeStore, PredictionRow
 from rollout.outcomes.redaction import Redaction
 from rollout.roles import Role
+from rollout.tables import SqlTable, database_url, safe_url, table_of
 from serving.isolation import ChildScorer
 from serving.loading import ModelSource
 from serving.routing import Arm, RoutingView, build_view
@@ -105,29 +104,11 @@ class SqlQuery:
     query: str
 
     def __str__(self) -> str:
-        return f"query on {_safe_url(self.url)}"
-
-
-@dataclass(frozen=True)
-class SqlTable:
-    """Where the answers go: a table of a database, filled under a staging name and renamed when complete."""
-
-    url: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"table {self.name} on {_safe_url(self.url)}"
+        return f"query on {safe_url(self.url)}"
 
 
 Source = Path | str | SqlQuery  # a file, an http(s) URL of one, or a query
 Sink = Path | SqlTable
-TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,53}")  # and "__partial" fits 63
-
-
-def _safe_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def source_of(input: str | None, query: str | None, database: str | None) -> Source:  # noqa: A002
     """What `--input` / `--query` / `--database` name, checked: exactly one of a file (or http(s) URL) and a
     query, and a query needs its database."""
@@ -136,7 +117,7 @@ def source_of(input: str | None, query: str | None, database: str | None) -> Sou
     if query is not None:
         if not database:
             raise ConfigError("--database: a --query needs the database URL it runs on (e.g. postgresql://host/db)")
-        return SqlQuery(_database_url(database), query)
+        return SqlQuery(database_url(database), query)
     assert input is not None
     return input if input.lower().startswith(("http://", "https://")) else Path(input)
 
@@ -147,22 +128,9 @@ def sink_of(output: str | None, table: str | None, database: str | None) -> Sink
         raise ConfigError("--output or --output-table: name one place for the answers (a .csv/.parquet file or a "
                           "table)")
     if table is not None:
-        if not TABLE_NAME.fullmatch(table):
-            raise ConfigError(f"--output-table {table!r}: a table name of letters, digits and underscores")
-        if not database:
-            raise ConfigError("--database: an --output-table needs the database URL it is written to")
-        return SqlTable(_database_url(database), table)
+        return table_of(table, database)
     assert output is not None
     return Path(output)
-
-
-def _database_url(url: str) -> str:
-    try:
-        make_url(url)
-    except ArgumentError:
-        raise ConfigError(f"--database {url!r}: not a database URL (postgresql://user@host/db, sqlite:///file.db)")\
-            from None
-    return url
 
 
 def read_chunks(source: Path | SqlQuery, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -190,7 +158,7 @@ def _query_chunks(source: SqlQuery, chunk_rows: int) -> Iterator[pd.DataFrame]:
             try:
                 chunks = pd.read_sql_query(text(source.query), streamed, chunksize=chunk_rows)
             except DBAPIError as exc:
-                raise ConfigError(f"--query failed on {_safe_url(source.url)}: {str(exc.orig).strip()}") from None
+                raise ConfigError(f"--query failed on {safe_url(source.url)}: {str(exc.orig).strip()}") from None
             yield from chunks
     finally:
         engine.dispose()

@@ -31,6 +31,7 @@ from rollout.outcomes import Rollout, Store
 from rollout.outcomes.summaries import EPS  # the store's clip of a probability in the log loss
 from rollout.stats.guardrails import LabelSums
 from rollout.stats.moments import Confusion
+from rollout.tables import SqlTable
 from rollout.stats.sampling import WeightedMean, inclusion_probabilities, systematic_sample
 from rollout.times import from_epoch
 
@@ -213,14 +214,18 @@ def weighted_confusion(labelled: pd.DataFrame) -> dict[str, dict[str, Confusion]
     return out
 
 
+def _frame(batch: LabelRequestBatch) -> pd.DataFrame:
+    records = [{k: v for k, v in r.items() if k != "features"} | dict(r.get("features") or {})
+               for r in batch.requests]
+    return pd.DataFrame.from_records(records, columns=None if records else
+                                     ["request_id", "probability", "unit_id", "ts", "segment"])
+
+
 def write(batch: LabelRequestBatch, path: Path) -> Path:
     """The batch's requests as a file for the people who label (.csv or .parquet): request_id, probability,
     unit_id, ts, segment, then the logged features one column each. Send the labels back to POST /labels
     under the same request ids."""
-    records = [{k: v for k, v in r.items() if k != "features"} | dict(r.get("features") or {})
-               for r in batch.requests]
-    frame = pd.DataFrame.from_records(records, columns=None if records else
-                                      ["request_id", "probability", "unit_id", "ts", "segment"])
+    frame = _frame(batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".parquet", ".pq"):
         frame.to_parquet(path, index=False)
@@ -229,3 +234,20 @@ def write(batch: LabelRequestBatch, path: Path) -> Path:
     else:
         raise ValueError(f"output: {path.name!r}: write a .csv or .parquet file")  # callers check OUTPUT_SUFFIXES
     return path
+
+
+def write_table(batch: LabelRequestBatch, table: SqlTable) -> SqlTable:
+    """The batch's requests appended to a table of your database (a labelling queue): the file's columns after
+    rollout_id and batch. Each batch's rows go in one transaction; the table is created by the first batch."""
+    from sqlalchemy import create_engine
+
+    frame = _frame(batch)
+    frame.insert(0, "batch", batch.batch)
+    frame.insert(0, "rollout_id", batch.rollout_id)
+    engine = create_engine(table.url)
+    try:
+        with engine.begin() as conn:
+            frame.to_sql(table.name, conn, if_exists="append", index=False)
+    finally:
+        engine.dispose()
+    return table
