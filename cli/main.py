@@ -593,14 +593,10 @@ def label_requests(
     its inclusion probability); send the labels back to POST /labels (rollout.label_requests)."""
     from rollout.cd.label_requests import OUTPUT_SUFFIXES, request_labels, write, write_table
     from rollout.outcomes import OutcomeStore
-    from rollout.tables import table_of
+    from rollout.tables import SqlTable, destination
 
     try:  # checked before drawing: a drawn batch is never offered again
-        if (output is None) == (output_table is None):
-            raise ConfigError("--output or --output-table: name one place for the requests")
-        table = table_of(output_table, database) if output_table is not None else None
-        if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
-            raise ConfigError(f"--output {output.name!r}: write a .csv or .parquet file")
+        where = destination(output, output_table, database, "requests", suffixes=OUTPUT_SUFFIXES)
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -615,7 +611,7 @@ def label_requests(
         console.print("no rollout is open: nothing to label for")
         raise typer.Exit(1)
     batch = request_labels(store, rollout, policy, budget)
-    path = write_table(batch, table) if table is not None else write(batch, output)
+    path = write_table(batch, where) if isinstance(where, SqlTable) else write(batch, where)
     console.print(f"{len(batch.requests):,} of {batch.pool:,} requests logged since the last batch proposed for "
                   f"labelling -> {path}")
 

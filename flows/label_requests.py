@@ -1,10 +1,9 @@
 """Flow `label-requests`: propose which of the open rollout's predictions to label, as a file (or rows of a table)
-for the people who label (rollout.cd.label_requests). Their labels go back through POST /labels; the evaluation weighs each by
-1 / its inclusion probability (`rollout.label_requests.enabled`)."""
+for the people who label (rollout.cd.label_requests). Their labels go back through POST /labels; the evaluation
+weighs each by 1 / its inclusion probability (`rollout.label_requests.enabled`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -15,7 +14,7 @@ from flows import forms
 from rollout.cd.label_requests import OUTPUT_SUFFIXES, request_labels, write, write_table
 from rollout.config import ConfigError
 from rollout.outcomes import OutcomeStore
-from rollout.tables import table_of
+from rollout.tables import SqlTable, destination
 from tasks.common import artifact_key, load_policy_task
 
 
@@ -40,12 +39,8 @@ def label_requests(params: LabelRequestParameters, config: str = "rollout.yaml")
         config: Path of the policy file (rollout.yaml) on the worker, relative to its working directory.
     """
     # checked before drawing: a batch is offered once
-    if (params.output is None) == (params.output_table is None):
-        raise ConfigError("params.output or params.output_table: name one place for the requests")
-    table = (table_of(params.output_table, params.database, "params.output_table", "params.database")
-             if params.output_table is not None else None)
-    if params.output is not None and Path(params.output).suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ConfigError(f"params.output {params.output!r}: write a .csv or .parquet file")
+    where = destination(params.output, params.output_table, params.database, "requests", "params.",
+                        OUTPUT_SUFFIXES)
     policy = load_policy_task(config)
     if not policy.rollout.label_requests.enabled:
         raise ConfigError("rollout.label_requests.enabled is false: the evaluation would read labels favoured "
@@ -56,7 +51,7 @@ def label_requests(params: LabelRequestParameters, config: str = "rollout.yaml")
         print("No rollout is open: nothing to label for.")
         return {"requested": 0}
     batch = request_labels(store, rollout, policy, params.budget)
-    path = write_table(batch, table) if table is not None else write(batch, Path(str(params.output)))
+    path = write_table(batch, where) if isinstance(where, SqlTable) else write(batch, where)
     sentence = (f"{len(batch.requests):,} of {batch.pool:,} requests logged since the last batch proposed for "
                 f"labelling (rollout {batch.rollout_id}, batch {batch.batch}) -> {path}")
     create_markdown_artifact(f"## Label requests\n\n{sentence}\n",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -48,3 +49,19 @@ def table_of(name: str, database: str | None, field: str = "--output-table",
     if not database:
         raise ConfigError(f"{database_field}: {field} needs the database URL it is written to")
     return SqlTable(database_url(database, database_field), name)
+
+
+def destination(output: str | Path | None, table: str | None, database: str | None, what: str,
+                prefix: str = "--", suffixes: tuple[str, ...] = ()) -> Path | SqlTable:
+    """Exactly one of a file and a table of a database, checked; `what` the rows that go there, `prefix` how
+    the settings are named ("--" on the command line, "params." in a Run form), `suffixes` a file's allowed."""
+    out, tab, db = (f"{prefix}{n}" for n in ("output", "output_table" if prefix != "--" else "output-table",
+                                             "database"))
+    if (output is None) == (table is None):
+        raise ConfigError(f"{out} or {tab}: name one place for the {what} (a file or a table)")
+    if table is not None:
+        return table_of(table, database, tab, db)
+    path = Path(str(output))
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{out} {path.name!r}: write a {' or '.join(suffixes[:2])} file")
+    return path

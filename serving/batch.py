@@ -53,7 +53,7 @@ from rollout.models import INTEGER, NUMBER, LoadedModel, Outputs, allowed_column
 from rollout.outcomes import OutcomeStore, PredictionRow
 from rollout.outcomes.redaction import Redaction
 from rollout.roles import Role
-from rollout.tables import SqlTable, database_url, safe_url, table_of
+from rollout.tables import SqlTable, database_url, destination, safe_url
 from serving.isolation import ChildScorer
 from serving.loading import ModelSource
 from serving.routing import Arm, RoutingView, build_view
@@ -124,13 +124,7 @@ def source_of(input: str | None, query: str | None, database: str | None) -> Sou
 
 def sink_of(output: str | None, table: str | None, database: str | None) -> Sink:
     """What `--output` / `--output-table` / `--database` name, checked as `source_of` does."""
-    if (output is None) == (table is None):
-        raise ConfigError("--output or --output-table: name one place for the answers (a .csv/.parquet file or a "
-                          "table)")
-    if table is not None:
-        return table_of(table, database)
-    assert output is not None
-    return Path(output)
+    return destination(output, table, database, "answers")
 
 
 def read_chunks(source: Path | SqlQuery, chunk_rows: int) -> Iterator[pd.DataFrame]:
