@@ -66,9 +66,10 @@ LABEL_COLS = ("request_id", "label", "ts", "received_at", "current", "matched")
 
 
 def _policy():  # noqa: ANN202
-    from rollout.config import Policy, RolloutPolicy, SegmentGuardrail
+    from rollout.config import DataConfig, Policy, RolloutPolicy, SegmentGuardrail
 
-    return Policy(rollout=RolloutPolicy(
+    # a unit column: the paired losses are summed per unit too (a cluster-robust standard error)
+    return Policy(data=DataConfig.model_validate({"unit_column": "customer_id"}), rollout=RolloutPolicy(
         mode="shadow", primary_metric="accuracy", margin=0.01, min_samples=500,
         segment_guardrails=[SegmentGuardrail(segment="VIP", metric="precision", min=0.6)],
     ))

@@ -28,7 +28,7 @@ import pandas as pd
 from rollout.config import Policy
 from rollout.models import own_metric
 from rollout.outcomes import Rollout, Store
-from rollout.outcomes.summaries import EPS  # the store's clip of a probability in the log loss
+from rollout.outcomes.sqlexpr import EPS  # the store's clip of a probability in the log loss
 from rollout.stats.guardrails import LabelSums
 from rollout.stats.moments import Confusion
 from rollout.tables import SqlTable

@@ -24,7 +24,8 @@ from rollout.outcomes.engine import LockHeld
 from rollout.outcomes.retention import Expired
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
 from rollout.outcomes.schema import METRICS
-from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EPS, EvidenceSums, TrafficCounts
+from rollout.outcomes.sqlexpr import EPS
+from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EvidenceSums, TrafficCounts
 from rollout.roles import UNIT_SPLIT_MODES, Role
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums, LabelSums

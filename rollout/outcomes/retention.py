@@ -79,7 +79,8 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
     n_changes = _batched(engine, f"SELECT id FROM label_changes WHERE rollout_id NOT IN ({_OPEN})", "label_changes",
                          cutoff, batch)
     n_requested = _requested(engine, cutoff)
-    freed, reclaim_note = _reclaim(engine, n_deleted + n_labels + n_changes + n_dead + n_requested)
+    n_units = _unit_totals(engine, batch)
+    freed, reclaim_note = _reclaim(engine, n_deleted + n_labels + n_changes + n_dead + n_requested + n_units)
     if dropped:
         about = (f" (days over {partitions.ESTIMATE_ABOVE:,} rows counted from PostgreSQL's statistics)"
                  if estimated else "")
@@ -110,6 +111,26 @@ def _requested(engine: Engine, cutoff: float) -> int:
     for batch_id in batches:
         with engine.begin() as conn:
             removed += conn.execute(text("DELETE FROM label_requests WHERE batch_id = :b"), {"b": batch_id}).rowcount
+    return removed
+
+
+def _unit_totals(engine: Engine, batch: int) -> int:
+    """The per-unit totals of closed rollouts (rollout.outcomes.units): derived from their rows, needed only by an
+    evaluation of an open rollout (a report of a closed one makes its one pass). A batch of units per transaction."""
+    removed = 0
+    with engine.connect() as conn:
+        closed = conn.execute(text(f"SELECT rollout_id FROM unit_state WHERE rollout_id NOT IN ({_OPEN})")).scalars().all()
+    for rollout_id in closed:
+        with engine.begin() as conn:  # first the state: a half-deleted rollout's totals are never read
+            conn.execute(text("DELETE FROM unit_state WHERE rollout_id = :r"), {"r": rollout_id})
+        while True:
+            with engine.begin() as conn:
+                done = conn.execute(text("DELETE FROM unit_totals WHERE rollout_id = :r AND unit IN (SELECT unit FROM "
+                                         "unit_totals WHERE rollout_id = :r LIMIT :batch)"),
+                                    {"r": rollout_id, "batch": batch}).rowcount
+            removed += done
+            if done == 0:
+                break
     return removed
 
 

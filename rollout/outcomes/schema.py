@@ -257,6 +257,28 @@ rollout_units = Table(
     Column("unit", String(128), primary_key=True),
 )
 
+# Per (rollout, version, unit): the unit's labelled, error-free rows of the hours before unit_state.through_hour,
+# counted and summed per metric (the loss, or in shadow rollouts the loss minus the champion's on the same
+# request): the cluster-robust standard error's unit totals (rollout.outcomes.units), kept so the hourly
+# evaluation adds an hour's rows instead of regrouping the rollout. Kept only for rollouts whose evaluation
+# asked for them (a policy with a unit column).
+unit_totals = Table(
+    "unit_totals",
+    metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=False),
+    Column("version", String(32), primary_key=True),
+    Column("unit", String(128), primary_key=True),
+    *(Column(f"n_{m}", BigInteger, nullable=False, default=0) for m in METRICS),
+    *(Column(f"y_{m}", Float, nullable=False, default=0.0) for m in METRICS),
+)
+unit_state = Table(
+    "unit_state",
+    metadata,
+    Column("rollout_id", Integer, primary_key=True, autoincrement=False),
+    Column("champion", String(32)),  # the version paired with (shadow), NULL: each version's own loss
+    Column("through_hour", BigInteger, nullable=False),  # unit_totals hold the rows of the hours before it
+)
+
 # One row per rollout whose summaries exist; `champion` is the version they pair with; `version`
 # counts the refreshes stored, so a refresh stores only if none was stored since its snapshot (a
 # delta applies to the summary rows it was computed against). Stores made before the hourly

@@ -22,8 +22,9 @@ from rollout.outcomes import audit, engine, export, log, partitions, requests, r
 from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
-from rollout.outcomes.schema import DROPPED_INDEXES, labels, metadata, predictions, rollout_units, summary_state
-from rollout.outcomes.summaries import EvidenceSums, Summaries, loss_expr
+from rollout.outcomes.schema import DROPPED_INDEXES, METRICS, labels, metadata, predictions, rollout_units, summary_state
+from rollout.outcomes.sqlexpr import loss_expr
+from rollout.outcomes.summaries import EvidenceSums, Summaries
 from rollout.stats.guardrails import LabelSums
 from rollout.stats.moments import ClusterSums
 from rollout.times import from_epoch, to_epoch
@@ -293,8 +294,16 @@ class OutcomeStore:
         """Per version, its per-row loss (with `champion`: loss minus the champion's on the same request, for the
         other versions) summed per unit (the unit id, or the request id of a request without one), summarised
         for a cluster-robust standard error. Matured, labelled, error-free rows before the cut. One pass over
-        the rollout's rows (sums of squares of unit totals do not add up across the hourly summaries)."""
+        the rollout's rows (sums of squares of unit totals do not add up across the hourly summaries) unless the
+        kept unit totals answer (rollout.outcomes.units): at a cut, paired as the rollout's evaluation pairs
+        (a shadow rollout with its champion, an A/B rollout not at all)."""
         self._ensure()
+        rollout = self.rollout(rollout_id)
+        if cutoff is not None and rollout is not None and metric in METRICS and (
+                champion == rollout.champion if rollout.mode == "shadow" else champion is None):
+            kept = self.summaries.units.sums(rollout_id, metric, to_epoch(cutoff), champion)
+            if kept is not None:
+                return kept
         p, lab, on, where = _rollout_rows(rollout_id, cutoff)
         join = p.join(lab, on)
         label = lab.c.label

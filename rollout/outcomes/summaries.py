@@ -57,8 +57,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
-    Float,
     Integer,
     and_,
     or_,
@@ -76,11 +74,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.sql.functions import FunctionElement
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.log import analyze_stale, mark_dirty
+from rollout.outcomes.sqlexpr import hour_expr, hour_range, loss_expr
+from rollout.outcomes.units import UnitTotals
 from rollout.outcomes.schema import (
     AGREE_COLS,
     CONF_COLS,
@@ -104,7 +102,6 @@ from rollout.stats.guardrails import AgreementSums
 from rollout.stats.moments import Confusion, Moments
 from rollout.times import day_of, days_between, hour_of
 
-EPS = 1e-15  # log loss clips probabilities to [EPS, 1 - EPS]
 # Latency histogram resolution: 40 buckets per e-fold (about 2.5 % wide); the offset keeps the index positive.
 _LAT_BUCKETS_PER_E = 40.0
 _LAT_OFFSET = 10.0
@@ -190,6 +187,7 @@ class Summaries:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sqlite = is_sqlite(engine)
+        self.units = UnitTotals(engine)  # kept beside the summaries: a refresh moves both in one transaction
 
     def evidence(self, rollout_id: int, cutoff: float | None = None, champion: str | None = None) -> EvidenceSums:
         """The rollout's sums at maturity cut `cutoff`, paired with `champion` (default: the rollout's own)."""
@@ -339,29 +337,12 @@ class Summaries:
             }), {"rollout_id": rollout_id, "champion": champion, "built_at": wall_clock(), "version": 0})
             for table in (hourly_aggregates, daily_aggregates, hourly_usage, daily_usage, label_changes, rollout_units):
                 conn.execute(delete(table).where(table.c.rollout_id == rollout_id))
+            UnitTotals.forget(conn, rollout_id)
             hours: set[int] = set()
             for day in self._days_of(conn, rollout_id):
                 start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
                 hours.update(range(hour_of(start - 1.0), hour_of(start + 86401.0) + 1))
             mark_dirty(conn, [(rollout_id, h) for h in hours])
-
-    def _hour_expr(self, ts: Any) -> Any:
-        """hour_of(ts) in SQL: the same IEEE double division, then floor (SQLite: cast truncates, ts > 0)."""
-        q = ts / literal(3600.0, Float)
-        return cast(q, Integer) if self._sqlite else cast(func.floor(q), BigInteger)
-
-    @staticmethod
-    def _range(p: Any, hours: tuple[int, int]) -> list[Any]:
-        """WHERE terms for the rows of hours [first, last], and a second more: a range of ix_predictions_day.
-
-        The margin catches a row whose hour_of (a rounded division) or day_of (rounded to microseconds)
-        disagrees with its time near a boundary; results are grouped by hour, so callers keep the hours
-        they asked for (no hour filter in SQL, which would spoil the planner's row estimate).
-        """
-        first, last = hours
-        lo, hi = first * 3600.0 - 1.0, (last + 1) * 3600.0 + 1.0
-        days = days_between(lo, hi)
-        return [p.c.day.in_(days), p.c.ts >= lo, p.c.ts < hi]
 
     def _hour_rows(self, conn: Connection, rollout_id: int, champion: str | None,
                    hours: Sequence[int]) -> list[tuple[str, str | None, str, int, tuple[Any, ...]]]:
@@ -391,7 +372,7 @@ class Summaries:
         p = predictions.alias("p")
         where = [p.c.rollout_id == rollout_id, p.c.error.is_(None)]
         if hours is not None:  # always with a cut (the range's end by default): one statement to compile
-            where += self._range(p, hours)
+            where += hour_range(p, hours)
             cutoff = (hours[1] + 1) * 3600.0 + 1.0 if cutoff is None else cutoff
         if day is not None:
             where.append(p.c.day == day)
@@ -420,7 +401,7 @@ class Summaries:
 
         # NULL unless matured: accuracy and log loss need the guard, the others are NULL without a label
         cols: list[Any] = [
-            p.c.version, p.c.segment, p.c.day, *([self._hour_expr(p.c.ts).label("hour")] if by_hour else []),
+            p.c.version, p.c.segment, p.c.day, *([hour_expr(self._sqlite, p.c.ts).label("hour")] if by_hour else []),
             *([sign.label("sign")] if changes else []),
             case((matured, own("accuracy"))).label("acc"), case((matured, own("log_loss"))).label("ll"),
             own("brier").label("br"), own("mse").label("se"), own("mae").label("ae"),
@@ -524,7 +505,7 @@ class Summaries:
         lat = case((p.c.latency_ms > 1e-4, p.c.latency_ms), else_=1e-4)
         bucket = case((p.c.latency_ms.is_(None), None),
                       else_=cast((func.ln(lat) + _LAT_OFFSET) * _LAT_BUCKETS_PER_E, Integer))
-        hour = self._hour_expr(p.c.ts)
+        hour = hour_expr(self._sqlite, p.c.ts)
         keys = [p.c.day, hour, p.c.version, bucket] if by_hour else [p.c.version, bucket]
         return (select(*keys, func.count(), func.sum(case((p.c.error.is_not(None), 1), else_=0)), func.sum(p.c.served))
                 .where(*self._in_hours(rollout_id, hours)).group_by(*keys))
@@ -533,9 +514,9 @@ class Summaries:
         """WHERE terms for a rollout's prediction rows of exactly these hours (through ix_predictions_day
         when they are few)."""
         p = predictions
-        terms = [p.c.rollout_id == rollout_id, self._hour_expr(p.c.ts).in_(sorted(hours))]
+        terms = [p.c.rollout_id == rollout_id, hour_expr(self._sqlite, p.c.ts).in_(sorted(hours))]
         if len(hours) <= _MANY_HOURS:
-            terms += self._range(p, (min(hours), max(hours)))
+            terms += hour_range(p, (min(hours), max(hours)))
         return terms
 
     def _usage_rows(self, conn: Connection, rollout_id: int, hours: Sequence[int]) -> list[tuple[Any, ...]]:
@@ -572,6 +553,7 @@ class Summaries:
             if now is None or int(now) != version:
                 return False
             conn.execute(update(s).where(s.c.rollout_id == rollout_id).values(version=version + 1))
+            self.units.on_refresh(conn, rollout_id, sorted(marks), changes)  # before the changes are deleted
             done: set[int] = set()
             for chunk in chunks(sorted(marks), 500):
                 done.update(int(h) for (h,) in conn.execute(
@@ -637,48 +619,6 @@ class Summaries:
                  .where(*self._in_hours(rollout_id, hours), assigned).distinct())
         stmt = (sqlite_insert if self._sqlite else pg_insert)(rollout_units)
         return stmt.from_select(["rollout_id", "version", "kind", "unit"], query).on_conflict_do_nothing()
-
-
-class ClassProbability(FunctionElement[float]):
-    """SQL of the probability a multiclass row gave the labelled class: entry `label` of its JSON list of
-    class probabilities, 0 when the list has no such entry (a class the model does not know)."""
-
-    type = Float()
-    name = "class_probability"
-    inherit_cache = True
-
-
-@compiles(ClassProbability, "sqlite")
-def _class_probability_sqlite(element: ClassProbability, compiler: Any, **kw: Any) -> str:
-    probabilities, label = (compiler.process(c, **kw) for c in element.clauses)
-    return f"coalesce(json_extract({probabilities}, '$[' || CAST({label} AS INTEGER) || ']'), 0.0)"
-
-
-@compiles(ClassProbability, "postgresql")
-def _class_probability_pg(element: ClassProbability, compiler: Any, **kw: Any) -> str:
-    probabilities, label = (compiler.process(c, **kw) for c in element.clauses)
-    return (f"coalesce(CAST((CAST({probabilities} AS JSON) ->> CAST({label} AS INTEGER)) AS DOUBLE PRECISION), "
-            "0.0)")
-
-
-def loss_expr(metric: str, prediction: Any, score: Any, label: Any, probabilities: Any = None) -> Any:
-    """SQL expression of the per-request loss (NULL when the inputs it needs are missing). A multiclass row
-    (its `probabilities` not NULL) has the log loss of the labelled class's probability."""
-    if metric == "accuracy":
-        return case((prediction.is_(None), None), (prediction == label, 0.0), else_=1.0)
-    if metric == "log_loss":
-        p_true = case((label == 1, score), else_=literal(1.0) - score)
-        if probabilities is not None:
-            p_true = case((probabilities.is_not(None), ClassProbability(probabilities, label)), else_=p_true)
-        clipped = case((p_true < EPS, EPS), (p_true > 1.0 - EPS, 1.0 - EPS), else_=p_true)
-        return literal(0.0) - func.ln(clipped)
-    if metric == "brier":
-        return (score - label) * (score - label)
-    if metric == "mse":
-        return (prediction - label) * (prediction - label)
-    if metric == "mae":
-        return func.abs(prediction - label)
-    raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
 
 
 def _execute_hinted(conn: Connection, query: Any, clause: str, hinted: str) -> Any:

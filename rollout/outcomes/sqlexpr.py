@@ -1,0 +1,75 @@
+"""SQL expressions the evaluation summaries and the per-unit totals both compute: per-request losses, and a
+prediction row's UTC hour with the index range that finds the rows of some hours."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import BigInteger, Float, Integer, case, cast, func, literal
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+from rollout.outcomes.schema import METRICS
+from rollout.times import days_between
+
+EPS = 1e-15  # log loss clips probabilities to [EPS, 1 - EPS]
+
+
+def hour_expr(sqlite: bool, ts: Any) -> Any:
+    """hour_of(ts) in SQL: the same IEEE double division, then floor (SQLite: cast truncates, ts > 0)."""
+    q = ts / literal(3600.0, Float)
+    return cast(q, Integer) if sqlite else cast(func.floor(q), BigInteger)
+
+
+def hour_range(p: Any, hours: tuple[int, int]) -> list[Any]:
+    """WHERE terms for the rows of hours [first, last], and a second more: a range of ix_predictions_day.
+
+    The margin catches a row whose hour_of (a rounded division) or day_of (rounded to microseconds)
+    disagrees with its time near a boundary; results are grouped by hour (or filtered by `hour_expr`), so
+    callers keep the hours they asked for."""
+    first, last = hours
+    lo, hi = first * 3600.0 - 1.0, (last + 1) * 3600.0 + 1.0
+    days = days_between(lo, hi)
+    return [p.c.day.in_(days), p.c.ts >= lo, p.c.ts < hi]
+
+
+class ClassProbability(FunctionElement[float]):
+    """SQL of the probability a multiclass row gave the labelled class: entry `label` of its JSON list of
+    class probabilities, 0 when the list has no such entry (a class the model does not know)."""
+
+    type = Float()
+    name = "class_probability"
+    inherit_cache = True
+
+
+@compiles(ClassProbability, "sqlite")
+def _class_probability_sqlite(element: ClassProbability, compiler: Any, **kw: Any) -> str:
+    probabilities, label = (compiler.process(c, **kw) for c in element.clauses)
+    return f"coalesce(json_extract({probabilities}, '$[' || CAST({label} AS INTEGER) || ']'), 0.0)"
+
+
+@compiles(ClassProbability, "postgresql")
+def _class_probability_pg(element: ClassProbability, compiler: Any, **kw: Any) -> str:
+    probabilities, label = (compiler.process(c, **kw) for c in element.clauses)
+    return (f"coalesce(CAST((CAST({probabilities} AS JSON) ->> CAST({label} AS INTEGER)) AS DOUBLE PRECISION), "
+            "0.0)")
+
+
+def loss_expr(metric: str, prediction: Any, score: Any, label: Any, probabilities: Any = None) -> Any:
+    """SQL expression of the per-request loss (NULL when the inputs it needs are missing). A multiclass row
+    (its `probabilities` not NULL) has the log loss of the labelled class's probability."""
+    if metric == "accuracy":
+        return case((prediction.is_(None), None), (prediction == label, 0.0), else_=1.0)
+    if metric == "log_loss":
+        p_true = case((label == 1, score), else_=literal(1.0) - score)
+        if probabilities is not None:
+            p_true = case((probabilities.is_not(None), ClassProbability(probabilities, label)), else_=p_true)
+        clipped = case((p_true < EPS, EPS), (p_true > 1.0 - EPS, 1.0 - EPS), else_=p_true)
+        return literal(0.0) - func.ln(clipped)
+    if metric == "brier":
+        return (score - label) * (score - label)
+    if metric == "mse":
+        return (prediction - label) * (prediction - label)
+    if metric == "mae":
+        return func.abs(prediction - label)
+    raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
