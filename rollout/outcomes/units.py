@@ -123,31 +123,43 @@ class UnitTotals:
                                                            func.coalesce(func.sum(value), 0.0).label("y")])
         pending = self._changes(rollout_id, champion, [metric], w)  # the totals' rows to their current labels
         parts = [q.with_only_columns(*list(q.selected_columns)[1:]) for q in (live, pending)]
-        # the few units the live rows or pending changes touch, merged with their stored totals; every other
-        # unit's stored totals summed as they are, in the primary key's order (no sort of the rollout's units)
+        # every unit's stored totals summed as they are (one scan, no join), plus, for the few units the live rows
+        # or the pending changes touch, what they add: their merged totals' terms minus their stored ones
         touched = union_all(*parts).subquery("d")
         moved = (select(touched.c.version.label("version"), touched.c.unit.label("unit"),
                         func.sum(touched.c.n).label("n"), func.sum(touched.c.y).label("y"))
-                 .group_by(touched.c.version, touched.c.unit).cte("moved"))
+                 .group_by(touched.c.version, touched.c.unit).subquery("m"))
         m = moved.c
         n_s, y_s = t.c[f"n_{metric}"], t.c[f"y_{metric}"]
-        kept = (select(t.c.version.label("version"), n_s.label("n"), y_s.label("y"))
-                .where(t.c.rollout_id == rollout_id, n_s > 0,
-                       ~select(m.unit).where(m.version == t.c.version, m.unit == t.c.unit).exists()).subquery("k"))
-        merged = (select(m.version.label("version"), (m.n + func.coalesce(n_s, 0)).label("n"),
-                         (m.y + func.coalesce(y_s, 0.0)).label("y"))
-                  .select_from(moved.outerjoin(t, and_(t.c.rollout_id == rollout_id, t.c.version == m.version,
-                                                       t.c.unit == m.unit))).subquery("j"))
-        groups = [select(u.c.version, func.count().label("g"), func.sum(u.c.n).label("n"), func.sum(u.c.y).label("y"),
-                         func.sum(u.c.y * u.c.y).label("yy"), func.sum(u.c.y * u.c.n).label("yn"),
-                         func.sum(u.c.n * u.c.n).label("nn")).where(u.c.n > 0).group_by(u.c.version)
-                  for u in (kept, merged)]
-        g = union_all(*groups).subquery("g")
-        query = select(g.c.version, *(func.sum(c) for c in (g.c.g, g.c.n, g.c.y, g.c.yy, g.c.yn, g.c.nn))).group_by(
-            g.c.version)
+        stored = select(t.c.version, func.count(), func.sum(n_s), func.sum(y_s), func.sum(y_s * y_s),
+                        func.sum(y_s * n_s), func.sum(n_s * n_s)).where(t.c.rollout_id == rollout_id, n_s > 0)
+        n_o, y_o = func.coalesce(n_s, 0), func.coalesce(y_s, 0.0)
+        n_n, y_n = m.n + n_o, m.y + y_o
+
+        def term(n: Any, y: Any, value: Any) -> Any:  # a unit's term while it has rows, else nothing
+            return case((n > 0, value), else_=0)
+
+        terms = [(literal(1), literal(1)), (n_n, n_o), (y_n, y_o), (y_n * y_n, y_o * y_o), (y_n * n_n, y_o * n_o),
+                 (n_n * n_n, n_o * n_o)]
+        delta = (select(m.version, *(func.sum(term(n_n, y_n, new) - term(n_o, y_o, old)) for new, old in terms))
+                 .select_from(moved.outerjoin(t, and_(t.c.rollout_id == rollout_id, t.c.version == m.version,
+                                                      t.c.unit == m.unit))))
+        query = union_all(stored.group_by(t.c.version), delta.group_by(m.version))
+        out: dict[str, list[float]] = {}
         with self.engine.connect() as conn:
-            return {str(r[0]): ClusterSums(int(r[1]), int(r[2]), float(r[3]), float(r[4]), float(r[5]), float(r[6]))
-                    for r in conn.execute(query)}
+            self._few_rows(conn)
+            for version, *sums in conn.execute(query):
+                acc = out.setdefault(str(version), [0.0] * 6)
+                for i, x in enumerate(sums):
+                    acc[i] += float(x or 0)
+        return {v: ClusterSums(int(a[0]), int(a[1]), a[2], a[3], a[4], a[5]) for v, a in out.items() if a[1] > 0}
+
+    def _few_rows(self, conn: Connection) -> None:
+        """PostgreSQL, for this transaction: the statements here join a few rows (an hour, the pending changes) to
+        the big tables by index; left to itself the planner hashes all of labels and predictions (2 s at 3M rows)."""
+        if not self._sqlite:
+            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+            conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
 
     # ------------------------------------------------------------------ keeping
     def _start(self, rollout_id: int, champion: str | None, first_hour: int) -> None:
@@ -166,6 +178,8 @@ class UnitTotals:
             state = self._locked_state(conn, rollout_id)
             if state is None or state != (champion, start):
                 return False
+            if stop - start <= 24:
+                self._few_rows(conn)
             p, h, join, label, where = self._rows(rollout_id, champion, pending=True)
             hour = hour_expr(self._sqlite, p.c.ts)
             where += [*hour_range(p, (start, stop - 1)), hour >= start, hour < stop, label.is_not(None)]
@@ -185,8 +199,14 @@ class UnitTotals:
         if any(h < through for h in marked_hours):
             self.forget(conn, rollout_id)
             return
+        if not changes:
+            return
+        self._few_rows(conn)
         for chunk in chunks(list(changes), 1000):
             conn.execute(self._upsert(self._changes(rollout_id, champion, METRICS, through, ids=chunk)))
+        if not self._sqlite:  # the rest of the refresh's transaction plans as it did
+            conn.exec_driver_sql("SET LOCAL enable_hashjoin TO DEFAULT")
+            conn.exec_driver_sql("SET LOCAL enable_mergejoin TO DEFAULT")
 
     @staticmethod
     def forget(conn: Connection, rollout_id: int) -> None:
