@@ -34,8 +34,9 @@ def example_policy(directory: Path, rows: int, seed: int, outcomes: str = "outco
     return policy
 
 
-def train_and_register(policy_path: Path) -> tuple[str, list[str]]:
-    """Fit the policy's pipeline on its example data and register it; (version, feature columns)."""
+def train_and_register(policy_path: Path, export: Path | None = None) -> tuple[str, list[str]]:
+    """Fit the policy's pipeline on its example data and register it; (version, feature columns). With `export`,
+    the fitted pipeline is also written there with joblib (for servers that load a pickle)."""
     import mlflow
 
     from rollout import registry
@@ -48,6 +49,10 @@ def train_and_register(policy_path: Path) -> tuple[str, list[str]]:
     schema = infer_schema(frame, policy.data)
     data = training.split(frame, schema, policy.data.holdout_fraction, policy.data.seed)
     model = training.fit(training.build_pipeline(schema, policy.estimator, policy.data.seed), data)
+    if export is not None:
+        import joblib
+
+        joblib.dump(model, export)
     mlflow.set_tracking_uri(policy.tracking_uri)
     mlflow.set_registry_uri(policy.tracking_uri)
     experiment = mlflow.get_experiment_by_name("bench")

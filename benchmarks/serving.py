@@ -15,6 +15,11 @@ as subprocesses on free 127.0.0.1 ports, one worker process each:
   concurrency 1 only: the reference for the latency that batching adds
 - the ceiling: uvicorn and a bare ASGI app that parses each body's JSON and answers a constant, at
   concurrency 32 only: what any Python HTTP server here could carry (`shadow_vs_ceiling_throughput`)
+- the anchors, at concurrency 32 only: MLServer 1.7 (mlserver-sklearn, adaptive batching) and BentoML 1.4
+  (a batchable API), one worker each, batching up to 256 rows or 5 ms, serving the champion's very pipeline
+  (exported with joblib) from their own virtual environments, created once and cached (benchmarks/anchors.py);
+  `shadow_vs_best_anchor_throughput` and `shadow_p99_vs_best_anchor_p99` compare with the faster of the two in
+  each round
 
 The load generator is a separate process on loopback: `wrk` (Debian package; one thread, one
 keep-alive connection per unit of concurrency, a Lua script cycling through 1,000 single-record
@@ -64,6 +69,7 @@ _HERE = Path(__file__).resolve().parent
 ROOT = _HERE.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
+import anchors  # noqa: E402
 from _common import (WRK_LUA, emit_json, example_policy, free_port, parser, print_table, run_python_loadgen,  # noqa: E402
                      run_wrk, train_and_register, verdict)
 
@@ -78,6 +84,10 @@ TARGET_VS_MLFLOW = 10.0  # shadow throughput over MLflow's, at concurrency 32
 TARGET_SHADOW_COST = 0.95  # shadow throughput over single-model throughput, at least
 TARGET_P99_RATIO = 1.1  # shadow p99 over single-model p99, at most
 TARGET_VS_CEILING = 0.15  # shadow throughput over the bare ASGI app's (the ceiling), at least
+TARGET_VS_ANCHOR = 2.5  # shadow throughput over the best anchor's (MLServer or BentoML), at least
+TARGET_P99_VS_ANCHOR = 0.5  # shadow p99 over that anchor's p99, at most
+TARGET_AB = 0.9  # ab (50/50) throughput over champion-only, at least
+TARGET_AB_P99 = 1.2  # ab p99 over champion-only p99, at most
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -108,11 +118,14 @@ def write_policy(directory: Path, name: str, rows: int, seed: int, estimator: di
 
 def bodies_file(directory: Path, features: list[str], seed: int, kind: str) -> Path:
     """One JSON body per line: a single loan application (built as cli.simulate builds them)."""
+    import pandas as pd
+
     from rollout.data import example_dataset
 
     frame = example_dataset(rows=BODIES, seed=seed)
     records = frame[features].astype(object).where(frame[features].notna(), None).to_dict("records")
     units = frame["customer_id"].astype(str).tolist()
+    text_columns = {c for c in features if not pd.api.types.is_numeric_dtype(frame[c])}
     path = directory / f"bodies-{kind}.jsonl"
     with path.open("w") as fh:
         for record, unit in zip(records, units, strict=True):
@@ -126,6 +139,8 @@ def bodies_file(directory: Path, features: list[str], seed: int, kind: str) -> P
                 body = {"inputs": [
                     {"name": k, "shape": [1], "datatype": "BYTES" if isinstance(v, str) else "FP64", "data": [v]}
                     for k, v in record.items()]}
+            elif kind in anchors.ANCHORS:
+                body = anchors.body(kind, record, text_columns)
             else:
                 body = {"record": record, "unit_id": unit}
             fh.write(json.dumps(body, separators=(",", ":")) + "\n")
@@ -171,9 +186,10 @@ class Server:
 
 
 def group_cpu_s(pgid: int) -> float:
-    """CPU seconds (user + system) of every live process in a process group, from /proc."""
+    """CPU seconds (user + system) of every live process in a process group and of its leader's descendants (a
+    server that starts its workers in sessions of their own, as BentoML's arbiter does), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    stats: dict[int, tuple[int, int, int]] = {}  # pid -> (ppid, pgrp, utime + stime)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -182,9 +198,19 @@ def group_cpu_s(pgid: int) -> float:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields after "comm)": state, ppid, pgrp, ..., utime (11), stime (12)
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        # fields after "comm)": state, ppid, pgrp, ..., utime (11), stime (12)
+        stats[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[11]) + int(fields[12]))
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    members = {pid for pid, (_, pgrp, _) in stats.items() if pgrp == pgid}
+    stack = [pgid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in members:
+                members.add(child)
+                stack.append(child)
+    return sum(stats[pid][2] for pid in members if pid in stats) / tick
 
 
 def http(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
@@ -353,7 +379,7 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     from rollout.outcomes import OutcomeStore
 
     pol = load_policy(policy)
-    champion, features = train_and_register(policy)
+    champion, features = train_and_register(policy, export=tmp / "champion.joblib")
     registry = MlflowRegistry(pol.tracking_uri, MODEL_NAME, pol.registry.mirror_stages)
     registry.set_alias("champion", champion)
     env = server_env(pol.tracking_uri)
@@ -373,6 +399,18 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
                                            "--port", str(ports["nowait"]), "--log-level", "warning"], env,
                         ports["nowait"], tmp / "rollout-nowait.log")
     servers.append(nowait_srv)
+    anchor_srv: dict[str, Server] = {}
+    anchor_path: dict[str, str] = {}
+    for name in anchors.ANCHORS:  # the servers people would pick instead, on the same pipeline
+        try:
+            port = free_port()
+            cmd, extra, anchor_path[name] = anchors.command(name, tmp, tmp / "champion.joblib", MODEL_NAME, port,
+                                                            (free_port(), free_port()))
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+            print(f"WARNING: {name} left out: {exc}", file=sys.stderr)
+            continue
+        anchor_srv[name] = Server(name, cmd, {**env, **extra}, port, tmp / f"{name}.log")
+        servers.append(anchor_srv[name])
     challenger, _ = train_and_register(challenger_policy)
     registry.set_alias("challenger", challenger)
     OutcomeStore(pol.outcome_url).create()
@@ -387,18 +425,22 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
     rollout_srv.wait_ready("/healthz")
     nowait_srv.wait_ready("/healthz")
     ceiling_srv.wait_ready("/")
+    for name, srv in anchor_srv.items():
+        srv.wait_ready(anchors.READY_PATH[name])
     print(f"servers ready: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    bodies = {"mlflow": bodies_file(tmp, features, seed32 + 7, "mlflow"),
-              "rollout": bodies_file(tmp, features, seed32 + 7, "rollout")}
+    bodies = {kind: bodies_file(tmp, features, seed32 + 7, kind) for kind in ("mlflow", "rollout", *anchor_srv)}
     script = tmp / "post.lua"
     script.write_text(WRK_LUA)
     # Both servers must answer the very bodies the load generator sends (the load generator counts non-200s).
     first = {k: json.loads(v.read_text().splitlines()[0]) for k, v in bodies.items()}
-    for base, body in ((mlflow_srv.base + "/invocations", first["mlflow"]), (rollout_srv.base + "/predict", first["rollout"])):
+    checks = [(mlflow_srv.base + "/invocations", first["mlflow"]), (rollout_srv.base + "/predict", first["rollout"]),
+              *((srv.base + anchor_path[name], first[name]) for name, srv in anchor_srv.items())]
+    for base, body in checks:
         status, answer = http("POST", base, body)
         if status != 200:
             raise RuntimeError(f"{base}: {status} {answer}")
+        print(f"{base}: {json.dumps(answer)[:200]}", file=sys.stderr)
 
     def load(url: str, body_path: Path, concurrency: int, secs: float) -> dict[str, Any]:
         if loadgen == "wrk":
@@ -406,7 +448,7 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
         return run_python_loadgen(url, body_path, concurrency, secs)
 
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    order = (*TARGETS[:2], "nowait", *TARGETS[2:], "ceiling")
+    order = (*TARGETS[:2], "nowait", *TARGETS[2:], "ceiling", *anchor_srv)
     written_before = metrics(rollout_srv.base).get("rollout_log_written_total", 0.0)
     for r in range(rounds):
         for target in order:
@@ -416,13 +458,15 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
                 server, url, body_path = nowait_srv, nowait_srv.base + "/predict", bodies["rollout"]
             elif target == "ceiling":
                 server, url, body_path = ceiling_srv, ceiling_srv.base + "/predict", bodies["rollout"]
+            elif target in anchor_srv:
+                server, url, body_path = anchor_srv[target], anchor_srv[target].base + anchor_path[target], bodies[target]
             else:
                 server, url, body_path = rollout_srv, rollout_srv.base + "/predict", bodies["rollout"]
                 set_mode(server, target, versions)
-            levels = (1,) if target == "nowait" else (HEADLINE_C,) if target == "ceiling" else CONCURRENCY
+            levels = (1,) if target == "nowait" else (HEADLINE_C,) if target in ("ceiling", *anchor_srv) else CONCURRENCY
             load(url, body_path, max(levels), warmup)  # untimed: connections, lanes, caches
             for c in levels:
-                ours = server not in (mlflow_srv, ceiling_srv)
+                ours = server not in (mlflow_srv, ceiling_srv, *anchor_srv.values())
                 if ours:
                     drain(server)
                 before = metrics(server.base) if ours else {}
@@ -459,6 +503,8 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
         "shadow_rows_dropped": m.get("rollout_shadow_dropped_total", 0.0),
         "features": len(features), "train_rows": rows,
         "max_wait_ms": pol.serving.max_wait_ms, "shadow_max_wait_ms": pol.serving.shadow_max_wait_ms,
+        "anchors": {name: anchors.ANCHORS[name] for name in anchor_srv},
+        "anchor_batching": {"max_batch_size": anchors.MAX_BATCH_SIZE, "max_batch_ms": anchors.MAX_BATCH_MS},
     }
     return results, info
 
@@ -668,7 +714,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
 
     rows = []
     per: dict[str, Any] = {}
-    for target in (*TARGETS, "nowait", "ceiling"):
+    for target in (*TARGETS, "nowait", "ceiling", *anchors.ANCHORS):
         for c in CONCURRENCY:
             if (target, c) not in results:
                 continue
@@ -676,7 +722,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
             fig = {"throughput": med(target, c, "throughput"), "p50_ms": med(target, c, "p50_ms"),
                    "p99_ms": med(target, c, "p99_ms"), "cpu_us_per_request": med(target, c, "cpu_us_per_request"),
                    "non_200": sum(o["bad_status"] + o["socket_errors"] for o in runs)}
-            if target not in ("mlflow", "ceiling"):
+            if target not in ("mlflow", "ceiling", *anchors.ANCHORS):
                 fig["serve_batch_mean"] = med(target, c, "serve_batch_mean")
                 fig["shadow_batch_mean"] = med(target, c, "shadow_batch_mean")
                 fig["log_dropped"] = sum(o["log_dropped"] for o in runs)
@@ -705,6 +751,21 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
 
     h = ratios[str(HEADLINE_C)]
     h["shadow_vs_ceiling_throughput"] = ratio("shadow", "ceiling", HEADLINE_C, "throughput")
+    h["ab_p99_vs_single_p99"] = ratio("ab", "single", HEADLINE_C, "p99_ms")
+    # the best anchor of each round (MLServer or BentoML, by throughput), and shadow over it
+    vs_anchor, p99_vs_anchor, best_names = [], [], []
+    shadow_runs = results.get(("shadow", HEADLINE_C), [])
+    for i, ours in enumerate(shadow_runs):
+        theirs = [(name, results[(name, HEADLINE_C)][i]) for name in anchors.ANCHORS
+                  if len(results.get((name, HEADLINE_C), [])) > i]
+        if theirs:
+            name, best = max(theirs, key=lambda t: t[1]["throughput"])
+            best_names.append(name)
+            vs_anchor.append(ours["throughput"] / best["throughput"])
+            p99_vs_anchor.append(ours["p99_ms"] / best["p99_ms"])
+    h["shadow_vs_best_anchor_throughput"] = median(vs_anchor)
+    h["shadow_p99_vs_best_anchor_p99"] = median(p99_vs_anchor)
+    best_anchor = max(set(best_names), key=best_names.count) if best_names else None
     wait_ms = info["max_wait_ms"]
     added_p50 = med("single", 1, "p50_ms") - med("nowait", 1, "p50_ms")
     p99_below_mlflow = all(ratios[str(c)]["shadow_p99_vs_mlflow_p99"] < 1.0 for c in CONCURRENCY)
@@ -713,6 +774,14 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
     checks = [
         ["shadow / MLflow throughput (c=32)", h["shadow_vs_mlflow_throughput"], f">= {TARGET_VS_MLFLOW:g}",
          h["shadow_vs_mlflow_throughput"] >= TARGET_VS_MLFLOW],
+        [f"shadow / best anchor throughput (c=32; {best_anchor})", h["shadow_vs_best_anchor_throughput"],
+         f">= {TARGET_VS_ANCHOR:g}", h["shadow_vs_best_anchor_throughput"] >= TARGET_VS_ANCHOR],
+        [f"shadow p99 / best anchor p99 (c=32; {best_anchor})", h["shadow_p99_vs_best_anchor_p99"],
+         f"<= {TARGET_P99_VS_ANCHOR:g}", h["shadow_p99_vs_best_anchor_p99"] <= TARGET_P99_VS_ANCHOR],
+        ["ab 50/50 / single throughput (c=32)", h["ab_vs_single_throughput"], f">= {TARGET_AB:g}",
+         h["ab_vs_single_throughput"] >= TARGET_AB],
+        ["ab p99 / single p99 (c=32)", h["ab_p99_vs_single_p99"], f"<= {TARGET_AB_P99:g}",
+         h["ab_p99_vs_single_p99"] <= TARGET_AB_P99],
         ["shadow / bare ASGI ceiling throughput (c=32)", h["shadow_vs_ceiling_throughput"],
          f">= {TARGET_VS_CEILING:g}", h["shadow_vs_ceiling_throughput"] >= TARGET_VS_CEILING],
         ["shadow / single throughput (c=32)", h["shadow_vs_single_throughput"], f">= {TARGET_SHADOW_COST:g}",
@@ -741,6 +810,9 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
         "shadow_cpu_vs_single_cpu": h["shadow_cpu_vs_single_cpu"],
         "shadow_vs_ceiling_throughput": h["shadow_vs_ceiling_throughput"],
         "ab_vs_single_throughput": h["ab_vs_single_throughput"],
+        "ab_p99_vs_single_p99": h["ab_p99_vs_single_p99"],
+        "shadow_vs_best_anchor_throughput": h["shadow_vs_best_anchor_throughput"],
+        "shadow_p99_vs_best_anchor_p99": h["shadow_p99_vs_best_anchor_p99"], "best_anchor": best_anchor,
         "batching_added_p50_ms_c1": added_p50,
         # read the scaling on a machine with more cores: requests/s of each rollout mode over the workers
         "throughput_per_worker": {t: {c: f["throughput"] / info["workers"] for c, f in per[t].items()}
