@@ -237,15 +237,20 @@ def _add_labels(engine: Engine, items: list[Sequence[Any]], received: float) -> 
     ids = sorted(arrived)  # the same lock order in every writer
     with write(engine) as conn:
         known: dict[str, set[int]] = {}  # request id -> rollouts its predictions belong to
+        days: dict[tuple[str, int], tuple[str, str]] = {}  # (request id, rollout) -> first and last day of its rows
+        first_ts: dict[str, float] = {}  # request id -> time of its first prediction
         existing: dict[str, tuple[float, float, int]] = {}  # request id -> (ts, label, row id) of its current label
         for chunk in chunks(ids, 500):
-            for rid, rollout_id in conn.execute(
-                select(predictions.c.request_id, predictions.c.rollout_id)
-                .where(predictions.c.request_id.in_(chunk)).distinct()
+            p = predictions
+            for rid, rollout_id, first, last, ts in conn.execute(
+                select(p.c.request_id, p.c.rollout_id, func.min(p.c.day), func.max(p.c.day), func.min(p.c.ts))
+                .where(p.c.request_id.in_(chunk)).group_by(p.c.request_id, p.c.rollout_id)
             ):
+                first_ts[rid] = min(float(ts), first_ts.get(rid, math.inf))
                 rollouts = known.setdefault(rid, set())
                 if rollout_id is not None:
                     rollouts.add(int(rollout_id))
+                    days[(rid, int(rollout_id))] = (first, last)
             existing.update(
                 (r[0], (r[1], r[2], r[3]))
                 for r in conn.execute(
@@ -268,10 +273,11 @@ def _add_labels(engine: Engine, items: list[Sequence[Any]], received: float) -> 
             is_current = rid not in existing or epoch >= existing[rid][0]
             old = existing[rid][1] if rid in existing else None
             if is_current and old != value:  # the evaluation summaries apply these as deltas
-                changes += [{"rollout_id": r, "request_id": rid, "old_label": old, "new_label": value}
+                changes += [{"rollout_id": r, "request_id": rid, "old_label": old, "new_label": value,
+                             "day_from": days[(rid, r)][0], "day_to": days[(rid, r)][1]}
                             for r in sorted(known.get(rid, ()))]
             rows.append({"request_id": rid, "label": value, "ts": epoch, "received_at": received,
-                         "current": int(is_current), "matched": int(rid in known)})
+                         "current": int(is_current), "matched": int(rid in known), "predicted_at": first_ts.get(rid)})
         conn.execute(insert(labels), rows)
         if changes:
             conn.execute(insert(label_changes), changes)

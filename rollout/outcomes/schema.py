@@ -68,6 +68,9 @@ labels = Table(
     Column("current", Integer, nullable=False, default=1),
     # 0 when no prediction with this request id was stored at arrival (kept and reported).
     Column("matched", Integer, nullable=False, default=1),
+    # The time of the request's first prediction at arrival (NULL: none, or a label stored before the column): the
+    # label's delay without a probe into every day partition of the prediction log.
+    Column("predicted_at", Float),
 )
 Index("ix_labels_request", labels.c.request_id, labels.c.current)
 Index("ix_labels_ts", labels.c.ts)  # retention finds the old labels without reading the table
@@ -214,6 +217,11 @@ label_changes = Table(
     Column("request_id", String(64), nullable=False),
     Column("old_label", Float),
     Column("new_label", Float, nullable=False),
+    # The first and last `day` of the request's rows in the rollout when the label came: a refresh finds them in
+    # those days' partitions only (PostgreSQL prunes the others at run time) instead of probing every day's.
+    # NULL in changes written before the columns: every day is searched.
+    Column("day_from", String(10)),
+    Column("day_to", String(10)),
 )
 Index("ix_label_changes", label_changes.c.rollout_id, label_changes.c.id)
 

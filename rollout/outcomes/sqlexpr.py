@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, Integer, case, cast, func, literal
+from sqlalchemy import BigInteger, Float, Integer, and_, case, cast, func, literal
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
@@ -31,6 +31,13 @@ def hour_range(p: Any, hours: tuple[int, int]) -> list[Any]:
     lo, hi = first * 3600.0 - 1.0, (last + 1) * 3600.0 + 1.0
     days = days_between(lo, hi)
     return [p.c.day.in_(days), p.c.ts >= lo, p.c.ts < hi]
+
+
+def in_days_of(change: Any, row: Any) -> Any:
+    """A prediction row within the days its label change names (label_changes.day_from/day_to; NULL: any day):
+    PostgreSQL then probes those days' partitions only, pruned at run time, not all of them."""
+    return and_(row.c.day >= func.coalesce(change.c.day_from, "0000-00-00"),
+                row.c.day <= func.coalesce(change.c.day_to, "9999-12-31"))
 
 
 class ClassProbability(FunctionElement[float]):

@@ -22,7 +22,8 @@ from rollout.outcomes import audit, engine, export, log, partitions, requests, r
 from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
-from rollout.outcomes.schema import DROPPED_INDEXES, METRICS, labels, metadata, predictions, rollout_units, summary_state
+from rollout.outcomes.schema import (DROPPED_INDEXES, METRICS, label_changes, labels, metadata, predictions, rollout_units,
+                                     summary_state)
 from rollout.outcomes.sqlexpr import loss_expr
 from rollout.outcomes.summaries import EvidenceSums, Summaries
 from rollout.stats.guardrails import LabelSums
@@ -110,6 +111,10 @@ class OutcomeStore:
         new_units = not existing.has_table(rollout_units.name)
         old_log = existing.has_table(predictions.name) and not any(
             c["name"] == "probabilities" for c in existing.get_columns(predictions.name))
+        old_changes = existing.has_table(label_changes.name) and not any(
+            c["name"] == "day_from" for c in existing.get_columns(label_changes.name))
+        old_labels = existing.has_table(labels.name) and not any(
+            c["name"] == "predicted_at" for c in existing.get_columns(labels.name))
         if not self.is_sqlite and not existing.has_table(predictions.name):
             partitions.create_partitioned(self.engine)  # PostgreSQL: a day expires by dropping its partition
         metadata.create_all(self.engine, checkfirst=True)
@@ -118,6 +123,13 @@ class OutcomeStore:
                 conn.exec_driver_sql("ALTER TABLE predictions ADD COLUMN probabilities TEXT")
                 if self.is_sqlite:
                     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_predictions_eval")
+        if old_changes:  # a store from before the changes' days: its pending changes search every day
+            with self.engine.begin() as conn:
+                for column in ("day_from", "day_to"):
+                    conn.exec_driver_sql(f"ALTER TABLE label_changes ADD COLUMN {column} VARCHAR(10)")
+        if old_labels:  # a store from before the labels' prediction times: their delays are found by a join
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE labels ADD COLUMN predicted_at FLOAT")
         if had_summaries and new_units:  # a store from before rollout_units: rebuild its summaries, units too
             with self.engine.begin() as conn:
                 conn.execute(delete(summary_state))
@@ -390,18 +402,20 @@ class OutcomeStore:
         prediction time, 0 if earlier): label coverage and delay as they are lately, at a flat cost."""
         self._ensure()
         p, lab, on, where = _rollout_rows(rollout_id, cutoff)
-        hour = self._floor(case((lab.c.ts > p.c.ts, lab.c.ts - p.c.ts), else_=0.0) / 3600.0)
-        with self.engine.connect() as conn:
+        delay = case((lab.c.id.is_(None), None), (lab.c.ts > p.c.ts, lab.c.ts - p.c.ts), else_=0.0)
+        hour = self._floor(delay / 3600.0)  # NULL without a label
+        with self.engine.connect() as conn:  # one pass: rows per (version, delay hour), the unlabelled under NULL
             where = where + self._recent(conn, p, rollout_id, cutoff)
-            counts = (select(p.c.version, func.count(), func.count(lab.c.label))
-                      .select_from(p.outerjoin(lab, on)).where(*where).group_by(p.c.version))
-            delays = (select(p.c.version, hour, func.count()).select_from(p.join(lab, on)).where(*where)
-                      .group_by(p.c.version, hour))
+            query = (select(p.c.version, hour, func.count()).select_from(p.outerjoin(lab, on)).where(*where)
+                     .group_by(p.c.version, hour))
+            rows: dict[str, int] = {}
             by_hour: dict[str, list[tuple[int, int]]] = {}
-            for version, h, n in conn.execute(delays):
-                by_hour.setdefault(str(version), []).append((int(h), int(n)))
-            return {str(v): LabelSums(int(m), int(n), tuple(sorted(by_hour.get(str(v), []))))
-                    for v, m, n in conn.execute(counts)}
+            for version, h, n in conn.execute(query):
+                rows[str(version)] = rows.get(str(version), 0) + int(n)
+                if h is not None:
+                    by_hour.setdefault(str(version), []).append((int(h), int(n)))
+        return {v: LabelSums(m, sum(n for _, n in by_hour.get(v, [])), tuple(sorted(by_hour.get(v, []))))
+                for v, m in rows.items()}
 
     # --------------------------------------------------------------- label requests (rollout.outcomes.requests)
 
@@ -431,15 +445,21 @@ class OutcomeStore:
         had their whole delay to arrive, so this sees a slow class of outcomes (defaults that take months)
         that a young rollout's own labels cannot show yet."""
         self._ensure()
-        lab, p = labels.alias("l"), predictions.alias("p")
-        latest = (select(lab.c.request_id, lab.c.ts).where(lab.c.current == 1, lab.c.matched == 1)
-                  .order_by(lab.c.ts.desc()).limit(limit).subquery("latest"))
-        query = (select(latest.c.ts, func.min(p.c.ts)).select_from(latest.join(p, p.c.request_id == latest.c.request_id))
-                 .group_by(latest.c.request_id, latest.c.ts))
+        lab, p = labels, predictions
+        latest = (select(lab.c.request_id, lab.c.ts, lab.c.predicted_at).where(lab.c.current == 1, lab.c.matched == 1)
+                  .order_by(lab.c.ts.desc()).limit(limit))
         by_hour: dict[int, int] = {}
         with self.engine.connect() as conn:
-            for label_ts, predicted in conn.execute(query):
-                hour = int(max(float(label_ts) - float(predicted), 0.0) // 3600.0)
+            rows = conn.execute(latest).all()
+            # the label's own record of its prediction's time; for labels stored before it, the prediction log's
+            first = {str(r): float(ts) for chunk in engine.chunks([r[0] for r in rows if r[2] is None], 500)
+                     for r, ts in conn.execute(select(p.c.request_id, func.min(p.c.ts))
+                                               .where(p.c.request_id.in_(chunk)).group_by(p.c.request_id))}
+            for request_id, label_ts, predicted in rows:
+                when = predicted if predicted is not None else first.get(str(request_id))
+                if when is None:  # its predictions are gone (retention) and it never recorded their time
+                    continue
+                hour = int(max(float(label_ts) - float(when), 0.0) // 3600.0)
                 by_hour[hour] = by_hour.get(hour, 0) + 1
         n = sum(by_hour.values())
         return LabelSums(n, n, tuple(sorted(by_hour.items())))

@@ -77,7 +77,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.log import analyze_stale, mark_dirty
-from rollout.outcomes.sqlexpr import hour_expr, hour_range, loss_expr
+from rollout.outcomes.sqlexpr import hour_expr, hour_range, in_days_of, loss_expr
 from rollout.outcomes.units import UnitTotals
 from rollout.outcomes.schema import (
     AGREE_COLS,
@@ -384,7 +384,7 @@ class Summaries:
             lab = label_changes.alias("e")
             signs = select(literal(1, Integer).label("sign")).union_all(select(literal(-1, Integer))).subquery("s")
             sign = signs.c.sign
-            join = lab.join(p, p.c.request_id == lab.c.request_id).join(signs, true())
+            join = lab.join(p, and_(p.c.request_id == lab.c.request_id, in_days_of(lab, p))).join(signs, true())
             where.append(lab.c.rollout_id == rollout_id)
             label = case((sign == 1, lab.c.new_label), else_=lab.c.old_label)
         else:
@@ -422,6 +422,7 @@ class Summaries:
                 h.c.version == champ,
                 h.c.rollout_id == rollout_id,
                 h.c.error.is_(None),
+                *([in_days_of(lab, h)] if changes else []),
             ))
             pair = h.c.id.is_not(None)
             h_pred, h_score = h.c.prediction, h.c.score

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.schema import METRICS, aggregate_dirty_hours, label_changes, labels, predictions, unit_state, unit_totals
-from rollout.outcomes.sqlexpr import hour_expr, hour_range, loss_expr
+from rollout.outcomes.sqlexpr import hour_expr, hour_range, in_days_of, loss_expr
 from rollout.stats.moments import ClusterSums
 from rollout.times import hour_of
 
@@ -154,12 +154,14 @@ class UnitTotals:
                     acc[i] += float(x or 0)
         return {v: ClusterSums(int(a[0]), int(a[1]), a[2], a[3], a[4], a[5]) for v, a in out.items() if a[1] > 0}
 
-    def _few_rows(self, conn: Connection) -> None:
-        """PostgreSQL, for this transaction: the statements here join a few rows (an hour, the pending changes) to
-        the big tables by index; left to itself the planner hashes all of labels and predictions (2 s at 3M rows)."""
+    def _few_rows(self, conn: Connection, on: bool = True) -> None:
+        """PostgreSQL, for this transaction (`on`; else back to the defaults): the statements here join a few rows
+        (an hour, the label changes) to the big tables by index, where the planner would hash all of labels and
+        predictions (2 s at 3M rows); and they compute ~50 expressions a row, which JIT compiles for longer than
+        they run (0.4 s a statement), as in the summaries' refresh."""
         if not self._sqlite:
-            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
-            conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+            for setting, value in (("enable_hashjoin", "off"), ("enable_mergejoin", "off"), ("jit", "off")):
+                conn.exec_driver_sql(f"SET LOCAL {setting} {'= ' + value if on else 'TO DEFAULT'}")
 
     # ------------------------------------------------------------------ keeping
     def _start(self, rollout_id: int, champion: str | None, first_hour: int) -> None:
@@ -204,9 +206,7 @@ class UnitTotals:
         self._few_rows(conn)
         for chunk in chunks(list(changes), 1000):
             conn.execute(self._upsert(self._changes(rollout_id, champion, METRICS, through, ids=chunk)))
-        if not self._sqlite:  # the rest of the refresh's transaction plans as it did
-            conn.exec_driver_sql("SET LOCAL enable_hashjoin TO DEFAULT")
-            conn.exec_driver_sql("SET LOCAL enable_mergejoin TO DEFAULT")
+        self._few_rows(conn, on=False)  # the rest of the refresh's transaction plans as it did
 
     @staticmethod
     def forget(conn: Connection, rollout_id: int) -> None:
@@ -233,12 +233,12 @@ class UnitTotals:
         with their old ones, over the rows of the hours before `before` (a chain of changes of one request adds up
         to its latest label minus its label before the first): the rollout's changes, or those of `ids`."""
         e, p = label_changes.alias("e"), predictions.alias("p")
-        join: Any = e.join(p, and_(p.c.request_id == e.c.request_id, p.c.rollout_id == rollout_id))
+        join: Any = e.join(p, and_(p.c.request_id == e.c.request_id, p.c.rollout_id == rollout_id, in_days_of(e, p)))
         where = [e.c.rollout_id == rollout_id, p.c.error.is_(None), hour_expr(self._sqlite, p.c.ts) < before,
                  *([e.c.id.in_(ids)] if ids is not None else [])]
         h = None
         if champion is not None:
-            h, join, where = self._paired(rollout_id, champion, p, join, where)
+            h, join, where = self._paired(rollout_id, champion, p, join, where, change=e)
         new = [self._value(m, p, h, e.c.new_label) for m in metrics]
         old = [self._value(m, p, h, e.c.old_label) for m in metrics]
         counts = [func.sum(case((n.is_not(None), 1), else_=0) - case((o.is_not(None), 1), else_=0))
@@ -274,11 +274,14 @@ class UnitTotals:
         return p, h, join, label, where
 
     @staticmethod
-    def _paired(rollout_id: int, champion: str, p: Any, join: Any, where: list[Any]) -> tuple[Any, Any, list[Any]]:
-        """The champion's error-free row of the same request, `h`, joined (a shadow rollout's pairs)."""
+    def _paired(rollout_id: int, champion: str, p: Any, join: Any, where: list[Any],
+                change: Any = None) -> tuple[Any, Any, list[Any]]:
+        """The champion's error-free row of the same request, `h`, joined (a shadow rollout's pairs); with a label
+        `change`, looked for in its days only."""
         h = predictions.alias("h")
         join = join.join(h, and_(h.c.request_id == p.c.request_id, h.c.version == champion,
-                                 h.c.rollout_id == rollout_id, h.c.error.is_(None)))
+                                 h.c.rollout_id == rollout_id, h.c.error.is_(None),
+                                 *([in_days_of(change, h)] if change is not None else [])))
         return h, join, [*where, p.c.version != champion]
 
     @staticmethod

@@ -134,3 +134,55 @@ def test_retention_drops_a_closed_rollouts_totals_and_a_reopened_one_rebuilds_th
     assert _state(sql, rid) == (None, 0)
     sql.reopen_rollout(rid)
     _same(sql.unit_sums(rid, "accuracy", cut), before)
+
+
+def test_label_changes_name_their_days_labels_their_predictions_time_and_an_older_store_still_counts(tmp_path):
+    """A label change records the days of its request's rows, so a refresh probes those days only (PostgreSQL's
+    day partitions), and a label the time of its request's first prediction; a store from before the columns gets
+    them, its pending changes (no days) still apply, and its labels' delays come from the prediction log."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    sql, memory = OutcomeStore(f"sqlite:///{path}").create(), InMemoryStore()
+    rids = {id(s): s.open_rollout("shadow", {"champion": "1", "challenger": "2"}, started_at=T0 - 60)
+            for s in (sql, memory)}
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(300):  # 50 hours of shadow traffic
+        ts = T0 + i * 600.0
+        for v in ("1", "2"):
+            s = float(rng.uniform(0.05, 0.95))
+            rows.append(PredictionRow(f"r{i}", v, Role.CHAMPION if v == "1" else Role.CHALLENGER, ts=ts,
+                                      unit_id=f"u{i % 9}", prediction=float(s > 0.5), score=s, served=v == "1"))
+    for s in (sql, memory):
+        s.log_predictions([replace(r, rollout_id=rids[id(s)]) for r in rows])
+        s.add_labels([(f"r{i}", float(i % 2), T0 + 200_000) for i in range(300)])
+    cut = T0 + 40 * 3600
+    sql.evidence(rids[id(sql)], cut)
+    sql.unit_sums(rids[id(sql)], "log_loss", cut, "1")
+    for s in (sql, memory):  # relabels, pending when the store is migrated
+        s.add_labels([(f"r{i}", float(i % 3 == 0), T0 + 300_000) for i in range(0, 300, 7)])
+    with sqlite3.connect(path) as conn:
+        days = conn.execute("SELECT day_from, day_to FROM label_changes ORDER BY id").fetchall()
+        assert days and all(a is not None and a == b for a, b in days)  # each request's two rows: one day
+        assert len({a for a, _ in days}) == 3  # 50 hours of traffic from midnight
+        conn.execute("ALTER TABLE label_changes DROP COLUMN day_from")
+        conn.execute("ALTER TABLE label_changes DROP COLUMN day_to")
+        assert conn.execute("SELECT count(predicted_at) FROM labels").fetchone()[0] > 0
+        conn.execute("UPDATE labels SET predicted_at = NULL WHERE id % 2 = 0")  # half as an older store's
+        conn.execute("ALTER TABLE labels DROP COLUMN predicted_at")
+    rid = rids[id(sql)]
+    sql = OutcomeStore(f"sqlite:///{path}").create()
+    rids[id(sql)] = rid
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*), count(day_from) FROM label_changes").fetchone()[1] == 0
+    evidence = sql.evidence(rids[id(sql)], cut)
+    want = memory.evidence(rids[id(memory)], cut)
+    for got, exp in ((evidence.paired["log_loss"], want.paired["log_loss"]), (evidence.loss["accuracy"], want.loss["accuracy"])):
+        assert sum(m.n for m in got.values()) == sum(m.n for m in exp.values())
+        assert sum(m.total for m in got.values()) == pytest.approx(sum(m.total for m in exp.values()), rel=1e-9)
+    _same(sql.unit_sums(rids[id(sql)], "log_loss", cut, "1"), memory.unit_sums(rids[id(memory)], "log_loss", cut, "1"))
+    assert sql.recent_label_delays() == memory.recent_label_delays()  # labels without their prediction's time: a join
+    for s in (sql, memory):
+        s.add_labels([(f"r{i}", 1.0, T0 + 400_000) for i in range(0, 300, 5)])
+    assert sql.recent_label_delays() == memory.recent_label_delays()  # and with it, read from the label
