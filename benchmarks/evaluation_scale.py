@@ -62,7 +62,7 @@ BARE_SQL = "SELECT version, count(*), sum(prediction) FROM predictions GROUP BY 
 
 PRED_COLS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
              "prediction", "score", "latency_ms", "error", "segment", "features")
-LABEL_COLS = ("request_id", "label", "ts", "received_at", "current", "matched")
+LABEL_COLS = ("request_id", "label", "ts", "received_at", "current", "matched", "predicted_at")  # as add_labels
 
 
 def _policy():  # noqa: ANN202
@@ -113,9 +113,10 @@ def _chunk(rng: np.random.Generator, start: int, stop: int, requests: int, rid: 
     label_rows = []
     lab_l, delay_l = label.tolist(), delay.tolist()
     for i in np.flatnonzero(relabel).tolist():  # an earlier, wrong label kept as history
-        label_rows.append((request_id[i], 1.0 - lab_l[i], ts_l[i] + delay_l[i] / 2, ts_l[i] + delay_l[i] / 2, 0, 1))
+        label_rows.append((request_id[i], 1.0 - lab_l[i], ts_l[i] + delay_l[i] / 2, ts_l[i] + delay_l[i] / 2, 0, 1,
+                           ts_l[i]))
     for i in np.flatnonzero(labelled).tolist():
-        label_rows.append((request_id[i], lab_l[i], ts_l[i] + delay_l[i], ts_l[i] + delay_l[i], 1, 1))
+        label_rows.append((request_id[i], lab_l[i], ts_l[i] + delay_l[i], ts_l[i] + delay_l[i], 1, 1, ts_l[i]))
     return pred_rows, label_rows
 
 

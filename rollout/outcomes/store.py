@@ -445,21 +445,18 @@ class OutcomeStore:
         had their whole delay to arrive, so this sees a slow class of outcomes (defaults that take months)
         that a young rollout's own labels cannot show yet."""
         self._ensure()
-        lab, p = labels, predictions
+        lab, p = labels.alias("l"), predictions.alias("p")
         latest = (select(lab.c.request_id, lab.c.ts, lab.c.predicted_at).where(lab.c.current == 1, lab.c.matched == 1)
-                  .order_by(lab.c.ts.desc()).limit(limit))
+                  .order_by(lab.c.ts.desc()).limit(limit).subquery("latest"))
+        # the label's own record of its prediction's time; for labels stored before it, the prediction log's (a label
+        # whose predictions are gone by retention and that never recorded their time is left out)
+        recorded = select(latest.c.ts, latest.c.predicted_at).where(latest.c.predicted_at.is_not(None))
+        logged = (select(latest.c.ts, func.min(p.c.ts)).select_from(latest.join(p, p.c.request_id == latest.c.request_id))
+                  .where(latest.c.predicted_at.is_(None)).group_by(latest.c.request_id, latest.c.ts))
         by_hour: dict[int, int] = {}
         with self.engine.connect() as conn:
-            rows = conn.execute(latest).all()
-            # the label's own record of its prediction's time; for labels stored before it, the prediction log's
-            first = {str(r): float(ts) for chunk in engine.chunks([r[0] for r in rows if r[2] is None], 500)
-                     for r, ts in conn.execute(select(p.c.request_id, func.min(p.c.ts))
-                                               .where(p.c.request_id.in_(chunk)).group_by(p.c.request_id))}
-            for request_id, label_ts, predicted in rows:
-                when = predicted if predicted is not None else first.get(str(request_id))
-                if when is None:  # its predictions are gone (retention) and it never recorded their time
-                    continue
-                hour = int(max(float(label_ts) - float(when), 0.0) // 3600.0)
+            for label_ts, predicted in [*conn.execute(recorded), *conn.execute(logged)]:
+                hour = int(max(float(label_ts) - float(predicted), 0.0) // 3600.0)
                 by_hour[hour] = by_hour.get(hour, 0) + 1
         n = sum(by_hour.values())
         return LabelSums(n, n, tuple(sorted(by_hour.items())))
