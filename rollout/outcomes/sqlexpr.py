@@ -33,6 +33,17 @@ def hour_range(p: Any, hours: tuple[int, int]) -> list[Any]:
     return [p.c.day.in_(days), p.c.ts >= lo, p.c.ts < hi]
 
 
+PAIR_MARGIN_S = 86_400.0  # how far apart in time two rows of one request (the champion's, a challenger's) may lie
+
+
+def pair_days(hours: tuple[int, int]) -> list[str]:
+    """The days the champion's row of a request logged in hours [first, last] can be on: those hours' days and a
+    day either side (both rows carry the request's time; the margin covers a shadow row stamped when it was
+    scored). A few day partitions to probe for each row on PostgreSQL instead of all of them."""
+    first, last = hours
+    return days_between(first * 3600.0 - PAIR_MARGIN_S, (last + 1) * 3600.0 + PAIR_MARGIN_S)
+
+
 def in_days_of(change: Any, row: Any) -> Any:
     """A prediction row within the days its label change names (label_changes.day_from/day_to; NULL: any day):
     PostgreSQL then probes those days' partitions only, pruned at run time, not all of them."""
