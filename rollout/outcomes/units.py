@@ -85,7 +85,8 @@ class UnitTotals:
                 # rows logged into a held hour that no refresh has seen yet (it would have forgotten the
                 # totals), or the totals moved meanwhile: not the snapshot the answer needs
                 return None if self._stale(rollout_id, champion, through) else got
-            if not self._advance(rollout_id, champion, through, min(through + STEP_HOURS.get(self.engine.dialect.name, 24), settled)):
+            step = STEP_HOURS.get(self.engine.dialect.name, 24)
+            if not self._advance(rollout_id, champion, through, min(through + step, settled)):
                 misses += 1
         return None
 
