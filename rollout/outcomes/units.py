@@ -92,9 +92,7 @@ class UnitTotals:
 
     def _state(self, rollout_id: int) -> tuple[str | None, int] | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(unit_state.c.champion, unit_state.c.through_hour)
-                               .where(unit_state.c.rollout_id == rollout_id)).first()
-        return None if row is None else (row[0], int(row[1]))
+            return self._locked_state(conn, rollout_id, lock=False)
 
     def _stale(self, rollout_id: int, champion: str | None, through: int) -> bool:
         t = aggregate_dirty_hours
@@ -218,9 +216,10 @@ class UnitTotals:
         for table in (unit_totals, unit_state):
             conn.execute(delete(table).where(table.c.rollout_id == rollout_id))
 
-    def _locked_state(self, conn: Connection, rollout_id: int) -> tuple[str | None, int] | None:
+    def _locked_state(self, conn: Connection, rollout_id: int, lock: bool = True) -> tuple[str | None, int] | None:
+        """(paired champion, through hour) of the rollout's totals; held (FOR UPDATE on PostgreSQL) with `lock`."""
         query = select(unit_state.c.champion, unit_state.c.through_hour).where(unit_state.c.rollout_id == rollout_id)
-        row = conn.execute(query if self._sqlite else query.with_for_update()).first()
+        row = conn.execute(query if self._sqlite or not lock else query.with_for_update()).first()
         return None if row is None else (row[0], int(row[1]))
 
     def _upsert(self, query: Any) -> Any:
