@@ -208,8 +208,9 @@ def main() -> None:
     # The demo tells its story with rich; Prefect's per-task INFO lines would drown it (they are in the UI).
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # this machine may have no network
-    from flows.runners import embedded_run
+    from flows.runners import embedded_run, start_temporary_server
 
+    start_temporary_server()
     with embedded_run():
         run_demo()
 
