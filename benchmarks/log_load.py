@@ -113,6 +113,9 @@ def run_backend(name: str, url: str, tmp: Path, policy_doc: dict[str, Any], vers
     answered_requests = out["requests"] - out["bad_status"] - out["socket_errors"]
     answered = answered_requests * per_request
     served, shadow = int(counts.get(1, counts.get(True, 0))), int(counts.get(0, counts.get(False, 0)))
+    if served < answered:  # the service says why (its log is gone with the temporary folder afterwards)
+        print(f"{name}: {answered - served} answered rows not logged; the service's log:\n"
+              + log.read_text()[-6000:], file=sys.stderr)
     return {"backend": name, "requests": out["requests"], "refused_requests": out["bad_status"],
             "socket_errors": out["socket_errors"], "answered_rows": answered, "logged_served_rows": served,
             "logged_shadow_rows": shadow, "answered_not_logged": max(answered - served, 0),

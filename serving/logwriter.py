@@ -1,7 +1,7 @@
 """Asynchronous, batched prediction logging through a bounded queue; drained on graceful shutdown.
 
 `put` never blocks and never raises: when the queue is full the row is dropped and counted
-(shown in /metrics). A writer task inserts up to `batch_size` rows per statement in a thread.
+(shown in /metrics), unless the service reserved its room when it admitted the request. A writer task inserts up to `batch_size` rows per statement in a thread.
 """
 
 from __future__ import annotations
@@ -89,8 +89,11 @@ class LogWriter:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="log-writer")
         return self
 
-    def put(self, row: PredictionRow) -> bool:
-        if len(self._queue) >= self.queue_size:
+    def put(self, row: PredictionRow, reserved: bool = False) -> bool:
+        """Queue a row; when the queue is full it is dropped and counted, unless `reserved`: a row of a request
+        admitted because the queue had room for it then (`on_log_overflow: reject`). Rows queued without a
+        reservation since (a shadow lane's) must not take that room, or an answered prediction goes unlogged."""
+        if len(self._queue) >= self.queue_size and not reserved:
             self.dropped += 1
             return False
         self._queue.append(row)

@@ -145,8 +145,8 @@ class Predictor:
         self.redaction = Redaction.for_policy(policy)  # refuses to start without the PII key it needs
         self.writer = writer
         self.metrics = metrics
-        self.late: dict[str, list[float]] = {}
-        self.in_flight = 0  # rows of requests being scored, whose log rows are not queued yet  # challenger version -> monotonic times it missed its deadline
+        self.late: dict[str, list[float]] = {}  # challenger version -> monotonic times it missed its deadline
+        self.in_flight = 0  # rows of requests being scored, whose log rows are not queued yet
         self.lanes = lanes  # the service's current snapshot, read once per request (and again for a fallback)
         self.now = now
         self.rng = rng
@@ -258,7 +258,8 @@ class Predictor:
         served = arm.role == Role.CHAMPION
         for i in idx:
             if log:
-                self.writer.put(log_row(batch, i, arm, view.rollout_id, served=served, error=error))
+                self.writer.put(log_row(batch, i, arm, view.rollout_id, served=served, error=error),
+                                self.reject_on_overflow)
             self.metrics.observe(arm.version, arm.role, 0.0, False)
 
     async def _fallback(self, batch: RequestBatch, view: RoutingView, idx: list[int],
@@ -292,11 +293,12 @@ class Predictor:
         """Log the served rows and build the caller's answers."""
         out = []
         put = self.writer.put if log else _unlogged
+        reserved = self.reject_on_overflow  # `predict` admitted the request with room for these rows
         observe = self.metrics.observe
         for i, item in enumerate(results):
             assert item is not None, "every record has its arm's answer or the champion's"
             arm, scored, j = item
-            put(log_row(batch, i, arm, view.rollout_id, scored=scored, j=j))
+            put(log_row(batch, i, arm, view.rollout_id, scored=scored, j=j), reserved)
             observe(arm.version, arm.role, elapsed, True)
             out.append(self._answer_row(batch.request_ids[i], scored, j, arm.version, arm.role))
         return out
@@ -340,7 +342,7 @@ class Predictor:
         return [self._answer_row(rid, scored, j, version, role) for j, rid in enumerate(batch.request_ids)]
 
 
-def _unlogged(row: PredictionRow) -> bool:
+def _unlogged(row: PredictionRow, reserved: bool = False) -> bool:
     return False
 
 

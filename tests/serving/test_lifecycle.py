@@ -10,7 +10,7 @@ import pytest
 
 from rollout.registry import InMemoryRegistry
 from rollout.outcomes import OutcomeStore, PredictionRow
-from tests.serving.conftest import FakeModel, app_for, make_policy, record, serve
+from tests.serving.conftest import FakeModel, SleepingModel, app_for, make_policy, record, serve
 
 
 @pytest.mark.anyio
@@ -95,6 +95,30 @@ async def test_a_full_log_queue_answers_503_so_no_answered_prediction_goes_unlog
     assert len(answered) + len(refused) == 60 and refused and answered
     assert all(r.headers["retry-after"] == "1" and "log queue full" in r.json()["detail"] for r in refused)
     assert store.count_predictions() == len(answered)  # every answer is in the log
+
+
+@pytest.mark.anyio
+async def test_shadow_rows_never_take_the_room_an_answered_request_was_admitted_with(store: OutcomeStore) -> None:
+    # The shadow lane queues its rows without a reservation (here in a thread; a shadow child's refused or failed
+    # batches the same way): they may be dropped when the queue is full, an answered request's rows never.
+    reg = InMemoryRegistry()
+    reg.set_alias("champion", reg.add(SleepingModel(0.05)))  # the shadow's rows come in while it scores
+    reg.set_alias("challenger", reg.add(FakeModel(1.0)))
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    app = app_for(make_policy(log_queue_size=10, log_batch_size=5, shadow_max_wait_ms=0.0), reg,
+                  SlowStore(store, 0.1))
+    async with serve(app) as client:
+        responses = []
+        for start in range(0, 120, 30):
+            responses += await asyncio.gather(*(client.post("/predict", json={"record": record(i)})
+                                                for i in range(start, start + 30)))
+    answered = [r.json()["request_id"] for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 503]
+    with store.engine.connect() as conn:
+        served = {row[0] for row in conn.exec_driver_sql(
+            f"SELECT request_id FROM predictions WHERE served = 1 AND rollout_id = {rid}")}
+    assert answered and refused  # the queue was full at times
+    assert set(answered) <= served, f"{len(set(answered) - served)} answered requests have no served row"
 
 
 @pytest.mark.anyio
