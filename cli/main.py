@@ -136,10 +136,6 @@ def ci(
 ) -> None:
     """Run the ci-pipeline flow: validate, train with CV, gate, stress, register @challenger."""
     policy = _policy(config)
-    _start_prefect()
-    from flows.ci_pipeline import CIParameters, ci_pipeline
-    from flows.runners import dask_runner
-
     try:
         overrides = json.loads(params) if params is not None else None
     except json.JSONDecodeError as exc:
@@ -148,6 +144,10 @@ def ci(
     if overrides is not None and not isinstance(overrides, dict):
         console.print(f"[red]--params {params!r}: expected a JSON object of parameter names and values[/red]")
         raise typer.Exit(2)
+    _start_prefect()
+    from flows.ci_pipeline import CIParameters, ci_pipeline
+    from flows.runners import dask_runner
+
     run = CIParameters(data_source=data_source, example_drift=drift, example_seed=seed, estimator=estimator,
                        estimator_params=overrides)
     flow = ci_pipeline.with_options(task_runner=dask_runner(dask_address)) if (dask or dask_address) else ci_pipeline
@@ -676,6 +676,9 @@ def main() -> None:
         app()
     except SystemExit as exc:
         _exit["code"] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    except KeyboardInterrupt:
+        _exit["code"] = 130  # what a shell reports for Ctrl-C
         raise
     except BaseException:
         _exit["code"] = 1

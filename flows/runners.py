@@ -135,7 +135,8 @@ def embedded_run(force: bool = False) -> Iterator[None]:
     updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     before = os.environ.get("PREFECT_API_URL")
     if server is not None:
-        server.wait(max(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), 60.0))
+        # Prefect's own default (20 s) is tight for a first start, which creates and migrates its database.
+        server.wait(max(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()), 120.0))
         updates[PREFECT_API_URL] = server.api_url
         updates[PREFECT_UI_URL] = ""  # no UI to link runs to: it serves no pages and is gone after the command
         os.environ["PREFECT_API_URL"] = server.api_url  # processes the run starts (Dask workers) report to it

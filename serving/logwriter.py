@@ -1,7 +1,8 @@
 """Asynchronous, batched prediction logging through a bounded queue; drained on graceful shutdown.
 
 `put` never blocks and never raises: when the queue is full the row is dropped and counted
-(shown in /metrics), unless the service reserved its room when it admitted the request. A writer task inserts up to `batch_size` rows per statement in a thread.
+(shown in /metrics), unless the service reserved its room when it admitted the request. A writer
+task inserts up to `batch_size` rows per statement in a thread.
 """
 
 from __future__ import annotations
