@@ -15,6 +15,8 @@ store is counted:
 - `answered_rows`: 200 answers x rows per request; `refused_requests`: 503s (the log queue was full: the
   caller is told to retry, nothing was scored);
 - `answered_not_logged`: answered rows without their champion row in the store (target 0);
+- `shadow_refused_rows`: challenger rows logged as "queue full: challenger cannot keep up" (the shadow lane
+  refused them so the champion's traffic never waits);
 - `logged_rows_per_s`: rows written (both versions) over the time from the first request until the
   service had written everything (load plus drain).
 """
@@ -109,6 +111,8 @@ def run_backend(name: str, url: str, tmp: Path, policy_doc: dict[str, Any], vers
     drained = time.perf_counter()
     with store.engine.connect() as conn:
         counts = dict(conn.execute(text("SELECT served, count(*) FROM predictions GROUP BY served")).all())
+        shadow_refused = int(conn.execute(text("SELECT count(*) FROM predictions WHERE served = 0 AND error LIKE "
+                                                "'queue full%'")).scalar_one())
     store.dispose()
     answered_requests = out["requests"] - out["bad_status"] - out["socket_errors"]
     answered = answered_requests * per_request
@@ -118,7 +122,8 @@ def run_backend(name: str, url: str, tmp: Path, policy_doc: dict[str, Any], vers
               + log.read_text()[-6000:], file=sys.stderr)
     return {"backend": name, "requests": out["requests"], "refused_requests": out["bad_status"],
             "socket_errors": out["socket_errors"], "answered_rows": answered, "logged_served_rows": served,
-            "logged_shadow_rows": shadow, "answered_not_logged": max(answered - served, 0),
+            "logged_shadow_rows": shadow, "shadow_refused_rows": shadow_refused,
+            "answered_not_logged": max(answered - served, 0),
             "answered_rows_per_s": answered / (loaded - started),
             "logged_rows_per_s": (served + shadow) / (drained - started), "drain_s": drained - loaded,
             "p50_ms": out["p50_ms"], "p99_ms": out["p99_ms"]}
@@ -191,9 +196,10 @@ def main() -> None:
     print_table(f"{args.rows_per_request:,}-row requests, {args.connections} connections, {seconds:g} s, shadow "
                 f"(two rows logged per answered row), load generator {loadgen}",
                 ["backend", "answered rows", "answered rows/s", "503s", "logged rows/s", "drain s",
-                 "answered, not logged", "p99 ms"],
+                 "shadow refused", "answered, not logged", "p99 ms"],
                 [[r["backend"], r["answered_rows"], r["answered_rows_per_s"], r["refused_requests"],
-                  r["logged_rows_per_s"], r["drain_s"], r["answered_not_logged"], r["p99_ms"]] for r in results])
+                  r["logged_rows_per_s"], r["drain_s"], r["shadow_refused_rows"], r["answered_not_logged"],
+                  r["p99_ms"]] for r in results])
     ok = all(r["answered_not_logged"] == 0 and r["socket_errors"] == 0 for r in results) and bool(results)
     print_table("Targets", ["figure", "value", "target", "status"],
                 [["rows answered and not logged (every backend)", sum(r["answered_not_logged"] for r in results), "0",
