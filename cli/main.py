@@ -39,7 +39,7 @@ def _start_prefect() -> None:
     from flows.runners import start_temporary_server
 
     start_temporary_server()
-    _quick_exit_after_flows()
+    _exit["quick"] = 1
 
 
 def _policy(config: str) -> Policy:
@@ -647,7 +647,7 @@ def make_suite(
     console.print(f"wrote {len(suite.expectations)} expectations to {write_suite(suite, output)}; review before committing")
 
 
-_exit: dict[str, int] = {}  # the exit code, once the command ended (read by _quick_exit)
+_exit: dict[str, int] = {}  # "code": the command's exit code once it ended; "quick": it ran a flow (_quick_exit)
 
 
 def _quick_exit() -> None:
@@ -661,10 +661,6 @@ def _quick_exit() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit["code"])
-
-
-def _quick_exit_after_flows() -> None:
-    _exit["quick"] = 1
 
 
 def main() -> None:

@@ -141,14 +141,18 @@ def _copy(engine: Engine, payload: list[tuple[Any, ...]]) -> int | None:
 
     try:
         with engine.begin() as conn:
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            with cursor, cursor.copy(f"COPY predictions ({', '.join(LOG_COLUMNS)}) FROM STDIN") as copy:
-                for row in payload:
-                    copy.write_row(row)
+            copy_rows(conn.connection.driver_connection, "predictions", LOG_COLUMNS, payload)
             mark_dirty(conn, {(r[2], hour_of(r[3])) for r in payload})
         return len(payload)
     except (psycopg.DataError, psycopg.IntegrityError, ValueError, OverflowError):
         return None  # a value the table refuses (too long, a NUL byte, out of range): rolled back
+
+
+def copy_rows(dbapi: Any, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """PostgreSQL: append rows to `table` by COPY on a psycopg connection, in its current transaction."""
+    with dbapi.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def _insert_halving(engine: Engine, sql: str, payload: list[tuple[Any, ...]],
@@ -362,24 +366,22 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
             day = names.index("day") if table == "predictions" and "day" in names else None
             pending: list[Sequence[Any]] = []
 
-            def copy_rows() -> None:  # a chunk at a time: its days' partitions first (predictions)
+            def copy_chunk() -> None:  # a chunk at a time: its days' partitions first (predictions)
                 if day is not None:
                     from rollout.outcomes.partitions import ensure_days
 
                     ensure_days(engine, {str(r[day]) for r in pending})
-                with dbapi.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN") as copy:
-                    for row in pending:
-                        copy.write_row(row)
+                copy_rows(dbapi, table, names, pending)
                 dbapi.commit()
 
             for row in rows:
                 pending.append(row)
                 if len(pending) >= batch:
-                    copy_rows()
+                    copy_chunk()
                     written += len(pending)
                     pending = []
             if pending:
-                copy_rows()
+                copy_chunk()
                 written += len(pending)
     finally:
         raw.close()
