@@ -4,23 +4,28 @@
     .venv/bin/python benchmarks/ci_overhead.py --quick    # 2 rounds
 
 `rollout ci` on the example policy (6,000 rows, stores in a temporary folder), run as a user runs it: its own
-process, `.venv/bin/rollout ci --config ...`. Two ways, alternating round by round:
+process, `.venv/bin/rollout ci --config ...`. Three ways, alternating round by round:
 
-- temporary: no PREFECT_API_URL, so the command starts Prefect's temporary server and stops it at exit
-  (the default: `make demo`, a laptop);
+- local: no PREFECT_API_URL, so the command starts Prefect's local server, or reuses the one the previous
+  command left running (`flows/local_server.py`; the default: `make demo`, a laptop);
+- per-command: the same with ROLLOUT_PREFECT_IDLE_SECONDS=0, every command starting its own server and
+  stopping it at exit;
 - kept: a `prefect server start` left running, PREFECT_API_URL pointing at it (what the README advises for
-  running again and again; a CI runner talks to its real server the same way).
+  browsing runs in its UI; a CI runner talks to its real server the same way).
 
 Each way has its own policy folder and PREFECT_HOME; one untimed run each first registers the champion and
 creates the databases, so every timed run is the steady state: a candidate gated against a champion. After the
-rounds, each run's task runs are read from Prefect's API (the kept server; for the temporary way, a server
-started on its PREFECT_HOME afterwards): the sum of their `total_run_time` is the work, the wall time over it
+rounds, each run's task runs are read from Prefect's API (the kept server; for the other two, a server started
+on their PREFECT_HOME afterwards, the local one stopped first): the sum of their `total_run_time` is the work, the wall time over it
 the overhead ratio. Tasks that run side by side (the champion's download beside cross-validation) both count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,12 +46,13 @@ from _common import emit_json, example_policy, free_port, parser, print_table, v
 
 TARGET_RATIO = 1.5  # issue 17: wall time <= 1.5x the sum of the task time
 BIN = Path(sys.executable).parent
-MODES = ("temporary", "kept")
+MODES = ("local", "per-command", "kept")
 
 
-def _env(home: Path, api_url: str | None) -> dict[str, str]:
+def _env(home: Path, api_url: str | None, idle: str = "600") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="200")
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", COLUMNS="200",
+               ROLLOUT_PREFECT_IDLE_SECONDS=idle)
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
@@ -81,11 +87,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
-def run_ci(policy: Path, home: Path, api_url: str | None) -> float:
+def run_ci(policy: Path, home: Path, api_url: str | None, idle: str = "600") -> float:
     """One `rollout ci` as a user types it; its wall time in seconds."""
     began = time.perf_counter()
     done = subprocess.run([str(BIN / "rollout"), "ci", "--config", str(policy)], cwd=policy.parent,
-                          env=_env(home, api_url), capture_output=True, text=True, timeout=600)
+                          env=_env(home, api_url, idle), capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - began
     if done.returncode != 0:
         raise RuntimeError(f"rollout ci failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -119,22 +125,34 @@ def main() -> None:
     kept, kept_url = start_server(homes["kept"])
     walls: dict[str, list[float]] = {m: [] for m in MODES}
     first: dict[str, float] = {}
+
+    def run(mode: str) -> float:
+        return run_ci(policies[mode], homes[mode], kept_url if mode == "kept" else None,
+                      "0" if mode == "per-command" else "600")
+
     try:
         for mode in MODES:  # untimed: the first champion, the MLflow and Prefect databases
-            first[mode] = run_ci(policies[mode], homes[mode], kept_url if mode == "kept" else None)
+            first[mode] = run(mode)
         for r in range(rounds):
             for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-                wall = run_ci(policies[mode], homes[mode], kept_url if mode == "kept" else None)
+                wall = run(mode)
                 walls[mode].append(wall)
                 print(f"round {r + 1} {mode}: {wall:.2f} s", flush=True)
         work = {"kept": task_times(kept_url)[1:]}
     finally:
         stop(kept)
-    server, url = start_server(homes["temporary"])
-    try:
-        work["temporary"] = task_times(url)[1:]
-    finally:
-        stop(server)
+    for mode in ("local", "per-command"):
+        if mode == "local":  # the server the runs left behind, stopped: one server per database while reading it
+            record = homes[mode] / "rollout-server.json"
+            if record.exists():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(json.loads(record.read_text())["pid"], signal.SIGTERM)
+                time.sleep(2)
+        server, url = start_server(homes[mode])
+        try:
+            work[mode] = task_times(url)[1:]
+        finally:
+            stop(server)
 
     figures: dict[str, Any] = {"rounds": rounds, "first_run_s": first}
     rows = []
@@ -150,10 +168,10 @@ def main() -> None:
     print_table(f"rollout ci on the example, medians of {rounds} rounds (s)",
                 ["Prefect API", "wall", "flow run", "sum of task runs", "outside the flow", "wall / tasks"], rows)
     figures["target_ratio"] = TARGET_RATIO
-    figures["verdict_temporary"] = verdict(figures["temporary"]["ratio"] <= TARGET_RATIO)
-    figures["verdict_kept"] = verdict(figures["kept"]["ratio"] <= TARGET_RATIO)
-    print(f"\nwall / tasks <= {TARGET_RATIO}: temporary server {figures['verdict_temporary']}, "
-          f"kept server {figures['verdict_kept']}")
+    for mode in MODES:
+        figures[f"verdict_{mode.replace('-', '_')}"] = verdict(figures[mode]["ratio"] <= TARGET_RATIO)
+    print(f"\nwall / tasks <= {TARGET_RATIO}: " + ", ".join(f"{m} {figures['verdict_' + m.replace('-', '_')]}"
+                                                            for m in MODES))
     emit_json(figures)
 
 

@@ -38,7 +38,11 @@ def _start_prefect() -> None:
     process ends without tearing its modules down (`_quick_exit`)."""
     from flows.runners import start_temporary_server
 
-    start_temporary_server()
+    try:
+        start_temporary_server()
+    except RuntimeError as exc:  # ROLLOUT_PREFECT_IDLE_SECONDS that is not a number
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     _exit["quick"] = 1
 
 

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 ADDRESS_IN_USE = 3  # uvicorn's exit code when its port is taken (Prefect's own temporary server retries too)
 
@@ -30,46 +33,107 @@ def dask_runner(address: str | None = None, workers: int = 2) -> Any:
 
 
 class TemporaryServer:
-    """Prefect's temporary API server, the one it starts itself when no PREFECT_API_URL is set (the same
-    uvicorn command, database and settings), but started by a command before it imports its flow, so that
-    the server's ~5 s of start-up run on the other core while this process spends ~3 s importing
-    scikit-learn, MLflow and Prefect. Prefect starts its own only when the flow's first API call needs it:
-    the two waits then add up. Stopped when this process exits, after Prefect's log and event workers have
-    drained (they drain at interpreter shutdown, before `atexit` handlers run)."""
+    """Prefect's local API server for a command run without PREFECT_API_URL: the one Prefect would start itself
+    (its app, database and settings), but started by the command before it imports its flow, so that the
+    server's ~3.5 s of start-up run on the other core while this process spends ~2.4 s importing
+    scikit-learn, MLflow and Prefect (Prefect starts its own only when the flow's first API call needs it:
+    the two waits then add up), and kept for the next command (`flows.local_server`): a server of the same
+    Prefect home and settings still running is reused, at no start-up cost. With
+    ROLLOUT_PREFECT_IDLE_SECONDS=0 the server is this command's own and stops when it exits, after Prefect's
+    log and event workers have drained (they drain at interpreter shutdown, before `atexit` handlers run)."""
 
     def __init__(self) -> None:
+        from flows import local_server
+
         self.port = 0
-        self.process: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+        self.process: subprocess.Popen[bytes] | None = None  # a server this command started
         self.ready = False
-        self._spawn()
+        self.kept = False  # shared with later commands (stops itself when idle) rather than this command's own
+        self.reused = False
+        self._lease: IO[bytes]
+        self.idle = local_server.idle_seconds()
+        self.home = local_server.prefect_home()
+        if self.idle > 0:
+            try:
+                self._start_or_reuse()
+            except OSError as exc:  # a Prefect home it cannot lock or write: a server of its own, as with idle 0
+                print(f"Prefect's local server cannot be kept in {self.home} ({exc}); starting one for this command",
+                      file=sys.stderr)
+                self.idle, self.kept, self.reused = 0.0, False, False
+        if not self.kept:
+            self._lease_path = Path(tempfile.mkdtemp(prefix="rollout-prefect-")) / local_server.LEASE
+            if local_server.fcntl is not None:  # its watchdog stops it if this process dies without stopping it
+                self._lease = local_server.take_lease(self._lease_path.parent)
+            self._spawn()
         atexit.register(self.stop)
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
 
+    def _start_or_reuse(self) -> None:
+        from flows import local_server
+
+        self._lease = local_server.take_lease(self.home)
+        self._lease_path = self.home / local_server.LEASE
+        key = local_server.server_key()
+        with local_server.spawn_lock(self.home):
+            record = local_server.read_record(self.home)
+            if record is not None and record["key"] == key and local_server.pid_alive(int(record["pid"])):
+                self.port, self.pid, self.kept, self.reused = int(record["port"]), int(record["pid"]), True, True
+                return
+            # None, a dead one, or one of other settings (it stays until idle, no longer named): start one
+            self.kept = True
+            self._spawn()
+            local_server.write_record(self.home, self.pid, self.port, key)
+
     def _spawn(self) -> None:
+        from flows import local_server
+
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = int(sock.getsockname()[1])
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
-             "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
+        args = [sys.executable, "-m", "flows.local_server", str(self.port), str(self._lease_path), str(self.idle)]
+        if self.kept:
+            args.append(str(self.home))
+            self.home.mkdir(parents=True, exist_ok=True)
+            log: Any = open(self.home / local_server.LOG, "ab")  # noqa: SIM115 - handed to the server
+        else:
+            log = None
+        # A kept server runs in its own session: a Ctrl-C in this terminal is meant for this command, not for it.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+        self.process = subprocess.Popen(args, env=env, start_new_session=self.kept, stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=log)
+        self.pid = self.process.pid
+        if log is not None:
+            log.close()
+
+    def _exited(self) -> int | None:
+        if self.process is not None:
+            return self.process.poll()
+        from flows import local_server
+
+        return None if local_server.pid_alive(self.pid) else -1
 
     def wait(self, timeout: float) -> None:
         """Return once the server answers its health check; RuntimeError if it exits or `timeout` passes."""
         deadline = time.monotonic() + timeout
         while not self.ready:
-            assert self.process is not None, "the temporary Prefect server was stopped"
-            code = self.process.poll()
-            if code == ADDRESS_IN_USE:  # another process took the port between our check and uvicorn's bind
-                self._spawn()
+            code = self._exited()
+            if code == ADDRESS_IN_USE and self.process is not None:  # the port was taken before the server bound it
+                self._respawn()
                 continue
             if code is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with code {code} before it answered")
+                if self.reused:  # it stopped or was killed since its record was read: start one
+                    self._respawn()
+                    continue
+                raise RuntimeError(f"the temporary Prefect server exited with code {code} before it answered"
+                                   + (f" (its log: {self.home / 'rollout-server.log'})" if self.kept else ""))
             if time.monotonic() > deadline:
-                self.stop()
+                self.stop(force=True)
                 raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s "
                                    "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
             try:
@@ -78,23 +142,46 @@ class TemporaryServer:
             except OSError:
                 time.sleep(0.05)
 
-    def stop(self) -> None:
-        process, self.process, self.ready = self.process, None, False
-        if process is None or process.poll() is not None:
+    def _respawn(self) -> None:
+        from flows import local_server
+
+        self.reused = False
+        if not self.kept:
+            self._spawn()
             return
+        key = local_server.server_key()
+        with local_server.spawn_lock(self.home):
+            record = local_server.read_record(self.home)
+            if record is not None and record["pid"] not in (self.pid,) and local_server.pid_alive(int(record["pid"])):
+                self.port, self.pid, self.process, self.reused = int(record["port"]), int(record["pid"]), None, True
+                return  # another command started one meanwhile
+            self._spawn()
+            local_server.write_record(self.home, self.pid, self.port, key)
+
+    def stop(self, force: bool = False) -> None:
+        """At exit: a kept server stays for the next command (it stops itself once idle); this command's own
+        server stops now. `force`: stop a server this command started, kept or not."""
+        process, self.ready = self.process, False
+        if process is None or process.poll() is not None or (self.kept and not force):
+            return
+        self.process = None
         process.terminate()
         try:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if not self.kept:  # its lease lived in a folder of its own
+            if hasattr(self, "_lease"):
+                self._lease.close()
+            shutil.rmtree(self._lease_path.parent, ignore_errors=True)
 
 
 _temporary: TemporaryServer | None = None
 
 
 def start_temporary_server() -> None:
-    """Start Prefect's temporary server in the background now, if this process will need one: no
+    """Start (or find) Prefect's local server in the background now, if this process will need one: no
     PREFECT_API_URL in the environment or the active profile, and ephemeral mode not turned off. Call it
     before the flow's imports; `embedded_run` waits for it and points the runs at it."""
     global _temporary
@@ -127,7 +214,7 @@ def embedded_run(force: bool = False) -> Iterator[None]:
 
     server = _temporary
     if server is not None and not _wants_temporary_server():  # a profile names a server: ours is not needed
-        server.stop()
+        server.stop(force=True)
         _temporary = server = None
     if get_current_settings().api.url and not force:
         yield
@@ -145,6 +232,9 @@ def embedded_run(force: bool = False) -> Iterator[None]:
             yield
     finally:
         if server is not None:
+            if server.kept and not server.reused:  # say once what stays behind, and how to have it not stay
+                print(f"Prefect's local server stays up for the next command at {server.api_url} until idle "
+                      f"{server.idle:g} s (ROLLOUT_PREFECT_IDLE_SECONDS; 0: stop with the command)", file=sys.stderr)
             if before is None:
                 os.environ.pop("PREFECT_API_URL", None)
             else:

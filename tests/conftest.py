@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -12,6 +13,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A command run by a test without PREFECT_API_URL gets a Prefect server of its own, stopped when it ends, not one
+# kept 10 minutes for the next command in the test's throwaway PREFECT_HOME (flows.local_server). The kept
+# server is the default for users; tests/flows/test_cli_process.py covers it.
+os.environ.setdefault("ROLLOUT_PREFECT_IDLE_SECONDS", "0")
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
 
