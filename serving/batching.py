@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.models import LoadedModel, ModelError, Outputs
+from rollout.outcomes.schema import UNSCORED_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class MicroBatcher:
         job = Job(rows, None, meta)
         if self.max_queue_rows is not None and self._pending_rows + len(rows) > self.max_queue_rows:
             self.dropped += len(rows)
-            self._sink([job], None, "queue full: challenger cannot keep up")
+            self._sink([job], None, f"{UNSCORED_PREFIX}challenger cannot keep up")  # not the challenger's error
             return
         self._enqueue(job)
 

@@ -222,6 +222,7 @@ def require_token(request: Request) -> None:
 
 async def predict_answer(service: Service, body: bytes, authorization: str, started: float) -> bytes:
     """The JSON answer to one POST /predict body: the routed endpoint and the direct ASGI path both call this."""
+    await service.predictor.admit()
     try:
         payload = loads(body)
     except ValueError as exc:
@@ -279,6 +280,7 @@ async def invocations_answer(service: Service, body: bytes, headers: Headers, pa
                              started: float) -> tuple[bytes, dict[str, str]]:
     """POST /invocations: MLflow's scoring protocol on the predict path."""
     champion = champion_model(service)
+    await service.predictor.admit()
     payload, ts, request_id = protocols.mlflow_request(body, context_of(service, headers), loads)
     out, _ = await service.predictor.predict(payload, ts, started)
     service.metrics.http[("/invocations", 200)] += 1
@@ -301,6 +303,8 @@ async def infer_answer(service: Service, body: bytes, headers: Headers, params: 
                                                          service.cfg.token_env)) is not None:
         raise problem
     classification = service.predictor.classification
+    if version is None:  # a pinned call is not logged
+        await service.predictor.admit()
     request = protocols.infer_request(body, context_of(service, headers), loads, classification)
     if version is None:
         out, _ = await service.predictor.predict(request.payload, request.ts, started)

@@ -23,7 +23,7 @@ from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.engine import LockHeld
 from rollout.outcomes.retention import Expired
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
-from rollout.outcomes.schema import METRICS
+from rollout.outcomes.schema import METRICS, UNSCORED_PREFIX
 from rollout.outcomes.sqlexpr import EPS
 from rollout.outcomes.summaries import _LAT_BUCKETS_PER_E, _LAT_OFFSET, EvidenceSums, TrafficCounts
 from rollout.roles import UNIT_SPLIT_MODES, Role
@@ -367,7 +367,7 @@ class InMemoryStore:
             version, ts = r.version, _ts(r)
             t = traffic.setdefault(version, [0, 0, 0])
             t[0] += 1
-            t[1] += r.error is not None
+            t[1] += r.error is not None and not r.error.startswith(UNSCORED_PREFIX)
             t[2] += bool(r.served)
             if r.latency_ms is not None:
                 b = int((math.log(max(r.latency_ms, 1e-4)) + _LAT_OFFSET) * _LAT_BUCKETS_PER_E)

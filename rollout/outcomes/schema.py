@@ -138,6 +138,11 @@ dead_letters = Table(
     Column("payload", Text, nullable=False),  # the row as JSON (escaped, so NULs and any text are safe)
 )
 
+# The error text of a shadow row the service did not score for want of capacity (the challenger's bounded queue
+# was full under a burst): logged, so the challenger's count still pairs with the champion's (the sample-ratio
+# test), but never counted as the challenger's error. The model did not fail; the service was busy.
+UNSCORED_PREFIX = "queue full: "
+
 # The columns of a prediction row, in the order the log writes them.
 LOG_COLUMNS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
                "prediction", "score", "latency_ms", "error", "segment", "features", "probabilities")

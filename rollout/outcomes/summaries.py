@@ -84,6 +84,7 @@ from rollout.outcomes.schema import (
     CONF_COLS,
     METRICS,
     SUM_COLS,
+    UNSCORED_PREFIX,
     aggregate_dirty_hours,
     daily_aggregates,
     daily_usage,
@@ -509,7 +510,8 @@ class Summaries:
                       else_=cast((func.ln(lat) + _LAT_OFFSET) * _LAT_BUCKETS_PER_E, Integer))
         hour = hour_expr(self._sqlite, p.c.ts)
         keys = [p.c.day, hour, p.c.version, bucket] if by_hour else [p.c.version, bucket]
-        return (select(*keys, func.count(), func.sum(case((p.c.error.is_not(None), 1), else_=0)), func.sum(p.c.served))
+        failed = and_(p.c.error.is_not(None), p.c.error.not_like(f"{UNSCORED_PREFIX}%"))  # the model's own errors
+        return (select(*keys, func.count(), func.sum(case((failed, 1), else_=0)), func.sum(p.c.served))
                 .where(*self._in_hours(rollout_id, hours)).group_by(*keys))
 
     def _in_hours(self, rollout_id: int, hours: Sequence[int]) -> list[Any]:

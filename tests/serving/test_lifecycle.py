@@ -97,6 +97,54 @@ async def test_a_full_log_queue_answers_503_so_no_answered_prediction_goes_unlog
     assert store.count_predictions() == len(answered)  # every answer is in the log
 
 
+class GatedStore:
+    """Wraps the store; inserts wait until the gate opens, so the log queue stays as full as it got."""
+
+    def __init__(self, store: OutcomeStore) -> None:
+        import threading
+
+        self.store = store
+        self.gate = threading.Event()
+
+    def log_predictions(self, rows: list[PredictionRow]) -> int:
+        self.gate.wait(30)
+        return self.store.log_predictions(rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+@pytest.mark.anyio
+async def test_once_the_log_queue_is_full_requests_are_refused_unparsed_until_it_is_half_empty(
+        store: OutcomeStore, registry: InMemoryRegistry) -> None:
+    gated = GatedStore(store)
+    app = app_for(make_policy(log_queue_size=20, log_batch_size=5), registry, gated)
+    async with serve(app) as client:
+        try:
+            first = []
+            while len(first) < 100 and (not first or first[-1].status_code == 200):  # until the queue is full
+                first.append(await client.post("/predict", json={"record": record(len(first))}))
+            # Shedding: refused before the body is read as JSON (a broken body gets the 503, not its 400), and a
+            # request that would fit is refused too while the queue is over half full (the writer holds at most
+            # one batch of 5 at the gate, so at least 15 rows stay queued).
+            broken = await client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+            one = await client.post("/predict", json={"record": record(100)})
+        finally:
+            gated.gate.set()  # the writer catches up
+        answered = [r for r in first if r.status_code == 200]
+        assert 20 <= len(answered) <= 25 and first[-1].status_code == 503, [r.status_code for r in first]
+        assert broken.status_code == 503 and broken.headers["retry-after"] == "1", broken.text
+        assert "log queue full" in broken.json()["detail"] and one.status_code == 503
+        deadline = time.monotonic() + 10
+        while app.state.service.writer.depth > 10 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        after = await client.post("/predict", json={"record": record(99)})
+        broken = await client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert after.status_code == 200, after.text
+    assert broken.status_code == 400  # parsed again
+    assert store.count_predictions() == len(answered) + 1  # every answered request logged
+
+
 @pytest.mark.anyio
 async def test_shadow_rows_never_take_the_room_an_answered_request_was_admitted_with(store: OutcomeStore) -> None:
     # The shadow lane queues its rows without a reservation (here in a thread; a shadow child's refused or failed

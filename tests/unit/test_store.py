@@ -132,6 +132,10 @@ def test_paired_moments_are_challenger_minus_champion_on_the_same_request(store:
 def test_confusion_traffic_latency_agreement_ipw(store: OutcomeStore) -> None:
     frame, rid = _shadow_rollout(store, 300)
     _log(store, [{"request_id": "bad", "rollout_id": rid, "ts": T0, "version": "2", "role": "challenger", "served": 0, "error": "boom"}])
+    # A shadow row the service refused under a burst (the challenger's queue was full): the challenger's request,
+    # not its error (the error-rate guardrail must not reject a good challenger for the service's load).
+    _log(store, [{"request_id": "busy", "rollout_id": rid, "ts": T0, "version": "2", "role": "challenger", "served": 0,
+                  "error": "queue full: challenger cannot keep up"}])
 
     conf = store.evidence(rid, T0 + timedelta(days=10)).confusion
     v1 = frame[frame.version == "1"]
@@ -145,7 +149,7 @@ def test_confusion_traffic_latency_agreement_ipw(store: OutcomeStore) -> None:
 
     traffic = store.evidence(rid).traffic
     assert (traffic["1"].requests, traffic["1"].served, traffic["1"].errors) == (300, 300, 0)
-    assert (traffic["2"].requests, traffic["2"].served, traffic["2"].errors) == (301, 0, 1)
+    assert (traffic["2"].requests, traffic["2"].served, traffic["2"].errors) == (302, 0, 1)
 
     p99 = store.evidence(rid).latency_quantile(0.99)
     for version in ("1", "2"):
