@@ -105,7 +105,10 @@ class Service:
             reasons.append("registry unreachable: serving the versions already loaded")
         for version, n in sorted(self.predictor.late_versions().items()):
             reasons.append(f"version {version} missed its deadline {n} times in 5 minutes (the champion answered)")
-        if self.writer.depth > 0.9 * self.cfg.log_queue_size:
+        if self.predictor.shedding_load:
+            reasons.append(f"shedding load: /predict answers 503 until the prediction log queue is half empty "
+                           f"({self.writer.depth} of {self.cfg.log_queue_size} rows)")
+        elif self.writer.depth > 0.9 * self.cfg.log_queue_size:
             reasons.append(f"prediction log queue {self.writer.depth} of {self.cfg.log_queue_size} rows")
         status = "not ready" if view is None else ("degraded" if reasons else "ready")
         body: dict[str, object] = {
@@ -130,6 +133,8 @@ class Service:
                 lambda: self.dead_letters)
         m.gauge("rollout_shadow_dropped_total", "Shadow rows skipped because the challenger queue was full.",
                 lambda: self.shadow_sink.dropped)
+        m.gauge("rollout_shedding_load", "1 while /predict refuses requests unread until the log queue is half empty.",
+                lambda: 1.0 if self.predictor.shedding_load else 0.0)
         m.gauge("rollout_scoring_queue_depth", "Rows waiting in the micro-batchers (serve and shadow).",
                 lambda: sum(lane.depth for lane in self.lanes.all()))
         m.gauge("rollout_reload_errors_total", "Failed registry polls or model loads.", lambda: self.loader.reload_errors)

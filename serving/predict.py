@@ -183,12 +183,18 @@ class Predictor:
         a fifth of the service's time (`benchmarks/log_load.py`), time the log writer and the admitted requests
         then had."""
         if self.shedding:
-            if self.writer.depth + self.in_flight > self.writer.queue_size // 2:
+            if self.shedding_load:
                 # A client that retries at once, ignoring Retry-After, would otherwise spin the event loop on
                 # refusals and take the interpreter lock from the log writer it is waiting for.
                 await asyncio.sleep(SHED_DELAY_S)
                 raise self._queue_full()
             self.shedding = False
+
+    @property
+    def shedding_load(self) -> bool:
+        """Whether a request now would be refused unparsed (`admit`): shedding, and the log queue with the rows in
+        flight still over half full."""
+        return self.shedding and self.writer.depth + self.in_flight > self.writer.queue_size // 2
 
     def _queue_full(self) -> RequestError:
         return RequestError(503, f"prediction log queue full ({self.writer.depth} rows waiting): retry shortly",

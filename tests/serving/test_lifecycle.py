@@ -129,17 +129,23 @@ async def test_once_the_log_queue_is_full_requests_are_refused_unparsed_until_it
             # one batch of 5 at the gate, so at least 15 rows stay queued).
             broken = await client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
             one = await client.post("/predict", json={"record": record(100)})
+            health = (await client.get("/healthz")).json()  # operators see it
+            metrics = (await client.get("/metrics")).text
         finally:
             gated.gate.set()  # the writer catches up
         answered = [r for r in first if r.status_code == 200]
         assert 20 <= len(answered) <= 25 and first[-1].status_code == 503, [r.status_code for r in first]
         assert broken.status_code == 503 and broken.headers["retry-after"] == "1", broken.text
         assert "log queue full" in broken.json()["detail"] and one.status_code == 503
+        assert health["status"] == "degraded" and any(r.startswith("shedding load") for r in health["reasons"]), health
+        assert "rollout_shedding_load 1" in metrics
         deadline = time.monotonic() + 10
         while app.state.service.writer.depth > 10 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        assert (await client.get("/healthz")).json()["status"] == "ready"  # drained: nothing to report
         after = await client.post("/predict", json={"record": record(99)})
         broken = await client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+        assert "rollout_shedding_load 0" in (await client.get("/metrics")).text
     assert after.status_code == 200, after.text
     assert broken.status_code == 400  # parsed again
     assert store.count_predictions() == len(answered) + 1  # every answered request logged
