@@ -77,14 +77,21 @@ class TemporaryServer:
 
         self._lease = local_server.take_lease(self.home)
         self._lease_path = self.home / local_server.LEASE
+        self.kept = True
+        self._claim()
+
+    def _claim(self) -> None:
+        """Under the Prefect home's spawn lock: the recorded server when it is alive and of this key, else a new
+        one, recorded (a dead one's record, or one of other settings, which stays until idle, is replaced)."""
+        from flows import local_server
+
         key = local_server.server_key()
         with local_server.spawn_lock(self.home):
             record = local_server.read_record(self.home)
             if record is not None and record["key"] == key and local_server.pid_alive(int(record["pid"])):
-                self.port, self.pid, self.kept, self.reused = int(record["port"]), int(record["pid"]), True, True
+                self.port, self.pid, self.process, self.reused = int(record["port"]), int(record["pid"]), None, True
                 return
-            # None, a dead one, or one of other settings (it stays until idle, no longer named): start one
-            self.kept = True
+            self.reused = False
             self._spawn()
             local_server.write_record(self.home, self.pid, self.port, key)
 
@@ -97,8 +104,7 @@ class TemporaryServer:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
         args = [sys.executable, "-m", "flows.local_server", str(self.port), str(self._lease_path), str(self.idle)]
         if self.kept:
-            args.append(str(self.home))
-            self.home.mkdir(parents=True, exist_ok=True)
+            args.append(str(self.home))  # take_lease made the folder
             log: Any = open(self.home / local_server.LOG, "ab")  # noqa: SIM115 - handed to the server
         else:
             log = None
@@ -112,14 +118,16 @@ class TemporaryServer:
             log.close()
 
     def _exited(self) -> int | None:
-        if self.process is not None:
-            return self.process.poll()
         from flows import local_server
 
+        if self.process is not None:
+            return self.process.poll()
         return None if local_server.pid_alive(self.pid) else -1
 
     def wait(self, timeout: float) -> None:
         """Return once the server answers its health check; RuntimeError if it exits or `timeout` passes."""
+        from flows import local_server
+
         deadline = time.monotonic() + timeout
         while not self.ready:
             code = self._exited()
@@ -131,7 +139,7 @@ class TemporaryServer:
                     self._respawn()
                     continue
                 raise RuntimeError(f"the temporary Prefect server exited with code {code} before it answered"
-                                   + (f" (its log: {self.home / 'rollout-server.log'})" if self.kept else ""))
+                                   + (f" (its log: {self.home / local_server.LOG})" if self.kept else ""))
             if time.monotonic() > deadline:
                 self.stop(force=True)
                 raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s "
@@ -143,20 +151,12 @@ class TemporaryServer:
                 time.sleep(0.05)
 
     def _respawn(self) -> None:
-        from flows import local_server
-
-        self.reused = False
-        if not self.kept:
+        """The server died before answering (its port taken, or a reused one stopped): start another, or take
+        the one another command started meanwhile."""
+        if self.kept:
+            self._claim()
+        else:
             self._spawn()
-            return
-        key = local_server.server_key()
-        with local_server.spawn_lock(self.home):
-            record = local_server.read_record(self.home)
-            if record is not None and record["pid"] not in (self.pid,) and local_server.pid_alive(int(record["pid"])):
-                self.port, self.pid, self.process, self.reused = int(record["port"]), int(record["pid"]), None, True
-                return  # another command started one meanwhile
-            self._spawn()
-            local_server.write_record(self.home, self.pid, self.port, key)
 
     def stop(self, force: bool = False) -> None:
         """At exit: a kept server stays for the next command (it stops itself once idle); this command's own

@@ -29,6 +29,9 @@ from serving.metrics import Metrics
 from serving.routing import Arm, RoutingView
 
 
+SHED_DELAY_S = 0.05  # how long a request refused while shedding load waits for its 503 (`Predictor.admit`)
+
+
 @dataclass(frozen=True, slots=True)
 class RequestBatch:
     """One request's records, with what each record's log rows need besides the model's answer."""
@@ -399,9 +402,6 @@ class ShadowSink:
             seconds = 0.0 if scored is None else scored.latency_ms / 1000.0
             self.metrics.observe(meta.version, meta.role, seconds, scored is not None and error is None, rows=total,
                                  count=len(jobs))
-
-
-SHED_DELAY_S = 0.05  # how long a request refused while shedding load waits for its 503 (`Predictor.admit`)
 
 
 def new_request_id() -> str:
