@@ -14,7 +14,7 @@ PostgreSQL: pg_database_size). The rollout cycle is 15 days, so sizes are compar
 it: every 15th day after the first `retention_days` + 15.
 
 Then bytes per logged prediction (with the example's 10 features as JSON, and without), from 40,000 rows
-in a fresh store of each backend, indexes included; and, on PostgreSQL, one day of `--drop-rows` rows
+in a fresh store of each backend, indexes included, with the request ids the service makes; and, on PostgreSQL, one day of `--drop-rows` rows
 (COPY) expired by dropping its partition while a writer logs 50-row batches of today's traffic: the
 expiry's seconds and the writer's slowest insert meanwhile.
 """
@@ -45,13 +45,17 @@ FEATURES = ('{"income":%.1f,"loan_amount":%.1f,"credit_score":%d,"debt_to_income
             '"open_accounts":%d,"tier":"%s","purpose":"car","home_ownership":"rent","region":"north"}')
 
 
-def _rows(day: int, requests: int, rollout_id: int | None, features: bool = True) -> tuple[list[Any], list[Any]]:
+def _rows(day: int, requests: int, rollout_id: int | None, features: bool = True,
+          service_ids: bool = False) -> tuple[list[Any], list[Any]]:
+    """A day's rows; request ids of 32 characters (day, request, random), or with `service_ids` the ids the
+    service makes for a request that brings none (serving.predict.new_request_id)."""
     from rollout.outcomes import PredictionRow
+    from serving.predict import new_request_id
 
     rows, labels = [], []
     for i in range(requests):
         ts = T0 + day * DAY + (i + 0.5) * DAY / requests
-        rid = f"{day:04d}{i:08d}{uuid.uuid4().hex[:20]}"
+        rid = new_request_id() if service_ids else f"{day:04d}{i:08d}{uuid.uuid4().hex[:20]}"
         score = ((i * 7919) % 1000) / 1000
         feats = (FEATURES % (30000 + i % 5000, 10000 + i % 777, 600 + i % 200, i % 1000, i % 30, i % 12,
                              ("standard", "gold", "VIP")[i % 3])) if features else None
@@ -153,7 +157,7 @@ def bytes_per_row(url: str, path: Path | None, features: bool, n: int = 20_000) 
     store = OutcomeStore(url).create()
     empty = _size(store, path)
     rollout = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "b", started_at=T0)
-    rows, _ = _rows(0, n, rollout, features)
+    rows, _ = _rows(0, n, rollout, features, service_ids=True)
     store.log_predictions(rows)
     if path is None:
         with store.engine.connect() as conn:

@@ -8,8 +8,10 @@ their rows are logged by `ShadowSink` (or by their child process).
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -405,15 +407,24 @@ class ShadowSink:
 
 
 def new_request_id() -> str:
-    """A time-ordered request id: a UUIDv7 (RFC 9562: 48 bits of Unix milliseconds, then 74 random bits),
-    as 32 hex digits like uuid4().hex.
+    """A time-ordered request id: a ULID (48 bits of Unix milliseconds, then 80 random bits) as 26 characters
+    of Crockford's base32, whose ASCII order is time order under any collation (digits and capitals only).
 
     The outcome store indexes predictions by request id (label joins, the evaluation's covering index).
     Random ids insert all over those B-trees, so every logged batch dirties pages everywhere; ids that
     grow with time append near the end. Measured with SQLite, two writers, 500-row batches (the
     service's log writer and a shadow child): 66 us a row at 300k rows, against 109 us with uuid4.
-    """
+    Every stored copy (the row, the request-id index, SQLite's covering index, a label) is 6 bytes
+    shorter than the 32 hex digits of a UUID with as many bits (benchmarks/retention.py)."""
+    global _last_id
     value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
-    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
-    return f"{value:032x}"
+    with _id_lock:  # monotonic in a process (ULID's monotonic ids): a burst within one millisecond appends too
+        value = _last_id = max(value, _last_id + 1)
+    # 160 bits in RFC 4648 base32 are 32 characters, of which the first six are leading zeros here
+    return base64.b32encode(value.to_bytes(20, "big")).translate(_CROCKFORD)[6:].decode()
+
+
+_last_id = 0
+_id_lock = threading.Lock()
+# RFC 4648's base32 alphabet (A-Z, 2-7) to Crockford's (0-9, A-Z without I, L, O, U), digit by digit value
+_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")

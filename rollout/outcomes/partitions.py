@@ -21,13 +21,15 @@ report says so, and `rollout retention --partition` (service stopped) converts i
 
 from __future__ import annotations
 
+import time
+import zlib
 from datetime import UTC, date, datetime, timedelta
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, Index, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateColumn, CreateIndex
 
 from rollout.outcomes.schema import predictions
 
@@ -70,13 +72,88 @@ def ensure_days(engine: Engine, days: Iterable[str]) -> None:
 
 def create_partitioned(engine: Engine) -> None:
     """CREATE the prediction log as a table partitioned by day (its indexes come from the metadata, after)."""
-    ddl = str(CreateTable(predictions).compile(dialect=engine.dialect)).strip()
-    if "PRIMARY KEY (id)" not in ddl:
-        raise RuntimeError(f"unexpected DDL for predictions: {ddl[:200]}")
-    ddl = ddl.replace("PRIMARY KEY (id)", "PRIMARY KEY (id, day)") + " PARTITION BY RANGE (day)"
     with engine.begin() as conn:
-        conn.execute(text(ddl))
+        conn.execute(text(_partitioned_ddl(engine)))
     _PARTITIONED[str(engine.url)] = True
+
+
+def create_index(engine: Engine, index: Index) -> None:
+    """Make an index of the partitioned log where missing, without blocking its writers: a plain CREATE INDEX on
+    the parent locks every partition against inserts for the whole build (minutes on a month of traffic, while
+    the service's log queue fills and it refuses requests), and PostgreSQL has no CONCURRENTLY for a partitioned
+    table. So: the parent's index ON ONLY (invalid, empty), then each day's index CONCURRENTLY, attached as it
+    is built; the parent's is valid once every day's is attached, and days made later get theirs with the
+    table. Resumes where an interrupted build stopped; one process builds at a time (an advisory lock, tried
+    and retried rather than waited on: a CONCURRENTLY build waits for every statement in flight to end)."""
+    dialect = getattr(index, "_ddl_if", None)
+    if dialect is not None and dialect.dialect not in (None, engine.dialect.name):
+        return
+    name = str(index.name)
+    if _index_state(engine, name) == "valid":
+        return
+    ddl = str(CreateIndex(index).compile(dialect=engine.dialect))
+    head = f"CREATE INDEX {index.name} ON {predictions.name} "
+    if not ddl.startswith(head):
+        raise RuntimeError(f"unexpected DDL for {index.name}: {ddl[:200]}")
+    body = ddl[len(head):]
+    raw = engine.raw_connection()
+    try:
+        dbapi: Any = raw.driver_connection
+        dbapi.autocommit = True
+        key = zlib.crc32(f"rollout:{index.name}".encode())
+        while not dbapi.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            time.sleep(0.5)
+        try:
+            if _index_state(engine, name) != "valid":
+                dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index.name} ON ONLY {predictions.name} {body}")
+                attached = {r[0] for r in dbapi.execute(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                    "WHERE i.inhparent = CAST(%s AS regclass)", (index.name,))}
+                for name, _ in day_partitions(engine):
+                    child = f"{name}_{index.name}"[:63]
+                    if child in attached:
+                        continue
+                    dbapi.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {child}")  # an interrupted build's, invalid
+                    dbapi.execute(f"CREATE INDEX CONCURRENTLY {child} ON {name} {body}")
+                    dbapi.execute(f"ALTER INDEX {index.name} ATTACH PARTITION {child}")
+        finally:
+            dbapi.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            dbapi.autocommit = False
+    finally:
+        raw.close()
+
+
+def _index_state(engine: Engine, name: str) -> str | None:
+    with engine.connect() as conn:
+        valid = conn.execute(text("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                                  "WHERE c.relname = :n AND pg_table_is_visible(c.oid)"), {"n": name}).scalar()
+    return None if valid is None else "valid" if valid else "invalid"
+
+
+def drop_key(engine: Engine) -> None:
+    """A partitioned log made with a primary key (id, day) loses it: its index's space back (no query needs it).
+    Looked up first: ALTER TABLE takes a lock every writer waits on, even when there is nothing to drop."""
+    with engine.connect() as conn:
+        name = conn.execute(text("SELECT conname FROM pg_constraint WHERE conrelid = CAST('predictions' AS regclass) "
+                                 "AND contype = 'p'")).scalar()
+    if name is not None:
+        with engine.begin() as conn:
+            conn.execute(text(f'ALTER TABLE predictions DROP CONSTRAINT "{name}"'))
+
+
+# Fixed-width columns first, 8-byte ones before 4-byte ones, then the variable-width ones: no alignment padding
+# between them (10 B a row of shadow traffic). Every read and write names its columns, so their order is free.
+_FIXED_FIRST = ("ts", "propensity", "prediction", "score", "latency_ms", "id", "rollout_id", "served")
+
+
+def _partitioned_ddl(engine: Engine) -> str:
+    """The prediction log's CREATE TABLE, partitioned by day and without a primary key: a partitioned table's
+    key must include `day`, and its index (id, day) cost 32 B a logged row while nothing looks a row up by id
+    (retention deletes a partition's old rows by their ctid). `id` stays, numbering rows in the order they came."""
+    columns = sorted(predictions.columns, key=lambda c: _FIXED_FIRST.index(c.name) if c.name in _FIXED_FIRST
+                     else len(_FIXED_FIRST))  # stable: the rest keep their order
+    defs = ", ".join(str(CreateColumn(c).compile(dialect=engine.dialect)) for c in columns)
+    return f"CREATE TABLE {predictions.name} ({defs}) PARTITION BY RANGE (day)"
 
 
 def partition_name(day: date) -> str:
@@ -168,8 +245,7 @@ def convert(engine: Engine, create_indexes: Any) -> int:
         conn.execute(text("ALTER TABLE predictions RENAME TO predictions_unpartitioned"))
         for index in predictions.indexes:  # their names are taken by the new table's indexes
             conn.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
-        ddl = str(CreateTable(predictions).compile(dialect=engine.dialect)).strip()
-        conn.execute(text(ddl.replace("PRIMARY KEY (id)", "PRIMARY KEY (id, day)") + " PARTITION BY RANGE (day)"))
+        conn.execute(text(_partitioned_ddl(engine)))
         for (day,) in conn.execute(text("SELECT DISTINCT day FROM predictions_unpartitioned")).all():
             create_day(conn, date.fromisoformat(str(day)))
         moved = conn.execute(text(f"INSERT INTO predictions ({columns}) SELECT {columns} FROM "

@@ -22,8 +22,8 @@ from rollout.outcomes import audit, engine, export, log, partitions, requests, r
 from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
-from rollout.outcomes.schema import (DROPPED_INDEXES, METRICS, label_changes, labels, metadata, predictions, rollout_units,
-                                     summary_state)
+from rollout.outcomes.schema import (DROPPED_INDEXES, FEATURES_SERVED, METRICS, label_changes, labels, metadata,
+                                     predictions, rollout_units, summary_state)
 from rollout.outcomes.sqlexpr import loss_expr
 from rollout.outcomes.summaries import EvidenceSums, Summaries
 from rollout.stats.guardrails import LabelSums
@@ -141,13 +141,18 @@ class OutcomeStore:
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
         if not self.is_sqlite and partitions.is_partitioned(self.engine):
             partitions.ensure_ahead(self.engine)
+            partitions.drop_key(self.engine)  # a log partitioned with a key (id, day): 32 B a row back
         self._created = True
         return self
 
     def _create_indexes(self) -> None:
+        partitioned = not self.is_sqlite and partitions.is_partitioned(self.engine)
         for table in (predictions, labels):  # indexes added since a store was first created
             for index in table.indexes:
-                index.create(self.engine, checkfirst=True)
+                if partitioned and table is predictions:
+                    partitions.create_index(self.engine, index)  # day by day, blocking no writer
+                else:
+                    index.create(self.engine, checkfirst=True)
 
     def partition(self) -> int:
         """PostgreSQL: convert a prediction log made before partitioning (stop the service first); returns the
@@ -465,7 +470,7 @@ class OutcomeStore:
         """The latest served inputs (newest first), for production drift checks."""
         self._ensure()
         p = predictions
-        query = select(p.c.features).where(p.c.served == 1, p.c.features.is_not(None))
+        query = select(p.c.features).where(FEATURES_SERVED)  # ix_predictions_features, newest first
         if since is not None:
             query = query.where(p.c.ts >= to_epoch(since))
         query = query.order_by(p.c.ts.desc()).limit(int(limit))
@@ -479,7 +484,7 @@ class OutcomeStore:
         features, then `_label`, `_ts` (epoch seconds), `_unit`, `_role`."""
         self._ensure()
         p, lab = predictions.alias("p"), labels.alias("l")
-        where = [p.c.served == 1, p.c.error.is_(None), p.c.features.is_not(None)]
+        where: list[Any] = [FEATURES_SERVED, p.c.error.is_(None)]  # ix_predictions_features
         if not challengers:
             where.append(p.c.role == "champion")
         joined = p.join(lab, and_(lab.c.request_id == p.c.request_id, lab.c.current == 1))

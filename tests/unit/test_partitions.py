@@ -38,6 +38,9 @@ def _log(store: OutcomeStore, day: date, rollout_id: int | None, n: int, tag: st
     store.add_labels((f"{tag}-{day}-{i}", 1, _epoch(day) + 3600) for i in range(n))
 
 
+_PG_INDEXES = ["ix_predictions_request", "ix_predictions_features", "ix_predictions_day"]
+
+
 def _where(store: OutcomeStore) -> dict[str, int]:
     with store.engine.connect() as conn:
         return {str(t): int(n) for t, n in conn.execute(text(
@@ -46,6 +49,10 @@ def _where(store: OutcomeStore) -> dict[str, int]:
 
 def test_a_new_store_is_partitioned_with_days_ahead_and_live_rows_land_in_their_day(pg: str) -> None:
     store = OutcomeStore(pg).create()
+    with store.engine.connect() as conn:  # its indexes made on the parent before any day: valid, on every day
+        assert conn.execute(text("SELECT bool_and(i.indisvalid) AND count(*) = :n FROM pg_index i JOIN pg_class c "
+                                 "ON c.oid = i.indexrelid WHERE c.relname = ANY(:names)"),
+                            {"n": len(_PG_INDEXES), "names": _PG_INDEXES}).scalar_one()
     today = datetime.now(UTC).date()
     names = {n for n, _ in partitions.day_partitions(store.engine)}
     assert partitions.is_partitioned(store.engine)
@@ -124,3 +131,67 @@ def test_an_old_plain_store_converts_with_its_history_in_day_partitions(pg: str)
     with store.engine.connect() as conn:
         names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'predictions'")).scalars())
     assert {"ix_predictions_request", "ix_predictions_day"} <= names
+
+
+def test_a_partitioned_log_has_no_key_and_an_older_one_loses_its_own(pg: str) -> None:
+    """A partitioned table's key must include the day, and its index (id, day) cost 32 B a logged row that no
+    query read: new logs have none, and a store made with one loses it when opened. Fixed-width columns come
+    first, so no alignment padding sits between them."""
+    store = OutcomeStore(pg).create()
+
+    def key() -> object:
+        with store.engine.connect() as conn:
+            return conn.execute(text("SELECT conname FROM pg_constraint WHERE conrelid = 'predictions'::regclass "
+                                     "AND contype = 'p'")).scalar()
+
+    assert key() is None
+    with store.engine.connect() as conn:
+        columns = conn.execute(text("SELECT attname FROM pg_attribute WHERE attrelid = 'predictions'::regclass "
+                                    "AND attnum > 0 ORDER BY attnum")).scalars().all()
+    assert columns[:8] == ["ts", "propensity", "prediction", "score", "latency_ms", "id", "rollout_id", "served"]
+    assert set(columns) == {c.name for c in predictions.columns}
+    with store.engine.begin() as conn:  # as a store partitioned before
+        conn.execute(text("ALTER TABLE predictions ADD PRIMARY KEY (id, day)"))
+    _log(store, D0, None, 5, "old")
+    assert key() is not None
+    again = OutcomeStore(pg).create()
+    assert key() is None
+    again.log_predictions([PredictionRow("after", "1", ts=_epoch(D0))])
+    with again.engine.connect() as conn:
+        ids = conn.execute(text("SELECT id FROM predictions ORDER BY id")).scalars().all()
+    assert len(ids) == 6 == len(set(ids))  # ids still number the rows
+    again.dispose()
+    store.dispose()
+
+
+def test_an_index_missing_from_a_partitioned_log_is_built_day_by_day(pg: str) -> None:
+    """An index added to the schema reaches a store made before it without a CREATE INDEX on the parent (which
+    locks every day against inserts for the whole build): each day's index is built CONCURRENTLY and attached,
+    the parent's is valid once all are, an interrupted build resumes, and a day made later gets its own."""
+    store = OutcomeStore(pg).create()
+    for k in range(3):
+        _log(store, D0 + timedelta(days=k), None, 20, "old")
+    with store.engine.begin() as conn:  # as a store made before ix_predictions_features
+        conn.execute(text("DROP INDEX ix_predictions_features"))
+    with store.engine.connect() as conn:  # as a build interrupted after the parent and one day's index
+        conn.execute(text("COMMIT"))
+        conn.execute(text("CREATE INDEX ix_predictions_features ON ONLY predictions (ts) "
+                          "WHERE served = 1 AND features IS NOT NULL"))
+        first = partitions.partition_name(D0)
+        conn.execute(text(f"CREATE INDEX {first}_ix_predictions_features ON {first} (ts) "
+                          "WHERE served = 1 AND features IS NOT NULL"))
+        conn.execute(text(f"ALTER INDEX ix_predictions_features ATTACH PARTITION {first}_ix_predictions_features"))
+        conn.commit()
+    OutcomeStore(pg).create()
+    with store.engine.connect() as conn:
+        valid = conn.execute(text("SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                                  "'ix_predictions_features'::regclass")).scalar_one()
+        children = conn.execute(text("SELECT count(*) FROM pg_inherits WHERE inhparent = "
+                                     "'ix_predictions_features'::regclass")).scalar_one()
+    days = partitions.day_partitions(store.engine)
+    assert valid and children == len(days)
+    partitions.ensure_days(store.engine, [(D0 - timedelta(days=5)).isoformat()])  # a day made after
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM pg_inherits WHERE inhparent = "
+                                 "'ix_predictions_features'::regclass")).scalar_one() == len(days) + 1
+    store.dispose()

@@ -4,13 +4,14 @@ predictions; summaries and the audit log stay; a new SQLite file gives the space
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 from sqlalchemy import func, select
 
-from rollout.outcomes import OutcomeStore, PredictionRow
+from rollout.outcomes import OutcomeStore, PredictionRow, partitions
 from rollout.outcomes.schema import label_request_batches, label_requests, labels, predictions
 
 DAY = 86_400.0
@@ -143,3 +144,53 @@ def test_export_writes_a_parquet_file_a_day_with_labels(tmp_path: Path) -> None:
     assert one["features"] == '{"income":3.0}'
     again = store.export("2026-01-03", "2026-01-03", tmp_path / "export")  # a rerun replaces the day whole
     assert [d.rows for d in again] == [2 * PER_DAY] and len(pd.read_parquet(tmp_path / "export")) == 4 * PER_DAY
+
+
+def test_retention_and_the_newest_inputs_never_scan_the_prediction_log(store_url: str) -> None:
+    """Without an index on ts alone, retention seeks the old rows rollout by rollout (ix_predictions_day) and the
+    newest served inputs (drift checks, training on production data) come from ix_predictions_features, which
+    holds only served rows with features. Every statement they run on the log is planned through an index: on
+    PostgreSQL even with sequential scans priced out, so a partial index's condition must be matched."""
+    from sqlalchemy import event
+
+    store = OutcomeStore(store_url).create()
+    closed = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=T0)
+    _traffic(store, closed, 0, 5, "closed")
+    store.end_rollout(closed, ended_at=T0 + 5 * DAY, reason="promoted")
+    _traffic(store, None, 5, 10, "idle")
+    opened = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=T0 + 10 * DAY)
+    _traffic(store, opened, 10, 20, "open")
+    _traffic(store, None, 10, 12, "beside")  # rows outside the rollout on its days: on PostgreSQL, gone by ctid
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn: object, cursor: object, statement: str, parameters: object, context: object,
+                many: bool) -> None:
+        if "predictions" in statement and not many and statement.lstrip()[:6].upper() in ("SELECT", "DELETE", "WITH R"):
+            statements.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        expired = store.expire(T0 + 12 * DAY)
+        recent = store.recent_features(limit=5)
+        production = store.production_rows(days=3, limit=10)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", capture)
+    assert expired.predictions == 5 * PER_DAY * 2 + 7 * PER_DAY and expired.kept_open == 2 * PER_DAY * 2
+    assert _count(store, predictions, predictions.c.request_id.like("beside-%")) == 0
+    assert list(recent["income"]) == [39.0, 38.0, 37.0, 36.0, 35.0]  # the newest served inputs first
+    assert len(production) == 10 and production["_role"].eq("champion").all()
+    assert any(s.lstrip().upper().startswith("DELETE") for s, _ in statements)
+    sqlite = store.engine.dialect.name == "sqlite"
+    existing = set() if sqlite else {name for name, _ in partitions.day_partitions(store.engine)}
+    with store.engine.connect() as conn:
+        if not sqlite:
+            conn.exec_driver_sql("SET enable_seqscan = off")
+        for statement, parameters in statements:
+            if not sqlite and any(name not in existing for name in re.findall(r"predictions_\d{8}", statement)):
+                continue  # a day partition dropped since
+            plan = "\n".join(" ".join(str(v) for v in row) for row in conn.exec_driver_sql(
+                ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + statement, parameters))  # type: ignore[arg-type]
+            scans = [line for line in plan.splitlines()
+                     if (("SCAN p" in line and "USING" not in line) if sqlite else "Seq Scan on predictions" in line)]
+            assert not scans, f"{statement}\n{plan}"
+    store.dispose()
