@@ -467,12 +467,19 @@ class Summaries:
             # Label changes: the changes lead (CROSS JOIN fixes SQLite's join order) and each finds its
             # request's rows by ix_predictions_eval's (rollout_id, request_id) prefix. Left to itself the
             # planner walks the rollout's rows and scans the changes for each: rows x changes.
+            # The champion's row of each request: by ix_predictions_eval's (rollout_id, request_id) prefix. Given
+            # the day terms, SQLite chose ix_predictions_day's (rollout_id, day) range instead, a day's rows read
+            # for every label change (20 s for 8,000 rows a day, benchmarks/retention.py).
+            champion_row = ("LEFT OUTER JOIN predictions AS h ON ",
+                            "LEFT OUTER JOIN predictions AS h INDEXED BY ix_predictions_eval ON ")
             if changes:
-                result = _execute_hinted(conn, query, "FROM label_changes AS e JOIN predictions AS p ",
-                                         "FROM label_changes AS e CROSS JOIN predictions AS p INDEXED BY ix_predictions_eval ")
+                result = _execute_hinted(conn, query, [(
+                    "FROM label_changes AS e JOIN predictions AS p ",
+                    "FROM label_changes AS e CROSS JOIN predictions AS p INDEXED BY ix_predictions_eval "), champion_row])
             else:
                 index = "ix_predictions_day" if few else "ix_predictions_eval"
-                result = _execute_hinted(conn, query, "FROM predictions AS p ", f"FROM predictions AS p INDEXED BY {index} ")
+                result = _execute_hinted(conn, query, [("FROM predictions AS p ",
+                                                        f"FROM predictions AS p INDEXED BY {index} "), champion_row])
         else:
             # A few hours or label changes are a small fraction of the table: probe labels and the
             # champion's rows by index (nested loops) rather than hash the whole of both tables, as the
@@ -625,16 +632,20 @@ class Summaries:
         return stmt.from_select(["rollout_id", "version", "kind", "unit"], query).on_conflict_do_nothing()
 
 
-def _execute_hinted(conn: Connection, query: Any, clause: str, hinted: str) -> Any:
-    """Run the query on SQLite with its one FROM `clause` rewritten to `hinted` (an INDEXED BY, a CROSS JOIN
-    fixing the join order): SQLAlchemy renders no SQLite hints. Unhinted when the clause is not found once."""
+def _execute_hinted(conn: Connection, query: Any, hints: Sequence[tuple[str, str]]) -> Any:
+    """Run the query on SQLite with each (clause, hinted) pair's FROM or JOIN `clause` rewritten to `hinted` (an
+    INDEXED BY, a CROSS JOIN fixing the join order): SQLAlchemy renders no SQLite hints. A clause not found
+    exactly once is left as it is (the champion's row is joined only when there is a champion)."""
     compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})  # IN lists expanded
-    sql = str(compiled)
-    if sql.count(clause) != 1:
+    sql = original = str(compiled)
+    for clause, hinted in hints:
+        if sql.count(clause) == 1:
+            sql = sql.replace(clause, hinted)
+    if sql == original:
         return conn.execute(query)
     params = compiled.construct_params()
     positional = tuple(params[k] for k in compiled.positiontup)
-    return conn.exec_driver_sql(sql.replace(clause, hinted), positional)
+    return conn.exec_driver_sql(sql, positional)
 
 
 def _labelled_sums(rollout_id: int, cutoff: float | None, champion: str | None, rows: list[Row],
