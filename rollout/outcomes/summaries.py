@@ -77,7 +77,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.log import analyze_stale, mark_dirty
-from rollout.outcomes.sqlexpr import hour_expr, hour_range, in_days_of, loss_expr, pair_days
+from rollout.outcomes.sqlexpr import hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days
 from rollout.outcomes.units import UnitTotals
 from rollout.outcomes.schema import (
     AGREE_COLS,
@@ -423,7 +423,7 @@ class Summaries:
                 h.c.version == champ,
                 h.c.rollout_id == rollout_id,
                 h.c.error.is_(None),
-                *([in_days_of(lab, h)] if changes else []),
+                *([in_days_of(lab, h), near_day(p, h)] if changes else []),
                 *([h.c.day.in_(pair_days(hours))] if hours is not None else []),
             ))
             pair = h.c.id.is_not(None)

@@ -39,7 +39,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.schema import METRICS, aggregate_dirty_hours, label_changes, labels, predictions, unit_state, unit_totals
-from rollout.outcomes.sqlexpr import hour_expr, hour_range, in_days_of, loss_expr, pair_days
+from rollout.outcomes.sqlexpr import hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days
 from rollout.stats.moments import ClusterSums
 from rollout.times import hour_of
 
@@ -287,7 +287,7 @@ class UnitTotals:
         h = predictions.alias("h")
         join = join.join(h, and_(h.c.request_id == p.c.request_id, h.c.version == champion,
                                  h.c.rollout_id == rollout_id, h.c.error.is_(None),
-                                 *([in_days_of(change, h)] if change is not None else []),
+                                 *([in_days_of(change, h), near_day(p, h)] if change is not None else []),
                                  *([h.c.day.in_(days)] if days is not None else [])))
         return h, join, [*where, p.c.version != champion]
 

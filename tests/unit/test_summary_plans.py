@@ -119,3 +119,33 @@ def test_postgres_analyzes_a_filled_day_partition_before_evaluating(pg_store: Ou
     sums = store.evidence(rid)  # analyzes day 2's partition and the labels on its own
     assert _paired(sums) == PER_DAY
     assert analyze_stale(store.engine) == []
+
+
+@pytest.mark.postgres
+def test_postgres_looks_for_a_late_labels_champion_row_near_its_day_only(pg_store: OutcomeStore) -> None:
+    """Pairing a label change's challenger row with the champion's row probed every day partition (the
+    change's days sat in the join's filter, out of reach of run-time pruning): ~45 index probes a change once
+    30 days are kept. The champion's row is looked for within a day of the challenger's, pruned per row."""
+    store = pg_store
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0 + 1)
+    rng = np.random.default_rng(7)
+    for day in range(6):
+        ids = _day(store, rid, day, rng)
+        store.evidence(rid)
+    _label(store, ids, 5, rng)  # the last day's labels arrive as changes to its summarised hours
+    executed: list[int] = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def _explain(conn, cursor, statement, parameters, context, many) -> None:  # noqa: ANN001
+        if "AS sign" in statement and "FROM label_changes AS e" in statement and not executed:
+            cursor.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + statement, parameters)
+            plan = [r[0] for r in cursor.fetchall()]
+            executed.append(sum(1 for line in plan if " on predictions_" in line and " h_" in line
+                                and "never executed" not in line))
+            executed.append(sum(1 for line in plan if " on predictions_" in line and " h_" in line))
+
+    sums = store.evidence(rid)
+    event.remove(store.engine, "before_cursor_execute", _explain)
+    assert _paired(sums) == PER_DAY  # every late label paired with the champion's row
+    probed, partitions = executed
+    assert partitions >= 6 and probed <= 3, executed
