@@ -88,34 +88,34 @@ def create_index(engine: Engine, index: Index) -> None:
     dialect = getattr(index, "_ddl_if", None)
     if dialect is not None and dialect.dialect not in (None, engine.dialect.name):
         return
-    name = str(index.name)
-    if _index_state(engine, name) == "valid":
+    index_name = str(index.name)
+    if _index_state(engine, index_name) == "valid":
         return
     ddl = str(CreateIndex(index).compile(dialect=engine.dialect))
-    head = f"CREATE INDEX {index.name} ON {predictions.name} "
+    head = f"CREATE INDEX {index_name} ON {predictions.name} "
     if not ddl.startswith(head):
-        raise RuntimeError(f"unexpected DDL for {index.name}: {ddl[:200]}")
+        raise RuntimeError(f"unexpected DDL for {index_name}: {ddl[:200]}")
     body = ddl[len(head):]
     raw = engine.raw_connection()
     try:
         dbapi: Any = raw.driver_connection
         dbapi.autocommit = True
-        key = zlib.crc32(f"rollout:{index.name}".encode())
+        key = zlib.crc32(f"rollout:{index_name}".encode())
         while not dbapi.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
             time.sleep(0.5)
         try:
-            if _index_state(engine, name) != "valid":
-                dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index.name} ON ONLY {predictions.name} {body}")
-                attached = {r[0] for r in dbapi.execute(
-                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-                    "WHERE i.inhparent = CAST(%s AS regclass)", (index.name,))}
-                for name, _ in day_partitions(engine):
-                    child = f"{name}_{index.name}"[:63]
-                    if child in attached:
+            if _index_state(engine, index_name) != "valid":
+                dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index_name} ON ONLY {predictions.name} {body}")
+                for day_table, _ in day_partitions(engine):
+                    # attached already: by an earlier build, or made with a day created since the parent's index
+                    if dbapi.execute("SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid "
+                                     "WHERE i.inhparent = CAST(%s AS regclass) AND x.indrelid = CAST(%s AS regclass)",
+                                     (index_name, day_table)).fetchone():
                         continue
+                    child = f"{day_table}_{index_name}"[:63]
                     dbapi.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {child}")  # an interrupted build's, invalid
-                    dbapi.execute(f"CREATE INDEX CONCURRENTLY {child} ON {name} {body}")
-                    dbapi.execute(f"ALTER INDEX {index.name} ATTACH PARTITION {child}")
+                    dbapi.execute(f"CREATE INDEX CONCURRENTLY {child} ON {day_table} {body}")
+                    dbapi.execute(f"ALTER INDEX {index_name} ATTACH PARTITION {child}")
         finally:
             dbapi.execute("SELECT pg_advisory_unlock(%s)", (key,))
             dbapi.autocommit = False
