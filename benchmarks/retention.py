@@ -69,6 +69,11 @@ def _rows(day: int, requests: int, rollout_id: int | None, features: bool = True
     return rows, labels
 
 
+def _median(values: list[float]) -> float:  # (benchmarks/statistics.py shadows the standard library's module)
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+
+
 def _size(store: Any, path: Path | None) -> int:
     if path is not None:
         with store.engine.connect() as conn:
@@ -132,6 +137,7 @@ def simulate(url: str, path: Path | None, days: int, requests: int, retention: i
         "flat_ratio": max(sizes) / min(sizes) if sizes else None,
         "eval_s_first_window": [d["eval_s"] for d in per_day if d["eval_s"] is not None][:ROLLOUT_DAYS],
         "eval_s_after_window_max": max(evals) if evals else None,
+        "eval_s_after_window_median": _median(evals) if evals else None,
         "history_complete": len(history) == decisions and all(e.stats.get("reasons") for e in history),
         "decisions": decisions,
         "expire_s_median": sorted(d["expire_s"] for d in per_day)[len(per_day) // 2],
@@ -275,22 +281,26 @@ def main() -> None:
     rows, checks = [], []
     for backend, r in results.items():
         rows.append([backend, ", ".join(f"{s:.1f}" for s in r["same_phase_sizes_mb"]), r["flat_ratio"],
-                     max(r["eval_s_first_window"]), r["eval_s_after_window_max"], r["expire_s_median"],
+                     f"{_median(r['eval_s_first_window']):.3f} / {max(r['eval_s_first_window']):.3f}",
+                     f"{r['eval_s_after_window_median']:.3f} / {r['eval_s_after_window_max']:.3f}", r["expire_s_median"],
                      r["expire_s_max"], r["bytes_per_row_features"], r["bytes_per_row_no_features"],
                      r["history_complete"]])
         checks += [
             [f"{backend}: size at the same phase, largest / smallest", r["flat_ratio"], f"<= {TARGET_FLAT}",
              r["flat_ratio"] is not None and r["flat_ratio"] <= TARGET_FLAT],
-            [f"{backend}: evaluation after the first window / before (max)",
-             r["eval_s_after_window_max"] / max(r["eval_s_first_window"]), "<= 1.5 (flat)",
-             r["eval_s_after_window_max"] <= 1.5 * max(r["eval_s_first_window"])],
+            # medians: the largest of the ~40 evaluations after the window against the largest of its 10 would
+            # compare a maximum over four times the samples, biased up by one slow second on a shared machine
+            [f"{backend}: evaluation after the first window / within it (medians)",
+             r["eval_s_after_window_median"] / _median(r["eval_s_first_window"]), "<= 1.5 (flat)",
+             r["eval_s_after_window_median"] <= 1.5 * _median(r["eval_s_first_window"])],
             [f"{backend}: every decision still in the history", str(r["history_complete"]), "True",
              r["history_complete"]],
             [f"{backend}: bytes per logged prediction without features", r["bytes_per_row_no_features"],
              f"<= {TARGET_BYTES_NO_FEATURES:g}", r["bytes_per_row_no_features"] <= TARGET_BYTES_NO_FEATURES],
         ]
     print_table(f"{days} days, {requests:,} requests a day, retention {retention} days",
-                ["backend", "size at same phase (MB)", "flat ratio", "eval s (1st window, max)", "eval s (after, max)",
+                ["backend", "size at same phase (MB)", "flat ratio", "eval s (1st window, median / max)",
+                 "eval s (after, median / max)",
                  "expire s (median)", "expire s (max)", "bytes/row (features)", "bytes/row (none)", "history ok"], rows)
     if drop is not None:
         checks.append([f"postgres: expire a day of {drop['rows']:,} rows (s)", drop["expire_s"], "< 1",
