@@ -22,7 +22,6 @@ report says so, and `rollout retention --partition` (service stopped) converts i
 from __future__ import annotations
 
 import time
-import zlib
 from datetime import UTC, date, datetime, timedelta
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +30,7 @@ from sqlalchemy import Engine, Index, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn, CreateIndex
 
+from rollout.outcomes.engine import LockHeld, lock
 from rollout.outcomes.schema import predictions
 
 AHEAD_DAYS = 7
@@ -83,51 +83,55 @@ def create_index(engine: Engine, index: Index) -> None:
     the service's log queue fills and it refuses requests), and PostgreSQL has no CONCURRENTLY for a partitioned
     table. So: the parent's index ON ONLY (invalid, empty), then each day's index CONCURRENTLY, attached as it
     is built; the parent's is valid once every day's is attached, and days made later get theirs with the
-    table. Resumes where an interrupted build stopped; one process builds at a time (an advisory lock, tried
+    table. Resumes where an interrupted build stopped; one process builds at a time (the store's named lock, tried
     and retried rather than waited on: a CONCURRENTLY build waits for every statement in flight to end)."""
     dialect = getattr(index, "_ddl_if", None)
     if dialect is not None and dialect.dialect not in (None, engine.dialect.name):
         return
     index_name = str(index.name)
-    if _index_state(engine, index_name) == "valid":
+    if _index_valid(engine, index_name):
         return
     ddl = str(CreateIndex(index).compile(dialect=engine.dialect))
     head = f"CREATE INDEX {index_name} ON {predictions.name} "
     if not ddl.startswith(head):
         raise RuntimeError(f"unexpected DDL for {index_name}: {ddl[:200]}")
-    body = ddl[len(head):]
+    while True:
+        try:
+            with lock(engine, f"index {index_name}"):
+                if not _index_valid(engine, index_name):
+                    _build_by_day(engine, index_name, ddl[len(head):])
+            return
+        except LockHeld:  # another process builds it: wait, then find it valid
+            time.sleep(0.5)
+
+
+def _build_by_day(engine: Engine, index_name: str, body: str) -> None:
     raw = engine.raw_connection()
     try:
         dbapi: Any = raw.driver_connection
-        dbapi.autocommit = True
-        key = zlib.crc32(f"rollout:{index_name}".encode())
-        while not dbapi.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
-            time.sleep(0.5)
+        dbapi.autocommit = True  # CONCURRENTLY runs outside a transaction
         try:
-            if _index_state(engine, index_name) != "valid":
-                dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index_name} ON ONLY {predictions.name} {body}")
-                for day_table, _ in day_partitions(engine):
-                    # attached already: by an earlier build, or made with a day created since the parent's index
-                    if dbapi.execute("SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid "
-                                     "WHERE i.inhparent = CAST(%s AS regclass) AND x.indrelid = CAST(%s AS regclass)",
-                                     (index_name, day_table)).fetchone():
-                        continue
-                    child = f"{day_table}_{index_name}"[:63]
-                    dbapi.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {child}")  # an interrupted build's, invalid
-                    dbapi.execute(f"CREATE INDEX CONCURRENTLY {child} ON {day_table} {body}")
-                    dbapi.execute(f"ALTER INDEX {index_name} ATTACH PARTITION {child}")
+            dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index_name} ON ONLY {predictions.name} {body}")
+            for day_table, _ in day_partitions(engine):
+                # attached already: by an earlier build, or made with a day created since the parent's index
+                if dbapi.execute("SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid "
+                                 "WHERE i.inhparent = CAST(%s AS regclass) AND x.indrelid = CAST(%s AS regclass)",
+                                 (index_name, day_table)).fetchone():
+                    continue
+                child = f"{day_table}_{index_name}"[:63]
+                dbapi.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {child}")  # an interrupted build's, invalid
+                dbapi.execute(f"CREATE INDEX CONCURRENTLY {child} ON {day_table} {body}")
+                dbapi.execute(f"ALTER INDEX {index_name} ATTACH PARTITION {child}")
         finally:
-            dbapi.execute("SELECT pg_advisory_unlock(%s)", (key,))
             dbapi.autocommit = False
     finally:
         raw.close()
 
 
-def _index_state(engine: Engine, name: str) -> str | None:
+def _index_valid(engine: Engine, name: str) -> bool:
     with engine.connect() as conn:
-        valid = conn.execute(text("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                                  "WHERE c.relname = :n AND pg_table_is_visible(c.oid)"), {"n": name}).scalar()
-    return None if valid is None else "valid" if valid else "invalid"
+        return bool(conn.execute(text("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                                      "WHERE c.relname = :n AND pg_table_is_visible(c.oid)"), {"n": name}).scalar())
 
 
 def drop_key(engine: Engine) -> None:

@@ -83,7 +83,7 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
         key = "id" if table == "predictions" else "ctid"
         for r in rollouts:
             n = _batched(engine, f"SELECT {key} FROM {table} WHERE {_of(r)} AND {_OLD}", table, cutoff, batch,
-                         {"day": cut_day, "r": r}, key)
+                         {**old, "r": r}, key)
             touched[table] = touched.get(table, 0) + n
     n_deleted = sum(touched.values())
     n_pred = dropped_rows + n_deleted
