@@ -410,12 +410,12 @@ def new_request_id() -> str:
     """A time-ordered request id: a ULID (48 bits of Unix milliseconds, then 80 random bits) as 26 characters
     of Crockford's base32, whose ASCII order is time order under any collation (digits and capitals only).
 
-    The outcome store indexes predictions by request id (label joins, the evaluation's covering index).
+    The outcome store indexes predictions by request id (label joins, the champion's row of a request).
     Random ids insert all over those B-trees, so every logged batch dirties pages everywhere; ids that
     grow with time append near the end. Measured with SQLite, two writers, 500-row batches (the
     service's log writer and a shadow child): 66 us a row at 300k rows, against 109 us with uuid4.
-    Every stored copy (the row, the request-id index, SQLite's covering index, a label) is 6 bytes
-    shorter than the 32 hex digits of a UUID with as many bits (benchmarks/retention.py)."""
+    Every stored copy (the row, the request-id index, a label) is 6 bytes shorter than the 32 hex
+    digits of a UUID with as many bits (benchmarks/retention.py)."""
     global _last_id
     value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10), "big")
     with _id_lock:  # monotonic in a process (ULID's monotonic ids): a burst within one millisecond appends too

@@ -43,7 +43,8 @@ predictions = Table(
 # No index on ts alone (18 B a row on SQLite, 23 on PostgreSQL): retention finds old rows rollout by rollout
 # through ix_predictions_day; the newest served inputs (drift checks, training on production data) are found
 # by ix_predictions_features, which holds only the rows with logged features.
-DROPPED_INDEXES = ("ix_predictions_rollout", "ix_predictions_ts")  # removed from stores made before (OutcomeStore.create)
+# Removed from stores made before (OutcomeStore.create):
+DROPPED_INDEXES = ("ix_predictions_rollout", "ix_predictions_ts", "ix_predictions_eval")
 Index("ix_predictions_request", predictions.c.request_id)
 # A partial index is used only by a query whose WHERE implies its condition; the queries use this same text,
 # literals and all (a bound parameter for `served` is matched only by some SQLite builds and PostgreSQL's
@@ -51,16 +52,13 @@ Index("ix_predictions_request", predictions.c.request_id)
 FEATURES_SERVED = text("served = 1 AND features IS NOT NULL")
 Index("ix_predictions_features", predictions.c.ts, sqlite_where=FEATURES_SERVED, postgresql_where=FEATURES_SERVED)
 # The refresh of the evaluation summaries reads one rollout's rows of a few hours (a range of day and ts);
-# the live part of an evaluation reads the hour of its maturity cut up to the cut.
+# the live part of an evaluation reads the hour of its maturity cut up to the cut; a first build walks the
+# rollout's rows in (day, ts) order, which is the table's own order, so its reads move forward through pages.
 Index("ix_predictions_day", predictions.c.rollout_id, predictions.c.day, predictions.c.ts)
-# SQLite joins by nested loops, and a probe at a random place of a big index misses its small page
-# cache. This covering index lets the evaluation walk the rollout's predictions in request-id order
-# (no table reads), so the probes into labels' index (ix_labels_current, covering too) and into this
-# same index for the champion's row of the request move forward through pages just read.
-# PostgreSQL hash-joins instead, so it does not get them (they would only slow its inserts down).
-Index("ix_predictions_eval", predictions.c.rollout_id, predictions.c.request_id, predictions.c.version,
-      predictions.c.error, predictions.c.prediction, predictions.c.score, predictions.c.ts, predictions.c.segment,
-      predictions.c.day, predictions.c.probabilities).ddl_if(dialect="sqlite")
+# No covering (rollout_id, request_id, ...) index on SQLite any more (83 B a row, a third of a logged row): it let
+# a first build walk the rollout in request-id order when request ids were random UUIDs. The champion's row of a
+# request and a label change's rows are found by ix_predictions_request (measured in benchmarks/evaluation_scale.py
+# with request ids in random order).
 
 
 labels = Table(

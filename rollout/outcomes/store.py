@@ -118,11 +118,9 @@ class OutcomeStore:
         if not self.is_sqlite and not existing.has_table(predictions.name):
             partitions.create_partitioned(self.engine)  # PostgreSQL: a day expires by dropping its partition
         metadata.create_all(self.engine, checkfirst=True)
-        if old_log:  # a store from before multiclass: the column, and SQLite's covering index with it
+        if old_log:  # a store from before multiclass: the column
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("ALTER TABLE predictions ADD COLUMN probabilities TEXT")
-                if self.is_sqlite:
-                    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_predictions_eval")
         if old_changes:  # a store from before the changes' days: its pending changes search every day
             with self.engine.begin() as conn:
                 for column in ("day_from", "day_to"):

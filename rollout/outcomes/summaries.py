@@ -41,8 +41,8 @@ Losses per request (lower is better), computed in SQL with CASE:
 Exact identities save aggregates: a 0/1 loss is its own square, |e|*|e| == e*e, counts are shared by
 metrics with the same inputs, fp/fn/tn follow from tp and the marginals. An inner query computes each
 row's losses once (OFFSET 0: neither database merges it into the aggregates).
-SQLite walks a first build in request-id order through the covering ix_predictions_eval (probes into
-ix_labels_current and into the same index for the champion's row move forward through pages just read);
+SQLite walks a first build in the order its rows were written (ix_predictions_day) and finds labels and the
+champion's row of each request by request id (ix_labels_current, ix_predictions_request);
 PostgreSQL gets nested loops for a few hours or label changes (the planner would hash both whole
 tables) and no JIT (it costs more than it saves here).
 """
@@ -461,25 +461,25 @@ class Summaries:
         keys = (c.version, c.segment, c.day, *([c.hour] if by_hour else []), *([c.sign] if changes else []))
         query = select(*keys, *out.values()).group_by(*keys)
         if self._sqlite:
-            # A few hours or a day: their rows through ix_predictions_day. The rollout (a first build):
-            # walk it in request-id order (ix_predictions_eval), so the probes into labels' and this
-            # index for the champion's row move forward through pages just read.
+            # Hours, a day or the whole rollout (a first build): their rows through ix_predictions_day, in
+            # (day, ts) order, the order they were written in, so the table reads move forward.
             # Label changes: the changes lead (CROSS JOIN fixes SQLite's join order) and each finds its
-            # request's rows by ix_predictions_eval's (rollout_id, request_id) prefix. Left to itself the
-            # planner walks the rollout's rows and scans the changes for each: rows x changes.
-            # The champion's row of each request: by ix_predictions_eval's (rollout_id, request_id) prefix. Given
-            # the day terms, SQLite chose ix_predictions_day's (rollout_id, day) range instead, a day's rows read
-            # for every label change (20 s for 8,000 rows a day, benchmarks/retention.py).
+            # request's rows by ix_predictions_request. Left to itself the planner walks the rollout's rows and
+            # scans the changes for each: rows x changes.
+            # The champion's row of each request: by ix_predictions_request. Given the day terms, SQLite chose
+            # ix_predictions_day's (rollout_id, day) range instead, a day's rows read for every label change
+            # (20 s for 8,000 rows a day, benchmarks/retention.py).
             champion_row = ("LEFT OUTER JOIN predictions AS h ON ",
-                            "LEFT OUTER JOIN predictions AS h INDEXED BY ix_predictions_eval ON ")
+                            "LEFT OUTER JOIN predictions AS h INDEXED BY ix_predictions_request ON ")
             if changes:
                 result = _execute_hinted(conn, query, [(
                     "FROM label_changes AS e JOIN predictions AS p ",
-                    "FROM label_changes AS e CROSS JOIN predictions AS p INDEXED BY ix_predictions_eval "), champion_row])
+                    "FROM label_changes AS e CROSS JOIN predictions AS p INDEXED BY ix_predictions_request "),
+                    champion_row])
             else:
-                index = "ix_predictions_day" if few else "ix_predictions_eval"
                 result = _execute_hinted(conn, query, [("FROM predictions AS p ",
-                                                        f"FROM predictions AS p INDEXED BY {index} "), champion_row])
+                                                        "FROM predictions AS p INDEXED BY ix_predictions_day "),
+                                                       champion_row])
         else:
             # A few hours or label changes are a small fraction of the table: probe labels and the
             # champion's rows by index (nested loops) rather than hash the whole of both tables, as the
