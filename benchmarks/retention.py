@@ -21,6 +21,7 @@ expiry's seconds and the writer's slowest insert meanwhile.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -57,8 +58,9 @@ def _rows(day: int, requests: int, rollout_id: int | None, features: bool = True
         ts = T0 + day * DAY + (i + 0.5) * DAY / requests
         rid = new_request_id() if service_ids else f"{day:04d}{i:08d}{uuid.uuid4().hex[:20]}"
         score = ((i * 7919) % 1000) / 1000
-        feats = (FEATURES % (30000 + i % 5000, 10000 + i % 777, 600 + i % 200, i % 1000, i % 30, i % 12,
-                             ("standard", "gold", "VIP")[i % 3])) if features else None
+        # a record as the service logs it: an object, whose stored form the store chooses
+        feats = json.loads(FEATURES % (30000 + i % 5000, 10000 + i % 777, 600 + i % 200, i % 1000, i % 30, i % 12,
+                                       ("standard", "gold", "VIP")[i % 3])) if features else None
         rows.append(PredictionRow(rid, "1", "champion", ts, f"customer-{i % 3000}", rollout_id, True, 1.0,
                                   float(score > 0.5), score, 2.5, None, ("standard", "gold", "VIP")[i % 3], feats))
         if rollout_id is not None:

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from rollout.outcomes.engine import chunks, is_sqlite, write
+from rollout.outcomes.features import FeatureSets, expand_known, sets_of
 from rollout.outcomes.schema import (
     LOG_COLUMNS,
     aggregate_dirty_hours,
@@ -32,7 +33,6 @@ from rollout.outcomes.schema import (
     metadata,
     predictions,
     summary_state,
-    to_json,
 )
 from rollout.roles import Role
 from rollout.times import day_of_cached, hour_of, to_epoch
@@ -91,9 +91,10 @@ def log_predictions(engine: Engine, rows: Iterable[PredictionRow], now: float) -
     payload: list[tuple[Any, ...]] = []
     dead: list[tuple[PredictionRow, str]] = []
     written = 0
+    sets = sets_of(engine)
     for row in rows:
         try:
-            payload.append(_stored_form(row, now))
+            payload.append(_stored_form(engine, sets, row, now))
         except (TypeError, ValueError, OverflowError, OSError) as exc:
             dead.append((row, f"{type(exc).__name__}: {exc}"))
     sql = (f"INSERT INTO predictions ({', '.join(LOG_COLUMNS)}) "
@@ -111,7 +112,7 @@ def log_predictions(engine: Engine, rows: Iterable[PredictionRow], now: float) -
     return written
 
 
-def _stored_form(row: PredictionRow, now: float) -> tuple[Any, ...]:
+def _stored_form(engine: Engine, sets: FeatureSets, row: PredictionRow, now: float) -> tuple[Any, ...]:
     ts = now if row.ts is None else to_epoch(row.ts)
     features = row.features
     segment = None if row.segment is None else str(row.segment)[:SEGMENT_CHARS]
@@ -119,7 +120,7 @@ def _stored_form(row: PredictionRow, now: float) -> tuple[Any, ...]:
     return (str(row.request_id), None if row.unit_id is None else str(row.unit_id), row.rollout_id, ts,
             day_of_cached(ts), str(row.version), str(row.role), int(bool(row.served)), _clean_float(row.propensity),
             _clean_float(row.prediction), score, _clean_float(row.latency_ms), row.error, segment,
-            features if features is None or isinstance(features, str) else to_json(features), probabilities)
+            features if features is None or isinstance(features, str) else sets.encode(engine, features), probabilities)
 
 
 def split_score(score: float | Sequence[float] | None) -> tuple[float | None, str | None]:
@@ -170,7 +171,7 @@ def _insert_halving(engine: Engine, sql: str, payload: list[tuple[Any, ...]],
         if isinstance(exc, OperationalError) and not _is_data_error(exc):
             raise  # the database is unavailable, not refusing a value: the caller retries the batch
         if len(payload) == 1:
-            dead.append((_row_of(payload[0]), str(getattr(exc, "orig", exc)).strip()[:500]))
+            dead.append((_row_of(engine, payload[0]), str(getattr(exc, "orig", exc)).strip()[:500]))
             return 0
         half = len(payload) // 2
         return _insert_halving(engine, sql, payload[:half], dead) + _insert_halving(engine, sql, payload[half:], dead)
@@ -180,9 +181,10 @@ def _is_data_error(exc: OperationalError) -> bool:
     return "out of range" in str(exc).lower()
 
 
-def _row_of(stored: tuple[Any, ...]) -> PredictionRow:
+def _row_of(engine: Engine, stored: tuple[Any, ...]) -> PredictionRow:
     values = dict(zip(LOG_COLUMNS, stored, strict=True))
     values.pop("day")
+    values["features"] = expand_known(engine, values["features"])
     probabilities = values.pop("probabilities")
     if probabilities is not None:
         values["score"] = json.loads(probabilities)

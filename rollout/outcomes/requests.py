@@ -12,6 +12,7 @@ from sqlalchemy import and_, func, insert, select
 from sqlalchemy.engine import Engine
 
 from rollout.outcomes.engine import chunks
+from rollout.outcomes.features import Decoder
 from rollout.outcomes.schema import label_request_batches, label_requests, labels, predictions
 from rollout.times import day_of
 
@@ -55,11 +56,12 @@ def details(engine: Engine, rollout_id: int, request_ids: Sequence[str]) -> dict
     p = predictions
     out: dict[str, dict[str, Any]] = {}
     with engine.connect() as conn:
+        decode = Decoder(conn)
         for chunk in chunks(list(request_ids), 500):
             query = (select(p.c.request_id, p.c.unit_id, p.c.ts, p.c.segment, p.c.features)
                      .where(p.c.rollout_id == rollout_id, p.c.request_id.in_(chunk), p.c.served == 1))
             for rid, unit, ts, segment, features in conn.execute(query):
-                out[str(rid)] = {"unit_id": unit, "ts": float(ts), "segment": segment, "features": features}
+                out[str(rid)] = {"unit_id": unit, "ts": float(ts), "segment": segment, "features": decode.text(features)}
     return out
 
 

@@ -143,6 +143,16 @@ dead_letters = Table(
     Column("payload", Text, nullable=False),  # the row as JSON (escaped, so NULs and any text are safe)
 )
 
+# The column names of logged features, once: a row's `features` is `[set id, values...]` (rollout.outcomes.features).
+# `digest` (SHA-256 of `columns`) is the unique key: an index on the names themselves would refuse a wide record.
+feature_sets = Table(
+    "feature_sets",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("columns", Text, nullable=False),
+)
+
 # The error text of a shadow row the service did not score for want of capacity (the challenger's bounded queue
 # was full under a burst): logged, so the challenger's count still pairs with the champion's (the sample-ratio
 # test), but never counted as the challenger's error. The model did not fail; the service was busy.

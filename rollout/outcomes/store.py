@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -22,6 +21,7 @@ from rollout.outcomes import audit, engine, export, log, partitions, requests, r
 from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
+from rollout.outcomes.features import Decoder
 from rollout.outcomes.schema import (DROPPED_INDEXES, FEATURES_SERVED, METRICS, label_changes, labels, metadata,
                                      predictions, rollout_units, summary_state)
 from rollout.outcomes.sqlexpr import loss_expr
@@ -473,7 +473,8 @@ class OutcomeStore:
             query = query.where(p.c.ts >= to_epoch(since))
         query = query.order_by(p.c.ts.desc()).limit(int(limit))
         with self.engine.connect() as conn:
-            return pd.DataFrame.from_records([json.loads(r[0]) for r in conn.execute(query)])
+            decode = Decoder(conn)
+            return pd.DataFrame.from_records([decode(r[0]) for r in conn.execute(query)])
 
     def production_rows(self, days: float, limit: int, challengers: bool = False) -> pd.DataFrame:
         """What production served and got labelled: the served, error-free predictions with logged features of the
@@ -494,7 +495,8 @@ class OutcomeStore:
                      .where(*where, p.c.ts >= float(latest) - days * 86400.0)
                      .order_by(p.c.ts.desc()).limit(int(limit)))
             rows = conn.execute(query).all()
-        frame = pd.DataFrame.from_records([json.loads(r[0]) for r in rows])
+            decode = Decoder(conn)
+            frame = pd.DataFrame.from_records([decode(r[0]) for r in rows])
         frame["_label"], frame["_ts"] = [r[1] for r in rows], [r[2] for r in rows]
         frame["_unit"], frame["_role"] = [r[3] for r in rows], [r[4] for r in rows]
         return frame

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import select
 
 from rollout.config import Policy
 from rollout.outcomes import OutcomeStore
+from rollout.outcomes.features import Decoder
 from rollout.outcomes.redaction import ConfigurationError
 from rollout.outcomes.schema import predictions
 from rollout.registry import InMemoryRegistry
@@ -32,9 +34,12 @@ def _served(policy: Policy, registry: InMemoryRegistry, store: OutcomeStore, n: 
             body = {"record": {"income": float(i % 5), "tier": "gold", "purpose": f"p{i % 3}",
                                "customer_id": f"c{i % 20}"}}
             assert client.post("/predict", json=body).status_code == 200
-    with store.engine.connect() as conn:
-        return list(conn.execute(select(predictions.c.request_id, predictions.c.unit_id, predictions.c.features,
-                                        predictions.c.version).where(predictions.c.served == 1)))
+    with store.engine.connect() as conn:  # the stored features as the object they stand for (rollout.outcomes.features)
+        decode = Decoder(conn)
+        return [SimpleNamespace(request_id=r.request_id, unit_id=r.unit_id, features=decode.text(r.features),
+                                version=r.version)
+                for r in conn.execute(select(predictions.c.request_id, predictions.c.unit_id, predictions.c.features,
+                                             predictions.c.version).where(predictions.c.served == 1))]
 
 
 @pytest.mark.parametrize(("setting", "check"), [

@@ -1,0 +1,103 @@
+"""Logged features are stored as `[set id, values...]` with the column names kept once (rollout.outcomes.features):
+every reader gets the record's features back as they were sent, on both backends, rows from before included."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from sqlalchemy import func, select
+
+from rollout.outcomes import OutcomeStore, PredictionRow, features
+from rollout.outcomes.requests import details
+from rollout.outcomes.schema import dead_letters, feature_sets, predictions, to_json
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+RECORDS = [
+    {"income": 52000.5, "tier": "gold", "age": 40, "purpose": None},
+    {"income": 31000.0, "tier": "VIP", "age": 23, "purpose": "car"},
+    {"tier": "standard", "income": 1.0, "age": 0, "purpose": "home"},  # the same names in another order: a set
+    {"income": 7.0, "notes": {"a": [1, 2]}, "flag": True},  # other names, a nested value
+]
+
+
+def _log(store: OutcomeStore, rollout_id: int, records: list[dict], tag: str = "r", start: float = 0.0) -> None:
+    rows = [PredictionRow(f"{tag}{i}", "1", "champion", T0 + start + i, f"u{i}", rollout_id, True, 1.0, 1.0, 0.9, 1.0,
+                          features=record) for i, record in enumerate(records)]
+    rows += [PredictionRow(f"{tag}{i}", "2", "challenger", T0 + start + i, f"u{i}", rollout_id, False, None, 0.0, 0.2,
+                           1.0) for i in range(len(records))]
+    store.log_predictions(rows)
+    store.add_labels([(f"{tag}{i}", 1.0, T0 + 3600) for i in range(len(records))])
+
+
+def _stored(store: OutcomeStore) -> list[str]:
+    with store.engine.connect() as conn:
+        return [r[0] for r in conn.execute(select(predictions.c.features).where(predictions.c.features.is_not(None))
+                                           .order_by(predictions.c.ts))]
+
+
+def test_features_are_stored_without_their_names_and_every_reader_gets_the_records_back(store_url: str,
+                                                                                        tmp_path: Path) -> None:
+    store = OutcomeStore(store_url, clock=lambda: T0 + 7200).create()
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=T0)
+    _log(store, rid, RECORDS)
+
+    stored = _stored(store)
+    assert all(s.startswith("[") and '"income"' not in s for s in stored), stored
+    assert sum(map(len, stored)) < 0.6 * sum(len(to_json(r)) for r in RECORDS)  # the names were most of it
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(feature_sets)).scalar_one() == 3
+
+    newest_first = list(reversed(RECORDS))
+    expected = pd.DataFrame.from_records(newest_first)
+    pd.testing.assert_frame_equal(store.recent_features(), expected)  # drift checks
+    training = store.production_rows(days=1, limit=100)  # training on production data
+    pd.testing.assert_frame_equal(training.drop(columns=["_label", "_ts", "_unit", "_role"]), expected)
+    seen = details(store.engine, rid, ["r0", "r3"])  # what a labeller is shown: the record as an object
+    assert json.loads(seen["r0"]["features"]) == RECORDS[0] and json.loads(seen["r3"]["features"]) == RECORDS[3]
+    store.export("2026-01-01", None, tmp_path / "export")
+    frame = pd.read_parquet(tmp_path / "export")
+    exported = frame[frame["served"]].sort_values("time")["features"].tolist()
+    assert [json.loads(f) for f in exported] == RECORDS  # analysts read objects, never set ids
+
+    again = OutcomeStore(store_url).create()  # another writer (a replica) finds the same sets, makes none
+    _log(again, rid, RECORDS[:3], tag="s", start=60)
+    with again.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(feature_sets)).scalar_one() == 3
+    pd.testing.assert_frame_equal(again.recent_features(limit=3), pd.DataFrame.from_records(list(reversed(RECORDS[:3]))))
+    again.dispose()
+    store.dispose()
+
+
+def test_rows_stored_as_objects_read_as_before_and_a_process_makes_at_most_max_sets(
+        store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = OutcomeStore(store_url).create()
+    rid = store.open_rollout("shadow", {"champion": "1"}, {}, "s", started_at=T0)
+    old = PredictionRow("old", "1", "champion", T0 - 10, None, rid, True, 1.0, 1.0, 0.9, 1.0,
+                        features='{"income":5.0,"tier":"gold"}')  # as a store from before kept it
+    store.log_predictions([old])
+    monkeypatch.setattr(features, "MAX_SETS", 2)
+    _log(store, rid, RECORDS)
+    stored = _stored(store)
+    assert [s.startswith("[") for s in stored] == [False, True, True, True, False]  # the third set: an object
+    pd.testing.assert_frame_equal(store.recent_features(),
+                                  pd.DataFrame.from_records([*reversed(RECORDS), {"income": 5.0, "tier": "gold"}]))
+    store.dispose()
+
+
+def test_a_refused_rows_dead_letter_keeps_its_features_as_an_object(pg_url: str) -> None:
+    from rollout.outcomes.schema import metadata
+
+    store = OutcomeStore(pg_url)
+    metadata.drop_all(store.engine)
+    store.create()
+    rows = [PredictionRow(f"r{i}", "1", ts=T0, features=RECORDS[1]) for i in range(4)]
+    rows[2] = PredictionRow("r\x00bad", "1", ts=T0, features=RECORDS[1])  # PostgreSQL refuses a NUL in text
+    assert store.log_predictions(rows) == 3
+    with store.engine.connect() as conn:
+        payload = json.loads(conn.execute(select(dead_letters.c.payload)).scalar_one())
+    assert json.loads(payload["features"]) == RECORDS[1]
+    store.dispose()
