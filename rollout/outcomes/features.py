@@ -109,6 +109,8 @@ class Decoder:
         set_id, values = int(value[0]), value[1:]
         if set_id not in self.columns:
             self._load()
+            if set_id not in self.columns:
+                raise ValueError(f"a logged row's features name feature set {set_id}, which feature_sets does not hold")
         return dict(zip(self.columns[set_id], values, strict=True))
 
     def text(self, stored: str | None) -> str | None:
