@@ -101,3 +101,14 @@ def test_a_refused_rows_dead_letter_keeps_its_features_as_an_object(pg_url: str)
         payload = json.loads(conn.execute(select(dead_letters.c.payload)).scalar_one())
     assert json.loads(payload["features"]) == RECORDS[1]
     store.dispose()
+
+
+def test_a_row_naming_a_set_the_store_lacks_is_a_clear_error_not_a_wrong_record(tmp_path: Path) -> None:
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}").create()
+    rid = store.open_rollout("shadow", {"champion": "1"}, {}, "s", started_at=T0)
+    _log(store, rid, RECORDS[:1])
+    with store.engine.begin() as conn:  # as a hand-edited or half-copied store would be
+        conn.execute(feature_sets.delete())
+    with pytest.raises(ValueError, match="feature set 1, which feature_sets does not hold"):
+        store.recent_features()
+    store.dispose()
