@@ -55,13 +55,13 @@ def _chunks(engine: Engine, day: str) -> Iterator[list[tuple[Any, ...]]]:
     cols = ", ".join(f"p.{c}" for c in _COLUMNS)
     sql = text(f"SELECT {cols}, l.label, l.ts FROM predictions p LEFT JOIN labels l "
                "ON l.request_id = p.request_id AND l.current = 1 WHERE p.day = :day ORDER BY p.id")
-    with engine.connect() as conn:  # the feature sets' names, read beside the day's rows streaming on their own
+    with engine.connect().execution_options(stream_results=True) as conn:
         decode = Decoder(conn)
-        with engine.connect().execution_options(stream_results=True) as rows_conn:
-            result = rows_conn.execute(sql, {"day": day})
-            features = _COLUMNS.index("features")
-            while rows := result.fetchmany(CHUNK):
-                yield [(*r[:features], decode.text(r[features]), *r[features + 1:]) for r in rows]
+        decode.load()  # the feature sets' names, before the rows stream
+        result = conn.execute(sql, {"day": day})
+        features = _COLUMNS.index("features")
+        while rows := result.fetchmany(CHUNK):
+            yield [(*r[:features], decode.text(r[features]), *r[features + 1:]) for r in rows]
 
 
 def export_day(engine: Engine, day: str, directory: Path) -> ExportedDay:

@@ -4,9 +4,9 @@ A served row keeps its record's features as JSON. Written as an object, every ro
 the example's ten features took 194 bytes a row that way, 63 without the names (benchmarks/retention.py). The
 names are the same in nearly every row, so a row stores `[set id, value, value, ...]` and the names are kept
 once, in `feature_sets` (the column names in the record's order, under the SHA-256 of their JSON, so two writers
-adding the same set agree on one id). Readers turn a row back into the record's object (`Decoder`); a row stored
-as an object (by a store from before, or when a process has made `MAX_SETS` sets already: callers free to send
-any keys cannot grow the table without bound) reads as it is.
+adding the same set agree on one id; ids are never reused). Readers turn a row back into the record's object
+(`Decoder`); a row stored as an object (by a store from before, or once the store holds `MAX_SETS` sets: callers
+free to send any keys cannot grow the table without bound) reads as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
@@ -26,7 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 from rollout.outcomes.engine import is_sqlite
 from rollout.outcomes.schema import feature_sets, to_json
 
-MAX_SETS = 1000  # sets one process makes; records with other keys beyond that are stored as objects
+MAX_SETS = 1000  # sets a store makes; records with other names beyond that are stored as objects
 
 
 class FeatureSets:
@@ -36,6 +36,7 @@ class FeatureSets:
         self.ids: dict[tuple[str, ...], int] = {}
         self.columns: dict[int, tuple[str, ...]] = {}
         self.lock = threading.Lock()
+        self.full = False  # the store held MAX_SETS sets when this process last looked
 
     def encode(self, engine: Engine, features: Mapping[str, Any]) -> str:
         """The stored text of a record's features: `[set id, values...]`, or the object when no set id is to be had."""
@@ -49,19 +50,25 @@ class FeatureSets:
 
     def id_of(self, engine: Engine, names: tuple[Any, ...]) -> int | None:
         """The id of this set of column names, made (committed, before the rows that use it) when new; None when
-        this process has made MAX_SETS sets already, or for a name that is not text (stored as an object, as
-        JSON has it)."""
+        the store holds MAX_SETS sets already, or for a name that is not text (stored as an object, as JSON has it)."""
         with self.lock:
             if names in self.ids:
                 return self.ids[names]
-            if len(self.ids) >= MAX_SETS or not all(isinstance(n, str) for n in names):
+            if self.full or not all(isinstance(n, str) for n in names):
                 return None
             text = json.dumps(list(names), separators=(",", ":"))
             digest = hashlib.sha256(text.encode()).hexdigest()
-            stmt = (sqlite_insert if is_sqlite(engine) else pg_insert)(feature_sets)
+            find = select(feature_sets.c.id).where(feature_sets.c.digest == digest)
             with engine.begin() as conn:
-                conn.execute(stmt.values(digest=digest, columns=text).on_conflict_do_nothing())
-                set_id = int(conn.execute(select(feature_sets.c.id).where(feature_sets.c.digest == digest)).scalar_one())
+                found = conn.execute(find).scalar_one_or_none()
+                if found is None:
+                    if conn.execute(select(func.count()).select_from(feature_sets)).scalar_one() >= MAX_SETS:
+                        self.full = True  # from now on new names are stored as objects, without asking again
+                        return None
+                    stmt = (sqlite_insert if is_sqlite(engine) else pg_insert)(feature_sets)
+                    conn.execute(stmt.values(digest=digest, columns=text).on_conflict_do_nothing())
+                    found = conn.execute(find).scalar_one()
+            set_id = int(found)
             self.ids[names] = set_id
             self.columns[set_id] = names
             return set_id
@@ -84,9 +91,12 @@ def expand_known(engine: Engine, stored: str | None) -> str | None:
     the record as it came), else as it is."""
     if stored is None or not stored.startswith("["):
         return stored
-    value = json.loads(stored)
-    names = sets_of(engine).columns.get(int(value[0]))
-    return stored if names is None else to_json(dict(zip(names, value[1:], strict=True)))
+    try:
+        value = json.loads(stored)
+        names = sets_of(engine).columns.get(int(value[0]))
+        return stored if names is None else to_json(dict(zip(names, value[1:], strict=True)))
+    except (ValueError, TypeError, IndexError):  # in a failed batch's error path: never raise there
+        return stored
 
 
 class Decoder:
@@ -96,7 +106,8 @@ class Decoder:
         self.conn = conn
         self.columns: dict[int, list[str]] = {}
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Read every set (a reader of many rows can do it before it starts, on the same connection)."""
         self.columns = {int(i): json.loads(c) for i, c in self.conn.execute(select(feature_sets.c.id,
                                                                                    feature_sets.c.columns))}
 
@@ -108,10 +119,14 @@ class Decoder:
             return value  # type: ignore[no-any-return]
         set_id, values = int(value[0]), value[1:]
         if set_id not in self.columns:
-            self._load()
+            self.load()
             if set_id not in self.columns:
                 raise ValueError(f"a logged row's features name feature set {set_id}, which feature_sets does not hold")
-        return dict(zip(self.columns[set_id], values, strict=True))
+        names = self.columns[set_id]
+        if len(names) != len(values):
+            raise ValueError(f"a logged row's features have {len(values)} values for feature set {set_id}'s "
+                             f"{len(names)} names")
+        return dict(zip(names, values, strict=True))
 
     def text(self, stored: str | None) -> str | None:
         """The features as a JSON object's text (what an analyst or a labeller reads)."""

@@ -115,12 +115,16 @@ def log_predictions(engine: Engine, rows: Iterable[PredictionRow], now: float) -
 def _stored_form(engine: Engine, sets: FeatureSets, row: PredictionRow, now: float) -> tuple[Any, ...]:
     ts = now if row.ts is None else to_epoch(row.ts)
     features = row.features
+    if isinstance(features, str):  # already JSON: an object is stored as any record is; anything else is refused
+        features = json.loads(features)
+        if not isinstance(features, dict):
+            raise ValueError(f"features: expected a JSON object, got {type(features).__name__}")
     segment = None if row.segment is None else str(row.segment)[:SEGMENT_CHARS]
     score, probabilities = split_score(row.score)
     return (str(row.request_id), None if row.unit_id is None else str(row.unit_id), row.rollout_id, ts,
             day_of_cached(ts), str(row.version), str(row.role), int(bool(row.served)), _clean_float(row.propensity),
             _clean_float(row.prediction), score, _clean_float(row.latency_ms), row.error, segment,
-            features if features is None or isinstance(features, str) else sets.encode(engine, features), probabilities)
+            None if features is None else sets.encode(engine, features), probabilities)
 
 
 def split_score(score: float | Sequence[float] | None) -> tuple[float | None, str | None]:

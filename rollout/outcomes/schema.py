@@ -151,6 +151,7 @@ feature_sets = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("digest", String(64), nullable=False, unique=True),
     Column("columns", Text, nullable=False),
+    sqlite_autoincrement=True,  # an id is never given to another set, even after a delete
 )
 
 # The error text of a shadow row the service did not score for want of capacity (the challenger's bounded queue

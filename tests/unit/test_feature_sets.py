@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 
 from rollout.outcomes import OutcomeStore, PredictionRow, features
 from rollout.outcomes.requests import details
-from rollout.outcomes.schema import dead_letters, feature_sets, predictions, to_json
+from rollout.outcomes.schema import LOG_COLUMNS, dead_letters, feature_sets, predictions, to_json
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 RECORDS = [
@@ -76,13 +76,14 @@ def test_rows_stored_as_objects_read_as_before_and_a_process_makes_at_most_max_s
         store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     store = OutcomeStore(store_url).create()
     rid = store.open_rollout("shadow", {"champion": "1"}, {}, "s", started_at=T0)
-    old = PredictionRow("old", "1", "champion", T0 - 10, None, rid, True, 1.0, 1.0, 0.9, 1.0,
-                        features='{"income":5.0,"tier":"gold"}')  # as a store from before kept it
-    store.log_predictions([old])
-    monkeypatch.setattr(features, "MAX_SETS", 2)
+    store.bulk_insert("predictions", LOG_COLUMNS, [  # a row as a store from before kept it: an object
+        ("old", None, rid, T0 - 10, "2026-01-01", "1", "champion", 1, 1.0, 1.0, 0.9, 1.0, None, None,
+         '{"income":5.0,"tier":"gold"}', None)])
+    monkeypatch.setattr(features, "MAX_SETS", 2)  # the store makes two sets; then objects, without asking again
     _log(store, rid, RECORDS)
     stored = _stored(store)
     assert [s.startswith("[") for s in stored] == [False, True, True, True, False]  # the third set: an object
+    assert not features.sets_of(store.engine).ids.get(tuple(RECORDS[3])) and features.sets_of(store.engine).full
     pd.testing.assert_frame_equal(store.recent_features(),
                                   pd.DataFrame.from_records([*reversed(RECORDS), {"income": 5.0, "tier": "gold"}]))
     store.dispose()
@@ -112,3 +113,28 @@ def test_a_row_naming_a_set_the_store_lacks_is_a_clear_error_not_a_wrong_record(
     with pytest.raises(ValueError, match="feature set 1, which feature_sets does not hold"):
         store.recent_features()
     store.dispose()
+
+
+def test_features_given_as_json_text_are_stored_as_records_are_and_other_json_is_refused_alone(
+        store_url: str, tmp_path: Path) -> None:
+    store = OutcomeStore(store_url).create()
+    rows = [PredictionRow(f"r{i}", "1", ts=T0 + i, features=to_json(RECORDS[0])) for i in range(4)]
+    rows[1] = PredictionRow("r1", "1", ts=T0 + 1, features="[1, 2.0]")  # would read as a set id and its values
+    rows[2] = PredictionRow("r2", "1", ts=T0 + 2, features="[]")
+    assert store.log_predictions(rows) == 2 and store.dead_letters() == 2  # the others are written, once
+    assert all(s.startswith("[") for s in _stored(store))
+    pd.testing.assert_frame_equal(store.recent_features(), pd.DataFrame.from_records([RECORDS[0]] * 2))
+    store.dispose()
+
+
+def test_export_of_an_in_memory_store() -> None:
+    """`sqlite://` has one connection for everything: the export reads the sets and streams rows on it."""
+    store = OutcomeStore("sqlite://").create()
+    rid = store.open_rollout("shadow", {"champion": "1"}, {}, "s", started_at=T0)
+    _log(store, rid, RECORDS)
+    with pytest.MonkeyPatch.context() as mp, __import__("tempfile").TemporaryDirectory() as folder:
+        mp.setattr("rollout.outcomes.export.CHUNK", 2)  # several chunks
+        exported = store.export("2026-01-01", None, Path(folder))
+        frame = pd.read_parquet(folder)
+    assert exported[0].rows == 2 * len(RECORDS)
+    assert [json.loads(f) for f in frame[frame["served"]].sort_values("time")["features"]] == RECORDS
