@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -94,9 +94,17 @@ def expand_known(engine: Engine, stored: str | None) -> str | None:
     try:
         value = json.loads(stored)
         names = sets_of(engine).columns.get(int(value[0]))
-        return stored if names is None else to_json(dict(zip(names, value[1:], strict=True)))
+        return stored if names is None else to_json(_record(int(value[0]), names, value[1:]))
     except (ValueError, TypeError, IndexError):  # in a failed batch's error path: never raise there
         return stored
+
+
+def _record(set_id: int, names: Sequence[str], values: list[Any]) -> dict[str, Any]:
+    """A stored row's values under its set's names."""
+    if len(names) != len(values):
+        raise ValueError(f"a logged row's features have {len(values)} values for feature set {set_id}'s "
+                         f"{len(names)} names")
+    return dict(zip(names, values, strict=True))
 
 
 class Decoder:
@@ -122,11 +130,7 @@ class Decoder:
             self.load()
             if set_id not in self.columns:
                 raise ValueError(f"a logged row's features name feature set {set_id}, which feature_sets does not hold")
-        names = self.columns[set_id]
-        if len(names) != len(values):
-            raise ValueError(f"a logged row's features have {len(values)} values for feature set {set_id}'s "
-                             f"{len(names)} names")
-        return dict(zip(names, values, strict=True))
+        return _record(set_id, self.columns[set_id], values)
 
     def text(self, stored: str | None) -> str | None:
         """The features as a JSON object's text (what an analyst or a labeller reads)."""

@@ -61,7 +61,8 @@ def details(engine: Engine, rollout_id: int, request_ids: Sequence[str]) -> dict
             query = (select(p.c.request_id, p.c.unit_id, p.c.ts, p.c.segment, p.c.features)
                      .where(p.c.rollout_id == rollout_id, p.c.request_id.in_(chunk), p.c.served == 1))
             for rid, unit, ts, segment, features in conn.execute(query):
-                out[str(rid)] = {"unit_id": unit, "ts": float(ts), "segment": segment, "features": decode.text(features)}
+                out[str(rid)] = {"unit_id": unit, "ts": float(ts), "segment": segment,
+                                 "features": decode.text(features)}
     return out
 
 

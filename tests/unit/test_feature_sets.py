@@ -127,14 +127,13 @@ def test_features_given_as_json_text_are_stored_as_records_are_and_other_json_is
     store.dispose()
 
 
-def test_export_of_an_in_memory_store() -> None:
+def test_export_of_an_in_memory_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sqlite://` has one connection for everything: the export reads the sets and streams rows on it."""
     store = OutcomeStore("sqlite://").create()
     rid = store.open_rollout("shadow", {"champion": "1"}, {}, "s", started_at=T0)
     _log(store, rid, RECORDS)
-    with pytest.MonkeyPatch.context() as mp, __import__("tempfile").TemporaryDirectory() as folder:
-        mp.setattr("rollout.outcomes.export.CHUNK", 2)  # several chunks
-        exported = store.export("2026-01-01", None, Path(folder))
-        frame = pd.read_parquet(folder)
+    monkeypatch.setattr("rollout.outcomes.export.CHUNK", 2)  # several chunks
+    exported = store.export("2026-01-01", None, tmp_path / "export")
+    frame = pd.read_parquet(tmp_path / "export")
     assert exported[0].rows == 2 * len(RECORDS)
     assert [json.loads(f) for f in frame[frame["served"]].sort_values("time")["features"]] == RECORDS
