@@ -44,6 +44,11 @@ def day_of(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d")
 
 
+def day_start(day: str) -> float:
+    """The epoch seconds at which a UTC day (YYYY-MM-DD) begins."""
+    return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+
+
 def day_of_cached(epoch: float) -> str:
     """`day_of`, remembered per UTC day: strftime on every logged row was a tenth of its cost.
 

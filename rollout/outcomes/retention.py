@@ -105,7 +105,7 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
                                                                                             if p))
 
 
-# A rollout's prediction rows older than the cut, through ix_predictions_day (rollout_id, day, ts): no index on
+# A rollout's prediction rows older than the cut, through its time index ((rollout_id, [day,] ts)): no index on
 # ts alone is kept for retention (it cost 18 B a logged row on SQLite, 23 on PostgreSQL).
 _OLD = "day <= :day AND ts < :cut"
 
@@ -116,7 +116,7 @@ def _of(rollout_id: int | None) -> str:
 
 def _not_open(conn: Any) -> list[int | None]:
     """The rollout ids the prediction log holds rows of, open rollouts left out, and None (traffic outside any
-    rollout): a loose index scan of ix_predictions_day, one seek per rollout, however many rows each has."""
+    rollout): a loose index scan of the time index, one seek per rollout, however many rows each has."""
     present = conn.execute(text(
         "WITH RECURSIVE r(id) AS (SELECT min(rollout_id) FROM predictions UNION ALL "
         "SELECT (SELECT min(rollout_id) FROM predictions WHERE rollout_id > r.id) FROM r WHERE r.id IS NOT NULL) "

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, Integer, String, and_, case, cast, func, literal
+from sqlalchemy import BigInteger, Float, Integer, String, and_, case, cast, func, literal, select
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from rollout.outcomes.schema import METRICS
-from rollout.times import days_between
+from rollout.times import day_start, days_between
 
 EPS = 1e-15  # log loss clips probabilities to [EPS, 1 - EPS]
 
@@ -22,7 +22,7 @@ def hour_expr(sqlite: bool, ts: Any) -> Any:
 
 
 def hour_range(p: Any, hours: tuple[int, int]) -> list[Any]:
-    """WHERE terms for the rows of hours [first, last], and a second more: a range of ix_predictions_day.
+    """WHERE terms for the rows of hours [first, last], and a second more: a range of the time index.
 
     The margin catches a row whose hour_of (a rounded division) or day_of (rounded to microseconds)
     disagrees with its time near a boundary; results are grouped by hour (or filtered by `hour_expr`), so
@@ -31,6 +31,24 @@ def hour_range(p: Any, hours: tuple[int, int]) -> list[Any]:
     lo, hi = first * 3600.0 - 1.0, (last + 1) * 3600.0 + 1.0
     days = days_between(lo, hi)
     return [p.c.day.in_(days), p.c.ts >= lo, p.c.ts < hi]
+
+
+def day_range(p: Any, day: str) -> list[Any]:
+    """WHERE terms for the rows of one `day`: the day itself (PostgreSQL's partition) and its times with a second
+    either side (SQLite's time index; day_of rounds to microseconds, so a row a hair before midnight may be
+    filed under the next day)."""
+    start = day_start(day)
+    return [p.c.day == day, p.c.ts >= start - 1.0, p.c.ts < start + 86_401.0]
+
+
+def first_day(p: Any, rollout_id: int, sqlite: bool, after: str | None = None) -> Any:
+    """SELECT of the first day (after `after`) a rollout has predictions on: one seek of its time index. SQLite's
+    is (rollout_id, ts), so the day of its first row from a second before the next midnight; PostgreSQL's is
+    (rollout_id, day, ts) on each day partition, so min(day)."""
+    if not sqlite:
+        return select(func.min(p.c.day)).where(p.c.rollout_id == rollout_id, *([p.c.day > after] if after else []))
+    query = select(p.c.day).where(p.c.rollout_id == rollout_id).order_by(p.c.ts).limit(1)
+    return query if after is None else query.where(p.c.ts >= day_start(after) + 86_399.0, p.c.day > after)
 
 
 PAIR_MARGIN_S = 86_400.0  # how far apart in time two rows of one request (the champion's, a challenger's) may lie

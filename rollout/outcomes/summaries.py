@@ -41,7 +41,7 @@ Losses per request (lower is better), computed in SQL with CASE:
 Exact identities save aggregates: a 0/1 loss is its own square, |e|*|e| == e*e, counts are shared by
 metrics with the same inputs, fp/fn/tn follow from tp and the marginals. An inner query computes each
 row's losses once (OFFSET 0: neither database merges it into the aggregates).
-SQLite walks a first build in the order its rows were written (ix_predictions_day) and finds labels and the
+SQLite walks a first build in the order its rows were written (ix_predictions_time) and finds labels and the
 champion's row of each request by request id (ix_labels_current, ix_predictions_request);
 PostgreSQL gets nested loops for a few hours or label changes (the planner would hash both whole
 tables) and no JIT (it costs more than it saves here).
@@ -53,7 +53,6 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -77,7 +76,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.log import analyze_stale, mark_dirty
-from rollout.outcomes.sqlexpr import hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days
+from rollout.outcomes.sqlexpr import day_range, first_day, hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days
 from rollout.outcomes.units import UnitTotals
 from rollout.outcomes.schema import (
     AGREE_COLS,
@@ -101,7 +100,7 @@ from rollout.roles import UNIT_SPLIT_MODES, Role
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums
 from rollout.stats.moments import Confusion, Moments
-from rollout.times import day_of, days_between, hour_of
+from rollout.times import day_of, day_start, days_between, hour_of
 
 # Latency histogram resolution: 40 buckets per e-fold (about 2.5 % wide); the offset keeps the index positive.
 _LAT_BUCKETS_PER_E = 40.0
@@ -310,14 +309,11 @@ class Summaries:
         return (None, None) if row is None else (json.loads(row[0]).get(Role.CHAMPION), row[1])
 
     def _days_of(self, conn: Connection, rollout_id: int) -> list[str]:
-        """The days a rollout has predictions on: one index seek per day (ix_predictions_day), not a scan."""
+        """The days a rollout has predictions on: one index seek per day (the time index), not a scan."""
         days: list[str] = []
         p = predictions
         while True:
-            query = select(func.min(p.c.day)).where(p.c.rollout_id == rollout_id)
-            if days:
-                query = query.where(p.c.day > days[-1])
-            day = conn.execute(query).scalar()
+            day = conn.execute(first_day(p, rollout_id, self._sqlite, days[-1] if days else None)).scalar()
             if day is None:
                 return days
             days.append(day)
@@ -341,7 +337,7 @@ class Summaries:
             UnitTotals.forget(conn, rollout_id)
             hours: set[int] = set()
             for day in self._days_of(conn, rollout_id):
-                start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+                start = day_start(day)
                 hours.update(range(hour_of(start - 1.0), hour_of(start + 86401.0) + 1))
             mark_dirty(conn, [(rollout_id, h) for h in hours])
 
@@ -376,7 +372,7 @@ class Summaries:
             where += hour_range(p, hours)
             cutoff = (hours[1] + 1) * 3600.0 + 1.0 if cutoff is None else cutoff
         if day is not None:
-            where.append(p.c.day == day)
+            where += day_range(p, day)
         if cutoff is not None:
             where.append(p.c.ts < cutoff)
         sign: Any = None
@@ -461,13 +457,13 @@ class Summaries:
         keys = (c.version, c.segment, c.day, *([c.hour] if by_hour else []), *([c.sign] if changes else []))
         query = select(*keys, *out.values()).group_by(*keys)
         if self._sqlite:
-            # Hours, a day or the whole rollout (a first build): their rows through ix_predictions_day, in
-            # (day, ts) order, the order they were written in, so the table reads move forward.
+            # Hours, a day or the whole rollout (a first build): their rows through ix_predictions_time, in
+            # time order, the order they were written in, so the table reads move forward.
             # Label changes: the changes lead (CROSS JOIN fixes SQLite's join order) and each finds its
             # request's rows by ix_predictions_request. Left to itself the planner walks the rollout's rows and
             # scans the changes for each: rows x changes.
             # The champion's row of each request: by ix_predictions_request. Given the day terms, SQLite chose
-            # ix_predictions_day's (rollout_id, day) range instead, a day's rows read for every label change
+            # the rollout's (rollout_id, day) index range instead, a day's rows read for every label change
             # (20 s for 8,000 rows a day, benchmarks/retention.py).
             champion_row = ("LEFT OUTER JOIN predictions AS h ON ",
                             "LEFT OUTER JOIN predictions AS h INDEXED BY ix_predictions_request ON ")
@@ -478,7 +474,7 @@ class Summaries:
                     champion_row])
             else:
                 result = _execute_hinted(conn, query, [("FROM predictions AS p ",
-                                                        "FROM predictions AS p INDEXED BY ix_predictions_day "),
+                                                        "FROM predictions AS p INDEXED BY ix_predictions_time "),
                                                        champion_row])
         else:
             # A few hours or label changes are a small fraction of the table: probe labels and the
@@ -522,7 +518,7 @@ class Summaries:
                 .where(*self._in_hours(rollout_id, hours)).group_by(*keys))
 
     def _in_hours(self, rollout_id: int, hours: Sequence[int]) -> list[Any]:
-        """WHERE terms for a rollout's prediction rows of exactly these hours (through ix_predictions_day
+        """WHERE terms for a rollout's prediction rows of exactly these hours (through the time index
         when they are few)."""
         p = predictions
         terms = [p.c.rollout_id == rollout_id, hour_expr(self._sqlite, p.c.ts).in_(sorted(hours))]

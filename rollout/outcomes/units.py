@@ -28,7 +28,6 @@ PostgreSQL, taken after the summaries' own state row where both are).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Integer, and_, bindparam, case, delete, func, literal, select, union_all, update
@@ -39,9 +38,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.schema import METRICS, aggregate_dirty_hours, label_changes, labels, predictions, unit_state, unit_totals
-from rollout.outcomes.sqlexpr import hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days
+from rollout.outcomes.sqlexpr import first_day, hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days
 from rollout.stats.moments import ClusterSums
-from rollout.times import hour_of
+from rollout.times import day_start, hour_of
 
 SETTLE_S = 300.0  # an hour is added once it ended this long ago: a row logged late into it would force a rebuild
 # Hours added per write transaction: a rebuild walks the rollout a day at a time on SQLite (its one write lock is
@@ -101,13 +100,13 @@ class UnitTotals:
         return marked is not None or self._state(rollout_id) != (champion, through)
 
     def _first_hour(self, rollout_id: int) -> int | None:
-        """The hour before the rollout's first day (rows near midnight may carry either day): two index seeks."""
+        """The hour before the rollout's first day (rows near midnight may carry either day): one index seek."""
         p = predictions
         with self.engine.connect() as conn:
-            day = conn.execute(select(func.min(p.c.day)).where(p.c.rollout_id == rollout_id)).scalar()
+            day = conn.execute(first_day(p, rollout_id, self._sqlite)).scalar()
         if day is None:
             return None
-        return hour_of(datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp() - 1.0)
+        return hour_of(day_start(day) - 1.0)
 
     def _read(self, rollout_id: int, metric: str, cutoff: float, champion: str | None,
               through: int) -> dict[str, ClusterSums]:

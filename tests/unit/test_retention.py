@@ -147,7 +147,7 @@ def test_export_writes_a_parquet_file_a_day_with_labels(tmp_path: Path) -> None:
 
 
 def test_retention_and_the_newest_inputs_never_scan_the_prediction_log(store_url: str) -> None:
-    """Without an index on ts alone, retention seeks the old rows rollout by rollout (ix_predictions_day) and the
+    """Without an index on ts alone, retention seeks the old rows rollout by rollout (the time index) and the
     newest served inputs (drift checks, training on production data) come from ix_predictions_features, which
     holds only served rows with features. Every statement they run on the log is planned through an index: on
     PostgreSQL even with sequential scans priced out, so a partial index's condition must be matched."""

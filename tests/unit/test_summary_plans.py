@@ -149,3 +149,61 @@ def test_postgres_looks_for_a_late_labels_champion_row_near_its_day_only(pg_stor
     assert _paired(sums) == PER_DAY  # every late label paired with the champion's row
     probed, partitions = executed
     assert partitions >= 6 and probed <= 3, executed
+
+
+
+def test_sqlite_finds_a_rollouts_days_and_times_by_seeks_of_its_time_index(tmp_path) -> None:
+    """SQLite's time index is (rollout_id, ts), without the day (11 B a logged row): the rollout's days (what a
+    first build marks), its first and last times and first hour cost a few seeks however many rows a day it has,
+    and an evaluation's statements are index searches, none a scan of the log or a sort of a rollout's rows."""
+    from sqlalchemy import inspect
+
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}", clock=lambda: datetime.fromtimestamp(T0 + 5 * 86400, UTC))
+    store.create()
+    assert {"ix_predictions_time"} <= {ix["name"] for ix in inspect(store.engine).get_indexes("predictions")}
+    small = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    big = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0 + 1)
+    rng = np.random.default_rng(7)
+    for day in (0, 1, 3):
+        _label(store, _day(store, big, day, rng), day, rng)
+        store.log_predictions([PredictionRow(f"s{day}-{i}", "1", "champion", T0 + day * 86400.0 + 60 * i,
+                                             rollout_id=small) for i in range(PER_DAY // 10)])
+    # a row a hair before midnight is filed under the next day (day_of rounds to microseconds): a day of its own
+    store.log_predictions([PredictionRow(f"hair-{rid}", "1", "champion", T0 + 2 * 86400.0 - 2e-7, rollout_id=rid)
+                           for rid in (small, big)])
+    steps = _Steps(store)
+    cost = {}
+    for rid in (small, big):
+        before = steps.n
+        with store.engine.connect() as conn:
+            days = store.summaries._days_of(conn, rid)
+        seen = store.first_seen(rid), store.last_seen(rid), store.summaries.units._first_hour(rid)
+        cost[rid] = steps.n - before
+        assert days == ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"], days
+        assert seen[0] is not None and seen[1] is not None and seen[0].timestamp() < T0 + 86400 < seen[1].timestamp()
+        assert seen[2] == int(T0 // 3600) - 1
+    assert cost[big] < 2 * cost[small] + 5, cost  # ten times the rows a day: the same seeks
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn: object, cursor: object, statement: str, parameters: object, context: object,
+                many: bool) -> None:
+        if "predictions" in statement and not many and statement.lstrip()[:6].upper() == "SELECT":
+            statements.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        sums = store.evidence(big)
+        store.score_histograms(big)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", capture)
+    assert _paired(sums) == 3 * PER_DAY
+    with store.engine.connect() as conn:
+        assert statements
+        for statement, parameters in statements:
+            plan = "\n".join(str(row[-1]) for row in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + statement, parameters))  # type: ignore[arg-type]
+            bad = [line for line in plan.splitlines() if "TEMP B-TREE FOR ORDER BY" in line
+                   or (line.startswith("SCAN") and ("SCAN p " in line + " " or "SCAN predictions" in line)
+                       and "USING" not in line)]
+            assert not bad, f"{statement}\n{plan}"
+    store.dispose()
