@@ -51,6 +51,14 @@ def first_day(p: Any, rollout_id: int, sqlite: bool, after: str | None = None) -
     return query if after is None else query.where(p.c.ts >= day_start(after) + 86_399.0, p.c.day > after)
 
 
+def probed(sqlite: bool, column: Any, rollout_id: int) -> Any:
+    """`column = rollout_id` on a row found by request id (the champion's row of a request, a label change's rows):
+    on SQLite as `column + 0`, which no index serves, so its planner cannot look the row up by the rollout's time
+    index (rollout_id, ts) and read the whole rollout for every probe, as it did for the kept unit totals
+    (tests/unit/test_summary_plans.py); the request-id index is left to find it."""
+    return (column + 0 if sqlite else column) == rollout_id
+
+
 PAIR_MARGIN_S = 86_400.0  # how far apart in time two rows of one request (the champion's, a challenger's) may lie
 
 

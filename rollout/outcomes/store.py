@@ -24,7 +24,7 @@ from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, Prediction
 from rollout.outcomes.features import Decoder
 from rollout.outcomes.schema import (DROPPED_INDEXES, FEATURES_SERVED, METRICS, SQLITE_DROPPED_INDEXES, label_changes,
                                      labels, metadata, predictions, rollout_units, summary_state)
-from rollout.outcomes.sqlexpr import loss_expr
+from rollout.outcomes.sqlexpr import loss_expr, probed
 from rollout.outcomes.summaries import EvidenceSums, Summaries
 from rollout.stats.guardrails import LabelSums
 from rollout.stats.moments import ClusterSums
@@ -326,7 +326,7 @@ class OutcomeStore:
         if champion is not None:
             h = predictions.alias("h")
             join = join.join(h, and_(h.c.request_id == p.c.request_id, h.c.version == str(champion),
-                                     h.c.rollout_id == rollout_id, h.c.error.is_(None)))
+                                     probed(self.is_sqlite, h.c.rollout_id, rollout_id), h.c.error.is_(None)))
             value = value - loss_expr(metric, h.c.prediction, h.c.score, label, h.c.probabilities)
             where.append(p.c.version != str(champion))
         unit = func.coalesce(p.c.unit_id, p.c.request_id)
@@ -353,7 +353,7 @@ class OutcomeStore:
         if champion is not None:
             h = predictions.alias("h")
             join = join.outerjoin(h, and_(h.c.request_id == p.c.request_id, h.c.version == str(champion),
-                                          h.c.rollout_id == rollout_id, h.c.error.is_(None),
+                                          probed(self.is_sqlite, h.c.rollout_id, rollout_id), h.c.error.is_(None),
                                           p.c.version != str(champion)))
             theirs = h.c.prediction
         keys = [p.c.version, p.c.segment, p.c.day, p.c.prediction, lab.c.label,

@@ -76,7 +76,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.log import analyze_stale, mark_dirty
-from rollout.outcomes.sqlexpr import day_range, first_day, hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days
+from rollout.outcomes.sqlexpr import (day_range, first_day, hour_expr, hour_range, in_days_of, loss_expr, near_day,
+                                      pair_days, probed)
 from rollout.outcomes.units import UnitTotals
 from rollout.outcomes.schema import (
     AGREE_COLS,
@@ -417,7 +418,7 @@ class Summaries:
             join = join.outerjoin(h, and_(
                 h.c.request_id == case((p.c.version != champ, p.c.request_id)),
                 h.c.version == champ,
-                h.c.rollout_id == rollout_id,
+                probed(self._sqlite, h.c.rollout_id, rollout_id),
                 h.c.error.is_(None),
                 *([in_days_of(lab, h), near_day(p, h)] if changes else []),
                 *([h.c.day.in_(pair_days(hours))] if hours is not None else []),

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.schema import METRICS, aggregate_dirty_hours, label_changes, labels, predictions, unit_state, unit_totals
-from rollout.outcomes.sqlexpr import first_day, hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days
+from rollout.outcomes.sqlexpr import first_day, hour_expr, probed, hour_range, in_days_of, loss_expr, near_day, pair_days
 from rollout.stats.moments import ClusterSums
 from rollout.times import day_start, hour_of
 
@@ -235,13 +235,14 @@ class UnitTotals:
         with their old ones, over the rows of the hours before `before` (a chain of changes of one request adds up
         to its latest label minus its label before the first): the rollout's changes, or those of `ids`."""
         e, p = label_changes.alias("e"), predictions.alias("p")
-        join: Any = e.join(p, and_(p.c.request_id == e.c.request_id, p.c.rollout_id == rollout_id, in_days_of(e, p)))
+        join: Any = e.join(p, and_(p.c.request_id == e.c.request_id, probed(self._sqlite, p.c.rollout_id, rollout_id),
+                                   in_days_of(e, p)))
         where = [e.c.rollout_id == rollout_id, p.c.error.is_(None), hour_expr(self._sqlite, p.c.ts) < before]
         if ids is not None:
             where.append(e.c.id.in_(ids) if self._sqlite else e.c.id == func.any(bindparam("ids", list(ids), ARRAY(Integer))))
         h = None
         if champion is not None:
-            h, join, where = self._paired(rollout_id, champion, p, join, where, change=e)
+            h, join, where = self._paired(rollout_id, champion, p, join, where, self._sqlite, change=e)
         new = [self._value(m, p, h, e.c.new_label) for m in metrics]
         old = [self._value(m, p, h, e.c.old_label) for m in metrics]
         counts = [func.sum(case((n.is_not(None), 1), else_=0) - case((o.is_not(None), 1), else_=0))
@@ -275,17 +276,17 @@ class UnitTotals:
             label = lab.c.label
         h = None
         if champion is not None:
-            h, join, where = self._paired(rollout_id, champion, p, join, where, days=pair_days(hours))
+            h, join, where = self._paired(rollout_id, champion, p, join, where, self._sqlite, days=pair_days(hours))
         return p, h, join, label, where
 
     @staticmethod
-    def _paired(rollout_id: int, champion: str, p: Any, join: Any, where: list[Any], change: Any = None,
+    def _paired(rollout_id: int, champion: str, p: Any, join: Any, where: list[Any], sqlite: bool, change: Any = None,
                 days: list[str] | None = None) -> tuple[Any, Any, list[Any]]:
         """The champion's error-free row of the same request, `h`, joined (a shadow rollout's pairs); looked for in
         a label `change`'s days, or in `days`, only."""
         h = predictions.alias("h")
         join = join.join(h, and_(h.c.request_id == p.c.request_id, h.c.version == champion,
-                                 h.c.rollout_id == rollout_id, h.c.error.is_(None),
+                                 probed(sqlite, h.c.rollout_id, rollout_id), h.c.error.is_(None),
                                  *([in_days_of(change, h), near_day(p, h)] if change is not None else []),
                                  *([h.c.day.in_(days)] if days is not None else [])))
         return h, join, [*where, p.c.version != champion]

@@ -207,3 +207,26 @@ def test_sqlite_finds_a_rollouts_days_and_times_by_seeks_of_its_time_index(tmp_p
                        and "USING" not in line)]
             assert not bad, f"{statement}\n{plan}"
     store.dispose()
+
+
+def test_sqlite_reads_the_kept_unit_totals_at_the_same_cost_on_a_longer_rollout(tmp_path) -> None:
+    """The hourly per-unit sums read the kept totals plus the live hours and the pending label changes; their rows'
+    champion rows (and a change's rows) are found by request id. SQLite's planner could instead take the rollout's
+    time index for them (rollout_id = ?), reading the whole rollout for every probe: a cost growing with its age."""
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}", clock=lambda: datetime.fromtimestamp(T0, UTC)).create()
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0 + 1)
+    rng = np.random.default_rng(11)
+    steps = _Steps(store)
+    cost = {}
+    for day in range(7):
+        ids = _day(store, rid, day, rng)
+        store.evidence(rid)
+        _label(store, ids[: PER_DAY // 2], day, rng)  # label changes pending until the next refresh
+        cut = T0 + day * 86400.0 + 43_200.0  # half the day live
+        store.unit_sums(rid, "log_loss", cutoff=cut, champion="1")  # the totals brought up to the cut
+        before = steps.n
+        sums = store.unit_sums(rid, "log_loss", cutoff=cut, champion="1")
+        cost[day] = steps.n - before
+        assert sums["2"].n > 0
+    assert cost[6] < 1.5 * cost[2], cost
+    store.dispose()
