@@ -16,7 +16,12 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
+from rollout.outcomes.engine import is_sqlite
 from rollout.outcomes.features import Decoder
+from rollout.outcomes.retention import logged_rollouts
+from rollout.outcomes.schema import predictions
+from rollout.outcomes.sqlexpr import first_day
+from rollout.times import day_of, day_start
 
 CHUNK = 100_000
 
@@ -45,23 +50,46 @@ def _schema() -> Any:
 
 
 def days(engine: Engine, since: str, until: str | None) -> list[str]:
-    """The days (YYYY-MM-DD, UTC) with logged predictions from `since` to `until` (inclusive)."""
-    query = "SELECT DISTINCT day FROM predictions WHERE day >= :since" + (" AND day <= :until" if until else "")
+    """The days (YYYY-MM-DD, UTC) with logged predictions from `since` to `until` (inclusive). PostgreSQL: the day
+    partitions' rows; SQLite: rollout by rollout, a seek of the time index per day (no index has the day)."""
+    if not is_sqlite(engine):
+        query = "SELECT DISTINCT day FROM predictions WHERE day >= :since" + (" AND day <= :until" if until else "")
+        with engine.connect() as conn:
+            return sorted(str(d) for (d,) in conn.execute(text(query), {"since": since, "until": until}))
+    found: set[str] = set()
     with engine.connect() as conn:
-        return sorted(str(d) for (d,) in conn.execute(text(query), {"since": since, "until": until}))
+        for rollout_id in logged_rollouts(conn):
+            after = day_of(day_start(since) - 43_200.0)  # the day before `since`
+            while (day := conn.execute(first_day(predictions, rollout_id, True, after)).scalar()) is not None:
+                if until is not None and day > until:
+                    break
+                found.add(str(day))
+                after = day
+    return sorted(found)
 
 
 def _chunks(engine: Engine, day: str) -> Iterator[list[tuple[Any, ...]]]:
+    """The day's rows with their current labels, in chunks. PostgreSQL reads the day's partition in the order
+    the rows were written; SQLite each rollout's range of the day in its time index, in time order (a pass over
+    the whole log per day without it)."""
     cols = ", ".join(f"p.{c}" for c in _COLUMNS)
-    sql = text(f"SELECT {cols}, l.label, l.ts FROM predictions p LEFT JOIN labels l "
-               "ON l.request_id = p.request_id AND l.current = 1 WHERE p.day = :day ORDER BY p.id")
+    head = (f"SELECT {cols}, l.label, l.ts FROM predictions p LEFT JOIN labels l "
+            "ON l.request_id = p.request_id AND l.current = 1 WHERE p.day = :day")
+    start = day_start(day)
     with engine.connect().execution_options(stream_results=True) as conn:
         decode = Decoder(conn)
         decode.load()  # the feature sets' names, before the rows stream
-        result = conn.execute(sql, {"day": day})
+        if is_sqlite(engine):
+            reads = [(text(f"{head} AND p.rollout_id {'IS NULL' if r is None else '= :r'} AND p.ts >= :lo "
+                           "AND p.ts < :hi ORDER BY p.ts"), {"day": day, "r": r, "lo": start - 1.0, "hi": start + 86_401.0})
+                     for r in logged_rollouts(conn)]
+        else:
+            reads = [(text(f"{head} ORDER BY p.id"), {"day": day})]
         features = _COLUMNS.index("features")
-        while rows := result.fetchmany(CHUNK):
-            yield [(*r[:features], decode.text(r[features]), *r[features + 1:]) for r in rows]
+        for sql, params in reads:
+            result = conn.execute(sql, params)
+            while rows := result.fetchmany(CHUNK):
+                yield [(*r[:features], decode.text(r[features]), *r[features + 1:]) for r in rows]
 
 
 def export_day(engine: Engine, day: str, directory: Path) -> ExportedDay:

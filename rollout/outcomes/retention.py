@@ -118,12 +118,17 @@ def _of(rollout_id: int | None) -> str:
 
 
 def _not_open(conn: Any) -> list[int | None]:
-    """The rollout ids the prediction log holds rows of, open rollouts left out, and None (traffic outside any
-    rollout): a loose index scan of the time index, one seek per rollout, however many rows each has."""
+    return logged_rollouts(conn, skip_open=True)
+
+
+def logged_rollouts(conn: Any, skip_open: bool = False) -> list[int | None]:
+    """The rollout ids the prediction log holds rows of (open rollouts left out with `skip_open`), and None
+    (traffic outside any rollout): a loose index scan of the time index, one seek per rollout, however many rows
+    each has."""
     present = conn.execute(text(
         "WITH RECURSIVE r(id) AS (SELECT min(rollout_id) FROM predictions UNION ALL "
         "SELECT (SELECT min(rollout_id) FROM predictions WHERE rollout_id > r.id) FROM r WHERE r.id IS NOT NULL) "
-        f"SELECT id FROM r WHERE id IS NOT NULL AND id NOT IN ({_OPEN})")).scalars().all()
+        "SELECT id FROM r WHERE id IS NOT NULL" + (f" AND id NOT IN ({_OPEN})" if skip_open else ""))).scalars().all()
     return [None, *(int(r) for r in present)]
 
 

@@ -41,7 +41,7 @@ def day_range(p: Any, day: str) -> list[Any]:
     return [p.c.day == day, p.c.ts >= start - 1.0, p.c.ts < start + 86_401.0]
 
 
-def first_day(p: Any, rollout_id: int, sqlite: bool, after: str | None = None) -> Any:
+def first_day(p: Any, rollout_id: int | None, sqlite: bool, after: str | None = None) -> Any:
     """SELECT of the first day (after `after`) a rollout has predictions on: one seek of its time index. SQLite's
     is (rollout_id, ts), so the day of its first row from a second before the next midnight; PostgreSQL's is
     (rollout_id, day, ts) on each day partition, so min(day)."""

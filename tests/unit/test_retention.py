@@ -130,20 +130,45 @@ def test_an_older_sqlite_store_is_told_how_to_give_space_back(tmp_path: Path) ->
     assert not store.expire(T0 + 7 * DAY).note  # switched over: space given back from now on
 
 
-def test_export_writes_a_parquet_file_a_day_with_labels(tmp_path: Path) -> None:
-    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}").create()
+def test_export_writes_a_parquet_file_a_day_with_labels(store_url: str, tmp_path: Path) -> None:
+    """Daily Parquet files, traffic outside any rollout included; on SQLite, whose time index has no day, each day
+    is read rollout by rollout through that index rather than by a pass over the whole log."""
+    from sqlalchemy import event
+
+    store = OutcomeStore(store_url).create()
     rollout = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", started_at=T0)
     _traffic(store, rollout, 0, 3, "r")
-    exported = store.export("2026-01-02", None, tmp_path / "export")
+    _traffic(store, None, 2, 4, "idle")  # outside any rollout, on 2026-01-03 and 2026-01-04
+    statements: list[tuple[str, object]] = []
+
+    def capture(conn: object, cursor: object, statement: str, parameters: object, context: object,
+                many: bool) -> None:
+        if "predictions" in statement and statement.lstrip()[:6].upper() in ("SELECT", "WITH R"):
+            statements.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        exported = store.export("2026-01-02", "2026-01-03", tmp_path / "export")
+    finally:
+        event.remove(store.engine, "before_cursor_execute", capture)
     assert [(d.day, d.rows, d.labelled) for d in exported] == [("2026-01-02", 2 * PER_DAY, 2 * PER_DAY),
-                                                               ("2026-01-03", 2 * PER_DAY, 2 * PER_DAY)]
+                                                               ("2026-01-03", 3 * PER_DAY, 3 * PER_DAY)]
     frame = pd.read_parquet(tmp_path / "export")  # the whole folder, `day` from the partition names
-    assert len(frame) == 4 * PER_DAY and set(frame["day"].astype(str)) == {"2026-01-02", "2026-01-03"}
+    assert len(frame) == 5 * PER_DAY and set(frame["day"].astype(str)) == {"2026-01-02", "2026-01-03"}
+    assert frame["request_id"].str.startswith("idle-").sum() == PER_DAY
     one = frame[(frame["request_id"] == "r-1-3") & (frame["role"] == "champion")].iloc[0]
     assert one["label"] == 1.0 and one["served"] and one["time"] == pd.Timestamp(T0 + DAY + 1800, unit="s", tz="UTC")
     assert one["features"] == '{"income":3.0}'
-    again = store.export("2026-01-03", "2026-01-03", tmp_path / "export")  # a rerun replaces the day whole
-    assert [d.rows for d in again] == [2 * PER_DAY] and len(pd.read_parquet(tmp_path / "export")) == 4 * PER_DAY
+    again = store.export("2026-01-03", None, tmp_path / "export")  # a rerun replaces the day whole
+    assert [d.rows for d in again] == [3 * PER_DAY, PER_DAY] and len(pd.read_parquet(tmp_path / "export")) == 6 * PER_DAY
+    if store.is_sqlite:
+        with store.engine.connect() as conn:
+            for statement, parameters in statements:
+                plan = "\n".join(str(row[-1]) for row in conn.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN " + statement, parameters))  # type: ignore[arg-type]
+                assert not [line for line in plan.splitlines() if line.startswith("SCAN p") and "USING" not in line
+                            or line.startswith("SCAN predictions")], f"{statement}\n{plan}"
+    store.dispose()
 
 
 def test_retention_and_the_newest_inputs_never_scan_the_prediction_log(store_url: str) -> None:
