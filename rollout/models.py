@@ -271,13 +271,17 @@ def check_records(records: Sequence[dict[str, Any]], columns: tuple[ColumnSpec, 
     if columns is None:
         return []
     problems: list[dict[str, Any]] = []
+    # the exact types that fit each column without a call (JSON's own; others, numpy's say, go through _fits)
+    plain = [(spec, _PLAIN_TYPES.get(spec.kind, ())) for spec in columns]
     for i, record in enumerate(records):
-        for spec in columns:
+        for spec, types in plain:
             if spec.name not in record:
                 if spec.required:
                     problems.append({"row": i, "field": spec.name, "error": "missing column"})
                 continue
             value = record[spec.name]
+            if type(value) in types:
+                continue
             if value is None:
                 if not spec.nullable:
                     problems.append({"row": i, "field": spec.name, "error": "null not allowed (column is not nullable)"})
@@ -350,6 +354,10 @@ def allowed_columns(models: Iterable[LoadedModel]) -> set[str] | None:
             return None
         names.update(model.names)
     return names
+
+
+# Types whose every value fits a kind (a float fits an integer column only when whole: _fits decides).
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {NUMBER: (int, float), INTEGER: (int,), STRING: (str,), BOOLEAN: (bool,)}
 
 
 def _fits(value: Any, kind: str) -> bool:

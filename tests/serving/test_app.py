@@ -46,6 +46,36 @@ def test_generated_request_ids_are_ulids_in_time_order(client: TestClient) -> No
     assert 0 <= now_ms - (value >> 80) < 60_000  # the leading 48 bits are the Unix time in ms
 
 
+def test_a_batch_requests_ids_are_consecutive_ulids_each_its_own(registry: InMemoryRegistry,
+                                                                 store: OutcomeStore) -> None:
+    """A request's ids are made at once (a prefix shared by up to 1,024 of them): each a ULID of its own,
+    consecutive in value and so in order, after the previous request's, whatever the low bits carry."""
+    import base64
+
+    from serving.predict import _CROCKFORD
+
+    crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt")
+    ids = []
+    with TestClient(app_for(make_policy(max_request_rows=1000), registry, store)) as client:
+        before = client.post("/predict", json={"record": record(0)}).json()["request_id"]
+        for _ in range(3):  # 3,000 ids: the shared prefix moves on at least twice
+            body = {"records": [record(i) for i in range(1000)]}
+            ids += [a["request_id"] for a in client.post("/predict", json=body).json()["predictions"]]
+    values = []
+    for rid in ids:
+        value = 0
+        for ch in rid:
+            value = value * 32 + crockford.index(ch)
+        values.append(value)
+        # the same characters as base32 of the whole 128-bit value
+        assert rid == base64.b32encode(value.to_bytes(20, "big")).translate(_CROCKFORD)[6:].decode()
+    assert all(b == a + 1 for a, b in zip(values[:1000], values[1:1000], strict=False))  # within a request
+    assert all(b > a for a, b in zip(values, values[1:], strict=False))
+    assert len(set(ids)) == 3000 and ids == sorted(ids) and before < ids[0]
+    assert len({v >> 10 for v in values}) >= 3  # the shared prefix moved on at least twice
+
+
 @pytest.mark.parametrize(
     ("body", "field", "status"),
     [
