@@ -49,6 +49,13 @@ def day_start(day: str) -> float:
     return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
 
 
+def day_span(day: str) -> tuple[float, float]:
+    """The times [lo, hi) a row filed under `day` can have, with a second either side: `day_of` rounds to
+    microseconds, so a row a hair before midnight is filed under the next day."""
+    start = day_start(day)
+    return start - 1.0, start + 86_401.0
+
+
 def day_of_cached(epoch: float) -> str:
     """`day_of`, remembered per UTC day: strftime on every logged row was a tenth of its cost.
 

@@ -447,6 +447,6 @@ def new_request_ids(n: int) -> list[str]:
 _last_id = 0
 _id_lock = threading.Lock()
 # RFC 4648's base32 alphabet (A-Z, 2-7) to Crockford's (0-9, A-Z without I, L, O, U), digit by digit value
-_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", b"0123456789ABCDEFGHJKMNPQRSTVWXYZ")
-# the last two characters of an id by its low 10 bits
-_PAIRS = [a + b for a in "0123456789ABCDEFGHJKMNPQRSTVWXYZ" for b in "0123456789ABCDEFGHJKMNPQRSTVWXYZ"]
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # the last two characters of an id by its low 10 bits

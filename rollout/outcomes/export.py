@@ -21,7 +21,7 @@ from rollout.outcomes.features import Decoder
 from rollout.outcomes.retention import logged_rollouts
 from rollout.outcomes.schema import predictions
 from rollout.outcomes.sqlexpr import first_day
-from rollout.times import day_of, day_start
+from rollout.times import day_of, day_span, day_start
 
 CHUNK = 100_000
 
@@ -57,9 +57,10 @@ def days(engine: Engine, since: str, until: str | None) -> list[str]:
         with engine.connect() as conn:
             return sorted(str(d) for (d,) in conn.execute(text(query), {"since": since, "until": until}))
     found: set[str] = set()
+    before = day_of(day_start(since) - 43_200.0)  # the day before `since`
     with engine.connect() as conn:
         for rollout_id in logged_rollouts(conn):
-            after = day_of(day_start(since) - 43_200.0)  # the day before `since`
+            after = before
             while (day := conn.execute(first_day(predictions, rollout_id, True, after)).scalar()) is not None:
                 if until is not None and day > until:
                     break
@@ -75,13 +76,13 @@ def _chunks(engine: Engine, day: str) -> Iterator[list[tuple[Any, ...]]]:
     cols = ", ".join(f"p.{c}" for c in _COLUMNS)
     head = (f"SELECT {cols}, l.label, l.ts FROM predictions p LEFT JOIN labels l "
             "ON l.request_id = p.request_id AND l.current = 1 WHERE p.day = :day")
-    start = day_start(day)
+    lo, hi = day_span(day)
     with engine.connect().execution_options(stream_results=True) as conn:
         decode = Decoder(conn)
         decode.load()  # the feature sets' names, before the rows stream
         if is_sqlite(engine):
             reads = [(text(f"{head} AND p.rollout_id {'IS NULL' if r is None else '= :r'} AND p.ts >= :lo "
-                           "AND p.ts < :hi ORDER BY p.ts"), {"day": day, "r": r, "lo": start - 1.0, "hi": start + 86_401.0})
+                           "AND p.ts < :hi ORDER BY p.ts"), {"day": day, "r": r, "lo": lo, "hi": hi})
                      for r in logged_rollouts(conn)]
         else:
             reads = [(text(f"{head} ORDER BY p.id"), {"day": day})]

@@ -54,12 +54,13 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
     orphan_labels = ("l.ts < :cut AND NOT EXISTS (SELECT 1 FROM predictions p WHERE p.request_id = l.request_id)")
     cut_day = day_of(cutoff)
     old: dict[str, Any] = {"cut": cutoff, "day": cut_day}
+    older = _old(engine)
     with engine.connect() as conn:
-        kept = int(conn.execute(text(f"SELECT count(*) FROM predictions WHERE rollout_id IN ({_OPEN}) AND {_old(engine)}"),
+        kept = int(conn.execute(text(f"SELECT count(*) FROM predictions WHERE rollout_id IN ({_OPEN}) AND {older}"),
                                 old).scalar_one())
         if dry_run:
-            n_pred = sum(int(conn.execute(text(f"SELECT count(*) FROM predictions WHERE {_of(r)} AND {_old(engine)}"),
-                                          {**old, "r": r}).scalar_one()) for r in _not_open(conn))
+            n_pred = sum(int(conn.execute(text(f"SELECT count(*) FROM predictions WHERE {_of(r)} AND {older}"),
+                                          {**old, "r": r}).scalar_one()) for r in logged_rollouts(conn, skip_open=True))
             return Expired(cutoff, n_pred, 0, 0, 0, kept, None, "Dry run: nothing removed (labels are counted once "
                            "their predictions are gone).")
     dropped_rows, dropped, estimated = 0, list[str](), False
@@ -77,12 +78,12 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
             note = ("The prediction log is a plain table (a store made before partitioning): `rollout retention "
                     "--partition`, with the service stopped, makes expiry drop whole days.")
     with engine.connect() as conn:
-        rollouts = _not_open(conn)
+        rollouts = logged_rollouts(conn, skip_open=True)
     touched: dict[str, int] = {}  # table (or day partition) -> rows deleted from it
     for table in tables:
         key = "id" if table == "predictions" else "ctid"
         for r in rollouts:
-            n = _batched(engine, f"SELECT {key} FROM {table} WHERE {_of(r)} AND {_old(engine)}", table, cutoff, batch,
+            n = _batched(engine, f"SELECT {key} FROM {table} WHERE {_of(r)} AND {older}", table, cutoff, batch,
                          {**old, "r": r}, key)
             touched[table] = touched.get(table, 0) + n
     n_deleted = sum(touched.values())
@@ -115,10 +116,6 @@ def _old(engine: Engine) -> str:
 
 def _of(rollout_id: int | None) -> str:
     return "rollout_id IS NULL" if rollout_id is None else "rollout_id = :r"
-
-
-def _not_open(conn: Any) -> list[int | None]:
-    return logged_rollouts(conn, skip_open=True)
 
 
 def logged_rollouts(conn: Any, skip_open: bool = False) -> list[int | None]:

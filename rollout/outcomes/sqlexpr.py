@@ -10,7 +10,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
 from rollout.outcomes.schema import METRICS
-from rollout.times import day_start, days_between
+from rollout.times import day_span, day_start, days_between
 
 EPS = 1e-15  # log loss clips probabilities to [EPS, 1 - EPS]
 
@@ -35,10 +35,9 @@ def hour_range(p: Any, hours: tuple[int, int]) -> list[Any]:
 
 def day_range(p: Any, day: str) -> list[Any]:
     """WHERE terms for the rows of one `day`: the day itself (PostgreSQL's partition) and its times with a second
-    either side (SQLite's time index; day_of rounds to microseconds, so a row a hair before midnight may be
-    filed under the next day)."""
-    start = day_start(day)
-    return [p.c.day == day, p.c.ts >= start - 1.0, p.c.ts < start + 86_401.0]
+    either side (SQLite's time index; `times.day_span`)."""
+    lo, hi = day_span(day)
+    return [p.c.day == day, p.c.ts >= lo, p.c.ts < hi]
 
 
 def first_day(p: Any, rollout_id: int | None, sqlite: bool, after: str | None = None) -> Any:

@@ -101,7 +101,7 @@ from rollout.roles import UNIT_SPLIT_MODES, Role
 from rollout.stats.bandit import IPWSums
 from rollout.stats.guardrails import AgreementSums
 from rollout.stats.moments import Confusion, Moments
-from rollout.times import day_of, day_start, days_between, hour_of
+from rollout.times import day_of, day_span, days_between, hour_of
 
 # Latency histogram resolution: 40 buckets per e-fold (about 2.5 % wide); the offset keeps the index positive.
 _LAT_BUCKETS_PER_E = 40.0
@@ -338,8 +338,8 @@ class Summaries:
             UnitTotals.forget(conn, rollout_id)
             hours: set[int] = set()
             for day in self._days_of(conn, rollout_id):
-                start = day_start(day)
-                hours.update(range(hour_of(start - 1.0), hour_of(start + 86401.0) + 1))
+                lo, hi = day_span(day)
+                hours.update(range(hour_of(lo), hour_of(hi) + 1))
             mark_dirty(conn, [(rollout_id, h) for h in hours])
 
     def _hour_rows(self, conn: Connection, rollout_id: int, champion: str | None,

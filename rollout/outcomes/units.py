@@ -38,7 +38,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.schema import METRICS, aggregate_dirty_hours, label_changes, labels, predictions, unit_state, unit_totals
-from rollout.outcomes.sqlexpr import first_day, hour_expr, probed, hour_range, in_days_of, loss_expr, near_day, pair_days
+from rollout.outcomes.sqlexpr import (first_day, hour_expr, hour_range, in_days_of, loss_expr, near_day, pair_days,
+                                      probed)
 from rollout.stats.moments import ClusterSums
 from rollout.times import day_start, hour_of
 
