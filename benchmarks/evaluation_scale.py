@@ -87,8 +87,7 @@ def _chunk(rng: np.random.Generator, start: int, stop: int, requests: int, rid: 
     day = day_names[((ts - T0.timestamp()) // 86400).astype(int)]
     segment = SEGMENTS[rng.choice(3, k, p=[0.7, 0.2, 0.1])]
     label = (rng.random(k) < 0.4).astype(float)
-    # request ids in no particular order (as uuid-like ids are): a bijective hash of the index, 16 hex digits
-    request_id = [f"{(i * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF:016x}" for i in idx.tolist()]
+    request_id = _request_ids(idx)
     unit_id = [f"u{i % 200_000}" for i in idx.tolist()]
     ts_l, day_l, seg_l = ts.tolist(), day.tolist(), segment.tolist()
     income = rng.lognormal(10.5, 0.5, k)
@@ -145,7 +144,13 @@ def fill(url: str, rows: int, seed: int) -> tuple[int, float]:
 
 
 def _request_ids(idx: np.ndarray) -> list[str]:
-    return [f"{(i * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF:016x}" for i in idx.tolist()]
+    """The requests' ids as the service writes them (ULIDs: 26 characters, 16 bytes in SQLite's log) but in no
+    particular order, as a caller's own random ids would be (the request-id index's worst case): a bijective hash
+    of the index in the top 64 bits."""
+    from rollout.outcomes.ids import unpack
+
+    return [unpack(((i * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big") + i.to_bytes(8, "big"))
+            for i in idx.tolist()]
 
 
 def add_hour(url: str, rows: int, rid: int, hour: int, seed: int) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 from rollout.config import CLASSIFICATION_TASKS, Policy
 from rollout.models import check_records
 from rollout.outcomes import PredictionRow
+from rollout.outcomes.ids import PAIRS, TO_CROCKFORD
 from rollout.outcomes.redaction import Redaction
 from rollout.outcomes.schema import UNSCORED_PREFIX
 from rollout.roles import Role
@@ -439,14 +440,10 @@ def new_request_ids(n: int) -> list[str]:
     for v in range(first, first + n):
         if v >> 10 != high:  # the first 24 characters: the top 120 bits, 15 bytes in base32 without padding
             high = v >> 10
-            head = base64.b32encode(high.to_bytes(15, "big")).translate(_CROCKFORD).decode()
-        out.append(head + _PAIRS[v & 0x3FF])
+            head = base64.b32encode(high.to_bytes(15, "big")).translate(TO_CROCKFORD).decode()
+        out.append(head + PAIRS[v & 0x3FF])
     return out
 
 
 _last_id = 0
 _id_lock = threading.Lock()
-# RFC 4648's base32 alphabet (A-Z, 2-7) to Crockford's (0-9, A-Z without I, L, O, U), digit by digit value
-_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
-_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # the last two characters of an id by its low 10 bits

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, text
 
 from rollout.outcomes.engine import is_sqlite
 from rollout.outcomes.features import Decoder
+from rollout.outcomes.ids import unpack
 from rollout.outcomes.retention import logged_rollouts
 from rollout.outcomes.schema import predictions
 from rollout.outcomes.sqlexpr import first_day
@@ -90,7 +91,8 @@ def _chunks(engine: Engine, day: str) -> Iterator[list[tuple[Any, ...]]]:
         for sql, params in reads:
             result = conn.execute(sql, params)
             while rows := result.fetchmany(CHUNK):
-                yield [(*r[:features], decode.text(r[features]), *r[features + 1:]) for r in rows]
+                # (request_id first: on SQLite a ULID's 16 bytes, rollout.outcomes.ids)
+                yield [(unpack(r[0]), *r[1:features], decode.text(r[features]), *r[features + 1:]) for r in rows]
 
 
 def export_day(engine: Engine, day: str, directory: Path) -> ExportedDay:

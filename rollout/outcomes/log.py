@@ -24,12 +24,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from rollout.outcomes.engine import chunks, is_sqlite, write
 from rollout.outcomes.features import FeatureSets, expand_known, sets_of
+from rollout.outcomes.ids import pack, unpack
 from rollout.outcomes.schema import (
     LOG_COLUMNS,
+    RequestId,
     aggregate_dirty_hours,
     dead_letters,
     label_changes,
     labels,
+    log_columns,
     metadata,
     predictions,
     summary_state,
@@ -92,14 +95,15 @@ def log_predictions(engine: Engine, rows: Iterable[PredictionRow], now: float) -
     dead: list[tuple[PredictionRow, str]] = []
     written = 0
     sets = sets_of(engine)
+    sqlite = is_sqlite(engine)
+    columns = log_columns(sqlite)
     for row in rows:
         try:
-            payload.append(_stored_form(engine, sets, row, now))
+            payload.append(_stored_form(engine, sqlite, sets, row, now))
         except (TypeError, ValueError, OverflowError, OSError) as exc:
             dead.append((row, f"{type(exc).__name__}: {exc}"))
-    sql = (f"INSERT INTO predictions ({', '.join(LOG_COLUMNS)}) "
-           f"VALUES ({', '.join(['?' if is_sqlite(engine) else '%s'] * len(LOG_COLUMNS))})")
-    if payload and not is_sqlite(engine):  # PostgreSQL: each row's day partition exists before it is written
+    sql = f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({', '.join(['?' if sqlite else '%s'] * len(columns))})"
+    if payload and not sqlite:  # PostgreSQL: each row's day partition exists before it is written
         from rollout.outcomes.partitions import ensure_days
 
         ensure_days(engine, {r[4] for r in payload})  # `day`, the fifth column
@@ -112,7 +116,8 @@ def log_predictions(engine: Engine, rows: Iterable[PredictionRow], now: float) -
     return written
 
 
-def _stored_form(engine: Engine, sets: FeatureSets, row: PredictionRow, now: float) -> tuple[Any, ...]:
+def _stored_form(engine: Engine, sqlite: bool, sets: FeatureSets, row: PredictionRow, now: float) -> tuple[Any, ...]:
+    """The row as `log_columns` lists them: on SQLite a ULID request id packed and no day (computed from ts)."""
     ts = now if row.ts is None else to_epoch(row.ts)
     features = row.features
     if isinstance(features, str):  # already JSON: an object is stored as any record is; anything else is refused
@@ -121,10 +126,13 @@ def _stored_form(engine: Engine, sets: FeatureSets, row: PredictionRow, now: flo
             raise ValueError(f"features: expected a JSON object, got {type(features).__name__}")
     segment = None if row.segment is None else str(row.segment)[:SEGMENT_CHARS]
     score, probabilities = split_score(row.score)
-    return (str(row.request_id), None if row.unit_id is None else str(row.unit_id), row.rollout_id, ts,
-            day_of_cached(ts), str(row.version), str(row.role), int(bool(row.served)), _clean_float(row.propensity),
+    rest = (str(row.version), str(row.role), int(bool(row.served)), _clean_float(row.propensity),
             _clean_float(row.prediction), score, _clean_float(row.latency_ms), row.error, segment,
             None if features is None else sets.encode(engine, features), probabilities)
+    unit = None if row.unit_id is None else str(row.unit_id)
+    if sqlite:
+        return (pack(str(row.request_id)), unit, row.rollout_id, ts, *rest)
+    return (str(row.request_id), unit, row.rollout_id, ts, day_of_cached(ts), *rest)
 
 
 def split_score(score: float | Sequence[float] | None) -> tuple[float | None, str | None]:
@@ -186,8 +194,9 @@ def _is_data_error(exc: OperationalError) -> bool:
 
 
 def _row_of(engine: Engine, stored: tuple[Any, ...]) -> PredictionRow:
-    values = dict(zip(LOG_COLUMNS, stored, strict=True))
-    values.pop("day")
+    values = dict(zip(log_columns(is_sqlite(engine)), stored, strict=True))
+    values.pop("day", None)
+    values["request_id"] = unpack(values["request_id"])
     values["features"] = expand_known(engine, values["features"])
     probabilities = values.pop("probabilities")
     if probabilities is not None:
@@ -337,11 +346,17 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
 
     For backfills and benchmarks: PostgreSQL through COPY, SQLite through executemany, no per-row checks.
     Marks no hour dirty: it drops every rollout's summaries instead (the next evaluation rebuilds them),
-    cheaper for a backfill and always correct. Returns the number of rows written.
+    cheaper for a backfill and always correct. Returns the number of rows written. On SQLite a predictions
+    `day` given is left out (SQLite computes it) and request ids are packed (rollout.outcomes.ids).
     """
     target = metadata.tables[table]
     names = [target.c[c].name for c in columns]  # KeyError on an unknown column
     written = 0
+    if is_sqlite(engine):
+        keep = [i for i, c in enumerate(names) if not (table == "predictions" and c == "day")]
+        ids = {i for i, c in enumerate(names) if isinstance(target.c[c].type, RequestId)}
+        names = [names[i] for i in keep]
+        rows = (tuple(pack(row[i]) if i in ids else row[i] for i in keep) for row in rows)
     raw = engine.raw_connection()
     try:
         dbapi: Any = raw.driver_connection

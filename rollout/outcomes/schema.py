@@ -10,16 +10,38 @@ from typing import Any
 
 import orjson
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, Text, text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateColumn
+from sqlalchemy.sql.compiler import DDLCompiler
+from sqlalchemy.types import TypeDecorator
+
+from rollout.outcomes.ids import pack, unpack
 
 METRICS = ("accuracy", "log_loss", "brier", "mse", "mae")  # the per-request losses the summaries keep
 
 metadata = MetaData()
 
+
+class RequestId(TypeDecorator[Any]):
+    """A request id column: text, but on SQLite a ULID is kept as its 16 bytes (rollout.outcomes.ids), packed
+    in every bound value and unpacked in every result, so the rest of the code sees strings."""
+
+    impl = String(64)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return pack(value) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        return unpack(value)
+
+
 predictions = Table(
     "predictions",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("request_id", String(64), nullable=False),
+    Column("request_id", RequestId, nullable=False),
     Column("unit_id", String(128)),
     Column("rollout_id", Integer),
     Column("ts", Float, nullable=False),
@@ -38,6 +60,21 @@ predictions = Table(
     # predicted class's. The log loss of a label reads its class's entry.
     Column("probabilities", Text),
 )
+# SQLite: `day` is a VIRTUAL generated column, computed from ts when read and not stored (11 B a row). The UTC
+# day of ts rounded to microseconds, as rollout.times.day_of files it (both may differ within a microsecond
+# of midnight, SQLite's round() halving away from zero; every query that reads by day bounds ts with a second
+# either side, times.day_span). PostgreSQL stores it: its partitions are keyed by it.
+SQLITE_DAY = "date(CAST(round(ts * 1000000) AS INTEGER) / 86400000000 * 86400, 'unixepoch')"
+
+
+@compiles(CreateColumn, "sqlite")
+def _sqlite_day(element: CreateColumn, compiler: DDLCompiler, **kw: Any) -> str:
+    column = element.element
+    if column.table is predictions and column.name == "day":
+        return f"day VARCHAR(10) GENERATED ALWAYS AS ({SQLITE_DAY}) VIRTUAL"
+    return str(compiler.visit_create_column(element, **kw))  # type: ignore[no-untyped-call]
+
+
 # No (rollout_id, version, ts) index: a rollout's rows are found by its time index's prefix (below), its first
 # and last time by seeks there. It cost 21 B a row on SQLite, 32 on PostgreSQL.
 # No index on ts alone (18 B a row on SQLite, 23 on PostgreSQL): retention finds old rows rollout by rollout
@@ -70,7 +107,7 @@ labels = Table(
     "labels",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("request_id", String(64), nullable=False),
+    Column("request_id", RequestId, nullable=False),
     Column("label", Float, nullable=False),
     Column("ts", Float, nullable=False),
     Column("received_at", Float, nullable=False),
@@ -164,9 +201,14 @@ feature_sets = Table(
 # test), but never counted as the challenger's error. The model did not fail; the service was busy.
 UNSCORED_PREFIX = "queue full: "
 
-# The columns of a prediction row, in the order the log writes them.
+# The columns of a prediction row, in the order the log writes them (on SQLite without the day, computed).
 LOG_COLUMNS = ("request_id", "unit_id", "rollout_id", "ts", "day", "version", "role", "served", "propensity",
                "prediction", "score", "latency_ms", "error", "segment", "features", "probabilities")
+SQLITE_LOG_COLUMNS = tuple(c for c in LOG_COLUMNS if c != "day")
+
+
+def log_columns(sqlite: bool) -> tuple[str, ...]:
+    return SQLITE_LOG_COLUMNS if sqlite else LOG_COLUMNS
 
 # ------------------------------------------------------------------ evaluation summaries
 # Per (rollout, day, version, segment), over the day's error-free predictions and without a maturity
@@ -240,7 +282,7 @@ label_changes = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("rollout_id", Integer, nullable=False),
-    Column("request_id", String(64), nullable=False),
+    Column("request_id", RequestId, nullable=False),
     Column("old_label", Float),
     Column("new_label", Float, nullable=False),
     # The first and last `day` of the request's rows in the rollout when the label came: a refresh finds them in
@@ -273,7 +315,7 @@ label_requests = Table(
     "label_requests",
     metadata,
     Column("rollout_id", Integer, primary_key=True, autoincrement=False),
-    Column("request_id", String(64), primary_key=True),
+    Column("request_id", RequestId, primary_key=True),
     Column("batch_id", Integer, nullable=False),
     Column("probability", Float, nullable=False),
 )

@@ -17,7 +17,7 @@ import pandas as pd
 from sqlalchemy import Integer, and_, case, cast, delete, func, inspect, select
 from sqlalchemy.engine import Connection
 
-from rollout.outcomes import audit, engine, export, log, partitions, requests, retention
+from rollout.outcomes import audit, engine, export, log, migrate, partitions, requests, retention
 from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
@@ -133,6 +133,8 @@ class OutcomeStore:
                 conn.execute(delete(summary_state))
         if not any(ix["name"] == "ux_labels_current" for ix in inspect(self.engine).get_indexes(labels.name)):
             log.dedupe_current_labels(self.engine)  # a store from before the unique index
+        if self.is_sqlite and migrate.needs_compacting(self.engine):
+            migrate.compact(self.engine)  # a log from before the compact row: copied into it
         self._create_indexes()
         with self.engine.begin() as conn:  # indexes no query needs any more: their space back
             for name in DROPPED_INDEXES + (SQLITE_DROPPED_INDEXES if self.is_sqlite else ()):

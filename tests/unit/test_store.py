@@ -576,15 +576,19 @@ def test_a_store_from_before_unit_counts_rebuilds_its_summaries(store: OutcomeSt
     upgraded.dispose()
 
 
-@pytest.mark.parametrize("mode", ["shadow", "ab", "bandit"])
-def test_sql_evidence_equals_a_plain_python_pass(store: OutcomeStore, mode: str) -> None:
+@pytest.mark.parametrize("mode,ids", [("shadow", "plain"), ("ab", "plain"), ("bandit", "plain"),
+                                      ("shadow", "ulid"), ("ab", "ulid")])
+def test_sql_evidence_equals_a_plain_python_pass(store: OutcomeStore, mode: str, ids: str) -> None:
     """The incrementally kept SQL summaries and the in-memory fake's one Python pass give the same sums: rows
     with errors, without scores or predictions, unlabelled, relabelled, anonymous, a third version, at cuts
-    before, inside and after the traffic, after each of three rounds of writes."""
+    before, inside and after the traffic, after each of three rounds of writes. With the service's ULID request
+    ids too, which SQLite keeps as 16 bytes: the label joins, the champion's rows and anonymous units by them."""
+    from rollout.outcomes.ids import unpack
     from rollout.outcomes.memory import InMemoryStore
 
     fake = InMemoryStore(clock=lambda: T0)
     rng = np.random.default_rng(17)
+    names = [f"q{k}" if ids == "plain" else unpack(rng.bytes(16)) for k in range(500)]
     weights = {} if mode == "shadow" else {"challenger": 0.3}
     rid = store.open_rollout(mode, {"champion": "1", "challenger": "2"}, weights, "salt", T0)
     assert fake.open_rollout(mode, {"champion": "1", "challenger": "2"}, weights, "salt", T0) == rid
@@ -599,15 +603,15 @@ def test_sql_evidence_equals_a_plain_python_pass(store: OutcomeStore, mode: str)
             for v in versions:
                 score = float(rng.random())
                 rows.append(PredictionRow(
-                    f"q{k}", v, "champion" if v == "1" else "challenger", ts, unit, rid,
+                    names[k], v, "champion" if v == "1" else "challenger", ts, unit, rid,
                     served=mode != "shadow" or v == "1", propensity=float(rng.choice([0.3, 0.7])),
                     prediction=None if rng.random() < 0.05 else float(score >= 0.5),
                     score=None if rng.random() < 0.1 else score, latency_ms=float(rng.lognormal(1, 0.5)),
                     error="boom" if rng.random() < 0.05 else None, segment=str(rng.choice(["VIP", "standard"]))))
             if rng.random() < 0.8:
-                labels.append((f"q{k}", float(rng.random() < 0.4), ts + 3600))
+                labels.append((names[k], float(rng.random() < 0.4), ts + 3600))
         if round_ == 2:  # relabel some earlier requests
-            labels += [(f"q{i}", 1.0, T0.timestamp() + 4 * 86400) for i in range(1, 40, 3)]
+            labels += [(names[i], 1.0, T0.timestamp() + 4 * 86400) for i in range(1, 40, 3)]
         for target in (store, fake):
             target.log_predictions(rows)
             target.add_labels(labels)
