@@ -62,6 +62,7 @@ async def _load(port: int, seconds: float, concurrency: int, answered: dict[str,
 
 def one_kill(workdir: Path, after_s: float, concurrency: int) -> dict[str, float]:
     from rollout.outcomes import OutcomeStore
+    from rollout.outcomes.ids import unpack
 
     url = f"sqlite:///{workdir / f'outcomes-{time.time_ns()}.db'}"
     OutcomeStore(url).create().dispose()
@@ -89,7 +90,7 @@ def one_kill(workdir: Path, after_s: float, concurrency: int) -> dict[str, float
     server.wait()
     store = OutcomeStore(url)
     with store.engine.connect() as conn:
-        logged = {r[0] for r in conn.exec_driver_sql("SELECT request_id FROM predictions")}
+        logged = {unpack(r[0]) for r in conn.exec_driver_sql("SELECT request_id FROM predictions")}  # (16 bytes on SQLite)
     store.dispose()
     lost = [t for rid, t in answered.items() if rid not in logged]
     return {"answered": len(answered), "lost": len(lost),

@@ -131,10 +131,10 @@ class OutcomeStore:
         if had_summaries and new_units:  # a store from before rollout_units: rebuild its summaries, units too
             with self.engine.begin() as conn:
                 conn.execute(delete(summary_state))
+        if self.is_sqlite:  # a log from before the compact row: copied into it, before anything looks up an id
+            migrate.compact(self.engine)
         if not any(ix["name"] == "ux_labels_current" for ix in inspect(self.engine).get_indexes(labels.name)):
             log.dedupe_current_labels(self.engine)  # a store from before the unique index
-        if self.is_sqlite and migrate.needs_compacting(self.engine):
-            migrate.compact(self.engine)  # a log from before the compact row: copied into it
         self._create_indexes()
         with self.engine.begin() as conn:  # indexes no query needs any more: their space back
             for name in DROPPED_INDEXES + (SQLITE_DROPPED_INDEXES if self.is_sqlite else ()):

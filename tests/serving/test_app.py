@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from rollout.registry import InMemoryRegistry
 from rollout.outcomes import OutcomeStore
+from rollout.outcomes.schema import labels, predictions
 from tests.serving.conftest import AUTH, FakeModel, app_for, make_policy, record
 
 
@@ -52,7 +54,7 @@ def test_a_batch_requests_ids_are_consecutive_ulids_each_its_own(registry: InMem
     consecutive in value and so in order, after the previous request's, whatever the low bits carry."""
     import base64
 
-    from serving.predict import _CROCKFORD
+    from rollout.outcomes.ids import TO_CROCKFORD, pack, unpack
 
     crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
     store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt")
@@ -69,7 +71,8 @@ def test_a_batch_requests_ids_are_consecutive_ulids_each_its_own(registry: InMem
             value = value * 32 + crockford.index(ch)
         values.append(value)
         # the same characters as base32 of the whole 128-bit value
-        assert rid == base64.b32encode(value.to_bytes(20, "big")).translate(_CROCKFORD)[6:].decode()
+        assert rid == base64.b32encode(value.to_bytes(20, "big")).translate(TO_CROCKFORD)[6:].decode()
+        assert pack(rid) == value.to_bytes(16, "big") and unpack(pack(rid)) == rid  # as SQLite keeps it
     assert all(b == a + 1 for a, b in zip(values[:1000], values[1:1000], strict=False))  # within a request
     assert all(b > a for a, b in zip(values, values[1:], strict=False))
     assert len(set(ids)) == 3000 and ids == sorted(ids) and before < ids[0]
@@ -121,8 +124,9 @@ def test_explicit_timestamp_is_recorded_and_needs_the_token(client: TestClient, 
     assert client.post("/predict", json=body).status_code == 403
     rid = client.post("/predict", json=body, headers=AUTH).json()["request_id"]
     client.portal.call(client.app.state.service.stop)  # drains the shadow lane and the log queue
-    with store.engine.connect() as conn:
-        rows = conn.exec_driver_sql("SELECT role, ts, day FROM predictions WHERE request_id = ? ORDER BY role", (rid,)).all()
+    p = predictions
+    with store.engine.connect() as conn:  # (by the column: SQLite keeps the service's ids as 16 bytes)
+        rows = conn.execute(select(p.c.role, p.c.ts, p.c.day).where(p.c.request_id == rid).order_by(p.c.role)).all()
     assert rows == [("challenger", 1770091506.0, "2026-02-03"), ("champion", 1770091506.0, "2026-02-03")]
 
 
@@ -138,7 +142,8 @@ def test_labels_twice_later_wins_and_unknown_kept(client: TestClient, store: Out
     assert second.status_code == 200
     assert second.json() == {"stored": 2, "replaced": 1, "unknown": 1, "unknown_ids": ["nobody"]}
     with store.engine.connect() as conn:
-        rows = conn.exec_driver_sql("SELECT label, current FROM labels WHERE request_id = ? ORDER BY id", (rid,)).all()
+        rows = conn.execute(select(labels.c.label, labels.c.current).where(labels.c.request_id == rid)
+                            .order_by(labels.c.id)).all()
     assert rows == [(0.0, 0), (1.0, 1)]
     bad = client.post("/labels", json={"labels": [{"request_id": rid, "label": "yes"}]}, headers=AUTH)
     assert bad.status_code == 422 and bad.json()["detail"].startswith("labels[0].label")

@@ -10,6 +10,7 @@ import pytest
 
 from rollout.registry import InMemoryRegistry
 from rollout.outcomes import OutcomeStore, PredictionRow
+from rollout.outcomes.ids import unpack
 from tests.serving.conftest import FakeModel, SleepingModel, app_for, make_policy, record, serve
 
 
@@ -169,7 +170,7 @@ async def test_shadow_rows_never_take_the_room_an_answered_request_was_admitted_
     answered = [r.json()["request_id"] for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 503]
     with store.engine.connect() as conn:
-        served = {row[0] for row in conn.exec_driver_sql(
+        served = {unpack(row[0]) for row in conn.exec_driver_sql(  # (SQLite keeps the service's ids as bytes)
             f"SELECT request_id FROM predictions WHERE served = 1 AND rollout_id = {rid}")}
     assert answered and refused  # the queue was full at times
     assert set(answered) <= served, f"{len(set(answered) - served)} answered requests have no served row"

@@ -159,3 +159,42 @@ def test_a_sqlite_store_from_before_is_rewritten_compact_and_answers_the_same(tm
     assert OutcomeStore(url).create().logged_requests([new_id]) == {new_id}  # reopening: nothing to redo
     upgraded.dispose()
     fresh.dispose()
+
+
+def test_processes_opening_an_older_store_together_compact_it_once(tmp_path: Path) -> None:
+    """Workers, shadow children and flows open the store at once: one copies the log, the others wait for its
+    lock and find it done, and none sees the new log without its indexes."""
+    import threading
+
+    from rollout.outcomes import migrate
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = OutcomeStore(url).create()
+    ids = new_request_ids(30_000)
+    with old.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE predictions")
+        conn.exec_driver_sql(OLD_LOG)
+        conn.exec_driver_sql("CREATE INDEX ix_predictions_request ON predictions (request_id)")
+        conn.connection.driver_connection.executemany(  # type: ignore[union-attr]
+            "INSERT INTO predictions (request_id, rollout_id, ts, day, version, role, served) "
+            "VALUES (?, 1, ?, '2026-02-03', '1', 'champion', 1)", [(r, 1_770_076_800.0 + i) for i, r in enumerate(ids)])
+    old.dispose()
+    moved: list[int] = []
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            store = OutcomeStore(url)
+            moved.append(migrate.compact(store.engine))
+            store.create()
+            assert store.logged_requests(ids[:5]) == set(ids[:5])
+            store.dispose()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sorted(moved) == [0, 0, len(ids)]
