@@ -423,7 +423,7 @@ def new_request_ids(n: int) -> list[str]:
     grow with time append near the end. Measured with SQLite, two writers, 500-row batches (the
     service's log writer and a shadow child): 66 us a row at 300k rows, against 109 us with uuid4.
     Every stored copy (the row, the request-id index, a label) is 6 bytes shorter than the 32 hex
-    digits of a UUID with as many bits (benchmarks/retention.py).
+    digits of a UUID with as many bits on PostgreSQL, and SQLite keeps its 16 bytes (rollout.outcomes.ids).
 
     A request's ids follow each other (ULID's monotonic ids: the first random, the next ones +1, as a burst within
     one millisecond is anyway), so a 1,000-row request makes its ids in 0.3 ms rather than 3.8 (a base32 encoding
