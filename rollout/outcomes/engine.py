@@ -7,6 +7,7 @@ import hashlib
 import math
 import os
 import socket
+import sqlite3
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -34,10 +35,17 @@ def _ln(x: float | None) -> float | None:
     return math.log(x) if x is not None and x > 0 else None
 
 
+SQLITE_NEEDED = (3, 31, 0)
+
+
 def make_engine(url: str) -> Engine:
     """An engine with WAL, a busy timeout and ln() for SQLite; plain pooling for PostgreSQL."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True, future=True)
+    if sqlite3.sqlite_version_info < SQLITE_NEEDED:  # the log's computed day (schema.SQLITE_DAY)
+        raise RuntimeError(f"the outcome store needs SQLite {'.'.join(map(str, SQLITE_NEEDED))} or later (generated "
+                           f"columns); this Python's sqlite3 module has {sqlite3.sqlite_version}: use a newer Python "
+                           "build, or PostgreSQL (stores.outcome_store_url)")
     in_memory = url in ("sqlite://", "sqlite:///:memory:")
     if not in_memory:
         path = url.split("sqlite:///", 1)[-1]

@@ -198,3 +198,14 @@ def test_processes_opening_an_older_store_together_compact_it_once(tmp_path: Pat
     for t in threads:
         t.join()
     assert errors == [] and sorted(moved) == [0, 0, len(ids)]
+
+
+def test_a_sqlite_too_old_for_generated_columns_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sqlite3
+
+    from rollout.outcomes import engine
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 30, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.30.1")
+    with pytest.raises(RuntimeError, match=r"needs SQLite 3\.31\.0 or later .* has 3\.30\.1"):
+        engine.make_engine(f"sqlite:///{tmp_path / 'o.db'}")
