@@ -352,7 +352,8 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
     target = metadata.tables[table]
     names = [target.c[c].name for c in columns]  # KeyError on an unknown column
     written = 0
-    if is_sqlite(engine):
+    sqlite = is_sqlite(engine)
+    if sqlite:
         keep = [i for i, c in enumerate(names) if not (table == "predictions" and c == "day")]
         ids = {i for i, c in enumerate(names) if isinstance(target.c[c].type, RequestId)}
         names = [names[i] for i in keep]
@@ -360,7 +361,7 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
     raw = engine.raw_connection()
     try:
         dbapi: Any = raw.driver_connection
-        if is_sqlite(engine):
+        if sqlite:
             sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
             buf: list[Sequence[Any]] = []
 

@@ -20,10 +20,11 @@ from sqlalchemy.schema import CreateTable
 
 from rollout.outcomes.engine import write
 from rollout.outcomes.ids import pack
-from rollout.outcomes.schema import SQLITE_LOG_COLUMNS, predictions
+from rollout.outcomes.schema import SQLITE_LOG_COLUMNS, RequestId, metadata, predictions
 
-# The tables besides the log that keep request ids; and the derived state rebuilt from the log.
-_ID_TABLES = ("labels", "label_changes", "label_requests")
+# The tables besides the log that keep request ids (a RequestId column); and the derived state rebuilt from the log.
+_ID_TABLES = tuple(t.name for t in metadata.sorted_tables
+                   if t is not predictions and any(isinstance(c.type, RequestId) for c in t.c))
 _DERIVED = ("summary_state", "rollout_units", "unit_totals", "unit_state")
 
 
@@ -39,7 +40,7 @@ def compact(engine: Engine) -> int:
     Under the write lock from the check to the commit, the indexes made in the same transaction: processes that
     open the store together compact it once (the others find it done), and no reader ever sees the new log
     without its indexes (the evaluation's queries name them)."""
-    with engine.connect() as conn:
+    with engine.connect() as conn:  # a read first: no write lock taken on every open
         if not needs_compacting(conn):
             return 0
     columns = ", ".join(("id", *SQLITE_LOG_COLUMNS))
