@@ -62,7 +62,7 @@ def days(engine: Engine, since: str, until: str | None) -> list[str]:
     with engine.connect() as conn:
         for rollout_id in logged_rollouts(conn):
             after = before
-            while (day := conn.execute(first_day(predictions, rollout_id, True, after)).scalar()) is not None:
+            while (day := conn.execute(first_day(predictions, rollout_id, after)).scalar()) is not None:
                 if until is not None and day > until:
                     break
                 found.add(str(day))

@@ -106,7 +106,7 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
                                                                                             if p))
 
 
-# A rollout's prediction rows older than the cut, through its time index ((rollout_id, [day,] ts)): no index on
+# A rollout's prediction rows older than the cut, through its time index (rollout_id, ts): no index on
 # ts alone is kept for retention (it cost 18 B a logged row on SQLite, 23 on PostgreSQL).
 def _old(engine: Engine) -> str:
     """Rows older than the cut: PostgreSQL names the day too (its partitions are pruned by it); on SQLite the time

@@ -40,12 +40,10 @@ def day_range(p: Any, day: str) -> list[Any]:
     return [p.c.day == day, p.c.ts >= lo, p.c.ts < hi]
 
 
-def first_day(p: Any, rollout_id: int | None, sqlite: bool, after: str | None = None) -> Any:
-    """SELECT of the first day (after `after`) a rollout has predictions on: one seek of its time index. SQLite's
-    is (rollout_id, ts), so the day of its first row from a second before the next midnight; PostgreSQL's is
-    (rollout_id, day, ts) on each day partition, so min(day)."""
-    if not sqlite:
-        return select(func.min(p.c.day)).where(p.c.rollout_id == rollout_id, *([p.c.day > after] if after else []))
+def first_day(p: Any, rollout_id: int | None, after: str | None = None) -> Any:
+    """SELECT of the first day (after `after`) a rollout has predictions on: a seek of its time index (rollout_id,
+    ts), so the day of its first row from a second before the next midnight (on PostgreSQL the later day's
+    partitions only)."""
     query = select(p.c.day).where(p.c.rollout_id == rollout_id).order_by(p.c.ts).limit(1)
     return query if after is None else query.where(p.c.ts >= day_start(after) + 86_399.0, p.c.day > after)
 

@@ -22,7 +22,7 @@ from rollout.outcomes.export import ExportedDay
 from rollout.outcomes.audit import AuditEntry, Rollout, StoredPlan
 from rollout.outcomes.log import ClassCell, LabelReport, OutcomeCell, PredictionRow, Time
 from rollout.outcomes.features import Decoder
-from rollout.outcomes.schema import (DROPPED_INDEXES, FEATURES_SERVED, METRICS, SQLITE_DROPPED_INDEXES, label_changes,
+from rollout.outcomes.schema import (DROPPED_INDEXES, FEATURES_SERVED, METRICS, label_changes,
                                      labels, metadata, predictions, rollout_units, summary_state)
 from rollout.outcomes.sqlexpr import loss_expr, probed
 from rollout.outcomes.summaries import EvidenceSums, Summaries
@@ -137,7 +137,7 @@ class OutcomeStore:
             log.dedupe_current_labels(self.engine)  # a store from before the unique index
         self._create_indexes()
         with self.engine.begin() as conn:  # indexes no query needs any more: their space back
-            for name in DROPPED_INDEXES + (SQLITE_DROPPED_INDEXES if self.is_sqlite else ()):
+            for name in DROPPED_INDEXES:
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
         if not self.is_sqlite and partitions.is_partitioned(self.engine):
             partitions.ensure_ahead(self.engine)
@@ -377,8 +377,7 @@ class OutcomeStore:
         cost stays flat however long the rollout runs (a pass over 1M rows took seconds each)."""
         q = predictions
         bounds = [q.c.rollout_id == rollout_id, *([q.c.ts < to_epoch(cutoff)] if cutoff is not None else [])]
-        order = [q.c.ts.desc()] if self.is_sqlite else [q.c.day.desc(), q.c.ts.desc()]  # (schema: the time index)
-        first = conn.execute(select(q.c.day, q.c.ts).where(*bounds).order_by(*order)
+        first = conn.execute(select(q.c.day, q.c.ts).where(*bounds).order_by(q.c.ts.desc())  # the time index
                              .offset(rows - 1).limit(1)).first()
         return [] if first is None else [p.c.day >= first[0], p.c.ts >= first[1]]
 
@@ -552,19 +551,11 @@ class OutcomeStore:
         return self._seen(rollout_id, func.max)
 
     def _seen(self, rollout_id: int, agg: Any) -> datetime | None:
-        """The rollout's first (min) or last (max) prediction time, by seeks of the time index rather than a pass
-        over the rollout's rows: SQLite's is (rollout_id, ts); PostgreSQL's (rollout_id, day, ts), so its first or
-        last day, then the time within it."""
+        """The rollout's first (min) or last (max) prediction time, by seeks of the time index (rollout_id, ts)
+        rather than a pass over the rollout's rows."""
         self._ensure()
-        p = predictions
         with self.engine.connect() as conn:
-            if self.is_sqlite:
-                value = conn.execute(select(agg(p.c.ts)).where(p.c.rollout_id == rollout_id)).scalar()
-                return None if value is None else from_epoch(value)
-            day = conn.execute(select(agg(p.c.day)).where(p.c.rollout_id == rollout_id)).scalar()
-            if day is None:
-                return None
-            value = conn.execute(select(agg(p.c.ts)).where(p.c.rollout_id == rollout_id, p.c.day == day)).scalar()
+            value = conn.execute(select(agg(predictions.c.ts)).where(predictions.c.rollout_id == rollout_id)).scalar()
         return None if value is None else from_epoch(value)
 
     def count_predictions(self, rollout_id: int | None = None) -> int:

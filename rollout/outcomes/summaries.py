@@ -314,7 +314,7 @@ class Summaries:
         days: list[str] = []
         p = predictions
         while True:
-            day = conn.execute(first_day(p, rollout_id, self._sqlite, days[-1] if days else None)).scalar()
+            day = conn.execute(first_day(p, rollout_id, days[-1] if days else None)).scalar()
             if day is None:
                 return days
             days.append(day)

@@ -104,7 +104,7 @@ class UnitTotals:
         """The hour before the rollout's first day (rows near midnight may carry either day): one index seek."""
         p = predictions
         with self.engine.connect() as conn:
-            day = conn.execute(first_day(p, rollout_id, self._sqlite)).scalar()
+            day = conn.execute(first_day(p, rollout_id)).scalar()
         if day is None:
             return None
         return hour_of(day_start(day) - 1.0)

@@ -52,7 +52,7 @@ def _vacuumed(store: OutcomeStore, wait_for: str) -> set[str]:
     raise AssertionError(f"{wait_for} never shown as vacuumed")
 
 
-_PG_INDEXES = ["ix_predictions_request", "ix_predictions_features", "ix_predictions_day"]
+_PG_INDEXES = ["ix_predictions_request", "ix_predictions_features", "ix_predictions_time"]
 
 
 def _where(store: OutcomeStore) -> dict[str, int]:
@@ -149,7 +149,7 @@ def test_an_old_plain_store_converts_with_its_history_in_day_partitions(pg: str)
     assert [i.name for i in predictions.indexes]  # the metadata's indexes exist on the new table
     with store.engine.connect() as conn:
         names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'predictions'")).scalars())
-    assert {"ix_predictions_request", "ix_predictions_day"} <= names
+    assert {"ix_predictions_request", "ix_predictions_time"} <= names
 
 
 def test_a_partitioned_log_has_no_key_and_an_older_one_loses_its_own(pg: str) -> None:
