@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import pandas as pd
 from sqlalchemy import Integer, and_, case, cast, delete, func, inspect, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from rollout.outcomes import audit, engine, export, log, migrate, partitions, requests, retention
 from rollout.outcomes.export import ExportedDay
@@ -136,14 +137,27 @@ class OutcomeStore:
         if not any(ix["name"] == "ux_labels_current" for ix in inspect(self.engine).get_indexes(labels.name)):
             log.dedupe_current_labels(self.engine)  # a store from before the unique index
         self._create_indexes()
-        with self.engine.begin() as conn:  # indexes no query needs any more: their space back
-            for name in DROPPED_INDEXES:
-                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+        self._drop_unused_indexes()
         if not self.is_sqlite and partitions.is_partitioned(self.engine):
             partitions.ensure_ahead(self.engine)
             partitions.drop_key(self.engine)  # a log partitioned with a key (id, day): 32 B a row back
         self._created = True
         return self
+
+    def _drop_unused_indexes(self) -> None:
+        """Indexes no query needs any more (schema.DROPPED_INDEXES): their space back. On PostgreSQL a DROP INDEX takes
+        the log's exclusive lock (no CONCURRENTLY for a partitioned index), which waits for every query in flight on
+        it while every insert waits behind the drop: each waits at most a second for its lock, and a drop that gets
+        none is left for the next process that opens the store."""
+        for name in DROPPED_INDEXES:
+            try:
+                with self.engine.begin() as conn:
+                    if not self.is_sqlite:
+                        conn.exec_driver_sql("SET LOCAL lock_timeout = '1s'")
+                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available: the next open drops it
+                    raise
 
     def _create_indexes(self) -> None:
         partitioned = not self.is_sqlite and partitions.is_partitioned(self.engine)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from rollout.outcomes import OutcomeStore, PredictionRow
 from rollout.outcomes import partitions
@@ -213,4 +213,48 @@ def test_an_index_missing_from_a_partitioned_log_is_built_day_by_day(pg: str) ->
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM pg_inherits WHERE inhparent = "
                                  "'ix_predictions_features'::regclass")).scalar_one() == len(days) + 1
+    store.dispose()
+
+
+def test_an_unused_index_is_dropped_without_holding_writers_behind_a_reader(pg: str) -> None:
+    """A store made before the time index lost its day has ix_predictions_day. Opening it builds the new index and
+    drops the old one; a DROP INDEX waits for the log's exclusive lock, and every insert queues behind it. With a
+    reader in a long transaction on the log, the drop gives up after a second (a writer meanwhile waits no longer
+    than that) and the next open drops it."""
+    import time
+
+    store = OutcomeStore(pg).create()
+    _log(store, D0, None, 20, "old")
+    with store.engine.begin() as conn:  # as a store made before: the time index with the day
+        conn.execute(text("DROP INDEX ix_predictions_time"))
+        conn.execute(text("CREATE INDEX ix_predictions_day ON predictions (rollout_id, day, ts)"))
+
+    def names() -> set[str]:
+        return {str(ix["name"]) for ix in inspect(store.engine).get_indexes("predictions")}
+
+    reader = store.engine.connect()
+    reader.execute(text("SELECT count(*) FROM predictions")).scalar_one()  # its transaction stays open
+    waited: list[float] = []
+
+    def write() -> None:
+        time.sleep(0.3)  # while the drop waits for its lock
+        started = time.perf_counter()
+        _log(store, D0, None, 5, "live")
+        waited.append(time.perf_counter() - started)
+
+    opener = threading.Thread(target=lambda: OutcomeStore(pg).create())  # builds ix_predictions_time, drops the old
+    writer = threading.Thread(target=write)
+    opener.start()
+    writer.start()
+    opener.join(20)
+    writer.join(20)
+    blocked = opener.is_alive()
+    reader.rollback()  # the reader ends (which also frees a drop that waited for it)
+    reader.close()
+    opener.join(30)
+    assert not blocked, "opening the store waited for the reader to end"
+    assert waited and waited[0] < 5.0, waited  # the writer was not held until the reader ended
+    assert {"ix_predictions_time", "ix_predictions_day"} <= names()  # the drop gave up: left for the next open
+    OutcomeStore(pg).create()
+    assert "ix_predictions_day" not in names() and "ix_predictions_time" in names()
     store.dispose()

@@ -212,39 +212,49 @@ def test_sqlite_finds_a_rollouts_days_and_times_by_seeks_of_its_time_index(tmp_p
 @pytest.mark.postgres
 def test_postgres_finds_a_rollouts_days_and_times_by_a_seek_of_each_days_time_index(pg_store: OutcomeStore) -> None:
     """PostgreSQL's time index is (rollout_id, ts) on each day partition, without the day (10 B a logged row): the
-    rollout's first day, its first and last times and its latest rows are a seek of each partition's index, merged
-    in time order (one row read from each for the first and the last), never a scan of a day or a sort of its rows."""
+    rollout's days, its first and last times and where its latest rows start are a seek of each partition's index,
+    merged in time order (one row read from each for a first or last row), never a scan of a day or a sort."""
+    from rollout.outcomes.schema import predictions
+
     store = pg_store
     rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0 + 1)
     rng = np.random.default_rng(12)
     for day in range(4):
         _day(store, rid, day, rng)
     analyze_stale(store.engine)
-    plans: dict[str, list[str]] = {}
+    plans: list[tuple[str, list[str]]] = []
 
     @event.listens_for(store.engine, "before_cursor_execute")
     def _explain(conn, cursor, statement, parameters, context, many) -> None:  # noqa: ANN001
         if not many and statement.lstrip().upper().startswith("SELECT") and "FROM predictions" in statement and (
                 "ORDER BY predictions.ts" in statement or "(predictions.ts)" in statement):
             cursor.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + statement, parameters)
-            plans[statement] = [r[0] for r in cursor.fetchall()]
+            plans.append((statement, [r[0] for r in cursor.fetchall()]))
 
     seen = store.first_seen(rid), store.last_seen(rid)
     with store.engine.connect() as conn:
-        days = store.summaries._days_of(conn, rid)
-    store.score_histograms(rid)  # the latest rows: a backward range
+        days = store.summaries._days_of(conn, rid)  # the first day, then the first after each
+        recent = store._recent(conn, predictions, rid, None, rows=1000)  # where the latest 1,000 rows start
     event.remove(store.engine, "before_cursor_execute", _explain)
     assert days == ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"], days
-    assert seen[0] is not None and seen[1] is not None and seen[0].timestamp() < T0 + 86400 < T0 + 3 * 86400 < seen[1].timestamp()
-    assert len(plans) >= 4, list(plans)  # first day and days after it, first and last time, the latest rows
-    for statement, plan in plans.items():
+    assert seen[0] is not None and seen[1] is not None
+    assert seen[0].timestamp() < T0 + 86400 and seen[1].timestamp() > T0 + 3 * 86400
+    assert recent  # a bound: the rollout has more rows than that
+    # min and max ts, five first-day seeks (the last finds none), the backward range
+    assert len(plans) == 8, [statement for statement, _ in plans]
+    found = 0
+    for statement, plan in plans:
         text_ = "\n".join(plan)
         scans = [line for line in plan if " on predictions_" in line]
         assert scans and all("rollout_id_ts_idx" in line for line in scans), text_
-        assert "Seq Scan" not in text_ and not any(line.lstrip().startswith(("Sort (", "->  Sort (")) for line in plan), text_
-        if "DESC" not in statement:  # a first or a last row: one index row read from each day
-            rows = [int(line.split("actual rows=")[1].split()[0]) for line in scans if "actual rows=" in line]
+        assert "Seq Scan" not in text_ and not any(line.lstrip().startswith(("Sort (", "->  Sort (")) for line in plan)
+        rows = [int(line.split("actual rows=")[1].split()[0]) for line in scans if "actual rows=" in line]
+        if "DESC" in statement:  # the latest 1,000 rows read backward from the days holding them, no more
+            assert 1000 <= sum(rows) <= 1000 + len(scans), text_
+        else:  # a first or a last row: at most one index row read from each day
             assert rows and max(rows) <= 1, text_
+            found += max(rows)
+    assert found >= 6, found  # the seeks that found a row (not only empty days)
 
 
 def test_sqlite_reads_the_kept_unit_totals_at_the_same_cost_on_a_longer_rollout(tmp_path) -> None:
