@@ -78,31 +78,52 @@ def create_partitioned(engine: Engine) -> None:
 
 
 def create_index(engine: Engine, index: Index) -> None:
-    """Make an index of the partitioned log where missing, without blocking its writers: a plain CREATE INDEX on
-    the parent locks every partition against inserts for the whole build (minutes on a month of traffic, while
-    the service's log queue fills and it refuses requests), and PostgreSQL has no CONCURRENTLY for a partitioned
-    table. So: the parent's index ON ONLY (invalid, empty), then each day's index CONCURRENTLY, attached as it
-    is built; the parent's is valid once every day's is attached, and days made later get theirs with the
-    table. Resumes where an interrupted build stopped; one process builds at a time (the store's named lock, tried
-    and retried rather than waited on: a CONCURRENTLY build waits for every statement in flight to end)."""
+    """PostgreSQL: make a (non-unique) index of a store table where missing, without blocking its writers. A plain
+    CREATE INDEX takes a lock every insert waits on for the whole build (minutes on a month of traffic, while the
+    service's log queue fills and it refuses requests). A plain table (labels, a log from before partitioning)
+    gets it CONCURRENTLY. A partitioned log has no CONCURRENTLY: the parent's index ON ONLY (invalid, empty),
+    then each day's index CONCURRENTLY, attached as it is built; the parent's is valid once every day's is
+    attached, and days made later get theirs with the table. Resumes where an interrupted build stopped (its
+    invalid index dropped and built again); one process builds at a time (the store's named lock, tried and
+    retried rather than waited on: a CONCURRENTLY build waits for every transaction in flight to end)."""
     dialect = getattr(index, "_ddl_if", None)
     if dialect is not None and dialect.dialect not in (None, engine.dialect.name):
         return
     index_name = str(index.name)
     if _index_valid(engine, index_name):
         return
+    table = index.table.name if index.table is not None else ""
     ddl = str(CreateIndex(index).compile(dialect=engine.dialect))
-    head = f"CREATE INDEX {index_name} ON {predictions.name} "
+    head = f"CREATE INDEX {index_name} ON {table} "
     if not ddl.startswith(head):
         raise RuntimeError(f"unexpected DDL for {index_name}: {ddl[:200]}")
     while True:
         try:
             with lock(engine, f"index {index_name}"):
                 if not _index_valid(engine, index_name):
-                    _build_by_day(engine, index_name, ddl[len(head):])
+                    if table == predictions.name and is_partitioned(engine):
+                        _build_by_day(engine, index_name, ddl[len(head):])
+                    else:
+                        _autocommit(engine, f"DROP INDEX CONCURRENTLY IF EXISTS {index_name}",  # an interrupted build's
+                                    f"CREATE INDEX CONCURRENTLY {index_name} ON {table} {ddl[len(head):]}")
             return
         except LockHeld:  # another process builds it: wait, then find it valid
             time.sleep(0.5)
+
+
+def _autocommit(engine: Engine, *statements: str) -> None:
+    """Run statements outside a transaction (CONCURRENTLY cannot run in one)."""
+    raw = engine.raw_connection()
+    try:
+        dbapi: Any = raw.driver_connection
+        dbapi.autocommit = True
+        try:
+            for statement in statements:
+                dbapi.execute(statement)
+        finally:
+            dbapi.autocommit = False
+    finally:
+        raw.close()
 
 
 def _build_by_day(engine: Engine, index_name: str, body: str) -> None:

@@ -160,13 +160,12 @@ class OutcomeStore:
                     raise
 
     def _create_indexes(self) -> None:
-        partitioned = not self.is_sqlite and partitions.is_partitioned(self.engine)
         for table in (predictions, labels):  # indexes added since a store was first created
             for index in table.indexes:
-                if partitioned and table is predictions:
-                    partitions.create_index(self.engine, index)  # day by day, blocking no writer
-                else:
+                if self.is_sqlite or index.unique:
                     index.create(self.engine, checkfirst=True)
+                else:  # PostgreSQL: CONCURRENTLY (a partitioned log's day by day), blocking no writer
+                    partitions.create_index(self.engine, index)
 
     def partition(self) -> int:
         """PostgreSQL: convert a prediction log made before partitioning (stop the service first); returns the

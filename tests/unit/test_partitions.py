@@ -258,3 +258,43 @@ def test_an_unused_index_is_dropped_without_holding_writers_behind_a_reader(pg: 
     OutcomeStore(pg).create()
     assert "ix_predictions_day" not in names() and "ix_predictions_time" in names()
     store.dispose()
+
+
+def test_an_index_missing_from_a_plain_table_is_built_without_holding_its_writers(pg: str) -> None:
+    """A plain table (labels, or a log from before partitioning) gets an index added to the schema CONCURRENTLY:
+    a plain CREATE INDEX waits for the writer whose transaction is open and every later writer queues behind it;
+    CONCURRENTLY lets them write while it waits and builds."""
+    import time
+
+    store = OutcomeStore(pg)
+    metadata.create_all(store.engine)  # a store made before partitioning: plain tables
+    _log(store, D0, None, 20, "old")
+    with store.engine.begin() as conn:  # as made before ix_predictions_time
+        conn.execute(text("DROP INDEX ix_predictions_time"))
+    slow = store.engine.connect()  # a writer whose transaction stays open a while
+    slow.execute(text("INSERT INTO predictions (request_id, ts, day, version, role, served) "
+                      "VALUES ('slow', 1, '2026-03-01', '1', 'champion', 1)"))
+    waited: list[float] = []
+
+    def write() -> None:
+        time.sleep(0.5)  # while the build waits for the open writer
+        started = time.perf_counter()
+        _log(store, D0, None, 5, "live")
+        waited.append(time.perf_counter() - started)
+
+    opener = threading.Thread(target=lambda: OutcomeStore(pg).create())
+    writer = threading.Thread(target=write)
+    opener.start()
+    writer.start()
+    writer.join(20)
+    time.sleep(0.5)
+    slow.commit()  # the open writer ends: the build goes on
+    slow.close()
+    opener.join(60)
+    assert not opener.is_alive()
+    assert waited and waited[0] < 3.0, waited  # the later writer did not wait for the open one
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                                 "'ix_predictions_time'::regclass")).scalar_one()
+    assert not partitions.is_partitioned(store.engine)
+    store.dispose()
