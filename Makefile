@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/python -m cli.demo
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 # Undefined names and unused imports anywhere; strict types in the domain package (STYLE.md), types elsewhere.
 lint: $(STAMP)
