@@ -97,6 +97,22 @@ def write(engine: Engine) -> Iterator[Connection]:
 
 
 @contextlib.contextmanager
+def autocommit(engine: Engine) -> Iterator[Any]:
+    """PostgreSQL: the driver's connection outside any transaction, for statements that cannot run in one (CREATE
+    INDEX CONCURRENTLY, DETACH PARTITION ... CONCURRENTLY, VACUUM); back in transaction mode and to the pool after."""
+    raw = engine.raw_connection()
+    try:
+        dbapi: Any = raw.driver_connection
+        dbapi.autocommit = True
+        try:
+            yield dbapi
+        finally:
+            dbapi.autocommit = False
+    finally:
+        raw.close()
+
+
+@contextlib.contextmanager
 def lock(engine: Engine, name: str, ttl_s: float = 3600.0) -> Iterator[None]:
     """Hold a named lock for acting (promotion, rollback); raises LockHeld if another holder has it.
 

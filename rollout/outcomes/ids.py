@@ -2,7 +2,8 @@
 
 The service names every request with a ULID (`serving.predict.new_request_ids`): 128 bits written as 26
 characters of Crockford's base32. SQLite keeps such an id as its 16 bytes, in the row and in every index entry:
-about 21 B a logged row less (the row and its request-id index entry; benchmarks/retention.py). Any other id (a caller's own, a batch run's) is kept as the text it is.
+about 21 B a logged row less (the row and its request-id index entry; benchmarks/retention.py). Any other id (a
+caller's own, a batch run's) is kept as the text it is.
 
 Only the canonical spelling is packed (capitals, first character 0-7), so unpacking gives back exactly the
 string that came in, and a text id and a packed one can never be equal (SQLite compares a BLOB and a TEXT as

@@ -30,7 +30,7 @@ from sqlalchemy import Engine, Index, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn, CreateIndex
 
-from rollout.outcomes.engine import LockHeld, lock
+from rollout.outcomes.engine import LockHeld, autocommit, lock
 from rollout.outcomes.schema import predictions
 
 AHEAD_DAYS = 7
@@ -104,49 +104,27 @@ def create_index(engine: Engine, index: Index) -> None:
                     if table == predictions.name and is_partitioned(engine):
                         _build_by_day(engine, index_name, ddl[len(head):])
                     else:
-                        _autocommit(engine, f"DROP INDEX CONCURRENTLY IF EXISTS {index_name}",  # an interrupted build's
-                                    f"CREATE INDEX CONCURRENTLY {index_name} ON {table} {ddl[len(head):]}")
+                        with autocommit(engine) as dbapi:
+                            dbapi.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index_name}")  # an interrupted build's
+                            dbapi.execute(f"CREATE INDEX CONCURRENTLY {index_name} ON {table} {ddl[len(head):]}")
             return
         except LockHeld:  # another process builds it: wait, then find it valid
             time.sleep(0.5)
 
 
-def _autocommit(engine: Engine, *statements: str) -> None:
-    """Run statements outside a transaction (CONCURRENTLY cannot run in one)."""
-    raw = engine.raw_connection()
-    try:
-        dbapi: Any = raw.driver_connection
-        dbapi.autocommit = True
-        try:
-            for statement in statements:
-                dbapi.execute(statement)
-        finally:
-            dbapi.autocommit = False
-    finally:
-        raw.close()
-
-
 def _build_by_day(engine: Engine, index_name: str, body: str) -> None:
-    raw = engine.raw_connection()
-    try:
-        dbapi: Any = raw.driver_connection
-        dbapi.autocommit = True  # CONCURRENTLY runs outside a transaction
-        try:
-            dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index_name} ON ONLY {predictions.name} {body}")
-            for day_table, _ in day_partitions(engine):
-                # attached already: by an earlier build, or made with a day created since the parent's index
-                if dbapi.execute("SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid "
-                                 "WHERE i.inhparent = CAST(%s AS regclass) AND x.indrelid = CAST(%s AS regclass)",
-                                 (index_name, day_table)).fetchone():
-                    continue
-                child = f"{day_table}_{index_name}"[:63]
-                dbapi.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {child}")  # an interrupted build's, invalid
-                dbapi.execute(f"CREATE INDEX CONCURRENTLY {child} ON {day_table} {body}")
-                dbapi.execute(f"ALTER INDEX {index_name} ATTACH PARTITION {child}")
-        finally:
-            dbapi.autocommit = False
-    finally:
-        raw.close()
+    with autocommit(engine) as dbapi:  # CONCURRENTLY runs outside a transaction
+        dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index_name} ON ONLY {predictions.name} {body}")
+        for day_table, _ in day_partitions(engine):
+            # attached already: by an earlier build, or made with a day created since the parent's index
+            if dbapi.execute("SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid "
+                             "WHERE i.inhparent = CAST(%s AS regclass) AND x.indrelid = CAST(%s AS regclass)",
+                             (index_name, day_table)).fetchone():
+                continue
+            child = f"{day_table}_{index_name}"[:63]
+            dbapi.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {child}")  # an interrupted build's, invalid
+            dbapi.execute(f"CREATE INDEX CONCURRENTLY {child} ON {day_table} {body}")
+            dbapi.execute(f"ALTER INDEX {index_name} ATTACH PARTITION {child}")
 
 
 def _index_valid(engine: Engine, name: str) -> bool:
@@ -222,17 +200,9 @@ def drop_expired(engine: Engine, cutoff: float) -> tuple[int, list[str], bool]:
                 continue
             n, guessed = _rows_of(conn, name)
             estimated = estimated or guessed
-        raw = engine.raw_connection()
-        try:
-            dbapi: Any = raw.driver_connection
-            dbapi.autocommit = True
-            try:
-                dbapi.execute(f"ALTER TABLE predictions DETACH PARTITION {name} CONCURRENTLY")
-                dbapi.execute(f"DROP TABLE {name}")
-            finally:
-                dbapi.autocommit = False
-        finally:
-            raw.close()
+        with autocommit(engine) as dbapi:
+            dbapi.execute(f"ALTER TABLE predictions DETACH PARTITION {name} CONCURRENTLY")
+            dbapi.execute(f"DROP TABLE {name}")
         rows += n
         dropped.append(name)
     return rows, dropped, estimated
