@@ -97,19 +97,26 @@ def write(engine: Engine) -> Iterator[Connection]:
 
 
 @contextlib.contextmanager
+def driver(engine: Engine) -> Iterator[Any]:
+    """The driver's own connection (sqlite3's, psycopg's) for what SQLAlchemy has no statement for (PRAGMAs, COPY,
+    VACUUM); back to the pool after."""
+    raw = engine.raw_connection()
+    try:
+        yield raw.driver_connection
+    finally:
+        raw.close()
+
+
+@contextlib.contextmanager
 def autocommit(engine: Engine) -> Iterator[Any]:
     """PostgreSQL: the driver's connection outside any transaction, for statements that cannot run in one (CREATE
     INDEX CONCURRENTLY, DETACH PARTITION ... CONCURRENTLY, VACUUM); back in transaction mode and to the pool after."""
-    raw = engine.raw_connection()
-    try:
-        dbapi: Any = raw.driver_connection
+    with driver(engine) as dbapi:
         dbapi.autocommit = True
         try:
             yield dbapi
         finally:
             dbapi.autocommit = False
-    finally:
-        raw.close()
 
 
 @contextlib.contextmanager

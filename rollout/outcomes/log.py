@@ -22,7 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from rollout.outcomes.engine import chunks, is_sqlite, write
+from rollout.outcomes.engine import autocommit, chunks, driver, is_sqlite, write
 from rollout.outcomes.features import FeatureSets, expand_known, sets_of
 from rollout.outcomes.ids import pack, unpack
 from rollout.outcomes.schema import (
@@ -358,55 +358,53 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
         ids = {i for i, c in enumerate(names) if isinstance(target.c[c].type, RequestId)}
         names = [names[i] for i in keep]
         rows = (tuple(pack(row[i]) if i in ids else row[i] for i in keep) for row in rows)
-    raw = engine.raw_connection()
     try:
-        dbapi: Any = raw.driver_connection
-        if sqlite:
-            sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-            buf: list[Sequence[Any]] = []
+        with driver(engine) as dbapi:
+            if sqlite:
+                sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+                buf: list[Sequence[Any]] = []
 
-            def flush() -> None:
-                dbapi.execute("BEGIN")
-                dbapi.executemany(sql, buf)
-                dbapi.execute("COMMIT")
+                def flush() -> None:
+                    dbapi.execute("BEGIN")
+                    dbapi.executemany(sql, buf)
+                    dbapi.execute("COMMIT")
 
-            # Index pages of random keys (request ids) need a large page cache to insert fast; the
-            # connection goes back to the pool, so the default is restored below.
-            cache = dbapi.execute("PRAGMA cache_size").fetchone()[0]
-            dbapi.execute("PRAGMA cache_size=-1048576")  # 1 GiB, as needed
-            for row in rows:
-                buf.append(row)
-                if len(buf) >= batch:
+                # Index pages of random keys (request ids) need a large page cache to insert fast; the
+                # connection goes back to the pool, so the default is restored below.
+                cache = dbapi.execute("PRAGMA cache_size").fetchone()[0]
+                dbapi.execute("PRAGMA cache_size=-1048576")  # 1 GiB, as needed
+                for row in rows:
+                    buf.append(row)
+                    if len(buf) >= batch:
+                        flush()
+                        written += len(buf)
+                        buf = []
+                if buf:
                     flush()
                     written += len(buf)
-                    buf = []
-            if buf:
-                flush()
-                written += len(buf)
-            dbapi.execute(f"PRAGMA cache_size={int(cache)}")
-        else:
-            day = names.index("day") if table == "predictions" and "day" in names else None
-            pending: list[Sequence[Any]] = []
+                dbapi.execute(f"PRAGMA cache_size={int(cache)}")
+            else:
+                day = names.index("day") if table == "predictions" and "day" in names else None
+                pending: list[Sequence[Any]] = []
 
-            def copy_chunk() -> None:  # a chunk at a time: its days' partitions first (predictions)
-                if day is not None:
-                    from rollout.outcomes.partitions import ensure_days
+                def copy_chunk() -> None:  # a chunk at a time: its days' partitions first (predictions)
+                    if day is not None:
+                        from rollout.outcomes.partitions import ensure_days
 
-                    ensure_days(engine, {str(r[day]) for r in pending})
-                copy_rows(dbapi, table, names, pending)
-                dbapi.commit()
+                        ensure_days(engine, {str(r[day]) for r in pending})
+                    copy_rows(dbapi, table, names, pending)
+                    dbapi.commit()
 
-            for row in rows:
-                pending.append(row)
-                if len(pending) >= batch:
+                for row in rows:
+                    pending.append(row)
+                    if len(pending) >= batch:
+                        copy_chunk()
+                        written += len(pending)
+                        pending = []
+                if pending:
                     copy_chunk()
                     written += len(pending)
-                    pending = []
-            if pending:
-                copy_chunk()
-                written += len(pending)
     finally:
-        raw.close()
         with engine.begin() as conn:  # after the rows: an evaluation meanwhile rebuilds again
             conn.execute(delete(summary_state))
     return written
@@ -415,17 +413,12 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
 def analyze(engine: Engine) -> None:
     """After a bulk load: refresh the planner's statistics; on PostgreSQL VACUUM (ANALYZE), which also sets
     the loaded rows' hint bits and visibility map at once rather than leaving it to later scans."""
-    raw = engine.raw_connection()
-    try:
-        dbapi: Any = raw.driver_connection
-        if is_sqlite(engine):
-            dbapi.execute("ANALYZE")
-        else:
-            dbapi.autocommit = True
+    if not is_sqlite(engine):
+        with autocommit(engine) as dbapi:
             dbapi.execute("VACUUM (ANALYZE)")
-            dbapi.autocommit = False
-    finally:
-        raw.close()
+        return
+    with driver(engine) as sqlite:
+        sqlite.execute("ANALYZE")
 
 
 # The planner's statistics are what keep the summary refresh on its index probes (milliseconds) rather than a

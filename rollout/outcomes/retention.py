@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from rollout.outcomes.engine import is_sqlite
+from rollout.outcomes.engine import autocommit, driver, is_sqlite
 from rollout.times import day_of
 
 BATCH = 20_000  # rows per delete: about 0.1-0.3 s of a writer's wait on SQLite
@@ -181,46 +181,32 @@ def _reclaim(engine: Engine, touched: dict[str, int]) -> tuple[int | None, str]:
     """Space back after the deletes (`touched`: rows deleted per table or day partition)."""
     if not sum(touched.values()):
         return None, ""
-    raw = engine.raw_connection()
-    try:
-        dbapi: Any = raw.driver_connection
-        if is_sqlite(engine):
-            if dbapi.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
-                return None, ("The SQLite file keeps its size (its free pages are reused); run `rollout retention "
-                              "--vacuum` once to make later runs give space back.")
-            free = int(dbapi.execute("PRAGMA freelist_count").fetchone()[0])
-            while dbapi.execute("PRAGMA freelist_count").fetchone()[0] > 0:  # in steps: writers wait one step
-                dbapi.execute("PRAGMA incremental_vacuum(2000)").fetchall()
-            return free, ""
-        dbapi.autocommit = True
-        try:
-            # The tables deletes touched, not the whole partitioned log: a VACUUM (ANALYZE) of every day partition
-            # was 0.75 s of a 0.85 s retention step when only labels had gone (benchmarks/retention.py).
-            # label_changes always: the evaluation consumes it (and retention empties it) by DELETE, so without
-            # a VACUUM its dead rows were most of what still grew on PostgreSQL.
-            tables = sorted({*(t for t, n in touched.items() if n), "label_changes"})
+    if not is_sqlite(engine):
+        # The tables deletes touched, not the whole partitioned log: a VACUUM (ANALYZE) of every day partition
+        # was 0.75 s of a 0.85 s retention step when only labels had gone (benchmarks/retention.py).
+        # label_changes always: the evaluation consumes it (and retention empties it) by DELETE, so without
+        # a VACUUM its dead rows were most of what still grew on PostgreSQL.
+        tables = sorted({*(t for t, n in touched.items() if n), "label_changes"})
+        with autocommit(engine) as dbapi:
             dbapi.execute(f"VACUUM (ANALYZE) {', '.join(tables)}")
-        finally:
-            dbapi.autocommit = False
         return None, ""
-    finally:
-        raw.close()
+    with driver(engine) as sqlite:
+        if sqlite.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            return None, ("The SQLite file keeps its size (its free pages are reused); run `rollout retention "
+                          "--vacuum` once to make later runs give space back.")
+        free = int(sqlite.execute("PRAGMA freelist_count").fetchone()[0])
+        while sqlite.execute("PRAGMA freelist_count").fetchone()[0] > 0:  # in steps: writers wait one step
+            sqlite.execute("PRAGMA incremental_vacuum(2000)").fetchall()
+        return free, ""
 
 
 def vacuum(engine: Engine) -> None:
     """Compact the store once: SQLite switches to incremental auto-vacuum (VACUUM rewrites the file, taking an
     exclusive lock: stop the service first); PostgreSQL runs VACUUM (FULL is never needed with retention on)."""
-    raw = engine.raw_connection()
-    try:
-        dbapi: Any = raw.driver_connection
-        if is_sqlite(engine):
-            dbapi.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            dbapi.execute("VACUUM")
-        else:
-            dbapi.autocommit = True
-            try:
-                dbapi.execute("VACUUM (ANALYZE)")
-            finally:
-                dbapi.autocommit = False
-    finally:
-        raw.close()
+    if not is_sqlite(engine):
+        with autocommit(engine) as dbapi:
+            dbapi.execute("VACUUM (ANALYZE)")
+        return
+    with driver(engine) as sqlite:
+        sqlite.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        sqlite.execute("VACUUM")
