@@ -105,8 +105,9 @@ class OutcomeStore:
     def now(self) -> float:
         return to_epoch(self.clock())
 
-    def create(self) -> OutcomeStore:
-        """Create tables and indexes if missing (idempotent)."""
+    def create(self, log_indexes: bool = True) -> OutcomeStore:
+        """Create tables and indexes if missing (idempotent). Without `log_indexes`, a plain PostgreSQL log's
+        missing indexes are not built (`partition` is about to copy it into a partitioned one that has them)."""
         existing = inspect(self.engine)
         had_summaries = existing.has_table(summary_state.name)
         new_units = not existing.has_table(rollout_units.name)
@@ -136,7 +137,7 @@ class OutcomeStore:
             migrate.compact(self.engine)
         if not any(ix["name"] == "ux_labels_current" for ix in inspect(self.engine).get_indexes(labels.name)):
             log.dedupe_current_labels(self.engine)  # a store from before the unique index
-        self._create_indexes()
+        self._create_indexes(log=log_indexes or self.is_sqlite or partitions.is_partitioned(self.engine))
         self._drop_unused_indexes()
         if not self.is_sqlite and partitions.is_partitioned(self.engine):
             partitions.ensure_ahead(self.engine)
@@ -159,8 +160,8 @@ class OutcomeStore:
                 if getattr(exc.orig, "sqlstate", None) != "55P03":  # lock_not_available: the next open drops it
                     raise
 
-    def _create_indexes(self) -> None:
-        for table in (predictions, labels):  # indexes added since a store was first created
+    def _create_indexes(self, log: bool = True) -> None:
+        for table in (predictions, labels) if log else (labels,):  # indexes added since a store was first created
             for index in table.indexes:
                 if self.is_sqlite or index.unique:
                     index.create(self.engine, checkfirst=True)
@@ -170,7 +171,8 @@ class OutcomeStore:
     def partition(self) -> int:
         """PostgreSQL: convert a prediction log made before partitioning (stop the service first); returns the
         rows moved (rollout.outcomes.partitions)."""
-        self._ensure()
+        if not self._created:
+            self.create(log_indexes=False)
         if self.is_sqlite:
             raise ValueError("partitions are PostgreSQL's: SQLite deletes in batches and gives the space back")
         if partitions.is_partitioned(self.engine):

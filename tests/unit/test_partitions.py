@@ -152,6 +152,35 @@ def test_an_old_plain_store_converts_with_its_history_in_day_partitions(pg: str)
     assert {"ix_predictions_request", "ix_predictions_time"} <= names
 
 
+def test_converting_a_plain_log_builds_an_index_added_since_on_the_partitioned_log_only(
+        pg: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rollout retention --partition` on a log from before partitioning that lacks an index added since: the index is
+    built once, on the partitioned log, not first on the plain table the conversion then drops (a wasted build as
+    long as the whole log's, on a one-off command run with the service stopped)."""
+    old = OutcomeStore(pg)
+    metadata.create_all(old.engine)  # plain tables, as a store made before partitioning
+    for k in range(2):
+        _log(old, D0 + timedelta(days=k), None, 10, "old")
+    with old.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_predictions_time"))  # as if added by a later version
+    old.dispose()
+    built: list[tuple[str, bool]] = []
+    real = partitions.create_index
+
+    def spy(engine: object, index: object) -> None:
+        with old.engine.connect() as conn:  # partitioned now? (not is_partitioned: it caches)
+            partitioned = conn.execute(text("SELECT count(*) FROM pg_partitioned_table")).scalar_one() > 0
+        built.append((str(getattr(index, "name")), partitioned))
+        real(engine, index)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(partitions, "create_index", spy)
+    assert OutcomeStore(pg).partition() == 20  # what the CLI runs: a new store object, then the conversion
+    assert ("ix_predictions_time", False) not in built and ("ix_predictions_time", True) in built
+    with old.engine.connect() as conn:
+        names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'predictions'")).scalars())
+    assert {"ix_predictions_request", "ix_predictions_time"} <= names
+
+
 def test_a_partitioned_log_has_no_key_and_an_older_one_loses_its_own(pg: str) -> None:
     """A partitioned table's key must include the day, and its index (id, day) cost 32 B a logged row that no
     query read: new logs have none, and a store made with one loses it when opened. Fixed-width columns come
