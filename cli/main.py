@@ -157,7 +157,11 @@ def ci(
     flow = ci_pipeline.with_options(task_runner=dask_runner(dask_address)) if (dask or dask_address) else ci_pipeline
     outcome = _gated("ci-pipeline", lambda: flow(config=config, params=run), policy)
     console.print(f"[green]registered version {outcome.version}[/green] as "
-                  + ", ".join("@" + a for a in outcome.aliases) + f"; reports in {outcome.reports_dir}")
+                  + ", ".join("@" + a for a in outcome.aliases)
+                  + (f"; rollout {outcome.rollout_id} opened" if outcome.rollout_id is not None else "")
+                  + f"; reports in {outcome.reports_dir}")
+    if outcome.superseded:
+        console.print(f"[yellow]{outcome.superseded}[/yellow]")
 
 
 class _NoTraceback(logging.Formatter):
@@ -298,9 +302,13 @@ def simulate(
     if replay is None and (label_column or ts_column):
         console.print("[red]--label-column and --ts-column go with --data[/red]")
         raise typer.Exit(2)
-    summary = run_simulation(url, policy, requests=requests or 1000, days=days, label_delay_hours=delay,
-                             missing_rate=(0.0 if replay else 0.1) if missing_rate is None else missing_rate,
-                             concurrency=concurrency, seed=seed, drift=drift, start=start, replay=replay)
+    try:
+        summary = run_simulation(url, policy, requests=requests or 1000, days=days, label_delay_hours=delay,
+                                 missing_rate=(0.0 if replay else 0.1) if missing_rate is None else missing_rate,
+                                 concurrency=concurrency, seed=seed, drift=drift, start=start, replay=replay)
+    except ValueError as exc:  # an option or the data to change: the message says which
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     console.print(summary)
     if summary.errors or summary.label_errors:
         raise typer.Exit(1)
@@ -634,7 +642,8 @@ def label_requests(
 @app.command("make-suite")
 def make_suite(
     config: str = CONFIG,
-    output: Path = typer.Option(..., help="Where to write the Great Expectations suite (JSON)."),
+    output: Path = typer.Option(None, help="Where to write the Great Expectations suite (JSON); default: the "
+                                "policy's ci.expectations_suite, where `rollout ci` reads it."),
 ) -> None:
     """Write a starter Great Expectations suite derived from the policy's training data."""
     from rollout.data import infer_schema, load_dataset
@@ -647,8 +656,12 @@ def make_suite(
     except (ConfigError, FileNotFoundError) as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
+    reads = policy.path(policy.ci.expectations_suite)
+    output = reads if output is None else output
     suite = build_suite(frame, schema, output.stem)
     console.print(f"wrote {len(suite.expectations)} expectations to {write_suite(suite, output)}; review before committing")
+    if output.resolve() != Path(reads).resolve():
+        console.print(f"[yellow]`rollout ci` reads {reads}: set ci.expectations_suite: {output} in {config}[/yellow]")
 
 
 _exit: dict[str, int] = {}  # "code": the command's exit code once it ended; "quick": it ran a flow (_quick_exit)

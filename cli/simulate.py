@@ -166,9 +166,8 @@ async def simulate_async(
         raise ValueError("missing_rate: must be within [0, 1]")
     token = token or os.environ.get(policy.serving.token_env)
     if not token:
-        raise ValueError(
-            f"a bearer token is needed for simulated timestamps and labels: set {policy.serving.token_env} or pass token="
-        )
+        raise ValueError(f"a bearer token is needed for simulated timestamps and labels: set the environment variable "
+                         f"{policy.serving.token_env} (serving.token_env) to the service's token")
     rng = np.random.default_rng(seed)
     now = (clock or (lambda: datetime.now(tz=UTC)))()
     if isinstance(start, str):
@@ -199,6 +198,9 @@ async def simulate_async(
         missing |= replay.labels.isna().to_numpy()
     else:
         frame = traffic_frame(policy, requests, seed, drift, drift_start, new_levels)
+        if data.target not in frame:
+            raise ValueError(f"the built-in traffic is the example's loan applications, which have no column "
+                             f"{data.target!r} (data.target): replay your own rows with --data FILE")
         drop = {data.target, data.timestamp_column, data.unit_column} - {None}
         feature_cols = [c for c in frame.columns if c not in drop]
         records = records_of(frame[feature_cols])

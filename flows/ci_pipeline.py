@@ -51,6 +51,7 @@ class CIOutcome:
     aliases: list[str] = field(default_factory=list)
     run_id: str | None = None
     rollout_id: int | None = None
+    superseded: str = ""  # a note when the rollout that was open ended undecided (rollout.cd.rollouts.assign)
     reports_dir: str = ""
     stage: str = "starting"  # what the run was doing last: a StepFailed names it
     model: str = ""  # the registered model's name, once the policy is read
@@ -213,6 +214,9 @@ def _ci(config: str, params: CIParameters, outcome: CIOutcome) -> CIOutcome:
     assigned = ci.assign_aliases(policy, str(logged.version), params.rollout_start)
     outcome.version, outcome.aliases, outcome.run_id = assigned.version, assigned.aliases, logged.run_id
     outcome.rollout_id = assigned.rollout_id
+    outcome.superseded = assigned.superseded_note() if assigned.superseded is not None else ""
     outcome.stage = "done"
     print(f"registered {policy.registry.model_name} v{assigned.version} as " + ", ".join("@" + a for a in assigned.aliases))
+    if outcome.superseded:
+        print(outcome.superseded)
     return outcome

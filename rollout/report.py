@@ -133,8 +133,10 @@ def metrics_markdown(evidence: Evidence, metric: str) -> str:
     if not segments:  # not an empty table: say why there is nothing yet
         return ("## Metrics per version and segment\n\nNo labelled outcomes yet: the metrics appear once labels "
                 "arrive for logged predictions.\n")
+    classes = any(confusions.get(v) for v in segments)  # precision and recall: a classifier's, else no columns
     lines = ["## Metrics per version and segment", "",
-             f"| version | segment | n | {name} | precision | recall |", "|---|---|---|---|---|---|"]
+             f"| version | segment | n | {name} |" + (" precision | recall |" if classes else ""),
+             "|---|---|---|---|" + ("---|---|" if classes else "")]
     for version, by_segment in segments.items():
         total = sum(by_segment.values(), Moments())
         conf_all = sum(confusions[version].values(), Confusion())
@@ -146,7 +148,7 @@ def metrics_markdown(evidence: Evidence, metric: str) -> str:
             recall = conf.successes("recall")
             p = f"{precision[0] / precision[1]:.4f}" if precision[1] else "n/a"
             r = f"{recall[0] / recall[1]:.4f}" if recall[1] else "n/a"
-            lines.append(f"| {version} | {seg} | {m.n} | {value(m)} | {p} | {r} |")
+            lines.append(f"| {version} | {seg} | {m.n} | {value(m)} |" + (f" {p} | {r} |" if classes else ""))
     if evidence.auc:
         lines += ["", "## Ranking quality (online ROC AUC, DeLong 95% interval; reported, not tested)", "",
                   "| version | ROC AUC | interval | labelled rows |", "|---|---|---|---|"]

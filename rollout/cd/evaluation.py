@@ -159,7 +159,7 @@ def gather(store: Store, rollout: Rollout, policy: Policy, now: datetime,
         confusion = _confusion_by_version(sums.confusion) if policy.data.task in CLASSIFICATION_TASKS else {}
     traffic = sums.traffic
     latency = sums.latency_quantile(0.99)
-    agreement = sums.agreement if shadow else {}
+    agreement = sums.agreement if shadow and policy.data.task in CLASSIFICATION_TASKS else {}  # equal labels: classes
     # propensity-weighted sums: the bandit's estimate, and A/B's once its weights changed mid-rollout
     ipw = sums.ipw.get(metric, {}) if not shadow else {}
     psi_max = production_psi(store, training, schema)

@@ -8,7 +8,7 @@ from datetime import datetime
 from rollout.config import Policy, RolloutPolicy
 from rollout.outcomes import Store
 from rollout.registry import ModelRegistry
-from rollout.roles import Role, challenger_alias, is_challenger
+from rollout.roles import ARCHIVED, Role, challenger_alias, is_challenger
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Assignment:
     aliases: list[str]
     rollout_id: int | None = None
     plan: RolloutPlan | None = None
+    superseded: int | None = None  # the rollout that was open, ended by this one before its decision
 
     def summary(self) -> str:
         """One Markdown sentence for the run's artifact."""
@@ -64,7 +65,12 @@ class Assignment:
         return (f"Registered version **{self.version}** as " + ", ".join(f"`@{a}`" for a in self.aliases)
                 + f"; opened rollout **{self.rollout_id}** in `{self.plan.mode}` mode: "
                 + ", ".join(f"`{a}` = v{v}" for a, v in self.plan.versions.items())
-                + (f"; weights {self.plan.weights}" if self.plan.weights else ""))
+                + (f"; weights {self.plan.weights}" if self.plan.weights else "")
+                + (f". {self.superseded_note()}" if self.superseded is not None else ""))
+
+    def superseded_note(self) -> str:
+        return (f"Rollout {self.superseded} was still open: it ended undecided (superseded), its evidence and "
+                "decisions stay in `rollout history`")
 
 
 def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
@@ -85,5 +91,19 @@ def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
     for alias, v in plan.versions.items():
         if alias != Role.CHAMPION and aliases.get(alias) != v:
             registry.set_alias(alias, v)
+    previous = store.current_rollout()
     rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights, started_at=start)
-    return Assignment(version, [a for a, v in plan.versions.items() if v == version], rollout_id, plan)
+    superseded = None
+    if previous is not None and previous.rollout_id != rollout_id:
+        # The open rollout ends before its decision: said in the audit log (`rollout history`) and on the versions
+        # it was judging, not only in its routing row.
+        superseded = previous.rollout_id
+        gone = sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values()))
+        store.record_decision(superseded, "superseded", {
+            "reasons": [f"superseded by rollout {rollout_id} (version {version} registered) before a decision; "
+                        f"version(s) {', '.join(gone) or '-'} no longer serve in it"],
+            "by_rollout": rollout_id, "versions": dict(previous.versions)}, actor="ci-pipeline", ts=start)
+        for v in gone:  # no alias left (a version under two aliases would be in `plan.versions`): stage Archived
+            registry.set_tags(v, {f"rollout.{superseded}.decision": "superseded"})
+            registry.mirror_stage(v, ARCHIVED)
+    return Assignment(version, [a for a, v in plan.versions.items() if v == version], rollout_id, plan, superseded)

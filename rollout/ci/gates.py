@@ -21,7 +21,9 @@ class GateResult:
 
     @property
     def verdict(self) -> str:
-        return "pass" if self.passed else "fail"
+        """The headline in lower case: a version's `gate.NAME` tag, the log line, a gate report's title. A gate that
+        passed without looking says "skipped", not "pass"."""
+        return self.headline.lower()
 
     @property
     def headline(self) -> str:
@@ -65,6 +67,8 @@ class StepFailed(RuntimeError):
 
 # What to change when a step fails with an error of this kind: (stage, exception type names) -> hint.
 _HINTS = (
+    ("loading data", ("MissingSuite",), "set ci.expectations_suite to your suite, or write a starter one there: "
+     "rollout make-suite --config POLICY"),
     ("training", ("InvalidParameterError", "ValueError", "TypeError"),
      "check estimator.name and estimator.params (rollout check-config --data)"),
     ("loading data", ("FileNotFoundError", "ParserError", "UnicodeDecodeError"), "check data.source"),

@@ -138,6 +138,10 @@ def write_suite(suite: ExpectationSuite, path: str | Path) -> Path:
     return path
 
 
+class MissingSuite(FileNotFoundError):
+    """No suite at the policy's ci.expectations_suite (rollout.ci.gates names the field and `rollout make-suite`)."""
+
+
 def load_suite(path: str | Path) -> ExpectationSuite:
     """Read a suite from JSON; an invalid expectation is an error, not silently dropped as GX does."""
     import great_expectations as gx
@@ -145,7 +149,7 @@ def load_suite(path: str | Path) -> ExpectationSuite:
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"expectation suite not found: {path}")
+        raise MissingSuite(f"expectation suite not found: {path}")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

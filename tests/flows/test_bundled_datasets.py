@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -91,3 +92,9 @@ def test_a_bundled_table_from_a_policy_file_to_a_promotion(tmp_path, name):
 
     outcome = online_evaluation(config=str(config), params=EvaluationParameters(clock="data"))
     assert (outcome.action, outcome.winner) == ("promote", second.version), outcome.reasons
+    checks = {g["name"] for g in outcome.stats[second.version]["guardrails"]}
+    report = Path(outcome.report).read_text()
+    if task == "regression":  # equal predictions measure nothing between real-valued models; no classes to count
+        assert "agreement" not in checks and "precision" not in report.split("## Metrics per version")[1]
+    elif task == "classification":
+        assert "agreement" in checks and "| precision | recall |" in report

@@ -52,7 +52,9 @@ def test_first_model_becomes_champion_then_a_challenger_is_registered_with_tags_
     assert reg.aliases() == {"champion": "1", "challenger": "2"}
     tags = reg.get_tags("2")
     assert len(tags["data_hash"]) == 16 and tags["git_sha"]
-    assert {k: v for k, v in tags.items() if k.startswith("gate.")} == {f"gate.{g.gate}": "pass" for g in second.gates}
+    expected = {f"gate.{g.gate}": "skipped" if g.numbers.get("skipped") else "pass" for g in second.gates}
+    assert {k: v for k, v in tags.items() if k.startswith("gate.")} == expected
+    assert "skipped" in expected.values()  # no production sample: the drift gate did not look, and says so
     assert "gates" not in tags  # each verdict once, as its own tag
     assert tags["gate.champion"] == "pass"
     version = reg.client.get_model_version("loan-approval", "2")
@@ -238,7 +240,8 @@ def test_another_dataset_by_changing_the_policy_file_alone(tmp_path):
     assert registry.aliases() == {"champion": outcome.version}
     tags = registry.get_tags(outcome.version)
     assert tags["estimator"] == "ridge" and float(tags["holdout_r2"]) == pytest.approx(held, abs=1e-6)
-    assert {k: v for k, v in tags.items() if k.startswith("gate.")} == {f"gate.{g.gate}": "pass" for g in outcome.gates}
+    assert {k: v for k, v in tags.items() if k.startswith("gate.")} == {
+        f"gate.{g.gate}": "skipped" if g.numbers.get("skipped") else "pass" for g in outcome.gates}
     metrics = registry.client.get_run(outcome.run_id).data.metrics
     assert metrics["holdout_r2"] == pytest.approx(held) and metrics["baseline_r2"] < 0.05  # the mean predicts nothing
     model = registry.load(outcome.version)
@@ -291,7 +294,10 @@ def test_a_daily_series_from_a_policy_file_alone_validates_forward_in_time(tmp_p
 
     path = write_policy(tmp_path, registry={"model_name": "weather"}, data={**data, "timestamp_column": "date"},
                         ci={**ci, "split": "time"}, rollout=rollout)
-    made = CliRunner().invoke(app, ["make-suite", "--config", str(path), "--output", str(tmp_path / "weather.json")])
+    missing = CliRunner().invoke(app, ["ci", "--config", str(path)], terminal_width=400)
+    said = " ".join(missing.output.split())  # no suite yet: the field to set and the command that writes one
+    assert missing.exit_code != 0 and "set ci.expectations_suite" in said and "rollout make-suite" in said, said
+    made = CliRunner().invoke(app, ["make-suite", "--config", str(path)])  # to where `rollout ci` reads it
     assert made.exit_code == 0, made.output
     assert "2024-01-01" not in (tmp_path / "weather.json").read_text()  # no rule listing the dates
     result = CliRunner().invoke(app, ["ci", "--config", str(path)], terminal_width=300)

@@ -96,3 +96,27 @@ def test_replaying_your_own_rows_names_what_does_not_fit(tmp_path) -> None:
     assert (parse_delay("12h"), parse_delay("2d"), parse_delay("90m"), parse_delay("6")) == (12.0, 48.0, 1.5, 6.0)
     with pytest.raises(ValueError, match=r"label delay 'soon': expected hours"):
         parse_delay("soon")
+
+
+def test_simulate_on_a_teams_own_data_says_what_to_pass_instead_of_a_traceback(tmp_path, monkeypatch) -> None:
+    """`rollout simulate` as the README's own-data steps write it: the built-in traffic is the example's loan
+    applications, which a team's policy cannot score; without the token, the variable to set. Exit 2, nothing sent
+    (the URL is a closed port: a request would fail differently)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from tests.conftest import write_policy
+
+    (tmp_path / "diabetes.csv").write_text("age,bmi,target\n0.1,0.2,151\n0.3,0.1,75\n")
+    path = write_policy(tmp_path, data={"source": "diabetes.csv", "target": "target", "task": "regression"},
+                        estimator={"name": "ridge"}, rollout={"margin": 30, "min_detectable_effect": 150})
+    args = ["simulate", "--config", str(path), "--url", "http://127.0.0.1:9", "--requests", "5"]
+    monkeypatch.delenv("ROLLOUT_TOKEN", raising=False)
+    no_token = CliRunner().invoke(app, args, terminal_width=400)
+    said = " ".join(no_token.output.split())
+    assert no_token.exit_code == 2 and "set the environment variable ROLLOUT_TOKEN" in said, said
+    assert "Traceback" not in said and "token=" not in said
+    monkeypatch.setenv("ROLLOUT_TOKEN", "secret")
+    own = CliRunner().invoke(app, args, terminal_width=400)
+    said = " ".join(own.output.split())
+    assert own.exit_code == 2 and "no column 'target' (data.target)" in said and "--data FILE" in said, said

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from rollout.config import RolloutPolicy
-from rollout.cd.rollouts import plan_rollout
+from rollout.config import RolloutPolicy, parse_policy
+from rollout.cd.rollouts import assign, plan_rollout
+from rollout.outcomes import OutcomeStore
+from rollout.registry import InMemoryRegistry
 
 
 def test_shadow_replaces_the_running_challenger_and_needs_no_weights():
@@ -30,3 +32,25 @@ def test_non_abn_retires_extra_challenger_aliases_and_bandit_starts_uniform():
     plan = plan_rollout(RolloutPolicy(mode="bandit"), {"champion": "1", "challenger": "2", "challenger-2": "3"}, "4")
     assert plan.versions == {"champion": "1", "challenger": "4"} and plan.retired_aliases == ["challenger-2"]
     assert plan.weights == pytest.approx({"champion": 0.5, "challenger": 0.5})
+
+
+def test_a_new_candidate_ends_the_open_rollout_with_an_audit_entry_and_its_challenger_archived(tmp_path):
+    """CI registering v3 while v2's A/B rollout is still deciding: the rollout ends undecided, and says so in
+    `rollout history`, on v2's tags and stage, and in what the CI run prints; the champion keeps its alias."""
+    policy = parse_policy({"rollout": {"mode": "ab", "exposure": 0.2}}, tmp_path)
+    registry = InMemoryRegistry()
+    for _ in range(3):
+        registry.add(object())
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
+    assert assign(policy, registry, store, "1").aliases == ["champion"]
+    first = assign(policy, registry, store, "2")
+    assert first.superseded is None and "was still open" not in first.summary()
+    second = assign(policy, registry, store, "3")
+    assert second.superseded == first.rollout_id != second.rollout_id
+    assert store.current_rollout().rollout_id == second.rollout_id
+    entry = [e for e in store.audit_log() if e.decision == "superseded"]
+    assert [(e.rollout_id, e.actor) for e in entry] == [(first.rollout_id, "ci-pipeline")]
+    assert f"superseded by rollout {second.rollout_id}" in entry[0].stats["reasons"][0]
+    assert registry.tags["2"][f"rollout.{first.rollout_id}.decision"] == "superseded"
+    assert registry.stages["2"] == "Archived" and registry.alias_map == {"champion": "1", "challenger": "3"}
+    assert f"Rollout {first.rollout_id} was still open" in second.summary()

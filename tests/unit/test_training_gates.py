@@ -367,7 +367,8 @@ def test_failing_gates_name_the_setting_and_say_what_kind_of_failure_it_is():
 
 def test_a_skipped_gate_reads_skipped_not_pass():
     skipped = gates.skipped("drift", "no production sample is configured (data.production_sample).")
-    assert skipped.passed and skipped.verdict == "pass" and skipped.headline == "SKIPPED"
+    assert skipped.passed and skipped.verdict == "skipped" and skipped.headline == "SKIPPED"
+    assert skipped.to_markdown().startswith("## Gate `drift`: **SKIPPED**")  # the gate's report, and its tag
     assert gates.floor_gate("roc_auc", 0.9, 0.7).headline == "PASS"
     assert gates.floor_gate("roc_auc", 0.6, 0.7).headline == "FAIL"
 
