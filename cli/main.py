@@ -355,18 +355,25 @@ def evaluate(
 @app.command("last-run")
 def last_run(flow: str = typer.Option("ci-pipeline", help="Flow name: ci-pipeline, adopt-model, online-evaluation, "
                                       "continuous-training.")) -> None:
-    """Print the latest run of a flow on the Prefect server (PREFECT_API_URL): its state, the state's message (a
-    failed gate's reason) and its gate summary; exit 1 unless it completed. For CI logs after `--watch`."""
+    """Print the latest run of a flow on the Prefect server (PREFECT_API_URL) that is not still scheduled: its state,
+    the state's message (a failed gate's reason) and its gate summary; exit 1 unless it completed. For CI logs after
+    `--watch`."""
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName,
+                                                FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
+
+    # Not a run still scheduled: a deployment's schedule (the hourly evaluation) keeps some ahead of now.
+    started = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED])))
 
     async def read() -> tuple[Any, list[Any]]:
         async with get_client() as client:
             runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
-                                               sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+                                               flow_run_filter=started, sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+                                               limit=1)
             if not runs:
                 return None, []
             found = await client.read_artifacts(

@@ -115,6 +115,7 @@ def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothin
 
     from cli.main import app
 
+    _schedule_a_run_ahead(summary.flow_run_id)  # as a deployment's schedule does: not the latest run to report
     said = CliRunner().invoke(app, ["last-run", "--flow", "ci-pipeline"], terminal_width=200)  # what a CI log shows
     text = " ".join(said.output.split())
     assert said.exit_code == 1 and ": Failed" in text and "gate 'data_validation' failed" in text, said.output
@@ -122,6 +123,25 @@ def test_corrupted_data_fails_validation_lists_expectations_and_registers_nothin
     logs = _run_logs(summary.flow_run_id)
     assert any("gate data_validation" in line for line in logs)
     assert not any("Traceback" in line for line in logs)  # a gate that did its job ends the run without one
+
+
+def _schedule_a_run_ahead(flow_run_id) -> None:
+    """A run of the same flow scheduled an hour from now (what prefect.yaml's schedules keep on the server)."""
+    import asyncio
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    from flows.ci_pipeline import ci_pipeline
+
+    async def schedule() -> None:
+        async with get_client() as client:
+            assert (await client.read_flow_run(flow_run_id)).state.is_final()
+            await client.create_flow_run(ci_pipeline, name="scheduled-ahead",
+                                         state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(hours=1)))
+
+    asyncio.run(schedule())
 
 
 def _run_logs(flow_run_id) -> list[str]:
