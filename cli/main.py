@@ -263,9 +263,16 @@ def serve(
                                 "challenger children; they share the stores and the routing table)."),
 ) -> None:
     """Serve @champion (and challengers, by the open rollout's mode) over HTTP."""
+    from rollout.outcomes.engine import check_reachable, make_engine
     from serving.app import run
 
-    run(_policy(config), host=host, port=port, log_level=log_level, workers=workers, config=config)
+    policy = _policy(config)
+    store = make_engine(policy.outcome_url)
+    try:
+        check_reachable(store)  # before uvicorn: its startup failure is a page of traceback
+    finally:
+        store.dispose()
+    run(policy, host=host, port=port, log_level=log_level, workers=workers, config=config)
 
 
 @app.command()
@@ -700,6 +707,16 @@ def main() -> None:
     except KeyboardInterrupt:
         _exit["code"] = 130  # what a shell reports for Ctrl-C
         raise
+    except (ConnectionError, ValueError) as exc:
+        from rollout.config import ConfigError
+        from rollout.outcomes.engine import StoreUnreachable
+
+        if not isinstance(exc, StoreUnreachable | ConfigError):
+            _exit["code"] = 1
+            raise
+        _exit["code"] = 2  # a setting to fix, said in one line: no traceback
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise SystemExit(2) from None
     except BaseException:
         _exit["code"] = 1
         raise

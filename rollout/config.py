@@ -729,7 +729,7 @@ class Policy(_Strict):
 
     @property
     def tracking_uri(self) -> str:
-        return self.url(self.stores.mlflow_tracking_uri)
+        return self.url(expand_env(self.stores.mlflow_tracking_uri, "stores.mlflow_tracking_uri"))
 
     @property
     def artifact_location(self) -> str | None:
@@ -738,7 +738,22 @@ class Policy(_Strict):
 
     @property
     def outcome_url(self) -> str:
-        return self.url(self.stores.outcome_store_url)
+        return self.url(expand_env(self.stores.outcome_store_url, "stores.outcome_store_url"))
+
+
+def expand_env(value: str, field: str) -> str:
+    """`${NAME}` in a store URL replaced by that environment variable (credentials stay out of the policy file);
+    a ConfigError naming the field when one is not set. A bare `$` is left as it is (a password may hold one)."""
+    import os
+    import re
+
+    def value_of(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(f"{field}: environment variable {name} is not set (the URL says ${{{name}}})")
+        return os.environ[name]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value_of, value)
 
 
 def _describe(error: Any, model: type[BaseModel]) -> str:

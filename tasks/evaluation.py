@@ -18,7 +18,7 @@ from rollout.config import Policy
 from rollout.data import infer_schema, load_dataset
 from rollout.outcomes import OutcomeStore, Rollout
 from rollout.report import EvaluationReport, write_evaluation
-from tasks.common import artifact_key, mlflow_experiment, open_registry
+from tasks.common import artifact_key, mlflow_experiment, open_registry, prefect_origin
 
 
 @task(name="current-rollout", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
@@ -109,7 +109,8 @@ def log_evaluation(policy: Policy, decision: Decision, rollout: Rollout, now: da
                if isinstance(value := s.get(key), int | float) and np.isfinite(value)}
     record = registry.RunRecord(
         name=f"rollout-{rollout.rollout_id}-{now:%Y%m%dT%H%M}",
-        tags={"rollout_id": rollout.rollout_id, "decision": decision.action, "champion": rollout.champion},
+        tags={"rollout_id": rollout.rollout_id, "decision": decision.action, "champion": rollout.champion,
+              **prefect_origin()},  # as every run a flow writes: the flow run's id, name and UI page
         metrics=metrics, texts={"evaluation.md": report.markdown},
         files={"plots": report.plot_path, **({"monitoring": report.monitoring_path} if report.monitoring_path else {})})
     run_id = registry.log_run(mlflow_experiment(policy, "rollout-evaluation"), record).run_id

@@ -23,6 +23,26 @@ from rollout.times import from_epoch
 T = TypeVar("T")
 
 
+class StoreUnreachable(ConnectionError):
+    """The outcome store cannot be opened: the message names its URL (no password) and the settings to check."""
+
+
+def check_reachable(engine: Engine) -> None:
+    """One round trip to the store's database; a StoreUnreachable saying what to check when there is none."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except DBAPIError as exc:
+        cause = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+        where = engine.url.render_as_string(hide_password=True)
+        hint = "" if is_sqlite(engine) else " (a PostgreSQL database must exist first: createdb NAME)"
+        raise StoreUnreachable(f"outcome store {where} cannot be opened: {cause}. Check stores.outcome_store_url "
+                               f"or ROLLOUT_OUTCOME_STORE_URL{hint}") from exc
+
+
 class LockHeld(RuntimeError):
     """Another process holds the named lock (e.g. a concurrent evaluation run)."""
 

@@ -333,7 +333,7 @@ class InMemoryStore:
         old = [r for r in self.predictions if _ts(r) < cut and r.rollout_id not in open_ids]
         kept = sum(1 for r in self.predictions if _ts(r) < cut and r.rollout_id in open_ids)
         if dry_run:
-            return Expired(cut, len(old), 0, 0, 0, kept, None, "Dry run: nothing removed.")
+            return Expired(cut, len(old), 0, 0, 0, kept, None, "Dry run: nothing removed.", dry_run=True)
         gone = {id(r) for r in old}
         self.predictions = [r for r in self.predictions if id(r) not in gone]
         known = {r.request_id for r in self.predictions}

@@ -36,12 +36,15 @@ class Expired:
     kept_open: int  # older prediction rows kept because their rollout is open
     freed_pages: int | None  # SQLite pages given back to the file system (None: PostgreSQL, or not incremental)
     note: str = ""
+    dry_run: bool = False  # counted, nothing removed
 
     def sentence(self) -> str:
         from rollout.times import from_epoch
 
-        removed = (f"Removed {self.predictions:,} prediction rows and {self.labels:,} labels older than "
-                   f"{from_epoch(self.cutoff):%Y-%m-%d %H:%M} UTC")
+        when = f"{from_epoch(self.cutoff):%Y-%m-%d %H:%M} UTC"
+        removed = (f"Would remove {self.predictions:,} prediction rows older than {when}, and the labels of the "
+                   "requests they are the last rows of" if self.dry_run else
+                   f"Removed {self.predictions:,} prediction rows and {self.labels:,} labels older than {when}")
         kept = f"; kept {self.kept_open:,} older rows of the open rollout" if self.kept_open else ""
         return f"{removed}{kept}.{' ' + self.note if self.note else ''}"
 
@@ -61,8 +64,7 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
         if dry_run:
             n_pred = sum(int(conn.execute(text(f"SELECT count(*) FROM predictions WHERE {_of(r)} AND {older}"),
                                           {**old, "r": r}).scalar_one()) for r in logged_rollouts(conn, skip_open=True))
-            return Expired(cutoff, n_pred, 0, 0, 0, kept, None, "Dry run: nothing removed (labels are counted once "
-                           "their predictions are gone).")
+            return Expired(cutoff, n_pred, 0, 0, 0, kept, None, "Dry run: nothing removed.", dry_run=True)
     dropped_rows, dropped, estimated = 0, list[str](), False
     note = ""
     tables = ["predictions"]

@@ -107,7 +107,9 @@ class OutcomeStore:
 
     def create(self, log_indexes: bool = True) -> OutcomeStore:
         """Create tables and indexes if missing (idempotent). Without `log_indexes`, a plain PostgreSQL log's
-        missing indexes are not built (`partition` is about to copy it into a partitioned one that has them)."""
+        missing indexes are not built (`partition` is about to copy it into a partitioned one that has them).
+        An unreachable store raises engine.StoreUnreachable, naming the setting to check."""
+        engine.check_reachable(self.engine)
         existing = inspect(self.engine)
         had_summaries = existing.has_table(summary_state.name)
         new_units = not existing.has_table(rollout_units.name)

@@ -130,6 +130,25 @@ def _sh(command: str, env: dict[str, str], timeout: float = 900) -> subprocess.C
                           timeout=timeout)
 
 
+def _no_scheduled_runs(env: dict[str, str]) -> None:
+    """The deploy starts prefect.yaml's schedules: at the top of an hour the hourly online-evaluation would run
+    beside this test's own run of it, which its concurrency limit then cancels (CANCEL_NEW), and its decision would
+    join the audit log the test reads. Pause them, and remove the runs the scheduler made already (before any
+    worker could start one)."""
+    import httpx
+
+    done = _sh(".venv/bin/prefect --no-prompt deployment schedule pause --all", env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    api = env["PREFECT_API_URL"]
+    ahead = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}},
+                       timeout=30).json()
+    for run in ahead:
+        httpx.delete(f"{api}/flow_runs/{run['id']}", timeout=30).raise_for_status()
+    deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
+    schedules = [s for d in deployments for s in d.get("schedules") or []]
+    assert schedules and not any(s["active"] for s in schedules)  # the hourly and daily ones, paused
+
+
 def test_ci_workflow_commands_deploy_and_run_on_real_servers(servers):
     env, tmp = servers["env"], Path(servers["tmp"])
     commands = _workflow_commands()
@@ -138,6 +157,7 @@ def test_ci_workflow_commands_deploy_and_run_on_real_servers(servers):
     for command in setup:
         done = _sh(command, env)
         assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    _no_scheduled_runs(env)
 
     worker = servers["start"]("worker", [str(BIN / "prefect"), "worker", "start", "--pool", "rollout-process"])
     try:

@@ -92,6 +92,11 @@ def test_a_bundled_table_from_a_policy_file_to_a_promotion(tmp_path, name):
 
     outcome = online_evaluation(config=str(config), params=EvaluationParameters(clock="data"))
     assert (outcome.action, outcome.winner) == ("promote", second.version), outcome.reasons
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=loaded.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("rollout-evaluation").experiment_id])
+    assert runs and all(r.data.tags.get("prefect.flow_run_id") for r in runs)  # the evaluation's run links its flow run
     checks = {g["name"] for g in outcome.stats[second.version]["guardrails"]}
     report = Path(outcome.report).read_text()
     if task == "regression":  # equal predictions measure nothing between real-valued models; no classes to count

@@ -137,3 +137,17 @@ def test_an_idle_time_that_is_not_a_number_is_refused_by_name(tmp_path: Path):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "ROLLOUT_PREFECT_IDLE_SECONDS='ten minutes'" in " ".join(done.stdout.split())
     assert _servers_of(tmp_path / "prefect") == []
+
+
+def test_an_outcome_store_that_cannot_be_opened_is_one_line_naming_the_setting(tmp_path: Path, monkeypatch):
+    """A command and the service against a PostgreSQL store nobody listens for (a wrong port, a database not made
+    yet): exit 2 with the URL (no password) and the settings to check, not a page of traceback."""
+    write_policy(tmp_path)
+    monkeypatch.setenv("ROLLOUT_OUTCOME_STORE_URL", "postgresql+psycopg://team:s3cret@127.0.0.1:9/outcomes")
+    for args in (["history", "--config", "rollout.yaml"], ["serve", "--config", "rollout.yaml", "--port", "0"]):
+        done = _rollout(tmp_path, *args)
+        said = " ".join((done.stdout + done.stderr).split())
+        assert done.returncode == 2, said
+        assert "outcome store postgresql+psycopg://team:***@127.0.0.1:9/outcomes cannot be opened" in said, said
+        assert "stores.outcome_store_url or ROLLOUT_OUTCOME_STORE_URL" in said and "createdb" in said
+        assert "Traceback" not in said and "s3cret" not in said

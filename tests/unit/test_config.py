@@ -131,3 +131,15 @@ def test_your_metric_any_scikit_learn_scorer_or_your_function():
         parse_policy({"ci": {"metric": "balanced_acuracy"}})
     with pytest.raises(ConfigError, match=r"its package must be trusted by name in registry.trusted_modules"):
         parse_policy({"ci": {"metric": "team_metrics:cost"}})
+
+
+def test_store_urls_take_credentials_from_the_environment_and_name_a_missing_variable(tmp_path, monkeypatch):
+    """`${NAME}` in stores.outcome_store_url / mlflow_tracking_uri comes from the environment, so credentials stay out
+    of the policy file; one that is not set is a ConfigError naming the field; a bare `$` (a password) is kept."""
+    policy = parse_policy({"stores": {"outcome_store_url": "postgresql+psycopg://${PG_USER}:pa$$@db:5432/outcomes",
+                                      "mlflow_tracking_uri": "http://${MLFLOW_HOST}:5000"}}, tmp_path)
+    monkeypatch.setenv("PG_USER", "rollout")
+    assert policy.outcome_url == "postgresql+psycopg://rollout:pa$$@db:5432/outcomes"
+    monkeypatch.delenv("MLFLOW_HOST", raising=False)
+    with pytest.raises(ConfigError, match=r"stores.mlflow_tracking_uri: environment variable MLFLOW_HOST is not set"):
+        _ = policy.tracking_uri

@@ -97,6 +97,9 @@ def test_a_dry_run_removes_nothing(tmp_path: Path) -> None:
     _traffic(store, None, 0, 3, "idle")
     counted = store.expire(T0 + 2 * DAY, dry_run=True)
     assert counted.predictions == 2 * PER_DAY and _count(store, predictions) == 3 * PER_DAY
+    said = counted.sentence()  # what `rollout retention --dry-run` prints: a count, not a report of removals
+    assert said.startswith(f"Would remove {2 * PER_DAY:,} prediction rows") and "Removed" not in said
+    assert "0 labels" not in said and "Dry run: nothing removed." in said
 
 
 def test_a_new_sqlite_store_gives_the_space_back(tmp_path: Path) -> None:
