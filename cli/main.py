@@ -134,7 +134,7 @@ def ci(
     drift: float = typer.Option(None, help="Override data.example.drift."),
     seed: int = typer.Option(None, help="Override data.example.seed."),
     estimator: str = typer.Option(None, help="Override estimator.name."),
-    params: str = typer.Option(None, help='Override estimator.params, as JSON: \'{"C": 0.5}\'.'),
+    params: str = typer.Option(None, help='Override estimator.params, as JSON: \'{"C": 0.5}\' (merged over the policy\'s; with --estimator, that estimator\'s params).'),
     dask: bool = typer.Option(False, help="Run CV folds and stress on a local Dask cluster."),
     dask_address: str = typer.Option(None, help="Run them on the Dask scheduler at this address instead."),
 ) -> None:

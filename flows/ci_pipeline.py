@@ -33,7 +33,8 @@ class CIParameters(BaseModel):
     example_seed: forms.Integer = Field(None, description="Override data.example.seed.")
     estimator: forms.Estimator = Field(None, description="Override estimator.name: one of the built-in estimators "
                                             "(a factory stays in the policy file).")
-    estimator_params: forms.Mapping = Field(None, description="Override estimator.params.")
+    estimator_params: forms.Mapping = Field(None, description="Override estimator.params: merged over the policy's "
+                                            "(with an estimator override, that estimator's params).")
     rollout_start: forms.Time = Field(
         None, description="When the opened rollout starts (UTC); empty = now. The demo runs on simulated time."
     )
@@ -101,8 +102,8 @@ def apply_overrides(policy: Policy, params: CIParameters) -> Policy:
         raw["ci"]["training_data"]["source"] = params.training_data
     if params.estimator is not None:
         raw["estimator"] = {"name": params.estimator, "params": params.estimator_params or {}}
-    elif params.estimator_params is not None:
-        raw["estimator"]["params"] = params.estimator_params
+    elif params.estimator_params is not None:  # the same estimator: these params over the policy's
+        raw["estimator"]["params"] = {**raw["estimator"]["params"], **params.estimator_params}
     return parse_policy(raw, policy.base_dir)
 
 

@@ -83,10 +83,14 @@ def evaluation_markdown(decision: dict[str, Any], *, model_name: str, rollout_id
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for version, s in decision["stats"].items():
+        pending = s.get("pending_guardrails") or []
+        # The samples and hours are the effect's test's; a pending guardrail needs its own evidence besides
+        later = f", then guardrails: {', '.join(pending)}" if pending else ""
         lines.append(
             f"| {version} | {s.get('verdict')} | {_num(s.get('estimate'))} | {_num(s.get('lower'))} | "
             f"{_num(s.get('upper'))} | {_count(s.get('n'))} | {_num(s.get('power'), 2)} | "
-            f"{_count(s.get('samples_needed'))} | {_num(s.get('hours_to_decision'), 1)} | {_num(s.get('srm_p'), 3)} |"
+            f"{_count(s.get('samples_needed'))}{later} | {_num(s.get('hours_to_decision'), 1)}{'+' if pending else ''} | "
+            f"{_num(s.get('srm_p'), 3)} |"
         )
     asked = {v: s for v, s in decision["stats"].items() if s.get("labels_at_random") is not None}
     if asked:

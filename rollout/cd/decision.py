@@ -454,6 +454,8 @@ def decide(policy: RolloutPolicy, evidence: Evidence, rng: np.random.Generator |
             else math.nan,
             "planned_power": policy.power,
             "samples_needed": needed,
+            # what else a "continue" waits for: its needed samples count the effect's test only
+            "pending_guardrails": [g.name for g in waiting] if verdict == "continue" else [],
             "rate_per_hour": rate,
             "hours_to_decision": hours,
             "p_value": p_values.get(v),

@@ -49,3 +49,18 @@ def test_every_run_form_describes_its_fields_and_offers_choices():
     fields = _resolve(batch, batch["properties"]["params"])
     assert {"input", "query", "database", "output", "output_table"} <= set(fields["properties"])
     assert not fields.get("required")  # a file or a query, a file or a table: the flow checks which was given
+
+
+def test_a_params_override_is_merged_over_the_policys_and_an_estimator_override_brings_its_own(tmp_path):
+    """`rollout ci --params '{"alpha": 0.1}'` changes one parameter of the policy's estimator and keeps the others
+    (a team's factory reads several); with `--estimator` the params are the new estimator's alone."""
+    from flows.ci_pipeline import CIParameters, apply_overrides
+    from rollout.config import parse_policy
+
+    policy = parse_policy({"data": {"source": "x.csv", "target": "y", "task": "regression"},
+                           "estimator": {"name": "ridge", "params": {"alpha": 1.0, "fit_intercept": False}},
+                           "rollout": {"margin": 1, "min_detectable_effect": 2}}, tmp_path)
+    merged = apply_overrides(policy, CIParameters(estimator_params={"alpha": 0.1}))
+    assert merged.estimator.name == "ridge" and merged.estimator.params == {"alpha": 0.1, "fit_intercept": False}
+    other = apply_overrides(policy, CIParameters(estimator="random_forest_regressor", estimator_params={"max_depth": 2}))
+    assert other.estimator.params == {"max_depth": 2}

@@ -241,3 +241,21 @@ def test_with_label_requests_a_guardrail_counting_labels_holds_instead_of_reject
     vip = next(g for g in decision.stats["v2"]["guardrails"] if g["name"] == "VIP precision")
     assert vip["status"] == "pending" and "requested labels" in vip["reason"]
     assert decision.stats["v2"]["lower"] > -0.01 and "label requests" in decision.stats["v2"]["method"]
+
+
+def test_a_challenger_waiting_on_a_guardrail_says_so_beside_its_samples_still_needed(policy: RolloutPolicy) -> None:
+    """The effect's test is settled (no samples still needed for it) but the VIP precision floor has too few VIP
+    rows to hold with confidence: the decision continues, and the report's "samples still needed" says the wait is
+    the guardrail's, not a 0 that reads as "decided"."""
+    from rollout.report import evaluation_markdown
+
+    few_vip = Confusion(tp=9, fp=0, fn=1, tn=0)
+    decision = decide(policy, _evidence(_challenger("v2", effect=0.04, n_per_day=3000, vip=few_vip)))
+    s = decision.stats["v2"]
+    assert decision.action == "continue" and s["samples_needed"] == 0 and s["pending_guardrails"]
+    report = evaluation_markdown(decision.to_dict(), model_name="m", rollout_id=1, mode="shadow",
+                                 metric="accuracy", margin=0.01, champion="v1", now=START + timedelta(hours=72))
+    row = next(line for line in report.splitlines() if line.startswith("| v2 | continue |"))
+    assert f"0, then guardrails: {', '.join(s['pending_guardrails'])}" in row
+    assert decide(policy, _evidence(_challenger("v2", effect=0.04, n_per_day=3000))).stats["v2"][
+        "pending_guardrails"] == []  # promoted: nothing pending
