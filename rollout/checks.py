@@ -39,9 +39,21 @@ def check_data(policy: Policy, frame: pd.DataFrame) -> list[Problem]:
         problems += _target(policy, frame[cfg.target])
     problems += _estimator_params(policy)
     problems += _segments(policy, frame)
+    problems += _example_names(policy)
     if cfg.target in frame.columns and not any(p.field.startswith("data.target") for p in problems):
         problems += _columns(policy, frame)
     return sorted(problems, key=lambda p: (ERROR, WARNING, INFO).index(p.severity))
+
+
+def _example_names(policy: Policy) -> list[Problem]:
+    """The example's model name on a team's data: on a shared MLflow server every such policy is one registered
+    model, and one team's CI would move another's @challenger and open rollouts against its champion."""
+    default = type(policy.registry).model_fields["model_name"].default
+    if policy.data.source == "example" or policy.registry.model_name != default:
+        return []
+    return [Problem("registry.model_name", f"still the example's {default!r}: give your model its own name, or it "
+                    "shares its registered model (aliases, rollouts) with every policy that kept the default",
+                    WARNING)]
 
 
 def errors_of(problems: list[Problem]) -> ConfigError | None:

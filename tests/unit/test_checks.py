@@ -73,13 +73,18 @@ def test_check_config_data_prints_every_problem_and_exits_2(tmp_path):
     assert "did you mean 'C'?" in said and "4 error(s): the policy does not fit its data (569 rows)" in said
     assert said.count("its columns are: mean radius") == 1
 
-    fixed = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"})  # nothing of the example
+    fixed = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"})  # nothing of the example...
     result = CliRunner().invoke(app, ["check-config", "--config", str(fixed), "--data"], terminal_width=200)
+    said = " ".join(result.output.split())  # ...but its model name: on a shared MLflow server, one model for all
+    assert result.exit_code == 0 and "warning registry.model_name: still the example's 'loan-approval'" in said
+    assert "the policy fits its data (569 rows, 31 columns; 1 warning(s))" in said
+    named = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"}, registry={"model_name": "cancer"})
+    result = CliRunner().invoke(app, ["check-config", "--config", str(named), "--data"], terminal_width=200)
     assert result.exit_code == 0 and "the policy fits its data (569 rows, 31 columns)" in result.output
 
 
 def test_parameter_values_the_estimator_refuses_are_found_before_training():
-    policy = parse_policy({"data": {"source": "c.csv", "target": "target"},
+    policy = parse_policy({"data": {"source": "c.csv", "target": "target"}, "registry": {"model_name": "cancer"},
                            "estimator": {"name": "logistic_regression", "params": {"C": -1}}})
     problems = check_data(policy, _cancer())
     assert [(p.field, p.severity) for p in problems] == [("estimator.params", ERROR)]
