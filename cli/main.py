@@ -296,7 +296,7 @@ def simulate(
     start: str = typer.Option(None, help="Start of the simulated window (ISO 8601); default: now - days."),
 ) -> None:
     """Send traffic (generated loan applications, or your own rows with --data) and post delayed labels."""
-    from cli.simulate import parse_delay, replay_from
+    from cli.simulate import OptionError, parse_delay, replay_from
     from cli.simulate import simulate as run_simulation
 
     policy = _policy(config)
@@ -313,7 +313,7 @@ def simulate(
         summary = run_simulation(url, policy, requests=requests or 1000, days=days, label_delay_hours=delay,
                                  missing_rate=(0.0 if replay else 0.1) if missing_rate is None else missing_rate,
                                  concurrency=concurrency, seed=seed, drift=drift, start=start, replay=replay)
-    except ValueError as exc:  # an option or the data to change: the message says which
+    except OptionError as exc:  # an option or the data to change, before any request: the message says which
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     console.print(summary)
@@ -658,6 +658,7 @@ def make_suite(
     config: str = CONFIG,
     output: Path = typer.Option(None, help="Where to write the Great Expectations suite (JSON); default: the "
                                 "policy's ci.expectations_suite, where `rollout ci` reads it."),
+    force: bool = typer.Option(False, help="Replace a suite already there (a reviewed suite is lost)."),
 ) -> None:
     """Write a starter Great Expectations suite derived from the policy's training data."""
     from rollout.data import infer_schema, load_dataset
@@ -672,10 +673,18 @@ def make_suite(
         raise typer.Exit(2) from None
     reads = policy.path(policy.ci.expectations_suite)
     output = reads if output is None else output
+    if output.exists() and not force:
+        console.print(f"[red]{output} exists (a suite someone may have reviewed): --force replaces it, or --output "
+                      "writes elsewhere[/red]")
+        raise typer.Exit(2)
     suite = build_suite(frame, schema, output.stem)
     console.print(f"wrote {len(suite.expectations)} expectations to {write_suite(suite, output)}; review before committing")
     if output.resolve() != Path(reads).resolve():
-        console.print(f"[yellow]`rollout ci` reads {reads}: set ci.expectations_suite: {output} in {config}[/yellow]")
+        import os
+
+        relative = os.path.relpath(output.resolve(), policy.base_dir.resolve())  # as the policy file names paths
+        console.print(f"[yellow]`rollout ci` reads {reads}: set ci.expectations_suite: {relative} in "
+                      f"{config}[/yellow]")
 
 
 _exit: dict[str, int] = {}  # "code": the command's exit code once it ended; "quick": it ran a flow (_quick_exit)

@@ -51,6 +51,10 @@ class SimulationSummary:
     error_samples: tuple[str, ...] = field(default_factory=tuple)
 
 
+class OptionError(ValueError):
+    """An option or the data to change, found before any request is sent (the CLI prints it, exit 2)."""
+
+
 def simulate(url: str, policy: Policy, **options: Any) -> SimulationSummary:
     """Blocking form of `simulate_async` (same keyword options), for the CLI and the demo."""
     return asyncio.run(simulate_async(url, policy, **options))
@@ -161,13 +165,16 @@ async def simulate_async(
     import httpx
 
     if requests < 1:
-        raise ValueError("requests: must be at least 1")
+        raise OptionError("requests: must be at least 1")
     if not 0 <= missing_rate <= 1:
-        raise ValueError("missing_rate: must be within [0, 1]")
+        raise OptionError("missing_rate: must be within [0, 1]")
     token = token or os.environ.get(policy.serving.token_env)
     if not token:
-        raise ValueError(f"a bearer token is needed for simulated timestamps and labels: set the environment variable "
-                         f"{policy.serving.token_env} (serving.token_env) to the service's token")
+        raise OptionError(f"a bearer token is needed for simulated timestamps and labels: set the environment variable "
+                          f"{policy.serving.token_env} (serving.token_env) to the service's token")
+    if replay is None and policy.data.source != "example":
+        raise OptionError(f"the built-in traffic is the example's loan applications, not rows of {policy.data.source} "
+                          "(data.source): replay your own rows with --data FILE")
     rng = np.random.default_rng(seed)
     now = (clock or (lambda: datetime.now(tz=UTC)))()
     if isinstance(start, str):
@@ -175,7 +182,7 @@ async def simulate_async(
     if replay is not None:
         requests = len(replay.features)
         if requests < 1:
-            raise ValueError("--data: the file has no rows to replay")
+            raise OptionError("--data: the file has no rows to replay")
     if replay is not None and replay.times is not None:  # the data's own clock
         begin_s = float(replay.times[0])
         days = max((float(replay.times[-1]) - begin_s) / 86400.0, 1e-9)
@@ -198,9 +205,6 @@ async def simulate_async(
         missing |= replay.labels.isna().to_numpy()
     else:
         frame = traffic_frame(policy, requests, seed, drift, drift_start, new_levels)
-        if data.target not in frame:
-            raise ValueError(f"the built-in traffic is the example's loan applications, which have no column "
-                             f"{data.target!r} (data.target): replay your own rows with --data FILE")
         drop = {data.target, data.timestamp_column, data.unit_column} - {None}
         feature_cols = [c for c in frame.columns if c not in drop]
         records = records_of(frame[feature_cols])

@@ -74,7 +74,7 @@ def _adopt(params: AdoptParameters, config: str, outcome: CIOutcome) -> CIOutcom
     outcome.stage = "registering the version"
     logged = ci.register_adopted(policy, params.model_uri, schema, frame, held, outcome.gates)
     outcome.stage = "moving aliases"
-    assigned = ci.assign_aliases(policy, str(logged.version), params.rollout_start)
+    assigned = ci.assign_aliases(policy, str(logged.version), params.rollout_start, actor="adopt-model")
     outcome.version, outcome.aliases, outcome.run_id = assigned.version, assigned.aliases, logged.run_id
     outcome.rollout_id = assigned.rollout_id
     outcome.stage = "done"

@@ -268,10 +268,11 @@ def register_adopted(policy: Policy, model_uri: str, schema: Schema, frame: pd.D
 
 
 @task(name="assign-aliases", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5, retry_condition_fn=transient)
-def assign_aliases(policy: Policy, version: str, rollout_start: datetime | None = None) -> rollouts.Assignment:
+def assign_aliases(policy: Policy, version: str, rollout_start: datetime | None = None,
+                   actor: str = "ci-pipeline") -> rollouts.Assignment:
     """@champion for a first model (when the policy allows); else @challenger and a rollout in the policy's mode."""
     assignment = rollouts.assign(policy, open_registry(policy), OutcomeStore(policy.outcome_url), version,
-                                 rollout_start)
+                                 rollout_start, actor)
     create_markdown_artifact(assignment.summary(), key=artifact_key(f"{policy.registry.model_name}-registered-version"), description="Registration and rollout")
     return assignment
 

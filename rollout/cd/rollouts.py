@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -9,6 +10,8 @@ from rollout.config import Policy, RolloutPolicy
 from rollout.outcomes import Store
 from rollout.registry import ModelRegistry
 from rollout.roles import ARCHIVED, Role, challenger_alias, is_challenger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,16 @@ class Assignment:
 
 
 def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
-           start: datetime | None = None) -> Assignment:
+           start: datetime | None = None, actor: str = "ci-pipeline") -> Assignment:
     """First model: @champion when the policy allows (it has no champion to be judged against online), else
     @challenger with no rollout. Otherwise @challenger (or the next `challenger-N` in abn mode) and a rollout
-    opened in the policy's mode, starting at `start` (default: now)."""
+    opened in the policy's mode, starting at `start` (default: now). A rollout still open ends, said in the audit
+    log and on the versions it was judging.
+
+    Every step may run again (the calling task retries on a registry or store outage): the aliases are set to what
+    they should be, a rollout already open with this plan's versions is the one an earlier attempt opened, the
+    audit entry is written once, and the old challengers' tags and stage are kept up to date on a best-effort basis
+    (a version deleted from the registry meanwhile does not fail the run)."""
     aliases = registry.aliases()
     if Role.CHAMPION not in aliases:
         if policy.ci.first_model_becomes_champion:
@@ -91,19 +100,25 @@ def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
     for alias, v in plan.versions.items():
         if alias != Role.CHAMPION and aliases.get(alias) != v:
             registry.set_alias(alias, v)
+    mine = [a for a, v in plan.versions.items() if v == version]
     previous = store.current_rollout()
+    if previous is not None and previous.mode == plan.mode and dict(previous.versions) == dict(plan.versions):
+        return Assignment(version, mine, previous.rollout_id, plan)  # an earlier attempt of this step opened it
+    if previous is not None and not any(e.decision == "superseded" for e in store.audit_log(previous.rollout_id)):
+        # Before the new rollout, which ends it: a retry after a failure in between finds it still open.
+        gone = sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values()))
+        store.record_decision(previous.rollout_id, "superseded", {
+            "reasons": [f"superseded before a decision: version {version} registered; version(s) "
+                        f"{', '.join(gone) or '-'} no longer serve"],
+            "by_version": version, "versions": dict(previous.versions)}, actor=actor, ts=start)
     rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights, started_at=start)
     superseded = None
-    if previous is not None and previous.rollout_id != rollout_id:
-        # The open rollout ends before its decision: said in the audit log (`rollout history`) and on the versions
-        # it was judging, not only in its routing row.
+    if previous is not None:
         superseded = previous.rollout_id
-        gone = sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values()))
-        store.record_decision(superseded, "superseded", {
-            "reasons": [f"superseded by rollout {rollout_id} (version {version} registered) before a decision; "
-                        f"version(s) {', '.join(gone) or '-'} no longer serve in it"],
-            "by_rollout": rollout_id, "versions": dict(previous.versions)}, actor="ci-pipeline", ts=start)
-        for v in gone:  # no alias left (a version under two aliases would be in `plan.versions`): stage Archived
-            registry.set_tags(v, {f"rollout.{superseded}.decision": "superseded"})
-            registry.mirror_stage(v, ARCHIVED)
-    return Assignment(version, [a for a, v in plan.versions.items() if v == version], rollout_id, plan, superseded)
+        for v in sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values())):
+            try:  # no alias left (a version under two aliases would be in `plan.versions`): stage Archived
+                registry.set_tags(v, {f"rollout.{superseded}.decision": "superseded"})
+                registry.mirror_stage(v, ARCHIVED)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping on an old version; the new rollout is open
+                log.warning("version %s of superseded rollout %s: tags and stage not updated: %s", v, superseded, exc)
+    return Assignment(version, mine, rollout_id, plan, superseded)

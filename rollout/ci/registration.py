@@ -34,10 +34,23 @@ def git_sha(where: Path) -> str:
 
 
 def policy_text(policy: Policy) -> str:
-    """The policy the run was judged by, every default filled in and the run's overrides applied, as YAML."""
+    """The policy the run was judged by, every default filled in and the run's overrides applied, as YAML; a
+    password in a URL (a store given by ROLLOUT_OUTCOME_STORE_URL, a database data.source) shown as ***."""
+    import re
+
     import yaml
 
-    return str(yaml.safe_dump(policy.model_dump(mode="json", exclude={"base_dir"}, by_alias=True), sort_keys=False))
+    def masked(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: masked(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [masked(v) for v in value]
+        if isinstance(value, str) and "://" in value:
+            return re.sub(r"(://[^:/@\s]*:)\S*@", r"\1***@", value)  # to the last @: a password may hold one
+        return value
+
+    dumped = masked(policy.model_dump(mode="json", exclude={"base_dir"}, by_alias=True))
+    return str(yaml.safe_dump(dumped, sort_keys=False))
 
 
 def metric_key(metric: str) -> str:

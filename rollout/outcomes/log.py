@@ -373,16 +373,20 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
                 # connection goes back to the pool, so the default is restored below.
                 cache = dbapi.execute("PRAGMA cache_size").fetchone()[0]
                 dbapi.execute("PRAGMA cache_size=-1048576")  # 1 GiB, as needed
-                for row in rows:
-                    buf.append(row)
-                    if len(buf) >= batch:
+                try:
+                    for row in rows:
+                        buf.append(row)
+                        if len(buf) >= batch:
+                            flush()
+                            written += len(buf)
+                            buf = []
+                    if buf:
                         flush()
                         written += len(buf)
-                        buf = []
-                if buf:
-                    flush()
-                    written += len(buf)
-                dbapi.execute(f"PRAGMA cache_size={int(cache)}")
+                finally:  # a failed load too: the pooled connection keeps no 1 GiB cache
+                    if dbapi.in_transaction:
+                        dbapi.execute("ROLLBACK")
+                    dbapi.execute(f"PRAGMA cache_size={int(cache)}")
             else:
                 day = names.index("day") if table == "predictions" and "day" in names else None
                 pending: list[Sequence[Any]] = []

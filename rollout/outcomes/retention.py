@@ -45,7 +45,8 @@ class Expired:
         removed = (f"Would remove {self.predictions:,} prediction rows older than {when}, and the labels of the "
                    "requests they are the last rows of" if self.dry_run else
                    f"Removed {self.predictions:,} prediction rows and {self.labels:,} labels older than {when}")
-        kept = f"; kept {self.kept_open:,} older rows of the open rollout" if self.kept_open else ""
+        kept = (f"; {'keeps' if self.dry_run else 'kept'} {self.kept_open:,} older rows of the open rollout"
+                if self.kept_open else "")
         return f"{removed}{kept}.{' ' + self.note if self.note else ''}"
 
 

@@ -319,6 +319,10 @@ def test_a_daily_series_from_a_policy_file_alone_validates_forward_in_time(tmp_p
     assert missing.exit_code != 0 and "set ci.expectations_suite" in said and "rollout make-suite" in said, said
     made = CliRunner().invoke(app, ["make-suite", "--config", str(path)])  # to where `rollout ci` reads it
     assert made.exit_code == 0, made.output
+    kept = (tmp_path / "weather.json").read_text()
+    again = CliRunner().invoke(app, ["make-suite", "--config", str(path)], terminal_width=400)
+    assert again.exit_code == 2 and "--force" in again.output  # a reviewed suite is not overwritten unasked
+    assert (tmp_path / "weather.json").read_text() == kept
     assert "2024-01-01" not in (tmp_path / "weather.json").read_text()  # no rule listing the dates
     result = CliRunner().invoke(app, ["ci", "--config", str(path)], terminal_width=300)
     assert result.exit_code == 0, result.output

@@ -119,4 +119,4 @@ def test_simulate_on_a_teams_own_data_says_what_to_pass_instead_of_a_traceback(t
     monkeypatch.setenv("ROLLOUT_TOKEN", "secret")
     own = CliRunner().invoke(app, args, terminal_width=400)
     said = " ".join(own.output.split())
-    assert own.exit_code == 2 and "no column 'target' (data.target)" in said and "--data FILE" in said, said
+    assert own.exit_code == 2 and "not rows of diabetes.csv (data.source)" in said and "--data FILE" in said, said

@@ -143,3 +143,16 @@ def test_store_urls_take_credentials_from_the_environment_and_name_a_missing_var
     monkeypatch.delenv("MLFLOW_HOST", raising=False)
     with pytest.raises(ConfigError, match=r"stores.mlflow_tracking_uri: environment variable MLFLOW_HOST is not set"):
         _ = policy.tracking_uri
+
+
+def test_the_policy_a_run_records_in_mlflow_shows_no_password(tmp_path, monkeypatch):
+    """CI and adopt runs keep the policy they were judged by (`policy.yaml`): a store URL from the environment with
+    its password in it (ROLLOUT_OUTCOME_STORE_URL) or a database data.source is recorded with *** instead."""
+    from rollout.ci.registration import policy_text
+
+    monkeypatch.setenv("ROLLOUT_OUTCOME_STORE_URL", "postgresql+psycopg://rollout:s3cr@t@db:5432/outcomes")
+    (tmp_path / "rollout.yaml").write_text(
+        "data: {source: 'postgresql://reader:hunter2@warehouse/analytics', target: y, query: 'SELECT 1'}\n")
+    text = policy_text(load_policy(tmp_path / "rollout.yaml"))
+    assert "s3cr" not in text and "hunter2" not in text
+    assert "postgresql+psycopg://rollout:***@db:5432/outcomes" in text and "postgresql://reader:***@warehouse" in text
