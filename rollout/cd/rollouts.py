@@ -104,9 +104,12 @@ def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
     previous = store.current_rollout()
     if previous is not None and previous.mode == plan.mode and dict(previous.versions) == dict(plan.versions):
         return Assignment(version, mine, previous.rollout_id, plan)  # an earlier attempt of this step opened it
+    # The old rollout's challengers the new one drops: no alias left (a version under two aliases would be in
+    # the plan's versions)
+    gone = sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values())
+                  ) if previous is not None else []
     if previous is not None and not any(e.decision == "superseded" for e in store.audit_log(previous.rollout_id)):
         # Before the new rollout, which ends it: a retry after a failure in between finds it still open.
-        gone = sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values()))
         store.record_decision(previous.rollout_id, "superseded", {
             "reasons": [f"superseded before a decision: version {version} registered; version(s) "
                         f"{', '.join(gone) or '-'} no longer serve"],
@@ -115,8 +118,8 @@ def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
     superseded = None
     if previous is not None:
         superseded = previous.rollout_id
-        for v in sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values())):
-            try:  # no alias left (a version under two aliases would be in `plan.versions`): stage Archived
+        for v in gone:
+            try:
                 registry.set_tags(v, {f"rollout.{superseded}.decision": "superseded"})
                 registry.mirror_stage(v, ARCHIVED)
             except Exception as exc:  # noqa: BLE001 - bookkeeping on an old version; the new rollout is open
