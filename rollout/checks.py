@@ -38,6 +38,8 @@ def check_data(policy: Policy, frame: pd.DataFrame) -> list[Problem]:
     if cfg.target in frame.columns:
         problems += _target(policy, frame[cfg.target])
     problems += _estimator_params(policy)
+    if not any(p.field.startswith(("estimator", "data.target")) for p in problems):
+        problems += _factory_product(policy, frame)
     problems += _segments(policy, frame)
     problems += _example_names(policy)
     if cfg.target in frame.columns and not any(p.field.startswith("data.target") for p in problems):
@@ -139,6 +141,28 @@ def _estimator_params(policy: Policy) -> list[Problem]:
     if not problems and policy.estimator.factory is None:
         problems += _param_values(policy)
     return problems
+
+
+def _factory_product(policy: Policy, frame: pd.DataFrame) -> list[Problem]:
+    """A team's factory called as CI calls it (trusted by the policy, which names its package): what it returns must
+    be an estimator, not a class or anything else, before CI spends a run finding out in fit."""
+    from rollout.ci.training import from_factory
+    from rollout.data import infer_schema
+
+    if policy.estimator.factory is None:
+        return []
+    try:
+        schema = infer_schema(frame, policy.data)
+    except (ConfigError, ValueError):  # the data's own problem, which the other checks and CI name
+        return []
+    try:
+        from_factory(policy.estimator.factory, schema, dict(policy.estimator.params))
+    except ConfigError as exc:
+        return [Problem("estimator.factory", str(exc).removeprefix("estimator.factory "))]
+    except Exception as exc:  # noqa: BLE001 - the team's code failing on these params: what CI would hit
+        return [Problem("estimator.factory", f"calling it with the data's schema and estimator.params failed: "
+                        f"{type(exc).__name__}: {exc}"[:500])]
+    return []
 
 
 def _param_values(policy: Policy) -> list[Problem]:

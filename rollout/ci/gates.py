@@ -80,6 +80,9 @@ def step_failed(stage: str, cause: BaseException, outcome: Any = None) -> StepFa
     """The StepFailed of an error raised while `stage` ran, with a hint of what to change where one is known."""
     kinds = {k.__name__ for k in type(cause).__mro__}
     hint = next((h for s, names, h in _HINTS if stage.startswith(s) and kinds & set(names)), "")
+    policy = getattr(outcome, "policy", None)
+    if policy is not None and getattr(policy.estimator, "factory", None):  # the team's code, not a name
+        hint = hint.replace("estimator.name", "estimator.factory")
     return StepFailed(stage, cause, hint, outcome)
 
 

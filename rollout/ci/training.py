@@ -225,6 +225,9 @@ def from_factory(factory: str, schema: Schema, params: dict[str, Any]) -> Any:
     """Call the team's factory with the schema and the policy's params; it must give an unfitted estimator
     (fit and predict)."""
     model = factory_function(factory)(schema, **params)
+    if isinstance(model, type):  # a class has fit and predict too, unbound: CI would fail in fit, far from here
+        raise ConfigError(f"estimator.factory {factory!r} returned the class {model.__name__}, not an estimator: "
+                          f"return an instance ({model.__name__}(...))")
     if not (hasattr(model, "fit") and hasattr(model, "predict")):
         raise ConfigError(f"estimator.factory {factory!r} returned {type(model).__name__}, not an estimator "
                           "(it needs fit and predict)")

@@ -89,3 +89,25 @@ def test_parameter_values_the_estimator_refuses_are_found_before_training():
     problems = check_data(policy, _cancer())
     assert [(p.field, p.severity) for p in problems] == [("estimator.params", ERROR)]
     assert "The 'C' parameter of LogisticRegression must be a float in the range (0.0, inf]" in problems[0].message
+
+
+def test_a_factory_that_returns_a_class_is_found_by_check_config_not_by_a_ci_run(tmp_path, monkeypatch):
+    """A team's factory returning `Ridge` instead of `Ridge()`: check-config --data calls it as CI would and names
+    estimator.factory; a factory returning an instance fits."""
+    package = tmp_path / "team_factories"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from sklearn.linear_model import LogisticRegression\n\n"
+        "def as_class(schema, **params):\n    return LogisticRegression\n\n"
+        "def as_instance(schema, **params):\n    return LogisticRegression(max_iter=500, **params)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def problems_of(factory: str) -> dict[str, str]:
+        policy = parse_policy({"data": {"source": "c.csv", "target": "target"}, "registry": {
+            "model_name": "cancer", "trusted_modules": ["team_factories"]},
+            "estimator": {"factory": f"team_factories:{factory}", "params": {"C": 0.5}}})
+        return {p.field: p.message for p in check_data(policy, _cancer())}
+
+    said = problems_of("as_class")
+    assert "returned the class LogisticRegression, not an estimator" in said["estimator.factory"]
+    assert "estimator.factory" not in problems_of("as_instance")

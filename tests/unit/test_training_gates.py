@@ -433,3 +433,20 @@ def test_the_slowdown_interval_covers_the_true_ratio_about_90_percent_of_the_tim
             hits[kind] += low <= 2.0 <= high
     for kind, n in hits.items():
         assert 0.85 <= n / runs <= 0.95, (kind, n / runs)
+
+
+def test_a_training_failure_names_the_factory_when_the_policy_trains_the_teams_own_code(tmp_path):
+    """The hint of a step that failed in training points at what the policy uses: estimator.name for a built-in
+    estimator, estimator.factory for the team's own training code; a missing suite names ci.expectations_suite."""
+    from types import SimpleNamespace
+
+    built_in = SimpleNamespace(policy=parse_policy({}))
+    own = SimpleNamespace(policy=parse_policy({"estimator": {"factory": "team_model:build"},
+                                               "registry": {"trusted_modules": ["team_model"]}}))
+    error = ValueError("Input X contains NaN")
+    assert "check estimator.name and estimator.params" in str(gates.step_failed("training (fit)", error, built_in))
+    assert "check estimator.factory and estimator.params" in str(gates.step_failed("training (fit)", error, own))
+    from rollout.ci.validation import MissingSuite
+
+    missing = gates.step_failed("loading data", MissingSuite("expectation suite not found: x.json"), built_in)
+    assert "set ci.expectations_suite" in str(missing) and "check data.source" not in str(missing)
