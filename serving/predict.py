@@ -62,6 +62,8 @@ def parse_batch(payload: Any, ts: float, max_rows: int, unit_column: str | None,
             if not isinstance(records, list):
                 raise RequestError(422, "records: expected a list of objects")
         elif "record" in payload:
+            if not isinstance(payload["record"], dict):
+                raise RequestError(422, f"record: expected an object, got {type(payload['record']).__name__}")
             records = [payload["record"]]
         else:
             raise RequestError(422, "body: expected {'record': {...}} or {'records': [...]}")

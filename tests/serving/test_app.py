@@ -89,6 +89,7 @@ def test_a_batch_requests_ids_are_consecutive_ulids_each_its_own(registry: InMem
         ({"record": {"income": None, "tier": "VIP"}}, "income", 422),  # null where not nullable
         ({"records": [record(0), {"income": True, "tier": "VIP"}]}, "records[1].income", 422),
         ({"records": []}, "records", 422),
+        ({"record": [1, 2, 3]}, "record:", 422),  # the field as the caller wrote it, not records[0]
         ({"inputs": [1, 2]}, "inputs[0]", 422),
         ({"inputs": [[1, 2]]}, "inputs[0]", 422),  # a row of the wrong width
         ({"dataframe_split": {"columns": ["income"], "data": [[1.0, 2.0]]}}, "dataframe_split.data[0]", 422),
