@@ -178,7 +178,10 @@ async def simulate_async(
     rng = np.random.default_rng(seed)
     now = (clock or (lambda: datetime.now(tz=UTC)))()
     if isinstance(start, str):
-        start = datetime.fromisoformat(start)
+        try:
+            start = datetime.fromisoformat(start)
+        except ValueError:
+            raise OptionError(f"--start {start!r}: expected an ISO 8601 time, e.g. 2026-05-01T00:00:00+00:00") from None
     if replay is not None:
         requests = len(replay.features)
         if requests < 1:

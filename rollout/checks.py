@@ -155,8 +155,12 @@ def _factory_product(policy: Policy, frame: pd.DataFrame) -> list[Problem]:
         schema = infer_schema(frame, policy.data)
     except (ConfigError, ValueError):  # the data's own problem, which the other checks and CI name
         return []
+    params = dict(policy.estimator.params)
+    search = policy.estimator.search
+    for name, space in (search.space if search else {}).items():  # a searched parameter: one value of its space
+        params.setdefault(name, space.choices[0] if space.choices else space.low)
     try:
-        from_factory(policy.estimator.factory, schema, dict(policy.estimator.params))
+        from_factory(policy.estimator.factory, schema, params)
     except ConfigError as exc:
         return [Problem("estimator.factory", str(exc).removeprefix("estimator.factory "))]
     except Exception as exc:  # noqa: BLE001 - the team's code failing on these params: what CI would hit

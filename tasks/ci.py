@@ -271,8 +271,11 @@ def register_adopted(policy: Policy, model_uri: str, schema: Schema, frame: pd.D
 def assign_aliases(policy: Policy, version: str, rollout_start: datetime | None = None,
                    actor: str = "ci-pipeline") -> rollouts.Assignment:
     """@champion for a first model (when the policy allows); else @challenger and a rollout in the policy's mode."""
+    from prefect.runtime import task_run
+
+    # The task run's id names this step across its retries: a retry finds the rollout an earlier attempt opened
     assignment = rollouts.assign(policy, open_registry(policy), OutcomeStore(policy.outcome_url), version,
-                                 rollout_start, actor)
+                                 rollout_start, actor, attempt=str(task_run.id) if task_run.id else None)
     create_markdown_artifact(assignment.summary(), key=artifact_key(f"{policy.registry.model_name}-registered-version"), description="Registration and rollout")
     return assignment
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -77,16 +78,17 @@ class Assignment:
 
 
 def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
-           start: datetime | None = None, actor: str = "ci-pipeline") -> Assignment:
+           start: datetime | None = None, actor: str = "ci-pipeline", attempt: str | None = None) -> Assignment:
     """First model: @champion when the policy allows (it has no champion to be judged against online), else
     @challenger with no rollout. Otherwise @challenger (or the next `challenger-N` in abn mode) and a rollout
-    opened in the policy's mode, starting at `start` (default: now). A rollout still open ends, said in the audit
-    log and on the versions it was judging.
+    opened in the policy's mode, starting at `start` (default: now). A rollout still open ends undecided: an audit
+    row `superseded` and, on the challengers it drops, a tag and the Archived stage.
 
-    Every step may run again (the calling task retries on a registry or store outage): the aliases are set to what
-    they should be, a rollout already open with this plan's versions is the one an earlier attempt opened, the
-    audit entry is written once, and the old challengers' tags and stage are kept up to date on a best-effort basis
-    (a version deleted from the registry meanwhile does not fail the run)."""
+    `attempt` names this step across its retries (the calling task's run id): the rollout's salt is derived from it,
+    so a retry finds the rollout an earlier attempt opened rather than opening another, and finishes what that
+    attempt left undone. Every other step is safe to repeat: aliases are set to what the plan says, the audit row is
+    written once per (rollout, version), and the tags and stage are best effort (a version deleted from the
+    registry meanwhile does not fail the run)."""
     aliases = registry.aliases()
     if Role.CHAMPION not in aliases:
         if policy.ci.first_model_becomes_champion:
@@ -101,27 +103,32 @@ def assign(policy: Policy, registry: ModelRegistry, store: Store, version: str,
         if alias != Role.CHAMPION and aliases.get(alias) != v:
             registry.set_alias(alias, v)
     mine = [a for a, v in plan.versions.items() if v == version]
-    previous = store.current_rollout()
-    if previous is not None and previous.mode == plan.mode and dict(previous.versions) == dict(plan.versions):
-        return Assignment(version, mine, previous.rollout_id, plan)  # an earlier attempt of this step opened it
-    # The old rollout's challengers the new one drops: no alias left (a version under two aliases would be in
+    salt = None if attempt is None else hashlib.sha256(f"rollout-attempt:{attempt}".encode()).hexdigest()[:32]
+    current = store.current_rollout()
+    if salt is not None and current is not None and current.salt == salt:  # an earlier attempt of this step opened it
+        rollout_id = current.rollout_id
+        previous = next((r for r in store.rollouts() if r.rollout_id != rollout_id and r.ended_at is not None
+                         and r.ended_at == current.started_at and (r.end_reason or "").startswith("superseded")), None)
+    else:
+        previous = current
+        rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights, salt=salt, started_at=start)
+    if previous is None:
+        return Assignment(version, mine, rollout_id, plan)
+    # The ended rollout's challengers the new one drops: no alias left (a version under two aliases would be in
     # the plan's versions)
-    gone = sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values())
-                  ) if previous is not None else []
-    if previous is not None and not any(e.decision == "superseded" for e in store.audit_log(previous.rollout_id)):
-        # Before the new rollout, which ends it: a retry after a failure in between finds it still open.
+    gone = sorted({v for r, v in previous.versions.items() if r != Role.CHAMPION} - set(plan.versions.values()))
+    if not any(e.decision == "superseded" and e.stats.get("by_rollout") == rollout_id
+               for e in store.audit_log(previous.rollout_id)):
         store.record_decision(previous.rollout_id, "superseded", {
-            "reasons": [f"superseded before a decision: version {version} registered; version(s) "
-                        f"{', '.join(gone) or '-'} no longer serve"],
-            "by_version": version, "versions": dict(previous.versions)}, actor=actor, ts=start)
-    rollout_id = store.open_rollout(plan.mode, plan.versions, plan.weights, started_at=start)
-    superseded = None
-    if previous is not None:
-        superseded = previous.rollout_id
-        for v in gone:
-            try:
-                registry.set_tags(v, {f"rollout.{superseded}.decision": "superseded"})
-                registry.mirror_stage(v, ARCHIVED)
-            except Exception as exc:  # noqa: BLE001 - bookkeeping on an old version; the new rollout is open
-                log.warning("version %s of superseded rollout %s: tags and stage not updated: %s", v, superseded, exc)
-    return Assignment(version, mine, rollout_id, plan, superseded)
+            "reasons": [f"superseded by rollout {rollout_id} before a decision: version {version} registered; "
+                        f"version(s) {', '.join(gone) or '-'} no longer serve"],
+            "by_rollout": rollout_id, "by_version": version, "versions": dict(previous.versions)}, actor=actor,
+            ts=start)
+    for v in gone:
+        try:
+            registry.set_tags(v, {f"rollout.{previous.rollout_id}.decision": "superseded"})
+            registry.mirror_stage(v, ARCHIVED)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping on an old version; the new rollout is open
+            log.warning("version %s of superseded rollout %s: tags and stage not updated: %s", v,
+                        previous.rollout_id, exc)
+    return Assignment(version, mine, rollout_id, plan, previous.rollout_id)

@@ -36,8 +36,6 @@ def git_sha(where: Path) -> str:
 def policy_text(policy: Policy) -> str:
     """The policy the run was judged by, every default filled in and the run's overrides applied, as YAML; a
     password in a URL (a store given by ROLLOUT_OUTCOME_STORE_URL, a database data.source) shown as ***."""
-    import re
-
     import yaml
 
     def masked(value: Any) -> Any:
@@ -45,12 +43,33 @@ def policy_text(policy: Policy) -> str:
             return {k: masked(v) for k, v in value.items()}
         if isinstance(value, list):
             return [masked(v) for v in value]
-        if isinstance(value, str) and "://" in value:
-            return re.sub(r"(://[^:/@\s]*:)\S*@", r"\1***@", value)  # to the last @: a password may hold one
-        return value
+        return masked_url(value) if isinstance(value, str) else value
 
     dumped = masked(policy.model_dump(mode="json", exclude={"base_dir"}, by_alias=True))
     return str(yaml.safe_dump(dumped, sort_keys=False))
+
+
+def masked_url(value: str) -> str:
+    """A URL with the password of its user part, and any `password=` of its query, as ***; anything that is not a
+    URL (`scheme://...`) as it is."""
+    import re
+    from urllib.parse import urlsplit
+
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        return value
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+    except ValueError:
+        return value
+    out = value  # edited in place: a rebuilt URL may differ (sqlite:/// loses a slash through urlunsplit)
+    if password is not None:  # user part up to the last @ (the host has none), the password after its first :
+        user, _, host = parts.netloc.rpartition("@")
+        out = out.replace(parts.netloc, f"{user.partition(':')[0]}:***@{host}", 1)
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    if query != parts.query:
+        out = out.replace("?" + parts.query, "?" + query, 1)
+    return out
 
 
 def metric_key(metric: str) -> str:

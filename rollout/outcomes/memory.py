@@ -124,6 +124,9 @@ class InMemoryStore:
     def rollout(self, rollout_id: int) -> Rollout | None:
         return self.routing.get(rollout_id)
 
+    def rollouts(self) -> list[Rollout]:
+        return [self.routing[rid] for rid in sorted(self.routing)]
+
     def set_weights(self, rollout_id: int, weights: Mapping[str, float]) -> None:
         if rollout_id not in self.routing:
             raise KeyError(f"no rollout {rollout_id}")

@@ -117,6 +117,9 @@ def test_simulate_on_a_teams_own_data_says_what_to_pass_instead_of_a_traceback(t
     assert no_token.exit_code == 2 and "set the environment variable ROLLOUT_TOKEN" in said, said
     assert "Traceback" not in said and "token=" not in said
     monkeypatch.setenv("ROLLOUT_TOKEN", "secret")
+    bad_start = CliRunner().invoke(app, [*args, "--data", str(tmp_path / "diabetes.csv"), "--label-column", "target",
+                                         "--start", "yesterday"], terminal_width=400)
+    assert bad_start.exit_code == 2 and "--start 'yesterday': expected an ISO 8601 time" in bad_start.output
     own = CliRunner().invoke(app, args, terminal_width=400)
     said = " ".join(own.output.split())
     assert own.exit_code == 2 and "not rows of diabetes.csv (data.source)" in said and "--data FILE" in said, said

@@ -111,3 +111,11 @@ def test_a_factory_that_returns_a_class_is_found_by_check_config_not_by_a_ci_run
     said = problems_of("as_class")
     assert "returned the class LogisticRegression, not an estimator" in said["estimator.factory"]
     assert "estimator.factory" not in problems_of("as_instance")
+    # a parameter given only by a search space: called with one value of it, as a trial would be
+    (package / "searched.py").write_text(
+        "from sklearn.linear_model import LogisticRegression\n\n"
+        "def make(schema, C, max_iter=500):\n    return LogisticRegression(C=C, max_iter=max_iter)\n")
+    policy = parse_policy({"data": {"source": "c.csv", "target": "target"}, "registry": {
+        "model_name": "cancer", "trusted_modules": ["team_factories"]}, "estimator": {
+        "factory": "team_factories.searched:make", "search": {"space": {"C": {"low": 0.01, "high": 10, "log": True}}}}})
+    assert not [p for p in check_data(policy, _cancer()) if p.field.startswith("estimator")]

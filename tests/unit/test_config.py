@@ -156,3 +156,9 @@ def test_the_policy_a_run_records_in_mlflow_shows_no_password(tmp_path, monkeypa
     text = policy_text(load_policy(tmp_path / "rollout.yaml"))
     assert "s3cr" not in text and "hunter2" not in text
     assert "postgresql+psycopg://rollout:***@db:5432/outcomes" in text and "postgresql://reader:***@warehouse" in text
+    from rollout.ci.registration import masked_url
+
+    assert masked_url("postgresql://myuser@myserver:s3cret@host/db") == "postgresql://myuser@myserver:***@host/db"
+    assert masked_url("postgresql://u@h/db?sslmode=require&password=x1") == "postgresql://u@h/db?sslmode=require&password=***"
+    for kept in ("postgresql://host:5432/db?application_name=a@b", "sqlite:///./mlflow.db", "^https?://[^:]+:\\d+@"):
+        assert masked_url(kept) == kept  # no password, or not a URL: as it was

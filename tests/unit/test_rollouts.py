@@ -50,32 +50,52 @@ def test_a_new_candidate_ends_the_open_rollout_with_an_audit_entry_and_its_chall
     assert store.current_rollout().rollout_id == second.rollout_id
     entry = [e for e in store.audit_log() if e.decision == "superseded"]
     assert [(e.rollout_id, e.actor) for e in entry] == [(first.rollout_id, "ci-pipeline")]
-    assert "superseded before a decision: version 3 registered; version(s) 2 no longer serve" in \
-        entry[0].stats["reasons"][0]
+    assert f"superseded by rollout {second.rollout_id} before a decision: version 3 registered; version(s) 2 no " \
+        "longer serve" in entry[0].stats["reasons"][0]
     assert registry.tags["2"][f"rollout.{first.rollout_id}.decision"] == "superseded"
     assert registry.stages["2"] == "Archived" and registry.alias_map == {"champion": "1", "challenger": "3"}
     assert f"Rollout {first.rollout_id} was still open" in second.summary()
 
 
-def test_assigning_again_after_a_failure_opens_no_second_rollout_and_records_the_supersede_once(tmp_path):
-    """The task that assigns retries on a registry outage: a registry failing on the old challenger's tags (once, or
-    for good: the version was deleted) neither fails the run nor opens another rollout on the retry, nor ends the
-    retry's own rollout as superseded."""
-    policy = parse_policy({"rollout": {"mode": "shadow"}}, tmp_path)
+def test_a_retried_assign_finishes_what_the_failed_attempt_left_and_opens_no_second_rollout(tmp_path):
+    """The task that assigns retries on outages, under one task-run id (`attempt`). An attempt whose rollout was
+    committed but whose reply was lost, and a registry failing on the old challenger's tags: the retry opens no second
+    rollout, records the supersede once, and says which rollout it ended. The same version assigned again by
+    another run (a re-adopt with a new exposure) is a new rollout."""
+    policy = parse_policy({"rollout": {"mode": "ab", "exposure": 0.1}}, tmp_path)
 
     class Flaky(InMemoryRegistry):
         def set_tags(self, version, tags):
             raise ConnectionError("registry unreachable")
 
+    class LostReply(OutcomeStore):
+        lose = 0
+
+        def open_rollout(self, *args, **kwargs):
+            rollout_id = super().open_rollout(*args, **kwargs)
+            if self.lose:
+                self.lose -= 1
+                raise ConnectionError("connection reset after commit")
+            return rollout_id
+
     registry = Flaky()
     for _ in range(3):
         registry.add(object())
-    store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
-    assign(policy, registry, store, "1")
-    first = assign(policy, registry, store, "2")
-    second = assign(policy, registry, store, "3")  # the tags fail: logged, the run goes on
-    retried = assign(policy, registry, store, "3")  # as a task retry would
-    assert second.superseded == first.rollout_id and retried.rollout_id == second.rollout_id
-    assert retried.superseded is None and store.current_rollout().rollout_id == second.rollout_id
-    assert [e.rollout_id for e in store.audit_log() if e.decision == "superseded"] == [first.rollout_id]
-    assert len(store.rollouts()) == 2
+    store = LostReply(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
+    assign(policy, registry, store, "1", attempt="t1")
+    first = assign(policy, registry, store, "2", attempt="t2")
+    store.lose = 1
+    with pytest.raises(ConnectionError):
+        assign(policy, registry, store, "3", attempt="t3")
+    retried = assign(policy, registry, store, "3", attempt="t3")  # the tags fail again: logged, the run goes on
+    assert retried.superseded == first.rollout_id != retried.rollout_id
+    assert [r.rollout_id for r in store.rollouts()] == [first.rollout_id, retried.rollout_id]
+    again = assign(policy, registry, store, "3", attempt="t3")
+    assert again.rollout_id == retried.rollout_id and again.superseded == first.rollout_id
+    supersedes = [(e.rollout_id, e.stats["by_rollout"]) for e in store.audit_log() if e.decision == "superseded"]
+    assert supersedes == [(first.rollout_id, retried.rollout_id)]
+
+    wider = parse_policy({"rollout": {"mode": "ab", "exposure": 0.3}}, tmp_path)
+    readopted = assign(wider, registry, store, "3", attempt="t4")  # another run: a new rollout, its own weights
+    assert readopted.rollout_id != retried.rollout_id and readopted.superseded == retried.rollout_id
+    assert store.current_rollout().weights["challenger"] == pytest.approx(0.3)
