@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 import socket
 import sqlite3
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -192,6 +193,8 @@ def default_actor() -> str:
     return f"{os.environ.get('USER', 'unknown')}@{socket.gethostname()}"
 
 
-def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter), read as they come: a generator is never held whole."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk

@@ -362,52 +362,30 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
         with driver(engine) as dbapi:
             if sqlite:
                 sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-                buf: list[Sequence[Any]] = []
-
-                def flush() -> None:
-                    dbapi.execute("BEGIN")
-                    dbapi.executemany(sql, buf)
-                    dbapi.execute("COMMIT")
-
                 # Index pages of random keys (request ids) need a large page cache to insert fast; the
                 # connection goes back to the pool, so the default is restored below.
                 cache = dbapi.execute("PRAGMA cache_size").fetchone()[0]
                 dbapi.execute("PRAGMA cache_size=-1048576")  # 1 GiB, as needed
                 try:
-                    for row in rows:
-                        buf.append(row)
-                        if len(buf) >= batch:
-                            flush()
-                            written += len(buf)
-                            buf = []
-                    if buf:
-                        flush()
-                        written += len(buf)
+                    for chunk in chunks(rows, batch):
+                        dbapi.execute("BEGIN")
+                        dbapi.executemany(sql, chunk)
+                        dbapi.execute("COMMIT")
+                        written += len(chunk)
                 finally:  # a failed load too: the pooled connection keeps no 1 GiB cache
                     if dbapi.in_transaction:
                         dbapi.execute("ROLLBACK")
                     dbapi.execute(f"PRAGMA cache_size={int(cache)}")
             else:
                 day = names.index("day") if table == "predictions" and "day" in names else None
-                pending: list[Sequence[Any]] = []
-
-                def copy_chunk() -> None:  # a chunk at a time: its days' partitions first (predictions)
+                for chunk in chunks(rows, batch):  # a chunk at a time: its days' partitions first (predictions)
                     if day is not None:
                         from rollout.outcomes.partitions import ensure_days
 
-                        ensure_days(engine, {str(r[day]) for r in pending})
-                    copy_rows(dbapi, table, names, pending)
+                        ensure_days(engine, {str(r[day]) for r in chunk})
+                    copy_rows(dbapi, table, names, chunk)
                     dbapi.commit()
-
-                for row in rows:
-                    pending.append(row)
-                    if len(pending) >= batch:
-                        copy_chunk()
-                        written += len(pending)
-                        pending = []
-                if pending:
-                    copy_chunk()
-                    written += len(pending)
+                    written += len(chunk)
     finally:
         with engine.begin() as conn:  # after the rows: an evaluation meanwhile rebuilds again
             conn.execute(delete(summary_state))

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from rollout.outcomes.engine import autocommit, driver, is_sqlite
+from rollout.outcomes.log import analyze
 from rollout.times import day_of
 
 BATCH = 20_000  # rows per delete: about 0.1-0.3 s of a writer's wait on SQLite
@@ -207,8 +208,7 @@ def vacuum(engine: Engine) -> None:
     """Compact the store once: SQLite switches to incremental auto-vacuum (VACUUM rewrites the file, taking an
     exclusive lock: stop the service first); PostgreSQL runs VACUUM (FULL is never needed with retention on)."""
     if not is_sqlite(engine):
-        with autocommit(engine) as dbapi:
-            dbapi.execute("VACUUM (ANALYZE)")
+        analyze(engine)  # its VACUUM (ANALYZE)
         return
     with driver(engine) as sqlite:
         sqlite.execute("PRAGMA auto_vacuum=INCREMENTAL")
