@@ -303,7 +303,15 @@ def main() -> None:
                    help="only the same requests by /predict, MLflow's /invocations and v2 infer (champion-only, shadow)")
     p.add_argument("--workers", type=int, default=1,
                    help="`rollout serve --workers N` for the rollout server; throughput per worker is reported")
+    p.add_argument("--serving", action="append", default=[], metavar="KEY=VALUE",
+                   help="a serving option of the rollout server (repeatable), e.g. challenger_isolation=thread")
     args = p.parse_args()
+    import yaml
+
+    try:
+        extra_serving = {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.serving)}
+    except yaml.YAMLError as exc:
+        p.error(f"--serving: {exc}")
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1 if args.quick else 4)
     warmup = 1
@@ -329,7 +337,7 @@ def main() -> None:
                 fast = _run_fastpath(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen)
             else:
                 results, info = _run(tmp, servers, rounds, seconds, warmup, rows, args.seed, loadgen,
-                                     args.shadow_wait_ms, args.workers)
+                                     args.shadow_wait_ms, args.workers, extra_serving)
         finally:
             for server in servers:
                 server.stop()
@@ -363,11 +371,12 @@ async def app(scope, receive, send):
 
 
 def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: float, rows: int, seed: int,
-         loadgen: str, shadow_wait_ms: float | None = None,
-         workers: int = 1) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
+         loadgen: str, shadow_wait_ms: float | None = None, workers: int = 1,
+         extra_serving: dict[str, Any] | None = None) -> tuple[dict[tuple[str, int], list[dict[str, Any]]], dict[str, Any]]:
     seed32 = seed % 2**31
     lr = {"name": "logistic_regression", "params": {"C": 1.0}}
     serving = {"port": 0} if shadow_wait_ms is None else {"port": 0, "shadow_max_wait_ms": shadow_wait_ms}
+    serving.update(extra_serving or {})
     policy = write_policy(tmp, "rollout.yaml", rows, seed32, lr, serving)
     challenger_policy = write_policy(tmp, "challenger.yaml", rows, seed32 + 1,
                                      {"name": "logistic_regression", "params": {"C": 0.3}}, {"port": 0})
@@ -503,6 +512,7 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
         "shadow_rows_dropped": m.get("rollout_shadow_dropped_total", 0.0),
         "features": len(features), "train_rows": rows,
         "max_wait_ms": pol.serving.max_wait_ms, "shadow_max_wait_ms": pol.serving.shadow_max_wait_ms,
+        "serving_options": extra_serving or {},
         "anchors": {name: anchors.ANCHORS[name] for name in anchor_srv},
         "anchor_batching": {"max_batch_size": anchors.MAX_BATCH_SIZE, "max_batch_ms": anchors.MAX_BATCH_MS},
     }

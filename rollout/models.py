@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from rollout.compiled import Compiled, Unsupported, compile_pipeline
+
 # Kinds of a column value as JSON carries it.
 NUMBER, INTEGER, STRING, BOOLEAN, ANY = "number", "integer", "string", "boolean", "any"
 _MLFLOW_KINDS = {"double": NUMBER, "float": NUMBER, "long": INTEGER, "integer": INTEGER, "string": STRING,
@@ -75,6 +77,7 @@ class LoadedModel:
         classes = getattr(self._call, "classes_", None)
         self._proba = hasattr(self._call, "predict_proba") and classes is not None and len(classes) >= 2
         self._classes = np.asarray(classes) if self._proba else np.empty(0)
+        self.compiled = _checked(self, compile_pipeline(self._call, self.names))
 
     @property
     def n_classes(self) -> int | None:
@@ -113,8 +116,18 @@ class LoadedModel:
         return check_records(records, self.columns, allowed)
 
     def score(self, records: Sequence[dict[str, Any]]) -> Outputs:
-        """Outputs of a batch of records (the service's call)."""
-        return self.predict(self.frame(records)) if records else Outputs([], [] if self._proba else None, [])
+        """Outputs of a batch of records (the service's call): through the compiled preprocessing when the model
+        has one and it takes these records (rollout.compiled), else through the model itself."""
+        if not records:
+            return Outputs([], [] if self._proba else None, [])
+        if self.compiled is not None:
+            try:
+                matrix = self.compiled.matrix(records)
+            except Exception:  # noqa: BLE001 - Unsupported, or anything: the model's own path decides
+                pass
+            else:
+                return self._outputs(self.compiled.final, matrix, len(records))
+        return self.predict(self.frame(records))
 
     def score_each(self, records: Sequence[dict[str, Any]], budget: int | None = None) -> Outputs:
         """As `score`, but a call that fails as a whole is repeated on each half, down to the rows that fail
@@ -162,19 +175,23 @@ class LoadedModel:
 
     def predict(self, frame: pd.DataFrame) -> Outputs:
         """Outputs of a frame; raises ModelError when the call fails as a whole, else errors are per row."""
-        n = len(frame)
+        return self._outputs(self._call, frame, len(frame))
+
+    def _outputs(self, call: Any, inputs: Any, n: int) -> Outputs:
+        """`call`'s outputs for n rows of `inputs` (the model with a frame, or a compiled pipeline's estimator
+        with its matrix), checked."""
         if n == 0:  # scikit-learn refuses zero rows; an empty batch has an empty answer
             return Outputs([], [] if self._proba else None, [])
         scores: np.ndarray | None = None
         try:
             if self._proba:
-                proba = np.asarray(self._call.predict_proba(frame), dtype=float)
+                proba = np.asarray(call.predict_proba(inputs), dtype=float)
                 if proba.ndim != 2 or proba.shape != (n, len(self._classes)):
                     raise ModelError(f"predict_proba returned shape {proba.shape} for {n} rows")
                 scores = proba[:, 1] if proba.shape[1] == 2 else proba
                 preds = self._classes[np.argmax(proba, axis=1)]
             else:
-                preds = np.asarray(self._call.predict(frame))
+                preds = np.asarray(call.predict(inputs))
                 if preds.ndim == 2 and preds.shape[1] == 1:
                     preds = preds[:, 0]
                 elif preds.ndim == 2 and preds.shape[0] == n and preds.shape[1] >= 2:  # class probabilities
@@ -208,6 +225,33 @@ class LoadedModel:
         out_preds: list[float | None] = values.tolist()
         out_scores: list[Any] | None = None if scores is None else scores.tolist()
         return Outputs(out_preds, out_scores, errors)
+
+
+def _checked(model: LoadedModel, compiled: Compiled | None) -> Compiled | None:
+    """The compiled preprocessing when it gives the very outputs of the model's own path on every probe batch
+    (both failing counts as agreeing), else None: a difference in any bit keeps the model's own path."""
+    if compiled is None:
+        return None
+    for batch in compiled.probes():
+        try:
+            matrix = compiled.matrix(batch)
+        except Unsupported:
+            continue
+        except Exception:  # noqa: BLE001 - a compiled path that breaks is not used
+            return None
+        try:
+            mine: Outputs | None = model._outputs(compiled.final, matrix, len(batch))
+        except ModelError:
+            mine = None
+        try:
+            theirs: Outputs | None = model.predict(model.frame(batch))
+        except ModelError:
+            theirs = None
+        except Exception:  # noqa: BLE001 - a probe the model's own path cannot even frame
+            return None
+        if mine != theirs:
+            return None
+    return compiled
 
 
 def input_columns(model: Predictor) -> tuple[ColumnSpec, ...] | None:

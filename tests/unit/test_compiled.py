@@ -1,0 +1,187 @@
+"""The compiled preprocessing (rollout.compiled): the service's outputs are scikit-learn's to the bit, on the
+example's pipeline and on the bundled datasets' tables, for ordinary and odd records alike; a pipeline or an
+input it cannot reproduce goes through scikit-learn."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+import rollout.compiled
+from rollout.ci.training import build_pipeline
+from rollout.config import DataConfig, EstimatorConfig
+from rollout.data import example_dataset, infer_schema
+from rollout.models import LoadedModel, ModelError, Outputs
+
+
+def _fitted(frame: pd.DataFrame, target: str, task: str, estimator: str, **params: Any) -> tuple[Any, list[str]]:
+    cfg = DataConfig(source="x.csv", target=target, task=task, timestamp_column=None, segment_column=None,
+                     unit_column=None)
+    schema = infer_schema(frame, cfg)
+    model = build_pipeline(schema, EstimatorConfig(name=estimator, params=params))
+    x = frame[list(schema.features)]
+    model.fit(x, frame[target])
+    return model, list(schema.features)
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as a JSON body brings them: a missing value is null."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in frame.to_dict("records")]
+
+
+def _odd(records: list[dict[str, Any]], numeric: list[str], categorical: list[str], rng: random.Random) -> None:
+    """Make some values what callers send when they err or omit: nulls, absent keys, unknown levels, ints,
+    booleans, numbers as strings, infinities, numbers in a categorical column."""
+    for record in records:
+        if numeric and rng.random() < 0.5:
+            name = rng.choice(numeric)
+            record[name] = rng.choice([None, 0, 7, True, "3.5", float("inf"), -1e300, 2**70])
+        if categorical and rng.random() < 0.5:
+            name = rng.choice(categorical)
+            record[name] = rng.choice([None, "never seen", "", 3, 1.5, float("nan")])
+        if rng.random() < 0.2:
+            record.pop(rng.choice(numeric + categorical), None)
+
+
+def _theirs(model: LoadedModel, batch: list[dict[str, Any]]) -> Outputs | str:
+    try:
+        return model.predict(model.frame(batch))
+    except ModelError as exc:
+        return str(exc)
+
+
+def _mine(model: LoadedModel, batch: list[dict[str, Any]]) -> Outputs | str:
+    try:
+        return model.score(batch)
+    except ModelError as exc:
+        return str(exc)
+
+
+def _same(a: Outputs | str, b: Outputs | str) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return (np.array_equal(np.asarray(a.predictions, dtype=float), np.asarray(b.predictions, dtype=float), equal_nan=True)
+            and (a.scores is None) == (b.scores is None)
+            and (a.scores is None or np.array_equal(np.asarray(a.scores, dtype=float), np.asarray(b.scores, dtype=float),
+                                                    equal_nan=True))
+            and a.errors == b.errors)
+
+
+def _check_bit_identical(model: Any, names: list[str], frame: pd.DataFrame, numeric: list[str],
+                         categorical: list[str], seed: int) -> int:
+    """Batches of 1-40 records, ordinary and odd: the served outputs equal scikit-learn's to the bit. Returns how
+    many batches the compiled path took itself."""
+    loaded = LoadedModel(model)
+    assert loaded.compiled is not None, "the pipeline should compile"
+    rng = random.Random(seed)
+    rows = _records(frame[names])
+    compiled = 0
+    for i in range(60):
+        batch = [dict(r) for r in rng.sample(rows, rng.randint(1, 40))]
+        if i % 2:
+            _odd(batch, numeric, categorical, rng)
+        else:
+            try:
+                loaded.compiled.matrix(batch)
+                compiled += 1
+            except rollout.compiled.Unsupported:
+                pass
+        mine, theirs = _mine(loaded, batch), _theirs(loaded, batch)
+        assert _same(mine, theirs), (batch, mine, theirs)
+    return compiled
+
+
+def test_the_example_pipeline_serves_scikit_learns_outputs_to_the_bit() -> None:
+    frame = example_dataset(2000, seed=3)
+    model, names = _fitted(frame.drop(columns=["applied_at", "customer_id"], errors="ignore"), "approved",
+                           "classification", "logistic_regression")
+    schema_cols = model[0].transformers_
+    numeric = list(schema_cols[0][2])
+    categorical = list(schema_cols[1][2])
+    assert categorical, "the example has categorical columns"
+    # ordinary batches (nulls as the data has them) take the compiled path, not the fallback
+    assert _check_bit_identical(model, names, frame, numeric, categorical, seed=1) >= 25
+
+
+@pytest.mark.parametrize("estimator", ["logistic_regression", "hist_gradient_boosting", "random_forest"])
+def test_a_bundled_multiclass_table_serves_the_same_outputs(estimator: str) -> None:
+    from sklearn.datasets import load_wine
+
+    frame = load_wine(as_frame=True).frame
+    params = {"n_estimators": 20} if estimator == "random_forest" else {}
+    model, names = _fitted(frame, "target", "multiclass", estimator, **params)
+    assert _check_bit_identical(model, names, frame, names, [], seed=2) >= 25
+
+
+def test_a_regression_serves_the_same_outputs() -> None:
+    from sklearn.datasets import load_diabetes
+
+    frame = load_diabetes(as_frame=True).frame
+    frame["sex"] = np.where(frame["sex"] > 0, "f", "m")  # one categorical column, as a team's table has
+    model, names = _fitted(frame, "target", "regression", "ridge")
+    numeric = [c for c in names if c != "sex"]
+    assert _check_bit_identical(model, names, frame, numeric, ["sex"], seed=3) >= 25
+
+
+def test_a_teams_own_pipeline_of_handled_steps_compiles_and_others_do_not() -> None:
+    frame = example_dataset(800, seed=5)
+    num, cat = ["income", "credit_score"], ["tier", "region"]
+    x, y = frame[num + cat], frame["approved"]
+
+    def pipe(**options: Any) -> Pipeline:
+        prep = ColumnTransformer([
+            ("num", SimpleImputer(strategy="mean"), num),
+            ("cat", Pipeline([("fill", SimpleImputer(strategy="most_frequent")),
+                              ("onehot", OneHotEncoder(handle_unknown=options.get("unknown", "ignore"),
+                                                       sparse_output=False))]), cat),
+        ], remainder="drop")
+        return Pipeline([("prep", prep), ("scale", StandardScaler()), ("model", LogisticRegression())]).fit(x, y)
+
+    # mean imputing, most-frequent levels, a scaler after the ColumnTransformer: compiled and identical
+    _check_bit_identical(pipe(), num + cat, frame, num, cat, seed=4)
+    # an encoder that refuses unknown levels: compiled, and a batch with one fails as scikit-learn fails
+    strict = LoadedModel(pipe(unknown="error"))
+    assert strict.compiled is not None
+    batch = [{"income": 1.0, "credit_score": 700, "tier": "platinum", "region": "north"}]
+    assert isinstance(_mine(strict, batch), str) and _mine(strict, batch) == _theirs(strict, batch)
+
+    pandas_out = pipe()
+    pandas_out.set_output(transform="pandas")
+    assert LoadedModel(pandas_out.fit(x, y)).compiled is None  # its estimator was fitted on a frame
+    indicator = Pipeline([("prep", ColumnTransformer([("num", SimpleImputer(add_indicator=True), num)])),
+                          ("model", LogisticRegression())]).fit(x, y)
+    assert LoadedModel(indicator).compiled is None
+    assert LoadedModel(LogisticRegression().fit(x[num].fillna(0), y)).compiled is None  # no pipeline
+
+
+def test_text_columns_are_not_compiled_and_still_serve() -> None:
+    frame = pd.DataFrame({"text": ["good service", "bad", None, "slow and bad", "great"] * 20,
+                          "amount": np.arange(100.0), "label": [1, 0, 0, 0, 1] * 20})
+    cfg = DataConfig(source="x.csv", target="label", task="classification", timestamp_column=None,
+                     segment_column=None, unit_column=None, text_columns=["text"])
+    schema = infer_schema(frame, cfg)
+    model = build_pipeline(schema, EstimatorConfig()).fit(frame[list(schema.features)], frame["label"])
+    loaded = LoadedModel(model)
+    assert loaded.compiled is None
+    assert loaded.score([{"text": "bad", "amount": 3.0}]).errors == [None]
+
+
+def test_a_compiled_path_that_differs_in_one_bit_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = example_dataset(800, seed=6)
+    model, _ = _fitted(frame.drop(columns=["applied_at", "customer_id"], errors="ignore"), "approved",
+                       "classification", "logistic_regression")
+    assert LoadedModel(model).compiled is not None
+    numeric = rollout.compiled._Block.numeric
+    monkeypatch.setattr(rollout.compiled._Block, "numeric", lambda self, records: numeric(self, records) * (1 + 1e-15))
+    assert LoadedModel(model).compiled is None
