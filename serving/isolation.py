@@ -8,18 +8,28 @@ it the rows of each batch (pickled: ~2 ms for 2,048 records with their metadata)
 rows to the outcome store over its own connection, so the service's process does almost nothing per
 shadow row.
 A child that dies is replaced on the next batch; one that hangs past the lane's timeout is killed.
+
+A response-path challenger (ab, abn, bandit) is a `PipedScorer` instead: callers wait on its answer, and a
+`ProcessPoolExecutor`'s call crosses two of its threads in the service (its queue manager and its feeder),
+each of which waits for the interpreter lock the busy event loop holds, up to the 5 ms switch interval, for
+a call the compiled pipeline answers in 0.1 ms. A `PipedScorer` is one socket pair that the event loop
+itself writes and reads (framed pickles, non-blocking, buffered): no thread in the service, so a hung child
+can only fill its own buffer until the lane's deadline kills it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -152,6 +162,219 @@ class ChildScorer:
 
     def close(self) -> None:
         _stop(self._pool, kill=False)
+
+
+_HEADER = 8  # bytes of a frame's length, big-endian
+
+
+def _piped_main(sock: socket.socket, payload: bytes, nice: int) -> None:
+    """A PipedScorer's child: load the model, say so, then answer each framed batch of rows in order."""
+    try:
+        _load(payload, None, nice)
+        _send_frame(sock, pickle.dumps((True, None), protocol=pickle.HIGHEST_PROTOCOL))
+    except BaseException as exc:  # noqa: BLE001 - the service hears why, then the child ends
+        _send_frame(sock, pickle.dumps((False, f"{type(exc).__name__}: {exc}"[:500])))
+        return
+    while True:
+        frame = _recv_frame(sock)
+        if frame is None:  # the service closed its end
+            return
+        try:
+            answer: tuple[bool, Any] = (True, _score(pickle.loads(frame), None))
+        except Exception as exc:  # noqa: BLE001 - a failing model is the call's error, not the child's end
+            answer = (False, exc)
+        try:
+            data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - e.g. an exception that cannot be pickled
+            data = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}"[:500])))
+        _send_frame(sock, data)
+
+
+def _send_frame(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(len(data).to_bytes(_HEADER, "big") + data)
+
+
+def _recv_frame(sock: socket.socket) -> bytes | None:
+    header = _recv_exact(sock, _HEADER)
+    return None if header is None else _recv_exact(sock, int.from_bytes(header, "big"))
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+class PipedScorer:
+    """One model version scored in a child process for callers that wait (a response-path challenger): the same
+    interface as ChildScorer (`ready`, `submit`, `restart`, `revive`, `close`), created in the event loop and
+    used only from it. Answers come back in the order the batches were sent."""
+
+    def __init__(self, model: LoadedModel, nice: int = 0) -> None:
+        self.version = model.version
+        self._nice = nice
+        self._payload = pickle.dumps(model)  # raises for a model that cannot be pickled: the caller falls back
+        self._context = multiprocessing.get_context("spawn")
+        self._loop = asyncio.get_running_loop()
+        self.restarts = 0
+        self._closed = False
+        self._start()
+
+    def _start(self) -> None:
+        mine, theirs = socket.socketpair()
+        self._process = self._context.Process(target=_piped_main, args=(theirs, self._payload, self._nice),
+                                              name=f"challenger-{self.version}", daemon=True)
+        self._process.start()
+        theirs.close()
+        mine.setblocking(False)
+        self._sock = mine
+        self._inbox = bytearray()
+        self._outbox = bytearray()
+        self._broken = False
+        self.ready: Future[Any] = Future()
+        self._waiting: deque[Future[Any]] = deque([self.ready])  # in the order the child answers
+        self._loop.add_reader(mine.fileno(), self._readable)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def submit(self, rows: list[dict[str, Any]], metas: list[ShadowMeta] | None = None) -> Future[Any]:
+        """Send `rows` to the child; the future gets (preds, scores, errors, False, call ms) or the call's error.
+        Never raises; never blocks: what the child has not read yet waits in a buffer."""
+        if self._closed:
+            return _failed(RuntimeError("cannot schedule new futures after shutdown"))
+        if self._broken:
+            if not self._started():  # it never held the model: a new child would fail the same way
+                return _failed(RuntimeError(f"the model could not start in a child process: {self._why()}"))
+            log.error("challenger %s: child process died; starting a new one", self.version)
+            self._replace()  # a crash or OOM kill mid-life: a new child takes this batch
+        future: Future[Any] = Future()
+        data = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+        self._waiting.append(future)
+        self._write(len(data).to_bytes(_HEADER, "big") + data)
+        return future
+
+    def _started(self) -> bool:
+        return self.ready.done() and not self.ready.cancelled() and self.ready.exception() is None
+
+    def _why(self) -> str:
+        exc = self.ready.exception() if self.ready.done() and not self.ready.cancelled() else None
+        return str(exc) if exc is not None else "it ended before it held the model"
+
+    def _write(self, frame: bytes) -> None:
+        if self._broken:
+            return
+        if not self._outbox:
+            try:
+                sent = self._sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._fail_all("child process died")
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
+            self._loop.add_writer(self._sock.fileno(), self._writable)
+        self._outbox += frame
+
+    def _writable(self) -> None:
+        try:
+            sent = self._sock.send(self._outbox)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._fail_all("child process died")
+            return
+        del self._outbox[:sent]
+        if not self._outbox:
+            self._loop.remove_writer(self._sock.fileno())
+
+    def _readable(self) -> None:
+        try:
+            chunk = self._sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._fail_all("child process died")
+            return
+        inbox = self._inbox
+        inbox += chunk
+        while len(inbox) >= _HEADER:
+            n = int.from_bytes(inbox[:_HEADER], "big")
+            if len(inbox) < _HEADER + n:
+                break
+            ok, value = pickle.loads(inbox[_HEADER:_HEADER + n])
+            del inbox[:_HEADER + n]
+            future = self._waiting.popleft() if self._waiting else None
+            if future is None or future.done():
+                continue
+            if future is self.ready and not ok:
+                future.set_exception(RuntimeError(value))
+            elif ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value if isinstance(value, BaseException) else RuntimeError(str(value)))
+
+    def _fail_all(self, reason: str) -> None:
+        """The child is gone (or being killed): every call still waiting on it fails, as a broken pool's would."""
+        if self._broken:
+            return
+        self._broken = True
+        self._detach()
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(BrokenProcessPool(reason) if future is not self.ready else RuntimeError(reason))
+
+    def _detach(self) -> None:
+        fd = self._sock.fileno()
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            self._loop.remove_writer(fd)
+        self._sock.close()
+        self._outbox.clear()
+
+    def restart(self) -> None:
+        """Kill the child (hung past the timeout) and start a new one; its pending calls fail."""
+        log.error("challenger %s: child process hung; killing it", self.version)
+        self._replace()
+
+    def revive(self) -> None:
+        """After a call found the child dead: start a new one now (once, however many calls found it)."""
+        if self._broken and self._started() and not self._closed:
+            log.error("challenger %s: child process died; starting a new one", self.version)
+            self._replace()
+
+    def _replace(self) -> None:
+        old = self._process
+        self._fail_all("child process restarted")
+        old.kill()
+        old.join(timeout=0)  # reaped now if it is already gone, else by multiprocessing's next start
+        self.restarts += 1
+        self._start()
+
+    def close(self) -> None:
+        """End the child: closing the socket is its signal to exit; one that does not is killed."""
+        if self._closed:
+            return
+        self._closed = True
+        process = self._process
+        self._fail_all("service shutting down")
+        self._loop.call_later(1.0, _kill_if_alive, process)
+
+
+def _kill_if_alive(process: Any) -> None:
+    if process.is_alive():
+        process.kill()
+    process.join(timeout=0)
 
 
 def _failed(exc: BaseException) -> Future[Any]:

@@ -14,18 +14,35 @@ import pytest
 
 pytestmark = pytest.mark.slow  # a service process and its child
 
-SERVICE = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {root!r})
-    from rollout.models import LoadedModel
-    from serving.isolation import ChildScorer
-    from tests.serving.conftest import FakeModel
+SERVICES = {
+    "shadow": textwrap.dedent("""
+        import sys, time
+        sys.path.insert(0, {root!r})
+        from rollout.models import LoadedModel
+        from serving.isolation import ChildScorer
+        from tests.serving.conftest import FakeModel
 
-    scorer = ChildScorer(LoadedModel(FakeModel(), "2"))
-    scorer.ready.result(timeout=60)
-    print(*[p.pid for p in scorer._pool._processes.values()], flush=True)
-    time.sleep(600)
-""")
+        scorer = ChildScorer(LoadedModel(FakeModel(), "2"))
+        scorer.ready.result(timeout=60)
+        print(*[p.pid for p in scorer._pool._processes.values()], flush=True)
+        time.sleep(600)
+    """),
+    "challenger": textwrap.dedent("""
+        import asyncio, sys, time
+        sys.path.insert(0, {root!r})
+        from rollout.models import LoadedModel
+        from serving.isolation import PipedScorer
+        from tests.serving.conftest import FakeModel
+
+        async def main():
+            scorer = PipedScorer(LoadedModel(FakeModel(), "2"))
+            await asyncio.wait_for(asyncio.wrap_future(scorer.ready), 60)
+            print(scorer.pid, flush=True)
+            await asyncio.sleep(600)
+
+        asyncio.run(main())
+    """),
+}
 
 
 def _alive(pid: int) -> bool:
@@ -39,9 +56,11 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_child_is_gone_within_seconds_of_a_kill_9_of_its_service() -> None:
+@pytest.mark.parametrize("kind", sorted(SERVICES))
+def test_a_child_is_gone_within_seconds_of_a_kill_9_of_its_service(kind: str) -> None:
     root = str(Path(__file__).resolve().parents[2])
-    service = subprocess.Popen([sys.executable, "-c", SERVICE.format(root=root)], stdout=subprocess.PIPE, text=True)
+    service = subprocess.Popen([sys.executable, "-c", SERVICES[kind].format(root=root)], stdout=subprocess.PIPE,
+                               text=True)
     try:
         child = int(service.stdout.readline().split()[0])
         assert _alive(child)
