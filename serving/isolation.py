@@ -235,15 +235,18 @@ class PipedScorer:
         self._inbox = bytearray()
         self._outbox = bytearray()
         self._broken = False
-        self.ready: Future[Any] = Future()
-        self._waiting: deque[Future[Any]] = deque([self.ready])  # in the order the child answers
+        # asyncio futures, resolved by the loop that awaits them: a concurrent Future would hand each answer
+        # back through call_soon_threadsafe, a write to the loop's self-pipe a call
+        self.ready: asyncio.Future[Any] = self._loop.create_future()
+        self._waiting: deque[asyncio.Future[Any]] = deque([self.ready])  # in the order the child answers
         self._loop.add_reader(mine.fileno(), self._readable)
 
     @property
     def pid(self) -> int | None:
         return self._process.pid
 
-    def submit(self, rows: list[dict[str, Any]], metas: list[ShadowMeta] | None = None) -> Future[Any]:
+    def submit(self, rows: list[dict[str, Any]],
+               metas: list[ShadowMeta] | None = None) -> asyncio.Future[Any] | Future[Any]:
         """Send `rows` to the child; the future gets (preds, scores, errors, False, call ms) or the call's error.
         Never raises; never blocks: what the child has not read yet waits in a buffer."""
         if self._closed:
@@ -253,7 +256,7 @@ class PipedScorer:
                 return _failed(RuntimeError(f"the model could not start in a child process: {self._why()}"))
             log.error("challenger %s: child process died; starting a new one", self.version)
             self._replace()  # a crash or OOM kill mid-life: a new child takes this batch
-        future: Future[Any] = Future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         data = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
         self._waiting.append(future)
         self._write(len(data).to_bytes(_HEADER, "big") + data)
@@ -318,6 +321,7 @@ class PipedScorer:
                 continue
             if future is self.ready and not ok:
                 future.set_exception(RuntimeError(value))
+                future.exception()  # read by whoever asks (_started, the lane); never "never retrieved"
             elif ok:
                 future.set_result(value)
             else:
@@ -333,6 +337,8 @@ class PipedScorer:
             future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(BrokenProcessPool(reason) if future is not self.ready else RuntimeError(reason))
+                if future is self.ready:
+                    future.exception()
 
     def _detach(self) -> None:
         fd = self._sock.fileno()
