@@ -64,7 +64,9 @@ class _Block:
     onehot: _OneHot | None  # categorical blocks
 
     def numeric(self, records: Sequence[dict[str, Any]]) -> np.ndarray:
-        x = np.empty((len(records), len(self.columns)), dtype=np.float64)
+        # Column-major, as scikit-learn's matrix comes from the DataFrame: the same numbers in another layout
+        # change the order BLAS adds a matrix-vector product in, and so the last bit of a linear model's score.
+        x = np.empty((len(records), len(self.columns)), dtype=np.float64, order="F")
         for j, name in enumerate(self.columns):
             for i, record in enumerate(records):
                 value = record.get(name)
@@ -132,7 +134,7 @@ class Compiled:
         if x.dtype != np.float64:
             x = x.astype(np.float64)
         for scale in self.after:
-            x = x.copy()
+            x = x.copy(order="K")  # the layout kept, as scikit-learn's scaler keeps it
             if scale.mean is not None:
                 x -= scale.mean
             if scale.scale is not None:
@@ -167,7 +169,35 @@ class Compiled:
                 # else absent
             batch.append(record)
         nulls = {**{n: None for n in numeric}, **{n: None for n in levels}}
-        return [batch, batch[:1], batch[-1:], [nulls], [{}], [{**nulls, **{n: v[0] for n, v in levels.items() if v}}]]
+        # Values of full precision about each column's fitted mean and spread (the kinds above have few significant
+        # bits, whose sums round alike in any order), in batches of every size to 40: a difference in how the
+        # estimator's arithmetic runs (BLAS takes the rows past a multiple of its vector width apart) shows here.
+        rng = np.random.default_rng(20261202)
+        centre, spread = self._spread(numeric)
+        dense = [{**{n: float(v) for n, v in zip(numeric, centre + spread * rng.standard_normal(len(numeric)), strict=True)},
+                  **{n: v[(i + k) % len(v)] for k, (n, v) in enumerate(levels.items()) if v}} for i in range(820)]
+        sized = [dense[m * (m - 1) // 2: m * (m + 1) // 2] for m in range(1, 41)]
+        return [batch, batch[:1], batch[-1:], [nulls], [{}], [{**nulls, **{n: v[0] for n, v in levels.items() if v}}],
+                *sized]
+
+    def _spread(self, numeric: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each numeric column's fitted centre (its first imputer's statistic) and spread (its first scaler's scale),
+        0 and 1 where a block has none."""
+        centre: dict[str, float] = {}
+        spread: dict[str, float] = {}
+        for block in self.blocks:
+            if block.onehot is not None:
+                continue
+            for j, name in enumerate(block.columns):
+                if block.imputes:
+                    centre[name] = float(block.imputes[0].statistics[j])
+                scale = next((s.scale for s in block.scales if s.scale is not None), None)
+                if scale is not None:
+                    spread[name] = float(scale[j])
+        values = [(centre.get(n, 0.0), spread.get(n, 1.0)) for n in numeric]
+        c = np.array([v[0] for v in values], dtype=np.float64)
+        d = np.array([v[1] for v in values], dtype=np.float64)
+        return np.nan_to_num(c), np.where(np.isfinite(d) & (d > 0), d, 1.0)
 
 
 def compile_pipeline(model: Any, names: Sequence[str] | None) -> Compiled | None:
@@ -187,6 +217,8 @@ def _compile(model: Any, names: Sequence[str] | None) -> Compiled:
     if not isinstance(model, Pipeline) or len(model.steps) < 2 or names is None:
         raise Unsupported("not a pipeline with a named input contract")
     first, final = model.steps[0][1], model.steps[-1][1]
+    if not (hasattr(final, "predict_proba") or hasattr(final, "predict")) or isinstance(final, str):
+        raise Unsupported("the last step is not an estimator")  # the model's own path names the error
     if not isinstance(first, ColumnTransformer):
         raise Unsupported("first step is not a ColumnTransformer")
     if _output(first) or first.transformer_weights or hasattr(final, "feature_names_in_"):

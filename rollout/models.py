@@ -232,7 +232,11 @@ def _checked(model: LoadedModel, compiled: Compiled | None) -> Compiled | None:
     (both failing counts as agreeing), else None: a difference in any bit keeps the model's own path."""
     if compiled is None:
         return None
-    for batch in compiled.probes():
+    try:
+        probes = compiled.probes()
+    except Exception:  # noqa: BLE001 - a model whose statistics make no probe is not compiled
+        return None
+    for batch in probes:
         try:
             matrix = compiled.matrix(batch)
         except Unsupported:

@@ -185,3 +185,39 @@ def test_a_compiled_path_that_differs_in_one_bit_is_not_used(monkeypatch: pytest
     numeric = rollout.compiled._Block.numeric
     monkeypatch.setattr(rollout.compiled._Block, "numeric", lambda self, records: numeric(self, records) * (1 + 1e-15))
     assert LoadedModel(model).compiled is None
+
+
+@pytest.mark.parametrize("columns", [2, 30])
+def test_an_all_numeric_binary_table_serves_the_same_outputs(columns: int) -> None:
+    # a linear model's one coefficient vector: numpy's matrix-vector product adds in an order that depends on the
+    # matrix's layout, so the compiled matrix must be laid out as scikit-learn's is (column-major), not only equal
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame = frame[[*frame.columns[:columns], "target"]]
+    model, names = _fitted(frame, "target", "classification", "logistic_regression")
+    assert _check_bit_identical(model, names, frame, names, [], seed=7) >= 25
+
+
+def test_a_compiled_matrix_in_another_layout_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    frame = load_breast_cancer(as_frame=True).frame
+    frame = frame[[*frame.columns[:2], "target"]]  # values alone round alike in either order: the probes must see it
+    model, _ = _fitted(frame, "target", "classification", "logistic_regression")
+    assert LoadedModel(model).compiled is not None
+    numeric = rollout.compiled._Block.numeric
+    monkeypatch.setattr(rollout.compiled._Block, "numeric",
+                        lambda self, records: np.ascontiguousarray(numeric(self, records)))
+    assert LoadedModel(model).compiled is None
+
+
+def test_a_pipeline_without_an_estimator_is_not_compiled() -> None:
+    frame = example_dataset(300, seed=8)
+    num = ["income", "credit_score"]
+    prep = Pipeline([("prep", ColumnTransformer([("num", SimpleImputer(), num)])),
+                     ("scale", StandardScaler()), ("model", "passthrough")]).fit(frame[num])
+    loaded = LoadedModel(prep)
+    assert loaded.compiled is None
+    with pytest.raises(ModelError, match="Pipeline"):  # scikit-learn's own words, not the compiled path's
+        loaded.score([{"income": 1.0, "credit_score": 700}])
