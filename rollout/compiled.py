@@ -28,6 +28,11 @@ from typing import Any
 import numpy as np
 
 _NAN = float("nan")
+_NUMBER_KINDS = frozenset({float, int, type(None)})
+# Values a batch reads (records x columns) up to which the compiled path is used. It costs ~0.15 ms a call and
+# ~0.16 us a value, scikit-learn's ~5 ms and ~0.12 us (DataFrame built in C): even at ~100,000 values, past it
+# slower (200 numeric columns x 1,000 records: 33 ms against 28).
+MAX_CELLS = 50_000
 
 
 class Unsupported(Exception):
@@ -68,14 +73,11 @@ class _Block:
         # change the order BLAS adds a matrix-vector product in, and so the last bit of a linear model's score.
         x = np.empty((len(records), len(self.columns)), dtype=np.float64, order="F")
         for j, name in enumerate(self.columns):
-            for i, record in enumerate(records):
-                value = record.get(name)
-                if value is None:
-                    x[i, j] = _NAN
-                elif type(value) is float or type(value) is int:  # not bool, not a string that looks like one
-                    x[i, j] = value
-                else:
-                    raise Unsupported(f"{name}: {type(value).__name__}")
+            column = [record.get(name) for record in records]
+            kinds = set(map(type, column))
+            if not kinds <= _NUMBER_KINDS:  # not bool, not a string that looks like a number
+                raise Unsupported(f"{name}: {', '.join(sorted(k.__name__ for k in kinds - _NUMBER_KINDS))}")
+            x[:, j] = column  # None -> NaN, an int rounded as float() rounds it
         if np.isinf(x).any():  # scikit-learn refuses it, naming it; let it
             raise Unsupported("infinite value")
         for impute in self.imputes:
@@ -127,7 +129,10 @@ class Compiled:
     final: Any
 
     def matrix(self, records: Sequence[dict[str, Any]]) -> np.ndarray:
-        """The matrix the pipeline's estimator sees for these records; Unsupported for an input not handled."""
+        """The matrix the pipeline's estimator sees for these records; Unsupported for an input not handled, and
+        for a batch so large that scikit-learn's own path is the cheaper one."""
+        if len(records) * sum(len(block.columns) for block in self.blocks) > MAX_CELLS:
+            raise Unsupported("a batch of more than MAX_CELLS values")
         parts = [block.categorical(records) if block.onehot is not None else block.numeric(records)
                  for block in self.blocks]
         x = np.hstack(parts) if len(parts) > 1 else parts[0]

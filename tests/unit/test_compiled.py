@@ -221,3 +221,20 @@ def test_a_pipeline_without_an_estimator_is_not_compiled() -> None:
     assert loaded.compiled is None
     with pytest.raises(ModelError, match="Pipeline"):  # scikit-learn's own words, not the compiled path's
         loaded.score([{"income": 1.0, "credit_score": 700}])
+
+
+def test_a_batch_past_max_cells_is_scored_by_scikit_learn(monkeypatch: pytest.MonkeyPatch) -> None:
+    frame = example_dataset(400, seed=9)
+    model, names = _fitted(frame.drop(columns=["applied_at", "customer_id"], errors="ignore"), "approved",
+                           "classification", "logistic_regression")
+    loaded = LoadedModel(model)
+    assert loaded.compiled is not None
+    batch = _records(frame[names].head(30))
+    monkeypatch.setattr(rollout.compiled, "MAX_CELLS", 20 * len(names))
+    loaded.compiled.matrix(batch[:20])  # at the bound: compiled
+    with pytest.raises(rollout.compiled.Unsupported):
+        loaded.compiled.matrix(batch)
+    calls: list[int] = []
+    frame_of = loaded.frame
+    monkeypatch.setattr(loaded, "frame", lambda records: calls.append(len(records)) or frame_of(records))
+    assert _same(loaded.score(batch), _theirs(loaded, batch)) and calls[0] == 30  # through scikit-learn
