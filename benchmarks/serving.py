@@ -28,6 +28,12 @@ bodies) or, when wrk is absent, a lean asyncio raw-socket client in a subprocess
 untimed warm-up; rounds alternate the servers (mlflow, single, shadow, ab, ...) so machine noise
 falls on all alike; figures are medians over rounds, ratios medians of per-round ratios.
 
+Server CPU a request is read from /proc for the server's processes (the service, its shadow and challenger
+children); for `rollout serve` with one worker, "its event loop's" is the share of its main thread, which runs
+the event loop: when requests/s stop growing, that thread is what ran out (the rest is the scoring and
+log-writer threads and the children). `--serving KEY=VALUE` (repeatable) runs the rollout server with other
+serving options, e.g. `--serving challenger_isolation=thread` or `--serving max_wait_ms=5`.
+
     .venv/bin/python benchmarks/serving.py --fastpath # POST /predict: direct ASGI path vs routed endpoint
 
     .venv/bin/python benchmarks/serving.py --workers 2  # `rollout serve --workers 2`: per-worker throughput
@@ -211,6 +217,17 @@ def group_cpu_s(pgid: int) -> float:
                 members.add(child)
                 stack.append(child)
     return sum(stats[pid][2] for pid in members if pid in stats) / tick
+
+
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU seconds (user + system) of one thread of a process, from /proc; 0 when it is gone. The service's event
+    loop runs in its main thread (tid == pid) with one worker: the resource it runs out of first."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def http(method: str, url: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
@@ -479,6 +496,7 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
                 if ours:
                     drain(server)
                 before = metrics(server.base) if ours else {}
+                loop0 = thread_cpu_s(server.proc.pid, server.proc.pid) if ours and workers == 1 else None
                 cpu0 = group_cpu_s(server.proc.pid)
                 out = load(url, body_path, c, seconds)
                 out["throughput"] = out["requests"] / out["duration_s"]
@@ -494,6 +512,9 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
                         rows_ = sum(after[k] - before.get(k, 0.0) for k in keys if k.startswith("rollout_batch_rows_total"))
                         out[f"{lane}_batch_mean"] = rows_ / calls if calls else None
                 out["cpu_us_per_request"] = (group_cpu_s(server.proc.pid) - cpu0) / max(out["requests"], 1) * 1e6
+                if loop0 is not None:  # the rest is the service's other threads (scoring, log writer) and children
+                    out["loop_cpu_us_per_request"] = ((thread_cpu_s(server.proc.pid, server.proc.pid) - loop0)
+                                                      / max(out["requests"], 1) * 1e6)
                 if out["bad_status"] or out["socket_errors"]:
                     print(f"WARNING {target} c={c}: {out['bad_status']} non-200, {out['socket_errors']} socket errors",
                           file=sys.stderr)
@@ -737,11 +758,14 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
                 fig["shadow_batch_mean"] = med(target, c, "shadow_batch_mean")
                 fig["log_dropped"] = sum(o["log_dropped"] for o in runs)
                 fig["drain_s"] = med(target, c, "drain_s")
+                fig["loop_cpu_us_per_request"] = med(target, c, "loop_cpu_us_per_request")
             per.setdefault(target, {})[str(c)] = fig
             rows.append([target, c, fig["throughput"], fig["p50_ms"], fig["p99_ms"], fig["cpu_us_per_request"],
-                         fig.get("serve_batch_mean", ""), fig.get("shadow_batch_mean", ""), fig["non_200"]])
+                         fig.get("loop_cpu_us_per_request", ""), fig.get("serve_batch_mean", ""),
+                         fig.get("shadow_batch_mean", ""), fig["non_200"]])
     print_table(f"Single-record requests, {seconds:g} s per cell, median of {rounds} round(s), load generator {loadgen}",
-                ["server", "conc", "req/s", "p50 ms", "p99 ms", "server CPU us/req", "serve batch", "shadow batch", "errors"],
+                ["server", "conc", "req/s", "p50 ms", "p99 ms", "server CPU us/req", "its event loop's",
+                 "serve batch", "shadow batch", "errors"],
                 [[x if x is not None else "" for x in r] for r in rows])
 
     ratios: dict[str, dict[str, float]] = {}
