@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,7 @@ class Compiled:
     def matrix(self, records: Sequence[dict[str, Any]]) -> np.ndarray:
         """The matrix the pipeline's estimator sees for these records; Unsupported for an input not handled, and
         for a batch so large that scikit-learn's own path is the cheaper one."""
-        if len(records) * sum(len(block.columns) for block in self.blocks) > MAX_CELLS:
+        if len(records) * self.width > MAX_CELLS:
             raise Unsupported("a batch of more than MAX_CELLS values")
         parts = [block.categorical(records) if block.onehot is not None else block.numeric(records)
                  for block in self.blocks]
@@ -146,10 +147,15 @@ class Compiled:
                 x /= scale.scale
         return x
 
+    @cached_property
+    def width(self) -> int:
+        """Values a record gives the matrix: the columns the blocks read."""
+        return sum(len(block.columns) for block in self.blocks)
+
     def probes(self) -> list[list[dict[str, Any]]]:
         """Batches that walk every path of `matrix`: every level of every column, an unknown level, nulls,
         absent keys, the imputers' own values; then single records of each kind."""
-        numeric = [c for b in self.blocks if b.onehot is None for c in b.columns]
+        numeric, centre, spread = self._numeric()
         levels: dict[str, list[str]] = {}
         for block in self.blocks:
             if block.onehot is not None:
@@ -178,31 +184,27 @@ class Compiled:
         # bits, whose sums round alike in any order), in batches of every size to 40: a difference in how the
         # estimator's arithmetic runs (BLAS takes the rows past a multiple of its vector width apart) shows here.
         rng = np.random.default_rng(20261202)
-        centre, spread = self._spread(numeric)
         dense = [{**{n: float(v) for n, v in zip(numeric, centre + spread * rng.standard_normal(len(numeric)), strict=True)},
                   **{n: v[(i + k) % len(v)] for k, (n, v) in enumerate(levels.items()) if v}} for i in range(820)]
         sized = [dense[m * (m - 1) // 2: m * (m + 1) // 2] for m in range(1, 41)]
         return [batch, batch[:1], batch[-1:], [nulls], [{}], [{**nulls, **{n: v[0] for n, v in levels.items() if v}}],
                 *sized]
 
-    def _spread(self, numeric: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Each numeric column's fitted centre (its first imputer's statistic) and spread (its first scaler's scale),
-        0 and 1 where a block has none."""
-        centre: dict[str, float] = {}
-        spread: dict[str, float] = {}
+    def _numeric(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The numeric columns, each with its fitted centre (its first imputer's statistic, finite: _impute checks)
+        and spread (its first scaler's scale, positive: StandardScaler's), 0 and 1 where its block has none."""
+        names: list[str] = []
+        centre: list[float] = []
+        spread: list[float] = []
         for block in self.blocks:
             if block.onehot is not None:
                 continue
+            scale = next((s.scale for s in block.scales if s.scale is not None), None)
             for j, name in enumerate(block.columns):
-                if block.imputes:
-                    centre[name] = float(block.imputes[0].statistics[j])
-                scale = next((s.scale for s in block.scales if s.scale is not None), None)
-                if scale is not None:
-                    spread[name] = float(scale[j])
-        values = [(centre.get(n, 0.0), spread.get(n, 1.0)) for n in numeric]
-        c = np.array([v[0] for v in values], dtype=np.float64)
-        d = np.array([v[1] for v in values], dtype=np.float64)
-        return np.nan_to_num(c), np.where(np.isfinite(d) & (d > 0), d, 1.0)
+                names.append(name)
+                centre.append(float(block.imputes[0].statistics[j]) if block.imputes else 0.0)
+                spread.append(float(scale[j]) if scale is not None else 1.0)
+        return names, np.array(centre, dtype=np.float64), np.array(spread, dtype=np.float64)
 
 
 def compile_pipeline(model: Any, names: Sequence[str] | None) -> Compiled | None:

@@ -171,9 +171,9 @@ def _piped_main(sock: socket.socket, payload: bytes, nice: int) -> None:
     """A PipedScorer's child: load the model, say so, then answer each framed batch of rows in order."""
     try:
         _load(payload, None, nice)
-        _send_frame(sock, pickle.dumps((True, None), protocol=pickle.HIGHEST_PROTOCOL))
+        sock.sendall(_frame(pickle.dumps((True, None), protocol=pickle.HIGHEST_PROTOCOL)))
     except BaseException as exc:  # noqa: BLE001 - the service hears why, then the child ends
-        _send_frame(sock, pickle.dumps((False, f"{type(exc).__name__}: {exc}"[:500])))
+        sock.sendall(_frame(pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}"[:500])))))
         return
     while True:
         frame = _recv_frame(sock)
@@ -187,11 +187,12 @@ def _piped_main(sock: socket.socket, payload: bytes, nice: int) -> None:
             data = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 - e.g. an exception that cannot be pickled
             data = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}"[:500])))
-        _send_frame(sock, data)
+        sock.sendall(_frame(data))
 
 
-def _send_frame(sock: socket.socket, data: bytes) -> None:
-    sock.sendall(len(data).to_bytes(_HEADER, "big") + data)
+def _frame(data: bytes) -> bytes:
+    """`data` framed as both ends read it: its length first."""
+    return len(data).to_bytes(_HEADER, "big") + data
 
 
 def _recv_frame(sock: socket.socket) -> bytes | None:
@@ -259,7 +260,7 @@ class PipedScorer:
         future: asyncio.Future[Any] = self._loop.create_future()
         data = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
         self._waiting.append(future)
-        self._write(len(data).to_bytes(_HEADER, "big") + data)
+        self._write(_frame(data))
         return future
 
     def _started(self) -> bool:
@@ -319,13 +320,15 @@ class PipedScorer:
             future = self._waiting.popleft() if self._waiting else None
             if future is None or future.done():
                 continue
-            if future is self.ready and not ok:
-                future.set_exception(RuntimeError(value))
-                future.exception()  # read by whoever asks (_started, the lane); never "never retrieved"
-            elif ok:
+            if ok:
                 future.set_result(value)
             else:
-                future.set_exception(value if isinstance(value, BaseException) else RuntimeError(str(value)))
+                self._reject(future, value)
+
+    def _reject(self, future: asyncio.Future[Any], exc: BaseException) -> None:
+        future.set_exception(exc)
+        if future is self.ready:
+            future.exception()  # read by whoever asks (_started, the lane); never "never retrieved"
 
     def _fail_all(self, reason: str) -> None:
         """The child is gone (or being killed): every call still waiting on it fails, as a broken pool's would."""
@@ -336,9 +339,7 @@ class PipedScorer:
         while self._waiting:
             future = self._waiting.popleft()
             if not future.done():
-                future.set_exception(BrokenProcessPool(reason) if future is not self.ready else RuntimeError(reason))
-                if future is self.ready:
-                    future.exception()
+                self._reject(future, BrokenProcessPool(reason) if future is not self.ready else RuntimeError(reason))
 
     def _detach(self) -> None:
         fd = self._sock.fileno()
