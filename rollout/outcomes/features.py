@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
-from rollout.outcomes.engine import is_sqlite
+from rollout.outcomes.engine import is_sqlite, write
 from rollout.outcomes.schema import feature_sets, to_json
 
 MAX_SETS = 1000  # sets a store makes; records with other names beyond that are stored as objects
@@ -59,7 +59,10 @@ class FeatureSets:
             text = json.dumps(list(names), separators=(",", ":"))
             digest = hashlib.sha256(text.encode()).hexdigest()
             find = select(feature_sets.c.id).where(feature_sets.c.digest == digest)
-            with engine.begin() as conn:
+            # BEGIN IMMEDIATE on SQLite: a deferred transaction that reads and then writes fails at once ("database
+            # is locked", no busy wait) when another process wrote since its read: the service's log writer and
+            # every shadow child (and each worker of --workers N) name their first record's set at about once.
+            with write(engine) as conn:
                 found = conn.execute(find).scalar_one_or_none()
                 if found is None:
                     if conn.execute(select(func.count()).select_from(feature_sets)).scalar_one() >= MAX_SETS:

@@ -137,3 +137,43 @@ def test_export_of_an_in_memory_store(tmp_path: Path, monkeypatch: pytest.Monkey
     frame = pd.read_parquet(tmp_path / "export")
     assert exported[0].rows == 2 * len(RECORDS)
     assert [json.loads(f) for f in frame[frame["served"]].sort_values("time")["features"]] == RECORDS
+
+
+def test_processes_naming_a_new_set_at_once_do_not_fail_each_other_on_sqlite(tmp_path: Path) -> None:
+    """`rollout serve --workers 2` in shadow mode: each worker's log writer and each shadow child name the first
+    record's set on their own connection at about once. Another process commits between one's look-up and its
+    insert (forced here): the insert must wait for the lock, not fail with "database is locked"."""
+    import threading
+    import time
+
+    from sqlalchemy import event
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    OutcomeStore(url).create()
+    mine, other = OutcomeStore(url), OutcomeStore(url)
+    other_done: list[BaseException | None] = []
+
+    def other_process_writes() -> None:  # another process commits a set of its own
+        try:
+            other.engine.dispose()
+            features.FeatureSets().id_of(other.engine, ("a", "b"))
+            other_done.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            other_done.append(exc)
+
+    @event.listens_for(mine.engine, "before_cursor_execute")
+    def between_lookup_and_insert(conn, cursor, statement, parameters, context, executemany) -> None:  # noqa: ANN001
+        if statement.startswith("INSERT INTO feature_sets") and not other_done:
+            thread = threading.Thread(target=other_process_writes)
+            thread.start()
+            thread.join(0.5)  # it commits (no lock held here) or waits for this transaction's lock
+
+    set_id = features.FeatureSets().id_of(mine.engine, ("income", "tier"))
+    deadline = time.monotonic() + 10
+    while not other_done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert other_done == [None]
+    assert set_id is not None
+    with mine.engine.connect() as conn:
+        names = {r[0] for r in conn.execute(select(feature_sets.c.columns))}
+    assert names == {'["income","tier"]', '["a","b"]'}
