@@ -98,12 +98,43 @@ def check_config(
     for problem in problems:
         colour = {ERROR: "red", "warning": "yellow"}.get(problem.severity, "white")
         console.print(f"[{colour}]{problem.severity}[/{colour}] {problem}", soft_wrap=True, highlight=False)
-    errors = sum(p.severity == ERROR for p in problems)
+    errors = sum(p.severity == ERROR for p in problems) + _check_suite(policy, frame)
     if errors:
         console.print(f"[red]{errors} error(s): the policy does not fit its data ({len(frame)} rows)[/red]")
         raise typer.Exit(2)
     console.print(f"[green]the policy fits its data[/green] ({len(frame)} rows, {len(frame.columns)} columns"
                   + (f"; {len(problems)} warning(s)" if problems else "") + ")")
+
+
+def _check_suite(policy: Policy, frame: Any) -> int:
+    """The data validation step of `rollout ci` on the data: the committed Great Expectations suite run on it, each
+    failed expectation printed as an error (how many). No suite yet is said, not counted: `rollout make-suite`."""
+    from rollout.ci.validation import MissingSuite, validate
+
+    path = policy.path(policy.ci.expectations_suite)
+    try:
+        report = validate(frame, path)
+    except MissingSuite:
+        console.print(f"ci.expectations_suite: no suite at {path} yet (`rollout make-suite` writes a starter one; "
+                      "`rollout ci` needs it)", soft_wrap=True, highlight=False)
+        return 0
+    except ValueError as exc:
+        console.print(f"[red]error[/red] ci.expectations_suite: {exc}", soft_wrap=True, highlight=False)
+        return 1
+    missing = {f.column: None for f in report.failed if f.column and f.column not in frame.columns}
+    for failed in report.failed:
+        if failed.column not in missing:
+            console.print(f"[red]error[/red] data validation ({report.suite}): {failed.sentence}", soft_wrap=True,
+                          highlight=False)
+    if missing:  # one line, not one per expectation of each: most likely a suite made for another table
+        console.print(f"[red]error[/red] data validation ({report.suite}): {len(missing)} column(s) of the suite are not "
+                      f"in the data: {', '.join(map(str, missing))}; a suite for another table? `rollout make-suite "
+                      "--force` writes one from this data", soft_wrap=True, highlight=False)
+    evaluated = int(report.statistics.get("evaluated_expectations", 0))
+    console.print(f"data validation ({report.suite}): {evaluated - len(report.failed)} of {evaluated} expectations "
+                  f"met on {report.rows:,} rows", soft_wrap=True, highlight=False)
+    return len(report.failed) - sum(f.column in missing for f in report.failed) + bool(missing) or (
+        0 if report.success else 1)
 
 
 @app.command("config-reference")

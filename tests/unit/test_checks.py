@@ -3,6 +3,8 @@ field to change; and the warnings a new user needs (an id as a category, a leake
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 from sklearn.datasets import load_breast_cancer
@@ -70,17 +72,40 @@ def test_check_config_data_prints_every_problem_and_exits_2(tmp_path):
     assert result.exit_code == 2, result.output
     for field in ("data.timestamp_column", "data.segment_column", "data.unit_column", "estimator.params.c"):
         assert f"error {field}" in said, said
-    assert "did you mean 'C'?" in said and "4 error(s): the policy does not fit its data (569 rows)" in said
+    assert "did you mean 'C'?" in said and "6 error(s): the policy does not fit its data (569 rows)" in said
     assert said.count("its columns are: mean radius") == 1
+    # The example's suite is still ci.expectations_suite: what `rollout ci` would fail on, in one line.
+    assert ("error data validation (loan_training): 13 column(s) of the suite are not in the data: customer_id, applied_at,"
+            in said and "a suite for another table? `rollout make-suite --force` writes one from this data" in said)
 
-    fixed = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"})  # nothing of the example...
+    suite = str(tmp_path / "cancer_suite.json")
+    fixed = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"},  # nothing of the example...
+                         ci={"expectations_suite": suite})
     result = CliRunner().invoke(app, ["check-config", "--config", str(fixed), "--data"], terminal_width=200)
     said = " ".join(result.output.split())  # ...but its model name: on a shared MLflow server, one model for all
     assert result.exit_code == 0 and "warning registry.model_name: still the example's 'loan-approval'" in said
+    assert f"ci.expectations_suite: no suite at {suite} yet (`rollout make-suite` writes a starter one" in said
     assert "the policy fits its data (569 rows, 31 columns; 1 warning(s))" in said
-    named = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"}, registry={"model_name": "cancer"})
+    named = write_policy(tmp_path, data={"source": "cancer.csv", "target": "target"}, registry={"model_name": "cancer"},
+                         ci={"expectations_suite": suite})
+    assert CliRunner().invoke(app, ["make-suite", "--config", str(named)]).exit_code == 0
     result = CliRunner().invoke(app, ["check-config", "--config", str(named), "--data"], terminal_width=200)
-    assert result.exit_code == 0 and "the policy fits its data (569 rows, 31 columns)" in result.output
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "the policy fits its data (569 rows, 31 columns)" in said
+    met = re.search(r"data validation \(cancer_suite\): (\d+) of (\d+) expectations met on 569 rows", said)
+    assert met and met[1] == met[2] and int(met[2]) > 60, said  # every column's type, nulls and range
+
+    # Later data the suite refuses: each failed expectation named, as `rollout ci` would stop on it.
+    bad = frame.copy()
+    bad.loc[:9, "mean radius"] = -1.0
+    bad.loc[:, "worst area"] = None
+    bad.to_csv(tmp_path / "cancer.csv", index=False)
+    result = CliRunner().invoke(app, ["check-config", "--config", str(named), "--data"], terminal_width=200)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2, said
+    assert "error data validation (cancer_suite): `mean radius`: expected values >= 0 and <= " in said
+    assert "error data validation (cancer_suite): `worst area`: expected no nulls" in said
+    assert "2 error(s): the policy does not fit its data (569 rows)" in said
 
 
 def test_parameter_values_the_estimator_refuses_are_found_before_training():
