@@ -119,7 +119,11 @@ def source_of(input: str | None, query: str | None, database: str | None) -> Sou
             raise ConfigError("--database: a --query needs the database URL it runs on (e.g. postgresql://host/db)")
         return SqlQuery(database_url(database), query)
     assert input is not None
-    return input if input.lower().startswith(("http://", "https://")) else Path(input)
+    if input.lower().startswith(("http://", "https://")):
+        return input
+    if not Path(input).is_file():  # said before the models load (seconds), not after
+        raise ConfigError(f"--input {input}: no such file")
+    return Path(input)
 
 
 def sink_of(output: str | None, table: str | None, database: str | None) -> Sink:

@@ -237,7 +237,7 @@ def test_a_file_by_its_http_url(registry: InMemoryRegistry, store: OutcomeStore,
         server.server_close()
 
 
-def test_sources_and_sinks_are_named_when_wrong() -> None:
+def test_sources_and_sinks_are_named_when_wrong(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--input or --query"):
         source_of(None, None, None)
     with pytest.raises(ConfigError, match="--input or --query"):
@@ -251,6 +251,9 @@ def test_sources_and_sinks_are_named_when_wrong() -> None:
     with pytest.raises(ConfigError, match="--output or --output-table"):
         sink_of("a.csv", "t", "sqlite://")
     assert source_of("https://host/x.parquet", None, None) == "https://host/x.parquet"
-    assert source_of("x.csv", None, None) == Path("x.csv")
+    (tmp_path / "x.csv").write_text("a\n1\n")
+    assert source_of(str(tmp_path / "x.csv"), None, None) == tmp_path / "x.csv"
+    with pytest.raises(ConfigError, match=f"--input {tmp_path / 'y.csv'}: no such file"):  # before any model loads
+        source_of(str(tmp_path / "y.csv"), None, None)
     with pytest.raises(ConfigError, match="--batch-id and --key-column"):
         score_file(make_policy(), SqlQuery("sqlite://", "SELECT 1"), Path("o.csv"))
