@@ -652,3 +652,29 @@ def test_a_store_made_before_gives_back_the_indexes_no_query_needs(store_url: st
     assert s.first_seen(rid) == T0 and s.last_seen(rid) == T0 + timedelta(hours=80)
     assert s.first_seen(rid + 1) is None
     s.dispose()
+
+
+def test_a_label_that_arrives_before_its_prediction_row_counts_once_the_row_is_written(store: OutcomeStore) -> None:
+    """With `rollout serve --workers N` (or a log writer's linger) a label can reach the store before its request's
+    row: it is kept as unknown, and counts once the row is written, in a first evaluation and in a later one."""
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s", T0)
+
+    def row(request_id: str, version: str, prediction: float, hours: float) -> dict[str, Any]:
+        return {"request_id": request_id, "rollout_id": rid, "ts": T0 + timedelta(hours=hours), "version": version,
+                "role": "champion" if version == "1" else "challenger", "served": version == "1",
+                "prediction": prediction, "score": 0.8 if prediction else 0.2}
+
+    early = store.add_labels([("a", 1, T0 + timedelta(hours=2))])  # before any row of "a"
+    assert early.unknown == 1
+    _log(store, [row("a", "1", 1.0, 1), row("a", "2", 0.0, 1)])
+    first = store.evidence(rid, T0 + timedelta(days=3))
+    assert {v: m.n for (v, *_), m in first.loss["accuracy"].items()} == {"1": 1, "2": 1}
+
+    late = store.add_labels([("b", 0, T0 + timedelta(hours=5))])  # the summaries exist now: the incremental path
+    assert late.unknown == 1
+    _log(store, [row("b", "1", 1.0, 4), row("b", "2", 0.0, 4)])
+    second = store.evidence(rid, T0 + timedelta(days=3))
+    accuracy = {v: (m.n, m.total) for (v, *_), m in second.loss["accuracy"].items()}
+    assert accuracy == {"1": (2, 1.0), "2": (2, 1.0)}  # each version wrong once (loss 1), right once
+    paired = {v: m.n for (v, *_), m in second.paired["accuracy"].items()}
+    assert paired == {"2": 2}  # both requests paired with the champion's row
