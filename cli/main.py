@@ -133,8 +133,8 @@ def _check_suite(policy: Policy, frame: Any) -> int:
     evaluated = int(report.statistics.get("evaluated_expectations", 0))
     console.print(f"data validation ({report.suite}): {evaluated - len(report.failed)} of {evaluated} expectations "
                   f"met on {report.rows:,} rows", soft_wrap=True, highlight=False)
-    return len(report.failed) - sum(f.column in missing for f in report.failed) + bool(missing) or (
-        0 if report.success else 1)
+    errors = sum(f.column not in missing for f in report.failed) + (1 if missing else 0)
+    return errors if errors or report.success else 1  # a suite that failed without a failed expectation: 1
 
 
 @app.command("config-reference")
