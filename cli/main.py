@@ -348,6 +348,10 @@ def simulate(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     console.print(summary)
+    if summary.labels_unknown:
+        console.print(f"{summary.labels_unknown:,} label(s) reached the store before their prediction's row (the log "
+                      "writer batches its rows; with `serve --workers N` a label can reach another worker): they are "
+                      "kept and count once the row is written", soft_wrap=True, highlight=False)
     if summary.errors or summary.label_errors:
         raise typer.Exit(1)
 

@@ -123,3 +123,26 @@ def test_simulate_on_a_teams_own_data_says_what_to_pass_instead_of_a_traceback(t
     own = CliRunner().invoke(app, args, terminal_width=400)
     said = " ".join(own.output.split())
     assert own.exit_code == 2 and "not rows of diabetes.csv (data.source)" in said and "--data FILE" in said, said
+
+
+def test_labels_that_came_before_their_rows_are_explained_not_left_to_look_lost(tmp_path, monkeypatch) -> None:
+    """`labels_unknown` in the summary (routine with `serve --workers N`) comes with what it means: the labels are
+    kept and count once their rows are written (tests/unit/test_store.py checks that they do)."""
+    from typer.testing import CliRunner
+
+    import cli.simulate
+    from cli.main import app
+    from cli.simulate import SimulationSummary
+    from tests.conftest import write_policy
+
+    def ran(*_args, **_kwargs) -> SimulationSummary:
+        return SimulationSummary(500, 500, 0, 496, 0, 4, labels_unknown, 0, {"1": 500}, "s", "e", 1.3)
+
+    monkeypatch.setattr(cli.simulate, "simulate", ran)
+    args = ["simulate", "--config", str(write_policy(tmp_path)), "--url", "http://127.0.0.1:9"]
+    for labels_unknown in (0, 22):
+        result = CliRunner().invoke(app, args, terminal_width=400)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 0, said
+        explained = "22 label(s) reached the store before their prediction's row" in said
+        assert explained == bool(labels_unknown) and ("kept and count once the row is written" in said) == explained
