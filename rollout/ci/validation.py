@@ -144,12 +144,12 @@ class MissingSuite(FileNotFoundError):
 
 def load_suite(path: str | Path) -> ExpectationSuite:
     """Read a suite from JSON; an invalid expectation is an error, not silently dropped as GX does."""
+    path = Path(path)
+    if not path.exists():  # said before importing GX (~5 s): `rollout check-config --data` before `make-suite`
+        raise MissingSuite(f"expectation suite not found: {path}")
     import great_expectations as gx
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
-    path = Path(path)
-    if not path.exists():
-        raise MissingSuite(f"expectation suite not found: {path}")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
