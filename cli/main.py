@@ -121,7 +121,7 @@ def _check_suite(policy: Policy, frame: Any) -> int:
     except ValueError as exc:
         console.print(f"[red]error[/red] ci.expectations_suite: {exc}", soft_wrap=True, highlight=False)
         return 1
-    missing = {f.column: None for f in report.failed if f.column and f.column not in frame.columns}
+    missing = {f.column: None for f in report.failed if f.column_missing}
     for failed in report.failed:
         if failed.column not in missing:
             console.print(f"[red]error[/red] data validation ({report.suite}): {failed.sentence}", soft_wrap=True,

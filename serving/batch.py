@@ -121,9 +121,10 @@ def source_of(input: str | None, query: str | None, database: str | None) -> Sou
     assert input is not None
     if input.lower().startswith(("http://", "https://")):
         return input
-    if not Path(input).is_file():  # said before the models load (seconds), not after
+    path = Path(input)
+    if not path.is_file():  # said before the models load (seconds), not after
         raise ConfigError(f"--input {input}: no such file")
-    return Path(input)
+    return path
 
 
 def sink_of(output: str | None, table: str | None, database: str | None) -> Sink:

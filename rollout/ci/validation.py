@@ -197,6 +197,9 @@ def _widened_range(series: pd.Series, tolerance: float) -> tuple[float | None, f
 # --------------------------------------------------------------------------------------------
 
 
+COLUMN_MISSING = "the column is missing"  # a failure's `observed` when the table lacks its column
+
+
 @dataclass(frozen=True)
 class FailedExpectation:
     """One failed expectation, with what was expected and what was seen, in words."""
@@ -206,6 +209,11 @@ class FailedExpectation:
     kwargs: str
     expected: str
     observed: str
+
+    @property
+    def column_missing(self) -> bool:
+        """Failed because the table has no such column (a suite made for another table, a renamed column)."""
+        return self.observed == COLUMN_MISSING
 
     @property
     def sentence(self) -> str:
@@ -330,7 +338,7 @@ def _describe_failure(result: ExpectationValidationResult, columns: set[str]) ->
         column=column,
         kwargs=summary,
         expected=_expected_words(kind, kwargs),
-        observed="the column is missing" if column and column not in columns else _observed_words(result),
+        observed=COLUMN_MISSING if column and column not in columns else _observed_words(result),
     )
 
 
