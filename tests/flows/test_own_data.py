@@ -47,6 +47,7 @@ ci:
   split: time
   metric: rmse
   expectations_suite: weather_suite.json
+  stress: {budget: {max_ratio_vs_champion: 5}}
 rollout:
   mode: shadow
   margin: 0.2                  # mse, in degrees squared: the champion's is about 20
