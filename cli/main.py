@@ -498,7 +498,11 @@ def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recen
     table.add_column("alias moves, and why", ratio=1)
     table.add_column("by", max_width=20)
     hidden = ("continue", "drift-check")  # the hourly evaluations and drift checks that changed nothing
-    entries = [d for d in OutcomeStore(policy.outcome_url).audit_log() if show_all or d.decision not in hidden]
+    store = OutcomeStore(policy.outcome_url)
+    log = store.audit_log()
+    entries = [d for d in log if show_all or d.decision not in hidden]
+    current = store.current_rollout()
+    store.dispose()
     for d in entries[-limit:]:
         moves = "\n".join(f"@{m.get('alias')} {m.get('from') or '-'}→{m.get('to') or '-'}" for m in d.alias_moves)
         reasons = d.stats.get("reasons") or []
@@ -507,6 +511,19 @@ def history(config: str = CONFIG, limit: int = typer.Option(50, help="Most recen
         table.add_row(d.ts.strftime("%Y-%m-%d %H:%M"), str(d.rollout_id or "-"), d.decision,
                       f"{moves}\n{why}" if moves else why, d.actor)
     console.print(table)
+    # What the table leaves out, said, so an empty or short table is not read as "nothing happened"
+    if (left_out := len(log) - len(entries)):
+        console.print(f"Not shown: {left_out:,} {'entry' if left_out == 1 else 'entries'} that changed nothing "
+                      "(hourly 'continue' evaluations, drift checks); --all shows them.")
+    if len(entries) > limit:
+        console.print(f"The latest {limit} of {len(entries):,} entries (--limit).")
+    if current is not None:
+        roles = ", ".join(f"@{role} v{version}" for role, version in current.versions.items())
+        console.print(f"Open: rollout {current.rollout_id} ({current.mode}: {roles}) since "
+                      f"{current.started_at:%Y-%m-%d %H:%M} UTC, not decided yet.")
+    elif not log:
+        console.print("No rollout has been opened or decided yet: `rollout ci` opens one when it registers a "
+                      "challenger.")
 
 
 @app.command()

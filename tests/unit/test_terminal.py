@@ -113,3 +113,33 @@ def test_an_evaluation_before_any_label_says_so_instead_of_an_empty_table() -> N
     now = datetime(2026, 1, 1, tzinfo=UTC)
     markdown = metrics_markdown(Evidence("shadow", now, now, "1", ()), "accuracy")
     assert "No labelled outcomes yet" in markdown and "| version |" not in markdown
+
+
+def test_rollout_history_says_what_it_leaves_out_and_what_is_still_open(tmp_path, monkeypatch) -> None:
+    """Before any decision the table is empty: it says the hourly evaluations it hides and the open rollout,
+    instead of reading as "nothing happened"."""
+    from pathlib import Path
+
+    import cli.main
+    from rollout.config import load_policy
+    from rollout.outcomes import OutcomeStore
+    from tests.conftest import write_policy
+
+    config = write_policy(Path(tmp_path))
+    console = Console(width=WIDTH, record=True, color_system=None)
+    monkeypatch.setattr(cli.main, "console", console)
+    cli.main.history(config=str(config), limit=50, show_all=False)
+    assert "No rollout has been opened or decided yet" in " ".join(_lines(console))
+
+    store = OutcomeStore(load_policy(config).outcome_url).create()
+    rollout = store.open_rollout("ab", {"champion": "1", "challenger": "2"}, {"champion": 0.9, "challenger": 0.1}, "s")
+    for _ in range(3):
+        store.record_decision(rollout, "continue", {"reasons": ["the bounds still straddle -margin"]}, [], actor="e")
+    store.dispose()
+    console = Console(width=WIDTH, record=True, color_system=None)
+    monkeypatch.setattr(cli.main, "console", console)
+    cli.main.history(config=str(config), limit=50, show_all=False)
+    said = " ".join(" ".join(_lines(console)).split())
+    assert "Not shown: 3 entries that changed nothing" in said and "--all shows them" in said, said
+    assert f"Open: rollout {rollout} (ab: @champion v1, @challenger v2)" in said, said
+    assert "continue" not in said.split("Not shown")[0]  # the table itself holds none of them
