@@ -103,7 +103,24 @@ def make_engine(url: str) -> Engine:
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("immediate") else "BEGIN")
 
+    event.listen(engine, "before_cursor_execute", _apply_hints, retval=True)
     return engine
+
+
+# SQLite's index hints (INDEXED BY, a CROSS JOIN fixing the join order), which SQLAlchemy does not render: a
+# statement executed with execution_options(sqlite_hints=((clause, hinted), ...)) has each clause found exactly once
+# in its SQL rewritten to the hinted text just before it reaches the driver. Binds and results go through their
+# types as for any statement (a RequestId packs and unpacks). A clause not found once is left as it is.
+SQLITE_HINTS = "sqlite_hints"
+
+
+def _apply_hints(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+                 executemany: bool) -> tuple[str, Any]:
+    hints = context.execution_options.get(SQLITE_HINTS) if context is not None else None
+    for clause, hinted in hints or ():
+        if statement.count(clause) == 1:
+            statement = statement.replace(clause, hinted)
+    return statement, parameters
 
 
 @contextlib.contextmanager

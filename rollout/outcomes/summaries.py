@@ -74,7 +74,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
-from rollout.outcomes.engine import chunks, is_sqlite, wall_clock, write
+from rollout.outcomes.engine import SQLITE_HINTS, chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.log import analyze_stale, mark_dirty
 from rollout.outcomes.sqlexpr import (day_range, first_day, hour_expr, hour_range, in_days_of, loss_expr, near_day,
                                       pair_days, probed)
@@ -631,18 +631,9 @@ class Summaries:
 
 def _execute_hinted(conn: Connection, query: Any, hints: Sequence[tuple[str, str]]) -> Any:
     """Run the query on SQLite with each (clause, hinted) pair's FROM or JOIN `clause` rewritten to `hinted` (an
-    INDEXED BY, a CROSS JOIN fixing the join order): SQLAlchemy renders no SQLite hints. A clause not found
-    exactly once is left as it is (the champion's row is joined only when there is a champion)."""
-    compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})  # IN lists expanded
-    sql = original = str(compiled)
-    for clause, hinted in hints:
-        if sql.count(clause) == 1:
-            sql = sql.replace(clause, hinted)
-    if sql == original:
-        return conn.execute(query)
-    params = compiled.construct_params()
-    positional = tuple(params[k] for k in compiled.positiontup)
-    return conn.exec_driver_sql(sql, positional)
+    INDEXED BY, a CROSS JOIN fixing the join order; engine.SQLITE_HINTS). A clause not found exactly once is left as
+    it is (the champion's row is joined only when there is a champion)."""
+    return conn.execute(query.execution_options(**{SQLITE_HINTS: tuple(hints)}))
 
 
 def _labelled_sums(rollout_id: int, cutoff: float | None, champion: str | None, rows: list[Row],

@@ -209,3 +209,25 @@ def test_a_sqlite_too_old_for_generated_columns_is_named(monkeypatch: pytest.Mon
     monkeypatch.setattr(sqlite3, "sqlite_version", "3.30.1")
     with pytest.raises(RuntimeError, match=r"needs SQLite 3\.31\.0 or later .* has 3\.30\.1"):
         engine.make_engine(f"sqlite:///{tmp_path / 'o.db'}")
+
+
+def test_a_hinted_sqlite_query_binds_a_request_id_as_the_store_keeps_it(tmp_path: Path) -> None:
+    """The summaries' SQLite index hints rewrite the SQL on its way to the driver: a bound request id must still be
+    packed, and a returned one unpacked, as for any statement, or a ULID matches no row (no hinted query binds one
+    today; this keeps it so). They ran the compiled SQL themselves, bypassing both."""
+    from sqlalchemy import select
+
+    from rollout.outcomes.schema import predictions
+    from rollout.outcomes.summaries import _execute_hinted
+
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}", clock=lambda: T0).create()
+    ulid = new_request_ids(1)[0]
+    store.log_predictions([PredictionRow(ulid, "1", "champion", T0, prediction=1.0),
+                           PredictionRow("my-own-id", "1", "champion", T0, prediction=0.0)])
+    p = predictions.alias("p")
+    hint = [("FROM predictions AS p ", "FROM predictions AS p INDEXED BY ix_predictions_request ")]
+    with store.engine.connect() as conn:
+        for request_id, prediction in ((ulid, 1.0), ("my-own-id", 0.0)):
+            query = select(p.c.request_id, p.c.prediction).where(p.c.request_id == request_id, p.c.ts >= 0)
+            assert [tuple(r) for r in _execute_hinted(conn, query, hint)] == [(request_id, prediction)]
+    store.dispose()
