@@ -63,9 +63,10 @@ def _rows(day: int, requests: int, rollout_id: int | None, features: bool = True
                                        ("standard", "gold", "VIP")[i % 3])) if features else None
         rows.append(PredictionRow(rid, "1", "champion", ts, f"customer-{i % 3000}", rollout_id, True, 1.0,
                                   float(score > 0.5), score, 2.5, None, ("standard", "gold", "VIP")[i % 3], feats))
-        if rollout_id is not None:
-            rows.append(PredictionRow(rid, "2", "challenger", ts, f"customer-{i % 3000}", rollout_id, False, None,
-                                      float(score > 0.45), min(score + 0.05, 1.0), 2.9))
+        if rollout_id is not None:  # the shadow's row as the service writes it (serving.logwriter.shadow_rows)
+            rows.append(PredictionRow(rid, "2", "challenger", ts, f"customer-{i % 3000}", rollout_id, False, 1.0,
+                                      float(score > 0.45), min(score + 0.05, 1.0), 2.9, None,
+                                      ("standard", "gold", "VIP")[i % 3]))
         if i % 20:
             labels.append((rid, float(i % 3 == 0), ts + 3600))
     return rows, labels

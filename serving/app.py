@@ -126,6 +126,8 @@ class Service:
         m = self.metrics
         w = self.writer
         m.gauge("rollout_log_queue_depth", "Prediction rows waiting to be written.", lambda: w.depth)
+        m.gauge("rollout_log_rows_held", "Served rows of shadow requests waiting for their shadow's job, which logs "
+                "them with its own.", lambda: w.held)
         m.gauge("rollout_log_dropped_total", "Prediction rows dropped because the log queue was full.", lambda: w.dropped)
         m.gauge("rollout_log_lost_total", "Prediction rows the store refused after every retry.", lambda: w.lost)
         m.gauge("rollout_log_written_total", "Prediction rows written to the outcome store.", lambda: w.written)

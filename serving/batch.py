@@ -501,7 +501,9 @@ class _Scorer:
     def _row(self, rid: str, arm: Arm, ts: float, unit: str | None, segment: Any, outputs: Outputs | None,
              features: Any, j: int, latency: float, error: str | None, served: bool = True) -> PredictionRow:
         return PredictionRow(
-            rid, arm.version, arm.role, ts, unit, self.view.rollout_id, served, arm.weight if served else None,
+            # a shadow's row as the service logs it (propensity 1: it scored every request), which the paired
+            # PostgreSQL log stores in its champion's row when they are logged together
+            rid, arm.version, arm.role, ts, unit, self.view.rollout_id, served, arm.weight if served else 1.0,
             None if outputs is None else outputs.predictions[j],
             None if outputs is None or outputs.scores is None else outputs.scores[j],
             latency, error, segment, features if served else None)

@@ -35,7 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from rollout.models import LoadedModel
-from serving.logwriter import ShadowMeta, shadow_rows
+from serving.logwriter import ShadowMeta, served_rows, shadow_rows
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def _score(rows: list[dict[str, Any]], metas: list[ShadowMeta] | None) -> tuple[
     latency_ms = (time.perf_counter() - started) * 1000.0
     if metas is None or _STORE is None:
         return preds, scores, errors, False, latency_ms
-    try:
-        _STORE.log_predictions(shadow_rows(metas, preds, scores, errors, latency_ms, None))
+    try:  # with the requests' served rows: one call, so the paired PostgreSQL log stores each pair as one row
+        _STORE.log_predictions([*served_rows(metas), *shadow_rows(metas, preds, scores, errors, latency_ms, None)])
     except Exception:  # noqa: BLE001 - the service logs them instead
         log.exception("shadow model %s: could not log %d rows from the child process", _MODEL.version, len(rows))
         return preds, scores, errors, False, latency_ms

@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class ShadowMeta:
-    """What a shadow job's log rows need besides the model's answer: one entry per record."""
+    """What a shadow job's log rows need besides the model's answer: one entry per record. `served`: the request's
+    served rows (the answers its caller got), held back from the log writer so they are logged in one call with the
+    shadow's rows (by the shadow's child, or by `ShadowSink` when the child did not), which the paired PostgreSQL
+    log stores as one row each; the first shadow of a request carries them, others None."""
 
     request_ids: list[str]
     unit_ids: list[str | None]
@@ -30,12 +33,18 @@ class ShadowMeta:
     rollout_id: int | None
     role: str
     version: str
+    served: list[PredictionRow] | None = None
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Sent to a shadow child with every batch, pickled on the service's side: a dataclass with slots
         # pickles through copyreg, 2.6 ms for 2,048 of them against 1.1 ms this way.
         return (ShadowMeta, (self.request_ids, self.unit_ids, self.segments, self.ts, self.rollout_id, self.role,
-                             self.version))
+                             self.version, self.served))
+
+
+def served_rows(metas: Sequence[ShadowMeta]) -> list[PredictionRow]:
+    """The served rows a shadow batch's jobs carry, logged with the batch's shadow rows."""
+    return [row for meta in metas if meta.served for row in meta.served]
 
 
 def shadow_rows(
@@ -81,10 +90,23 @@ class LogWriter:
         self.dropped = 0  # rows refused because the queue was full
         self.lost = 0  # rows the store refused after every retry
         self.written = 0
+        self.held = 0  # served rows of shadow requests, in a shadow job until it logs them with its own (`hold`)
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def pending(self) -> int:
+        """Rows promised to the log: queued here, or held in a shadow job."""
+        return len(self._queue) + self.held
+
+    def hold(self, n: int) -> None:
+        """`n` admitted rows travel with a shadow job instead of this queue; `release` when the job is done."""
+        self.held += n
+
+    def release(self, n: int) -> None:
+        self.held -= n
 
     def start(self) -> LogWriter:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="log-writer")
@@ -106,24 +128,32 @@ class LogWriter:
         """Count rows written to the store by someone else for this service (a shadow child process)."""
         self.written += n
 
-    def put_many(self, rows: list[PredictionRow]) -> None:
-        """Queue rows in order; those beyond the queue's room are dropped and counted, as with `put`."""
-        room = self.queue_size - len(self._queue)
+    def put_many(self, rows: list[PredictionRow], reserved: int = 0) -> None:
+        """Queue rows in order; those beyond the queue's room are dropped and counted, as with `put`, except the
+        first `reserved` (rows whose room was taken at admission: a shadow job's served rows)."""
+        room = max(self.queue_size - len(self._queue), reserved)
         if room < len(rows):
-            self.dropped += len(rows) - max(room, 0)
-            rows = rows[: max(room, 0)]
+            self.dropped += len(rows) - room
+            rows = rows[:room]
         if rows:
             self._queue.extend(rows)
             self._idle.clear()
             self._wake.set()
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until every queued row is written; False on timeout."""
+        """Wait until every queued row is written, and every held row too (its shadow job logged it, or queued it
+        here); False on timeout."""
         if self._task is None:
-            return not self._queue
+            return not self._queue and not self.held
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.held:  # a shadow job logs or queues them within its lane's deadline
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
         self._wake.set()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(self._idle.wait(), max(deadline - loop.time(), 0.0))
         except TimeoutError:
             return False
         return True

@@ -27,7 +27,7 @@ from rollout.roles import Role
 from serving.batching import Job, ModelCallFailed, Scored
 from serving.errors import RequestError
 from serving.loading import Lanes
-from serving.logwriter import LogWriter, ShadowMeta, shadow_rows
+from serving.logwriter import LogWriter, ShadowMeta, served_rows, shadow_rows
 from serving.metrics import Metrics
 from serving.routing import Arm, RoutingView
 
@@ -177,7 +177,7 @@ class Predictor:
         rows = len(batch.records)
         # Room in the log queue is taken before scoring, by every request in flight: when it is full the caller
         # is told to retry rather than answered with a prediction the evaluation would never see.
-        if self.reject_on_overflow and self.writer.depth + self.in_flight + rows > self.writer.queue_size:
+        if self.reject_on_overflow and self.writer.pending + self.in_flight + rows > self.writer.queue_size:
             self.shedding = True
             raise self._queue_full()
         self.in_flight += rows
@@ -204,7 +204,7 @@ class Predictor:
     def shedding_load(self) -> bool:
         """Whether a request now would be refused unparsed (`admit`): shedding, and the log queue with the rows in
         flight still over half full."""
-        return self.shedding and self.writer.depth + self.in_flight > self.writer.queue_size // 2
+        return self.shedding and self.writer.pending + self.in_flight > self.writer.queue_size // 2
 
     def _queue_full(self) -> RequestError:
         return RequestError(503, f"prediction log queue full ({self.writer.depth} rows waiting): retry shortly",
@@ -224,11 +224,38 @@ class Predictor:
         for arm, idx in groups:
             rows = records if len(groups) == 1 else [records[i] for i in idx]
             pending.append((arm, idx, lanes.serve[arm.version].submit(rows)))
-        for arm in view.shadows if log else ():  # the whole request, off the response path
-            meta = ShadowMeta(batch.request_ids, batch.unit_ids, batch.segments, batch.ts, view.rollout_id, arm.role,
-                              arm.version)
-            lanes.shadow[arm.version].offer(records, meta)
+        if not (log and view.shadows):
+            return await self._scored(view, batch, pending, started, log, None)
+        # The shadows get the whole request once its caller's answers are known (or failed): its served rows go
+        # with the first shadow's job, so they are logged with the shadow's rows in one call (the paired
+        # PostgreSQL log's one row per shadow request), off the response path either way.
+        held: list[PredictionRow] = []
+        try:
+            return await self._scored(view, batch, pending, started, log, held)
+        finally:
+            self._offer_shadows(lanes, view, batch, held)
 
+    def _offer_shadows(self, lanes: Lanes, view: RoutingView, batch: RequestBatch, held: list[PredictionRow]) -> None:
+        """Each shadow's job for the request; the first carries the served rows (`ShadowMeta.served`), which the log
+        writer counts as promised (`LogWriter.hold`) until the shadow's sink releases them."""
+        for k, arm in enumerate(view.shadows):
+            served = held if k == 0 and held else None
+            meta = ShadowMeta(batch.request_ids, batch.unit_ids, batch.segments, batch.ts, view.rollout_id, arm.role,
+                              arm.version, served)
+            if served:
+                self.writer.hold(len(served))
+            try:
+                lanes.shadow[arm.version].offer(batch.records, meta)
+            except (KeyError, RuntimeError):  # the lane retired by a reload, or closing at shutdown
+                if served:
+                    self.writer.release(len(served))
+                    self.writer.put_many(served, reserved=len(served))
+
+    async def _scored(self, view: RoutingView, batch: RequestBatch, pending: list[tuple[Arm, list[int], Any]],
+                      started: float, log: bool, held: list[PredictionRow] | None) -> list[dict[str, Any]]:
+        """The callers' answers from the arms' scoring (a failed challenger's records answered by the champion);
+        the served rows are queued for the log, or kept in `held` for the request's shadow."""
+        records = batch.records
         results: list[tuple[Arm, Scored, int] | None] = [None] * len(records)
         fallback: list[int] = []
         for arm, idx, future in pending:
@@ -237,14 +264,14 @@ class Predictor:
             try:
                 scored = await asyncio.wait_for(future, deadline)  # a late job is cancelled: never scored
             except TimeoutError:
-                self._log_failure(batch, arm, view, idx, f"timeout: no answer within {deadline:g} s", log)
+                self._log_failure(batch, arm, view, idx, f"timeout: no answer within {deadline:g} s", log, held)
                 self.late.setdefault(arm.version, []).append(time.monotonic())
                 if champion:
                     raise RequestError(504, f"champion version {arm.version} did not answer within {deadline:g} s")
                 fallback += idx
                 continue
             except ModelCallFailed as exc:
-                self._log_failure(batch, arm, view, idx, str(exc), log)
+                self._log_failure(batch, arm, view, idx, str(exc), log, held)
                 if champion:
                     raise RequestError(500, f"champion version {arm.version} failed: {exc}") from exc
                 fallback += idx
@@ -254,13 +281,13 @@ class Predictor:
                 if error is None:
                     results[i] = (arm, scored, j)
                     continue
-                self._log_failure(batch, arm, view, [i], error, log)
+                self._log_failure(batch, arm, view, [i], error, log, held)
                 if champion:
                     raise RequestError(500, f"champion version {arm.version} returned an unusable prediction: {error}")
                 fallback.append(i)
         if fallback:
-            await self._fallback(batch, view, fallback, results, log)
-        return self._answer(batch, view, results, time.perf_counter() - started, log)
+            await self._fallback(batch, view, fallback, results, log, held)
+        return self._answer(batch, view, results, time.perf_counter() - started, log, held)
 
     def _redacted(self, batch: RequestBatch) -> RequestBatch:
         """The batch with what the log may keep: hashed unit ids when the unit is a PII column (routing hashes
@@ -289,17 +316,22 @@ class Predictor:
         return list(groups.values())
 
     def _log_failure(self, batch: RequestBatch, arm: Arm, view: RoutingView, idx: list[int], error: str,
-                     log: bool = True) -> None:
-        """Log records `idx` as `arm`'s errors: served rows when the champion failed them, else a challenger's."""
+                     log: bool = True, held: list[PredictionRow] | None = None) -> None:
+        """Log records `idx` as `arm`'s errors: served rows when the champion failed them (kept in `held` for the
+        request's shadow when it has one), else a challenger's."""
         served = arm.role == Role.CHAMPION
         for i in idx:
             if log:
-                self.writer.put(log_row(batch, i, arm, view.rollout_id, served=served, error=error),
-                                self.reject_on_overflow)
+                row = log_row(batch, i, arm, view.rollout_id, served=served, error=error)
+                if served and held is not None:
+                    held.append(row)
+                else:
+                    self.writer.put(row, self.reject_on_overflow)
             self.metrics.observe(arm.version, arm.role, 0.0, False)
 
     async def _fallback(self, batch: RequestBatch, view: RoutingView, idx: list[int],
-                        results: list[tuple[Arm, Scored, int] | None], log: bool = True) -> None:
+                        results: list[tuple[Arm, Scored, int] | None], log: bool = True,
+                        held: list[PredictionRow] | None = None) -> None:
         """Score a failed challenger's records with the champion of the latest snapshot (the request's may be retired)."""
         latest = self.lanes()
         current = latest.view or view
@@ -313,11 +345,11 @@ class Predictor:
             scored = await asyncio.wait_for(lane.submit([batch.records[i] for i in idx]), self.champion_timeout_s)
         except TimeoutError:
             self._log_failure(batch, champion, view, idx, f"timeout: no answer within {self.champion_timeout_s:g} s",
-                              log)
+                              log, held)
             raise RequestError(504, f"champion version {champion.version} did not answer within "
                                     f"{self.champion_timeout_s:g} s") from None
         except ModelCallFailed as exc:
-            self._log_failure(batch, champion, view, idx, str(exc), log)
+            self._log_failure(batch, champion, view, idx, str(exc), log, held)
             raise RequestError(500, f"champion version {champion.version} failed: {exc}") from exc
         for j, i in enumerate(idx):
             if scored.errors[j] is not None:
@@ -325,10 +357,10 @@ class Predictor:
             results[i] = (champion, scored, j)
 
     def _answer(self, batch: RequestBatch, view: RoutingView, results: list[tuple[Arm, Scored, int] | None],
-                elapsed: float, log: bool = True) -> list[dict[str, Any]]:
-        """Log the served rows and build the caller's answers."""
+                elapsed: float, log: bool = True, held: list[PredictionRow] | None = None) -> list[dict[str, Any]]:
+        """Log the served rows (or keep them in `held` for the request's shadow) and build the caller's answers."""
         out = []
-        put = self.writer.put if log else _unlogged
+        put = (self.writer.put if held is None else _holder(held)) if log else _unlogged
         reserved = self.reject_on_overflow  # `predict` admitted the request with room for these rows
         observe = self.metrics.observe
         for i, item in enumerate(results):
@@ -382,6 +414,13 @@ def _unlogged(row: PredictionRow, reserved: bool = False) -> bool:
     return False
 
 
+def _holder(held: list[PredictionRow]) -> Callable[[PredictionRow, bool], bool]:
+    def put(row: PredictionRow, reserved: bool = False) -> bool:
+        held.append(row)
+        return True
+    return put
+
+
 class ShadowSink:
     """A shadow lane's sink: logs a batch, one row per record of every job, in job order."""
 
@@ -391,10 +430,14 @@ class ShadowSink:
         self.dropped = 0  # shadow rows refused because the challenger's queue was full
 
     def __call__(self, jobs: list[Job], scored: Scored | None, error: str | None) -> None:
-        """A shadow child process usually wrote the rows itself (`scored.logged`); else they are logged here."""
+        """A shadow child process usually wrote the rows itself (`scored.logged`), with the requests' served rows
+        its jobs carried; else they are logged here, in one batch (the served rows always: their room was taken
+        when their requests were admitted)."""
         total = sum(len(job.rows) for job in jobs)
+        served = served_rows([job.meta for job in jobs])
+        self.writer.release(len(served))
         if scored is not None and scored.logged:
-            self.writer.note_written(total)
+            self.writer.note_written(total + len(served))
         else:
             if scored is None and error and error.startswith(UNSCORED_PREFIX):
                 self.dropped += total
@@ -403,7 +446,7 @@ class ShadowSink:
             else:
                 rows = shadow_rows([job.meta for job in jobs], scored.predictions, scored.scores, scored.errors,
                                    scored.latency_ms, None)
-            self.writer.put_many(rows)
+            self.writer.put_many([*served, *rows], reserved=len(served))
         if jobs:
             meta = jobs[0].meta
             seconds = 0.0 if scored is None else scored.latency_ms / 1000.0

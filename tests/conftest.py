@@ -51,14 +51,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty outcome store's URL on each backend: a SQLite file, and the session's PostgreSQL database emptied."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'outcomes.db'}"
-    from rollout.outcomes import OutcomeStore
+    url: str = request.getfixturevalue("pg_url")
+    empty_pg_store(url)
+    return url
+
+
+def empty_pg_store(url: str) -> None:
+    """Drop every table of the outcome store at `url` (PostgreSQL), for a test that starts from nothing."""
+    from rollout.outcomes import OutcomeStore, partitions
     from rollout.outcomes.schema import metadata
 
-    url: str = request.getfixturevalue("pg_url")
     store = OutcomeStore(url)
+    with store.engine.begin() as conn:  # the log's view first: the metadata knows `predictions` as a table
+        conn.exec_driver_sql("DROP VIEW IF EXISTS predictions CASCADE")
+        conn.exec_driver_sql("DROP TABLE IF EXISTS prediction_log CASCADE")
     metadata.drop_all(store.engine)
+    partitions._PARTITIONED.pop(url, None)  # this process's note of the dropped log's layout
     store.dispose()
-    return url
 
 
 @pytest.fixture(scope="session")

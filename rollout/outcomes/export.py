@@ -19,6 +19,7 @@ from sqlalchemy import Engine, text
 from rollout.outcomes.engine import is_sqlite
 from rollout.outcomes.features import Decoder
 from rollout.outcomes.ids import unpack
+from rollout.outcomes.partitions import log_source
 from rollout.outcomes.retention import logged_rollouts
 from rollout.outcomes.schema import predictions
 from rollout.outcomes.sqlexpr import first_day
@@ -54,7 +55,8 @@ def days(engine: Engine, since: str, until: str | None) -> list[str]:
     """The days (YYYY-MM-DD, UTC) with logged predictions from `since` to `until` (inclusive). PostgreSQL: the day
     partitions' rows; SQLite: rollout by rollout, a seek of the time index per day (no index has the day)."""
     if not is_sqlite(engine):
-        query = "SELECT DISTINCT day FROM predictions WHERE day >= :since" + (" AND day <= :until" if until else "")
+        query = (f"SELECT DISTINCT day FROM {log_source(engine).name} WHERE day >= :since"
+                 + (" AND day <= :until" if until else ""))
         with engine.connect() as conn:
             return sorted(str(d) for (d,) in conn.execute(text(query), {"since": since, "until": until}))
     found: set[str] = set()

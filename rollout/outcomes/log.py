@@ -27,6 +27,8 @@ from rollout.outcomes.features import FeatureSets, expand_known, sets_of
 from rollout.outcomes.ids import pack, unpack
 from rollout.outcomes.schema import (
     LOG_COLUMNS,
+    LOG_TABLE,
+    SHADOW_COLUMNS,
     RequestId,
     aggregate_dirty_hours,
     dead_letters,
@@ -34,6 +36,7 @@ from rollout.outcomes.schema import (
     labels,
     log_columns,
     metadata,
+    prediction_log,
     predictions,
     summary_state,
 )
@@ -70,6 +73,13 @@ class PredictionRow:
     segment: str | None = None
     features: Mapping[str, Any] | str | None = None
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # A shadow job carries its request's served rows to a child process: a dataclass with slots pickles
+        # through copyreg, several times slower than its fields as a tuple.
+        return (PredictionRow, (self.request_id, self.version, self.role, self.ts, self.unit_id, self.rollout_id,
+                                self.served, self.propensity, self.prediction, self.score, self.latency_ms, self.error,
+                                self.segment, self.features))
+
 
 @dataclass(frozen=True)
 class LabelReport:
@@ -102,18 +112,58 @@ def log_predictions(engine: Engine, rows: Iterable[PredictionRow], now: float) -
             payload.append(_stored_form(engine, sqlite, sets, row, now))
         except (TypeError, ValueError, OverflowError, OSError) as exc:
             dead.append((row, f"{type(exc).__name__}: {exc}"))
-    sql = f"INSERT INTO predictions ({', '.join(columns)}) VALUES ({', '.join(['?' if sqlite else '%s'] * len(columns))})"
+    table = predictions.name
+    if not sqlite:
+        from rollout.outcomes.partitions import log_source
+
+        if log_source(engine) is prediction_log:  # a shadow request's two rows as one
+            table, columns, payload = LOG_TABLE, PAIRED_COLUMNS, paired(payload)
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['?' if sqlite else '%s'] * len(columns))})"
     if payload and not sqlite:  # PostgreSQL: each row's day partition exists before it is written
         from rollout.outcomes.partitions import ensure_days
 
         ensure_days(engine, {r[4] for r in payload})  # `day`, the fifth column
-        copied = _copy(engine, payload)
+        copied = _copy(engine, table, columns, payload)
         if copied is not None:  # else the database refused a row and wrote none: the halving finds it
             written, payload = copied, []
     written += _insert_halving(engine, sql, payload, dead)
     if dead:
         _dead_letter(engine, dead, now)
     return written
+
+
+PAIRED_COLUMNS = LOG_COLUMNS + SHADOW_COLUMNS
+_SERVED, _PROPENSITY, _FEATURES = LOG_COLUMNS.index("served"), LOG_COLUMNS.index("propensity"), LOG_COLUMNS.index("features")
+_SHARED = tuple(LOG_COLUMNS.index(c) for c in ("unit_id", "rollout_id", "ts", "day", "segment"))
+_SHADOW = tuple(LOG_COLUMNS.index(c) for c in ("version", "role", "prediction", "score", "latency_ms", "error",
+                                               "probabilities"))
+_NO_SHADOW = (None,) * len(SHADOW_COLUMNS)
+
+
+def paired(payload: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """PostgreSQL's stored rows (PAIRED_COLUMNS) of a batch in LOG_COLUMNS form: a shadow row (not served, propensity
+    1, no features) whose request has a served row in the batch with the same unit, rollout, time and segment goes
+    into that row's `shadow_*` columns, one shadow to a served row; every other row is stored alone. The view gives
+    readers both rows back exactly (schema.LOG_TABLE)."""
+    served: dict[Any, int] = {}
+    for i, row in enumerate(payload):
+        if row[_SERVED]:
+            served.setdefault(row[0], i)
+    if len(served) == len(payload):  # champion-only or A/B traffic: nothing to pair
+        return [row + _NO_SHADOW for row in payload]
+    shadows: dict[int, tuple[Any, ...]] = {}
+    alone: list[tuple[Any, ...]] = []
+    for row in payload:
+        if row[_SERVED]:
+            continue
+        partner = served.get(row[0])
+        if (partner is None or partner in shadows or row[_PROPENSITY] != 1.0 or row[_FEATURES] is not None
+                or any(row[k] != payload[partner][k] for k in _SHARED)):
+            alone.append(row + _NO_SHADOW)
+        else:
+            shadows[partner] = tuple(row[k] for k in _SHADOW)
+    out = [row + shadows.get(i, _NO_SHADOW) for i, row in enumerate(payload) if row[_SERVED]]
+    return out + alone
 
 
 def _stored_form(engine: Engine, sqlite: bool, sets: FeatureSets, row: PredictionRow, now: float) -> tuple[Any, ...]:
@@ -146,7 +196,7 @@ def split_score(score: float | Sequence[float] | None) -> tuple[float | None, st
     return max(values), json.dumps(values, separators=(",", ":"))
 
 
-def _copy(engine: Engine, payload: list[tuple[Any, ...]]) -> int | None:
+def _copy(engine: Engine, table: str, columns: Sequence[str], payload: list[tuple[Any, ...]]) -> int | None:
     """PostgreSQL: the rows by COPY and their hours marked dirty, in one transaction; how many, or None when
     the database refused a value (nothing written: `_insert_halving` then finds the row). COPY costs the
     writer about a third of executemany's CPU a row and doubles its rate (`benchmarks/log_load.py`)."""
@@ -154,9 +204,9 @@ def _copy(engine: Engine, payload: list[tuple[Any, ...]]) -> int | None:
 
     try:
         with engine.begin() as conn:
-            copy_rows(conn.connection.driver_connection, "predictions", LOG_COLUMNS, payload)
+            copy_rows(conn.connection.driver_connection, table, columns, payload)
             mark_dirty(conn, {(r[2], hour_of(r[3])) for r in payload})
-        return len(payload)
+        return _predictions_in(payload)
     except (psycopg.DataError, psycopg.IntegrityError, ValueError, OverflowError):
         return None  # a value the table refuses (too long, a NUL byte, out of range): rolled back
 
@@ -178,12 +228,13 @@ def _insert_halving(engine: Engine, sql: str, payload: list[tuple[Any, ...]],
             conn.exec_driver_sql(sql, payload)
             # ts (index 3) -> the (rollout, hour) whose summaries are now stale
             mark_dirty(conn, {(r[2], hour_of(r[3])) for r in payload})
-        return len(payload)
+        return _predictions_in(payload)
     except (DBAPIError, ValueError, OverflowError) as exc:
         if isinstance(exc, OperationalError) and not _is_data_error(exc):
             raise  # the database is unavailable, not refusing a value: the caller retries the batch
         if len(payload) == 1:
-            dead.append((_row_of(engine, payload[0]), str(getattr(exc, "orig", exc)).strip()[:500]))
+            reason = str(getattr(exc, "orig", exc)).strip()[:500]
+            dead.extend((row, reason) for row in _rows_of(engine, payload[0]))
             return 0
         half = len(payload) // 2
         return _insert_halving(engine, sql, payload[:half], dead) + _insert_halving(engine, sql, payload[half:], dead)
@@ -191,6 +242,25 @@ def _insert_halving(engine: Engine, sql: str, payload: list[tuple[Any, ...]],
 
 def _is_data_error(exc: OperationalError) -> bool:
     return "out of range" in str(exc).lower()
+
+
+def _predictions_in(payload: list[tuple[Any, ...]]) -> int:
+    """The predictions stored rows hold: a paired row (PAIRED_COLUMNS with a shadow version) holds two."""
+    n = len(LOG_COLUMNS)
+    return sum(2 if len(r) > n and r[n] is not None else 1 for r in payload)
+
+
+def _rows_of(engine: Engine, stored: tuple[Any, ...]) -> list[PredictionRow]:
+    """The prediction rows a refused stored row held: one, or a paired row's two."""
+    n = len(log_columns(is_sqlite(engine)))
+    rows = [_row_of(engine, stored[:n])]
+    if len(stored) > n and stored[n] is not None:
+        shadow = list(stored[:n])
+        for k, value in zip(_SHADOW, stored[n:], strict=True):
+            shadow[k] = value
+        shadow[_SERVED], shadow[_PROPENSITY], shadow[_FEATURES] = 0, 1.0, None
+        rows.append(_row_of(engine, tuple(shadow)))
+    return rows
 
 
 def _row_of(engine: Engine, stored: tuple[Any, ...]) -> PredictionRow:
@@ -378,6 +448,10 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
                     dbapi.execute(f"PRAGMA cache_size={int(cache)}")
             else:
                 day = names.index("day") if table == "predictions" and "day" in names else None
+                if table == predictions.name:  # a paired log's table (its rows stored alone), not the view
+                    from rollout.outcomes.partitions import log_source
+
+                    table = log_source(engine).name
                 for chunk in chunks(rows, batch):  # a chunk at a time: its days' partitions first (predictions)
                     if day is not None:
                         from rollout.outcomes.partitions import ensure_days

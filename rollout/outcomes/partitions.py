@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn, CreateIndex
 
 from rollout.outcomes.engine import LockHeld, autocommit, lock
-from rollout.outcomes.schema import predictions
+from rollout.outcomes.schema import LOG_TABLE, SHADOW_COLUMNS, prediction_log, predictions
 
 AHEAD_DAYS = 7
 
@@ -43,7 +43,7 @@ def is_partitioned(engine: Engine) -> bool:
     with engine.connect() as conn:
         found = bool(conn.execute(text(
             "SELECT 1 FROM pg_partitioned_table pt JOIN pg_class c ON c.oid = pt.partrelid "
-            "WHERE c.relname = 'predictions' AND pg_table_is_visible(c.oid)")).first())
+            "WHERE c.relname = :log AND pg_table_is_visible(c.oid)"), {"log": LOG_TABLE}).first())
     _PARTITIONED[str(engine.url)] = found
     return found
 
@@ -71,10 +71,76 @@ def ensure_days(engine: Engine, days: Iterable[str]) -> None:
 
 
 def create_partitioned(engine: Engine) -> None:
-    """CREATE the prediction log as a table partitioned by day (its indexes come from the metadata, after)."""
+    """CREATE the prediction log as a table partitioned by day, and the view readers see it through (its indexes
+    come from the metadata, after)."""
     with engine.begin() as conn:
         conn.execute(text(_partitioned_ddl(engine)))
+        _create_view(conn)
     _PARTITIONED[str(engine.url)] = True
+
+
+# The log as readers see it: a paired row's champion and shadow as two rows. A LATERAL VALUES, not a UNION ALL:
+# PostgreSQL flattens it into the query, so a probe by request id or a range of the time index reaches each day
+# partition's index as on the table; a UNION ALL branch with a WHERE is not pulled up into an append relation, and
+# the label-change probes then scanned every partition a probe (benchmarks/experiments/paired_log.py).
+_VALUES = ("version", "role", "served", "propensity", "prediction", "score", "latency_ms", "error", "features",
+           "probabilities")
+PAIRED_VIEW = (
+    f"CREATE VIEW {predictions.name} AS SELECT "
+    + ", ".join(f"v.{c.name}" if c.name in _VALUES else f"l.{c.name}" for c in predictions.columns)
+    + f" FROM {LOG_TABLE} l CROSS JOIN LATERAL (VALUES ("
+    + ", ".join(f"l.{c}" for c in _VALUES)
+    + "), (l.shadow_version, l.shadow_role, 0, 1.0::float8, l.shadow_prediction, l.shadow_score, "
+      "l.shadow_latency_ms, l.shadow_error, NULL::text, l.shadow_probabilities)) "
+    + f"AS v({', '.join(_VALUES)}) WHERE v.version IS NOT NULL"
+)
+# Rows inserted into the view (a process of an earlier release during a rolling upgrade, a hand-written INSERT) go to
+# the table, unpaired; COPY into the view works through it too.
+_UNPAIRED = [c.name for c in predictions.columns if c.name != "id"]
+PAIRED_INSERT = (
+    "CREATE OR REPLACE FUNCTION predictions_insert() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+    f"INSERT INTO {LOG_TABLE} ({', '.join(_UNPAIRED)}) VALUES ("
+    + ", ".join("COALESCE(NEW.served, 1)" if c == "served" else f"NEW.{c}" for c in _UNPAIRED)
+    + "); RETURN NEW; END $$"
+)
+
+
+def _create_view(conn: Any) -> None:
+    conn.execute(text(PAIRED_VIEW))
+    conn.exec_driver_sql(PAIRED_INSERT)
+    conn.exec_driver_sql(f"CREATE TRIGGER predictions_insert INSTEAD OF INSERT ON {predictions.name} "
+                         "FOR EACH ROW EXECUTE FUNCTION predictions_insert()")
+
+
+def pair_existing(engine: Engine) -> bool:
+    """A partitioned log made before pairing (the table itself named `predictions`) becomes `prediction_log` with the
+    shadow columns, and `predictions` the view: catalog changes only (a rename, columns without a default), in one
+    transaction; every row stays where it is, unpaired. The table's lock is held for that moment: a writer waits
+    for it (and for the queries in flight before it), then goes on through the view. True when it converted."""
+    with engine.connect() as conn:
+        kind = conn.execute(text("SELECT c.relkind FROM pg_class c WHERE c.relname = :n AND "
+                                 "pg_table_is_visible(c.oid)"), {"n": predictions.name}).scalar()
+    if kind != "p":
+        return False
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"ALTER TABLE {predictions.name} RENAME TO {LOG_TABLE}")
+        types = {c.name: c.type.compile(dialect=engine.dialect) for c in prediction_log.columns}
+        conn.exec_driver_sql(f"ALTER TABLE {LOG_TABLE} " + ", ".join(f"ADD COLUMN {c} {types[c]}"
+                                                                     for c in SHADOW_COLUMNS))
+        _create_view(conn)
+    _PARTITIONED[str(engine.url)] = True
+    return True
+
+
+def log_source(engine: Engine) -> Any:
+    """The table a query of served rows, of times or of rollouts reads on this store: on a paired PostgreSQL log the
+    table itself (a pair's shadow half is never served, and shares the row's time, rollout and request), where the
+    view would hide its indexes from min/max seeks and partial-index matches; else `predictions`."""
+    if engine.dialect.name == "sqlite":
+        return predictions
+    key = str(engine.url)
+    paired = _PARTITIONED[key] if key in _PARTITIONED else is_partitioned(engine)
+    return prediction_log if paired else predictions
 
 
 def create_index(engine: Engine, index: Index) -> None:
@@ -114,7 +180,7 @@ def create_index(engine: Engine, index: Index) -> None:
 
 def _build_by_day(engine: Engine, index_name: str, body: str) -> None:
     with autocommit(engine) as dbapi:  # CONCURRENTLY runs outside a transaction
-        dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index_name} ON ONLY {predictions.name} {body}")
+        dbapi.execute(f"CREATE INDEX IF NOT EXISTS {index_name} ON ONLY {LOG_TABLE} {body}")
         for day_table, _ in day_partitions(engine):
             # attached already: by an earlier build, or made with a day created since the parent's index
             if dbapi.execute("SELECT 1 FROM pg_inherits i JOIN pg_index x ON x.indexrelid = i.inhrelid "
@@ -137,26 +203,27 @@ def drop_key(engine: Engine) -> None:
     """A partitioned log made with a primary key (id, day) loses it: its index's space back (no query needs it).
     Looked up first: ALTER TABLE takes a lock every writer waits on, even when there is nothing to drop."""
     with engine.connect() as conn:
-        name = conn.execute(text("SELECT conname FROM pg_constraint WHERE conrelid = CAST('predictions' AS regclass) "
+        name = conn.execute(text(f"SELECT conname FROM pg_constraint WHERE conrelid = CAST('{LOG_TABLE}' AS regclass) "
                                  "AND contype = 'p'")).scalar()
     if name is not None:
         with engine.begin() as conn:
-            conn.execute(text(f'ALTER TABLE predictions DROP CONSTRAINT "{name}"'))
+            conn.execute(text(f'ALTER TABLE {LOG_TABLE} DROP CONSTRAINT "{name}"'))
 
 
 # Fixed-width columns first, 8-byte ones before 4-byte ones, then the variable-width ones: no alignment padding
 # between them (10 B a row of shadow traffic). Every read and write names its columns, so their order is free.
-_FIXED_FIRST = ("ts", "propensity", "prediction", "score", "latency_ms", "id", "rollout_id", "served")
+_FIXED_FIRST = ("ts", "propensity", "prediction", "score", "latency_ms", "shadow_prediction", "shadow_score",
+                "shadow_latency_ms", "id", "rollout_id", "served")
 
 
 def _partitioned_ddl(engine: Engine) -> str:
     """The prediction log's CREATE TABLE, partitioned by day and without a primary key: a partitioned table's
     key must include `day`, and its index (id, day) cost 32 B a logged row while nothing looks a row up by id
     (retention deletes a partition's old rows by their ctid). `id` stays, numbering rows in the order they came."""
-    columns = sorted(predictions.columns, key=lambda c: _FIXED_FIRST.index(c.name) if c.name in _FIXED_FIRST
+    columns = sorted(prediction_log.columns, key=lambda c: _FIXED_FIRST.index(c.name) if c.name in _FIXED_FIRST
                      else len(_FIXED_FIRST))  # stable: the rest keep their order
     defs = ", ".join(str(CreateColumn(c).compile(dialect=engine.dialect)) for c in columns)
-    return f"CREATE TABLE {predictions.name} ({defs}) PARTITION BY RANGE (day)"
+    return f"CREATE TABLE {LOG_TABLE} ({defs}) PARTITION BY RANGE (day)"
 
 
 def partition_name(day: date) -> str:
@@ -174,7 +241,7 @@ def day_partitions(engine: Engine) -> list[tuple[str, date]]:
     with engine.connect() as conn:
         names = [r[0] for r in conn.execute(text(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'predictions'"))]
+            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = :log"), {"log": LOG_TABLE})]
     out = []
     for name in names:
         stamp = name.removeprefix("predictions_")
@@ -201,7 +268,7 @@ def drop_expired(engine: Engine, cutoff: float) -> tuple[int, list[str], bool]:
             n, guessed = _rows_of(conn, name)
             estimated = estimated or guessed
         with autocommit(engine) as dbapi:
-            dbapi.execute(f"ALTER TABLE predictions DETACH PARTITION {name} CONCURRENTLY")
+            dbapi.execute(f"ALTER TABLE {LOG_TABLE} DETACH PARTITION {name} CONCURRENTLY")
             dbapi.execute(f"DROP TABLE {name}")
         rows += n
         dropped.append(name)
@@ -220,13 +287,18 @@ def _rows_of(conn: Any, name: str) -> tuple[int, bool]:
         "SELECT c.reltuples, s.n_mod_since_analyze FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid "
         "WHERE c.oid = CAST(:name AS regclass)"), {"name": name}).first()
     if estimate is not None and estimate[0] is not None and float(estimate[0]) > ESTIMATE_ABOVE:
-        return int(float(estimate[0]) + int(estimate[1] or 0)), True
-    return int(conn.execute(text(f"SELECT count(*) FROM {name}")).scalar_one()), False
+        # a paired row holds two predictions: the statistics' share of rows with a shadow half counts them
+        nulls = conn.execute(text("SELECT null_frac FROM pg_stats WHERE tablename = :name AND attname = "
+                                  "'shadow_version'"), {"name": name}).scalar()
+        paired = 0.0 if nulls is None else 1.0 - float(nulls)
+        return int((float(estimate[0]) + int(estimate[1] or 0)) * (1.0 + paired)), True
+    # a paired row holds two predictions: its shadow half counts too
+    return int(conn.execute(text(f"SELECT count(*) + count(shadow_version) FROM {name}")).scalar_one()), False
 
 
 def create_day(conn: Any, day: date) -> str:
     name = partition_name(day)
-    conn.execute(text(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF predictions "
+    conn.execute(text(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {LOG_TABLE} "
                       f"FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + timedelta(days=1)).isoformat()}')"))
     return name
 
@@ -241,12 +313,13 @@ def convert(engine: Engine, create_indexes: Any) -> int:
         for index in predictions.indexes:  # their names are taken by the new table's indexes
             conn.execute(text(f"DROP INDEX IF EXISTS {index.name}"))
         conn.execute(text(_partitioned_ddl(engine)))
+        _create_view(conn)
         for (day,) in conn.execute(text("SELECT DISTINCT day FROM predictions_unpartitioned")).all():
             create_day(conn, date.fromisoformat(str(day)))
-        moved = conn.execute(text(f"INSERT INTO predictions ({columns}) SELECT {columns} FROM "
+        moved = conn.execute(text(f"INSERT INTO {LOG_TABLE} ({columns}) SELECT {columns} FROM "
                                   "predictions_unpartitioned")).rowcount
-        conn.execute(text("SELECT setval(pg_get_serial_sequence('predictions', 'id'), "
-                          "GREATEST((SELECT max(id) FROM predictions), 1))"))
+        conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{LOG_TABLE}', 'id'), "
+                          f"GREATEST((SELECT max(id) FROM {LOG_TABLE}), 1))"))
         conn.execute(text("DROP TABLE predictions_unpartitioned"))
     _PARTITIONED[str(engine.url)] = True
     create_indexes()

@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 
 from rollout.outcomes.engine import autocommit, driver, is_sqlite
 from rollout.outcomes.log import analyze
+from rollout.outcomes.partitions import log_source
 from rollout.times import day_of
 
 BATCH = 20_000  # rows per delete: about 0.1-0.3 s of a writer's wait on SQLite
@@ -126,9 +127,10 @@ def logged_rollouts(conn: Any, skip_open: bool = False) -> list[int | None]:
     """The rollout ids the prediction log holds rows of (open rollouts left out with `skip_open`), and None
     (traffic outside any rollout): a loose index scan of the time index, one seek per rollout, however many rows
     each has."""
+    log = log_source(conn.engine).name  # a pair shares its rollout: the table's own index seeks
     present = conn.execute(text(
-        "WITH RECURSIVE r(id) AS (SELECT min(rollout_id) FROM predictions UNION ALL "
-        "SELECT (SELECT min(rollout_id) FROM predictions WHERE rollout_id > r.id) FROM r WHERE r.id IS NOT NULL) "
+        f"WITH RECURSIVE r(id) AS (SELECT min(rollout_id) FROM {log} UNION ALL "
+        f"SELECT (SELECT min(rollout_id) FROM {log} WHERE rollout_id > r.id) FROM r WHERE r.id IS NOT NULL) "
         "SELECT id FROM r WHERE id IS NOT NULL" + (f" AND id NOT IN ({_OPEN})" if skip_open else ""))).scalars().all()
     return [None, *(int(r) for r in present)]
 

@@ -60,6 +60,27 @@ predictions = Table(
     # predicted class's. The log loss of a label reads its class's entry.
     Column("probabilities", Text),
 )
+# PostgreSQL stores the log in `prediction_log` (partitioned by day): a shadow request's champion row and its shadow
+# row as one row when they are logged together (the shadow's answer in the `shadow_*` columns), and `predictions` is a
+# view that gives every reader the two rows (rollout.outcomes.partitions.PAIRED_VIEW). A heap tuple's 32-byte header
+# and 4-byte line pointer, and the request and time index entries, then come once a shadow request instead of twice.
+# A shadow row's served (0), propensity (1.0) and features (none) are implied: a row pairs only when they hold.
+LOG_TABLE = "prediction_log"
+SHADOW_COLUMNS = ("shadow_version", "shadow_role", "shadow_prediction", "shadow_score", "shadow_latency_ms",
+                  "shadow_error", "shadow_probabilities")
+prediction_log = Table(
+    LOG_TABLE,
+    MetaData(),  # never created from the metadata: partitions.create_partitioned makes it (and the view)
+    *(Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in predictions.columns),
+    Column("shadow_version", String(32)),
+    Column("shadow_role", String(32)),
+    Column("shadow_prediction", Float),
+    Column("shadow_score", Float),
+    Column("shadow_latency_ms", Float),
+    Column("shadow_error", Text),
+    Column("shadow_probabilities", Text),
+)
+
 # SQLite: `day` is a VIRTUAL generated column, computed from ts when read and not stored (11 B a row). The UTC
 # day of ts rounded to microseconds, as rollout.times.day_of files it (both may differ within a microsecond
 # of midnight, SQLite's round() halving away from zero; every query that reads by day bounds ts with a second

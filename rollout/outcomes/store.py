@@ -133,6 +133,8 @@ class OutcomeStore:
         if old_labels:  # a store from before the labels' prediction times: their delays are found by a join
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("ALTER TABLE labels ADD COLUMN predicted_at FLOAT")
+        if not self.is_sqlite:  # a partitioned log from before pairing: renamed, readers through the view
+            partitions.pair_existing(self.engine)
         if had_summaries and new_units:  # a store from before rollout_units: rebuild its summaries, units too
             with self.engine.begin() as conn:
                 conn.execute(delete(summary_state))
@@ -393,8 +395,9 @@ class OutcomeStore:
                 rows: int = RECENT_ROWS) -> list[Any]:
         """WHERE terms (on the alias `p`) keeping the rollout's latest `rows` prediction rows before the cut: one
         backward range of the time index finds where they start. What the hourly diagnostics read, so their
-        cost stays flat however long the rollout runs (a pass over 1M rows took seconds each)."""
-        q = predictions
+        cost stays flat however long the rollout runs (a pass over 1M rows took seconds each). On a paired log the
+        table's own rows are counted (a shadow request's pair once), where the view would hide the index seek."""
+        q = partitions.log_source(self.engine)
         bounds = [q.c.rollout_id == rollout_id, *([q.c.ts < to_epoch(cutoff)] if cutoff is not None else [])]
         first = conn.execute(select(q.c.day, q.c.ts).where(*bounds).order_by(q.c.ts.desc())  # the time index
                              .offset(rows - 1).limit(1)).first()
@@ -488,7 +491,7 @@ class OutcomeStore:
     def recent_features(self, limit: int = 10_000, since: Time | None = None) -> pd.DataFrame:
         """The latest served inputs (newest first), for production drift checks."""
         self._ensure()
-        p = predictions
+        p = partitions.log_source(self.engine)  # served rows: a paired log's table itself
         query = select(p.c.features).where(FEATURES_SERVED)  # ix_predictions_features, newest first
         if since is not None:
             query = query.where(p.c.ts >= to_epoch(since))
@@ -503,7 +506,7 @@ class OutcomeStore:
         that answered it: the champion's, or with `challengers` also an A/B challenger's). Columns: the logged
         features, then `_label`, `_ts` (epoch seconds), `_unit`, `_role`."""
         self._ensure()
-        p, lab = predictions.alias("p"), labels.alias("l")
+        p, lab = partitions.log_source(self.engine).alias("p"), labels.alias("l")  # served rows: the table itself
         where: list[Any] = [FEATURES_SERVED, p.c.error.is_(None)]  # ix_predictions_features
         if not challengers:
             where.append(p.c.role == "champion")
@@ -573,8 +576,9 @@ class OutcomeStore:
         """The rollout's first (min) or last (max) prediction time, by seeks of the time index (rollout_id, ts)
         rather than a pass over the rollout's rows."""
         self._ensure()
+        p = partitions.log_source(self.engine)  # a pair shares its time: the table's own index seeks
         with self.engine.connect() as conn:
-            value = conn.execute(select(agg(predictions.c.ts)).where(predictions.c.rollout_id == rollout_id)).scalar()
+            value = conn.execute(select(agg(p.c.ts)).where(p.c.rollout_id == rollout_id)).scalar()
         return None if value is None else from_epoch(value)
 
     def count_predictions(self, rollout_id: int | None = None) -> int:
@@ -588,9 +592,9 @@ class OutcomeStore:
     def served_version_at(self, when: Time) -> str | None:
         """Which version answered callers at time `when` (the latest served prediction at or before it)."""
         self._ensure()
-        query = (select(predictions.c.version)
-                 .where(predictions.c.served == 1, predictions.c.error.is_(None), predictions.c.ts <= to_epoch(when))
-                 .order_by(predictions.c.ts.desc()).limit(1))
+        p = partitions.log_source(self.engine)  # served rows: a paired log's table itself
+        query = (select(p.c.version).where(p.c.served == 1, p.c.error.is_(None), p.c.ts <= to_epoch(when))
+                 .order_by(p.c.ts.desc()).limit(1))
         with self.engine.connect() as conn:
             value = conn.execute(query).scalar()
         return None if value is None else str(value)

@@ -76,6 +76,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from rollout.outcomes.engine import SQLITE_HINTS, chunks, is_sqlite, wall_clock, write
 from rollout.outcomes.log import analyze_stale, mark_dirty
+from rollout.outcomes.partitions import log_source
 from rollout.outcomes.sqlexpr import (day_range, first_day, hour_expr, hour_range, in_days_of, loss_expr, near_day,
                                       pair_days, probed)
 from rollout.outcomes.units import UnitTotals
@@ -312,7 +313,7 @@ class Summaries:
     def _days_of(self, conn: Connection, rollout_id: int) -> list[str]:
         """The days a rollout has predictions on: one index seek per day (the time index), not a scan."""
         days: list[str] = []
-        p = predictions
+        p = log_source(conn.engine)  # a pair shares its day: the table's own index seeks
         while True:
             day = conn.execute(first_day(p, rollout_id, days[-1] if days else None)).scalar()
             if day is None:

@@ -9,7 +9,8 @@ import pytest
 
 from rollout.registry import InMemoryRegistry
 from rollout.outcomes import OutcomeStore
-from tests.serving.conftest import DyingModel, FakeModel, GarbageModel, RaisingModel, SleepingModel, app_for, make_policy, record, serve
+from tests.serving.conftest import (AUTH, DyingModel, FakeModel, GarbageModel, RaisingModel, SleepingModel, app_for,
+                                    make_policy, record, serve)
 
 
 def _registry(challenger: FakeModel) -> InMemoryRegistry:
@@ -115,3 +116,31 @@ async def test_micro_batching_scores_concurrent_requests_in_one_call(store: Outc
     async with serve(app_for(make_policy(max_wait_ms=20.0, max_batch_size=64), reg, store)) as client:
         await _traffic(client, 40)
     assert sum(champion.calls) == 40 and len(champion.calls) < 10
+
+
+@pytest.mark.anyio
+@pytest.mark.slow  # child processes
+@pytest.mark.postgres
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+async def test_a_shadow_request_is_logged_as_one_paired_row_and_its_labels_find_it_at_once(isolation: str) -> None:
+    """The served rows of a shadow request go with its shadow's job and are logged in one call with the shadow's
+    rows (by its child, or by the service's sink when it scores in a thread): PostgreSQL stores each request as one
+    row, and labels posted right after the answers find every request (the label endpoint waits for held rows)."""
+    from tests.conftest import fresh_pg_database
+
+    with fresh_pg_database("rollout_shadow_pairs") as url:
+        store = OutcomeStore(url).create()
+        rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+        policy = make_policy(shadow_isolation=isolation, shadow_max_wait_ms=200.0)
+        async with serve(app_for(policy, _registry(FakeModel(1.0)), store)) as client:
+            await _traffic(client, 40)
+            labels = [{"request_id": f"r{i}", "label": i % 2} for i in range(40)]
+            response = await client.post("/labels", json={"labels": labels}, headers=AUTH)
+            assert response.status_code == 200, response.text
+            assert response.json()["unknown"] == 0, response.json()
+        assert _rows(store, "SELECT count(*), count(shadow_version) FROM prediction_log") == [(40, 40)]
+        assert _rows(store, "SELECT version, served, count(*) FROM predictions GROUP BY 1, 2 ORDER BY 1") == \
+            [("1", 1, 40), ("2", 0, 40)]
+        evidence = store.evidence(rid)
+        assert sum(m.n for m in evidence.paired["accuracy"].values()) == 40
+        store.dispose()

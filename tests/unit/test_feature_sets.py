@@ -90,11 +90,10 @@ def test_rows_stored_as_objects_read_as_before_and_a_process_makes_at_most_max_s
 
 
 def test_a_refused_rows_dead_letter_keeps_its_features_as_an_object(pg_url: str) -> None:
-    from rollout.outcomes.schema import metadata
+    from tests.conftest import empty_pg_store
 
-    store = OutcomeStore(pg_url)
-    metadata.drop_all(store.engine)
-    store.create()
+    empty_pg_store(pg_url)
+    store = OutcomeStore(pg_url).create()
     rows = [PredictionRow(f"r{i}", "1", ts=T0, features=RECORDS[1]) for i in range(4)]
     rows[2] = PredictionRow("r\x00bad", "1", ts=T0, features=RECORDS[1])  # PostgreSQL refuses a NUL in text
     assert store.log_predictions(rows) == 3

@@ -12,7 +12,7 @@ from sqlalchemy import inspect, text
 
 from rollout.outcomes import OutcomeStore, PredictionRow
 from rollout.outcomes import partitions
-from rollout.outcomes.schema import metadata, predictions
+from rollout.outcomes.schema import SHADOW_COLUMNS, metadata, predictions
 from tests.conftest import fresh_pg_database
 
 pytestmark = pytest.mark.postgres
@@ -58,7 +58,7 @@ _PG_INDEXES = ["ix_predictions_request", "ix_predictions_features", "ix_predicti
 def _where(store: OutcomeStore) -> dict[str, int]:
     with store.engine.connect() as conn:
         return {str(t): int(n) for t, n in conn.execute(text(
-            "SELECT tableoid::regclass, count(*) FROM predictions GROUP BY 1"))}
+            "SELECT tableoid::regclass, count(*) FROM prediction_log GROUP BY 1"))}
 
 
 def test_a_new_store_is_partitioned_with_days_ahead_and_live_rows_land_in_their_day(pg: str) -> None:
@@ -148,7 +148,7 @@ def test_an_old_plain_store_converts_with_its_history_in_day_partitions(pg: str)
     assert store.partition() == 0  # idempotent
     assert [i.name for i in predictions.indexes]  # the metadata's indexes exist on the new table
     with store.engine.connect() as conn:
-        names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'predictions'")).scalars())
+        names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'prediction_log'")).scalars())
     assert {"ix_predictions_request", "ix_predictions_time"} <= names
 
 
@@ -177,7 +177,7 @@ def test_converting_a_plain_log_builds_an_index_added_since_on_the_partitioned_l
     assert OutcomeStore(pg).partition() == 20  # what the CLI runs: a new store object, then the conversion
     assert ("ix_predictions_time", False) not in built and ("ix_predictions_time", True) in built
     with old.engine.connect() as conn:
-        names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'predictions'")).scalars())
+        names = set(conn.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = 'prediction_log'")).scalars())
     assert {"ix_predictions_request", "ix_predictions_time"} <= names
 
 
@@ -189,17 +189,18 @@ def test_a_partitioned_log_has_no_key_and_an_older_one_loses_its_own(pg: str) ->
 
     def key() -> object:
         with store.engine.connect() as conn:
-            return conn.execute(text("SELECT conname FROM pg_constraint WHERE conrelid = 'predictions'::regclass "
+            return conn.execute(text("SELECT conname FROM pg_constraint WHERE conrelid = 'prediction_log'::regclass "
                                      "AND contype = 'p'")).scalar()
 
     assert key() is None
     with store.engine.connect() as conn:
-        columns = conn.execute(text("SELECT attname FROM pg_attribute WHERE attrelid = 'predictions'::regclass "
+        columns = conn.execute(text("SELECT attname FROM pg_attribute WHERE attrelid = 'prediction_log'::regclass "
                                     "AND attnum > 0 ORDER BY attnum")).scalars().all()
-    assert columns[:8] == ["ts", "propensity", "prediction", "score", "latency_ms", "id", "rollout_id", "served"]
-    assert set(columns) == {c.name for c in predictions.columns}
+    assert columns[:11] == ["ts", "propensity", "prediction", "score", "latency_ms", "shadow_prediction",
+                            "shadow_score", "shadow_latency_ms", "id", "rollout_id", "served"]
+    assert set(columns) == {c.name for c in predictions.columns} | set(SHADOW_COLUMNS)
     with store.engine.begin() as conn:  # as a store partitioned before
-        conn.execute(text("ALTER TABLE predictions ADD PRIMARY KEY (id, day)"))
+        conn.execute(text("ALTER TABLE prediction_log ADD PRIMARY KEY (id, day)"))
     _log(store, D0, None, 5, "old")
     assert key() is not None
     again = OutcomeStore(pg).create()
@@ -223,7 +224,7 @@ def test_an_index_missing_from_a_partitioned_log_is_built_day_by_day(pg: str) ->
         conn.execute(text("DROP INDEX ix_predictions_features"))
     with store.engine.connect() as conn:  # as a build interrupted after the parent and one day's index
         conn.execute(text("COMMIT"))
-        conn.execute(text("CREATE INDEX ix_predictions_features ON ONLY predictions (ts) "
+        conn.execute(text("CREATE INDEX ix_predictions_features ON ONLY prediction_log (ts) "
                           "WHERE served = 1 AND features IS NOT NULL"))
         first = partitions.partition_name(D0)
         conn.execute(text(f"CREATE INDEX {first}_ix_predictions_features ON {first} (ts) "
@@ -256,13 +257,13 @@ def test_an_unused_index_is_dropped_without_holding_writers_behind_a_reader(pg: 
     _log(store, D0, None, 20, "old")
     with store.engine.begin() as conn:  # as a store made before: the time index with the day
         conn.execute(text("DROP INDEX ix_predictions_time"))
-        conn.execute(text("CREATE INDEX ix_predictions_day ON predictions (rollout_id, day, ts)"))
+        conn.execute(text("CREATE INDEX ix_predictions_day ON prediction_log (rollout_id, day, ts)"))
 
     def names() -> set[str]:
-        return {str(ix["name"]) for ix in inspect(store.engine).get_indexes("predictions")}
+        return {str(ix["name"]) for ix in inspect(store.engine).get_indexes("prediction_log")}
 
     reader = store.engine.connect()
-    reader.execute(text("SELECT count(*) FROM predictions")).scalar_one()  # its transaction stays open
+    reader.execute(text("SELECT count(*) FROM prediction_log")).scalar_one()  # its transaction stays open
     waited: list[float] = []
 
     def write() -> None:

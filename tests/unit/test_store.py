@@ -631,21 +631,24 @@ def test_a_store_made_before_gives_back_the_indexes_no_query_needs(store_url: st
     and ix_predictions_time, and the rollout's first and last times still come from the time index."""
     from sqlalchemy import inspect, text
 
+    from rollout.outcomes.partitions import log_source
+
     s = OutcomeStore(store_url, clock=lambda: T0).create()
+    log = log_source(s.engine).name  # the table (PostgreSQL keeps the log in prediction_log, behind the view)
     with s.engine.begin() as conn:  # as a store from before had them
-        conn.execute(text("CREATE INDEX ix_predictions_rollout ON predictions (rollout_id, version, ts)"))
-        conn.execute(text("CREATE INDEX ix_predictions_ts ON predictions (ts)"))
-        conn.execute(text("CREATE INDEX ix_predictions_eval ON predictions (rollout_id, request_id, version, error, "
+        conn.execute(text(f"CREATE INDEX ix_predictions_rollout ON {log} (rollout_id, version, ts)"))
+        conn.execute(text(f"CREATE INDEX ix_predictions_ts ON {log} (ts)"))
+        conn.execute(text(f"CREATE INDEX ix_predictions_eval ON {log} (rollout_id, request_id, version, error, "
                           "prediction, score, ts, segment, day, probabilities)"))
         conn.execute(text("DROP INDEX ix_predictions_features"))
         conn.execute(text("DROP INDEX ix_predictions_time"))  # the time index was (rollout_id, day, ts)
-        conn.execute(text("CREATE INDEX ix_predictions_day ON predictions (rollout_id, day, ts)"))
+        conn.execute(text(f"CREATE INDEX ix_predictions_day ON {log} (rollout_id, day, ts)"))
     rid = s.open_rollout("shadow", {"champion": "1", "challenger": "2"}, started_at=T0)
     s.log_predictions([PredictionRow(f"r{i}", "1", ts=T0 + timedelta(hours=20 * i), rollout_id=rid)
                        for i in range(5)])
     s.dispose()
     s = OutcomeStore(store_url, clock=lambda: T0).create()
-    names = {ix["name"] for ix in inspect(s.engine).get_indexes("predictions")}
+    names = {ix["name"] for ix in inspect(s.engine).get_indexes(log)}
     assert "ix_predictions_features" in names
     assert not names & {"ix_predictions_rollout", "ix_predictions_ts", "ix_predictions_eval"}
     assert "ix_predictions_time" in names and "ix_predictions_day" not in names
