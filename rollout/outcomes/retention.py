@@ -87,9 +87,11 @@ def expire(engine: Engine, cutoff: float, batch: int = BATCH, dry_run: bool = Fa
     touched: dict[str, int] = {}  # table (or day partition) -> rows deleted from it
     for table in tables:
         key = "id" if table == "predictions" else "ctid"
+        # a day partition of the paired log: a row with a shadow half is two predictions
+        weight = None if key == "id" else "1 + (shadow_version IS NOT NULL)::int"
         for r in rollouts:
             n = _batched(engine, f"SELECT {key} FROM {table} WHERE {_of(r)} AND {older}", table, cutoff, batch,
-                         {**old, "r": r}, key)
+                         {**old, "r": r}, key, weight)
             touched[table] = touched.get(table, 0) + n
     n_deleted = sum(touched.values())
     n_pred = dropped_rows + n_deleted
@@ -136,15 +138,21 @@ def logged_rollouts(conn: Any, skip_open: bool = False) -> list[int | None]:
 
 
 def _batched(engine: Engine, ids: str, table: str, cutoff: float, batch: int,
-             params: dict[str, Any] | None = None, key: str = "id") -> int:
-    """DELETE the rows `ids` selects (their `key`: id, or PostgreSQL's ctid) in batches, each its own transaction."""
+             params: dict[str, Any] | None = None, key: str = "id", weight: str | None = None) -> int:
+    """DELETE the rows `ids` selects (their `key`: id, or PostgreSQL's ctid) in batches, each its own transaction;
+    returns the rows removed, or the sum of `weight` over them (the predictions a paired log's rows held)."""
     removed = 0
     where = f"id IN ({ids} LIMIT :batch)" if key == "id" else f"ctid = ANY(ARRAY({ids} LIMIT :batch))"  # a TID scan
     while True:
         with engine.begin() as conn:
-            done = conn.execute(text(f"DELETE FROM {table} WHERE {where}"),
-                                {"cut": cutoff, "batch": batch, **(params or {})}).rowcount
-        removed += done
+            bound = {"cut": cutoff, "batch": batch, **(params or {})}
+            if weight is None:
+                done = conn.execute(text(f"DELETE FROM {table} WHERE {where}"), bound).rowcount
+                removed += done
+            else:
+                held = conn.execute(text(f"DELETE FROM {table} WHERE {where} RETURNING {weight}"), bound).scalars().all()
+                done = len(held)
+                removed += sum(int(n) for n in held)
         if done < batch:
             return removed
 

@@ -5,6 +5,7 @@ two rows; a log from before pairing converts in place, and a refused pair loses 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -137,4 +138,23 @@ def test_a_refused_pair_leaves_both_predictions_in_the_dead_letters(pg: str) -> 
         kept = conn.execute(text("SELECT payload FROM dead_letters ORDER BY id")).scalars().all()
     assert ['"version": "1"' in p and '"served": 1' in p for p in kept] == [True, False]
     assert ['"version": "2"' in p and '"served": 0' in p and '"latency_ms": 3.0' in p for p in kept] == [False, True]
+    store.dispose()
+
+
+def test_retention_counts_both_predictions_of_a_paired_row(pg: str) -> None:
+    """A closed rollout's shadow traffic on two days: one day's partition is dropped whole, the other (shared with
+    the open rollout) is cleaned row by row; either way a paired row is reported as its two predictions."""
+    store = OutcomeStore(pg).create()
+    old = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0)
+    for day in (0, 1):  # 20 shadow requests a day, their two rows in one call
+        store.log_predictions(replace(r, request_id=f"d{day}-{r.request_id}", ts=T0 + timedelta(days=day, minutes=i // 2))
+                              for i, r in enumerate(_traffic(old)[:40]))
+    current = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt", T0 + timedelta(days=1))
+    store.log_predictions(_traffic(current)[:4])  # the open rollout's rows share the first day
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*), count(shadow_version) FROM prediction_log")).one() == (42, 42)
+    expired = store.expire(T0 + timedelta(days=3))
+    assert expired.predictions == 2 * 40  # 40 rows of each day, each a pair: 20 dropped with day one, 20 deleted
+    assert expired.kept_open == 4 and "1 day partition(s) dropped" in expired.note
+    assert store.count_predictions() == 4
     store.dispose()
