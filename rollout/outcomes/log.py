@@ -29,6 +29,8 @@ from rollout.outcomes.schema import (
     LOG_COLUMNS,
     LOG_TABLE,
     SHADOW_COLUMNS,
+    SHADOW_IMPLIED,
+    SHADOW_STORED,
     RequestId,
     aggregate_dirty_hours,
     dead_letters,
@@ -133,10 +135,10 @@ def log_predictions(engine: Engine, rows: Iterable[PredictionRow], now: float) -
 
 
 PAIRED_COLUMNS = LOG_COLUMNS + SHADOW_COLUMNS
-_SERVED, _PROPENSITY, _FEATURES = LOG_COLUMNS.index("served"), LOG_COLUMNS.index("propensity"), LOG_COLUMNS.index("features")
+_SERVED = LOG_COLUMNS.index("served")
 _SHARED = tuple(LOG_COLUMNS.index(c) for c in ("unit_id", "rollout_id", "ts", "day", "segment"))
-_SHADOW = tuple(LOG_COLUMNS.index(c) for c in ("version", "role", "prediction", "score", "latency_ms", "error",
-                                               "probabilities"))
+_SHADOW = tuple(LOG_COLUMNS.index(c) for c in SHADOW_STORED)
+_IMPLIED = tuple((LOG_COLUMNS.index(c), value) for c, value in SHADOW_IMPLIED.items())
 _NO_SHADOW = (None,) * len(SHADOW_COLUMNS)
 
 
@@ -157,7 +159,7 @@ def paired(payload: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         if row[_SERVED]:
             continue
         partner = served.get(row[0])
-        if (partner is None or partner in shadows or row[_PROPENSITY] != 1.0 or row[_FEATURES] is not None
+        if (partner is None or partner in shadows or any(row[k] != value for k, value in _IMPLIED)
                 or any(row[k] != payload[partner][k] for k in _SHARED)):
             alone.append(row + _NO_SHADOW)
         else:
@@ -256,9 +258,8 @@ def _rows_of(engine: Engine, stored: tuple[Any, ...]) -> list[PredictionRow]:
     rows = [_row_of(engine, stored[:n])]
     if len(stored) > n and stored[n] is not None:
         shadow = list(stored[:n])
-        for k, value in zip(_SHADOW, stored[n:], strict=True):
+        for k, value in (*zip(_SHADOW, stored[n:], strict=True), *_IMPLIED):
             shadow[k] = value
-        shadow[_SERVED], shadow[_PROPENSITY], shadow[_FEATURES] = 0, 1.0, None
         rows.append(_row_of(engine, tuple(shadow)))
     return rows
 
@@ -447,11 +448,11 @@ def bulk_insert(engine: Engine, table: str, columns: Sequence[str], rows: Iterab
                         dbapi.execute("ROLLBACK")
                     dbapi.execute(f"PRAGMA cache_size={int(cache)}")
             else:
-                day = names.index("day") if table == "predictions" and "day" in names else None
+                day = None
                 if table == predictions.name:  # a paired log's table (its rows stored alone), not the view
                     from rollout.outcomes.partitions import log_source
 
-                    table = log_source(engine).name
+                    day, table = names.index("day") if "day" in names else None, log_source(engine).name
                 for chunk in chunks(rows, batch):  # a chunk at a time: its days' partitions first (predictions)
                     if day is not None:
                         from rollout.outcomes.partitions import ensure_days

@@ -27,11 +27,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Engine, Index, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.schema import CreateColumn, CreateIndex
 
 from rollout.outcomes.engine import LockHeld, autocommit, lock
-from rollout.outcomes.schema import LOG_TABLE, SHADOW_COLUMNS, prediction_log, predictions
+from rollout.outcomes.schema import LOG_TABLE, SHADOW_COLUMNS, SHADOW_IMPLIED, SHADOW_STORED, prediction_log, predictions
 
 AHEAD_DAYS = 7
 
@@ -83,16 +84,18 @@ def create_partitioned(engine: Engine) -> None:
 # PostgreSQL flattens it into the query, so a probe by request id or a range of the time index reaches each day
 # partition's index as on the table; a UNION ALL branch with a WHERE is not pulled up into an append relation, and
 # the label-change probes then scanned every partition a probe (benchmarks/experiments/paired_log.py).
-_VALUES = ("version", "role", "served", "propensity", "prediction", "score", "latency_ms", "error", "features",
-           "probabilities")
+_VALUES = (*SHADOW_STORED, *SHADOW_IMPLIED)  # the columns a row's two halves differ in
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+_IMPLIED_SQL = {c: f"CAST({'NULL' if v is None else repr(v)} AS {predictions.c[c].type.compile(dialect=_PG)})"
+                for c, v in SHADOW_IMPLIED.items()}  # a shadow half's implied values, typed as the champion's columns
 PAIRED_VIEW = (
     f"CREATE VIEW {predictions.name} AS SELECT "
     + ", ".join(f"v.{c.name}" if c.name in _VALUES else f"l.{c.name}" for c in predictions.columns)
     + f" FROM {LOG_TABLE} l CROSS JOIN LATERAL (VALUES ("
     + ", ".join(f"l.{c}" for c in _VALUES)
-    + "), (l.shadow_version, l.shadow_role, 0, 1.0::float8, l.shadow_prediction, l.shadow_score, "
-      "l.shadow_latency_ms, l.shadow_error, NULL::text, l.shadow_probabilities)) "
-    + f"AS v({', '.join(_VALUES)}) WHERE v.version IS NOT NULL"
+    + "), ("
+    + ", ".join(_IMPLIED_SQL[c] if c in SHADOW_IMPLIED else f"l.shadow_{c}" for c in _VALUES)
+    + f")) AS v({', '.join(_VALUES)}) WHERE v.version IS NOT NULL"
 )
 # Rows inserted into the view (a process of an earlier release during a rolling upgrade, a hand-written INSERT) go to
 # the table, unpaired; COPY into the view works through it too.

@@ -66,19 +66,14 @@ predictions = Table(
 # and 4-byte line pointer, and the request and time index entries, then come once a shadow request instead of twice.
 # A shadow row's served (0), propensity (1.0) and features (none) are implied: a row pairs only when they hold.
 LOG_TABLE = "prediction_log"
-SHADOW_COLUMNS = ("shadow_version", "shadow_role", "shadow_prediction", "shadow_score", "shadow_latency_ms",
-                  "shadow_error", "shadow_probabilities")
+SHADOW_STORED = ("version", "role", "prediction", "score", "latency_ms", "error", "probabilities")  # `shadow_<name>`
+SHADOW_IMPLIED = {"served": 0, "propensity": 1.0, "features": None}  # the shadow half's other columns that differ
+SHADOW_COLUMNS = tuple(f"shadow_{c}" for c in SHADOW_STORED)
 prediction_log = Table(
     LOG_TABLE,
     MetaData(),  # never created from the metadata: partitions.create_partitioned makes it (and the view)
     *(Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in predictions.columns),
-    Column("shadow_version", String(32)),
-    Column("shadow_role", String(32)),
-    Column("shadow_prediction", Float),
-    Column("shadow_score", Float),
-    Column("shadow_latency_ms", Float),
-    Column("shadow_error", Text),
-    Column("shadow_probabilities", Text),
+    *(Column(f"shadow_{c}", predictions.c[c].type) for c in SHADOW_STORED),  # nullable: NULL when unpaired
 )
 
 # SQLite: `day` is a VIRTUAL generated column, computed from ts when read and not stored (11 B a row). The UTC
