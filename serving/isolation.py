@@ -2,19 +2,20 @@
 
 In one process, a shadow batch (hundreds of rows through a scikit-learn pipeline, mostly Python and
 pandas) holds the interpreter lock for milliseconds, and every caller in flight waits; a challenger that
-segfaults, leaks or exhausts memory would take the champion's traffic down with it. A `ChildScorer` holds
-one model version in a child process (multiprocessing "spawn": safe beside the server's threads), sends
-it the rows of each batch (pickled: ~2 ms for 2,048 records with their metadata); the child scores them and writes their log
-rows to the outcome store over its own connection, so the service's process does almost nothing per
-shadow row.
+segfaults, leaks or exhausts memory would take the champion's traffic down with it. A `PipedScorer` holds
+one model version in a child process (multiprocessing "spawn": safe beside the server's threads) and is one
+socket pair that the event loop itself writes and reads (framed pickles, non-blocking, buffered): no thread in
+the service, so a hung child can only fill its own buffer until the lane's deadline kills it. A shadow lane's
+child (given the store's URL) also writes the batch's log rows over its own connection, so the service's
+process does almost nothing per shadow row; the lane pickles its batches a part at a time
+(`pickled_part`, `submit_parts`), the event loop answering requests in between.
 A child that dies is replaced on the next batch; one that hangs past the lane's timeout is killed.
 
-A response-path challenger (ab, abn, bandit) is a `PipedScorer` instead: callers wait on its answer, and a
-`ProcessPoolExecutor`'s call crosses two of its threads in the service (its queue manager and its feeder),
-each of which waits for the interpreter lock the busy event loop holds, up to the 5 ms switch interval, for
-a call the compiled pipeline answers in 0.1 ms. A `PipedScorer` is one socket pair that the event loop
-itself writes and reads (framed pickles, non-blocking, buffered): no thread in the service, so a hung child
-can only fill its own buffer until the lane's deadline kills it.
+A `ChildScorer` (a `ProcessPoolExecutor` of one process) is what batch scoring uses, from threads. On the event
+loop it cost: a call crosses two of its threads in the service (its queue manager and its feeder), each of
+which waits for the interpreter lock the busy loop holds, up to the 5 ms switch interval, for a call the
+compiled pipeline answers in 0.1 ms; and its feeder pickled a 2,048-row shadow batch in one go, ~4 ms with
+the lock held, which doubled the callers' p99 in shadow mode.
 """
 
 from __future__ import annotations
@@ -167,10 +168,11 @@ class ChildScorer:
 _HEADER = 8  # bytes of a frame's length, big-endian
 
 
-def _piped_main(sock: socket.socket, payload: bytes, nice: int) -> None:
-    """A PipedScorer's child: load the model, say so, then answer each framed batch of rows in order."""
+def _piped_main(sock: socket.socket, payload: bytes, nice: int, store_url: str | None = None) -> None:
+    """A PipedScorer's child: load the model, say so, then answer each framed batch of rows in order (a shadow's
+    child, given the store, also logs them)."""
     try:
-        _load(payload, None, nice)
+        _load(payload, store_url, nice)
         sock.sendall(_frame(pickle.dumps((True, None), protocol=pickle.HIGHEST_PROTOCOL)))
     except BaseException as exc:  # noqa: BLE001 - the service hears why, then the child ends
         sock.sendall(_frame(pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}"[:500])))))
@@ -180,7 +182,7 @@ def _piped_main(sock: socket.socket, payload: bytes, nice: int) -> None:
         if frame is None:  # the service closed its end
             return
         try:
-            answer: tuple[bool, Any] = (True, _score(pickle.loads(frame), None))
+            answer: tuple[bool, Any] = (True, _score(*_unpacked(frame)))
         except Exception as exc:  # noqa: BLE001 - a failing model is the call's error, not the child's end
             answer = (False, exc)
         try:
@@ -188,6 +190,24 @@ def _piped_main(sock: socket.socket, payload: bytes, nice: int) -> None:
         except Exception as exc:  # noqa: BLE001 - e.g. an exception that cannot be pickled
             data = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}"[:500])))
         sock.sendall(_frame(data))
+
+
+def _unpacked(frame: bytes) -> tuple[list[dict[str, Any]], list[ShadowMeta] | None]:
+    """A batch's rows and (for a shadow) their jobs' metadata, from a frame of `(rows, metas)` parts pickled apart
+    (`PipedScorer.submit_parts`)."""
+    rows: list[dict[str, Any]] = []
+    metas: list[ShadowMeta] | None = None
+    for part in pickle.loads(frame):
+        part_rows, part_metas = pickle.loads(part)
+        rows += part_rows
+        if part_metas is not None:
+            metas = (metas or []) + part_metas
+    return rows, metas
+
+
+def pickled_part(rows: list[dict[str, Any]], metas: list[ShadowMeta] | None = None) -> bytes:
+    """One part of a batch for `PipedScorer.submit_parts`."""
+    return pickle.dumps((rows, metas), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _frame(data: bytes) -> bytes:
@@ -211,13 +231,15 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 class PipedScorer:
-    """One model version scored in a child process for callers that wait (a response-path challenger): the same
-    interface as ChildScorer (`ready`, `submit`, `restart`, `revive`, `close`), created in the event loop and
-    used only from it. Answers come back in the order the batches were sent."""
+    """One model version scored in a child process for a lane of the service (a response-path challenger, or a
+    shadow, whose child also logs given `store_url`): the same interface as ChildScorer (`ready`, `submit`,
+    `restart`, `revive`, `close`), created in the event loop and used only from it. Answers come back in the order
+    the batches were sent."""
 
-    def __init__(self, model: LoadedModel, nice: int = 0) -> None:
+    def __init__(self, model: LoadedModel, nice: int = 0, store_url: str | None = None) -> None:
         self.version = model.version
         self._nice = nice
+        self._store_url = store_url  # a shadow's child logs what it scores
         self._payload = pickle.dumps(model)  # raises for a model that cannot be pickled: the caller falls back
         self._context = multiprocessing.get_context("spawn")
         self._loop = asyncio.get_running_loop()
@@ -227,7 +249,7 @@ class PipedScorer:
 
     def _start(self) -> None:
         mine, theirs = socket.socketpair()
-        self._process = self._context.Process(target=_piped_main, args=(theirs, self._payload, self._nice),
+        self._process = self._context.Process(target=_piped_main, args=(theirs, self._payload, self._nice, self._store_url),
                                               name=f"challenger-{self.version}", daemon=True)
         self._process.start()
         theirs.close()
@@ -248,8 +270,15 @@ class PipedScorer:
 
     def submit(self, rows: list[dict[str, Any]],
                metas: list[ShadowMeta] | None = None) -> asyncio.Future[Any] | Future[Any]:
-        """Send `rows` to the child; the future gets (preds, scores, errors, False, call ms) or the call's error.
-        Never raises; never blocks: what the child has not read yet waits in a buffer."""
+        """Send `rows` to the child (with their jobs' metadata: a shadow's child logs them too); the future gets
+        (preds, scores, errors, logged, call ms) or the call's error. Never raises; never blocks: what the child has
+        not read yet waits in a buffer."""
+        return self.submit_parts([pickled_part(rows, metas)])
+
+    def submit_parts(self, parts: list[bytes]) -> asyncio.Future[Any] | Future[Any]:
+        """As `submit`, for a batch pickled in parts (`pickled_part`): a shadow lane pickles a batch of thousands of
+        rows a few jobs at a time, letting requests through in between, where one pickle held the event loop (or,
+        in a ProcessPoolExecutor's feeder thread, the interpreter lock) for milliseconds."""
         if self._closed:
             return _failed(RuntimeError("cannot schedule new futures after shutdown"))
         if self._broken:
@@ -258,7 +287,7 @@ class PipedScorer:
             log.error("challenger %s: child process died; starting a new one", self.version)
             self._replace()  # a crash or OOM kill mid-life: a new child takes this batch
         future: asyncio.Future[Any] = self._loop.create_future()
-        data = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL)
         self._waiting.append(future)
         self._write(_frame(data))
         return future

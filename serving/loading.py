@@ -18,7 +18,7 @@ from rollout.models import LoadedModel, allowed_columns
 from rollout.outcomes import OutcomeStore, Rollout
 from rollout.roles import Role
 from serving.batching import Calls, MicroBatcher, Sink
-from serving.isolation import ChildScorer, PipedScorer, freeze_heap
+from serving.isolation import CHILD_NICE, PipedScorer, freeze_heap
 from serving.routing import RoutingView, build_view
 
 log = logging.getLogger("rollout.serving")
@@ -153,14 +153,14 @@ class Loader:
         if self._retiring:
             await asyncio.wait(self._retiring, timeout=timeout_s)
 
-    def _child_scorer(self, model: LoadedModel, shadow: bool) -> ChildScorer | PipedScorer | None:
+    def _child_scorer(self, model: LoadedModel, shadow: bool) -> PipedScorer | None:
         """A child process for a challenger (serving.shadow_isolation / challenger_isolation), or None: a thread.
         A shadow child also logs what it scores; a response-path one only answers, over a pipe the event loop
         reads (serving.isolation.PipedScorer), at the service's priority: callers wait on it."""
         if (self.cfg.shadow_isolation if shadow else self.cfg.challenger_isolation) != "process":
             return None
         try:
-            return ChildScorer(model, self.store.url) if shadow else PipedScorer(model)
+            return PipedScorer(model, CHILD_NICE, self.store.url) if shadow else PipedScorer(model)
         except Exception as exc:  # noqa: BLE001 - e.g. a model that cannot be pickled: threads still work
             log.warning("challenger %s scores in a thread, not a child process: %s", model.version, exc)
             return None

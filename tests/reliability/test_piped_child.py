@@ -102,3 +102,42 @@ async def test_close_ends_the_child_and_refuses_new_batches() -> None:
     assert not process.is_alive()
     with pytest.raises(RuntimeError, match="shutdown"):
         await _answer(scorer, [record()])
+
+
+async def test_a_shadow_child_logs_a_batch_sent_in_parts_with_each_request_s_served_row(tmp_path) -> None:
+    # A shadow lane pickles its batch a few jobs at a time (serving.batching.MicroBatcher._pickled); the child
+    # scores the parts as one batch and logs every request's served row and its own row, in job order.
+    from rollout.outcomes import OutcomeStore, PredictionRow
+    from serving.isolation import pickled_part
+    from serving.logwriter import ShadowMeta
+
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
+    rid = store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    model = LoadedModel(FakeModel(), "2")
+    jobs = []
+    for i in range(150):
+        ids = [f"r{i}-{k}" for k in range(1 + i % 3)]
+        served = [PredictionRow(r, "1", "champion", 1.7e9, None, rid, True, 1.0, 1.0, 0.9, 0.1, None, None, None)
+                  for r in ids]
+        jobs.append(([record(i + k) for k in range(len(ids))],
+                     ShadowMeta(ids, [None] * len(ids), [None] * len(ids), 1.7e9, rid, "challenger", "2", served)))
+    parts = [pickled_part([r for rows, _ in jobs[k:k + 64] for r in rows], [m for _, m in jobs[k:k + 64]])
+             for k in range(0, len(jobs), 64)]
+    scorer = PipedScorer(model, store_url=store.url)
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(scorer.ready), 60)
+        preds, scores, errors, logged, _ = await asyncio.wait_for(asyncio.wrap_future(scorer.submit_parts(parts)), 60)
+    finally:
+        scorer.close()
+    rows = [r for rows, _ in jobs for r in rows]
+    expected = model.score(rows)
+    assert len(parts) == 3 and logged is True
+    assert preds == expected.predictions and scores == expected.scores
+    with store.engine.connect() as conn:
+        from sqlalchemy import text
+
+        logged_rows = conn.execute(text("SELECT request_id, version, served, score FROM predictions")).fetchall()
+    ids = [r for _, meta in jobs for r in meta.request_ids]
+    assert sorted((r, v, s) for r, v, s, _ in logged_rows) == sorted([(r, "1", 1) for r in ids] + [(r, "2", 0) for r in ids])
+    shadow_scores = {r: s for r, v, _, s in logged_rows if v == "2"}
+    assert [shadow_scores[r] for r in ids] == expected.scores
