@@ -60,12 +60,22 @@ Sink = Callable[[list[Job], Scored | None, str | None], None]
 class Calls:
     """Model calls in flight across the response-path lanes of one service: an eager lane scores at once only
     when the whole service is idle, so in A/B each arm gathers while the other arm's call runs, and its batches
-    grow under load as the champion's do alone."""
+    grow under load as the champion's do alone; it scores when that call ends (the rows the call answers are what
+    would come next) or at `max_wait_ms`, whichever is first."""
 
-    __slots__ = ("n",)
+    __slots__ = ("n", "behind")
 
     def __init__(self) -> None:
         self.n = 0
+        self.behind: set[asyncio.Event] = set()  # lanes gathering only because another arm's call is in flight
+
+    def done(self) -> None:
+        """A call ended: when none is left, the lanes that gathered behind another arm's call score now."""
+        self.n -= 1
+        if not self.n and self.behind:
+            for woken in self.behind:
+                woken.set()
+            self.behind.clear()
 
 
 class MicroBatcher:
@@ -213,10 +223,15 @@ class MicroBatcher:
                 remaining = self._pending[0].enqueued + self.max_wait_s - time.perf_counter()
                 if remaining > 0:
                     self._full.clear()
+                    behind = self.eager and not self._busy  # only another arm's call: stop when none is left
+                    if behind:
+                        self.calls.behind.add(self._full)
                     try:
                         await asyncio.wait_for(self._full.wait(), remaining)
                     except TimeoutError:
                         pass
+                    if behind:
+                        self.calls.behind.discard(self._full)
             await self._child_started()  # meanwhile rows keep gathering (bounded by max_queue_rows)
             await self._slots.acquire()
             jobs = self._take()
@@ -255,7 +270,7 @@ class MicroBatcher:
 
     def _call_done(self, _call: asyncio.Future[Any]) -> None:
         self._busy -= 1
-        self.calls.n -= 1
+        self.calls.done()
         self._slots.release()
 
     def _take(self) -> list[Job]:

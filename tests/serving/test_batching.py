@@ -64,3 +64,23 @@ async def test_a_lone_request_on_an_idle_service_is_scored_at_once() -> None:
     await lane.close()
     await other.close()
     assert model.batches == [1] and waited < 0.25  # scored at once, not after gathering for max_wait (0.5 s)
+
+
+@pytest.mark.anyio
+async def test_an_arm_gathering_behind_the_other_arms_call_scores_when_that_call_ends() -> None:
+    # At concurrency 8 an A/B request waited the whole max_wait_ms whenever the other arm had a call in flight
+    # (p50 2.0 ms against 0.7 champion-only); the rows that call answers are what would come next, after it ends.
+    calls = Calls()
+    champion, challenger = Slow("1", 0.1), Slow("2", 0.0)
+    a, b = _lane(champion, calls), _lane(challenger, calls)
+    started = time.perf_counter()
+    first = a.submit([{"x": 0}])  # the champion's call is in flight for 0.1 s
+    await asyncio.sleep(0.02)
+    answers = [b.submit([{"x": i}]) for i in range(3)]
+    await asyncio.gather(*answers)
+    waited = time.perf_counter() - started
+    await first
+    await a.close()
+    await b.close()
+    assert challenger.batches == [3]  # gathered behind the champion's call
+    assert waited < 0.35  # scored once that call ended (~0.1 s), not at max_wait (0.5 s after they came)
