@@ -91,6 +91,7 @@ class LogWriter:
         self.lost = 0  # rows the store refused after every retry
         self.written = 0
         self.held = 0  # served rows of shadow requests, in a shadow job until it logs them with its own (`hold`)
+        self._checks: set[asyncio.Task[None]] = set()  # `put_unlogged` lookups in flight
 
     @property
     def depth(self) -> int:
@@ -140,6 +141,31 @@ class LogWriter:
             self._idle.clear()
             self._wake.set()
 
+    def put_unlogged(self, rows: list[PredictionRow], reserved: int = 0) -> None:
+        """As `put_many`, for rows a child process may have written before it died or was killed: those the store
+        has already (by request id and version) are left out, looked up off the event loop. Held meanwhile, so
+        `flush` waits for them. When the store cannot say, they are written: a duplicate rather than a loss."""
+        self.held += len(rows)
+        task = asyncio.get_running_loop().create_task(self._put_unlogged(rows, reserved))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _put_unlogged(self, rows: list[PredictionRow], reserved: int) -> None:
+        found: set[tuple[str, str]] = set()
+        try:
+            found = await asyncio.to_thread(self.store.logged_versions, [row.request_id for row in rows])
+        except Exception:  # noqa: BLE001 - the rows are written anyway
+            log.exception("log writer: could not look up %d rows a failed shadow call may have written", len(rows))
+        finally:
+            self.held -= len(rows)
+        served = [row for row in rows[:reserved] if (row.request_id, row.version) not in found]
+        rest = [row for row in rows[reserved:] if (row.request_id, row.version) not in found]
+        self.note_written(len(rows) - len(served) - len(rest))
+        if found:
+            log.warning("log writer: %d rows of a failed shadow call were in the store already (its child wrote "
+                        "them before it ended); not written again", len(rows) - len(served) - len(rest))
+        self.put_many(served + rest, reserved=len(served))
+
     async def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued row is written, and every held row too (its shadow job logged it, or queued it
         here); False on timeout."""
@@ -160,6 +186,8 @@ class LogWriter:
 
     async def stop(self, timeout_s: float = 60.0) -> None:
         """Write everything still queued, then end the writer task."""
+        if self._checks:  # rows being looked up join the queue first
+            await asyncio.wait(list(self._checks), timeout=timeout_s)
         self._stopping = True
         self._wake.set()
         if self._task is not None:

@@ -446,7 +446,12 @@ class ShadowSink:
             else:
                 rows = shadow_rows([job.meta for job in jobs], scored.predictions, scored.scores, scored.errors,
                                    scored.latency_ms, None)
-            self.writer.put_many([*served, *rows], reserved=len(served))
+            if scored is None and not (error or "").startswith(UNSCORED_PREFIX):
+                # The call failed after the batch went to the scorer: a child that died, or was killed at the
+                # deadline, after its write committed would otherwise have these rows twice in the log.
+                self.writer.put_unlogged([*served, *rows], reserved=len(served))
+            else:
+                self.writer.put_many([*served, *rows], reserved=len(served))
         if jobs:
             meta = jobs[0].meta
             seconds = 0.0 if scored is None else scored.latency_ms / 1000.0

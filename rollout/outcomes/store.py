@@ -550,6 +550,18 @@ class OutcomeStore:
                     select(predictions.c.request_id).where(predictions.c.request_id.in_(chunk)).distinct()))
         return found
 
+    def logged_versions(self, request_ids: Sequence[str]) -> set[tuple[str, str]]:
+        """(request id, version) of every logged prediction of these requests (the rows a shadow child that died
+        after its write committed had logged already)."""
+        self._ensure()
+        found: set[tuple[str, str]] = set()
+        p = predictions.c
+        with self.engine.connect() as conn:
+            for chunk in engine.chunks(sorted(set(request_ids)), 500):
+                found.update((str(r), str(v)) for r, v in conn.execute(
+                    select(p.request_id, p.version).where(p.request_id.in_(chunk)).distinct()))
+        return found
+
     def any_request_with_prefix(self, prefix: str) -> bool:
         """Whether any logged request id starts with `prefix`: a LIKE, which no collation can reorder (a range
         of the index could miss ids under a locale's collation on PostgreSQL); asked once per batch run."""
