@@ -54,10 +54,12 @@ def _traffic(rollout_id: int) -> list[PredictionRow]:
 def _read(store: OutcomeStore, rollout_id: int, folder: Path) -> dict[str, object]:
     """What the readers give: the evidence's sums, the export (every column), the counts and times."""
     evidence = store.evidence(rollout_id)
+    other = store.evidence(rollout_id, champion="2")  # paired with a version that was a shadow: its halves
     frame = pd.concat(pd.read_parquet(d.path) for d in store.export("2026-02-28", None, folder))
     frame = frame.sort_values(["request_id", "version"]).reset_index(drop=True)
     return {"loss": {m: {k: (v.n, round(v.total, 9)) for k, v in d.items()} for m, d in evidence.loss.items()},
             "paired": {m: {k: (v.n, round(v.total, 9)) for k, v in d.items()} for m, d in evidence.paired.items()},
+            "paired_with_2": {m: {k: (v.n, round(v.total, 9)) for k, v in d.items()} for m, d in other.paired.items()},
             "count": store.count_predictions(rollout_id), "all": store.count_predictions(),
             "seen": (store.first_seen(rollout_id), store.last_seen(rollout_id)),
             "features": store.recent_features().to_dict("records"),
