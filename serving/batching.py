@@ -107,7 +107,7 @@ class MicroBatcher:
         self.max_queue_rows = max_queue_rows
         self.sink = sink
         self.on_batch = on_batch
-        self.scorer = scorer  # a serving.isolation.PipedScorer (or ChildScorer): score in its child process
+        self.scorer = scorer  # a serving.isolation.PipedScorer: score in its child process, not in a thread
         self._in_flight = in_flight
         self._pending: deque[Job] = deque()
         self._pending_rows = 0
@@ -238,21 +238,18 @@ class MicroBatcher:
             if not jobs:
                 self._slots.release()
                 continue
-            rows = [row for job in jobs for row in job.rows]
+            n = sum(len(job.rows) for job in jobs)
             started = time.perf_counter()
             self._busy += 1
             self.calls.n += 1
-            if self.scorer is not None:
-                shadow = all(job.future is None for job in jobs)
-                if shadow and hasattr(self.scorer, "submit_parts"):
-                    call = asyncio.wrap_future(self.scorer.submit_parts(await self._pickled(jobs)), loop=loop)
-                else:
-                    metas = [job.meta for job in jobs] if shadow else None
-                    call = asyncio.wrap_future(self.scorer.submit(rows, metas), loop=loop)
+            if self.scorer is not None and all(job.future is None for job in jobs):  # a shadow's child also logs
+                call = asyncio.wrap_future(self.scorer.submit_parts(await self._pickled(jobs)), loop=loop)
             else:
-                call = loop.run_in_executor(self._executor, self.model.score_each, rows)
+                rows = [row for job in jobs for row in job.rows]
+                call = (asyncio.wrap_future(self.scorer.submit(rows), loop=loop) if self.scorer is not None
+                        else loop.run_in_executor(self._executor, self.model.score_each, rows))
             call.add_done_callback(self._call_done)
-            task = loop.create_task(self._finish(jobs, call, started, len(rows)))
+            task = loop.create_task(self._finish(jobs, call, started, n))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

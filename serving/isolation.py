@@ -196,13 +196,12 @@ def _unpacked(frame: bytes) -> tuple[list[dict[str, Any]], list[ShadowMeta] | No
     """A batch's rows and (for a shadow) their jobs' metadata, from a frame of `(rows, metas)` parts pickled apart
     (`PipedScorer.submit_parts`)."""
     rows: list[dict[str, Any]] = []
-    metas: list[ShadowMeta] | None = None
+    metas: list[ShadowMeta] = []
     for part in pickle.loads(frame):
         part_rows, part_metas = pickle.loads(part)
         rows += part_rows
-        if part_metas is not None:
-            metas = (metas or []) + part_metas
-    return rows, metas
+        metas += part_metas or []
+    return rows, metas or None
 
 
 def pickled_part(rows: list[dict[str, Any]], metas: list[ShadowMeta] | None = None) -> bytes:
@@ -249,8 +248,9 @@ class PipedScorer:
 
     def _start(self) -> None:
         mine, theirs = socket.socketpair()
-        self._process = self._context.Process(target=_piped_main, args=(theirs, self._payload, self._nice, self._store_url),
-                                              name=f"challenger-{self.version}", daemon=True)
+        self._process = self._context.Process(
+            target=_piped_main, args=(theirs, self._payload, self._nice, self._store_url),
+            name=f"challenger-{self.version}", daemon=True)
         self._process.start()
         theirs.close()
         mine.setblocking(False)

@@ -160,10 +160,11 @@ class LogWriter:
             self.held -= len(rows)
         served = [row for row in rows[:reserved] if (row.request_id, row.version) not in found]
         rest = [row for row in rows[reserved:] if (row.request_id, row.version) not in found]
-        self.note_written(len(rows) - len(served) - len(rest))
-        if found:
+        skipped = len(rows) - len(served) - len(rest)
+        if skipped:
+            self.note_written(skipped)
             log.warning("log writer: %d rows of a failed shadow call were in the store already (its child wrote "
-                        "them before it ended); not written again", len(rows) - len(served) - len(rest))
+                        "them before it ended); not written again", skipped)
         self.put_many(served + rest, reserved=len(served))
 
     async def flush(self, timeout_s: float = 10.0) -> bool:

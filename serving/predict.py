@@ -439,14 +439,15 @@ class ShadowSink:
         if scored is not None and scored.logged:
             self.writer.note_written(total + len(served))
         else:
-            if scored is None and error and error.startswith(UNSCORED_PREFIX):
+            refused = scored is None and (error or "").startswith(UNSCORED_PREFIX)  # never reached the scorer
+            if refused:
                 self.dropped += total
             if scored is None:
                 rows = shadow_rows([job.meta for job in jobs], None, None, None, None, error)
             else:
                 rows = shadow_rows([job.meta for job in jobs], scored.predictions, scored.scores, scored.errors,
                                    scored.latency_ms, None)
-            if scored is None and not (error or "").startswith(UNSCORED_PREFIX):
+            if scored is None and not refused:
                 # The call failed after the batch went to the scorer: a child that died, or was killed at the
                 # deadline, after its write committed would otherwise have these rows twice in the log.
                 self.writer.put_unlogged([*served, *rows], reserved=len(served))

@@ -542,13 +542,7 @@ class OutcomeStore:
 
     def logged_requests(self, request_ids: Sequence[str]) -> set[str]:
         """Which of these request ids have a logged prediction (a batch rerun logs only the others)."""
-        self._ensure()
-        found: set[str] = set()
-        with self.engine.connect() as conn:
-            for chunk in engine.chunks(sorted(set(request_ids)), 500):
-                found.update(str(r) for (r,) in conn.execute(
-                    select(predictions.c.request_id).where(predictions.c.request_id.in_(chunk)).distinct()))
-        return found
+        return {request_id for request_id, _ in self.logged_versions(request_ids)}
 
     def logged_versions(self, request_ids: Sequence[str]) -> set[tuple[str, str]]:
         """(request id, version) of every logged prediction of these requests (the rows a shadow child that died
