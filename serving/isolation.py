@@ -63,6 +63,11 @@ def _load(payload: bytes, store_url: str | None, nice: int = CHILD_NICE) -> None
         from rollout.outcomes import OutcomeStore
 
         _STORE = OutcomeStore(store_url)
+        try:  # connect and check the schema now: the first batch's deadline is for scoring and its write
+            _STORE.create()
+        except Exception:  # noqa: BLE001 - the first write tries again, and the service logs what it cannot
+            log.warning("shadow model: the outcome store could not be opened at start; the first write retries",
+                        exc_info=True)
     freeze_heap()
 
 
