@@ -38,7 +38,11 @@ def unpack(stored: Any) -> Any:
     """The request id of a stored one: 16 bytes back to their ULID text, anything else unchanged."""
     if type(stored) is not bytes:
         return stored
-    v = int.from_bytes(stored, "big")  # 130 bits in 13 pairs of digits, the top 2 bits zero
+    return text(int.from_bytes(stored, "big"))
+
+
+def text(v: int) -> str:
+    """A 128-bit value as ULID text: 130 bits in 13 pairs of digits, the top 2 bits zero."""
     return (PAIRS[v >> 120] + PAIRS[v >> 110 & 1023] + PAIRS[v >> 100 & 1023] + PAIRS[v >> 90 & 1023]
             + PAIRS[v >> 80 & 1023] + PAIRS[v >> 70 & 1023] + PAIRS[v >> 60 & 1023] + PAIRS[v >> 50 & 1023]
             + PAIRS[v >> 40 & 1023] + PAIRS[v >> 30 & 1023] + PAIRS[v >> 20 & 1023] + PAIRS[v >> 10 & 1023]

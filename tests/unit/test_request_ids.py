@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -231,3 +232,32 @@ def test_a_hinted_sqlite_query_binds_a_request_id_as_the_store_keeps_it(tmp_path
             query = select(p.c.request_id, p.c.prediction).where(p.c.request_id == request_id, p.c.ts >= 0)
             assert [tuple(r) for r in _execute_hinted(conn, query, hint)] == [(request_id, prediction)]
     store.dispose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_process_makes_ids_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ids are drawn from entropy read ahead in blocks, and follow the process's last id within a millisecond: a
+    forked child (a server forking its workers) must neither reuse the parent's unread bytes nor follow its last
+    id, or both would name different requests alike. Both ask within one millisecond here (a stopped clock)."""
+    import serving.predict
+
+    now = time.time_ns()
+    monkeypatch.setattr(serving.predict.time, "time_ns", lambda: now)
+    new_request_ids(1)  # the parent has read entropy ahead and made an id
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids, then out without running the parent's cleanup
+        try:
+            os.write(write, "\n".join(new_request_ids(1) + new_request_ids(500)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    parent = new_request_ids(1) + new_request_ids(500)
+    chunks = []
+    while chunk := os.read(read, 1 << 16):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    child = b"".join(chunks).decode().split("\n")
+    assert len(child) == 501 and not set(child) & set(parent)
+    assert parent == sorted(parent) and child == sorted(child)  # each process's ids in time order still
