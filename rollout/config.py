@@ -520,7 +520,9 @@ class ServingConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, description="Most requests scored in one call on the response path.")
     max_wait_ms: float = Field(2.0, ge=0, description="Longest a request waits for others to batch with.")
     shadow_max_batch_size: int = Field(
-        2048, ge=1, description="Shadow batches are larger: nobody waits on them, and a row costs less in a larger one."
+        512, ge=1, description="Shadow batches are larger: nobody waits on them, and a row costs less in a larger one "
+        "(its child's CPU comes in bursts of a batch: at 2,048 rows the callers' p99 at concurrency 32 was 1.4-1.7x "
+        "that of 512-row batches, for 0.92-1.19x their throughput)."
     )
     shadow_max_wait_ms: float = Field(
         500.0, ge=0, description="Longest a shadow request waits to batch (larger batches: shadow costs less CPU)."
