@@ -38,10 +38,10 @@ def unpack(stored: Any) -> Any:
     """The request id of a stored one: 16 bytes back to their ULID text, anything else unchanged."""
     if type(stored) is not bytes:
         return stored
-    return text(int.from_bytes(stored, "big"))
+    return ulid_text(int.from_bytes(stored, "big"))
 
 
-def text(v: int) -> str:
+def ulid_text(v: int) -> str:
     """A 128-bit value as ULID text: 130 bits in 13 pairs of digits, the top 2 bits zero."""
     return (PAIRS[v >> 120] + PAIRS[v >> 110 & 1023] + PAIRS[v >> 100 & 1023] + PAIRS[v >> 90 & 1023]
             + PAIRS[v >> 80 & 1023] + PAIRS[v >> 70 & 1023] + PAIRS[v >> 60 & 1023] + PAIRS[v >> 50 & 1023]
