@@ -6,7 +6,10 @@ input validation, pandas indexing and joblib's dispatch), about 95% of it fixed.
 batches are half as large, that fixed cost is paid twice as often. Here the preprocessing of a pipeline made
 only of the steps below is done on the records themselves: the same arithmetic in the same order on the
 fitted step's own statistics, so the matrix is bit-identical to scikit-learn's; the final estimator is then
-called as the pipeline calls it (its own `predict_proba` / `predict` on that matrix).
+called as the pipeline calls it (its own `predict_proba` / `predict` on that matrix), except a plain linear model
+(LogisticRegression, LinearRegression, Ridge), whose few operations are done here as its methods do them
+(`Linear`): its input validation cost ~0.1 ms a call, half of a compiled call of the example's pipeline, paid
+per call and so twice as often under A/B.
 
 Handled: a Pipeline whose first step is a ColumnTransformer (columns named, remainder dropped, no weights,
 default output) of SimpleImputer, StandardScaler and OneHotEncoder (string categories, no dropped or
@@ -240,7 +243,76 @@ def _compile(model: Any, names: Sequence[str] | None) -> Compiled:
     if not blocks or not {c for b in blocks for c in b.columns} <= set(names):
         raise Unsupported("a column outside the input contract")
     after = tuple(_scale(step) for _, step in model.steps[1:-1] if step not in (None, "passthrough"))
-    return Compiled(tuple(blocks), after, final)
+    return Compiled(tuple(blocks), after, Linear.of(final) or final)
+
+
+class Linear:
+    """A fitted plain linear model's `predict_proba` / `predict` on a matrix the compiled path made: the operations
+    of scikit-learn's own methods (`LinearClassifierMixin.decision_function`, `_predict_proba_lr`, `softmax`;
+    `LinearModel._decision_function`) in the same order on the same arrays, without their input validation. A
+    matrix that validation would refuse or change (not a float64 ndarray of the model's width, a value not
+    finite) goes to the model's own method, which raises what it raises. Load-time probes check the bits
+    (rollout.models.LoadedModel)."""
+
+    def __init__(self, estimator: Any, classifier: bool) -> None:
+        self.estimator = estimator
+        self.classifier = classifier
+        coef = estimator.coef_
+        self.coef = coef.T if coef.ndim == 2 else coef
+        self.intercept = estimator.intercept_
+        self.width = coef.shape[-1]
+        self.binary = classifier and estimator.classes_.size <= 2
+        from scipy.special import expit
+        from sklearn.utils.extmath import softmax
+
+        self._expit, self._softmax = expit, softmax
+
+    @classmethod
+    def of(cls, estimator: Any) -> Linear | None:
+        """The fast path of a model whose scoring methods are those of scikit-learn's plain linear models (not
+        overridden by a subclass), with dense coefficients; else None."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.linear_model._base import LinearClassifierMixin, LinearModel
+
+        kind = type(estimator)
+        if not isinstance(getattr(estimator, "coef_", None), np.ndarray) or getattr(estimator, "coef_").ndim > 2:
+            return None
+        if (getattr(kind, "predict_proba", None) is LogisticRegression.predict_proba
+                and getattr(kind, "decision_function", None) is LinearClassifierMixin.decision_function
+                and getattr(kind, "_predict_proba_lr", None) is LinearClassifierMixin._predict_proba_lr):
+            return cls(estimator, classifier=True)
+        if (isinstance(estimator, LinearModel) and not isinstance(estimator, LinearClassifierMixin)
+                and getattr(kind, "predict", None) is LinearModel.predict
+                and getattr(kind, "_decision_function", None) is LinearModel._decision_function):
+            return cls(estimator, classifier=False)
+        return None
+
+    def _takes(self, x: Any) -> bool:
+        return (type(x) is np.ndarray and x.dtype == np.float64 and x.ndim == 2 and x.shape[1] == self.width
+                and x.shape[0] > 0 and bool(np.isfinite(x).all()))
+
+    def _decision(self, x: np.ndarray) -> np.ndarray:
+        scores: np.ndarray = x @ self.coef + self.intercept
+        if self.classifier and scores.ndim > 1 and scores.shape[1] == 1:
+            return scores.reshape((-1,))
+        return scores
+
+    def predict_proba(self, x: Any) -> Any:
+        if not self.classifier or not self._takes(x):
+            return self.estimator.predict_proba(x)
+        prob = self._decision(x)
+        if not self.binary:
+            return self._softmax(prob, copy=False)
+        self._expit(prob, out=prob)
+        if prob.ndim == 1:
+            return np.vstack([1 - prob, prob]).T
+        prob /= prob.sum(axis=1).reshape((prob.shape[0], -1))
+        return prob
+
+    def predict(self, x: Any) -> Any:
+        if self.classifier or not self._takes(x):
+            return self.estimator.predict(x)
+        return self._decision(x)
 
 
 def _output(step: Any) -> bool:

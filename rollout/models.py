@@ -210,16 +210,20 @@ class LoadedModel:
         except (TypeError, ValueError) as exc:
             raise ModelError(f"non-numeric predictions: {exc}") from exc
         errors: list[str | None] = [None] * n
-        for i in np.flatnonzero(~np.isfinite(values)).tolist():
-            errors[i] = "prediction is NaN or infinite"
+        # each check looks for its rows only when the whole batch fails it (the usual batch has none to find)
+        if not np.isfinite(values).all():
+            for i in np.flatnonzero(~np.isfinite(values)).tolist():
+                errors[i] = "prediction is NaN or infinite"
         if scores is not None:
             rows = scores if scores.ndim == 2 else scores[:, None]
             finite = np.isfinite(rows).all(axis=1)
-            for i in np.flatnonzero(~finite).tolist():
-                errors[i] = "score is NaN or infinite"
+            if not finite.all():
+                for i in np.flatnonzero(~finite).tolist():
+                    errors[i] = "score is NaN or infinite"
             outside = finite & ((rows < 0.0) | (rows > 1.0)).any(axis=1)
-            for i in np.flatnonzero(outside).tolist():
-                errors[i] = errors[i] or "score outside [0, 1]"
+            if outside.any():
+                for i in np.flatnonzero(outside).tolist():
+                    errors[i] = errors[i] or "score outside [0, 1]"
             if scores.ndim == 2:
                 for i in np.flatnonzero(finite & (np.abs(rows.sum(axis=1) - 1.0) > 1e-3)).tolist():
                     errors[i] = errors[i] or "class probabilities do not add up to 1"

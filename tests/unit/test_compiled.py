@@ -84,6 +84,8 @@ def _check_bit_identical(model: Any, names: list[str], frame: pd.DataFrame, nume
     many batches the compiled path took itself."""
     loaded = LoadedModel(model)
     assert loaded.compiled is not None, "the pipeline should compile"
+    linear = type(model.steps[-1][1]).__name__ in ("LogisticRegression", "Ridge", "LinearRegression")
+    assert isinstance(loaded.compiled.final, rollout.compiled.Linear) == linear, "plain linear models skip validation"
     rng = random.Random(seed)
     rows = _records(frame[names])
     compiled = 0
@@ -238,3 +240,27 @@ def test_a_batch_past_max_cells_is_scored_by_scikit_learn(monkeypatch: pytest.Mo
     frame_of = loaded.frame
     monkeypatch.setattr(loaded, "frame", lambda records: calls.append(len(records)) or frame_of(records))
     assert _same(loaded.score(batch), _theirs(loaded, batch)) and calls[0] == 30  # through scikit-learn
+
+
+def test_a_linear_models_fast_path_leaves_what_it_cannot_reproduce_to_the_model() -> None:
+    """A matrix scikit-learn's validation would refuse goes to the model's own method (its error, not a silent
+    NaN); a subclass that scores its own way keeps its own method."""
+    frame = example_dataset(500, seed=4)
+    model, _ = _fitted(frame.drop(columns=["applied_at", "customer_id"], errors="ignore"), "approved",
+                       "classification", "logistic_regression")
+    estimator = model.steps[-1][1]
+    fast = rollout.compiled.Linear.of(estimator)
+    assert fast is not None
+    x = np.ones((3, estimator.coef_.shape[1]))
+    assert np.array_equal(fast.predict_proba(x), estimator.predict_proba(x))
+    x[1, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        fast.predict_proba(x)
+    with pytest.raises(ValueError, match="features"):
+        fast.predict_proba(np.ones((2, estimator.coef_.shape[1] + 1)))
+
+    class Calibrated(LogisticRegression):
+        def predict_proba(self, X: Any) -> Any:
+            return super().predict_proba(X) * 0.5 + 0.25
+
+    assert rollout.compiled.Linear.of(Calibrated().fit(np.eye(4), [0, 1, 0, 1])) is None
