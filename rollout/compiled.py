@@ -274,8 +274,8 @@ class Linear:
         from sklearn.linear_model import LogisticRegression
         from sklearn.linear_model._base import LinearClassifierMixin, LinearModel
 
-        kind = type(estimator)
-        if not isinstance(getattr(estimator, "coef_", None), np.ndarray) or getattr(estimator, "coef_").ndim > 2:
+        kind, coef = type(estimator), getattr(estimator, "coef_", None)
+        if not isinstance(coef, np.ndarray) or coef.ndim > 2:
             return None
         if (getattr(kind, "predict_proba", None) is LogisticRegression.predict_proba
                 and getattr(kind, "decision_function", None) is LinearClassifierMixin.decision_function
@@ -303,11 +303,8 @@ class Linear:
         prob = self._decision(x)
         if not self.binary:
             return self._softmax(prob, copy=False)
-        self._expit(prob, out=prob)
-        if prob.ndim == 1:
-            return np.vstack([1 - prob, prob]).T
-        prob /= prob.sum(axis=1).reshape((prob.shape[0], -1))
-        return prob
+        self._expit(prob, out=prob)  # two classes: one row of coefficients, so `prob` is one score a row
+        return np.vstack([1 - prob, prob]).T
 
     def predict(self, x: Any) -> Any:
         if self.classifier or not self._takes(x):

@@ -211,8 +211,9 @@ class LoadedModel:
             raise ModelError(f"non-numeric predictions: {exc}") from exc
         errors: list[str | None] = [None] * n
         # each check looks for its rows only when the whole batch fails it (the usual batch has none to find)
-        if not np.isfinite(values).all():
-            for i in np.flatnonzero(~np.isfinite(values)).tolist():
+        finite_values = np.isfinite(values)
+        if not finite_values.all():
+            for i in np.flatnonzero(~finite_values).tolist():
                 errors[i] = "prediction is NaN or infinite"
         if scores is not None:
             rows = scores if scores.ndim == 2 else scores[:, None]
