@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m cli.demo
 
+# The test files run in parallel, one worker a core (at most 4: each worker starts its own Prefect test server);
+# TEST_WORKERS=0 runs them in this one process (for --pdb, or to read one test's timing alone).
+TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -ra --durations=25
+	$(PYTEST) --durations=25
 
 # Undefined names and unused imports anywhere; strict types in the domain package (STYLE.md), types elsewhere.
 lint: $(STAMP)
@@ -25,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/mypy serving tasks flows cli
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow and not e2e"
+	$(PYTEST) -m "not slow and not e2e"
 
 ci: $(STAMP)
 	$(BIN)/rollout ci --config rollout.yaml
