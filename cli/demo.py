@@ -70,7 +70,8 @@ def summary_table(steps: list[Step]) -> Table:
     return summary
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port the kernel has just found free on 127.0.0.1, for a server started next (the tests use it too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -94,7 +95,7 @@ class Server:
     """`rollout serve` in a subprocess on a free loopback port."""
 
     def __init__(self, config: Path, token: str, workers: int = 1) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "ROLLOUT_TOKEN": token, "PYTHONPATH": str(ROOT)}
         self.log = open(config.parent / "serve.log", "w")  # noqa: SIM115 - closed in stop()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from cli.demo import free_port
 from tests.flows.test_online_evaluation import log_shadow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,12 +27,6 @@ BIN = Path(sys.executable).parent
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.postgres]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
@@ -83,7 +77,7 @@ def pg_urls() -> Iterator[dict[str, str]]:
 @pytest.fixture
 def servers(tmp_path: Path, pg_urls: dict[str, str]) -> Iterator[dict[str, str]]:
     procs: list[subprocess.Popen] = []
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),

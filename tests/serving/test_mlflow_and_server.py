@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from cli.demo import free_port
 from rollout.data import example_dataset
 from rollout.registry import MlflowRegistry
 from rollout.outcomes import OutcomeStore
@@ -94,16 +94,10 @@ def test_real_sklearn_model_from_mlflow_by_alias(mlflow_registry: tuple[MlflowRe
         assert client.post("/predict", json={"record": {**records[0], "credit_score": None}}).status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_real_uvicorn_server_over_http(registry: Any, store: OutcomeStore) -> None:
     store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(app_for(make_policy(), registry, store), host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from cli.demo import free_port
 from rollout.data import example_dataset
 from rollout.outcomes import OutcomeStore
 from rollout.registry import MlflowRegistry, log_model
@@ -67,12 +67,6 @@ class Served:
         return np.asarray(self.pyfuncs[version].predict(rows[FEATURES]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     import mlflow
@@ -97,7 +91,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         artifacts = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1"))
         store = OutcomeStore(f"sqlite:///{root / 'outcomes.db'}").create()
         store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "salt")
-        port = _free_port()
+        port = free_port()
         server = uvicorn.Server(uvicorn.Config(app_for(make_policy(), registry, store), host="127.0.0.1", port=port,
                                                log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
