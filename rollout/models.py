@@ -210,27 +210,26 @@ class LoadedModel:
         except (TypeError, ValueError) as exc:
             raise ModelError(f"non-numeric predictions: {exc}") from exc
         errors: list[str | None] = [None] * n
-        # each check looks for its rows only when the whole batch fails it (the usual batch has none to find)
-        finite_values = np.isfinite(values)
-        if not finite_values.all():
-            for i in np.flatnonzero(~finite_values).tolist():
-                errors[i] = "prediction is NaN or infinite"
+        _flag(errors, ~np.isfinite(values), "prediction is NaN or infinite")
         if scores is not None:
             rows = scores if scores.ndim == 2 else scores[:, None]
             finite = np.isfinite(rows).all(axis=1)
-            if not finite.all():
-                for i in np.flatnonzero(~finite).tolist():
-                    errors[i] = "score is NaN or infinite"
-            outside = finite & ((rows < 0.0) | (rows > 1.0)).any(axis=1)
-            if outside.any():
-                for i in np.flatnonzero(outside).tolist():
-                    errors[i] = errors[i] or "score outside [0, 1]"
+            _flag(errors, ~finite, "score is NaN or infinite")
+            _flag(errors, finite & ((rows < 0.0) | (rows > 1.0)).any(axis=1), "score outside [0, 1]", keep=True)
             if scores.ndim == 2:
-                for i in np.flatnonzero(finite & (np.abs(rows.sum(axis=1) - 1.0) > 1e-3)).tolist():
-                    errors[i] = errors[i] or "class probabilities do not add up to 1"
+                _flag(errors, finite & (np.abs(rows.sum(axis=1) - 1.0) > 1e-3),
+                      "class probabilities do not add up to 1", keep=True)
         out_preds: list[float | None] = values.tolist()
         out_scores: list[Any] | None = None if scores is None else scores.tolist()
         return Outputs(out_preds, out_scores, errors)
+
+
+def _flag(errors: list[str | None], bad: np.ndarray, message: str, keep: bool = False) -> None:
+    """`message` for the rows `bad` marks (after an error a row already has, with `keep`); the rows are looked
+    for only when there is one (the usual batch has none)."""
+    if bad.any():
+        for i in np.flatnonzero(bad).tolist():
+            errors[i] = (errors[i] or message) if keep else message
 
 
 def _checked(model: LoadedModel, compiled: Compiled | None) -> Compiled | None:
