@@ -287,7 +287,8 @@ class Linear:
             return cls(estimator, classifier=False)
         return None
 
-    def _takes(self, x: Any) -> bool:
+    def takes(self, x: Any) -> bool:
+        """Whether this matrix is scored here (else by the model's own method)."""
         return (type(x) is np.ndarray and x.dtype == np.float64 and x.ndim == 2 and x.shape[1] == self.width
                 and x.shape[0] > 0 and bool(np.isfinite(x).all()))
 
@@ -298,7 +299,7 @@ class Linear:
         return scores
 
     def predict_proba(self, x: Any) -> Any:
-        if not self.classifier or not self._takes(x):
+        if not self.classifier or not self.takes(x):
             return self.estimator.predict_proba(x)
         prob = self._decision(x)
         if not self.binary:
@@ -307,7 +308,7 @@ class Linear:
         return np.vstack([1 - prob, prob]).T
 
     def predict(self, x: Any) -> Any:
-        if self.classifier or not self._takes(x):
+        if self.classifier or not self.takes(x):
             return self.estimator.predict(x)
         return self._decision(x)
 

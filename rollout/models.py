@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from rollout.compiled import Compiled, Unsupported, compile_pipeline
+from rollout.compiled import Compiled, Linear, Unsupported, compile_pipeline
 
 # Kinds of a column value as JSON carries it.
 NUMBER, INTEGER, STRING, BOOLEAN, ANY = "number", "integer", "string", "boolean", "any"
@@ -128,6 +128,30 @@ class LoadedModel:
             else:
                 return self._outputs(self.compiled.final, matrix, len(records))
         return self.predict(self.frame(records))
+
+    @property
+    def pure(self) -> bool:
+        """Whether a batch can be scored by this package's own numpy code alone (`score_pure`): a compiled
+        pipeline whose final step is a plain linear model (rollout.compiled.Linear)."""
+        return self.compiled is not None and isinstance(self.compiled.final, Linear)
+
+    def score_pure(self, records: Sequence[dict[str, Any]]) -> Outputs | None:
+        """The outputs `score` gives, computed without calling any of the model's own code (no scikit-learn
+        method, nothing a registered artifact defines), so bounded and safe on the service's event loop; None
+        when that is not possible for these records (not `pure`, a record the compiled path refuses, a matrix
+        `Linear` would hand to the model, or a call that fails as a whole), and the caller calls `score_each`."""
+        if not records or self.compiled is None or not isinstance(self.compiled.final, Linear):
+            return None
+        try:
+            matrix = self.compiled.matrix(records)
+        except Exception:  # noqa: BLE001 - Unsupported, or anything: the model's own path decides
+            return None
+        if not self.compiled.final.takes(matrix):
+            return None
+        try:
+            return self._outputs(self.compiled.final, matrix, len(records))
+        except ModelError:
+            return None
 
     def score_each(self, records: Sequence[dict[str, Any]], budget: int | None = None) -> Outputs:
         """As `score`, but a call that fails as a whole is repeated on each half, down to the rows that fail

@@ -4,12 +4,14 @@ grow under load like the champion's alone), and a lone request on an idle servic
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from typing import Any
 
 import pytest
 
-from rollout.models import Outputs
-from serving.batching import Calls, MicroBatcher
+from rollout.models import LoadedModel, Outputs
+from serving.batching import INLINE_MAX_ROWS, INLINE_MAX_ROWS_CHILD, Calls, MicroBatcher, Scored
 
 
 class Slow:
@@ -84,3 +86,91 @@ async def test_an_arm_gathering_behind_the_other_arms_call_scores_when_that_call
     await b.close()
     assert challenger.batches == [3]  # gathered behind the champion's call
     assert waited < 0.35  # scored once that call ended (~0.1 s), not at max_wait (0.5 s after they came)
+
+
+def _pure_model() -> LoadedModel:
+    """The example's pipeline (a ColumnTransformer, then LogisticRegression): compiled, with a plain linear end."""
+    from rollout.ci.training import build_pipeline
+    from rollout.config import DataConfig, EstimatorConfig
+    from rollout.data import example_dataset, infer_schema
+
+    frame = example_dataset(600, seed=4).drop(columns=["applied_at", "customer_id"], errors="ignore")
+    cfg = DataConfig(source="x.csv", target="approved", task="classification", timestamp_column=None,
+                     segment_column=None, unit_column=None)
+    schema = infer_schema(frame, cfg)
+    pipe = build_pipeline(schema, EstimatorConfig(name="logistic_regression", params={}))
+    pipe.fit(frame[list(schema.features)], frame["approved"])
+    model = LoadedModel(pipe, "7")
+    assert model.pure
+    model.rows = [{k: (None if v != v else v) for k, v in r.items()}  # type: ignore[attr-defined]
+                  for r in frame[list(schema.features)].to_dict("records")]
+    return model
+
+
+def _where(model: LoadedModel) -> list[tuple[str, int]]:
+    """Each call to the model's own code path (`score_each`): the thread it ran in and its rows."""
+    calls: list[tuple[str, int]] = []
+    own = model.score_each
+
+    def score_each(rows: list[dict], budget: int | None = None) -> Outputs:
+        calls.append((threading.current_thread().name, len(rows)))
+        return own(rows, budget)
+
+    model.score_each = score_each  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.anyio
+async def test_a_pure_models_small_batches_are_scored_on_the_event_loop_and_large_ones_in_its_thread() -> None:
+    model = _pure_model()
+    rows = model.rows  # type: ignore[attr-defined]
+    expected = model.score_each(rows[:40])
+    calls = _where(model)
+    lane = MicroBatcher(model, name="7/serve", max_batch=64, max_wait_s=0.002).start()
+
+    async def request(row: dict, passes: int) -> Scored:  # read by the event loop `passes` passes after the first
+        for _ in range(passes):
+            await asyncio.sleep(0)
+        return await lane.submit([row])
+
+    # requests read over consecutive loop passes join one batch (taken at once, the first would go alone)
+    small = await asyncio.gather(*(request(row, i // 2) for i, row in enumerate(rows[:5])))
+    large = await lane.submit(rows[:INLINE_MAX_ROWS + 16])
+    odd = await lane.submit([{**rows[0], "income": "a lot"}])  # the compiled path refuses it: the model's call
+    await lane.close()
+    assert [s.predictions[0] for s in small] == expected.predictions[:5]
+    assert [s.scores[0] for s in small] == expected.scores[:5]  # type: ignore[index]
+    assert [s.batch_rows for s in small] == [5] * 5
+    assert large.predictions == expected.predictions[:INLINE_MAX_ROWS + 16]
+    assert odd.errors[0] is not None  # scored (and refused) by the model's own path, in its thread
+    # the model's own code ran only for the large batch and the odd record, each in the lane's thread
+    assert [n for _, n in calls] == [INLINE_MAX_ROWS + 16, 1]
+    assert all(name.startswith("score-7/serve") for name, _ in calls)
+
+
+@pytest.mark.anyio
+@pytest.mark.slow  # a child process
+async def test_a_pure_challengers_small_batches_skip_its_child_and_others_still_go_there() -> None:
+    from serving.isolation import PipedScorer
+
+    model = _pure_model()
+    rows = model.rows  # type: ignore[attr-defined]
+    expected = model.score_each(rows[:INLINE_MAX_ROWS_CHILD + 8])
+    scorer = PipedScorer(model)
+    sent: list[int] = []
+    submit = scorer.submit
+
+    def counted(batch: list[dict], metas: list | None = None) -> Any:
+        sent.append(len(batch))
+        return submit(batch, metas)
+
+    scorer.submit = counted  # type: ignore[method-assign]
+    lane = MicroBatcher(model, name="7/challenger", max_batch=512, max_wait_s=0.002, timeout_s=30.0,
+                        scorer=scorer).start()
+    await lane.started()
+    small = await lane.submit(rows[:3])
+    large = await lane.submit(rows[:INLINE_MAX_ROWS_CHILD + 8])
+    await lane.close()
+    assert small.predictions == expected.predictions[:3]
+    assert large.predictions == expected.predictions
+    assert sent == [INLINE_MAX_ROWS_CHILD + 8]  # only the large batch crossed to the child

@@ -88,7 +88,7 @@ def _check_bit_identical(model: Any, names: list[str], frame: pd.DataFrame, nume
     assert isinstance(loaded.compiled.final, rollout.compiled.Linear) == linear, "plain linear models skip validation"
     rng = random.Random(seed)
     rows = _records(frame[names])
-    compiled = 0
+    compiled = pured = 0
     for i in range(60):
         batch = [dict(r) for r in rng.sample(rows, rng.randint(1, 40))]
         if i % 2:
@@ -101,6 +101,15 @@ def _check_bit_identical(model: Any, names: list[str], frame: pd.DataFrame, nume
                 pass
         mine, theirs = _mine(loaded, batch), _theirs(loaded, batch)
         assert _same(mine, theirs), (batch, mine, theirs)
+        pure = loaded.score_pure(batch)  # what the service may score on its event loop, without model code
+        if pure is not None:
+            assert _same(pure, theirs), (batch, pure, theirs)
+            pured += 1
+    assert loaded.pure == linear
+    if linear:  # ordinary batches, and odd ones the compiled path takes, are scored without the model's code
+        assert pured >= compiled
+    else:
+        assert pured == 0
     return compiled
 
 
