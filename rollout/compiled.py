@@ -275,7 +275,11 @@ class Linear:
         from sklearn.linear_model._base import LinearClassifierMixin, LinearModel
 
         kind, coef = type(estimator), getattr(estimator, "coef_", None)
-        if not isinstance(coef, np.ndarray) or coef.ndim > 2:
+        intercept = getattr(estimator, "intercept_", None)
+        if type(coef) is not np.ndarray or coef.dtype.kind != "f" or coef.ndim > 2:
+            return None  # plain float arrays only: arithmetic on a subclass or objects would run their own code
+        if type(intercept) not in (float, np.float64) and not (type(intercept) is np.ndarray
+                                                              and intercept.dtype.kind == "f"):
             return None
         if (getattr(kind, "predict_proba", None) is LogisticRegression.predict_proba
                 and getattr(kind, "decision_function", None) is LinearClassifierMixin.decision_function
@@ -374,7 +378,15 @@ def _scale(step: Any) -> _Scale:
 
     if type(step) is not StandardScaler or _output(step):
         raise Unsupported(f"step {type(step).__name__}")
-    return _Scale(step.mean_ if step.with_mean else None, step.scale_ if step.with_std else None)
+    return _Scale(_floats(step.mean_) if step.with_mean else None, _floats(step.scale_) if step.with_std else None)
+
+
+def _floats(values: Any) -> np.ndarray:
+    """A fitted statistic used as it is stored: a plain float ndarray, or Unsupported (no subclass, no object
+    dtype: arithmetic on those would run code of the model's own on the service's event loop)."""
+    if type(values) is not np.ndarray or values.dtype.kind != "f":
+        raise Unsupported("a statistic that is not a float array")
+    return values
 
 
 def _onehot(step: Any, width: int) -> _OneHot:

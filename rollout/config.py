@@ -540,8 +540,8 @@ class ServingConfig(_Strict):
     challenger_isolation: Literal["process", "thread"] = Field(
         "process", description="Where ab/abn/bandit challengers score: a child process per version (a crash or "
         "hang kills only the child; the champion answers) or a thread of the service. A model whose call is "
-        "rollout's own numpy code (a compiled pipeline ending in a plain linear model) scores batches of up to 64 rows "
-        "in the service either way: no model code runs.")
+        "rollout's own numpy code (a compiled pipeline ending in a plain linear model) scores small batches (640 "
+        "values, rows x columns) in the service either way: no model code runs.")
     reload_interval_s: float = Field(10.0, gt=0, description="How often aliases are polled for moves.")
     model_cache_dir: str = Field(".rollout/model-cache", description="Where the service keeps the versions it "
                                  "loaded and the last aliases, so a restart during a registry outage serves the "

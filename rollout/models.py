@@ -133,23 +133,25 @@ class LoadedModel:
     def pure(self) -> bool:
         """Whether a batch can be scored by this package's own numpy code alone (`score_pure`): a compiled
         pipeline whose final step is a plain linear model (rollout.compiled.Linear)."""
-        return self.compiled is not None and isinstance(self.compiled.final, Linear)
+        return (self.compiled is not None and isinstance(self.compiled.final, Linear)
+                and self.compiled.final.classifier == self._proba)  # else Linear would hand over to the model
 
     def score_pure(self, records: Sequence[dict[str, Any]]) -> Outputs | None:
         """The outputs `score` gives, computed without calling any of the model's own code (no scikit-learn
         method, nothing a registered artifact defines), so bounded and safe on the service's event loop; None
         when that is not possible for these records (not `pure`, a record the compiled path refuses, a matrix
         `Linear` would hand to the model, or a call that fails as a whole), and the caller calls `score_each`."""
-        if not records or self.compiled is None or not isinstance(self.compiled.final, Linear):
+        compiled = self.compiled
+        if not records or compiled is None or not self.pure:
             return None
         try:
-            matrix = self.compiled.matrix(records)
+            matrix = compiled.matrix(records)
         except Exception:  # noqa: BLE001 - Unsupported, or anything: the model's own path decides
             return None
-        if not self.compiled.final.takes(matrix):
+        if not compiled.final.takes(matrix):
             return None
         try:
-            return self._outputs(self.compiled.final, matrix, len(records))
+            return self._outputs(compiled.final, matrix, len(records))
         except ModelError:
             return None
 

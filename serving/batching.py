@@ -9,7 +9,7 @@ batcher owns its threads: a hanging model can only ever block its own lane, and 
 hung call is freed only when its thread really returns, so hung calls cannot pile up.
 
 A model whose whole call is this package's own numpy code (`LoadedModel.pure`: no model code runs, so it cannot
-hang or crash) has its small response-path batches scored on the event loop instead (INLINE_MAX_ROWS): the
+hang or crash) has its small response-path batches scored on the event loop instead (INLINE_MAX_VALUES): the
 hand-off to a thread, or to a challenger's child process, cost the service more than the call itself.
 """
 
@@ -34,14 +34,15 @@ log = logging.getLogger(__name__)
 
 CHILD_START_S = 60.0  # longest a new or closing lane waits for its child process to start
 # A response-path batch of a `LoadedModel.pure` model (a compiled pipeline with a plain linear final step: this
-# package's own numpy code, no model code, ~35 us + ~1.5 us a row) is scored on the event loop itself, without the
-# hand-off to the lane's thread (or child), up to these rows. Measured side by side (wrk, the example's model, see
-# docs/architecture.md): champion-only +16% req/s at concurrency 1 and +41% at 8 with p99 0.65x; A/B at 32 1.03x
-# champion-only's throughput before, against 0.79x. Batches above INLINE_MAX_ROWS stay in the thread: scored on the
-# loop, champion-only's ~30-row batches at concurrency 32 read the same throughput at 1.2x the p99. A challenger's
-# child costs more a call (two pickles, two process wake-ups), so its batches are scored here up to more rows.
-INLINE_MAX_ROWS = 24
-INLINE_MAX_ROWS_CHILD = 64
+# package's own numpy code, no model code) is scored on the event loop itself, without the hand-off to the lane's
+# thread (or child), up to these many values (rows x the columns the model reads; the example's 10 columns: 24
+# and 64 rows, ~0.05-0.15 ms on the loop). A wider model gets fewer rows: its time on the loop stays as bounded.
+# Measured side by side (wrk, the example's model, docs/architecture.md): champion-only 1.18x req/s at
+# concurrency 1 and 1.47x at 8 with p99 0.60x; A/B over champion-only at 32 0.89x, was 0.73x. Larger batches stay
+# in the thread: scored on the loop, champion-only's ~30-row batches at concurrency 32 read the same throughput at
+# 1.2x the p99. A challenger's child costs more a call (two pickles, two process wake-ups): more values here.
+INLINE_MAX_VALUES = 240
+INLINE_MAX_VALUES_CHILD = 640
 # Loop passes an inline-scored lane lets go by before taking its batch, so the requests read in this pass join
 # it: taken at once, batches at concurrency 4 were ~2 rows against ~4 in a thread, and p99 doubled.
 INLINE_GATHER_PASSES = 2
@@ -138,6 +139,10 @@ class MicroBatcher:
         self._busy = 0  # model calls in flight
         # a response-path lane of a model this package scores itself: small batches on the event loop (no model code)
         self._inline = eager and bool(getattr(model, "pure", False))
+        self._inline_rows = 0  # the most rows scored there
+        if self._inline:
+            width = max(model.compiled.width, 1)  # type: ignore[union-attr]  # pure: compiled
+            self._inline_rows = (INLINE_MAX_VALUES if scorer is None else INLINE_MAX_VALUES_CHILD) // width
         self.dropped = 0
 
     @property
@@ -252,7 +257,7 @@ class MicroBatcher:
                         self.calls.behind.discard(self._full)
             await self._child_started()  # meanwhile rows keep gathering (bounded by max_queue_rows)
             await self._slots.acquire()
-            if self._inline:
+            if self._pending_rows <= self._inline_rows:
                 for _ in range(INLINE_GATHER_PASSES):
                     await asyncio.sleep(0)
             jobs = self._take()
@@ -261,14 +266,9 @@ class MicroBatcher:
                 continue
             n = sum(len(job.rows) for job in jobs)
             started = time.perf_counter()
-            if self._inline and n <= (INLINE_MAX_ROWS if self.scorer is None else INLINE_MAX_ROWS_CHILD):
-                answer = self.model.score_pure([row for job in jobs for row in job.rows])
-                if answer is not None:  # scored here, on the event loop: no thread hand-off
-                    self._slots.release()
-                    self._report(n, started, True)
-                    self._scored(jobs, answer.predictions, answer.scores, answer.errors,
-                                 (time.perf_counter() - started) * 1000.0, n, False)
-                    continue
+            if n <= self._inline_rows and self._scored_here(jobs, started, n):
+                self._slots.release()
+                continue
             self._busy += 1
             self.calls.n += 1
             if self.scorer is not None and all(job.future is None for job in jobs):  # a shadow's child also logs
@@ -276,7 +276,7 @@ class MicroBatcher:
             else:
                 rows = [row for job in jobs for row in job.rows]
                 call = (asyncio.wrap_future(self.scorer.submit(rows), loop=loop) if self.scorer is not None
-                        else loop.run_in_executor(self._executor, self.model.score_each, rows))
+                        else loop.run_in_executor(self._executor, _timed, self.model.score_each, rows))
             call.add_done_callback(self._call_done)
             task = loop.create_task(self._finish(jobs, call, started, n))
             self._tasks.add(task)
@@ -326,11 +326,8 @@ class MicroBatcher:
                 answer = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
             else:
                 answer = await call
-            call_ms: float | None = None
-            if isinstance(answer, Outputs):  # scored in a thread
-                preds, scores, errors, logged = answer.predictions, answer.scores, answer.errors, False
-            else:  # a child process's (predictions, scores, errors, logged, its own call time)
-                preds, scores, errors, logged, call_ms = answer
+            # (predictions, scores, errors, logged, the call's own time): in a child process, or a thread (`_timed`)
+            preds, scores, errors, logged, call_ms = answer
         except TimeoutError:
             call.add_done_callback(_swallow)
             if self.scorer is not None:  # a hung child is killed: its slot frees and a new child takes over
@@ -344,7 +341,7 @@ class MicroBatcher:
             self._report(n, started, False)
             self._deliver_all(jobs, None, (str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}")[:500])
             return
-        latency_ms = (time.perf_counter() - started) * 1000.0 if call_ms is None else call_ms
+        latency_ms = call_ms
         self._report(n, started, True)
         self._scored(jobs, preds, scores, errors, latency_ms, n, logged)
 
@@ -367,9 +364,27 @@ class MicroBatcher:
             offset += k
             self._deliver(job, part, None)
 
+    def _scored_here(self, jobs: list[Job], started: float, n: int) -> bool:
+        """Score a small batch of a pure model on the event loop (no model code runs); False when it is not done
+        here (the compiled path refuses a record, or anything fails) and the batch goes to the thread or child."""
+        try:
+            answer = self.model.score_pure([row for job in jobs for row in job.rows])
+            if answer is None:
+                return False
+            call_ms = (time.perf_counter() - started) * 1000.0
+        except Exception:  # noqa: BLE001 - never the lane's runner: the model's own call decides
+            log.exception("batcher %s: scoring on the event loop failed; the batch goes to the model's call", self.name)
+            return False
+        self._report(n, started, True)
+        self._scored(jobs, answer.predictions, answer.scores, answer.errors, call_ms, n, False)
+        return True
+
     def _report(self, n: int, started: float, ok: bool) -> None:
         if self.on_batch is not None:
-            self.on_batch(self.name, n, time.perf_counter() - started, ok)
+            try:
+                self.on_batch(self.name, n, time.perf_counter() - started, ok)
+            except Exception:  # noqa: BLE001 - metrics must never break scoring
+                log.exception("batcher %s: on_batch failed", self.name)
 
     def _deliver(self, job: Job, scored: Scored | None, error: str | None) -> None:
         if job.future is not None:
@@ -403,6 +418,14 @@ class MicroBatcher:
 
 class ModelCallFailed(RuntimeError):
     """The model raised, returned garbage or timed out for this batch."""
+
+
+def _timed(score: Callable[[list[dict[str, Any]]], Outputs], rows: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """A call in the lane's thread, in the form a child process answers: its outputs and its own time, without the
+    wait for the thread and the hand-offs (an arm's latency is compared with the other's: `latency_ms`)."""
+    started = time.perf_counter()
+    out = score(rows)
+    return out.predictions, out.scores, out.errors, False, (time.perf_counter() - started) * 1000.0
 
 
 def _swallow(future: asyncio.Future[Any]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rollout.models import LoadedModel, Outputs
-from serving.batching import INLINE_MAX_ROWS, INLINE_MAX_ROWS_CHILD, Calls, MicroBatcher, Scored
+from serving.batching import INLINE_MAX_VALUES, INLINE_MAX_VALUES_CHILD, Calls, MicroBatcher, Scored
 
 
 class Slow:
@@ -88,6 +88,9 @@ async def test_an_arm_gathering_behind_the_other_arms_call_scores_when_that_call
     assert waited < 0.35  # scored once that call ended (~0.1 s), not at max_wait (0.5 s after they came)
 
 
+THREAD_ROWS, CHILD_ROWS = INLINE_MAX_VALUES // 10, INLINE_MAX_VALUES_CHILD // 10  # the example's 10 columns
+
+
 def _pure_model() -> LoadedModel:
     """The example's pipeline (a ColumnTransformer, then LogisticRegression): compiled, with a plain linear end."""
     from rollout.ci.training import build_pipeline
@@ -101,7 +104,7 @@ def _pure_model() -> LoadedModel:
     pipe = build_pipeline(schema, EstimatorConfig(name="logistic_regression", params={}))
     pipe.fit(frame[list(schema.features)], frame["approved"])
     model = LoadedModel(pipe, "7")
-    assert model.pure
+    assert model.pure and model.compiled is not None and model.compiled.width == 10
     model.rows = [{k: (None if v != v else v) for k, v in r.items()}  # type: ignore[attr-defined]
                   for r in frame[list(schema.features)].to_dict("records")]
     return model
@@ -135,16 +138,16 @@ async def test_a_pure_models_small_batches_are_scored_on_the_event_loop_and_larg
 
     # requests read over consecutive loop passes join one batch (taken at once, the first would go alone)
     small = await asyncio.gather(*(request(row, i // 2) for i, row in enumerate(rows[:5])))
-    large = await lane.submit(rows[:INLINE_MAX_ROWS + 16])
+    large = await lane.submit(rows[:THREAD_ROWS + 16])
     odd = await lane.submit([{**rows[0], "income": "a lot"}])  # the compiled path refuses it: the model's call
     await lane.close()
     assert [s.predictions[0] for s in small] == expected.predictions[:5]
     assert [s.scores[0] for s in small] == expected.scores[:5]  # type: ignore[index]
     assert [s.batch_rows for s in small] == [5] * 5
-    assert large.predictions == expected.predictions[:INLINE_MAX_ROWS + 16]
+    assert large.predictions == expected.predictions[:THREAD_ROWS + 16]
     assert odd.errors[0] is not None  # scored (and refused) by the model's own path, in its thread
     # the model's own code ran only for the large batch and the odd record, each in the lane's thread
-    assert [n for _, n in calls] == [INLINE_MAX_ROWS + 16, 1]
+    assert [n for _, n in calls] == [THREAD_ROWS + 16, 1]
     assert all(name.startswith("score-7/serve") for name, _ in calls)
 
 
@@ -155,7 +158,7 @@ async def test_a_pure_challengers_small_batches_skip_its_child_and_others_still_
 
     model = _pure_model()
     rows = model.rows  # type: ignore[attr-defined]
-    expected = model.score_each(rows[:INLINE_MAX_ROWS_CHILD + 8])
+    expected = model.score_each(rows[:CHILD_ROWS + 8])
     scorer = PipedScorer(model)
     sent: list[int] = []
     submit = scorer.submit
@@ -169,8 +172,55 @@ async def test_a_pure_challengers_small_batches_skip_its_child_and_others_still_
                         scorer=scorer).start()
     await lane.started()
     small = await lane.submit(rows[:3])
-    large = await lane.submit(rows[:INLINE_MAX_ROWS_CHILD + 8])
+    large = await lane.submit(rows[:CHILD_ROWS + 8])
     await lane.close()
     assert small.predictions == expected.predictions[:3]
     assert large.predictions == expected.predictions
-    assert sent == [INLINE_MAX_ROWS_CHILD + 8]  # only the large batch crossed to the child
+    assert sent == [CHILD_ROWS + 8]  # only the large batch crossed to the child
+
+
+@pytest.mark.anyio
+async def test_inline_batches_free_their_slot_and_a_failing_metrics_hook_breaks_nothing() -> None:
+    # the champion's lane has one call in flight: a batch scored on the loop that kept its slot would hang the next
+    model = _pure_model()
+    rows = model.rows  # type: ignore[attr-defined]
+    expected = model.score_each(rows[:5])
+    seen: list[tuple[int, bool]] = []
+
+    def on_batch(name: str, n: int, seconds: float, ok: bool) -> None:
+        seen.append((n, ok))
+        if len(seen) == 1:
+            raise RuntimeError("metrics exporter down")
+
+    lane = MicroBatcher(model, name="7/serve", max_batch=64, max_wait_s=0.002, in_flight=1, on_batch=on_batch).start()
+    answers = [await asyncio.wait_for(lane.submit([row]), 5) for row in rows[:5]]
+    await lane.close()
+    assert [a.predictions[0] for a in answers] == expected.predictions
+    assert seen == [(1, True)] * 5
+
+
+@pytest.mark.anyio
+async def test_a_wider_model_scores_fewer_rows_on_the_event_loop() -> None:
+    # what runs on the loop is bounded by values read, not rows: breast cancer's 30 columns against the example's 10
+    from sklearn.datasets import load_breast_cancer
+
+    from rollout.ci.training import build_pipeline
+    from rollout.config import DataConfig, EstimatorConfig
+    from rollout.data import infer_schema
+
+    frame = load_breast_cancer(as_frame=True).frame
+    cfg = DataConfig(source="x.csv", target="target", task="classification", timestamp_column=None,
+                     segment_column=None, unit_column=None)
+    schema = infer_schema(frame, cfg)
+    pipe = build_pipeline(schema, EstimatorConfig(name="logistic_regression", params={"max_iter": 2000}))
+    pipe.fit(frame[list(schema.features)], frame["target"])
+    model = LoadedModel(pipe, "3")
+    assert model.pure and model.compiled is not None and model.compiled.width == 30
+    rows = frame[list(schema.features)].to_dict("records")
+    calls = _where(model)
+    lane = MicroBatcher(model, name="3/serve", max_batch=64, max_wait_s=0.002).start()
+    most = INLINE_MAX_VALUES // 30
+    inline, threaded = await lane.submit(rows[:most]), await lane.submit(rows[:most + 1])
+    await lane.close()
+    assert inline.predictions == threaded.predictions[:most]
+    assert [n for _, n in calls] == [most + 1]  # only the batch over the bound ran the model's own call
