@@ -120,14 +120,19 @@ class LoadedModel:
         has one and it takes these records (rollout.compiled), else through the model itself."""
         if not records:
             return Outputs([], [] if self._proba else None, [])
-        if self.compiled is not None:
-            try:
-                matrix = self.compiled.matrix(records)
-            except Exception:  # noqa: BLE001 - Unsupported, or anything: the model's own path decides
-                pass
-            else:
-                return self._outputs(self.compiled.final, matrix, len(records))
+        matrix = self._matrix(records)
+        if matrix is not None:
+            return self._outputs(self.compiled.final, matrix, len(records))  # type: ignore[union-attr]
         return self.predict(self.frame(records))
+
+    def _matrix(self, records: Sequence[dict[str, Any]]) -> np.ndarray | None:
+        """The compiled preprocessing's matrix of the records, or None (no compiled path, or it refuses them)."""
+        if self.compiled is None:
+            return None
+        try:
+            return self.compiled.matrix(records)
+        except Exception:  # noqa: BLE001 - Unsupported, or anything: the model's own path decides
+            return None
 
     @property
     def pure(self) -> bool:
@@ -141,17 +146,14 @@ class LoadedModel:
         method, nothing a registered artifact defines), so bounded and safe on the service's event loop; None
         when that is not possible for these records (not `pure`, a record the compiled path refuses, a matrix
         `Linear` would hand to the model, or a call that fails as a whole), and the caller calls `score_each`."""
-        compiled = self.compiled
-        if not records or compiled is None or not self.pure:
+        if not records or not self.pure:
+            return None
+        final = self.compiled.final  # type: ignore[union-attr]  # pure: compiled
+        matrix = self._matrix(records)
+        if matrix is None or not final.takes(matrix):
             return None
         try:
-            matrix = compiled.matrix(records)
-        except Exception:  # noqa: BLE001 - Unsupported, or anything: the model's own path decides
-            return None
-        if not compiled.final.takes(matrix):
-            return None
-        try:
-            return self._outputs(compiled.final, matrix, len(records))
+            return self._outputs(final, matrix, len(records))
         except ModelError:
             return None
 

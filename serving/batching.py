@@ -137,10 +137,10 @@ class MicroBatcher:
         self._closed = False
         self._runner: asyncio.Task[None] | None = None
         self._busy = 0  # model calls in flight
-        # a response-path lane of a model this package scores itself: small batches on the event loop (no model code)
-        self._inline = eager and bool(getattr(model, "pure", False))
-        self._inline_rows = 0  # the most rows scored there
-        if self._inline:
+        # the most rows of a batch scored on the event loop: a response-path lane of a model this package scores
+        # itself (no model code), else none
+        self._inline_rows = 0
+        if eager and getattr(model, "pure", False):
             width = max(model.compiled.width, 1)  # type: ignore[union-attr]  # pure: compiled
             self._inline_rows = (INLINE_MAX_VALUES if scorer is None else INLINE_MAX_VALUES_CHILD) // width
         self.dropped = 0
@@ -341,9 +341,8 @@ class MicroBatcher:
             self._report(n, started, False)
             self._deliver_all(jobs, None, (str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}")[:500])
             return
-        latency_ms = call_ms
         self._report(n, started, True)
-        self._scored(jobs, preds, scores, errors, latency_ms, n, logged)
+        self._scored(jobs, preds, scores, errors, call_ms, n, logged)
 
     def _scored(self, jobs: list[Job], preds: list[float | None], scores: list[Any] | None,
                 errors: list[str | None], latency_ms: float, n: int, logged: bool) -> None:

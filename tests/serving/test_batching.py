@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from rollout.models import LoadedModel, Outputs
@@ -91,22 +92,30 @@ async def test_an_arm_gathering_behind_the_other_arms_call_scores_when_that_call
 THREAD_ROWS, CHILD_ROWS = INLINE_MAX_VALUES // 10, INLINE_MAX_VALUES_CHILD // 10  # the example's 10 columns
 
 
-def _pure_model() -> LoadedModel:
-    """The example's pipeline (a ColumnTransformer, then LogisticRegression): compiled, with a plain linear end."""
+def _linear(frame: pd.DataFrame, target: str, version: str, **params: Any) -> tuple[LoadedModel, list[dict]]:
+    """A table's pipeline (rollout's ColumnTransformer, then LogisticRegression), loaded as the service loads it, and
+    its feature rows as a JSON body brings them (a missing value null)."""
     from rollout.ci.training import build_pipeline
     from rollout.config import DataConfig, EstimatorConfig
-    from rollout.data import example_dataset, infer_schema
+    from rollout.data import infer_schema
 
-    frame = example_dataset(600, seed=4).drop(columns=["applied_at", "customer_id"], errors="ignore")
-    cfg = DataConfig(source="x.csv", target="approved", task="classification", timestamp_column=None,
+    cfg = DataConfig(source="x.csv", target=target, task="classification", timestamp_column=None,
                      segment_column=None, unit_column=None)
     schema = infer_schema(frame, cfg)
-    pipe = build_pipeline(schema, EstimatorConfig(name="logistic_regression", params={}))
-    pipe.fit(frame[list(schema.features)], frame["approved"])
-    model = LoadedModel(pipe, "7")
+    pipe = build_pipeline(schema, EstimatorConfig(name="logistic_regression", params=params))
+    pipe.fit(frame[list(schema.features)], frame[target])
+    rows = [{k: (None if v != v else v) for k, v in r.items()} for r in frame[list(schema.features)].to_dict("records")]
+    return LoadedModel(pipe, version), rows
+
+
+def _pure_model() -> LoadedModel:
+    """The example's pipeline: compiled, with a plain linear end."""
+    from rollout.data import example_dataset
+
+    frame = example_dataset(600, seed=4).drop(columns=["applied_at", "customer_id"], errors="ignore")
+    model, rows = _linear(frame, "approved", "7")
     assert model.pure and model.compiled is not None and model.compiled.width == 10
-    model.rows = [{k: (None if v != v else v) for k, v in r.items()}  # type: ignore[attr-defined]
-                  for r in frame[list(schema.features)].to_dict("records")]
+    model.rows = rows  # type: ignore[attr-defined]
     return model
 
 
@@ -204,19 +213,8 @@ async def test_a_wider_model_scores_fewer_rows_on_the_event_loop() -> None:
     # what runs on the loop is bounded by values read, not rows: breast cancer's 30 columns against the example's 10
     from sklearn.datasets import load_breast_cancer
 
-    from rollout.ci.training import build_pipeline
-    from rollout.config import DataConfig, EstimatorConfig
-    from rollout.data import infer_schema
-
-    frame = load_breast_cancer(as_frame=True).frame
-    cfg = DataConfig(source="x.csv", target="target", task="classification", timestamp_column=None,
-                     segment_column=None, unit_column=None)
-    schema = infer_schema(frame, cfg)
-    pipe = build_pipeline(schema, EstimatorConfig(name="logistic_regression", params={"max_iter": 2000}))
-    pipe.fit(frame[list(schema.features)], frame["target"])
-    model = LoadedModel(pipe, "3")
+    model, rows = _linear(load_breast_cancer(as_frame=True).frame, "target", "3", max_iter=2000)
     assert model.pure and model.compiled is not None and model.compiled.width == 30
-    rows = frame[list(schema.features)].to_dict("records")
     calls = _where(model)
     lane = MicroBatcher(model, name="3/serve", max_batch=64, max_wait_s=0.002).start()
     most = INLINE_MAX_VALUES // 30
