@@ -77,6 +77,7 @@ class LoadedModel:
         classes = getattr(self._call, "classes_", None)
         self._proba = hasattr(self._call, "predict_proba") and classes is not None and len(classes) >= 2
         self._classes = np.asarray(classes) if self._proba else np.empty(0)
+        self._binary_values = _binary_values(self._classes)
         self.compiled = _checked(self, compile_pipeline(self._call, self.names))
 
     @property
@@ -148,12 +149,12 @@ class LoadedModel:
         `Linear` would hand to the model, or a call that fails as a whole), and the caller calls `score_each`."""
         if not records or not self.pure:
             return None
-        final = self.compiled.final  # type: ignore[union-attr]  # pure: compiled
+        final: Linear = self.compiled.final  # type: ignore[union-attr]  # pure: compiled
         matrix = self._matrix(records)
         if matrix is None or not final.takes(matrix):
             return None
-        try:
-            return self._outputs(final, matrix, len(records))
+        try:  # taken: Linear's own arithmetic, without checking the matrix again
+            return self._outputs(final.taken, matrix, len(records))
         except ModelError:
             return None
 
@@ -217,6 +218,13 @@ class LoadedModel:
                 proba = np.asarray(call.predict_proba(inputs), dtype=float)
                 if proba.ndim != 2 or proba.shape != (n, len(self._classes)):
                     raise ModelError(f"predict_proba returned shape {proba.shape} for {n} rows")
+                if self._binary_values is not None:
+                    scores = proba[:, 1]
+                    if ((scores >= 0.0) & (scores <= 1.0)).all():  # finite, in range (NaN compares False):
+                        # what the checks below find with nothing to flag, in a few numpy calls (each a
+                        # microsecond or more, on the service's event loop for its small batches)
+                        values = self._binary_values[np.argmax(proba, axis=1)]
+                        return Outputs(values.tolist(), scores.tolist(), [None] * n)
                 scores = proba[:, 1] if proba.shape[1] == 2 else proba
                 preds = self._classes[np.argmax(proba, axis=1)]
             else:
@@ -250,6 +258,18 @@ class LoadedModel:
         out_preds: list[float | None] = values.tolist()
         out_scores: list[Any] | None = None if scores is None else scores.tolist()
         return Outputs(out_preds, out_scores, errors)
+
+
+def _binary_values(classes: np.ndarray) -> np.ndarray | None:
+    """Two classes as the floats a prediction logs, when both are finite numbers (the usual 0/1 or False/True):
+    a binary classifier's outputs then need no check of the predictions, only of the scores. Else None."""
+    if classes.shape != (2,):
+        return None
+    try:
+        values = classes.astype(float)
+    except (TypeError, ValueError):
+        return None
+    return values if bool(np.isfinite(values).all()) else None
 
 
 def _flag(errors: list[str | None], bad: np.ndarray, message: str, keep: bool = False) -> None:

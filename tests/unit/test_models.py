@@ -43,6 +43,28 @@ def test_bad_rows_are_errors_of_their_own_rows() -> None:
         out.checked()
 
 
+@pytest.mark.parametrize("classes", [[0, 1], [False, True], [3, -7], ["0", "1"], [0.5, 2.0**60]])
+def test_a_binary_classifier_s_unchecked_outputs_are_what_the_checks_give(classes: list[object]) -> None:
+    # Two finite classes: a batch whose scores are all in [0, 1] skips the per-row checks (the service's event
+    # loop scores small batches); any batch must come out as the full checks make it, flags and all.
+    rng = np.random.default_rng(5)
+    edge = [0.0, 1.0, 0.5, 0.5000001, np.nextafter(0.0, -1.0), np.nextafter(1.0, 2.0), np.nan, np.inf, -np.inf, 1.5]
+    for size in (1, 2, 7, 40):
+        for value in [None, *edge]:
+            p1 = rng.uniform(0, 1, size)
+            if value is not None:
+                p1[rng.integers(size)] = value
+            model = _Proba(p1.tolist())
+            model.classes_ = np.asarray(classes)
+            fast = LoadedModel(model)
+            assert fast._binary_values is not None
+            checked = LoadedModel(model)
+            checked._binary_values = None  # the full checks only
+            frame = pd.DataFrame({"a": range(size)})
+            assert repr(fast.predict(frame)) == repr(checked.predict(frame))  # repr: NaN reads as NaN
+    assert LoadedModel(_Proba([0.1])).predict(pd.DataFrame({"a": [0]})).predictions == [0.0]
+
+
 def test_a_failed_or_misshapen_call_fails_the_whole_batch_as_a_model_error() -> None:
     class Raises:
         def predict(self, frame: pd.DataFrame) -> np.ndarray:
