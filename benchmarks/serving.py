@@ -26,7 +26,9 @@ keep-alive connection per unit of concurrency, a Lua script cycling through 1,00
 bodies) or, when wrk is absent, a lean asyncio raw-socket client in a subprocess of this script
 (`--loadgen python` forces it). Each cell runs at fixed concurrency for a fixed duration, after an
 untimed warm-up; rounds alternate the servers (mlflow, single, shadow, ab, ...) so machine noise
-falls on all alike; figures are medians over rounds, ratios medians of per-round ratios.
+falls on all alike; figures are medians over rounds, ratios medians of per-round ratios. Throughput counts
+200 answers only; any non-200 of a rollout server is a miss, another server's (an overloaded anchor) is counted
+in its row.
 
 Server CPU a request is read from /proc for the server's processes (the service, its shadow and challenger
 children); for `rollout serve` with one worker, "its event loop's" is the share of its main thread, which runs
@@ -499,7 +501,8 @@ def _run(tmp: Path, servers: list[Server], rounds: int, seconds: float, warmup: 
                 loop0 = thread_cpu_s(server.proc.pid, server.proc.pid) if ours and workers == 1 else None
                 cpu0 = group_cpu_s(server.proc.pid)
                 out = load(url, body_path, c, seconds)
-                out["throughput"] = out["requests"] / out["duration_s"]
+                # answers that were not 200 (an anchor overloaded on a slow day) are not throughput
+                out["throughput"] = (out["requests"] - out["bad_status"] - out["socket_errors"]) / out["duration_s"]
                 if ours:
                     out["log_queue_at_end"] = metrics(server.base).get("rollout_log_queue_depth", 0.0)
                     out["drain_s"] = drain(server)  # the cell's log rows and shadow rows are part of its cost
@@ -804,7 +807,10 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
     added_p50 = med("single", 1, "p50_ms") - med("nowait", 1, "p50_ms")
     p99_below_mlflow = all(ratios[str(c)]["shadow_p99_vs_mlflow_p99"] < 1.0 for c in CONCURRENCY)
     every_logged = info["log_rows_dropped"] == 0 and info["log_rows_lost"] == 0 and info["shadow_rows_dropped"] == 0
-    no_errors = all(f["non_200"] == 0 for t in per.values() for f in t.values())
+    # rollout's servers must answer every request; another server's errors (BentoML's under overload, on a slow
+    # day) are its own: counted in its row, left out of its throughput, not a miss of ours
+    no_errors = all(f["non_200"] == 0 for t, cells in per.items() if t in (*TARGETS[1:], "nowait")
+                    for f in cells.values())
     checks = [
         ["shadow / MLflow throughput (c=32)", h["shadow_vs_mlflow_throughput"], f">= {TARGET_VS_MLFLOW:g}",
          h["shadow_vs_mlflow_throughput"] >= TARGET_VS_MLFLOW],
@@ -827,7 +833,7 @@ def report(results: dict[tuple[str, int], list[dict[str, Any]]], info: dict[str,
         ["batching's added p50 at c=1, ms (vs max_wait_ms=0)", added_p50, f"<= {wait_ms:g} (max_wait_ms)",
          added_p50 <= wait_ms],
         ["every prediction logged (no drops, no losses)", str(every_logged), "True", every_logged],
-        ["every request answered 200", str(no_errors), "True", no_errors],
+        ["every request to rollout answered 200", str(no_errors), "True", no_errors],
     ]
     print_table("Targets", ["figure", "value", "target", "status"], [[*c[:3], verdict(c[3])] for c in checks])
     misses = [c[0] for c in checks if not c[3]]
