@@ -546,7 +546,9 @@ class ServingConfig(_Strict):
     model_cache_dir: str = Field(".rollout/model-cache", description="Where the service keeps the versions it "
                                  "loaded and the last aliases, so a restart during a registry outage serves the "
                                  "cached champion (relative to the policy file).")
-    log_queue_size: int = Field(100_000, ge=1, description="Bound of the prediction-log queue.")
+    log_queue_size: int = Field(100_000, ge=1, description="Bound of the prediction-log queue. A shadow lane queues "
+                                "at most a quarter of it (or eight of its batches, if more) before it refuses rows "
+                                "as 'challenger cannot keep up': its queued requests' rows count against this.")
     on_log_overflow: Literal["reject", "drop"] = Field(
         "reject", description="When the log queue is full: answer 503 with Retry-After before scoring (an unlogged "
         "prediction is invisible to the evaluation), or serve and drop the log rows (counted in /metrics).")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from rollout.config import Policy
+from rollout.config import Policy, ServingConfig
 from rollout.models import LoadedModel, allowed_columns
 from rollout.outcomes import OutcomeStore, Rollout
 from rollout.roles import Role
@@ -22,6 +22,16 @@ from serving.isolation import CHILD_NICE, PipedScorer, freeze_heap
 from serving.routing import RoutingView, build_view
 
 log = logging.getLogger("rollout.serving")
+
+
+def shadow_queue_rows(cfg: ServingConfig) -> int:
+    """Rows a shadow lane holds before it refuses more (logged unscored, "challenger cannot keep up"): a quarter of
+    the log queue, or eight of its batches when that is more. A queued shadow job holds its request's served rows
+    for the log (`LogWriter.hold`, counted against the log queue's room), so a challenger that falls behind takes at
+    most a quarter of that room from the champion's traffic. Eight 512-row batches are four 1,000-row requests: a
+    burst of them found the queue full, and 78% of shadow rows were refused under `benchmarks/log_load.py` (SQLite)
+    against ~45% at ~30,000 rows, with 6% more rows answered."""
+    return max(cfg.shadow_max_batch_size * 8, cfg.log_queue_size // 4)
 
 
 class ModelSource(Protocol):
@@ -180,7 +190,7 @@ class Loader:
                 timeout_s=cfg.shadow_timeout_s,
                 in_flight=1,
                 eager=False,  # nobody waits on shadow rows: always gather, fewer and larger calls
-                max_queue_rows=cfg.shadow_max_batch_size * 8,
+                max_queue_rows=shadow_queue_rows(cfg),
                 sink=self.shadow_sink,
                 on_batch=self.on_batch,
                 scorer=self._child_scorer(model, shadow=True),  # scores and logs in a child process

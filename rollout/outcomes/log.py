@@ -22,7 +22,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from rollout.outcomes.engine import autocommit, chunks, driver, is_sqlite, write
+from rollout.outcomes.engine import autocommit, chunks, driver, is_sqlite, log_turn, write
 from rollout.outcomes.features import FeatureSets, expand_known, sets_of
 from rollout.outcomes.ids import pack, unpack
 from rollout.outcomes.schema import (
@@ -226,7 +226,7 @@ def _insert_halving(engine: Engine, sql: str, payload: list[tuple[Any, ...]],
     if not payload:
         return 0
     try:
-        with engine.begin() as conn:
+        with log_turn(engine), engine.begin() as conn:
             conn.exec_driver_sql(sql, payload)
             # ts (index 3) -> the (rollout, hour) whose summaries are now stale
             mark_dirty(conn, {(r[2], hour_of(r[3])) for r in payload})

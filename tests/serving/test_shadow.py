@@ -144,3 +144,34 @@ async def test_a_shadow_request_is_logged_as_one_paired_row_and_its_labels_find_
         evidence = store.evidence(rid)
         assert sum(m.n for m in evidence.paired["accuracy"].values()) == 40
         store.dispose()
+
+
+@pytest.mark.anyio
+async def test_a_burst_of_large_requests_is_shadow_scored_while_the_lane_has_a_quarter_of_the_log_queue(
+        tmp_path) -> None:
+    """A shadow lane holds a quarter of the log queue (here 1,000 rows) however small its batches (eight 20-row
+    batches were its whole queue): a burst of large requests is scored by the challenger, not refused as "cannot
+    keep up"; past that bound rows are refused, logged unscored, and the champion still answers every request."""
+    store = OutcomeStore(f"sqlite:///{tmp_path / 'outcomes.db'}").create()
+    store.open_rollout("shadow", {"champion": "1", "challenger": "2"}, {}, "s")
+    policy = make_policy(log_queue_size=4000, shadow_max_batch_size=20, shadow_max_wait_ms=1.0, shadow_timeout_s=5.0)
+
+    async def burst(client, tag: str, requests: int) -> None:
+        async def one(k: int) -> None:
+            ids = [f"{tag}{k}-{i}" for i in range(100)]
+            body = {"records": [record(i) for i in range(100)], "unit_ids": ids}
+            response = await client.post("/predict", json=body)
+            assert response.status_code == 200, response.text
+        await asyncio.gather(*(one(k) for k in range(requests)))
+
+    async with serve(app_for(policy, _registry(SleepingModel(0.1)), store)) as client:
+        await burst(client, "a", 8)  # 800 rows at once, the challenger scoring 100 rows a 0.1 s call
+    refused = "SELECT count(*) FROM predictions WHERE served = 0 AND error LIKE 'queue full%'"
+    assert _rows(store, refused) == [(0,)]
+    assert _rows(store, "SELECT count(*) FROM predictions WHERE served = 0 AND error IS NULL") == [(800,)]
+
+    async with serve(app_for(policy, _registry(SleepingModel(0.1)), store)) as client:
+        await burst(client, "b", 16)  # 1,600 rows: more than the lane holds
+    assert _rows(store, refused)[0][0] >= 500
+    assert _rows(store, "SELECT count(*) FROM predictions WHERE served = 1") == [(2400,)]
+    assert _rows(store, "SELECT count(*) FROM predictions WHERE served = 0") == [(2400,)]

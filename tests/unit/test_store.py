@@ -31,6 +31,36 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Any) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
+def test_sqlite_log_writers_take_turns_by_a_lock_file_beside_the_store(tmp_path: Any) -> None:
+    """Another process holding the store's write-lock file (its own open of it, as another process's is) makes a
+    log write wait until it lets go, instead of sleeping through SQLite's busy timeout; then the rows are there."""
+    import fcntl
+    import os
+    import threading
+
+    s = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}").create()
+    fd = os.open(tmp_path / "o.db.write-lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    done = threading.Event()
+
+    def write() -> None:
+        s.log_predictions([PredictionRow(f"r{i}", "1", ts=T0) for i in range(3)])
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert not done.wait(0.5)  # its turn has not come
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    assert done.wait(10)
+    writer.join()
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one() == 3
+    s.dispose()
+
+
 def _rows(n: int, seed: int = 3) -> pd.DataFrame:
     """Paired shadow traffic: champion v1 serves, challenger v2 scores the same requests."""
     rng = np.random.default_rng(seed)
