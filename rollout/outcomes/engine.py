@@ -10,6 +10,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
@@ -60,6 +61,9 @@ def _ln(x: float | None) -> float | None:
 SQLITE_NEEDED = (3, 31, 0)
 
 
+BUSY_TIMEOUT_S = 30  # how long a SQLite writer waits for the file's lock before its statement fails
+
+
 def make_engine(url: str) -> Engine:
     """An engine with WAL, a busy timeout and ln() for SQLite; plain pooling for PostgreSQL."""
     if not url.startswith("sqlite"):
@@ -73,7 +77,7 @@ def make_engine(url: str) -> Engine:
         path = url.split("sqlite:///", 1)[-1]
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_S}}
     if in_memory:
         kwargs["poolclass"] = StaticPool
     engine = create_engine(url, **kwargs)
@@ -93,7 +97,7 @@ def make_engine(url: str) -> Engine:
         if not in_memory:
             cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
         # A checkpoint (WAL pages copied back, two fsyncs) runs in the commit that crosses this many WAL
         # pages. At SQLite's 1,000 it was most of a logged batch's cost once the table outgrew the cache;
         # 10,000 pages (a WAL of up to 40 MB) write each hot index page back once for many batches.
@@ -203,20 +207,23 @@ def _sqlite_lock(engine: Engine, name: str, ttl_s: float) -> Iterator[None]:
 
 
 # SQLite: the processes writing one store's log (a service, its shadow children, other workers) take turns by an
-# flock on a file beside it: the kernel wakes the next writer as the lock frees. Left to SQLite's busy timeout, a
-# writer finding the file locked sleeps 1, 2, 5, 10... up to 100 ms before it looks again, and two writers spent a
-# third of their time asleep while the other had finished (`py-spy --idle` under benchmarks/log_load.py). The file is
-# opened for each turn (a few µs beside a batch's milliseconds; no descriptor is kept), and the threads of a process
-# take turns by a lock of their own first: an flock is held by an open file, not by a thread.
+# flock on a file beside it, looked at every millisecond. Left to SQLite's busy timeout, a writer finding the file
+# locked sleeps 1, 2, 5, 10... up to 100 ms before it looks again, and two writers spent a third of their time asleep
+# while the other had finished (`py-spy --idle` under benchmarks/log_load.py). The file is opened for each turn (a few
+# µs beside a batch's milliseconds; no descriptor is kept), and the threads of a process take turns by a lock of their
+# own first: an flock is held by an open file, not by a thread. A turn not had within TURN_WAIT_S (a holder hung or
+# stopped) is not waited for longer: the write goes ahead, and SQLite's own lock and busy timeout decide, as without.
+TURN_WAIT_S = float(BUSY_TIMEOUT_S)
+TURN_POLL_S = 0.001
 _TURNS: dict[str, threading.Lock] = {}
 _TURNS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def log_turn(engine: Engine) -> Iterator[None]:
-    """SQLite file: this process's turn at writing the log, among every process taking turns so. PostgreSQL or an
-    in-memory SQLite database need none; when the lock file cannot be opened none is taken. SQLite's own lock and
-    busy timeout keep writes apart either way: the turn only wakes a waiting writer sooner."""
+    """SQLite file: this process's turn at writing the log, among every process taking turns so, waited for at most
+    TURN_WAIT_S. PostgreSQL or an in-memory SQLite database need none; when the lock file cannot be opened none is
+    taken. SQLite's own lock and busy timeout keep writes apart either way: the turn only lets a writer in sooner."""
     database = engine.url.database if is_sqlite(engine) else None
     if not database or database == ":memory:" or database.startswith("file:"):
         yield
@@ -224,19 +231,35 @@ def log_turn(engine: Engine) -> Iterator[None]:
     path = os.path.abspath(database) + ".write-lock"
     with _TURNS_LOCK:
         thread_lock = _TURNS.setdefault(path, threading.Lock())
-    with thread_lock:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:
-            yield
-            return
-        try:
-            import fcntl
-
-            fcntl.flock(fd, fcntl.LOCK_EX)  # waits with the interpreter lock released
-            yield
-        finally:
+    deadline = time.monotonic() + TURN_WAIT_S
+    ours = thread_lock.acquire(timeout=TURN_WAIT_S)
+    fd = _flocked(path, deadline) if ours else None
+    try:
+        yield
+    finally:
+        if fd is not None:
             os.close(fd)  # lets go of the flock
+        if ours:
+            thread_lock.release()
+
+
+def _flocked(path: str, deadline: float) -> int | None:
+    """`path` opened and flock'ed by this process, or None: it cannot be opened, or another held it past `deadline`."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(TURN_POLL_S)
 
 
 def wall_clock() -> float:

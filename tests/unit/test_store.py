@@ -61,6 +61,32 @@ def test_sqlite_log_writers_take_turns_by_a_lock_file_beside_the_store(tmp_path:
     s.dispose()
 
 
+
+def test_a_log_write_does_not_wait_past_its_deadline_for_a_turn_a_stuck_holder_keeps(tmp_path: Any,
+                                                                                     monkeypatch: Any) -> None:
+    """A process that holds the write-lock file and never lets go (hung, stopped) delays a log write by the turn's
+    deadline only: then the write goes ahead under SQLite's own lock, and its rows are there."""
+    import fcntl
+    import os
+    import time
+
+    from rollout.outcomes import engine
+
+    monkeypatch.setattr(engine, "TURN_WAIT_S", 0.3)
+    s = OutcomeStore(f"sqlite:///{tmp_path / 'o.db'}").create()
+    fd = os.open(tmp_path / "o.db.write-lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        s.log_predictions([PredictionRow(f"r{i}", "1", ts=T0) for i in range(3)])
+        waited = time.monotonic() - started
+    finally:
+        os.close(fd)
+    assert 0.3 <= waited < 5
+    with s.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one() == 3
+    s.dispose()
+
 def _rows(n: int, seed: int = 3) -> pd.DataFrame:
     """Paired shadow traffic: champion v1 serves, challenger v2 scores the same requests."""
     rng = np.random.default_rng(seed)
